@@ -1,0 +1,172 @@
+//! The in-process backend for embedded mode: the same semantics as NATS core (fan-out to subscribers,
+//! one member per queue group), exact subjects only, no network.
+//!
+//! Each subscription has a bounded channel. Publishing waits for room rather than dropping, so a slow
+//! subscriber slows its publishers (back-pressure) instead of losing messages; gateways drain their
+//! subscriptions into per-connection queues without blocking, so this wait is short.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::{Bus, BusMessage, Result, Subject, Subscription};
+
+const CHANNEL_CAPACITY: usize = 8192;
+
+type Sender = mpsc::Sender<BusMessage>;
+
+/// Members of one queue group and the round-robin cursor.
+type Group = (Vec<(u64, Sender)>, Arc<AtomicUsize>);
+
+#[derive(Default)]
+struct Topic {
+    plain: Vec<(u64, Sender)>,
+    groups: HashMap<String, Group>,
+}
+
+impl Topic {
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    topics: Mutex<HashMap<String, Topic>>,
+    next_id: AtomicU64,
+}
+
+/// An in-process [`Bus`]. Clones share the same subjects.
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryBus")
+    }
+}
+
+impl MemoryBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of subjects with at least one subscriber (for tests of unsubscription).
+    pub fn subject_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Topic>> {
+        self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, subject: &Subject, group: Option<&str>) -> Subscription {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut topics = self.lock();
+            let topic = topics.entry(subject.as_str().to_owned()).or_default();
+            match group {
+                None => topic.plain.push((id, tx)),
+                Some(g) => topic
+                    .groups
+                    .entry(g.to_owned())
+                    .or_default()
+                    .0
+                    .push((id, tx)),
+            }
+        }
+        let guard = Unsubscribe {
+            bus: self.clone(),
+            subject: subject.as_str().to_owned(),
+            id,
+        };
+        let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            rx.recv().await.map(|m| (m, (rx, guard)))
+        });
+        Subscription::new(stream)
+    }
+
+    fn remove(&self, subject: &str, id: u64) {
+        let mut topics = self.lock();
+        if let Some(topic) = topics.get_mut(subject) {
+            topic.plain.retain(|(i, _)| *i != id);
+            for (members, _) in topic.groups.values_mut() {
+                members.retain(|(i, _)| *i != id);
+            }
+            topic.groups.retain(|_, (m, _)| !m.is_empty());
+            if topic.is_empty() {
+                topics.remove(subject);
+            }
+        }
+    }
+}
+
+/// Removes the subscription from the bus when its stream is dropped.
+struct Unsubscribe {
+    bus: MemoryBus,
+    subject: String,
+    id: u64,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        self.bus.remove(&self.subject, self.id);
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(
+        &self,
+        subject: &Subject,
+        headers: Vec<(String, String)>,
+        payload: Bytes,
+    ) -> Result<()> {
+        let targets: Vec<Sender> = {
+            let topics = self.lock();
+            let Some(topic) = topics.get(subject.as_str()) else {
+                return Ok(());
+            };
+            let mut t: Vec<Sender> = topic.plain.iter().map(|(_, s)| s.clone()).collect();
+            for (members, next) in topic.groups.values() {
+                let i = next.fetch_add(1, Ordering::Relaxed) % members.len();
+                t.push(members[i].1.clone());
+            }
+            t
+        };
+        let msg = BusMessage {
+            subject: subject.as_str().to_owned(),
+            payload,
+            headers,
+        };
+        for tx in targets {
+            // A closed receiver is a subscription being dropped: like NATS, nobody gets it.
+            let _ = tx.send(msg.clone()).await;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, subject: &Subject) -> Result<Subscription> {
+        Ok(self.add(subject, None))
+    }
+
+    async fn queue_subscribe(&self, subject: &Subject, group: &str) -> Result<Subscription> {
+        Ok(self.add(subject, Some(group)))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+}

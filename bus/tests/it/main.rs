@@ -1,0 +1,119 @@
+//! One behaviour suite for every bus backend: the in-process bus and real NATS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use zhibo_bus::memory::MemoryBus;
+use zhibo_bus::nats::NatsBus;
+use zhibo_bus::{Bus, Subject, Subscription};
+
+async fn recv(sub: &mut Subscription) -> Option<zhibo_bus::BusMessage> {
+    tokio::time::timeout(Duration::from_millis(500), sub.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A unique subject per test run (subjects are built by the subject module only).
+fn room() -> Subject {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    Subject::room(n & 0x7fff_ffff_ffff ^ i64::from(std::process::id()))
+}
+
+async fn conformance(bus: Arc<dyn Bus>) {
+    // Fan-out: both plain subscribers get every message, in order, with headers.
+    let subject = room();
+    let mut a = bus.subscribe(&subject).await.expect("subscribe a");
+    let mut b = bus.subscribe(&subject).await.expect("subscribe b");
+    bus.flush().await.expect("flush");
+    for i in 0..10u8 {
+        bus.publish(
+            &subject,
+            vec![("traceparent".into(), format!("t{i}"))],
+            Bytes::from(vec![i]),
+        )
+        .await
+        .expect("publish");
+    }
+    for sub in [&mut a, &mut b] {
+        for i in 0..10u8 {
+            let m = recv(sub).await.expect("message arrives");
+            assert_eq!(m.payload.as_ref(), &[i]);
+            assert_eq!(m.subject, subject.as_str());
+            assert!(m
+                .headers
+                .iter()
+                .any(|(k, v)| k == "traceparent" && v == &format!("t{i}")));
+        }
+    }
+
+    // Queue group: each message reaches exactly one member.
+    let subject = room();
+    let mut q1 = bus.queue_subscribe(&subject, "logic").await.expect("q1");
+    let mut q2 = bus.queue_subscribe(&subject, "logic").await.expect("q2");
+    bus.flush().await.expect("flush");
+    for i in 0..20u8 {
+        bus.publish(&subject, vec![], Bytes::from(vec![i]))
+            .await
+            .expect("publish");
+    }
+    let mut got = Vec::new();
+    while let Some(m) = recv(&mut q1).await {
+        got.push(m.payload[0]);
+    }
+    while let Some(m) = recv(&mut q2).await {
+        got.push(m.payload[0]);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..20u8).collect::<Vec<_>>(), "each message once");
+
+    // Dropping a subscription stops its traffic; the other keeps receiving.
+    let subject = room();
+    let keep = bus.subscribe(&subject).await.expect("keep");
+    let gone = bus.subscribe(&subject).await.expect("gone");
+    drop(gone);
+    let mut keep = keep;
+    bus.flush().await.expect("flush");
+    bus.publish(&subject, vec![], Bytes::from_static(b"x"))
+        .await
+        .expect("publish after drop");
+    assert_eq!(recv(&mut keep).await.expect("kept").payload.as_ref(), b"x");
+    assert!(bus.is_connected());
+}
+
+#[tokio::test]
+async fn memory_bus_conformance() {
+    conformance(Arc::new(MemoryBus::new())).await;
+}
+
+#[tokio::test]
+async fn memory_bus_forgets_subjects_without_subscribers() {
+    let bus = MemoryBus::new();
+    let s = bus.subscribe(&Subject::room(1)).await.expect("subscribe");
+    assert_eq!(bus.subject_count(), 1);
+    drop(s);
+    assert_eq!(bus.subject_count(), 0);
+}
+
+#[tokio::test]
+async fn nats_bus_conformance() {
+    let url = zhibo_testkit::nats_url();
+    zhibo_testkit::require_tcp(url.trim_start_matches("nats://"), "NATS").await;
+    let bus = NatsBus::connect(&url, "zhibo-bus-test")
+        .await
+        .expect("connect to NATS");
+    conformance(Arc::new(bus)).await;
+}
+
+#[tokio::test]
+async fn nats_connect_error_is_clear() {
+    // Nothing listens on port 1 of loopback.
+    let err = NatsBus::connect("nats://127.0.0.1:1", "x")
+        .await
+        .expect_err("no server there");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}

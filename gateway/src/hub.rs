@@ -1,0 +1,296 @@
+//! The gateway's registry of signed-in connections and its bus subscriptions.
+//!
+//! - One subscription per user with at least one device on this gateway (`zhibo.user.<id>`), shared by that
+//!   user's local connections and dropped with the last of them. Deliveries on it are demultiplexed here.
+//! - One subscription for this gateway (`zhibo.gw.<id>`) carrying replies addressed to a connection.
+//! - A DeviceOnline event on a user's subject kicks every other connection of that device, on any gateway.
+//!
+//! Outbound policy: each connection has a bounded queue. IM traffic never waits and is never dropped
+//! silently: when a connection's queue is full, the connection is closed (its client reconnects and syncs
+//! what it missed, which is stored). See docs/ARCHITECTURE.md.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument};
+use zhibo_bus::{Bus, Subject};
+use zhibo_proto::bus::{user_event, Delivery, DeviceOnline, UserEvent};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{Kick, KickReason, Packet};
+
+/// What the hub asks a connection to write.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A packet to write.
+    Packet(Packet),
+    /// Write this packet, then close (kick).
+    Close(Packet),
+}
+
+/// The handle a connection registers with.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    /// The user signed in on it.
+    pub user_id: i64,
+    /// The device signed in on it.
+    pub device_id: i64,
+    /// Its outbound queue.
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cancelled when the connection must close because its queue overflowed.
+    pub overflow: CancellationToken,
+}
+
+struct UserEntry {
+    conns: Vec<u64>,
+    task: Option<AbortHandle>,
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: HashMap<u64, ConnHandle>,
+    users: HashMap<i64, UserEntry>,
+}
+
+/// Registry and bus demultiplexer of one gateway.
+pub struct Hub {
+    gateway_id: String,
+    bus: Arc<dyn Bus>,
+    inner: Mutex<Inner>,
+    next_conn: AtomicU64,
+    overflow_closes: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("gateway_id", &self.gateway_id)
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub for gateway `gateway_id` on `bus`.
+    pub fn new(gateway_id: String, bus: Arc<dyn Bus>) -> Arc<Self> {
+        Arc::new(Hub {
+            gateway_id,
+            bus,
+            inner: Mutex::new(Inner::default()),
+            next_conn: AtomicU64::new(1),
+            overflow_closes: AtomicU64::new(0),
+        })
+    }
+
+    /// This gateway's id.
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    /// A fresh connection id, unique within this gateway.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Signed-in connections on this gateway.
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Users with a subscription on this gateway.
+    pub fn user_subscription_count(&self) -> usize {
+        self.lock().users.len()
+    }
+
+    /// Connections closed because their outbound queue overflowed.
+    pub fn overflow_closes(&self) -> u64 {
+        self.overflow_closes.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to this gateway's reply subject and dispatches what arrives until the bus ends.
+    ///
+    /// # Errors
+    /// When the subscription is refused.
+    pub async fn serve_replies(self: &Arc<Self>) -> zhibo_bus::Result<tokio::task::JoinHandle<()>> {
+        let mut sub = self
+            .bus
+            .subscribe(&Subject::gateway(&self.gateway_id))
+            .await?;
+        let hub = Arc::clone(self);
+        Ok(tokio::spawn(
+            async move {
+                while let Some(m) = sub.next().await {
+                    match Delivery::decode(m.payload) {
+                        Ok(d) => hub.deliver_to_conn(d.conn_id, d.packets),
+                        Err(e) => warn!(error = %e, "undecodable reply on gateway subject"),
+                    }
+                }
+            }
+            .in_current_span(),
+        ))
+    }
+
+    /// Registers a signed-in connection, subscribing to its user's subject if it is the user's first here,
+    /// then announces the device online so older connections of it are kicked cluster-wide.
+    ///
+    /// # Errors
+    /// When the bus refuses the subscription or the announcement.
+    pub async fn register(
+        self: &Arc<Self>,
+        conn_id: u64,
+        handle: ConnHandle,
+    ) -> zhibo_bus::Result<()> {
+        let user_id = handle.user_id;
+        let device_id = handle.device_id;
+        let first = {
+            let mut inner = self.lock();
+            inner.conns.insert(conn_id, handle);
+            let entry = inner.users.entry(user_id).or_insert_with(|| UserEntry {
+                conns: Vec::new(),
+                task: None,
+            });
+            entry.conns.push(conn_id);
+            entry.conns.len() == 1 && entry.task.is_none()
+        };
+        if first {
+            let sub = match self.bus.subscribe(&Subject::user(user_id)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.unregister(conn_id);
+                    return Err(e);
+                }
+            };
+            let hub = Arc::clone(self);
+            let task = tokio::spawn(
+                async move {
+                    let mut sub = sub;
+                    while let Some(m) = sub.next().await {
+                        hub.on_user_event(user_id, m.payload);
+                    }
+                }
+                .in_current_span(),
+            );
+            let mut inner = self.lock();
+            match inner.users.get_mut(&user_id) {
+                // Still wanted: keep it.
+                Some(e) if e.task.is_none() => e.task = Some(task.abort_handle()),
+                // The connection left meanwhile, or a racing registration won.
+                _ => task.abort(),
+            }
+        }
+        let online = UserEvent {
+            event: Some(user_event::Event::DeviceOnline(DeviceOnline {
+                user_id,
+                device_id,
+                gateway_id: self.gateway_id.clone(),
+                conn_id,
+            })),
+        };
+        self.bus
+            .publish(
+                &Subject::user(user_id),
+                Vec::new(),
+                Bytes::from(online.encode_to_vec()),
+            )
+            .await
+    }
+
+    /// Forgets a connection; drops the user's subscription with its last local connection.
+    pub fn unregister(&self, conn_id: u64) {
+        let mut inner = self.lock();
+        let Some(handle) = inner.conns.remove(&conn_id) else {
+            return;
+        };
+        if let Some(entry) = inner.users.get_mut(&handle.user_id) {
+            entry.conns.retain(|c| *c != conn_id);
+            if entry.conns.is_empty() {
+                if let Some(task) = entry.task.take() {
+                    task.abort();
+                }
+                inner.users.remove(&handle.user_id);
+            }
+        }
+    }
+
+    fn on_user_event(&self, user_id: i64, payload: Bytes) {
+        let event = match UserEvent::decode(payload) {
+            Ok(UserEvent { event: Some(e) }) => e,
+            Ok(_) => return,
+            Err(e) => {
+                warn!(user_id, error = %e, "undecodable event on user subject");
+                return;
+            }
+        };
+        let inner = self.lock();
+        let Some(entry) = inner.users.get(&user_id) else {
+            return;
+        };
+        match event {
+            user_event::Event::Delivery(d) => {
+                for conn_id in &entry.conns {
+                    if let Some(h) = inner.conns.get(conn_id) {
+                        if h.device_id != d.exclude_device_id {
+                            self.push(*conn_id, h, &d.packets);
+                        }
+                    }
+                }
+            }
+            user_event::Event::DeviceOnline(o) => {
+                for conn_id in &entry.conns {
+                    let Some(h) = inner.conns.get(conn_id) else {
+                        continue;
+                    };
+                    let same = o.gateway_id == self.gateway_id && o.conn_id == *conn_id;
+                    if h.device_id == o.device_id && !same {
+                        debug!(
+                            conn_id,
+                            device_id = o.device_id,
+                            "kicking: signed in elsewhere"
+                        );
+                        let kick = Packet::new(
+                            0,
+                            Body::Kick(Kick {
+                                reason: KickReason::SignedInElsewhere as i32,
+                                text: "this device signed in on another connection".into(),
+                            }),
+                        );
+                        if h.tx.try_send(Outbound::Close(kick)).is_err() {
+                            h.overflow.cancel();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver_to_conn(&self, conn_id: u64, packets: Vec<Packet>) {
+        let inner = self.lock();
+        if let Some(h) = inner.conns.get(&conn_id) {
+            self.push(conn_id, h, &packets);
+        }
+    }
+
+    fn push(&self, conn_id: u64, h: &ConnHandle, packets: &[Packet]) {
+        for p in packets {
+            if h.tx.try_send(Outbound::Packet(p.clone())).is_err() {
+                warn!(conn_id, "outbound queue full: closing slow connection");
+                self.overflow_closes.fetch_add(1, Ordering::Relaxed);
+                h.overflow.cancel();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! # Layout
+//! - [`session`]: the I/O-free connection state machine (sign-in, heartbeat deadline, rate limit).
+//! - [`conn`]: drives one session over any packet stream + sink; publishes commands to the bus.
+//! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy.
+//! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
+//! - [`run`]: starts the listeners and drains them on shutdown.
+//!
+//! Inbound: socket → transport → session → bus `zhibo.cmd`. Outbound: bus `zhibo.user.<id>` /
+//! `zhibo.gw.<id>` → hub → connection queue → socket.
+#![warn(missing_docs)]
+
+pub mod conn;
+pub mod hub;
+pub mod quic;
+pub mod session;
+pub mod tcp;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, Instrument};
+use zhibo_auth::TokenKey;
+use zhibo_bus::Bus;
+use zhibo_store::DeviceStore;
+
+pub use conn::Shared;
+pub use hub::Hub;
+pub use session::SessionConfig;
+
+/// Gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Unique id of this gateway in the cluster (letters, digits, `-`, `_`); random when empty.
+    pub gateway_id: String,
+    /// TCP listen address.
+    pub tcp_addr: SocketAddr,
+    /// WebSocket listen address.
+    pub ws_addr: SocketAddr,
+    /// QUIC (UDP) listen address.
+    pub quic_addr: SocketAddr,
+    /// PEM certificate chain for QUIC; a self-signed one is generated when unset.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for QUIC.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// Outbound packets queued per connection before it is closed as too slow.
+    pub outbound_queue: usize,
+    /// Heartbeat interval told to clients, seconds.
+    pub heartbeat_interval_secs: u64,
+    /// Silence after which a connection is closed, seconds.
+    pub heartbeat_timeout_secs: u64,
+    /// Commands per second per connection (sustained).
+    pub rate_per_sec: f64,
+    /// Command burst per connection.
+    pub rate_burst: f64,
+    /// Where clients should reconnect when this gateway drains.
+    pub reconnect_hint: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            gateway_id: String::new(),
+            tcp_addr: ([127, 0, 0, 1], 7001).into(),
+            ws_addr: ([127, 0, 0, 1], 7002).into(),
+            quic_addr: ([127, 0, 0, 1], 7003).into(),
+            tls_cert: None,
+            tls_key: None,
+            max_frame: zhibo_proto::codec::DEFAULT_MAX_FRAME,
+            outbound_queue: 1024,
+            heartbeat_interval_secs: 30,
+            heartbeat_timeout_secs: 100,
+            rate_per_sec: 50.0,
+            rate_burst: 100.0,
+            reconnect_hint: String::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks values that would otherwise fail later.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.gateway_id.is_empty() && !zhibo_bus::subject::is_valid_token(&self.gateway_id) {
+            return Err(format!(
+                "gateway_id {:?}: use letters, digits, '-' and '_'",
+                self.gateway_id
+            ));
+        }
+        if self.max_frame < 64 || self.max_frame > 16 * 1024 * 1024 {
+            return Err("max_frame must be between 64 B and 16 MiB".into());
+        }
+        if self.outbound_queue == 0 {
+            return Err("outbound_queue must be at least 1".into());
+        }
+        if self.heartbeat_timeout_secs <= self.heartbeat_interval_secs {
+            return Err("heartbeat_timeout_secs must exceed heartbeat_interval_secs".into());
+        }
+        if self.rate_per_sec <= 0.0 || self.rate_burst < 1.0 {
+            return Err("rate_per_sec must be > 0 and rate_burst >= 1".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("set both tls_cert and tls_key, or neither".into());
+        }
+        Ok(())
+    }
+
+    fn session(&self) -> SessionConfig {
+        SessionConfig {
+            heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
+            heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
+            ..SessionConfig::default()
+        }
+    }
+}
+
+/// The gateway's bound sockets, so tests can bind port 0 and read the real addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    /// TCP.
+    pub tcp: TcpListener,
+    /// WebSocket.
+    pub ws: TcpListener,
+    /// QUIC.
+    pub quic: quinn::Endpoint,
+}
+
+impl Listeners {
+    /// Binds every listener of `config`.
+    ///
+    /// # Errors
+    /// When a port is taken or TLS material is bad.
+    pub async fn bind(config: &GatewayConfig) -> anyhow::Result<Self> {
+        let identity = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => quic::TlsIdentity::from_pem_files(c, k)?,
+            _ => quic::TlsIdentity::self_signed()?,
+        };
+        Ok(Listeners {
+            tcp: TcpListener::bind(config.tcp_addr).await?,
+            ws: TcpListener::bind(config.ws_addr).await?,
+            quic: quic::endpoint(
+                config.quic_addr,
+                identity,
+                Duration::from_secs(config.heartbeat_timeout_secs + 5),
+            )?,
+        })
+    }
+
+    /// The addresses actually bound (tcp, ws, quic).
+    ///
+    /// # Errors
+    /// When a socket has no local address.
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+        Ok((
+            self.tcp.local_addr()?,
+            self.ws.local_addr()?,
+            self.quic.local_addr()?,
+        ))
+    }
+}
+
+/// What the gateway needs from the rest of the system.
+#[derive(Clone)]
+pub struct Deps {
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// Device records (token revocation).
+    pub devices: Arc<dyn DeviceStore>,
+    /// Token key shared with user-api.
+    pub key: Arc<TokenKey>,
+}
+
+/// A random gateway id, for when none is configured.
+pub fn random_gateway_id() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+        .unwrap_or(0);
+    format!("gw-{:08x}{:04x}", n, std::process::id() & 0xffff)
+}
+
+/// Runs the gateway on `listeners` until `shutdown` is cancelled, then tells every client to go away and
+/// waits (up to `grace`) for connections to finish.
+///
+/// # Errors
+/// When the gateway's reply subscription is refused by the bus.
+pub async fn run(
+    config: GatewayConfig,
+    listeners: Listeners,
+    deps: Deps,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let gateway_id = if config.gateway_id.is_empty() {
+        random_gateway_id()
+    } else {
+        config.gateway_id.clone()
+    };
+    let span = tracing::info_span!("gateway", gateway_id = %gateway_id);
+    async move {
+        let hub = Hub::new(gateway_id.clone(), deps.bus.clone());
+        let replies = hub.serve_replies().await?;
+        let shared = Arc::new(Shared {
+            hub: hub.clone(),
+            session: Arc::new(config.session()),
+            key: deps.key,
+            devices: deps.devices,
+            outbound_queue: config.outbound_queue,
+            shutdown: shutdown.clone(),
+            reconnect_hint: config.reconnect_hint.clone(),
+        });
+        let tracker = TaskTracker::new();
+        let (tcp, ws, quic_addr) = listeners.addrs()?;
+        info!(%tcp, %ws, quic = %quic_addr, "gateway listening");
+        let max = config.max_frame;
+        let accept = tokio::join!(
+            tcp::serve(listeners.tcp, shared.clone(), max, tracker.clone()),
+            ws::serve(listeners.ws, shared.clone(), max, tracker.clone()),
+            quic::serve(listeners.quic, shared.clone(), max, tracker.clone()),
+        );
+        let () = accept.0;
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("connections still open after the grace period");
+        }
+        replies.abort();
+        info!("gateway stopped");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,142 @@
+//! QUIC transport (quinn): the client opens one bidirectional stream carrying the same length-prefixed
+//! frames as TCP. A self-signed certificate is generated for dev; a real one is loaded from config.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+use zhibo_proto::codec::PacketCodec;
+
+use crate::conn::{drive, Shared};
+
+/// ALPN protocol id clients must offer.
+pub const ALPN: &[u8] = b"zhibo/1";
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TlsIdentity {
+    /// A self-signed certificate for `localhost`, `127.0.0.1` and `::1` (dev and tests).
+    ///
+    /// # Errors
+    /// When certificate generation fails.
+    pub fn self_signed() -> anyhow::Result<Self> {
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])?;
+        Ok(TlsIdentity {
+            chain: vec![cert.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der())),
+        })
+    }
+
+    /// Loads a PEM certificate chain and PEM private key.
+    ///
+    /// # Errors
+    /// When a file cannot be read or holds no certificate/key.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key)?;
+        anyhow::ensure!(!chain.is_empty(), "no certificate in {}", cert.display());
+        Ok(TlsIdentity { chain, key })
+    }
+}
+
+/// A QUIC endpoint bound to `addr` serving `identity`, with windows sized for chat (small memory per
+/// connection) rather than bulk transfer.
+///
+/// # Errors
+/// When the TLS setup or the UDP bind fails.
+pub fn endpoint(
+    addr: SocketAddr,
+    identity: TlsIdentity,
+    idle_timeout: Duration,
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_no_client_auth()
+    .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(quinn::VarInt::from_u32(64 * 1024))
+        .receive_window(quinn::VarInt::from_u32(128 * 1024))
+        .send_window(128 * 1024)
+        .max_idle_timeout(Some(idle_timeout.try_into()?));
+    server.transport_config(Arc::new(transport));
+    Ok(quinn::Endpoint::server(server, addr)?)
+}
+
+/// Accepts QUIC connections until shutdown.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    max_frame: usize,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            i = endpoint.accept() => i,
+        };
+        let Some(incoming) = incoming else { break };
+        let peer = incoming.remote_address();
+        let shared = shared.clone();
+        let span = info_span!("conn", transport = "quic", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(error = %e, "quic handshake failed");
+                        return;
+                    }
+                };
+                let stream =
+                    tokio::time::timeout(shared.session.sign_in_timeout, conn.accept_bi()).await;
+                let (send, recv) = match stream {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "no stream");
+                        return;
+                    }
+                    Err(_) => {
+                        conn.close(1u32.into(), b"no stream opened in time");
+                        return;
+                    }
+                };
+                let reader = FramedRead::with_capacity(recv, PacketCodec::new(max_frame), 512);
+                let writer = FramedWrite::new(send, PacketCodec::new(max_frame));
+                drive(shared, reader, writer, None).await;
+                // Give the peer a moment to read what was written last (an Error, a Kick) before the
+                // connection close discards unacknowledged stream data.
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                conn.close(0u32.into(), b"bye");
+            }
+            .instrument(span),
+        );
+    }
+    endpoint.close(0u32.into(), b"gateway stopping");
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await {
+        warn!(error = %e, "quic endpoint did not go idle in time");
+    }
+}

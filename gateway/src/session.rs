@@ -1,0 +1,655 @@
+//! The connection state machine, shared by TCP, QUIC and WebSocket and free of I/O.
+//!
+//! A transport feeds it what arrives ([`Session::on_packet`], [`Session::on_bad_frame`]), the time
+//! ([`Session::on_tick`]) and the outcome of the asynchronous sign-in checks
+//! ([`Session::on_signed_in`]); it answers with [`Action`]s for the transport to carry out. Tests drive it
+//! in memory with a fake clock.
+//!
+//! Rules:
+//! - The first packet must be SignIn (the WebSocket adapter builds it from the URL). Anything else first is
+//!   answered with `NOT_SIGNED_IN` and a close; no sign-in before the deadline closes too.
+//! - A bad token is refused with `UNAUTHENTICATED` or `TOKEN_EXPIRED` and a close.
+//! - After sign-in the client must send something at least every heartbeat timeout, else the connection
+//!   closes with `HEARTBEAT_TIMEOUT`.
+//! - Client commands pass a per-connection token bucket; past it, each is refused with `RATE_LIMITED`,
+//!   and a connection that keeps flooding is closed.
+//! - A packet no client may send (a server push) is answered with `UNEXPECTED_PACKET`, and the session goes
+//!   on. An undecodable frame whose boundaries are known gets `BAD_FRAME` and the session goes on; a frame
+//!   over the size limit desynchronises the stream and closes it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zhibo_auth::{Claims, TokenError, TokenKey};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, SignInOutput};
+use zhibo_proto::codec::CodecError;
+
+/// Limits and timings of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How often clients are told to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a signed-in connection is closed.
+    pub heartbeat_timeout: Duration,
+    /// Time allowed between connect and a completed sign-in.
+    pub sign_in_timeout: Duration,
+    /// Sustained client commands per second per connection.
+    pub rate_per_sec: f64,
+    /// Burst of client commands allowed above the sustained rate.
+    pub rate_burst: f64,
+    /// Refused commands in a row after which a flooding connection is closed.
+    pub flood_close_after: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(100),
+            sign_in_timeout: Duration::from_secs(10),
+            rate_per_sec: 50.0,
+            rate_burst: 100.0,
+            flood_close_after: 200,
+        }
+    }
+}
+
+/// Why a session ended, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// First packet was not a sign-in, or no sign-in in time.
+    NotSignedIn,
+    /// The token was refused.
+    Unauthenticated,
+    /// No packet within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// A frame over the size limit.
+    FrameTooLarge,
+    /// Too many refused commands in a row.
+    Flood,
+}
+
+/// What the transport must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write this packet to the client.
+    Send(Packet),
+    /// The token is valid; check revocation, register the device, then call [`Session::on_signed_in`].
+    Authenticate {
+        /// The SignIn's request id.
+        request_id: u64,
+        /// The verified claims.
+        claims: Claims,
+    },
+    /// Publish this client command to the logic workers.
+    Forward(Packet),
+    /// Join a live room (and answer with SubscribeRoomOutput).
+    JoinRoom {
+        /// The request's id.
+        request_id: u64,
+        /// The room.
+        room_id: i64,
+    },
+    /// Leave a live room.
+    LeaveRoom {
+        /// The room.
+        room_id: i64,
+    },
+    /// Flush what was sent and close the connection.
+    Close(CloseReason),
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the SignIn packet.
+    AwaitingSignIn,
+    /// Token valid, asynchronous checks under way.
+    Authenticating,
+    /// Signed in as this user and device.
+    Active {
+        /// The user.
+        user_id: i64,
+        /// The device.
+        device_id: i64,
+    },
+    /// Closed; every further input is ignored.
+    Closed,
+}
+
+/// One connection's state.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    key: Arc<TokenKey>,
+    phase: Phase,
+    deadline: Instant,
+    tokens: f64,
+    refilled: Instant,
+    refused_in_a_row: u32,
+}
+
+/// Unix seconds for token expiry checks; the session is otherwise given `now` explicitly.
+fn unix_now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    /// A new session for a connection accepted at `now`.
+    pub fn new(config: Arc<SessionConfig>, key: Arc<TokenKey>, now: Instant) -> Self {
+        let deadline = now + config.sign_in_timeout;
+        let tokens = config.rate_burst;
+        Session {
+            config,
+            key,
+            phase: Phase::AwaitingSignIn,
+            deadline,
+            tokens,
+            refilled: now,
+            refused_in_a_row: 0,
+        }
+    }
+
+    /// Where the session stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When [`Session::on_tick`] must next be called.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn close(
+        &mut self,
+        out: &mut Vec<Action>,
+        request_id: u64,
+        code: ErrorCode,
+        text: &str,
+        why: CloseReason,
+    ) {
+        out.push(Action::Send(Packet::error(request_id, code, text)));
+        out.push(Action::Close(why));
+        self.phase = Phase::Closed;
+    }
+
+    /// Reacts to a decoded packet from the client, received at `now`.
+    pub fn on_packet(&mut self, packet: Packet, now: Instant) -> Vec<Action> {
+        self.on_packet_at(packet, now, unix_now_s())
+    }
+
+    /// [`Session::on_packet`] with the wall clock given too (token expiry), for tests.
+    pub fn on_packet_at(&mut self, packet: Packet, now: Instant, unix_s: i64) -> Vec<Action> {
+        let mut out = Vec::new();
+        let rid = packet.request_id;
+        match self.phase {
+            Phase::Closed => {}
+            Phase::AwaitingSignIn => match packet.body {
+                Some(Body::SignIn(sign_in)) => match self.key.verify(&sign_in.token, unix_s) {
+                    Ok(claims)
+                        if claims.user_id == sign_in.user_id
+                            && claims.device_id == sign_in.device_id =>
+                    {
+                        self.phase = Phase::Authenticating;
+                        out.push(Action::Authenticate {
+                            request_id: rid,
+                            claims,
+                        });
+                    }
+                    Ok(_) => self.close(
+                        &mut out,
+                        rid,
+                        ErrorCode::Unauthenticated,
+                        "token is for another user or device",
+                        CloseReason::Unauthenticated,
+                    ),
+                    Err(TokenError::Expired) => self.close(
+                        &mut out,
+                        rid,
+                        ErrorCode::TokenExpired,
+                        "token expired; sign in again",
+                        CloseReason::Unauthenticated,
+                    ),
+                    Err(e) => self.close(
+                        &mut out,
+                        rid,
+                        ErrorCode::Unauthenticated,
+                        &e.to_string(),
+                        CloseReason::Unauthenticated,
+                    ),
+                },
+                _ => self.close(
+                    &mut out,
+                    rid,
+                    ErrorCode::NotSignedIn,
+                    "the first packet must be SignIn",
+                    CloseReason::NotSignedIn,
+                ),
+            },
+            Phase::Authenticating => {
+                // Clients must wait for SignInOutput; anything sooner is refused but harmless.
+                out.push(Action::Send(Packet::error(
+                    rid,
+                    ErrorCode::NotSignedIn,
+                    "sign-in in progress",
+                )));
+            }
+            Phase::Active { .. } => {
+                self.deadline = now + self.config.heartbeat_timeout;
+                self.on_active_packet(packet, now, &mut out);
+            }
+        }
+        out
+    }
+
+    fn on_active_packet(&mut self, packet: Packet, now: Instant, out: &mut Vec<Action>) {
+        let rid = packet.request_id;
+        let Some(body) = &packet.body else {
+            out.push(Action::Send(Packet::error(
+                rid,
+                ErrorCode::BadFrame,
+                "packet has no body",
+            )));
+            return;
+        };
+        match body {
+            Body::Heartbeat(_) => {
+                out.push(Action::Send(Packet::new(
+                    rid,
+                    Body::Heartbeat(Heartbeat {}),
+                )));
+                return;
+            }
+            Body::SendMessage(_)
+            | Body::Sync(_)
+            | Body::MessageAck(_)
+            | Body::SubscribeRoom(_)
+            | Body::UnsubscribeRoom(_) => {}
+            Body::SignIn(_) => {
+                out.push(Action::Send(Packet::error(
+                    rid,
+                    ErrorCode::UnexpectedPacket,
+                    "already signed in",
+                )));
+                return;
+            }
+            _ => {
+                out.push(Action::Send(Packet::error(
+                    rid,
+                    ErrorCode::UnexpectedPacket,
+                    format!("clients may not send {}", packet.kind()),
+                )));
+                return;
+            }
+        }
+        if !self.take_token(now) {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= self.config.flood_close_after {
+                self.close(
+                    out,
+                    rid,
+                    ErrorCode::RateLimited,
+                    "flood; closing",
+                    CloseReason::Flood,
+                );
+            } else {
+                out.push(Action::Send(Packet::error(
+                    rid,
+                    ErrorCode::RateLimited,
+                    "too many requests; slow down",
+                )));
+            }
+            return;
+        }
+        self.refused_in_a_row = 0;
+        match packet.body {
+            Some(Body::SubscribeRoom(s)) => out.push(Action::JoinRoom {
+                request_id: rid,
+                room_id: s.room_id,
+            }),
+            Some(Body::UnsubscribeRoom(u)) => out.push(Action::LeaveRoom { room_id: u.room_id }),
+            _ => out.push(Action::Forward(packet)),
+        }
+    }
+
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens =
+            (self.tokens + elapsed * self.config.rate_per_sec).min(self.config.rate_burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The outcome of the asynchronous sign-in checks (revocation, registration).
+    pub fn on_signed_in(
+        &mut self,
+        request_id: u64,
+        result: Result<(i64, i64), (ErrorCode, String)>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.phase != Phase::Authenticating {
+            return out;
+        }
+        match result {
+            Ok((user_id, device_id)) => {
+                self.phase = Phase::Active { user_id, device_id };
+                self.deadline = now + self.config.heartbeat_timeout;
+                out.push(Action::Send(Packet::new(
+                    request_id,
+                    Body::SignInOutput(SignInOutput {
+                        user_id,
+                        device_id,
+                        heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+                    }),
+                )));
+            }
+            Err((code, text)) => self.close(
+                &mut out,
+                request_id,
+                code,
+                &text,
+                CloseReason::Unauthenticated,
+            ),
+        }
+        out
+    }
+
+    /// A frame that could not be decoded.
+    pub fn on_bad_frame(&mut self, error: &CodecError) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.phase == Phase::Closed {
+            return out;
+        }
+        match error {
+            CodecError::FrameTooLarge { .. } => self.close(
+                &mut out,
+                0,
+                ErrorCode::FrameTooLarge,
+                &error.to_string(),
+                CloseReason::FrameTooLarge,
+            ),
+            _ if !matches!(self.phase, Phase::Active { .. }) => self.close(
+                &mut out,
+                0,
+                ErrorCode::BadFrame,
+                &error.to_string(),
+                CloseReason::NotSignedIn,
+            ),
+            _ => out.push(Action::Send(Packet::error(
+                0,
+                ErrorCode::BadFrame,
+                error.to_string(),
+            ))),
+        }
+        out
+    }
+
+    /// The time has reached [`Session::deadline`] (or later): close an idle or unauthenticated connection.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        if now < self.deadline || self.phase == Phase::Closed {
+            return out;
+        }
+        match self.phase {
+            Phase::Active { .. } => self.close(
+                &mut out,
+                0,
+                ErrorCode::HeartbeatTimeout,
+                "no heartbeat in time",
+                CloseReason::HeartbeatTimeout,
+            ),
+            _ => self.close(
+                &mut out,
+                0,
+                ErrorCode::NotSignedIn,
+                "no sign-in in time",
+                CloseReason::NotSignedIn,
+            ),
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zhibo_proto::client::{SendMessageInput, SignInInput, SyncInput};
+
+    const NOW_S: i64 = 1_800_000_000;
+
+    fn setup() -> (Session, Arc<TokenKey>, Instant) {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            rate_burst: 3.0,
+            rate_per_sec: 1.0,
+            flood_close_after: 5,
+            ..SessionConfig::default()
+        };
+        (Session::new(Arc::new(cfg), key.clone(), t0), key, t0)
+    }
+
+    fn token(key: &TokenKey, user_id: i64, device_id: i64, exp: i64) -> String {
+        key.mint(&Claims {
+            user_id,
+            device_id,
+            exp,
+            iat: NOW_S - 10,
+            iat_ms: None,
+        })
+    }
+
+    fn sign_in(user_id: i64, device_id: i64, token: String) -> Packet {
+        Packet::new(
+            1,
+            Body::SignIn(SignInInput {
+                user_id,
+                device_id,
+                token,
+            }),
+        )
+    }
+
+    fn error_code(a: &Action) -> Option<ErrorCode> {
+        match a {
+            Action::Send(Packet {
+                body: Some(Body::Error(e)),
+                ..
+            }) => ErrorCode::try_from(e.code).ok(),
+            _ => None,
+        }
+    }
+
+    fn signed_in(s: &mut Session, key: &TokenKey, t0: Instant) {
+        let acts = s.on_packet_at(sign_in(7, 9, token(key, 7, 9, NOW_S + 60)), t0, NOW_S);
+        assert!(matches!(
+            acts[..],
+            [Action::Authenticate { request_id: 1, .. }]
+        ));
+        let acts = s.on_signed_in(1, Ok((7, 9)), t0);
+        assert!(matches!(
+            &acts[..],
+            [Action::Send(Packet {
+                request_id: 1,
+                body: Some(Body::SignInOutput(_))
+            })]
+        ));
+        assert_eq!(
+            s.phase(),
+            Phase::Active {
+                user_id: 7,
+                device_id: 9
+            }
+        );
+    }
+
+    #[test]
+    fn sign_in_then_commands_are_forwarded() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let sync = Packet::new(2, Body::Sync(SyncInput { seq: 0, limit: 0 }));
+        assert_eq!(s.on_packet(sync.clone(), t0), vec![Action::Forward(sync)]);
+        let hb = s.on_packet(Packet::new(3, Body::Heartbeat(Heartbeat {})), t0);
+        assert!(matches!(
+            &hb[..],
+            [Action::Send(Packet {
+                request_id: 3,
+                body: Some(Body::Heartbeat(_))
+            })]
+        ));
+    }
+
+    #[test]
+    fn anything_before_sign_in_is_refused_and_closed() {
+        let (mut s, _, t0) = setup();
+        let acts = s.on_packet(Packet::new(5, Body::Heartbeat(Heartbeat {})), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::NotSignedIn));
+        assert_eq!(acts[1], Action::Close(CloseReason::NotSignedIn));
+        assert_eq!(s.phase(), Phase::Closed);
+        assert!(s
+            .on_packet(Packet::new(6, Body::Heartbeat(Heartbeat {})), t0)
+            .is_empty());
+    }
+
+    #[test]
+    fn bad_expired_and_mismatched_tokens_are_refused() {
+        let (mut s, key, t0) = setup();
+        let acts = s.on_packet_at(sign_in(7, 9, "garbage".into()), t0, NOW_S);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::Unauthenticated));
+        assert_eq!(acts[1], Action::Close(CloseReason::Unauthenticated));
+
+        let (mut s, _, _) = setup();
+        let acts = s.on_packet_at(sign_in(7, 9, token(&key, 7, 9, NOW_S - 1)), t0, NOW_S);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::TokenExpired));
+
+        // A valid token of user 7 never signs in as user 8.
+        let (mut s, _, _) = setup();
+        let acts = s.on_packet_at(sign_in(8, 9, token(&key, 7, 9, NOW_S + 60)), t0, NOW_S);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::Unauthenticated));
+
+        // Revoked at the asynchronous check.
+        let (mut s, _, _) = setup();
+        s.on_packet_at(sign_in(7, 9, token(&key, 7, 9, NOW_S + 60)), t0, NOW_S);
+        let acts = s.on_signed_in(1, Err((ErrorCode::Unauthenticated, "revoked".into())), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::Unauthenticated));
+        assert_eq!(s.phase(), Phase::Closed);
+    }
+
+    #[test]
+    fn sign_in_and_heartbeat_deadlines_close() {
+        let (mut s, key, t0) = setup();
+        assert!(s.on_tick(t0 + Duration::from_secs(9)).is_empty());
+        let acts = s.on_tick(t0 + Duration::from_secs(10));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::NotSignedIn));
+
+        let (mut s, _, _) = setup();
+        signed_in(&mut s, &key, t0);
+        let t1 = t0 + Duration::from_secs(90);
+        s.on_packet(Packet::new(2, Body::Heartbeat(Heartbeat {})), t1);
+        assert!(
+            s.on_tick(t0 + Duration::from_secs(150)).is_empty(),
+            "heartbeat moved the deadline"
+        );
+        assert_eq!(s.deadline(), t1 + Duration::from_secs(100));
+        let acts = s.on_tick(t1 + Duration::from_secs(100));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::HeartbeatTimeout));
+        assert_eq!(acts[1], Action::Close(CloseReason::HeartbeatTimeout));
+    }
+
+    #[test]
+    fn flood_is_rate_limited_then_closed() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let send = |i| {
+            Packet::new(
+                i,
+                Body::SendMessage(SendMessageInput {
+                    client_msg_id: format!("c{i}"),
+                    ..Default::default()
+                }),
+            )
+        };
+        for i in 0..3 {
+            assert!(matches!(s.on_packet(send(i), t0)[..], [Action::Forward(_)]));
+        }
+        let acts = s.on_packet(send(3), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
+        // A second later one token is back.
+        assert!(matches!(
+            s.on_packet(send(4), t0 + Duration::from_secs(1))[..],
+            [Action::Forward(_)]
+        ));
+        let t2 = t0 + Duration::from_secs(1);
+        let mut closed = false;
+        for i in 5..20 {
+            if s.on_packet(send(i), t2)
+                .contains(&Action::Close(CloseReason::Flood))
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a flooding connection is closed");
+        // Heartbeats are never rate limited (checked on a fresh session).
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        for i in 0..50 {
+            let acts = s.on_packet(Packet::new(i, Body::Heartbeat(Heartbeat {})), t0);
+            assert!(error_code(&acts[0]).is_none());
+        }
+    }
+
+    #[test]
+    fn server_packets_and_bad_frames_get_errors() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let acts = s.on_packet(Packet::error(4, ErrorCode::Internal, "x"), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::UnexpectedPacket));
+        assert_eq!(acts.len(), 1, "session goes on");
+        let bad = CodecError::Decode(prost::DecodeError::new("x"));
+        let acts = s.on_bad_frame(&bad);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::BadFrame));
+        assert_eq!(acts.len(), 1);
+        let acts = s.on_bad_frame(&CodecError::FrameTooLarge { len: 10, max: 1 });
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::FrameTooLarge));
+        assert_eq!(acts[1], Action::Close(CloseReason::FrameTooLarge));
+    }
+
+    #[test]
+    fn join_and_leave_rooms() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let acts = s.on_packet(
+            Packet::new(
+                8,
+                Body::SubscribeRoom(zhibo_proto::client::SubscribeRoomInput { room_id: 3 }),
+            ),
+            t0,
+        );
+        assert_eq!(
+            acts,
+            vec![Action::JoinRoom {
+                request_id: 8,
+                room_id: 3
+            }]
+        );
+        let acts = s.on_packet(
+            Packet::new(
+                9,
+                Body::UnsubscribeRoom(zhibo_proto::client::UnsubscribeRoomInput { room_id: 3 }),
+            ),
+            t0,
+        );
+        assert_eq!(acts, vec![Action::LeaveRoom { room_id: 3 }]);
+    }
+}

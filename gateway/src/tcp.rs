@@ -1,0 +1,47 @@
+//! TCP transport: length-prefixed protobuf frames ([`PacketCodec`]) over a socket.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::task::TaskTracker;
+use tracing::{info_span, warn, Instrument};
+use zhibo_proto::codec::PacketCodec;
+
+use crate::conn::{drive, Shared};
+
+/// Accepts TCP connections until shutdown, each driven on its own task.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_frame: usize,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let span = info_span!("conn", transport = "tcp", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                let (r, w) = stream.into_split();
+                let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
+                let writer = FramedWrite::new(w, PacketCodec::new(max_frame));
+                drive(shared, reader, writer, None).await;
+            }
+            .instrument(span),
+        );
+    }
+}

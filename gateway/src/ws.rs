@@ -1,0 +1,159 @@
+//! WebSocket transport: `/ws?user_id=&device_id=&token=`, one binary message = one protobuf packet.
+//! The sign-in comes from the URL and is fed to the session as its first packet.
+
+use std::sync::Arc;
+
+use futures::{future, SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{Packet, SignInInput};
+use zhibo_proto::codec::{decode_body, encode_body, CodecError};
+
+use crate::conn::{drive, Shared};
+
+/// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults.
+fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame * 4)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// The SignIn packet carried by a `/ws?user_id=&device_id=&token=` URL; missing fields stay empty so the
+/// session refuses them like any bad token.
+pub fn sign_in_from_query(query: &str) -> Packet {
+    let mut s = SignInInput::default();
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "user_id" => s.user_id = v.parse().unwrap_or(0),
+            "device_id" => s.device_id = v.parse().unwrap_or(0),
+            "token" => s.token = v.to_owned(),
+            _ => {}
+        }
+    }
+    Packet::new(0, Body::SignIn(s))
+}
+
+/// Accepts WebSocket connections until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_frame: usize,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let span = info_span!("conn", transport = "ws", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                let mut query = None;
+                // The callback's signature (and its large error type) is tungstenite's.
+                #[allow(clippy::result_large_err)]
+                let callback = |req: &Request, resp: Response| {
+                    if req.uri().path() == "/ws" {
+                        query = Some(req.uri().query().unwrap_or("").to_owned());
+                        Ok(resp)
+                    } else {
+                        let mut not_found =
+                            tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
+                                Some("use /ws?user_id=&device_id=&token=".into()),
+                            );
+                        *not_found.status_mut() =
+                            tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
+                        Err(not_found)
+                    }
+                };
+                let handshake = tokio::time::timeout(
+                    shared.session.sign_in_timeout,
+                    tokio_tungstenite::accept_hdr_async_with_config(
+                        stream,
+                        callback,
+                        Some(ws_config(max_frame)),
+                    ),
+                )
+                .await;
+                let ws = match handshake {
+                    Ok(Ok(ws)) => ws,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "websocket handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("websocket handshake timed out");
+                        return;
+                    }
+                };
+                let first = sign_in_from_query(query.as_deref().unwrap_or(""));
+                let (sink, stream) = ws.split();
+                let writer = sink.with(|p: Packet| {
+                    future::ready(Ok::<_, tokio_tungstenite::tungstenite::Error>(
+                        Message::Binary(encode_body(&p)),
+                    ))
+                });
+                let reader = stream.filter_map(move |m| {
+                    future::ready(match m {
+                        Ok(Message::Binary(b)) => Some(decode_body(&b, max_frame)),
+                        Ok(Message::Text(_)) => Some(Err(CodecError::Decode(
+                            prost::DecodeError::new("text frames are not packets; send binary"),
+                        ))),
+                        Ok(Message::Close(_)) => None,
+                        Ok(_) => None,
+                        Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                            Some(Err(CodecError::FrameTooLarge {
+                                len: 0,
+                                max: max_frame,
+                            }))
+                        }
+                        Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
+                    })
+                });
+                let reader = Box::pin(reader);
+                drive(shared, reader, Box::pin(writer), Some(first)).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let p = sign_in_from_query("user_id=7&device_id=9&token=abc.def.ghi");
+        let Some(Body::SignIn(s)) = p.body else {
+            panic!("sign in")
+        };
+        assert_eq!(
+            (s.user_id, s.device_id, s.token.as_str()),
+            (7, 9, "abc.def.ghi")
+        );
+        let p = sign_in_from_query("user_id=x");
+        let Some(Body::SignIn(s)) = p.body else {
+            panic!("sign in")
+        };
+        assert_eq!((s.user_id, s.device_id, s.token.as_str()), (0, 0, ""));
+    }
+}

@@ -1,0 +1,352 @@
+//! A zhibo client over TCP, WebSocket or QUIC: the command-line client, the load generator and the
+//! end-to-end tests all use it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::{future, Sink, SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{ErrorCode, Packet, SignInInput, SignInOutput};
+use zhibo_proto::codec::{decode_body, encode_body, CodecError, PacketCodec, DEFAULT_MAX_FRAME};
+
+/// Which transport to use.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Length-prefixed frames over TCP.
+    Tcp,
+    /// Binary messages over WebSocket.
+    Ws,
+    /// Length-prefixed frames on one QUIC stream.
+    Quic,
+}
+
+/// What a client signs in with.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// User.
+    pub user_id: i64,
+    /// Device.
+    pub device_id: i64,
+    /// Token from user-api.
+    pub token: String,
+}
+
+type Reader = Pin<Box<dyn Stream<Item = Result<Packet, CodecError>> + Send>>;
+type Writer = Pin<Box<dyn Sink<Packet, Error = anyhow::Error> + Send>>;
+
+/// A connection to a gateway.
+pub struct Client {
+    reader: Reader,
+    writer: Writer,
+    stash: VecDeque<Packet>,
+    next_request: u64,
+    // Keeps the QUIC connection and endpoint alive as long as the client.
+    _quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("stashed", &self.stash.len())
+            .finish()
+    }
+}
+
+/// Accepts any server certificate: for loopback dev with the gateway's self-signed certificate only.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A QUIC client endpoint trusting any certificate (dev), bound to `bind`.
+///
+/// # Errors
+/// When the UDP socket cannot be bound.
+pub fn insecure_quic_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"zhibo/1".to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+impl Client {
+    /// Connects without signing in (TCP and QUIC); the caller sends the first packet itself.
+    /// For WebSocket, `creds` go in the URL, so use [`Client::connect`].
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn connect_raw(transport: Transport, addr: &str) -> anyhow::Result<Client> {
+        match transport {
+            Transport::Tcp => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("connect tcp {addr}"))?;
+                stream.set_nodelay(true)?;
+                let (r, w) = stream.into_split();
+                Ok(Self::framed(r, w, None))
+            }
+            Transport::Quic => {
+                let remote: SocketAddr = tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .ok_or_else(|| anyhow!("no address for {addr}"))?;
+                let bind: SocketAddr = if remote.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let endpoint = insecure_quic_endpoint(bind)?;
+                let conn = endpoint
+                    .connect(remote, "localhost")?
+                    .await
+                    .with_context(|| format!("connect quic {addr}"))?;
+                let (send, recv) = conn.open_bi().await?;
+                Ok(Self::framed(recv, send, Some((endpoint, conn))))
+            }
+            Transport::Ws => {
+                bail!("WebSocket signs in through its URL: use Client::connect or connect_ws_url")
+            }
+        }
+    }
+
+    fn framed<R, W>(r: R, w: W, quic: Option<(quinn::Endpoint, quinn::Connection)>) -> Client
+    where
+        R: tokio::io::AsyncRead + Send + 'static,
+        W: tokio::io::AsyncWrite + Send + 'static,
+    {
+        let reader = FramedRead::new(r, PacketCodec::new(DEFAULT_MAX_FRAME));
+        let writer = SinkExt::<Packet>::sink_map_err(
+            FramedWrite::new(w, PacketCodec::new(DEFAULT_MAX_FRAME)),
+            |e: CodecError| anyhow::Error::from(e),
+        );
+        Client {
+            reader: Box::pin(reader),
+            writer: Box::pin(writer),
+            stash: VecDeque::new(),
+            next_request: 1,
+            _quic: quic,
+        }
+    }
+
+    /// Opens a WebSocket to `url` as is (e.g. `ws://127.0.0.1:7002/ws?user_id=1&device_id=2&token=...`).
+    ///
+    /// # Errors
+    /// When the handshake fails.
+    pub async fn connect_ws_url(url: &str) -> anyhow::Result<Client> {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .with_context(|| format!("connect {url}"))?;
+        let (sink, stream) = ws.split();
+        let writer = sink.sink_map_err(anyhow::Error::from).with(|p: Packet| {
+            future::ready(Ok::<_, anyhow::Error>(WsMessage::Binary(encode_body(&p))))
+        });
+        let reader = stream.filter_map(|m| {
+            future::ready(match m {
+                Ok(WsMessage::Binary(b)) => Some(decode_body(&b, DEFAULT_MAX_FRAME)),
+                Ok(WsMessage::Close(_)) => None,
+                Ok(_) => None,
+                Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
+            })
+        });
+        Ok(Client {
+            reader: Box::pin(reader),
+            writer: Box::pin(writer),
+            stash: VecDeque::new(),
+            next_request: 1,
+            _quic: None,
+        })
+    }
+
+    /// Connects and signs in; fails with the server's error if sign-in is refused.
+    ///
+    /// # Errors
+    /// When the connection fails or the server refuses the sign-in.
+    pub async fn connect(
+        transport: Transport,
+        addr: &str,
+        creds: &Credentials,
+    ) -> anyhow::Result<(Client, SignInOutput)> {
+        let mut client = match transport {
+            Transport::Ws => {
+                let url = format!(
+                    "ws://{addr}/ws?user_id={}&device_id={}&token={}",
+                    creds.user_id, creds.device_id, creds.token
+                );
+                Client::connect_ws_url(&url).await?
+            }
+            _ => {
+                let mut c = Client::connect_raw(transport, addr).await?;
+                c.send_with_id(
+                    0,
+                    Body::SignIn(SignInInput {
+                        user_id: creds.user_id,
+                        device_id: creds.device_id,
+                        token: creds.token.clone(),
+                    }),
+                )
+                .await?;
+                c
+            }
+        };
+        let first = client
+            .recv_raw(Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| anyhow!("connection closed during sign-in"))?;
+        match first.body {
+            Some(Body::SignInOutput(out)) => Ok((client, out)),
+            Some(Body::Error(e)) => bail!(
+                "sign-in refused: {:?}: {}",
+                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                e.message
+            ),
+            other => bail!("unexpected first packet: {other:?}"),
+        }
+    }
+
+    /// Sends a packet with a fresh request id, returned.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn send(&mut self, body: Body) -> anyhow::Result<u64> {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.send_with_id(id, body).await?;
+        Ok(id)
+    }
+
+    /// Sends a packet with the given request id.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn send_with_id(&mut self, request_id: u64, body: Body) -> anyhow::Result<()> {
+        self.writer.send(Packet::new(request_id, body)).await
+    }
+
+    /// Sends a packet as is (tests of bad input).
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn send_packet(&mut self, packet: Packet) -> anyhow::Result<()> {
+        self.writer.send(packet).await
+    }
+
+    async fn recv_raw(&mut self, wait: Duration) -> anyhow::Result<Option<Packet>> {
+        match tokio::time::timeout(wait, self.reader.next()).await {
+            Err(_) => bail!("timed out after {wait:?}"),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(p))) => Ok(Some(p)),
+            Ok(Some(Err(CodecError::Io(e)))) if is_disconnect(&e) => Ok(None),
+            Ok(Some(Err(e))) => Err(e.into()),
+        }
+    }
+
+    /// The next packet (stashed ones first), `Ok(None)` when the server closed the connection.
+    ///
+    /// # Errors
+    /// When nothing arrives within `wait` or the stream is corrupt.
+    pub async fn recv(&mut self, wait: Duration) -> anyhow::Result<Option<Packet>> {
+        if let Some(p) = self.stash.pop_front() {
+            return Ok(Some(p));
+        }
+        self.recv_raw(wait).await
+    }
+
+    /// Sends a request and waits for the packet answering it; pushes arriving meanwhile are kept for
+    /// [`Client::recv`].
+    ///
+    /// # Errors
+    /// When the write fails, nothing answers within `wait`, or the connection closes.
+    pub async fn request(&mut self, body: Body, wait: Duration) -> anyhow::Result<Packet> {
+        let id = self.send(body).await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let p = self
+                .recv_raw(left)
+                .await?
+                .ok_or_else(|| anyhow!("connection closed while waiting for request {id}"))?;
+            if p.request_id == id {
+                return Ok(p);
+            }
+            self.stash.push_back(p);
+        }
+    }
+
+    /// Closes the write side.
+    ///
+    /// # Errors
+    /// When the close fails.
+    pub async fn close(&mut self) -> anyhow::Result<()> {
+        self.writer.close().await
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    ) || e.to_string().contains("closed")
+        || e.to_string().contains("reset")
+}

@@ -1,0 +1,918 @@
+//! Embedded backend on [redb]: one database file holds every store, seq counters included.
+//!
+//! For `dev` and small installs: no Cassandra, no Redis. All tables live in one file (or in memory
+//! for tests, see [`EmbeddedBackend::temporary`]).
+//!
+//! # Tables
+//! | table             | key                          | value                                  |
+//! |-------------------|------------------------------|----------------------------------------|
+//! | `devices`         | device id                    | [`Device`] as JSON                     |
+//! | `users`           | user id                      | [`User`] as JSON                       |
+//! | `usernames`       | username                     | user id (unique index)                 |
+//! | `friend_requests` | (to user, from user)         | [`FriendRequest`] as JSON              |
+//! | `friends`         | (user, friend)               | [`Friend`] as JSON                     |
+//! | `groups`          | group id                     | [`Group`] as JSON                      |
+//! | `group_members`   | (group, user)                | [`GroupMember`] as JSON                |
+//! | `user_groups`     | (user, group)                | `()` (groups of a user)                |
+//! | `inbox`           | (user, seq)                  | prost-encoded [`Message`]              |
+//! | `dedup`           | (device, client_msg_id)      | (written at, [`SendResult`] as JSON)   |
+//! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
+//! | `acks`            | (user, device)               | acknowledged seq                       |
+//! | `seq`             | user                         | last allocated seq                     |
+//!
+//! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
+//! Dedup records older than [`DEDUP_RETENTION_MS`] read as absent; each new record removes a few expired
+//! ones (oldest first via `dedup_by_time`), which keeps the table bounded without a sweeper task.
+//!
+//! # Threads and durability
+//! redb is synchronous. Reads run on tokio's blocking pool (`spawn_blocking`). Writes go to one
+//! dedicated writer thread that commits whatever is queued in a single transaction with
+//! [`redb::Durability::Immediate`] (group commit): each call returns only once its write is on disk, and
+//! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
+//! possible without giving up durability.
+
+mod writer;
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use zhibo_proto::client::Message;
+use zhibo_proto::ProstMessage;
+
+use crate::ids::now_ms;
+use crate::{
+    Device, DeviceStore, Error, ErrorKind, Friend, FriendRequest, FriendStore, Group, GroupMember,
+    GroupStore, MessageStore, Profile, Result, SendResult, SeqAllocator, Stores, User, UserStore,
+};
+use writer::Writer;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<i64, &[u8]> = TableDefinition::new("devices");
+const USERS: TableDefinition<i64, &[u8]> = TableDefinition::new("users");
+const USERNAMES: TableDefinition<&str, i64> = TableDefinition::new("usernames");
+/// Keyed (to, from) so the requests addressed to a user are one range.
+const FRIEND_REQUESTS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("friend_requests");
+const FRIENDS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("friends");
+const GROUPS: TableDefinition<i64, &[u8]> = TableDefinition::new("groups");
+const MEMBERS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("group_members");
+const USER_GROUPS: TableDefinition<(i64, i64), ()> = TableDefinition::new("user_groups");
+const INBOX: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("inbox");
+/// (device, client_msg_id) -> (written at ms, [`SendResult`] as JSON).
+const DEDUP: TableDefinition<(i64, &str), (i64, &[u8])> = TableDefinition::new("dedup");
+/// (written at ms, device, client_msg_id): the dedup records oldest first, for expiry.
+const DEDUP_BY_TIME: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("dedup_by_time");
+const ACKS: TableDefinition<(i64, i64), u64> = TableDefinition::new("acks");
+const SEQ: TableDefinition<i64, u64> = TableDefinition::new("seq");
+
+/// Layout version stored in `meta`; bumped when a table's key or value encoding changes.
+const SCHEMA_VERSION: u64 = 1;
+
+/// How long a dedup record is honoured: far longer than any client keeps resending.
+pub const DEDUP_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Expired dedup records removed per new one: more than one, so a backlog shrinks in steady state.
+const DEDUP_PRUNE_PER_PUT: usize = 4;
+
+/// Every table of one write transaction, opened once per batch rather than once per write: opening
+/// a table costs about as much as a small insert.
+struct Tables<'tx> {
+    devices: Table<'tx, i64, &'static [u8]>,
+    users: Table<'tx, i64, &'static [u8]>,
+    usernames: Table<'tx, &'static str, i64>,
+    friend_requests: Table<'tx, (i64, i64), &'static [u8]>,
+    friends: Table<'tx, (i64, i64), &'static [u8]>,
+    groups: Table<'tx, i64, &'static [u8]>,
+    members: Table<'tx, (i64, i64), &'static [u8]>,
+    user_groups: Table<'tx, (i64, i64), ()>,
+    inbox: Table<'tx, (i64, u64), &'static [u8]>,
+    dedup: Table<'tx, (i64, &'static str), (i64, &'static [u8])>,
+    dedup_by_time: Table<'tx, (i64, i64, &'static str), ()>,
+    acks: Table<'tx, (i64, i64), u64>,
+    seq: Table<'tx, i64, u64>,
+    /// Dedup records written in this batch, which sizes the expiry work of [`Tables::housekeeping`].
+    dedup_written: usize,
+    /// The latest time a dedup record of this batch was written at: the clock for expiry.
+    dedup_now: i64,
+}
+
+impl<'tx> Tables<'tx> {
+    /// Opens (creating if missing) every table in `tx`.
+    fn open(tx: &'tx WriteTransaction) -> Result<Self> {
+        Ok(Tables {
+            devices: tx.open_table(DEVICES).db()?,
+            users: tx.open_table(USERS).db()?,
+            usernames: tx.open_table(USERNAMES).db()?,
+            friend_requests: tx.open_table(FRIEND_REQUESTS).db()?,
+            friends: tx.open_table(FRIENDS).db()?,
+            groups: tx.open_table(GROUPS).db()?,
+            members: tx.open_table(MEMBERS).db()?,
+            user_groups: tx.open_table(USER_GROUPS).db()?,
+            inbox: tx.open_table(INBOX).db()?,
+            dedup: tx.open_table(DEDUP).db()?,
+            dedup_by_time: tx.open_table(DEDUP_BY_TIME).db()?,
+            acks: tx.open_table(ACKS).db()?,
+            seq: tx.open_table(SEQ).db()?,
+            dedup_written: 0,
+            dedup_now: i64::MIN,
+        })
+    }
+
+    /// End-of-batch upkeep: removes up to [`DEDUP_PRUNE_PER_PUT`] expired dedup records per record
+    /// written, oldest first. Once per batch, as one range scan, rather than once per write.
+    fn housekeeping(&mut self) -> Result<()> {
+        if self.dedup_written == 0 {
+            return Ok(());
+        }
+        let cutoff = self.dedup_now.saturating_sub(DEDUP_RETENTION_MS);
+        let mut expired = Vec::new();
+        for entry in self
+            .dedup_by_time
+            .range(..(cutoff, i64::MIN, ""))
+            .db()?
+            .take(self.dedup_written * DEDUP_PRUNE_PER_PUT)
+        {
+            let (key, _) = entry.db()?;
+            let (written_ms, device, id) = key.value();
+            expired.push((written_ms, device, id.to_owned()));
+        }
+        for (written_ms, device, id) in &expired {
+            self.dedup_by_time
+                .remove((*written_ms, *device, id.as_str()))
+                .db()?;
+            // The key may have been rewritten after it expired; only the matching record goes.
+            let current = self
+                .dedup
+                .get((*device, id.as_str()))
+                .db()?
+                .map(|v| v.value().0);
+            if current == Some(*written_ms) {
+                self.dedup.remove((*device, id.as_str())).db()?;
+            }
+        }
+        self.dedup_written = 0;
+        Ok(())
+    }
+}
+
+/// The redb backend: implements every storage trait over one [`Database`].
+pub struct EmbeddedBackend {
+    writer: Writer,
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBackend {
+    /// Opens the database file at `path`, creating it (and its tables) if missing.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the file cannot be opened (e.g. another process holds it);
+    /// [`ErrorKind::Corrupt`] when it was written by an incompatible layout version.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let db = Database::create(path)
+            .map_err(|e| Error::unavailable(format!("opening {}: {e}", path.display())))?;
+        Self::init(db)
+    }
+
+    /// An in-memory database, gone when the backend is dropped (tests, `dev` without a disk).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the database cannot be created.
+    pub fn temporary() -> Result<Self> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(Error::unavailable)?;
+        Self::init(db)
+    }
+
+    /// Every store as a trait object backed by this database, seq allocation included.
+    pub fn stores(self: Arc<Self>) -> Stores {
+        Stores {
+            devices: self.clone(),
+            users: self.clone(),
+            friends: self.clone(),
+            groups: self.clone(),
+            messages: self.clone(),
+            seq: self,
+        }
+    }
+
+    /// Creates every table so read transactions never meet a missing one, and checks the layout.
+    fn init(db: Database) -> Result<Self> {
+        let tx = db.begin_write().map_err(Error::unavailable)?;
+        {
+            let mut meta = tx.open_table(META).map_err(Error::unavailable)?;
+            let stored = meta
+                .get("schema_version")
+                .map_err(Error::unavailable)?
+                .map(|v| v.value());
+            match stored {
+                Some(v) if v != SCHEMA_VERSION => {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "embedded database has layout v{v}, this build reads v{SCHEMA_VERSION}"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(Error::unavailable)?;
+                }
+            }
+            Tables::open(&tx)?;
+        }
+        tx.commit().map_err(Error::unavailable)?;
+        let db = Arc::new(db);
+        Ok(EmbeddedBackend {
+            writer: Writer::start(db.clone())?,
+            db,
+        })
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&ReadTransaction) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(Error::unavailable)?;
+            f(&tx)
+        })
+        .await
+        .map_err(Error::unavailable)?
+    }
+
+    /// Runs `op` in a durable write transaction on the writer thread (see [`writer`]).
+    async fn write<R, F>(&self, op: F) -> Result<R>
+    where
+        F: FnMut(&mut Tables<'_>) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.writer.run(op).await
+    }
+}
+
+/// `?` for redb errors: they all mean the backend failed.
+trait Db<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Db<T> for std::result::Result<T, E> {
+    fn db(self) -> Result<T> {
+        self.map_err(Error::unavailable)
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::new(ErrorKind::Corrupt, format!("encoding: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("{what}: {e}")))
+}
+
+fn decode_message(bytes: &[u8]) -> Result<Message> {
+    Message::decode(bytes)
+        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("inbox message: {e}")))
+}
+
+fn not_found(what: &str, id: i64) -> Error {
+    Error::new(ErrorKind::NotFound, format!("{what} {id} does not exist"))
+}
+
+/// Largest seq in `user_id`'s inbox, 0 when empty.
+fn inbox_max_seq(
+    inbox: &impl ReadableTable<(i64, u64), &'static [u8]>,
+    user_id: i64,
+) -> Result<u64> {
+    let last = inbox
+        .range((user_id, 0)..=(user_id, u64::MAX))
+        .db()?
+        .next_back();
+    match last {
+        Some(entry) => Ok(entry.db()?.0.value().1),
+        None => Ok(0),
+    }
+}
+
+/// Values of a JSON table whose keys are `(prefix, x)` with `x > after`, ascending, at most `limit`.
+fn json_range<T: DeserializeOwned>(
+    table: &impl ReadableTable<(i64, i64), &'static [u8]>,
+    prefix: i64,
+    after: i64,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<T>> {
+    let range = (
+        Bound::Excluded((prefix, after)),
+        Bound::Included((prefix, i64::MAX)),
+    );
+    let mut out = Vec::new();
+    for entry in table.range::<(i64, i64)>(range).db()?.take(limit) {
+        out.push(from_json(entry.db()?.1.value(), what)?);
+    }
+    Ok(out)
+}
+
+/// Second key parts of a `(prefix, x)` table, ascending.
+fn second_keys<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(i64, i64), V>,
+    prefix: i64,
+) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for entry in table.range((prefix, i64::MIN)..=(prefix, i64::MAX)).db()? {
+        out.push(entry.db()?.0.value().1);
+    }
+    Ok(out)
+}
+
+/// The dedup record for `(device_id, client_msg_id)` if it has not expired at `now`.
+fn live_dedup(
+    table: &impl ReadableTable<(i64, &'static str), (i64, &'static [u8])>,
+    device_id: i64,
+    client_msg_id: &str,
+    now: i64,
+) -> Result<Option<SendResult>> {
+    let Some(row) = table.get((device_id, client_msg_id)).db()? else {
+        return Ok(None);
+    };
+    let (written_ms, bytes) = row.value();
+    if now.saturating_sub(written_ms) > DEDUP_RETENTION_MS {
+        return Ok(None);
+    }
+    from_json(bytes, "dedup record").map(Some)
+}
+
+/// Insert-if-absent of a dedup record at time `now`.
+fn put_dedup_at(
+    t: &mut Tables<'_>,
+    device_id: i64,
+    client_msg_id: &str,
+    bytes: &[u8],
+    now: i64,
+) -> Result<Option<SendResult>> {
+    if let Some(existing) = live_dedup(&t.dedup, device_id, client_msg_id, now)? {
+        return Ok(Some(existing));
+    }
+    t.dedup
+        .insert((device_id, client_msg_id), (now, bytes))
+        .db()?;
+    t.dedup_by_time
+        .insert((now, device_id, client_msg_id), ())
+        .db()?;
+    t.dedup_written += 1;
+    t.dedup_now = t.dedup_now.max(now);
+    Ok(None)
+}
+
+#[async_trait]
+impl DeviceStore for EmbeddedBackend {
+    async fn insert_device(&self, device: &Device) -> Result<()> {
+        let (id, bytes) = (device.device_id, to_json(device)?);
+        self.write(move |t| {
+            t.devices.insert(id, bytes.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_device(&self, device_id: i64) -> Result<Option<Device>> {
+        self.read(move |tx| {
+            let table = tx.open_table(DEVICES).db()?;
+            let row = table.get(device_id).db()?;
+            row.map(|v| from_json(v.value(), "device")).transpose()
+        })
+        .await
+    }
+
+    async fn revoke_tokens_before(&self, device_id: i64, before_ms: i64) -> Result<()> {
+        self.write(move |t| {
+            let table = &mut t.devices;
+            let mut device: Device = match table.get(device_id).db()? {
+                Some(v) => from_json(v.value(), "device")?,
+                None => return Err(not_found("device", device_id)),
+            };
+            // Never re-validate tokens an earlier sign-out revoked.
+            device.tokens_valid_after_ms = device.tokens_valid_after_ms.max(before_ms);
+            table.insert(device_id, to_json(&device)?.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl UserStore for EmbeddedBackend {
+    async fn insert_user(&self, user: &User) -> Result<()> {
+        let (id, name, bytes) = (user.user_id, user.username.clone(), to_json(user)?);
+        self.write(move |t| {
+            let users = &mut t.users;
+            let names = &mut t.usernames;
+            if users.get(id).db()?.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("user id {id} is taken"),
+                ));
+            }
+            if names.get(name.as_str()).db()?.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("username {name:?} is taken"),
+                ));
+            }
+            users.insert(id, bytes.as_slice()).db()?;
+            names.insert(name.as_str(), id).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upsert_user(&self, user: &User) -> Result<()> {
+        let (id, name, bytes) = (user.user_id, user.username.clone(), to_json(user)?);
+        self.write(move |t| {
+            let users = &mut t.users;
+            let names = &mut t.usernames;
+            let owner = names.get(name.as_str()).db()?.map(|v| v.value());
+            if owner.is_some_and(|owner| owner != id) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("username {name:?} belongs to another user"),
+                ));
+            }
+            let previous: Option<User> = match users.get(id).db()? {
+                Some(v) => Some(from_json(v.value(), "user")?),
+                None => None,
+            };
+            if let Some(old) = previous.filter(|old| old.username != name) {
+                let old_owner = names.get(old.username.as_str()).db()?.map(|v| v.value());
+                if old_owner == Some(id) {
+                    names.remove(old.username.as_str()).db()?;
+                }
+            }
+            users.insert(id, bytes.as_slice()).db()?;
+            names.insert(name.as_str(), id).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_user(&self, user_id: i64) -> Result<Option<User>> {
+        self.read(move |tx| {
+            let table = tx.open_table(USERS).db()?;
+            let row = table.get(user_id).db()?;
+            row.map(|v| from_json(v.value(), "user")).transpose()
+        })
+        .await
+    }
+
+    async fn get_user_by_username(&self, username: &str) -> Result<Option<User>> {
+        let name = username.to_owned();
+        self.read(move |tx| {
+            let names = tx.open_table(USERNAMES).db()?;
+            let Some(id) = names.get(name.as_str()).db()?.map(|v| v.value()) else {
+                return Ok(None);
+            };
+            let users = tx.open_table(USERS).db()?;
+            let row = users.get(id).db()?;
+            row.map(|v| from_json(v.value(), "user")).transpose()
+        })
+        .await
+    }
+
+    async fn update_profile(&self, user_id: i64, profile: &Profile) -> Result<()> {
+        let profile = profile.clone();
+        self.write(move |t| {
+            let users = &mut t.users;
+            let mut user: User = match users.get(user_id).db()? {
+                Some(v) => from_json(v.value(), "user")?,
+                None => return Err(not_found("user", user_id)),
+            };
+            user.profile = profile.clone();
+            user.updated_at_ms = now_ms();
+            users.insert(user_id, to_json(&user)?.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl FriendStore for EmbeddedBackend {
+    async fn put_request(&self, req: &FriendRequest) -> Result<()> {
+        let (key, bytes) = ((req.to_user_id, req.from_user_id), to_json(req)?);
+        self.write(move |t| {
+            t.friend_requests.insert(key, bytes.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_request(&self, from: i64, to: i64) -> Result<Option<FriendRequest>> {
+        self.read(move |tx| {
+            let table = tx.open_table(FRIEND_REQUESTS).db()?;
+            let row = table.get((to, from)).db()?;
+            row.map(|v| from_json(v.value(), "friend request"))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_requests_to(&self, to: i64) -> Result<Vec<FriendRequest>> {
+        self.read(move |tx| {
+            let table = tx.open_table(FRIEND_REQUESTS).db()?;
+            json_range(&table, to, i64::MIN, usize::MAX, "friend request")
+        })
+        .await
+    }
+
+    async fn delete_request(&self, from: i64, to: i64) -> Result<()> {
+        self.write(move |t| {
+            t.friend_requests.remove((to, from)).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_friend(&self, friend: &Friend) -> Result<()> {
+        let (key, bytes) = ((friend.user_id, friend.friend_id), to_json(friend)?);
+        self.write(move |t| {
+            t.friends.insert(key, bytes.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_friend(&self, user_id: i64, friend_id: i64) -> Result<Option<Friend>> {
+        self.read(move |tx| {
+            let table = tx.open_table(FRIENDS).db()?;
+            let row = table.get((user_id, friend_id)).db()?;
+            row.map(|v| from_json(v.value(), "friend")).transpose()
+        })
+        .await
+    }
+
+    async fn list_friends(&self, user_id: i64) -> Result<Vec<Friend>> {
+        self.read(move |tx| {
+            let table = tx.open_table(FRIENDS).db()?;
+            json_range(&table, user_id, i64::MIN, usize::MAX, "friend")
+        })
+        .await
+    }
+
+    async fn delete_friend(&self, user_id: i64, friend_id: i64) -> Result<()> {
+        self.write(move |t| {
+            t.friends.remove((user_id, friend_id)).db()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl GroupStore for EmbeddedBackend {
+    async fn put_group(&self, group: &Group) -> Result<()> {
+        let (id, bytes) = (group.group_id, to_json(group)?);
+        self.write(move |t| {
+            t.groups.insert(id, bytes.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_group(&self, group_id: i64) -> Result<Option<Group>> {
+        self.read(move |tx| {
+            let table = tx.open_table(GROUPS).db()?;
+            let row = table.get(group_id).db()?;
+            row.map(|v| from_json(v.value(), "group")).transpose()
+        })
+        .await
+    }
+
+    async fn delete_group(&self, group_id: i64) -> Result<()> {
+        self.write(move |t| {
+            let members = &mut t.members;
+            let user_groups = &mut t.user_groups;
+            for user_id in second_keys(members, group_id)? {
+                members.remove((group_id, user_id)).db()?;
+                user_groups.remove((user_id, group_id)).db()?;
+            }
+            t.groups.remove(group_id).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_member(&self, member: &GroupMember) -> Result<()> {
+        let (group_id, user_id, bytes) = (member.group_id, member.user_id, to_json(member)?);
+        self.write(move |t| {
+            t.members
+                .insert((group_id, user_id), bytes.as_slice())
+                .db()?;
+            t.user_groups.insert((user_id, group_id), ()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_member(&self, group_id: i64, user_id: i64) -> Result<Option<GroupMember>> {
+        self.read(move |tx| {
+            let table = tx.open_table(MEMBERS).db()?;
+            let row = table.get((group_id, user_id)).db()?;
+            row.map(|v| from_json(v.value(), "group member"))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn delete_member(&self, group_id: i64, user_id: i64) -> Result<()> {
+        self.write(move |t| {
+            t.members.remove((group_id, user_id)).db()?;
+            t.user_groups.remove((user_id, group_id)).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_members(
+        &self,
+        group_id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<GroupMember>> {
+        self.read(move |tx| {
+            let table = tx.open_table(MEMBERS).db()?;
+            json_range(&table, group_id, after, limit, "group member")
+        })
+        .await
+    }
+
+    async fn member_ids(&self, group_id: i64) -> Result<Vec<i64>> {
+        self.read(move |tx| second_keys(&tx.open_table(MEMBERS).db()?, group_id))
+            .await
+    }
+
+    async fn groups_of_user(&self, user_id: i64) -> Result<Vec<i64>> {
+        self.read(move |tx| second_keys(&tx.open_table(USER_GROUPS).db()?, user_id))
+            .await
+    }
+}
+
+#[async_trait]
+impl MessageStore for EmbeddedBackend {
+    async fn append(&self, user_id: i64, message: &Message) -> Result<()> {
+        // Encoded here, on the caller's task, so the single writer thread only inserts bytes.
+        let (seq, bytes) = (message.seq, message.encode_to_vec());
+        self.write(move |t| {
+            t.inbox.insert((user_id, seq), bytes.as_slice()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn append_many(&self, entries: &[(i64, Message)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<((i64, u64), Vec<u8>)> = entries
+            .iter()
+            .map(|(user_id, m)| ((*user_id, m.seq), m.encode_to_vec()))
+            .collect();
+        self.write(move |t| {
+            let inbox = &mut t.inbox;
+            for (key, bytes) in &encoded {
+                inbox.insert(*key, bytes.as_slice()).db()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sync(&self, user_id: i64, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
+        self.read(move |tx| {
+            let inbox = tx.open_table(INBOX).db()?;
+            let range = (
+                Bound::Excluded((user_id, after_seq)),
+                Bound::Included((user_id, u64::MAX)),
+            );
+            let mut out = Vec::new();
+            for entry in inbox.range::<(i64, u64)>(range).db()?.take(limit) {
+                out.push(decode_message(entry.db()?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn max_seq(&self, user_id: i64) -> Result<u64> {
+        self.read(move |tx| inbox_max_seq(&tx.open_table(INBOX).db()?, user_id))
+            .await
+    }
+
+    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendResult>> {
+        let client_msg_id = client_msg_id.to_owned();
+        self.read(move |tx| {
+            let table = tx.open_table(DEDUP).db()?;
+            live_dedup(&table, device_id, &client_msg_id, now_ms())
+        })
+        .await
+    }
+
+    async fn put_dedup_if_absent(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        result: &SendResult,
+    ) -> Result<Option<SendResult>> {
+        let client_msg_id = client_msg_id.to_owned();
+        let bytes = to_json(result)?;
+        self.write(move |t| put_dedup_at(t, device_id, &client_msg_id, &bytes, now_ms()))
+            .await
+    }
+
+    async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {
+        self.write(move |t| {
+            let acks = &mut t.acks;
+            let current = acks
+                .get((user_id, device_id))
+                .db()?
+                .map_or(0, |v| v.value());
+            if seq > current {
+                acks.insert((user_id, device_id), seq).db()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn acked(&self, user_id: i64, device_id: i64) -> Result<u64> {
+        self.read(move |tx| {
+            let acks = tx.open_table(ACKS).db()?;
+            let row = acks.get((user_id, device_id)).db()?;
+            Ok(row.map_or(0, |v| v.value()))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SeqAllocator for EmbeddedBackend {
+    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let user_ids = user_ids.to_vec();
+        self.write(move |t| {
+            let counters = &mut t.seq;
+            let inbox = &t.inbox;
+            let mut out = Vec::with_capacity(user_ids.len());
+            for &user_id in &user_ids {
+                let last = counters.get(user_id).db()?.map_or(0, |v| v.value());
+                // The inbox is the floor: a seq is never handed out below a stored message, even if
+                // messages were appended with seqs from elsewhere (an import, an older counter).
+                let next = last.max(inbox_max_seq(inbox, user_id)?) + 1;
+                counters.insert(user_id, next).db()?;
+                out.push(next);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn current(&self, user_id: i64) -> Result<u64> {
+        self.read(move |tx| {
+            let counters = tx.open_table(SEQ).db()?;
+            let row = counters.get(user_id).db()?;
+            Ok(row.map_or(0, |v| v.value()))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64) -> Message {
+        Message {
+            message_id: 1000 + seq,
+            seq,
+            client_msg_id: format!("c{seq}"),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_share_commits_and_all_land() {
+        let backend = Arc::new(EmbeddedBackend::temporary().expect("temporary db"));
+        let mut tasks = Vec::new();
+        for user_id in 1..=8_i64 {
+            let backend = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    let seq = backend.next(&[user_id]).await?[0];
+                    backend.append(user_id, &message(seq)).await?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task").expect("writes");
+        }
+        for user_id in 1..=8_i64 {
+            let seqs: Vec<u64> = backend
+                .sync(user_id, 0, 1000)
+                .await
+                .expect("sync")
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "user {user_id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conflict_in_a_batch_does_not_fail_its_neighbours() {
+        let backend = Arc::new(EmbeddedBackend::temporary().expect("temporary db"));
+        let user = |id: i64, name: &str| User {
+            user_id: id,
+            username: name.into(),
+            password_hash: String::new(),
+            profile: Profile::default(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let results = futures::future::join_all(
+            [user(1, "a"), user(2, "a"), user(3, "b")]
+                .iter()
+                .map(|u| backend.insert_user(u)),
+        )
+        .await;
+        let conflicts = results
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(|e| e.kind == ErrorKind::Conflict))
+            .count();
+        assert_eq!(
+            conflicts, 1,
+            "exactly one of the two 'a' inserts conflicts: {results:?}"
+        );
+        assert!(backend
+            .get_user_by_username("b")
+            .await
+            .expect("get")
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn dedup_records_expire_and_are_pruned() {
+        let backend = EmbeddedBackend::temporary().expect("temporary db");
+        let result = |message_id| SendResult {
+            message_id,
+            seq: 1,
+            server_time_ms: 0,
+            recipients: vec![(7, 1)],
+        };
+        let put = |device: i64, id: &'static str, r: SendResult, now: i64| {
+            let bytes = to_json(&r).expect("json");
+            backend.write(move |t| put_dedup_at(t, device, id, &bytes, now))
+        };
+        assert_eq!(put(1, "old", result(1), 1_000).await.expect("put"), None);
+        assert_eq!(
+            put(1, "old", result(2), 2_000).await.expect("put"),
+            Some(result(1))
+        );
+        // Past retention the old record no longer counts, and the next write removes it.
+        let later = 1_000 + DEDUP_RETENTION_MS + 1;
+        assert_eq!(put(2, "new", result(3), later).await.expect("put"), None);
+        let (old, new) = backend
+            .read(move |tx| {
+                let t = tx.open_table(DEDUP).db()?;
+                Ok((
+                    t.get((1, "old")).db()?.is_some(),
+                    t.get((2, "new")).db()?.is_some(),
+                ))
+            })
+            .await
+            .expect("read");
+        assert!(!old, "the expired record was pruned");
+        assert!(new, "the new record is stored");
+        assert_eq!(
+            put(1, "old", result(4), later).await.expect("put"),
+            None,
+            "expired key is reusable"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! [`RedisSeq`]: per-user inbox seqs from Redis counters, recovered from the message store when
+//! Redis has lost them.
+//!
+//! # Why a lost counter cannot move a seq back
+//! Counters are only ever incremented by a Lua script that INCRs a key *only if it exists* and
+//! answers nil otherwise. A missing key (Redis restarted without persistence, flushed, failed over
+//! to an empty replica) is therefore never silently restarted from 1: the allocator reads the
+//! user's largest stored seq from the [`MessageStore`] and seeds the counter with
+//! `SET key (max_seq + RECOVERY_MARGIN) NX`, then runs the script again. Seqs stay strictly
+//! increasing per user, but may jump by up to [`RECOVERY_MARGIN`] after a recovery.
+//!
+//! # What this does not cover
+//! A Redis that comes back with *stale* keys (an RDB snapshot or an `appendfsync everysec` AOF
+//! restored after a crash, or a lagging replica promoted) still has the key, so the script cannot
+//! tell. Run the seq Redis either without persistence (`save ""`, `appendonly no`: a restart loses
+//! every key, which recovery handles) or with `appendfsync always`.
+//! A user with an empty inbox is seeded at 0, not at the margin: seqs handed out just before the
+//! loss and not yet written could be handed out again. The window is one in-flight send of a user's
+//! very first messages, at the instant Redis loses its data.
+//!
+//! Requires a non-cluster Redis (standalone or sentinel): one script call touches many keys.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, ClientLike as _, Config, KeysInterface as _, LuaInterface as _, Pool, ReconnectPolicy,
+    SetOptions, Value,
+};
+use futures::{StreamExt as _, TryStreamExt as _};
+
+use crate::{Error, ErrorKind, MessageStore, Result, SeqAllocator};
+
+/// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
+/// allocated from the lost counter but whose inbox writes had not landed when `max_seq` was read
+/// (sends in flight at the moment Redis lost its keys); a user would need more than this many
+/// messages in flight at once to be at risk.
+pub const RECOVERY_MARGIN: u64 = 1000;
+
+/// Keys per script call; larger fan-outs run several calls concurrently (pipelined on the pool).
+/// Bounds how long one script blocks Redis.
+const KEYS_PER_SCRIPT: usize = 1000;
+
+/// Concurrent `max_seq` reads while recovering many users at once.
+const RECOVERY_CONCURRENCY: usize = 64;
+
+/// Rounds of recover-and-retry before giving up (keys would have to vanish again every time).
+const RECOVERY_ROUNDS: usize = 3;
+
+/// Clients in the pool.
+const POOL_SIZE: usize = 4;
+
+/// For each key: INCR it if it exists, else nil (Lua `false` becomes a nil reply). Never creates
+/// a key: creation is recovery's job.
+const INCR_EXISTING: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = redis.call('INCR', key)
+  else
+    out[i] = false
+  end
+end
+return out
+";
+
+/// The Redis key of `user_id`'s seq counter. The only place the key format lives.
+pub fn seq_key(user_id: i64) -> String {
+    format!("zhibo:seq:{user_id}")
+}
+
+/// The Redis-backed [`SeqAllocator`], recovering lost counters from a [`MessageStore`].
+pub struct RedisSeq {
+    pool: Pool,
+    /// SHA1 of [`INCR_EXISTING`], as returned by `SCRIPT LOAD`.
+    script_sha: String,
+    messages: Arc<dyn MessageStore>,
+}
+
+impl std::fmt::Debug for RedisSeq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSeq")
+            .field("script_sha", &self.script_sha)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("redis {what}: {e}"))
+}
+
+impl RedisSeq {
+    /// Connects to the Redis at `url` (`redis://host:port/db`) and loads the allocation script.
+    /// `messages` is read only to recover lost counters.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the URL is invalid or Redis cannot be reached.
+    pub async fn connect(url: &str, messages: Arc<dyn MessageStore>) -> Result<Self> {
+        let config = Config::from_url(url).map_err(|e| redis_error("url", e))?;
+        let pool = Builder::from_config(config)
+            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
+            .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
+            // Unlimited reconnect attempts, 100 ms doubling up to 5 s.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(POOL_SIZE)
+            .map_err(|e| redis_error("pool", e))?;
+        // The connection task ends with the pool; its result is reported through commands.
+        let _connection = pool.init().await.map_err(|e| redis_error("connect", e))?;
+        Self::with_pool(pool, messages).await
+    }
+
+    /// Uses an already initialised pool.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the script cannot be loaded.
+    pub async fn with_pool(pool: Pool, messages: Arc<dyn MessageStore>) -> Result<Self> {
+        let script_sha: String = pool
+            .next()
+            .script_load(INCR_EXISTING)
+            .await
+            .map_err(|e| redis_error("script load", e))?;
+        Ok(RedisSeq {
+            pool,
+            script_sha,
+            messages,
+        })
+    }
+
+    /// Runs [`INCR_EXISTING`] over `keys` (in chunks, concurrently): the new value of each key, or
+    /// `None` where the key is missing.
+    async fn incr_existing(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
+        let chunks = futures::future::try_join_all(
+            keys.chunks(KEYS_PER_SCRIPT)
+                .map(|chunk| self.incr_existing_chunk(chunk)),
+        )
+        .await?;
+        Ok(chunks.into_iter().flatten().collect())
+    }
+
+    async fn incr_existing_chunk(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
+        let keys = keys.to_vec();
+        let reply: Value = match self
+            .pool
+            .evalsha(self.script_sha.as_str(), keys.clone(), ())
+            .await
+        {
+            // A restarted or SCRIPT FLUSHed Redis has forgotten the script: load it and retry.
+            Err(e) if e.details().contains("NOSCRIPT") => {
+                let _: String = self
+                    .pool
+                    .next()
+                    .script_load(INCR_EXISTING)
+                    .await
+                    .map_err(|e| redis_error("script load", e))?;
+                self.pool
+                    .evalsha(self.script_sha.as_str(), keys.clone(), ())
+                    .await
+                    .map_err(|e| redis_error("evalsha", e))?
+            }
+            other => other.map_err(|e| redis_error("evalsha", e))?,
+        };
+        let values = match reply {
+            Value::Array(values) => values,
+            // A one-key call may come back unwrapped.
+            single @ (Value::Integer(_) | Value::Null) => vec![single],
+            other => {
+                return Err(redis_error(
+                    "evalsha",
+                    format!("unexpected reply {other:?}"),
+                ))
+            }
+        };
+        if values.len() != keys.len() {
+            return Err(redis_error(
+                "evalsha",
+                format!("{} replies for {} keys", values.len(), keys.len()),
+            ));
+        }
+        values
+            .into_iter()
+            .map(|v| match v {
+                Value::Integer(n) => u64::try_from(n)
+                    .map(Some)
+                    .map_err(|_| redis_error("evalsha", format!("negative seq {n}"))),
+                Value::Null => Ok(None),
+                other => Err(redis_error(
+                    "evalsha",
+                    format!("unexpected element {other:?}"),
+                )),
+            })
+            .collect()
+    }
+
+    /// Seeds `user_id`'s missing counter from the message store (see the module docs).
+    async fn recover(&self, user_id: i64) -> Result<()> {
+        let max = self.messages.max_seq(user_id).await?;
+        let floor = if max > 0 {
+            max.saturating_add(RECOVERY_MARGIN)
+        } else {
+            0
+        };
+        let floor = i64::try_from(floor)
+            .map_err(|_| redis_error("recover", format!("seq {floor} overflows")))?;
+        // NX: another allocator may have recovered (and started allocating from) it already.
+        let _: Value = self
+            .pool
+            .set(seq_key(user_id), floor, None, Some(SetOptions::NX), false)
+            .await
+            .map_err(|e| redis_error("set", e))?;
+        tracing::warn!(
+            user_id,
+            stored_max_seq = max,
+            floor,
+            "recovered a missing seq counter"
+        );
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SeqAllocator for RedisSeq {
+    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = user_ids.iter().map(|&u| seq_key(u)).collect();
+        let mut seqs = self.incr_existing(&keys).await?;
+        for _ in 0..RECOVERY_ROUNDS {
+            let missing: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let users: BTreeSet<i64> = missing.iter().map(|&i| user_ids[i]).collect();
+            futures::stream::iter(users)
+                .map(|user_id| self.recover(user_id))
+                .buffer_unordered(RECOVERY_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+            let retry_keys: Vec<String> = missing.iter().map(|&i| keys[i].clone()).collect();
+            let retried = self.incr_existing(&retry_keys).await?;
+            for (i, seq) in missing.into_iter().zip(retried) {
+                seqs[i] = seq;
+            }
+        }
+        seqs.into_iter()
+            .zip(user_ids)
+            .map(|(seq, user_id)| {
+                seq.ok_or_else(|| {
+                    redis_error(
+                        "next",
+                        format!("seq counter of user {user_id} vanished {RECOVERY_ROUNDS} times during recovery"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    async fn current(&self, user_id: i64) -> Result<u64> {
+        let (counter, stored) = futures::try_join!(
+            async {
+                self.pool
+                    .get::<Option<i64>, _>(seq_key(user_id))
+                    .await
+                    .map_err(|e| redis_error("get", e))
+            },
+            self.messages.max_seq(user_id),
+        )?;
+        let counter = counter.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        Ok(counter.max(stored))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_format() {
+        assert_eq!(seq_key(42), "zhibo:seq:42");
+        assert_eq!(seq_key(-1), "zhibo:seq:-1");
+    }
+}

@@ -1,0 +1,868 @@
+//! The storage conformance suite, written once and run against every backend.
+//!
+//! Each check uses fresh ids from a process-wide, time-based generator, so the suite can run many times
+//! against the same persistent database and concurrently against several backends in one process.
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use zhibo_proto::client::{Message, ReceiverType};
+use zhibo_store::ids::{now_ms, IdGen};
+use zhibo_store::{
+    Device, ErrorKind, Friend, FriendRequest, Group, GroupMember, Profile, Role, SendResult,
+    Stores, User,
+};
+
+/// Runs every check against `stores`; panics with a message naming the broken behaviour.
+pub(crate) async fn run_all(stores: Stores) {
+    devices(&stores).await;
+    users(&stores).await;
+    upserted_users(&stores).await;
+    friends(&stores).await;
+    groups(&stores).await;
+    inbox(&stores).await;
+    fan_out(&stores).await;
+    dedup(&stores).await;
+    acks(&stores).await;
+    seq(&stores).await;
+}
+
+/// A fresh entity id, unique in this process and across runs.
+fn id() -> i64 {
+    static IDS: OnceLock<IdGen> = OnceLock::new();
+    IDS.get_or_init(|| IdGen::entities(u64::from(std::process::id())))
+        .next_i64()
+}
+
+fn user(user_id: i64, username: &str) -> User {
+    User {
+        user_id,
+        username: username.to_owned(),
+        password_hash: String::new(),
+        profile: Profile {
+            nickname: format!("nick {user_id}"),
+            avatar_url: String::new(),
+            extra: "{}".to_owned(),
+        },
+        created_at_ms: 1_700_000_000_000,
+        updated_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn message(receiver_id: i64, seq: u64) -> Message {
+    Message {
+        message_id: 1_000_000 + seq,
+        seq,
+        sender_user_id: 42,
+        sender_device_id: 43,
+        receiver_type: ReceiverType::User as i32,
+        receiver_id,
+        client_msg_id: format!("client-{receiver_id}-{seq}"),
+        server_time_ms: 1_700_000_000_000 + seq as i64,
+        content_type: 1,
+        content: Bytes::from(format!("hello #{seq}")),
+    }
+}
+
+fn seqs(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+async fn devices(s: &Stores) {
+    let device = Device {
+        device_id: id(),
+        device_type: "android".into(),
+        brand: "xiaomi".into(),
+        model: "mi 14".into(),
+        system_version: "14".into(),
+        sdk_version: "1.0.0".into(),
+        tokens_valid_after_ms: 0,
+        created_at_ms: 1_700_000_000_000,
+    };
+    s.devices
+        .insert_device(&device)
+        .await
+        .expect("insert_device");
+    let got = s
+        .devices
+        .get_device(device.device_id)
+        .await
+        .expect("get_device");
+    assert_eq!(
+        got.as_ref(),
+        Some(&device),
+        "a device reads back as inserted"
+    );
+    assert_eq!(
+        s.devices
+            .get_device(id())
+            .await
+            .expect("get_device unknown"),
+        None,
+        "an unknown device is None"
+    );
+
+    s.devices
+        .revoke_tokens_before(device.device_id, 1_700_000_500_000)
+        .await
+        .expect("revoke_tokens_before");
+    let got = s
+        .devices
+        .get_device(device.device_id)
+        .await
+        .expect("get_device")
+        .expect("device");
+    assert_eq!(
+        got.tokens_valid_after_ms, 1_700_000_500_000,
+        "sign-out revokes earlier tokens"
+    );
+    assert_eq!(
+        got.brand, device.brand,
+        "revoking keeps the rest of the device"
+    );
+
+    let err = s
+        .devices
+        .revoke_tokens_before(id(), 1)
+        .await
+        .expect_err("revoking an unknown device fails");
+    assert_eq!(
+        err.kind,
+        ErrorKind::NotFound,
+        "revoking an unknown device is NotFound"
+    );
+}
+
+async fn users(s: &Stores) {
+    let alice = user(id(), &format!("alice{}", id()));
+    s.users.insert_user(&alice).await.expect("insert_user");
+    assert_eq!(
+        s.users.get_user(alice.user_id).await.expect("get_user"),
+        Some(alice.clone()),
+        "a user reads back by id"
+    );
+    assert_eq!(
+        s.users
+            .get_user_by_username(&alice.username)
+            .await
+            .expect("get_user_by_username"),
+        Some(alice.clone()),
+        "a user reads back by username"
+    );
+    assert_eq!(
+        s.users.get_user(id()).await.expect("get_user unknown"),
+        None,
+        "unknown id is None"
+    );
+    assert_eq!(
+        s.users
+            .get_user_by_username(&format!("nobody{}", id()))
+            .await
+            .expect("by unknown username"),
+        None,
+        "unknown username is None"
+    );
+
+    let impostor = user(id(), &alice.username);
+    let err = s
+        .users
+        .insert_user(&impostor)
+        .await
+        .expect_err("duplicate username");
+    assert_eq!(
+        err.kind,
+        ErrorKind::Conflict,
+        "a taken username is Conflict"
+    );
+    assert_eq!(
+        s.users.get_user(impostor.user_id).await.expect("get_user"),
+        None,
+        "a conflicting insert creates nothing"
+    );
+
+    let same_id = user(alice.user_id, &format!("other{}", id()));
+    let err = s
+        .users
+        .insert_user(&same_id)
+        .await
+        .expect_err("duplicate user id");
+    assert_eq!(err.kind, ErrorKind::Conflict, "a taken user id is Conflict");
+    assert_eq!(
+        s.users
+            .get_user_by_username(&same_id.username)
+            .await
+            .expect("get_user_by_username"),
+        None,
+        "a conflicting insert does not claim its username"
+    );
+
+    let profile = Profile {
+        nickname: "Alice W.".into(),
+        avatar_url: "https://example.com/a.png".into(),
+        extra: r#"{"vip":true}"#.into(),
+    };
+    s.users
+        .update_profile(alice.user_id, &profile)
+        .await
+        .expect("update_profile");
+    let got = s
+        .users
+        .get_user(alice.user_id)
+        .await
+        .expect("get_user")
+        .expect("alice");
+    assert_eq!(got.profile, profile, "update_profile replaces the profile");
+    assert_eq!(
+        got.username, alice.username,
+        "update_profile keeps the username"
+    );
+    let err = s
+        .users
+        .update_profile(id(), &profile)
+        .await
+        .expect_err("unknown user");
+    assert_eq!(
+        err.kind,
+        ErrorKind::NotFound,
+        "updating an unknown user is NotFound"
+    );
+}
+
+async fn upserted_users(s: &Stores) {
+    let mut bob = user(id(), &format!("bob{}", id()));
+    s.users
+        .upsert_user(&bob)
+        .await
+        .expect("upsert_user creates");
+    assert_eq!(
+        s.users
+            .get_user_by_username(&bob.username)
+            .await
+            .expect("by username"),
+        Some(bob.clone()),
+        "upsert creates a missing user"
+    );
+
+    let old_name = bob.username.clone();
+    bob.username = format!("robert{}", id());
+    bob.profile.nickname = "Robert".into();
+    s.users
+        .upsert_user(&bob)
+        .await
+        .expect("upsert_user replaces");
+    assert_eq!(
+        s.users.get_user(bob.user_id).await.expect("get_user"),
+        Some(bob.clone()),
+        "upsert replaces the user"
+    );
+    assert_eq!(
+        s.users
+            .get_user_by_username(&bob.username)
+            .await
+            .expect("by new username")
+            .map(|u| u.user_id),
+        Some(bob.user_id),
+        "the new username finds the user"
+    );
+    assert_eq!(
+        s.users
+            .get_user_by_username(&old_name)
+            .await
+            .expect("by old username"),
+        None,
+        "the old username is released"
+    );
+
+    let carol = user(id(), &bob.username);
+    let err = s
+        .users
+        .upsert_user(&carol)
+        .await
+        .expect_err("username of another user");
+    assert_eq!(
+        err.kind,
+        ErrorKind::Conflict,
+        "upserting another user's username is Conflict"
+    );
+    assert_eq!(
+        s.users.get_user(carol.user_id).await.expect("get_user"),
+        None,
+        "nothing created"
+    );
+
+    let dave = user(id(), &old_name);
+    s.users
+        .upsert_user(&dave)
+        .await
+        .expect("a released username can be reused");
+}
+
+async fn friends(s: &Stores) {
+    let (me, a, b, c) = (id(), id(), id(), id());
+    let request = |from: i64| FriendRequest {
+        from_user_id: from,
+        to_user_id: me,
+        message: format!("hi from {from}"),
+        created_at_ms: 1_700_000_000_000,
+    };
+    assert_eq!(
+        s.friends.get_request(a, me).await.expect("get_request"),
+        None,
+        "no request yet"
+    );
+    s.friends
+        .put_request(&request(b))
+        .await
+        .expect("put_request");
+    s.friends
+        .put_request(&request(a))
+        .await
+        .expect("put_request");
+    assert_eq!(
+        s.friends.get_request(a, me).await.expect("get_request"),
+        Some(request(a)),
+        "a request reads back"
+    );
+    assert_eq!(
+        s.friends.get_request(me, a).await.expect("get_request"),
+        None,
+        "requests are directed"
+    );
+    let mut to_me = s
+        .friends
+        .list_requests_to(me)
+        .await
+        .expect("list_requests_to");
+    to_me.sort_by_key(|r| r.from_user_id);
+    assert_eq!(
+        to_me,
+        vec![request(a), request(b)],
+        "both requests are listed for their addressee"
+    );
+    assert!(
+        s.friends
+            .list_requests_to(a)
+            .await
+            .expect("list_requests_to")
+            .is_empty(),
+        "the sender has no incoming requests"
+    );
+    s.friends
+        .delete_request(a, me)
+        .await
+        .expect("delete_request");
+    assert_eq!(
+        s.friends.get_request(a, me).await.expect("get_request"),
+        None,
+        "a deleted request is gone"
+    );
+    assert_eq!(
+        s.friends
+            .list_requests_to(me)
+            .await
+            .expect("list_requests_to"),
+        vec![request(b)],
+        "only the other request remains"
+    );
+
+    let friend = |friend_id: i64| Friend {
+        user_id: me,
+        friend_id,
+        remark: format!("remark {friend_id}"),
+        extra: String::new(),
+        created_at_ms: 1_700_000_000_000,
+    };
+    for f in [c, a, b] {
+        s.friends.put_friend(&friend(f)).await.expect("put_friend");
+    }
+    assert_eq!(
+        s.friends.list_friends(me).await.expect("list_friends"),
+        vec![friend(a), friend(b), friend(c)],
+        "friends are listed ordered by friend id"
+    );
+    assert_eq!(
+        s.friends.get_friend(me, b).await.expect("get_friend"),
+        Some(friend(b)),
+        "get_friend"
+    );
+    assert_eq!(
+        s.friends.get_friend(b, me).await.expect("get_friend"),
+        None,
+        "one direction does not imply the other"
+    );
+    s.friends.delete_friend(me, b).await.expect("delete_friend");
+    assert_eq!(
+        s.friends.get_friend(me, b).await.expect("get_friend"),
+        None,
+        "a deleted friend is gone"
+    );
+    assert_eq!(
+        s.friends.list_friends(me).await.expect("list_friends"),
+        vec![friend(a), friend(c)],
+        "the deleted friend leaves the list"
+    );
+}
+
+async fn groups(s: &Stores) {
+    let group = Group {
+        group_id: id(),
+        name: "gophers".into(),
+        avatar_url: String::new(),
+        introduction: "we chat".into(),
+        owner_id: id(),
+        extra: String::new(),
+        created_at_ms: 1_700_000_000_000,
+    };
+    assert_eq!(
+        s.groups.get_group(group.group_id).await.expect("get_group"),
+        None,
+        "no group yet"
+    );
+    s.groups.put_group(&group).await.expect("put_group");
+    assert_eq!(
+        s.groups.get_group(group.group_id).await.expect("get_group"),
+        Some(group.clone()),
+        "a group reads back"
+    );
+
+    let users: Vec<i64> = (0..5).map(|_| id()).collect();
+    let member = |user_id: i64| GroupMember {
+        group_id: group.group_id,
+        user_id,
+        role: if user_id == users[0] {
+            Role::Owner
+        } else {
+            Role::Member
+        },
+        remark: format!("m{user_id}"),
+        joined_at_ms: 1_700_000_000_000,
+    };
+    for &u in [users[3], users[0], users[4], users[1], users[2]].iter() {
+        s.groups.put_member(&member(u)).await.expect("put_member");
+    }
+    let other_group = id();
+    s.groups
+        .put_member(&GroupMember {
+            group_id: other_group,
+            ..member(users[1])
+        })
+        .await
+        .expect("put_member in another group");
+
+    assert_eq!(
+        s.groups
+            .get_member(group.group_id, users[0])
+            .await
+            .expect("get_member"),
+        Some(member(users[0])),
+        "a member reads back with its role"
+    );
+    assert_eq!(
+        s.groups
+            .get_member(group.group_id, id())
+            .await
+            .expect("get_member"),
+        None,
+        "non-member"
+    );
+
+    let page1 = s
+        .groups
+        .list_members(group.group_id, 0, 2)
+        .await
+        .expect("list_members");
+    assert_eq!(
+        page1,
+        vec![member(users[0]), member(users[1])],
+        "first page: lowest user ids, limit 2"
+    );
+    let page2 = s
+        .groups
+        .list_members(group.group_id, users[1], 2)
+        .await
+        .expect("list_members");
+    assert_eq!(
+        page2,
+        vec![member(users[2]), member(users[3])],
+        "second page starts after the cursor"
+    );
+    let page3 = s
+        .groups
+        .list_members(group.group_id, users[3], 2)
+        .await
+        .expect("list_members");
+    assert_eq!(page3, vec![member(users[4])], "last page is short");
+    let page4 = s
+        .groups
+        .list_members(group.group_id, users[4], 2)
+        .await
+        .expect("list_members");
+    assert!(page4.is_empty(), "nothing after the last member");
+
+    let mut ids = s
+        .groups
+        .member_ids(group.group_id)
+        .await
+        .expect("member_ids");
+    ids.sort_unstable();
+    assert_eq!(ids, users, "member_ids lists every member");
+    let mut expected_groups = vec![group.group_id, other_group];
+    expected_groups.sort_unstable();
+    assert_eq!(
+        s.groups
+            .groups_of_user(users[1])
+            .await
+            .expect("groups_of_user"),
+        expected_groups,
+        "groups of a user, ordered"
+    );
+
+    s.groups
+        .delete_member(group.group_id, users[1])
+        .await
+        .expect("delete_member");
+    assert_eq!(
+        s.groups
+            .get_member(group.group_id, users[1])
+            .await
+            .expect("get_member"),
+        None,
+        "removed"
+    );
+    assert_eq!(
+        s.groups
+            .groups_of_user(users[1])
+            .await
+            .expect("groups_of_user"),
+        vec![other_group],
+        "a removed member's group list drops the group"
+    );
+    let mut ids = s
+        .groups
+        .member_ids(group.group_id)
+        .await
+        .expect("member_ids");
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        [users[0], users[2], users[3], users[4]],
+        "member_ids drops the removed member"
+    );
+
+    s.groups
+        .delete_group(group.group_id)
+        .await
+        .expect("delete_group");
+    assert_eq!(
+        s.groups.get_group(group.group_id).await.expect("get_group"),
+        None,
+        "dissolved group is gone"
+    );
+    assert!(
+        s.groups
+            .member_ids(group.group_id)
+            .await
+            .expect("member_ids")
+            .is_empty(),
+        "a dissolved group has no members"
+    );
+    assert!(
+        s.groups
+            .list_members(group.group_id, 0, 100)
+            .await
+            .expect("list_members")
+            .is_empty(),
+        "a dissolved group lists no members"
+    );
+    assert!(
+        s.groups
+            .groups_of_user(users[0])
+            .await
+            .expect("groups_of_user")
+            .is_empty(),
+        "members of a dissolved group no longer list it"
+    );
+    assert_eq!(
+        s.groups
+            .groups_of_user(users[1])
+            .await
+            .expect("groups_of_user"),
+        vec![other_group],
+        "other groups are untouched"
+    );
+}
+
+async fn inbox(s: &Stores) {
+    let u = id();
+    assert_eq!(
+        s.messages.max_seq(u).await.expect("max_seq"),
+        0,
+        "an empty inbox has max_seq 0"
+    );
+    assert!(
+        s.messages.sync(u, 0, 10).await.expect("sync").is_empty(),
+        "an empty inbox syncs nothing"
+    );
+
+    for seq in [3, 1, 5, 2, 4] {
+        s.messages
+            .append(u, &message(u, seq))
+            .await
+            .expect("append");
+    }
+    // A retried append of the same seq must not duplicate the message.
+    s.messages
+        .append(u, &message(u, 3))
+        .await
+        .expect("append again");
+
+    let all = s.messages.sync(u, 0, 100).await.expect("sync");
+    assert_eq!(
+        seqs(&all),
+        [1, 2, 3, 4, 5],
+        "sync returns ascending seq, each once"
+    );
+    assert_eq!(
+        all[2],
+        message(u, 3),
+        "a message reads back exactly as appended"
+    );
+    assert_eq!(
+        s.messages.max_seq(u).await.expect("max_seq"),
+        5,
+        "max_seq is the largest seq"
+    );
+
+    // Client paging: ask for `limit`, continue after the last seq until a short page.
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let page = s.messages.sync(u, after, 2).await.expect("sync page");
+        pages.push(seqs(&page));
+        match page.last() {
+            Some(last) if page.len() == 2 => after = last.seq,
+            _ => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        vec![vec![1, 2], vec![3, 4], vec![5]],
+        "paging by 2 with after = last seq"
+    );
+    assert!(
+        s.messages.sync(u, 5, 10).await.expect("sync").is_empty(),
+        "nothing after the newest"
+    );
+    assert_eq!(
+        seqs(&s.messages.sync(u, 3, 10).await.expect("sync")),
+        [4, 5],
+        "only seq > after"
+    );
+    assert!(
+        s.messages.sync(u, 0, 0).await.expect("sync").is_empty(),
+        "limit 0 returns nothing"
+    );
+    assert!(
+        s.messages.sync(id(), 0, 10).await.expect("sync").is_empty(),
+        "inboxes are per user"
+    );
+}
+
+async fn fan_out(s: &Stores) {
+    let (a, b, c) = (id(), id(), id());
+    let group_message = |seq: u64| Message {
+        receiver_type: ReceiverType::Group as i32,
+        ..message(a, seq)
+    };
+    let entries = vec![
+        (a, group_message(1)),
+        (b, group_message(7)),
+        (c, group_message(3)),
+        (a, group_message(2)),
+    ];
+    s.messages.append_many(&entries).await.expect("append_many");
+    s.messages
+        .append_many(&[])
+        .await
+        .expect("append_many with nothing");
+    assert_eq!(
+        seqs(&s.messages.sync(a, 0, 10).await.expect("sync a")),
+        [1, 2],
+        "a got both entries"
+    );
+    assert_eq!(
+        s.messages.sync(b, 0, 10).await.expect("sync b"),
+        vec![group_message(7)],
+        "b's entry"
+    );
+    assert_eq!(
+        seqs(&s.messages.sync(c, 0, 10).await.expect("sync c")),
+        [3],
+        "c's entry"
+    );
+    assert_eq!(
+        s.messages.max_seq(b).await.expect("max_seq"),
+        7,
+        "max_seq after fan-out"
+    );
+}
+
+async fn dedup(s: &Stores) {
+    let (device, other_device) = (id(), id());
+    let client_msg_id = format!("cmid-{}", id());
+    assert_eq!(
+        s.messages
+            .get_dedup(device, &client_msg_id)
+            .await
+            .expect("get_dedup"),
+        None,
+        "no record for a first send"
+    );
+    let first = SendResult {
+        message_id: 77,
+        seq: 9,
+        server_time_ms: now_ms(),
+        recipients: vec![(id(), 9), (id(), 4)],
+    };
+    assert_eq!(
+        s.messages
+            .put_dedup_if_absent(device, &client_msg_id, &first)
+            .await
+            .expect("put_dedup_if_absent"),
+        None,
+        "the first record is written"
+    );
+    assert_eq!(
+        s.messages
+            .get_dedup(device, &client_msg_id)
+            .await
+            .expect("get_dedup"),
+        Some(first.clone()),
+        "a resend finds the first result, recipients included"
+    );
+    let racing = SendResult {
+        message_id: 78,
+        seq: 10,
+        ..first.clone()
+    };
+    assert_eq!(
+        s.messages
+            .put_dedup_if_absent(device, &client_msg_id, &racing)
+            .await
+            .expect("put_dedup_if_absent"),
+        Some(first.clone()),
+        "a second record for the same key returns the stored one"
+    );
+    assert_eq!(
+        s.messages
+            .get_dedup(device, &client_msg_id)
+            .await
+            .expect("get_dedup"),
+        Some(first),
+        "the second record was not written"
+    );
+    assert_eq!(
+        s.messages
+            .get_dedup(other_device, &client_msg_id)
+            .await
+            .expect("get_dedup"),
+        None,
+        "client message ids are per device"
+    );
+}
+
+async fn acks(s: &Stores) {
+    let (u, d1, d2) = (id(), id(), id());
+    assert_eq!(
+        s.messages.acked(u, d1).await.expect("acked"),
+        0,
+        "nothing acknowledged yet"
+    );
+    s.messages.ack(u, d1, 5).await.expect("ack");
+    assert_eq!(
+        s.messages.acked(u, d1).await.expect("acked"),
+        5,
+        "ack records the seq"
+    );
+    s.messages.ack(u, d1, 3).await.expect("ack lower");
+    assert_eq!(
+        s.messages.acked(u, d1).await.expect("acked"),
+        5,
+        "a late, lower ack does not move back"
+    );
+    s.messages.ack(u, d1, 8).await.expect("ack higher");
+    assert_eq!(
+        s.messages.acked(u, d1).await.expect("acked"),
+        8,
+        "a higher ack moves forward"
+    );
+    assert_eq!(
+        s.messages.acked(u, d2).await.expect("acked"),
+        0,
+        "acks are per device"
+    );
+}
+
+async fn seq(s: &Stores) {
+    let (a, b) = (id(), id());
+    assert_eq!(
+        s.seq.current(a).await.expect("current"),
+        0,
+        "a fresh user has current 0"
+    );
+    assert_eq!(
+        s.seq.next(&[]).await.expect("next of nobody"),
+        Vec::<u64>::new(),
+        "empty in, empty out"
+    );
+
+    let first = s.seq.next(&[a]).await.expect("next");
+    assert_eq!(first.len(), 1, "one seq per user id");
+    assert!(first[0] >= 1, "seqs start above 0");
+    assert_eq!(
+        s.seq.current(a).await.expect("current"),
+        first[0],
+        "current is the last allocated"
+    );
+
+    let batch = s.seq.next(&[a, b, a]).await.expect("next batch");
+    assert_eq!(batch.len(), 3, "one seq per position");
+    assert!(
+        first[0] < batch[0] && batch[0] < batch[2],
+        "a user repeated in one call gets distinct increasing seqs: {first:?} then {batch:?}"
+    );
+    assert_eq!(
+        s.seq.current(a).await.expect("current"),
+        batch[2],
+        "current after a batch"
+    );
+    assert_eq!(
+        s.seq.current(b).await.expect("current"),
+        batch[1],
+        "current of the other user"
+    );
+
+    let mut last = batch[2];
+    for _ in 0..20 {
+        let next = s.seq.next(&[a]).await.expect("next")[0];
+        assert!(next > last, "seq strictly increases: {next} after {last}");
+        last = next;
+    }
+    for _ in 0..50 {
+        s.seq.next(&[b]).await.expect("next b");
+    }
+    let after_b = s.seq.next(&[a]).await.expect("next")[0];
+    assert!(
+        after_b > last && after_b < last + 50,
+        "allocating for another user does not advance this one: {after_b} after {last}"
+    );
+
+    // Recovery floor: a user whose inbox already holds seq 100 never gets a seq at or below it.
+    let c = id();
+    s.messages
+        .append(c, &message(c, 100))
+        .await
+        .expect("append");
+    let next = s.seq.next(&[c]).await.expect("next")[0];
+    assert!(next > 100, "seq stays above the stored inbox ({next})");
+}

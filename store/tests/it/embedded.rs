@@ -1,0 +1,161 @@
+//! The embedded (redb) backend: conformance in memory and on disk, and durability across a reopen.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use zhibo_proto::client::Message;
+use zhibo_store::embedded::EmbeddedBackend;
+
+use crate::conformance;
+
+fn message(seq: u64) -> Message {
+    Message {
+        message_id: 500 + seq,
+        seq,
+        sender_user_id: 1,
+        client_msg_id: format!("m{seq}"),
+        content: Bytes::from(format!("body {seq}")),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn conformance_in_memory() {
+    let backend = EmbeddedBackend::temporary().expect("in-memory database");
+    conformance::run_all(Arc::new(backend).stores()).await;
+}
+
+#[tokio::test]
+async fn conformance_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = EmbeddedBackend::open(dir.path().join("zhibo.redb")).expect("open");
+    conformance::run_all(Arc::new(backend).stores()).await;
+}
+
+#[tokio::test]
+async fn conformance_twice_on_one_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zhibo.redb");
+    conformance::run_all(Arc::new(EmbeddedBackend::open(&path).expect("open")).stores()).await;
+    conformance::run_all(Arc::new(EmbeddedBackend::open(&path).expect("reopen")).stores()).await;
+}
+
+#[tokio::test]
+async fn messages_and_seq_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zhibo.redb");
+    let (alice, bob) = (7, 8);
+
+    let stores = Arc::new(EmbeddedBackend::open(&path).expect("open")).stores();
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let seq = stores.seq.next(&[alice]).await.expect("next")[0];
+        stores
+            .messages
+            .append(alice, &message(seq))
+            .await
+            .expect("append");
+        sent.push(message(seq));
+    }
+    // Bob's inbox gets a seq that never came from the allocator: the floor must still hold.
+    stores
+        .messages
+        .append(bob, &message(40))
+        .await
+        .expect("append");
+    stores.messages.ack(alice, 1, 2).await.expect("ack");
+    drop(stores);
+
+    let stores = Arc::new(EmbeddedBackend::open(&path).expect("reopen after drop")).stores();
+    let synced = stores.messages.sync(alice, 0, 100).await.expect("sync");
+    assert_eq!(
+        synced, sent,
+        "every appended message is still there, in order"
+    );
+    assert_eq!(
+        stores.messages.acked(alice, 1).await.expect("acked"),
+        2,
+        "acks persist"
+    );
+    assert_eq!(
+        stores.seq.current(alice).await.expect("current"),
+        3,
+        "the counter persists"
+    );
+
+    let next = stores.seq.next(&[alice, bob]).await.expect("next");
+    assert!(
+        next[0] > 3,
+        "alice's seq continues above her stored messages: {next:?}"
+    );
+    assert!(
+        next[1] > 40,
+        "bob's seq continues above his stored message: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_file_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zhibo.redb");
+    let _first = EmbeddedBackend::open(&path).expect("open");
+    let err = EmbeddedBackend::open(&path).expect_err("the file is held by the first backend");
+    assert_eq!(err.kind, zhibo_store::ErrorKind::Unavailable, "{err}");
+}
+
+/// Throughput of the one-to-one send path (seq for both sides, dedup record, two inbox entries) with
+/// many concurrent senders. Run with
+/// `cargo test --release -p zhibo-store --test it embedded::send_path_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement, not a check"]
+async fn send_path_throughput() {
+    use std::time::Instant;
+    use zhibo_store::{SendResult, Stores};
+
+    async fn run(label: &str, stores: Stores) {
+        const SENDERS: i64 = 512;
+        const PER_SENDER: u64 = 200;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for sender in 1..=SENDERS {
+            let s = stores.clone();
+            tasks.push(tokio::spawn(async move {
+                let receiver = sender + 1_000_000;
+                for n in 0..PER_SENDER {
+                    let seqs = s.seq.next(&[sender, receiver]).await.expect("next");
+                    let plan = SendResult {
+                        message_id: n,
+                        seq: seqs[0],
+                        server_time_ms: 0,
+                        recipients: vec![(sender, seqs[0]), (receiver, seqs[1])],
+                    };
+                    let cmid = format!("{sender}-{n}");
+                    s.messages
+                        .put_dedup_if_absent(sender, &cmid, &plan)
+                        .await
+                        .expect("dedup");
+                    let entries = [(sender, message(seqs[0])), (receiver, message(seqs[1]))];
+                    s.messages.append_many(&entries).await.expect("append_many");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("sender task");
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let msgs = (SENDERS as u64 * PER_SENDER) as f64;
+        println!(
+            "{label}: {:.0} msgs/s ({msgs} msgs in {elapsed:.2}s)",
+            msgs / elapsed
+        );
+    }
+
+    run(
+        "in memory",
+        Arc::new(EmbeddedBackend::temporary().expect("db")).stores(),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = EmbeddedBackend::open(dir.path().join("bench.redb")).expect("open");
+    run("on disk", Arc::new(disk).stores()).await;
+}

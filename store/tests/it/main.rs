@@ -1,0 +1,6 @@
+//! The integration test binary: the conformance suite and one module per backend that runs it.
+
+mod conformance;
+mod embedded;
+mod redis_seq;
+mod scylla;

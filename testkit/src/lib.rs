@@ -1,0 +1,178 @@
+//! Test fixtures for the real servers that integration tests run against.
+//!
+//! # Layout
+//! - Addresses: [`nats_url`], [`redis_url`], [`cql_node`] read the `ZHIBO_TEST_*` variables that
+//!   `scripts/infra.sh env` prints, defaulting to the harness's loopback ports.
+//! - Presence: [`require_tcp`] (and the [`require_nats`], [`require_redis`], [`require_cql`]
+//!   shorthands) panic loudly when a server is missing. A test never skips because a server is
+//!   missing: a skipped test looks exactly like a passing one in CI.
+//! - Isolation: [`unique_name`] gives each test its own keyspace, subject or key prefix, so tests
+//!   running in parallel (and leftovers of earlier runs) never see each other's data.
+//!
+//! Start the servers with `scripts/test` (which also runs the tests) or `scripts/infra.sh up`.
+#![warn(missing_docs)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Environment variable holding the NATS URL.
+pub const NATS_URL_VAR: &str = "ZHIBO_TEST_NATS_URL";
+/// Environment variable holding the Redis URL.
+pub const REDIS_URL_VAR: &str = "ZHIBO_TEST_REDIS_URL";
+/// Environment variable holding the Cassandra `host:port` (CQL native protocol).
+pub const CQL_NODE_VAR: &str = "ZHIBO_TEST_CQL_NODE";
+
+/// How long [`require_tcp`] waits for a connection before declaring the server missing.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// URL of the test NATS server (JetStream enabled): `$ZHIBO_TEST_NATS_URL`, or the harness's
+/// `nats://127.0.0.1:14222`.
+pub fn nats_url() -> String {
+    env_or(NATS_URL_VAR, "nats://127.0.0.1:14222")
+}
+
+/// URL of the test Redis server: `$ZHIBO_TEST_REDIS_URL`, or the harness's
+/// `redis://127.0.0.1:16379`.
+pub fn redis_url() -> String {
+    env_or(REDIS_URL_VAR, "redis://127.0.0.1:16379")
+}
+
+/// `host:port` of the test Cassandra node's CQL port: `$ZHIBO_TEST_CQL_NODE`, or the harness's
+/// `127.0.0.1:19042`.
+pub fn cql_node() -> String {
+    env_or(CQL_NODE_VAR, "127.0.0.1:19042")
+}
+
+fn env_or(var: &str, default: &str) -> String {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v.trim().to_owned(),
+        _ => default.to_owned(),
+    }
+}
+
+/// Checks that the server `what` accepts a TCP connection at `addr` within [`CONNECT_TIMEOUT`].
+///
+/// `addr` is `host:port` or a URL such as `nats://host:port` or `redis://host:port/0` (scheme,
+/// credentials and path are ignored).
+///
+/// # Panics
+///
+/// Panics, with a message naming the missing server and how to start it, if the connection is
+/// refused or times out. This is deliberate: integration tests never skip.
+pub async fn require_tcp(addr: &str, what: &str) {
+    let target = host_port(addr);
+    let outcome =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await;
+    let problem = match outcome {
+        Ok(Ok(_stream)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+    };
+    panic!(
+        "\n\n\
+         ==================== TEST INFRASTRUCTURE MISSING ====================\n\
+         {what} is not reachable at {target} ({problem}).\n\
+         Integration tests run against real servers and never skip.\n\
+         Run the whole suite with `scripts/test`, or start the servers with\n\
+         `scripts/infra.sh up` and then `eval \"$(scripts/infra.sh env)\"`.\n\
+         =====================================================================\n"
+    );
+}
+
+/// [`require_tcp`] on [`nats_url`]; returns the URL.
+///
+/// # Panics
+///
+/// Panics if NATS is not reachable.
+pub async fn require_nats() -> String {
+    let url = nats_url();
+    require_tcp(&url, "NATS").await;
+    url
+}
+
+/// [`require_tcp`] on [`redis_url`]; returns the URL.
+///
+/// # Panics
+///
+/// Panics if Redis is not reachable.
+pub async fn require_redis() -> String {
+    let url = redis_url();
+    require_tcp(&url, "Redis").await;
+    url
+}
+
+/// [`require_tcp`] on [`cql_node`]; returns the node address.
+///
+/// # Panics
+///
+/// Panics if Cassandra is not reachable.
+pub async fn require_cql() -> String {
+    let node = cql_node();
+    require_tcp(&node, "Cassandra (CQL)").await;
+    node
+}
+
+/// The `host:port` part of `addr`, which may be a bare `host:port` or a URL.
+fn host_port(addr: &str) -> &str {
+    let rest = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+}
+
+/// A name no other test (in this process, a parallel process, or an earlier run) uses:
+/// `{prefix}_{pid}_{counter}_{nanos}`.
+///
+/// Lower-case ASCII letters, digits and `_` only (given such a prefix), so it is valid as a CQL
+/// keyspace or table name, a NATS subject token and a Redis key. Keep `prefix` under 16 bytes to
+/// stay within CQL's 48-character limit for keyspace names.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{prefix}_{pid}_{n}_{secs}{nanos:09}",
+        pid = std::process::id(),
+        secs = now.as_secs() % 100_000,
+        nanos = now.subsec_nanos(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_accepts_urls_and_bare_addresses() {
+        assert_eq!(host_port("127.0.0.1:19042"), "127.0.0.1:19042");
+        assert_eq!(host_port("nats://127.0.0.1:14222"), "127.0.0.1:14222");
+        assert_eq!(host_port("redis://127.0.0.1:16379/0"), "127.0.0.1:16379");
+        assert_eq!(
+            host_port("redis://user:pw@127.0.0.1:16379"),
+            "127.0.0.1:16379"
+        );
+    }
+
+    #[test]
+    fn unique_names_differ_and_fit_cql_identifiers() {
+        let a = unique_name("ks_test");
+        let b = unique_name("ks_test");
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            assert!(name.len() <= 48, "{name} is too long for a keyspace");
+            assert!(name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+        }
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "TEST INFRASTRUCTURE MISSING")]
+    async fn require_tcp_panics_when_nothing_listens() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        require_tcp("127.0.0.1:1", "nothing").await;
+    }
+}

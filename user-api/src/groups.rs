@@ -1,0 +1,550 @@
+//! Groups and their members. Only members read a group; owner and admins change it and its members;
+//! only the owner changes roles, transfers ownership or dissolves it.
+
+use std::collections::BTreeSet;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use zhibo_store::ids::now_ms;
+use zhibo_store::{Group, GroupMember, Role};
+
+use crate::accounts::user_not_found;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::state::AppState;
+use crate::validate::{self, MAX_NAME, MAX_URL};
+
+/// Store calls one request keeps in flight when it touches many users.
+const FAN_OUT: usize = 32;
+
+/// A member's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RoleName {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl From<Role> for RoleName {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Member => RoleName::Member,
+            Role::Admin => RoleName::Admin,
+            Role::Owner => RoleName::Owner,
+        }
+    }
+}
+
+/// A group as its members see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupView {
+    group_id: i64,
+    name: String,
+    avatar_url: String,
+    introduction: String,
+    owner_id: i64,
+    extra: String,
+    created_at_ms: i64,
+}
+
+impl From<Group> for GroupView {
+    fn from(g: Group) -> Self {
+        GroupView {
+            group_id: g.group_id,
+            name: g.name,
+            avatar_url: g.avatar_url,
+            introduction: g.introduction,
+            owner_id: g.owner_id,
+            extra: g.extra,
+            created_at_ms: g.created_at_ms,
+        }
+    }
+}
+
+/// The caller's groups.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupList {
+    groups: Vec<GroupView>,
+}
+
+/// A member of a group.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MemberView {
+    user_id: i64,
+    role: RoleName,
+    /// The member's name inside this group.
+    remark: String,
+    joined_at_ms: i64,
+}
+
+impl From<GroupMember> for MemberView {
+    fn from(m: GroupMember) -> Self {
+        MemberView {
+            user_id: m.user_id,
+            role: m.role.into(),
+            remark: m.remark,
+            joined_at_ms: m.joined_at_ms,
+        }
+    }
+}
+
+/// One page of members, ordered by user id.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MemberPage {
+    members: Vec<MemberView>,
+    /// Pass as `after` for the next page; null on the last page.
+    next_after: Option<i64>,
+}
+
+fn group_not_found() -> ApiError {
+    ApiError::not_found("group_not_found", "no such group")
+}
+
+fn not_member() -> ApiError {
+    ApiError::forbidden("not_group_member", "you are not a member of this group")
+}
+
+fn forbidden(what: &str) -> ApiError {
+    ApiError::forbidden("forbidden", format!("only {what} may do this"))
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::invalid(format!("a group has at most {max} members")).with_code("group_too_large")
+}
+
+async fn load_group(st: &AppState, group_id: i64) -> Result<Group, ApiError> {
+    st.stores
+        .groups
+        .get_group(group_id)
+        .await?
+        .ok_or_else(group_not_found)
+}
+
+/// The group and the caller's membership: 404 for an unknown group, 403 for a non-member.
+async fn as_member(
+    st: &AppState,
+    group_id: i64,
+    user_id: i64,
+) -> Result<(Group, GroupMember), ApiError> {
+    let group = load_group(st, group_id).await?;
+    let member = st
+        .stores
+        .groups
+        .get_member(group_id, user_id)
+        .await?
+        .ok_or_else(not_member)?;
+    Ok((group, member))
+}
+
+/// [`as_member`] for an owner or admin.
+async fn as_manager(
+    st: &AppState,
+    group_id: i64,
+    user_id: i64,
+) -> Result<(Group, GroupMember), ApiError> {
+    let (group, member) = as_member(st, group_id, user_id).await?;
+    if member.role < Role::Admin {
+        return Err(forbidden("the owner and admins"));
+    }
+    Ok((group, member))
+}
+
+/// Distinct valid ids of `ids` without `except`; 404 if any is not a user.
+async fn existing_users(st: &AppState, ids: &[i64], except: i64) -> Result<Vec<i64>, ApiError> {
+    let ids: BTreeSet<i64> = ids.iter().copied().filter(|&id| id != except).collect();
+    for &id in &ids {
+        validate::id("user id", id)?;
+    }
+    let users = st.stores.users.clone();
+    futures::stream::iter(ids)
+        .map(|id| {
+            let users = users.clone();
+            async move {
+                match users.get_user(id).await? {
+                    Some(_) => Ok(id),
+                    None => Err(user_not_found()),
+                }
+            }
+        })
+        .buffered(FAN_OUT)
+        .try_collect()
+        .await
+}
+
+async fn put_members(
+    st: &AppState,
+    group_id: i64,
+    user_ids: &[i64],
+    now: i64,
+) -> Result<(), ApiError> {
+    futures::stream::iter(user_ids.iter().copied())
+        .map(|user_id| {
+            let groups = st.stores.groups.clone();
+            async move {
+                groups
+                    .put_member(&GroupMember {
+                        group_id,
+                        user_id,
+                        role: Role::Member,
+                        remark: String::new(),
+                        joined_at_ms: now,
+                    })
+                    .await
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// A new group; the caller becomes its owner.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateGroup {
+    /// 1 to 64 characters.
+    name: String,
+    #[serde(default)]
+    avatar_url: String,
+    #[serde(default)]
+    introduction: String,
+    #[serde(default)]
+    extra: String,
+    /// Initial members besides the creator.
+    #[serde(default)]
+    member_ids: Vec<i64>,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() {
+        return Err(ApiError::invalid("name must not be empty"));
+    }
+    validate::text("name", name, MAX_NAME)
+}
+
+pub(crate) async fn create_group(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateGroup>,
+) -> Result<(StatusCode, ApiJson<GroupView>), ApiError> {
+    check_name(&req.name)?;
+    validate::text("avatar_url", &req.avatar_url, MAX_URL)?;
+    validate::extra("introduction", &req.introduction)?;
+    validate::extra("extra", &req.extra)?;
+    let max = st.config.max_group_size;
+    if req.member_ids.len() > max {
+        return Err(too_large(max));
+    }
+    let members = existing_users(&st, &req.member_ids, caller.user_id).await?;
+    if members.len() + 1 > max {
+        return Err(too_large(max));
+    }
+    let now = now_ms();
+    let group = Group {
+        group_id: st.ids.next_i64(),
+        name: req.name,
+        avatar_url: req.avatar_url,
+        introduction: req.introduction,
+        owner_id: caller.user_id,
+        extra: req.extra,
+        created_at_ms: now,
+    };
+    st.stores.groups.put_group(&group).await?;
+    st.stores
+        .groups
+        .put_member(&GroupMember {
+            group_id: group.group_id,
+            user_id: caller.user_id,
+            role: Role::Owner,
+            remark: String::new(),
+            joined_at_ms: now,
+        })
+        .await?;
+    put_members(&st, group.group_id, &members, now).await?;
+    Ok((StatusCode::CREATED, ApiJson(group.into())))
+}
+
+pub(crate) async fn get_group(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+) -> Result<ApiJson<GroupView>, ApiError> {
+    let (group, _) = as_member(&st, group_id, caller.user_id).await?;
+    Ok(ApiJson(group.into()))
+}
+
+pub(crate) async fn list_groups(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<ApiJson<GroupList>, ApiError> {
+    let ids = st.stores.groups.groups_of_user(caller.user_id).await?;
+    let groups: Vec<Option<Group>> = futures::stream::iter(ids)
+        .map(|id| {
+            let groups = st.stores.groups.clone();
+            async move { groups.get_group(id).await }
+        })
+        .buffered(FAN_OUT)
+        .try_collect()
+        .await?;
+    Ok(ApiJson(GroupList {
+        // A group dissolved between the two reads is skipped.
+        groups: groups.into_iter().flatten().map(Into::into).collect(),
+    }))
+}
+
+/// Group fields to change; absent fields keep their value.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateGroup {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    avatar_url: Option<String>,
+    #[serde(default)]
+    introduction: Option<String>,
+    #[serde(default)]
+    extra: Option<String>,
+}
+
+pub(crate) async fn update_group(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UpdateGroup>,
+) -> Result<ApiJson<GroupView>, ApiError> {
+    let (mut group, _) = as_manager(&st, group_id, caller.user_id).await?;
+    if let Some(v) = req.name {
+        check_name(&v)?;
+        group.name = v;
+    }
+    if let Some(v) = req.avatar_url {
+        validate::text("avatar_url", &v, MAX_URL)?;
+        group.avatar_url = v;
+    }
+    if let Some(v) = req.introduction {
+        validate::extra("introduction", &v)?;
+        group.introduction = v;
+    }
+    if let Some(v) = req.extra {
+        validate::extra("extra", &v)?;
+        group.extra = v;
+    }
+    st.stores.groups.put_group(&group).await?;
+    Ok(ApiJson(group.into()))
+}
+
+pub(crate) async fn dissolve_group(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let (group, _) = as_member(&st, group_id, caller.user_id).await?;
+    if group.owner_id != caller.user_id {
+        return Err(forbidden("the owner"));
+    }
+    st.stores.groups.delete_group(group_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Users to add as members.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddMembers {
+    user_ids: Vec<i64>,
+}
+
+/// Who was added (users already in the group are left as they are).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MembersAdded {
+    added: Vec<i64>,
+}
+
+pub(crate) async fn add_members(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+    ApiJson(req): ApiJson<AddMembers>,
+) -> Result<ApiJson<MembersAdded>, ApiError> {
+    as_manager(&st, group_id, caller.user_id).await?;
+    let max = st.config.max_group_size;
+    if req.user_ids.len() > max {
+        return Err(too_large(max));
+    }
+    let current: BTreeSet<i64> = st
+        .stores
+        .groups
+        .member_ids(group_id)
+        .await?
+        .into_iter()
+        .collect();
+    let wanted: Vec<i64> = req
+        .user_ids
+        .iter()
+        .copied()
+        .filter(|id| !current.contains(id))
+        .collect();
+    let added = existing_users(&st, &wanted, caller.user_id).await?;
+    // Two concurrent additions may each pass this check: the limit is enforced per request.
+    if current.len() + added.len() > max {
+        return Err(too_large(max));
+    }
+    put_members(&st, group_id, &added, now_ms()).await?;
+    Ok(ApiJson(MembersAdded { added }))
+}
+
+fn member_not_found() -> ApiError {
+    ApiError::not_found("member_not_found", "this user is not a member of the group")
+}
+
+pub(crate) async fn remove_member(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath((group_id, user_id)): ApiPath<(i64, i64)>,
+) -> Result<StatusCode, ApiError> {
+    let (_, me) = as_manager(&st, group_id, caller.user_id).await?;
+    let target = st
+        .stores
+        .groups
+        .get_member(group_id, user_id)
+        .await?
+        .ok_or_else(member_not_found)?;
+    if target.role == Role::Owner {
+        return Err(ApiError::forbidden(
+            "cannot_remove_owner",
+            "the owner cannot be removed",
+        ));
+    }
+    if target.role == Role::Admin && me.role != Role::Owner && target.user_id != me.user_id {
+        return Err(forbidden("the owner"));
+    }
+    st.stores.groups.delete_member(group_id, user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A member's role or remark. `role: "owner"` transfers ownership (the old owner becomes an admin).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateMember {
+    /// Owner only.
+    #[serde(default)]
+    role: Option<RoleName>,
+    /// The member themselves, or the owner or an admin.
+    #[serde(default)]
+    remark: Option<String>,
+}
+
+pub(crate) async fn update_member(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath((group_id, user_id)): ApiPath<(i64, i64)>,
+    ApiJson(req): ApiJson<UpdateMember>,
+) -> Result<ApiJson<MemberView>, ApiError> {
+    let (mut group, mut me) = as_member(&st, group_id, caller.user_id).await?;
+    let mut target = st
+        .stores
+        .groups
+        .get_member(group_id, user_id)
+        .await?
+        .ok_or_else(member_not_found)?;
+    if let Some(remark) = req.remark {
+        if user_id != caller.user_id && me.role < Role::Admin {
+            return Err(forbidden("the member, the owner and admins"));
+        }
+        validate::text("remark", &remark, MAX_NAME)?;
+        target.remark = remark;
+    }
+    let mut transfer = false;
+    if let Some(role) = req.role {
+        if me.role != Role::Owner {
+            return Err(forbidden("the owner"));
+        }
+        if user_id == caller.user_id {
+            if role != RoleName::Owner {
+                return Err(ApiError::invalid(
+                    "the owner's role changes only by transferring ownership",
+                ));
+            }
+        } else {
+            target.role = match role {
+                RoleName::Member => Role::Member,
+                RoleName::Admin => Role::Admin,
+                RoleName::Owner => Role::Owner,
+            };
+            transfer = role == RoleName::Owner;
+        }
+    }
+    st.stores.groups.put_member(&target).await?;
+    if transfer {
+        group.owner_id = user_id;
+        st.stores.groups.put_group(&group).await?;
+        me.role = Role::Admin;
+        st.stores.groups.put_member(&me).await?;
+    }
+    Ok(ApiJson(target.into()))
+}
+
+pub(crate) async fn leave_group(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let (_, me) = as_member(&st, group_id, caller.user_id).await?;
+    if me.role == Role::Owner {
+        return Err(
+            ApiError::invalid("transfer ownership or dissolve the group first")
+                .with_code("owner_cannot_leave"),
+        );
+    }
+    st.stores
+        .groups
+        .delete_member(group_id, caller.user_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?after=<user id>&limit=<1..=500>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MembersQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+const MAX_PAGE: usize = 500;
+
+pub(crate) async fn list_members(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<MembersQuery>,
+) -> Result<ApiJson<MemberPage>, ApiError> {
+    if !(1..=MAX_PAGE).contains(&q.limit) {
+        return Err(ApiError::invalid(format!("limit must be 1..={MAX_PAGE}")));
+    }
+    as_member(&st, group_id, caller.user_id).await?;
+    let mut members = st
+        .stores
+        .groups
+        .list_members(group_id, q.after, q.limit + 1)
+        .await?;
+    let next_after = if members.len() > q.limit {
+        members.truncate(q.limit);
+        members.last().map(|m| m.user_id)
+    } else {
+        None
+    };
+    Ok(ApiJson(MemberPage {
+        members: members.into_iter().map(Into::into).collect(),
+        next_after,
+    }))
+}

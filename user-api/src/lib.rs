@@ -1,0 +1,238 @@
+//! # Layout
+//! The HTTP/JSON API that apps and app backends call (axum). A request flows:
+//! `routes` (the one route table: router and `/openapi.json` are both built from it) → an extractor
+//! from `auth` (`Caller` for a bearer token checked against the device's revocation cut-off, `Admin`
+//! for `X-Admin-Secret`) and from `error` (JSON/path/query rejections become `ApiError`) → a handler in
+//! `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups` or `admin` (bring-your-own-auth
+//! users, token minting, message sends through `zhibo_logic::Logic`) → the stores in `zhibo_store::Stores`.
+//! `state` holds what handlers share; `rate_limit` the sign-in limiter; `validate` the field checks.
+//! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
+#![warn(missing_docs)]
+
+mod accounts;
+mod admin;
+mod auth;
+mod error;
+mod friends;
+mod groups;
+mod rate_limit;
+mod routes;
+mod state;
+mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode};
+use axum::Router;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument as _};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// user-api configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Lifetime of tokens issued at sign-in, seconds (default 7 days).
+    pub token_ttl_secs: i64,
+    /// Shared secret of the admin API (`X-Admin-Secret`); empty disables the admin API.
+    pub admin_secret: String,
+    /// Most members a group may have, the owner included (default 2000).
+    pub max_group_size: usize,
+    /// Sign-in attempts allowed per minute per username and, separately, per client IP (default 10).
+    pub sign_in_per_minute: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            token_ttl_secs: 7 * 24 * 3600,
+            admin_secret: String::new(),
+            max_group_size: 2000,
+            sign_in_per_minute: 10,
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .field(
+                "admin_secret",
+                &if self.admin_secret.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("max_group_size", &self.max_group_size)
+            .field("sign_in_per_minute", &self.sign_in_per_minute)
+            .finish()
+    }
+}
+
+impl ApiConfig {
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(60..=366 * 24 * 3600).contains(&self.token_ttl_secs) {
+            return Err("token_ttl_secs must be between 60 and 31622400 (366 days)".into());
+        }
+        if !self.admin_secret.is_empty() && self.admin_secret.len() < 16 {
+            return Err(
+                "admin_secret must be empty (admin API disabled) or at least 16 bytes".into(),
+            );
+        }
+        if !(2..=100_000).contains(&self.max_group_size) {
+            return Err("max_group_size must be between 2 and 100000".into());
+        }
+        if self.sign_in_per_minute == 0 {
+            return Err("sign_in_per_minute must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the API needs from the rest of the process.
+#[derive(Clone)]
+pub struct Deps {
+    /// Storage.
+    pub stores: zhibo_store::Stores,
+    /// Mints and verifies tokens (the secret shared with gateways and app backends).
+    pub key: Arc<zhibo_auth::TokenKey>,
+    /// The message pipeline, for `POST /v1/messages` and `POST /v1/admin/messages`.
+    pub logic: Arc<zhibo_logic::Logic>,
+    /// Whether the dependencies are ready (answers `GET /readyz`).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps").finish_non_exhaustive()
+    }
+}
+
+/// The API's router, state included. Serve it with connect info (as [`run`] does) so sign-in is also
+/// rate-limited per client IP; without it only the per-username limit applies.
+pub fn router(config: ApiConfig, deps: Deps) -> Router {
+    let state = AppState::new(config, deps);
+    let mut router = Router::new();
+    for spec in routes::table() {
+        router = router.route(spec.path, spec.handler);
+    }
+    router
+        .fallback(|| async { ApiError::not_found("not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// One span per request (method and route template, never the raw path with its ids), and a debug line
+/// with status and latency. 5xx are logged by `ApiError` itself, inside this span.
+async fn trace_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("<unmatched>", |p| p.as_str())
+        .to_owned();
+    let span = tracing::debug_span!("http", method = %req.method(), route = %route);
+    let started = std::time::Instant::now();
+    let response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    });
+    response
+}
+
+/// Every `(method, path)` the router serves (fallbacks aside). The router and `GET /openapi.json` are both
+/// built from this one table; path parameters are written `{name}`.
+pub fn route_table() -> Vec<(Method, &'static str)> {
+    routes::table()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect()
+}
+
+/// Serves the API on `listener` until `shutdown`, then finishes the requests in flight.
+///
+/// # Errors
+/// An invalid config, or when serving fails.
+pub async fn run(
+    config: ApiConfig,
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid user-api config")?;
+    let addr = listener.local_addr().context("listener address")?;
+    info!(%addr, "user-api listening");
+    let app = router(config, deps);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("serving user-api")?;
+    info!("user-api stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c: ApiConfig = serde_json::from_str("{}").expect("defaults");
+        assert_eq!(
+            (c.token_ttl_secs, c.max_group_size, c.sign_in_per_minute),
+            (604_800, 2000, 10)
+        );
+        assert!(c.admin_secret.is_empty());
+        assert_eq!(c.validate(), Ok(()));
+        assert!(
+            serde_json::from_str::<ApiConfig>(r#"{"nope": 1}"#).is_err(),
+            "unknown fields refused"
+        );
+        let short = ApiConfig {
+            admin_secret: "short".into(),
+            ..ApiConfig::default()
+        };
+        assert!(short.validate().is_err());
+        assert!(!format!("{short:?}").contains("short"), "secret redacted");
+        let zero = ApiConfig {
+            sign_in_per_minute: 0,
+            ..ApiConfig::default()
+        };
+        assert!(zero.validate().is_err());
+    }
+}

@@ -1,0 +1,217 @@
+//! The configuration of every role, from a TOML file then `ZHIBO_*` environment variables.
+//!
+//! `ZHIBO_GATEWAY__TCP_ADDR=0.0.0.0:7001` sets `[gateway] tcp_addr`: the prefix is stripped, `__` separates
+//! levels, names are lower-cased, and values are read as TOML scalars (numbers, booleans) or else strings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Which store backs the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// redb file (or memory) in this process; seqs in it too.
+    Embedded,
+    /// ScyllaDB / Cassandra, seqs in Redis.
+    Scylla,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Backend.
+    pub kind: StoreKind,
+    /// Embedded database file; empty = in memory (lost at exit).
+    pub path: String,
+    /// CQL contact points.
+    pub cql_nodes: Vec<String>,
+    /// Keyspace.
+    pub keyspace: String,
+    /// Replication factor used when the keyspace is created.
+    pub replication_factor: u32,
+    /// Redis for seq counters (Scylla mode).
+    pub redis_url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Embedded,
+            path: "zhibo-data/zhibo.redb".into(),
+            cql_nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "zhibo".into(),
+            replication_factor: 1,
+            redis_url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+/// Bus settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// NATS server URL; empty = in-process bus (embedded mode only).
+    pub nats_url: String,
+}
+
+/// Everything, for every role; each role reads its part.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Shared HMAC secret of the tokens (user-api mints, gateways verify; app backends may mint too).
+    pub token_secret: String,
+    /// user-api listen address.
+    pub api_addr: SocketAddr,
+    /// Seconds to let connections and in-flight work finish after SIGTERM.
+    pub grace_secs: u64,
+    /// Bus.
+    pub bus: BusConfig,
+    /// Storage.
+    pub store: StoreConfig,
+    /// Gateway.
+    pub gateway: zhibo_gateway::GatewayConfig,
+    /// Logic worker.
+    pub logic: zhibo_logic::LogicConfig,
+    /// user-api.
+    pub api: zhibo_user_api::ApiConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            token_secret: String::new(),
+            api_addr: ([127, 0, 0, 1], 7000).into(),
+            grace_secs: 20,
+            bus: BusConfig::default(),
+            store: StoreConfig::default(),
+            gateway: zhibo_gateway::GatewayConfig::default(),
+            logic: zhibo_logic::LogicConfig::default(),
+            api: zhibo_user_api::ApiConfig::default(),
+        }
+    }
+}
+
+/// Merges `ZHIBO_*` variables (`vars`) over `base`.
+fn overlay_env(base: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) {
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("ZHIBO_") else {
+            continue;
+        };
+        if rest.starts_with("TEST_") || rest == "CONFIG" || rest == "LOG" {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_str() && !v.is_table())
+            .unwrap_or(toml::Value::String(value));
+        let mut table = &mut *base;
+        for key in &path[..path.len() - 1] {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            let toml::Value::Table(t) = entry else {
+                unreachable!("made a table above")
+            };
+            table = t;
+        }
+        if let Some(last) = path.last() {
+            table.insert(last.clone(), parsed);
+        }
+    }
+}
+
+impl Config {
+    /// Reads `file` (if given), then the environment, then checks the values.
+    ///
+    /// # Errors
+    /// A message saying what is wrong; the binary exits 64 with it before binding anything.
+    pub fn load(file: Option<&PathBuf>) -> Result<Config, String> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Config::load`] with explicit variables (tests).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn load_from(
+        file: Option<&PathBuf>,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, String> {
+        let mut table = match file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .parse::<toml::Table>()
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+            None => toml::Table::new(),
+        };
+        overlay_env(&mut table, vars);
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        config
+            .gateway
+            .validate()
+            .map_err(|e| format!("gateway: {e}"))?;
+        config.logic.validate().map_err(|e| format!("logic: {e}"))?;
+        config.api.validate().map_err(|e| format!("api: {e}"))?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn env_overrides_with_types() {
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_GATEWAY__TCP_ADDR", "0.0.0.0:9001"),
+                ("ZHIBO_GATEWAY__OUTBOUND_QUEUE", "7"),
+                ("ZHIBO_LOGIC__ALLOW_STRANGERS", "true"),
+                ("ZHIBO_TOKEN_SECRET", "s3cret"),
+                ("ZHIBO_STORE__KIND", "scylla"),
+                ("ZHIBO_TEST_NATS_URL", "ignored"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.gateway.tcp_addr,
+            "0.0.0.0:9001".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(c.gateway.outbound_queue, 7);
+        assert!(c.logic.allow_strangers);
+        assert_eq!(c.token_secret, "s3cret");
+        assert_eq!(c.store.kind, StoreKind::Scylla);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_field_named() {
+        let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__OUTBOUND_QUEUE", "0")]))
+            .expect_err("bad");
+        assert!(e.contains("outbound_queue"), "{e}");
+        let e = Config::load_from(None, vars(&[("ZHIBO_NO_SUCH", "1")])).expect_err("unknown");
+        assert!(e.contains("no_such"), "{e}");
+        let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__GATEWAY_ID", "a.b")]))
+            .expect_err("bad id");
+        assert!(e.contains("gateway_id"), "{e}");
+    }
+}

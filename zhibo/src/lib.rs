@@ -1,0 +1,171 @@
+//! # Layout
+//! - [`config`]: one configuration for every role (TOML file, then `ZHIBO_*` environment variables).
+//! - [`connect`]: builds the bus (NATS, or in-process) and the stores (Scylla + Redis seqs, or embedded).
+//! - [`run`]: runs any set of roles (gateway, logic worker, user-api) on one bus and set of stores,
+//!   with ordered graceful shutdown. `zhibo dev` runs all three on the in-process bus and embedded store.
+#![warn(missing_docs)]
+
+pub mod config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use zhibo_auth::TokenKey;
+use zhibo_bus::memory::MemoryBus;
+use zhibo_bus::nats::NatsBus;
+use zhibo_bus::Bus;
+use zhibo_store::embedded::EmbeddedBackend;
+use zhibo_store::Stores;
+
+pub use config::{Config, StoreKind};
+
+/// The token secret `zhibo dev` uses when none is configured. Never use it in production.
+pub const DEV_TOKEN_SECRET: &str = "zhibo-dev-insecure-token-secret";
+
+/// The shared backends of a process.
+#[derive(Clone)]
+pub struct Backends {
+    /// Bus.
+    pub bus: Arc<dyn Bus>,
+    /// Stores.
+    pub stores: Stores,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Backends")
+    }
+}
+
+/// Connects the bus and the stores `config` names.
+///
+/// # Errors
+/// When a server cannot be reached or the embedded file cannot be opened.
+pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
+    let bus: Arc<dyn Bus> = if config.bus.nats_url.is_empty() {
+        Arc::new(MemoryBus::new())
+    } else {
+        Arc::new(
+            NatsBus::connect(&config.bus.nats_url, name)
+                .await
+                .context("connecting to NATS")?,
+        )
+    };
+    let stores = match config.store.kind {
+        StoreKind::Embedded => {
+            let backend = if config.store.path.is_empty() {
+                EmbeddedBackend::temporary()
+            } else {
+                let path = std::path::Path::new(&config.store.path);
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                EmbeddedBackend::open(path)
+            }
+            .context("opening the embedded store")?;
+            Arc::new(backend).stores()
+        }
+        StoreKind::Scylla => {
+            let backend = zhibo_store::scylla::connect(
+                &config.store.cql_nodes,
+                &config.store.keyspace,
+                config.store.replication_factor,
+            )
+            .await
+            .context("connecting to ScyllaDB")?;
+            let backend = Arc::new(backend);
+            let seq =
+                zhibo_store::redis_seq::RedisSeq::connect(&config.store.redis_url, backend.clone())
+                    .await
+                    .context("connecting to Redis")?;
+            backend.stores(Arc::new(seq))
+        }
+    };
+    Ok(Backends { bus, stores })
+}
+
+/// The sockets of the roles a process runs; `None` = that role is off.
+#[derive(Debug, Default)]
+pub struct Bound {
+    /// Gateway listeners.
+    pub gateway: Option<zhibo_gateway::Listeners>,
+    /// user-api listener.
+    pub api: Option<TcpListener>,
+    /// Run a logic worker.
+    pub logic: bool,
+}
+
+/// Runs the roles in `bound` until `shutdown`, then stops them in order: gateways tell clients to go away
+/// and drain, user-api finishes its requests, logic workers finish in-flight commands.
+///
+/// # Errors
+/// When a role fails to start.
+pub async fn run(
+    config: Config,
+    backends: Backends,
+    bound: Bound,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!config.token_secret.is_empty(), "token_secret is required");
+    let key = Arc::new(TokenKey::new(&config.token_secret));
+    let grace = Duration::from_secs(config.grace_secs);
+    let logic = Arc::new(zhibo_logic::Logic::new(
+        backends.stores.clone(),
+        backends.bus.clone(),
+        config.logic.clone(),
+    ));
+    // Logic workers stop last, after the gateways and user-api have stopped producing commands.
+    let logic_stop = CancellationToken::new();
+    let logic_task = bound
+        .logic
+        .then(|| tokio::spawn(zhibo_logic::run(logic.clone(), logic_stop.clone())));
+    let gateway_task = bound.gateway.map(|listeners| {
+        let deps = zhibo_gateway::Deps {
+            bus: backends.bus.clone(),
+            devices: backends.stores.devices.clone(),
+            key: key.clone(),
+        };
+        tokio::spawn(zhibo_gateway::run(
+            config.gateway.clone(),
+            listeners,
+            deps,
+            shutdown.clone(),
+            grace,
+        ))
+    });
+    let api_task = bound.api.map(|listener| {
+        let bus = backends.bus.clone();
+        let deps = zhibo_user_api::Deps {
+            stores: backends.stores.clone(),
+            key: key.clone(),
+            logic: logic.clone(),
+            ready: Arc::new(move || bus.is_connected()),
+        };
+        tokio::spawn(zhibo_user_api::run(
+            config.api.clone(),
+            listener,
+            deps,
+            shutdown.clone(),
+        ))
+    });
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if let Some(t) = gateway_task {
+        t.await.context("gateway task")??;
+    }
+    if let Some(t) = api_task {
+        t.await.context("user-api task")??;
+    }
+    logic_stop.cancel();
+    if let Some(t) = logic_task {
+        t.await.context("logic task")??;
+    }
+    backends.bus.flush().await.ok();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! `zhibo`: run the whole system (`dev`), or one role of a distributed deployment.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use zhibo::{Bound, Config, StoreKind};
+
+#[derive(Parser)]
+#[command(version, about = "zhibo: IM and live-room chat backend")]
+struct Cli {
+    /// TOML configuration file (environment variables ZHIBO_* override it).
+    #[arg(long, short, global = true, env = "ZHIBO_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Everything in one process: gateway + logic worker + user-api, in-process bus, embedded store.
+    Dev,
+    /// The edge: TCP, WebSocket and QUIC listeners.
+    Gateway,
+    /// Consumes commands: seqs, persistence, fan-out, sync.
+    LogicWorker,
+    /// The HTTP/JSON API.
+    UserApi,
+    /// Applies the CQL migrations to the configured keyspace and exits.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZHIBO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zhibo: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if cli.role == Role::Dev && config.token_secret.is_empty() {
+        config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
+    }
+    if cli.role != Role::Dev && cli.role != Role::Migrate {
+        if config.token_secret.is_empty() {
+            eprintln!("zhibo: bad configuration: token_secret (ZHIBO_TOKEN_SECRET) is required");
+            return ExitCode::from(64);
+        }
+        if config.bus.nats_url.is_empty() {
+            eprintln!("zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev");
+            return ExitCode::from(64);
+        }
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zhibo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.role, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zhibo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(role: Role, config: Config) -> anyhow::Result<()> {
+    if role == Role::Migrate {
+        anyhow::ensure!(
+            config.store.kind == StoreKind::Scylla,
+            "migrate needs store.kind = \"scylla\""
+        );
+        let session = zhibo_store::scylla::session(&config.store.cql_nodes).await?;
+        let applied = zhibo_store::scylla::migrate(
+            &session,
+            &config.store.keyspace,
+            config.store.replication_factor,
+        )
+        .await?;
+        println!(
+            "migrations applied to {}: {applied:?}",
+            config.store.keyspace
+        );
+        return Ok(());
+    }
+    let name = match role {
+        Role::Dev => "zhibo-dev",
+        Role::Gateway => "zhibo-gateway",
+        Role::LogicWorker => "zhibo-logic-worker",
+        Role::UserApi => "zhibo-user-api",
+        Role::Migrate => "zhibo-migrate",
+    };
+    let backends = zhibo::connect(&config, name).await?;
+    let mut bound = Bound::default();
+    if matches!(role, Role::Dev | Role::Gateway) {
+        bound.gateway = Some(
+            zhibo_gateway::Listeners::bind(&config.gateway)
+                .await
+                .context("binding gateway")?,
+        );
+    }
+    if matches!(role, Role::Dev | Role::UserApi) {
+        bound.api = Some(
+            tokio::net::TcpListener::bind(config.api_addr)
+                .await
+                .with_context(|| format!("binding user-api on {}", config.api_addr))?,
+        );
+    }
+    bound.logic = matches!(role, Role::Dev | Role::LogicWorker);
+    if role == Role::Dev {
+        let (tcp, ws, quic) = bound
+            .gateway
+            .as_ref()
+            .map(|g| g.addrs())
+            .transpose()?
+            .unwrap_or_else(|| unreachable!());
+        println!(
+            "zhibo dev is running (embedded: in-process bus, store {:?})",
+            config.store.path
+        );
+        println!("  user-api   http://{}", config.api_addr);
+        println!("  tcp        {tcp}");
+        println!("  websocket  ws://{ws}/ws?user_id=&device_id=&token=");
+        println!("  quic       {quic} (self-signed certificate, ALPN zhibo/1)");
+        println!("  try: cargo run -p zhibo-loadtest -- chat --help");
+    }
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    zhibo::run(config, backends, bound, shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,257 @@
+//! Bad input at the gateway: each gets an Error packet with a code, the process stays up and other
+//! clients are unaffected.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zhibo_loadtest::client::{Client, Credentials, Transport};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, SignInInput};
+use zhibo_proto::codec::{PacketCodec, DEFAULT_MAX_FRAME};
+
+use crate::cluster::Cluster;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn code(p: &Packet) -> Option<ErrorCode> {
+    match &p.body {
+        Some(Body::Error(e)) => ErrorCode::try_from(e.code).ok(),
+        _ => None,
+    }
+}
+
+/// Reads every frame the server sends on a raw TCP socket until it closes.
+async fn read_until_close(stream: &mut tokio::net::TcpStream) -> Vec<Packet> {
+    use tokio_util::codec::Decoder;
+    let mut codec = PacketCodec::new(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    loop {
+        let n = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
+            .await
+            .expect("server answers or closes in time")
+            .unwrap_or(0);
+        while let Ok(Some(p)) = codec.decode(&mut buf) {
+            out.push(p);
+        }
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+/// A healthy client keeps working next to the bad ones.
+async fn still_serving(cluster: &Cluster, creds: &Credentials) {
+    let mut c = cluster.connect(Transport::Tcp, 0, creds).await;
+    let p = c
+        .request(Body::Heartbeat(Heartbeat {}), WAIT)
+        .await
+        .expect("heartbeat answered");
+    assert!(matches!(p.body, Some(Body::Heartbeat(_))));
+}
+
+pub(crate) async fn bad_frames_and_sign_ins(cluster: &Cluster) {
+    let good = cluster.user("good").await;
+    let tcp = cluster.gw(0).tcp;
+
+    // Garbage bytes first: a huge "length" → FRAME_TOO_LARGE and close.
+    let mut s = tokio::net::TcpStream::connect(tcp).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let got = read_until_close(&mut s).await;
+    assert_eq!(
+        got.first().and_then(code),
+        Some(ErrorCode::FrameTooLarge),
+        "{got:?}"
+    );
+
+    // An oversized length prefix after sign-in.
+    let mut s = tokio::net::TcpStream::connect(tcp).await.expect("connect");
+    let mut buf = BytesMut::new();
+    buf.put_u32((DEFAULT_MAX_FRAME + 1) as u32);
+    buf.put_bytes(0, 16);
+    s.write_all(&buf).await.expect("write");
+    let got = read_until_close(&mut s).await;
+    assert_eq!(got.first().and_then(code), Some(ErrorCode::FrameTooLarge));
+
+    // A well-framed body that is not a packet, before sign-in: BAD_FRAME and close.
+    let mut s = tokio::net::TcpStream::connect(tcp).await.expect("connect");
+    s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .expect("write");
+    let got = read_until_close(&mut s).await;
+    assert_eq!(got.first().and_then(code), Some(ErrorCode::BadFrame));
+
+    // A packet of the wrong type first.
+    for t in [Transport::Tcp, Transport::Quic] {
+        let mut c = Client::connect_raw(t, &cluster.gw(0).of(t))
+            .await
+            .expect("connect");
+        c.send(Body::Heartbeat(Heartbeat {})).await.expect("send");
+        let p = c
+            .recv(WAIT)
+            .await
+            .expect("answer")
+            .expect("error before close");
+        assert_eq!(code(&p), Some(ErrorCode::NotSignedIn), "{t:?}");
+        assert!(
+            c.recv(WAIT).await.expect("closed").is_none(),
+            "{t:?}: closed after the error"
+        );
+    }
+
+    // Bad, forged and mismatched tokens, on every transport.
+    for t in [Transport::Tcp, Transport::Ws, Transport::Quic] {
+        for (user_id, token) in [
+            (good.user_id, "not.a.token".to_owned()),
+            (good.user_id + 1, good.token.clone()),
+            (
+                good.user_id,
+                zhibo_auth::TokenKey::new("wrong secret").mint(&zhibo_auth::Claims {
+                    user_id: good.user_id,
+                    device_id: good.device_id,
+                    exp: i64::MAX / 2,
+                    iat: 0,
+                    iat_ms: None,
+                }),
+            ),
+        ] {
+            let creds = Credentials {
+                user_id,
+                device_id: good.device_id,
+                token,
+            };
+            let err = Client::connect(t, &cluster.gw(0).of(t), &creds)
+                .await
+                .expect_err("refused");
+            assert!(err.to_string().contains("Unauthenticated"), "{t:?}: {err}");
+        }
+    }
+    // An expired token.
+    let expired = zhibo_auth::TokenKey::new(crate::cluster::SECRET).mint(&zhibo_auth::Claims {
+        user_id: good.user_id,
+        device_id: good.device_id,
+        exp: 1,
+        iat: 0,
+        iat_ms: None,
+    });
+    let creds = Credentials {
+        user_id: good.user_id,
+        device_id: good.device_id,
+        token: expired,
+    };
+    let err = Client::connect(Transport::Tcp, &tcp.to_string(), &creds)
+        .await
+        .expect_err("expired");
+    assert!(err.to_string().contains("TokenExpired"), "{err}");
+    // A valid token for an unregistered device.
+    let key = zhibo_auth::TokenKey::new(crate::cluster::SECRET);
+    let creds = Credentials {
+        user_id: good.user_id,
+        device_id: 12345,
+        token: key.mint(&zhibo_auth::Claims {
+            user_id: good.user_id,
+            device_id: 12345,
+            exp: i64::MAX / 2,
+            iat: 0,
+            iat_ms: None,
+        }),
+    };
+    let err = Client::connect(Transport::Ws, &cluster.gw(0).of(Transport::Ws), &creds)
+        .await
+        .expect_err("unknown device");
+    assert!(err.to_string().contains("unknown device"), "{err}");
+
+    // Signed in: a garbage body gets BAD_FRAME and the session goes on; a server-only packet gets
+    // UNEXPECTED_PACKET; a second SignIn too.
+    let mut c = Client::connect_raw(Transport::Tcp, &tcp.to_string())
+        .await
+        .expect("connect");
+    c.send_with_id(
+        1,
+        Body::SignIn(SignInInput {
+            user_id: good.user_id,
+            device_id: good.device_id,
+            token: good.token.clone(),
+        }),
+    )
+    .await
+    .expect("sign in");
+    assert!(matches!(
+        c.recv(WAIT).await.expect("answer").expect("open").body,
+        Some(Body::SignInOutput(_))
+    ));
+    let p = c
+        .request(Body::Error(zhibo_proto::client::Error::default()), WAIT)
+        .await
+        .expect("answer");
+    assert_eq!(code(&p), Some(ErrorCode::UnexpectedPacket));
+    let p = c
+        .request(Body::SignIn(SignInInput::default()), WAIT)
+        .await
+        .expect("answer");
+    assert_eq!(code(&p), Some(ErrorCode::UnexpectedPacket));
+    let p = c
+        .request(Body::Heartbeat(Heartbeat {}), WAIT)
+        .await
+        .expect("still open");
+    assert!(matches!(p.body, Some(Body::Heartbeat(_))));
+
+    still_serving(cluster, &good).await;
+}
+
+pub(crate) async fn flood_is_rate_limited(cluster: &Cluster) {
+    let flooder = cluster.user("flooder").await;
+    let mut c = cluster.connect(Transport::Tcp, 0, &flooder).await;
+    // The test cluster allows a burst of 400: 600 syncs at once must meet RATE_LIMITED.
+    for _ in 0..600 {
+        c.send(Body::Sync(zhibo_proto::client::SyncInput {
+            seq: 0,
+            limit: 1,
+        }))
+        .await
+        .expect("send");
+    }
+    let mut limited = 0;
+    let mut answered = 0;
+    while let Ok(Some(p)) = c.recv(Duration::from_secs(2)).await {
+        match code(&p) {
+            Some(ErrorCode::RateLimited) => limited += 1,
+            _ => answered += 1,
+        }
+        if limited + answered == 600 {
+            break;
+        }
+    }
+    assert!(limited > 0, "some requests were rate limited");
+    assert!(answered >= 400, "the burst was served: {answered}");
+    let good = cluster.user("good").await;
+    still_serving(cluster, &good).await;
+}
+
+mod embedded {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_frames_and_sign_ins() {
+        let cluster = crate::cluster::Cluster::embedded().await;
+        super::bad_frames_and_sign_ins(&cluster).await;
+        cluster.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flood_is_rate_limited() {
+        let cluster = crate::cluster::Cluster::embedded().await;
+        super::flood_is_rate_limited(&cluster).await;
+        cluster.stop().await;
+    }
+}
+
+mod distributed {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_frames_and_sign_ins() {
+        let cluster = crate::cluster::Cluster::distributed().await;
+        super::bad_frames_and_sign_ins(&cluster).await;
+        cluster.stop().await;
+    }
+}

@@ -1,0 +1,433 @@
+//! Every scenario runs against the embedded cluster and the distributed one.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use zhibo_loadtest::client::{Client, Transport};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{
+    ErrorCode, KickReason, Message, MessageAck, ReceiverType, SendMessageInput, SendMessageOutput,
+    SyncInput, SyncOutput,
+};
+
+use crate::cluster::Cluster;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn text(receiver_type: ReceiverType, receiver_id: i64, client_msg_id: &str, body: &str) -> Body {
+    Body::SendMessage(SendMessageInput {
+        receiver_type: receiver_type as i32,
+        receiver_id,
+        client_msg_id: client_msg_id.into(),
+        content_type: 1,
+        content: Bytes::from(body.to_owned()),
+    })
+}
+
+async fn send(
+    c: &mut Client,
+    receiver_type: ReceiverType,
+    to: i64,
+    id: &str,
+    body: &str,
+) -> SendMessageOutput {
+    let reply = c
+        .request(text(receiver_type, to, id, body), WAIT)
+        .await
+        .expect("reply");
+    match reply.body {
+        Some(Body::SendMessageOutput(o)) => o,
+        other => panic!("expected SendMessageOutput for {id}, got {other:?}"),
+    }
+}
+
+async fn send_err(c: &mut Client, receiver_type: ReceiverType, to: i64, id: &str) -> ErrorCode {
+    let reply = c
+        .request(text(receiver_type, to, id, "x"), WAIT)
+        .await
+        .expect("reply");
+    match reply.body {
+        Some(Body::Error(e)) => ErrorCode::try_from(e.code).expect("known code"),
+        other => panic!("expected an Error for {id}, got {other:?}"),
+    }
+}
+
+/// The next pushed Message, skipping nothing else silently.
+async fn next_message(c: &mut Client) -> Message {
+    loop {
+        let p = c
+            .recv(WAIT)
+            .await
+            .expect("a packet in time")
+            .expect("connection open");
+        match p.body {
+            Some(Body::Message(m)) => return m,
+            Some(Body::Heartbeat(_)) => continue,
+            other => panic!("expected a Message, got {other:?}"),
+        }
+    }
+}
+
+async fn assert_quiet(c: &mut Client) {
+    match c.recv(Duration::from_millis(300)).await {
+        Err(_) => {}
+        Ok(p) => panic!("expected nothing, got {p:?}"),
+    }
+}
+
+async fn sync(c: &mut Client, seq: u64, limit: u32) -> SyncOutput {
+    match c
+        .request(Body::Sync(SyncInput { seq, limit }), WAIT)
+        .await
+        .expect("sync")
+        .body
+    {
+        Some(Body::SyncOutput(o)) => o,
+        other => panic!("expected SyncOutput, got {other:?}"),
+    }
+}
+
+fn content(m: &Message) -> &str {
+    std::str::from_utf8(&m.content).expect("utf-8")
+}
+
+/// Two users on each pair of transports exchange 1:1 messages; each side gets ACK and delivery.
+async fn one_to_one_on_every_transport(cluster: &Cluster) {
+    let transports = [Transport::Tcp, Transport::Ws, Transport::Quic];
+    for (i, &ta) in transports.iter().enumerate() {
+        let tb = transports[(i + 1) % 3];
+        let alice = cluster.user("alice").await;
+        let bob = cluster.user("bob").await;
+        cluster.befriend(&alice, &bob).await;
+        let mut a = cluster.connect(ta, 0, &alice).await;
+        let mut b = cluster.connect(tb, 1, &bob).await;
+        let out = send(&mut a, ReceiverType::User, bob.user_id, "m1", "hello bob").await;
+        assert!(out.seq > 0 && out.message_id > 0 && !out.duplicate);
+        let m = next_message(&mut b).await;
+        assert_eq!(content(&m), "hello bob", "{ta:?} -> {tb:?}");
+        assert_eq!(
+            (m.sender_user_id, m.sender_device_id),
+            (alice.user_id, alice.device_id)
+        );
+        assert_eq!(m.message_id, out.message_id);
+        assert!(m.seq > 0);
+        let back = send(&mut b, ReceiverType::User, alice.user_id, "r1", "hi alice").await;
+        let m = next_message(&mut a).await;
+        assert_eq!(content(&m), "hi alice", "{tb:?} -> {ta:?}");
+        assert_eq!(m.message_id, back.message_id);
+        // The sender's own device gets the ACK, not a second copy.
+        assert_quiet(&mut b).await;
+    }
+}
+
+/// A message to a group reaches every member on every gateway, and the sender's other device.
+async fn group_fan_out_and_second_device(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let carol = cluster.user("carol").await;
+    let alice2 = cluster.second_device(&alice).await;
+    let gid = cluster.group(&alice, &[&bob, &carol]).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut a2 = cluster.connect(Transport::Quic, 1, &alice2).await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let mut c = cluster.connect(Transport::Quic, 0, &carol).await;
+    let out = send(&mut a, ReceiverType::Group, gid, "g1", "hello group").await;
+    for (who, client) in [
+        ("bob", &mut b),
+        ("carol", &mut c),
+        ("alice's 2nd device", &mut a2),
+    ] {
+        let m = next_message(client).await;
+        assert_eq!(content(&m), "hello group", "{who}");
+        assert_eq!(m.receiver_type, ReceiverType::Group as i32);
+        assert_eq!(m.receiver_id, gid);
+        assert_eq!(m.message_id, out.message_id);
+    }
+    // Alice's second device gets her copy with the seq of her own inbox.
+    assert_quiet(&mut a).await;
+    // 1:1 from the first device also reaches the second.
+    cluster.befriend(&alice, &bob).await;
+    let out = send(
+        &mut a,
+        ReceiverType::User,
+        bob.user_id,
+        "d1",
+        "from device 1",
+    )
+    .await;
+    let m = next_message(&mut a2).await;
+    assert_eq!((content(&m), m.seq), ("from device 1", out.seq));
+    assert_eq!(m.sender_device_id, alice.device_id);
+    let _ = next_message(&mut b).await;
+}
+
+/// An offline device catches up by sync: exactly what it missed, in order, paged.
+async fn offline_sync_no_gap_no_duplicate(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    send(&mut a, ReceiverType::User, bob.user_id, "s0", "before").await;
+    let seen = next_message(&mut b).await;
+    b.send(Body::MessageAck(MessageAck { seq: seen.seq }))
+        .await
+        .expect("ack");
+    b.close().await.ok();
+    drop(b);
+    for i in 1..=7 {
+        send(
+            &mut a,
+            ReceiverType::User,
+            bob.user_id,
+            &format!("s{i}"),
+            &format!("missed {i}"),
+        )
+        .await;
+    }
+    let mut b = cluster.connect(Transport::Quic, 0, &bob).await;
+    let mut got = Vec::new();
+    let mut after = seen.seq;
+    loop {
+        let page = sync(&mut b, after, 3).await;
+        assert!(page.messages.len() <= 3);
+        if let Some(last) = page.messages.last() {
+            after = last.seq;
+        }
+        got.extend(page.messages);
+        if !page.has_more {
+            break;
+        }
+    }
+    let texts: Vec<&str> = got.iter().map(content).collect();
+    assert_eq!(
+        texts,
+        (1..=7).map(|i| format!("missed {i}")).collect::<Vec<_>>(),
+        "exactly the missed ones"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].seq < w[1].seq),
+        "ordered by seq"
+    );
+    // From 0 a new device sees the whole history, the first message included.
+    let all = sync(&mut b, 0, 100).await;
+    assert_eq!(all.messages.len(), 8);
+    assert!(!all.has_more);
+}
+
+/// Signing in the same device again, on any gateway, kicks the first connection.
+async fn kick_on_relogin(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let mut first = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let _second = cluster.connect(Transport::Ws, 1, &alice).await;
+    let p = first
+        .recv(WAIT)
+        .await
+        .expect("a packet")
+        .expect("kick before close");
+    match p.body {
+        Some(Body::Kick(k)) => assert_eq!(k.reason, KickReason::SignedInElsewhere as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    assert!(
+        first.recv(WAIT).await.expect("closed").is_none(),
+        "kicked connection is closed"
+    );
+}
+
+/// A resend with the same client_msg_id returns the first result and stores nothing twice.
+async fn duplicate_client_msg_id_stored_once(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let first = send(&mut a, ReceiverType::User, bob.user_id, "same", "once").await;
+    let again = send(&mut a, ReceiverType::User, bob.user_id, "same", "once").await;
+    assert!(again.duplicate);
+    assert_eq!((again.message_id, again.seq), (first.message_id, first.seq));
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let all = sync(&mut b, 0, 100).await;
+    assert_eq!(all.messages.len(), 1, "stored once in bob's inbox");
+    assert_eq!(
+        sync(&mut a, 0, 100).await.messages.len(),
+        1,
+        "stored once in alice's inbox"
+    );
+}
+
+/// Refusals: stranger, non-member, unknown user, bad argument — each an Error packet; the
+/// connection goes on working.
+async fn refusals_keep_the_connection(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let stranger = cluster.user("stranger").await;
+    let bob = cluster.user("bob").await;
+    let gid = cluster.group(&bob, &[]).await;
+    let mut a = cluster.connect(Transport::Quic, 0, &alice).await;
+    assert_eq!(
+        send_err(&mut a, ReceiverType::User, stranger.user_id, "x1").await,
+        ErrorCode::NotFriends
+    );
+    assert_eq!(
+        send_err(&mut a, ReceiverType::Group, gid, "x2").await,
+        ErrorCode::NotGroupMember
+    );
+    assert_eq!(
+        send_err(&mut a, ReceiverType::Group, 1, "x3").await,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        send_err(&mut a, ReceiverType::User, 1, "x4").await,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        send_err(&mut a, ReceiverType::Unspecified, bob.user_id, "x5").await,
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        send_err(&mut a, ReceiverType::User, bob.user_id, "").await,
+        ErrorCode::InvalidArgument
+    );
+    // Still usable: a message to oneself works (notes to self).
+    let out = send(&mut a, ReceiverType::User, alice.user_id, "self", "note").await;
+    assert!(out.seq > 0);
+}
+
+/// A user-api server-side send takes the same path: stored, delivered live to every device, visible to
+/// sync, deduplicated by client_msg_id.
+async fn server_side_send(cluster: &Cluster) {
+    let bob = cluster.user("bob").await;
+    let system = cluster.user("system").await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let body = serde_json::json!({"from_user_id": system.user_id, "receiver_type": "user",
+        "receiver_id": bob.user_id, "client_msg_id": "srv-1", "content_type": 1, "content": "d2VsY29tZQ=="}); // base64 of "welcome"
+    let v = cluster
+        .api
+        .post_admin("/v1/admin/messages", crate::cluster::ADMIN, body.clone())
+        .await
+        .expect("send");
+    let m = next_message(&mut b).await;
+    assert_eq!(content(&m), "welcome");
+    assert_eq!(m.sender_user_id, system.user_id);
+    assert_eq!(
+        m.message_id.to_string(),
+        v["message_id"].as_str().expect("message_id string")
+    );
+    let again = cluster
+        .api
+        .post_admin("/v1/admin/messages", crate::cluster::ADMIN, body)
+        .await
+        .expect("resend");
+    assert_eq!(again["duplicate"], serde_json::Value::Bool(true));
+    assert_eq!(sync(&mut b, 0, 10).await.messages.len(), 1);
+    // The wrong admin secret is refused.
+    let refused = cluster
+        .api
+        .post_admin("/v1/admin/messages", "wrong", serde_json::json!({}))
+        .await;
+    assert!(refused.is_err());
+}
+
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let cluster = crate::cluster::Cluster::embedded().await;
+                    super::$name(&cluster).await;
+                    cluster.stop().await;
+                }
+            )*
+        }
+        mod distributed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let cluster = crate::cluster::Cluster::distributed().await;
+                    super::$name(&cluster).await;
+                    cluster.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+both_modes!(
+    one_to_one_on_every_transport,
+    group_fan_out_and_second_device,
+    offline_sync_no_gap_no_duplicate,
+    kick_on_relogin,
+    duplicate_client_msg_id_stored_once,
+    refusals_keep_the_connection,
+    server_side_send,
+);
+
+/// Redis loses every counter mid-run (FLUSHDB): seqs keep strictly increasing and no stored message is
+/// overwritten, because allocation recovers from the store's max seq.
+async fn redis_flush_mid_run(cluster: &Cluster) {
+    let redis = cluster
+        .redis_url
+        .as_deref()
+        .expect("distributed cluster has Redis");
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        if i == 5 {
+            flushdb(redis).await;
+        }
+        acked.push(
+            send(
+                &mut a,
+                ReceiverType::User,
+                bob.user_id,
+                &format!("f{i}"),
+                &format!("flush {i}"),
+            )
+            .await
+            .seq,
+        );
+    }
+    assert!(
+        acked.windows(2).all(|w| w[0] < w[1]),
+        "sender seqs strictly increase: {acked:?}"
+    );
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let all = sync(&mut b, 0, 100).await;
+    let texts: Vec<&str> = all.messages.iter().map(content).collect();
+    assert_eq!(
+        texts,
+        (0..10).map(|i| format!("flush {i}")).collect::<Vec<_>>(),
+        "nothing lost or overwritten"
+    );
+    assert!(all.messages.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+async fn flushdb(redis_url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = redis_url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect redis");
+    s.write_all(b"*1\r\n$7\r\nFLUSHDB\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"+OK\r\n");
+}
+
+mod distributed_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_flush_mid_run() {
+        let cluster = crate::cluster::Cluster::distributed().await;
+        super::redis_flush_mid_run(&cluster).await;
+        cluster.stop().await;
+    }
+}
