@@ -45,6 +45,18 @@ impl Api {
         ok_json(req.send().await.with_context(|| format!("POST {path}"))?).await
     }
 
+    /// GET `path` with a bearer token.
+    ///
+    /// # Errors
+    /// On transport failure or a non-2xx status.
+    pub async fn get(&self, path: &str, token: &str) -> anyhow::Result<Value> {
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token);
+        ok_json(req.send().await.with_context(|| format!("GET {path}"))?).await
+    }
+
     /// POST `path` with the admin secret header (app-backend calls).
     ///
     /// # Errors

@@ -1,7 +1,9 @@
 //! # Layout
 //! - [`client`]: a zhibo client over TCP, WebSocket and QUIC (sign-in, requests matched by request id).
+//! - [`chat`]: the terminal chat client (`zhibo-loadtest chat`).
 //! - [`http`]: the user-api calls a client needs (register device, sign up, sign in).
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod client;
 pub mod http;

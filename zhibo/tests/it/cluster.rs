@@ -31,6 +31,7 @@ impl GatewayAddrs {
 
 pub(crate) struct Cluster {
     pub(crate) api: Api,
+    pub(crate) api_base: String,
     pub(crate) gateways: Vec<GatewayAddrs>,
     pub(crate) redis_url: Option<String>,
     shutdown: CancellationToken,
@@ -112,7 +113,8 @@ impl Cluster {
         let node = tokio::spawn(zhibo::run(config, backends, bound, shutdown.clone()));
         let base = format!("http://{api_addr}");
         Cluster {
-            api: Api::new(base),
+            api: Api::new(base.clone()),
+            api_base: base,
             gateways: vec![addrs],
             redis_url: None,
             shutdown,
@@ -190,7 +192,8 @@ impl Cluster {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let base = format!("http://{api_addr}");
         Cluster {
-            api: Api::new(base),
+            api: Api::new(base.clone()),
+            api_base: base,
             gateways,
             redis_url: Some(redis),
             shutdown,

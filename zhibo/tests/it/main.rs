@@ -3,5 +3,6 @@
 //! the test harness), with the same scenarios run against both.
 
 mod bad_input;
+mod cli;
 mod cluster;
 mod scenarios;
