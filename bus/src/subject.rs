@@ -5,7 +5,8 @@
 //! | `zhibo.cmd`             | gateway, user-api         | logic workers, queue group `logic`          |
 //! | `zhibo.user.<user_id>`  | logic worker, gateway     | each gateway holding a device of that user  |
 //! | `zhibo.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
-//! | `zhibo.room.<room_id>`  | logic worker              | each gateway with a viewer in that room     |
+//! | `zhibo.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
+//! | `zhibo.broadcast`       | logic worker (user-api)   | every gateway                               |
 //!
 //! See docs/ARCHITECTURE.md for why deliveries go to per-user subjects.
 
@@ -34,9 +35,15 @@ impl Subject {
         Subject(format!("zhibo.gw.{gateway_id}"))
     }
 
-    /// Live room broadcast.
+    /// Live room traffic: room messages (published once, by a logic worker) and the gateways' viewer
+    /// counts. A gateway subscribes only while it has a viewer in the room.
     pub fn room(room_id: i64) -> Self {
         Subject(format!("zhibo.room.{room_id}"))
+    }
+
+    /// Server-wide notices for every connected device (admin broadcast).
+    pub fn broadcast() -> Self {
+        Subject("zhibo.broadcast".to_owned())
     }
 
     /// The subject name.
@@ -69,6 +76,7 @@ mod tests {
         assert_eq!(Subject::room(7).as_str(), "zhibo.room.7");
         assert_eq!(Subject::gateway("gw-1").as_str(), "zhibo.gw.gw-1");
         assert_ne!(Subject::user(7), Subject::room(7));
+        assert_eq!(Subject::broadcast().as_str(), "zhibo.broadcast");
         assert!(is_valid_token("gw_1-a"));
         assert!(!is_valid_token("gw.1"));
         assert!(!is_valid_token("gw*"));

@@ -1,5 +1,8 @@
-//! The connection driver: runs one [`Session`] over any transport given as a packet stream and sink.
-//! TCP, QUIC and WebSocket differ only in how they build that stream and sink (see `tcp`, `quic`, `ws`).
+//! The connection driver: runs one [`Session`] over any transport given as a packet stream and a
+//! [`Frame`] sink. TCP, QUIC and WebSocket differ only in how they build those (see `tcp`, `quic`, `ws`).
+//!
+//! Writes come from the session's answers, the IM queue (hub → [`Outbound`]; full = close) and the room
+//! queue (shared pre-encoded room frames; full = dropped by the hub). IM is served first.
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -15,11 +18,13 @@ use zhibo_auth::TokenKey;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{Command, Origin};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, GoAway, Packet};
+use zhibo_proto::client::{ErrorCode, GoAway, Packet, RoomNotice, SubscribeRoomOutput};
 use zhibo_proto::codec::CodecError;
-use zhibo_store::DeviceStore;
+use zhibo_store::{DeviceStore, Room, RoomStore};
 
+use crate::frame::Frame;
 use crate::hub::{ConnHandle, Hub, Outbound};
+use crate::rooms::Viewer;
 use crate::session::{Action, Phase, Session, SessionConfig};
 
 /// Everything a connection needs, shared by all connections of a gateway.
@@ -34,6 +39,12 @@ pub struct Shared {
     pub devices: Arc<dyn DeviceStore>,
     /// Outbound queue length per connection.
     pub outbound_queue: usize,
+    /// Room records and recent history, for joins.
+    pub rooms: Arc<dyn RoomStore>,
+    /// Room frames queued per connection before further ones are dropped for it.
+    pub room_queue: usize,
+    /// Recent room messages handed to a joining viewer.
+    pub room_recent: usize,
     /// Cancelled when the gateway drains.
     pub shutdown: CancellationToken,
     /// Where clients should reconnect when this gateway drains (may be empty).
@@ -46,6 +57,10 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// How long a last packet (GoAway, Error) and the close may take on a connection that is going away:
+/// a peer that stopped reading must not hold the task forever.
+const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Most packets written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -54,11 +69,12 @@ const WRITE_BATCH: usize = 64;
 pub async fn drive<R, W>(shared: Arc<Shared>, mut reader: R, mut writer: W, first: Option<Packet>)
 where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
-    W: Sink<Packet> + Unpin + Send,
+    W: Sink<Frame> + Unpin + Send,
     W::Error: Display,
 {
     let conn_id = shared.hub.next_conn_id();
     let (tx, mut rx) = mpsc::channel(shared.outbound_queue);
+    let (room_tx, mut room_rx) = mpsc::channel::<Bytes>(shared.room_queue);
     let overflow = CancellationToken::new();
     let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
     let mut registered = false;
@@ -74,37 +90,25 @@ where
                         reconnect_hint: shared.reconnect_hint.clone(),
                         reconnect_after_ms: 100,
                     }));
-                    let _ = writer.send(bye).await;
+                    let _ = tokio::time::timeout(LAST_WORDS, writer.send(bye.into())).await;
                     break 'conn;
                 }
                 _ = overflow.cancelled() => {
-                    let _ = writer.send(Packet::error(0, ErrorCode::Unavailable,
-                        "connection too slow: outbound queue full; reconnect and sync")).await;
+                    let too_slow = Packet::error(0, ErrorCode::Unavailable,
+                        "connection too slow: outbound queue full; reconnect and sync");
+                    let _ = tokio::time::timeout(LAST_WORDS, writer.send(too_slow.into())).await;
                     break 'conn;
                 }
                 out = rx.recv() => {
-                    let mut out = out;
-                    let mut n = 0;
-                    while let Some(o) = out.take() {
-                        match o {
-                            Outbound::Packet(p) => {
-                                if let Err(e) = writer.feed(p).await {
-                                    debug!(error = %e, "write failed");
-                                    break 'conn;
-                                }
-                            }
-                            Outbound::Close(p) => {
-                                let _ = writer.send(p).await;
-                                break 'conn;
-                            }
-                        }
-                        n += 1;
-                        if n < WRITE_BATCH {
-                            out = rx.try_recv().ok();
-                        }
-                    }
-                    if let Err(e) = writer.flush().await {
-                        debug!(error = %e, "flush failed");
+                    let Some(first) = out else { break 'conn };
+                    // A reader that stopped reading blocks this write; the hub then cancels `overflow`
+                    // when the queue fills, which must end the connection even mid-write.
+                    let written = tokio::select! {
+                        w = write_queued(&mut writer, first, &mut rx) => w,
+                        _ = overflow.cancelled() => false,
+                        _ = shared.shutdown.cancelled() => false,
+                    };
+                    if !written {
                         break 'conn;
                     }
                     continue 'conn;
@@ -122,12 +126,26 @@ where
                     }
                 },
                 _ = tokio::time::sleep_until(session.deadline().into()) => session.on_tick(Instant::now()),
+                // Last: room traffic never delays IM, reads or deadlines.
+                frame = room_rx.recv() => {
+                    let Some(first) = frame else { break 'conn };
+                    // Like IM writes: an IM overflow or a drain must end a write the peer never takes.
+                    let written = tokio::select! {
+                        w = write_room(&mut writer, first, &mut room_rx) => w,
+                        _ = overflow.cancelled() => false,
+                        _ = shared.shutdown.cancelled() => false,
+                    };
+                    if !written {
+                        break 'conn;
+                    }
+                    continue 'conn;
+                }
             },
         };
         for action in actions {
             match action {
                 Action::Send(p) => {
-                    if writer.send(p).await.is_err() {
+                    if !send_in_time(&mut writer, p).await {
                         break 'conn;
                     }
                 }
@@ -136,7 +154,8 @@ where
                     break 'conn;
                 }
                 Action::Authenticate { request_id, claims } => {
-                    let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
+                    let result =
+                        authenticate(&shared, conn_id, &claims, &tx, &room_tx, &overflow).await;
                     registered = result.is_ok();
                     if let Ok((user_id, device_id)) = result {
                         tracing::Span::current().record("user_id", user_id);
@@ -171,29 +190,179 @@ where
                     if let Err(e) = published {
                         warn!(error = %e, "cannot publish command");
                         let err = Packet::error(rid, ErrorCode::Unavailable, "try again later");
-                        if writer.send(err).await.is_err() {
+                        if !send_in_time(&mut writer, err).await {
                             break 'conn;
                         }
                     }
                 }
-                Action::JoinRoom { request_id, .. } => {
-                    let err = Packet::error(
-                        request_id,
-                        ErrorCode::Unavailable,
-                        "live rooms are not available in this version",
-                    );
-                    if writer.send(err).await.is_err() {
+                Action::JoinRoom {
+                    request_id,
+                    room_id,
+                } => {
+                    let Phase::Active { user_id, device_id } = session.phase() else {
+                        continue;
+                    };
+                    let viewer = Viewer {
+                        conn_id,
+                        user_id,
+                        device_id,
+                        tx: room_tx.clone(),
+                    };
+                    let (reply, notices) = match join_room(&shared, viewer, room_id).await {
+                        Ok((out, notices)) => (
+                            Packet::new(request_id, Body::SubscribeRoomOutput(out)),
+                            notices,
+                        ),
+                        Err((code, text)) => {
+                            session.on_join_failed(room_id);
+                            (Packet::error(request_id, code, text), false)
+                        }
+                    };
+                    if !send_in_time(&mut writer, reply).await {
                         break 'conn;
                     }
+                    if notices {
+                        let rooms = shared.hub.rooms();
+                        if let Err(e) = rooms
+                            .notice(room_id, user_id, device_id, RoomNotice::Join)
+                            .await
+                        {
+                            debug!(room_id, error = %e, "join notice lost");
+                        }
+                    }
                 }
-                Action::LeaveRoom { .. } => {}
+                Action::LeaveRoom { room_id } => shared.hub.rooms().leave(conn_id, room_id),
             }
         }
     }
     if registered {
         shared.hub.unregister(conn_id);
     }
-    let _ = writer.close().await;
+    let _ = tokio::time::timeout(LAST_WORDS, writer.close()).await;
+}
+
+/// A peer that reads nothing for this long while we must answer it is closed.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends one packet; false when it failed or the peer did not take it within [`WRITE_TIMEOUT`].
+async fn send_in_time<W>(writer: &mut W, p: Packet) -> bool
+where
+    W: Sink<Frame> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, writer.send(p.into())).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Writes `first` and up to [`WRITE_BATCH`] more queued packets with one flush. False when the
+/// connection must close (write failure, or a packet that closes it such as a Kick).
+async fn write_queued<W>(writer: &mut W, first: Outbound, rx: &mut mpsc::Receiver<Outbound>) -> bool
+where
+    W: Sink<Frame> + Unpin,
+    W::Error: Display,
+{
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(o) = next.take() {
+        match o {
+            Outbound::Packet(p) => {
+                if let Err(e) = writer.feed(p.into()).await {
+                    debug!(error = %e, "write failed");
+                    return false;
+                }
+            }
+            Outbound::Close(p) => {
+                let _ = writer.send(p.into()).await;
+                return false;
+            }
+        }
+        n += 1;
+        if n < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    match writer.flush().await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "flush failed");
+            false
+        }
+    }
+}
+
+/// Writes room frame `first` and up to [`WRITE_BATCH`] more queued ones with one flush. False when the
+/// write failed.
+async fn write_room<W>(writer: &mut W, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> bool
+where
+    W: Sink<Frame> + Unpin,
+    W::Error: Display,
+{
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(f) = next.take() {
+        if let Err(e) = writer.feed(Frame::Encoded(f)).await {
+            debug!(error = %e, "write failed");
+            return false;
+        }
+        n += 1;
+        if n < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    match writer.flush().await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "flush failed");
+            false
+        }
+    }
+}
+
+/// Joins a live room: the room's record (closed?), the hub (subscribed before the history is read, so
+/// nothing falls between the two), the recent history. Returns the output and whether the room announces
+/// joins.
+async fn join_room(
+    shared: &Arc<Shared>,
+    viewer: Viewer,
+    room_id: i64,
+) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
+    let conn_id = viewer.conn_id;
+    let room = match shared.rooms.get_room(room_id).await {
+        Ok(r) => r.unwrap_or_else(|| Room::open(room_id)),
+        Err(e) => {
+            warn!(room_id, error = %e, "room lookup failed");
+            return Err((ErrorCode::Unavailable, "try again later".to_owned()));
+        }
+    };
+    if room.closed {
+        return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
+    }
+    let rooms = shared.hub.rooms();
+    if let Err(e) = rooms.join(viewer, room_id, room.join_notices).await {
+        warn!(room_id, error = %e, "cannot join room");
+        return Err((ErrorCode::Unavailable, "try again later".to_owned()));
+    }
+    let history = shared
+        .rooms
+        .recent(room_id, shared.room_recent)
+        .await
+        .unwrap_or_else(|e| {
+            // Live traffic still works; only the late joiner's backlog is missing.
+            warn!(room_id, error = %e, "room history read failed");
+            Vec::new()
+        });
+    let Some((recent, online_count)) = rooms.ready(conn_id, room_id, history) else {
+        return Err((ErrorCode::Unavailable, "try again later".to_owned()));
+    };
+    Ok((
+        SubscribeRoomOutput {
+            room_id,
+            online_count,
+            recent,
+        },
+        room.join_notices,
+    ))
 }
 
 async fn authenticate(
@@ -201,6 +370,7 @@ async fn authenticate(
     conn_id: u64,
     claims: &zhibo_auth::Claims,
     tx: &mpsc::Sender<Outbound>,
+    room_tx: &mpsc::Sender<Bytes>,
     overflow: &CancellationToken,
 ) -> Result<(i64, i64), (ErrorCode, String)> {
     let device = shared
@@ -222,6 +392,7 @@ async fn authenticate(
         user_id: claims.user_id,
         device_id: claims.device_id,
         tx: tx.clone(),
+        room_tx: room_tx.clone(),
         overflow: overflow.clone(),
     };
     shared.hub.register(conn_id, handle).await.map_err(|e| {

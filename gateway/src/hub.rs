@@ -5,9 +5,12 @@
 //! - One subscription for this gateway (`zhibo.gw.<id>`) carrying replies addressed to a connection.
 //! - A DeviceOnline event on a user's subject kicks every other connection of that device, on any gateway.
 //!
-//! Outbound policy: each connection has a bounded queue. IM traffic never waits and is never dropped
-//! silently: when a connection's queue is full, the connection is closed (its client reconnects and syncs
-//! what it missed, which is stored). See docs/ARCHITECTURE.md.
+//! - Live rooms live in [`RoomHub`] (`rooms` module), owned here; `zhibo.broadcast` is served here too.
+//!
+//! Outbound policy: each connection has two bounded queues. IM traffic never waits and is never dropped
+//! silently: when a connection's IM queue is full, the connection is closed (its client reconnects and
+//! syncs what it missed, which is stored). Room traffic goes to a separate, small room queue and is
+//! dropped (counted) when that is full, so a room flood can never push IM out. See docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +23,11 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, Subject};
-use zhibo_proto::bus::{user_event, Delivery, DeviceOnline, UserEvent};
+use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Kick, KickReason, Packet};
+
+use crate::rooms::{RoomConfig, RoomHub};
 
 /// What the hub asks a connection to write.
 #[derive(Debug)]
@@ -40,8 +45,10 @@ pub struct ConnHandle {
     pub user_id: i64,
     /// The device signed in on it.
     pub device_id: i64,
-    /// Its outbound queue.
+    /// Its outbound queue (IM: full = close).
     pub tx: mpsc::Sender<Outbound>,
+    /// Its room queue (encoded room frames: full = drop).
+    pub room_tx: mpsc::Sender<Bytes>,
     /// Cancelled when the connection must close because its queue overflowed.
     pub overflow: CancellationToken,
 }
@@ -64,6 +71,7 @@ pub struct Hub {
     inner: Mutex<Inner>,
     next_conn: AtomicU64,
     overflow_closes: AtomicU64,
+    rooms: Arc<RoomHub>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -75,15 +83,36 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub for gateway `gateway_id` on `bus`.
+    /// A hub for gateway `gateway_id` on `bus`, with default room settings.
     pub fn new(gateway_id: String, bus: Arc<dyn Bus>) -> Arc<Self> {
+        Self::with_rooms(gateway_id, bus, RoomConfig::default())
+    }
+
+    /// A hub for gateway `gateway_id` on `bus` whose live rooms use `rooms`.
+    pub fn with_rooms(gateway_id: String, bus: Arc<dyn Bus>, rooms: RoomConfig) -> Arc<Self> {
         Arc::new(Hub {
+            rooms: RoomHub::new(gateway_id.clone(), bus.clone(), rooms),
             gateway_id,
             bus,
             inner: Mutex::new(Inner::default()),
             next_conn: AtomicU64::new(1),
             overflow_closes: AtomicU64::new(0),
         })
+    }
+
+    /// The live rooms of this gateway.
+    pub fn rooms(&self) -> &Arc<RoomHub> {
+        &self.rooms
+    }
+
+    /// Rooms this gateway is subscribed to: those with at least one local viewer.
+    pub fn room_subscription_count(&self) -> usize {
+        self.rooms.subscription_count()
+    }
+
+    /// Room frames dropped for connections whose room queue was full.
+    pub fn room_frames_dropped(&self) -> u64 {
+        self.rooms.frames_dropped()
     }
 
     /// This gateway's id.
@@ -136,6 +165,36 @@ impl Hub {
                     match Delivery::decode(m.payload) {
                         Ok(d) => hub.deliver_to_conn(d.conn_id, d.packets),
                         Err(e) => warn!(error = %e, "undecodable reply on gateway subject"),
+                    }
+                }
+            }
+            .in_current_span(),
+        ))
+    }
+
+    /// Subscribes to the server-wide broadcast subject and pushes each notice to every connection's room
+    /// queue (as room 0) until the bus ends.
+    ///
+    /// # Errors
+    /// When the subscription is refused.
+    pub async fn serve_broadcast(
+        self: &Arc<Self>,
+    ) -> zhibo_bus::Result<tokio::task::JoinHandle<()>> {
+        let mut sub = self.bus.subscribe(&Subject::broadcast()).await?;
+        let hub = Arc::clone(self);
+        Ok(tokio::spawn(
+            async move {
+                while let Some(m) = sub.next().await {
+                    match RoomEvent::decode(m.payload) {
+                        Ok(RoomEvent {
+                            event: Some(room_event::Event::Message(msg)),
+                        }) => {
+                            let inner = hub.lock();
+                            hub.rooms
+                                .broadcast(msg, inner.conns.values().map(|h| &h.room_tx));
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "undecodable broadcast"),
                     }
                 }
             }
@@ -208,8 +267,10 @@ impl Hub {
             .await
     }
 
-    /// Forgets a connection; drops the user's subscription with its last local connection.
+    /// Forgets a connection (and its room seats); drops the user's subscription with its last local
+    /// connection.
     pub fn unregister(&self, conn_id: u64) {
+        self.rooms.leave_all(conn_id);
         let mut inner = self.lock();
         let Some(handle) = inner.conns.remove(&conn_id) else {
             return;

@@ -1,17 +1,24 @@
 //! # Layout
 //! - [`session`]: the I/O-free connection state machine (sign-in, heartbeat deadline, rate limit).
-//! - [`conn`]: drives one session over any packet stream + sink; publishes commands to the bus.
-//! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy.
+//! - [`conn`]: drives one session over any packet stream + [`frame::Frame`] sink; publishes commands to
+//!   the bus; joins rooms (room record, hub, history).
+//! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy,
+//!   server-wide broadcast.
+//! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
+//! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
 //! Inbound: socket → transport → session → bus `zhibo.cmd`. Outbound: bus `zhibo.user.<id>` /
-//! `zhibo.gw.<id>` → hub → connection queue → socket.
+//! `zhibo.gw.<id>` → hub → connection IM queue → socket; bus `zhibo.room.<id>` → room batcher → one
+//! encoded frame → every viewer's room queue → socket.
 #![warn(missing_docs)]
 
 pub mod conn;
+pub mod frame;
 pub mod hub;
 pub mod quic;
+pub mod rooms;
 pub mod session;
 pub mod tcp;
 pub mod ws;
@@ -27,10 +34,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, Instrument};
 use zhibo_auth::TokenKey;
 use zhibo_bus::Bus;
-use zhibo_store::DeviceStore;
+use zhibo_store::{DeviceStore, RoomStore};
 
 pub use conn::Shared;
 pub use hub::Hub;
+pub use rooms::RoomConfig;
 pub use session::SessionConfig;
 
 /// Gateway configuration.
@@ -63,6 +71,22 @@ pub struct GatewayConfig {
     pub rate_burst: f64,
     /// Where clients should reconnect when this gateway drains.
     pub reconnect_hint: String,
+    /// Live rooms one connection may be in at once.
+    pub max_rooms_per_conn: usize,
+    /// Room messages per second per connection (sustained).
+    pub room_send_per_sec: f64,
+    /// Room message burst per connection.
+    pub room_send_burst: f64,
+    /// Room frames queued per connection; a slow connection loses further room frames (never IM).
+    pub room_queue: usize,
+    /// Longest a room message waits to be batched with others, milliseconds.
+    pub room_batch_ms: u64,
+    /// Most messages in one room frame.
+    pub room_batch_max: usize,
+    /// How often this gateway reports its viewer count of each room, milliseconds.
+    pub room_presence_ms: u64,
+    /// Recent room messages handed to a joining viewer.
+    pub room_recent: usize,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +105,14 @@ impl Default for GatewayConfig {
             rate_per_sec: 50.0,
             rate_burst: 100.0,
             reconnect_hint: String::new(),
+            max_rooms_per_conn: 8,
+            room_send_per_sec: 5.0,
+            room_send_burst: 10.0,
+            room_queue: 64,
+            room_batch_ms: 50,
+            room_batch_max: 256,
+            room_presence_ms: 2000,
+            room_recent: 50,
         }
     }
 }
@@ -112,6 +144,19 @@ impl GatewayConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("set both tls_cert and tls_key, or neither".into());
         }
+        if self.max_rooms_per_conn == 0 || self.room_queue == 0 || self.room_batch_max == 0 {
+            return Err(
+                "max_rooms_per_conn, room_queue and room_batch_max must be at least 1".into(),
+            );
+        }
+        if self.room_send_per_sec <= 0.0 || self.room_send_burst < 1.0 {
+            return Err("room_send_per_sec must be > 0 and room_send_burst >= 1".into());
+        }
+        if self.room_batch_ms > 1000 || self.room_presence_ms < 100 {
+            return Err(
+                "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
+            );
+        }
         Ok(())
     }
 
@@ -121,7 +166,30 @@ impl GatewayConfig {
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
+            max_rooms: self.max_rooms_per_conn,
+            room_send_per_sec: self.room_send_per_sec,
+            room_send_burst: self.room_send_burst,
             ..SessionConfig::default()
+        }
+    }
+
+    /// The live-room settings of the hub.
+    pub fn room_config(&self) -> RoomConfig {
+        RoomConfig {
+            batch_window: Duration::from_millis(self.room_batch_ms),
+            batch_max: self.room_batch_max,
+            max_frame: self.max_frame,
+            presence_interval: Duration::from_millis(self.room_presence_ms),
+            ..RoomConfig::default()
+        }
+    }
+
+    /// The configured gateway id, or a random one when none is.
+    pub fn resolved_gateway_id(&self) -> String {
+        if self.gateway_id.is_empty() {
+            random_gateway_id()
+        } else {
+            self.gateway_id.clone()
         }
     }
 }
@@ -178,6 +246,8 @@ pub struct Deps {
     pub bus: Arc<dyn Bus>,
     /// Device records (token revocation).
     pub devices: Arc<dyn DeviceStore>,
+    /// Room records and recent history (joins).
+    pub rooms: Arc<dyn RoomStore>,
     /// Token key shared with user-api.
     pub key: Arc<TokenKey>,
 }
@@ -203,21 +273,39 @@ pub async fn run(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let gateway_id = if config.gateway_id.is_empty() {
-        random_gateway_id()
-    } else {
-        config.gateway_id.clone()
-    };
-    let span = tracing::info_span!("gateway", gateway_id = %gateway_id);
+    let hub = Hub::with_rooms(
+        config.resolved_gateway_id(),
+        deps.bus.clone(),
+        config.room_config(),
+    );
+    serve(hub, config, listeners, deps, shutdown, grace).await
+}
+
+/// [`run`] with a hub built by the caller (tests read its counters); `hub` must be on `deps.bus`.
+///
+/// # Errors
+/// When the gateway's reply or broadcast subscription is refused by the bus.
+pub async fn serve(
+    hub: Arc<Hub>,
+    config: GatewayConfig,
+    listeners: Listeners,
+    deps: Deps,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("gateway", gateway_id = %hub.gateway_id());
     async move {
-        let hub = Hub::new(gateway_id.clone(), deps.bus.clone());
         let replies = hub.serve_replies().await?;
+        let broadcast = hub.serve_broadcast().await?;
         let shared = Arc::new(Shared {
             hub: hub.clone(),
             session: Arc::new(config.session()),
             key: deps.key,
             devices: deps.devices,
             outbound_queue: config.outbound_queue,
+            rooms: deps.rooms,
+            room_queue: config.room_queue,
+            room_recent: config.room_recent,
             shutdown: shutdown.clone(),
             reconnect_hint: config.reconnect_hint.clone(),
         });
@@ -236,6 +324,7 @@ pub async fn run(
             tracing::warn!("connections still open after the grace period");
         }
         replies.abort();
+        broadcast.abort();
         info!("gateway stopped");
         Ok(())
     }

@@ -13,6 +13,9 @@
 //!   closes with `HEARTBEAT_TIMEOUT`.
 //! - Client commands pass a per-connection token bucket; past it, each is refused with `RATE_LIMITED`,
 //!   and a connection that keeps flooding is closed.
+//! - Live rooms: a connection is in at most `max_rooms` rooms (`TOO_MANY_ROOMS` past it), may send room
+//!   messages only to rooms it has joined, and room sends pass a second, stricter token bucket
+//!   (`RATE_LIMITED`; these refusals do not count towards the flood close).
 //! - A packet no client may send (a server push) is answered with `UNEXPECTED_PACKET`, and the session goes
 //!   on. An undecodable frame whose boundaries are known gets `BAD_FRAME` and the session goes on; a frame
 //!   over the size limit desynchronises the stream and closes it.
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use zhibo_auth::{Claims, TokenError, TokenKey};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, SignInOutput};
+use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, ReceiverType, SignInOutput};
 use zhibo_proto::codec::CodecError;
 
 /// Limits and timings of a session.
@@ -40,6 +43,12 @@ pub struct SessionConfig {
     pub rate_burst: f64,
     /// Refused commands in a row after which a flooding connection is closed.
     pub flood_close_after: u32,
+    /// Live rooms a connection may be in at once.
+    pub max_rooms: usize,
+    /// Sustained room messages per second per connection.
+    pub room_send_per_sec: f64,
+    /// Burst of room messages above the sustained rate.
+    pub room_send_burst: f64,
 }
 
 impl Default for SessionConfig {
@@ -51,6 +60,9 @@ impl Default for SessionConfig {
             rate_per_sec: 50.0,
             rate_burst: 100.0,
             flood_close_after: 200,
+            max_rooms: 8,
+            room_send_per_sec: 5.0,
+            room_send_burst: 10.0,
         }
     }
 }
@@ -118,6 +130,38 @@ pub enum Phase {
     Closed,
 }
 
+/// A token bucket on a fake-able clock.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Bucket {
+            tokens: burst,
+            refilled: now,
+            rate,
+            burst,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// One connection's state.
 #[derive(Debug)]
 pub struct Session {
@@ -125,9 +169,10 @@ pub struct Session {
     key: Arc<TokenKey>,
     phase: Phase,
     deadline: Instant,
-    tokens: f64,
-    refilled: Instant,
+    commands: Bucket,
+    room_sends: Bucket,
     refused_in_a_row: u32,
+    rooms: Vec<i64>,
 }
 
 /// Unix seconds for token expiry checks; the session is otherwise given `now` explicitly.
@@ -142,16 +187,26 @@ impl Session {
     /// A new session for a connection accepted at `now`.
     pub fn new(config: Arc<SessionConfig>, key: Arc<TokenKey>, now: Instant) -> Self {
         let deadline = now + config.sign_in_timeout;
-        let tokens = config.rate_burst;
         Session {
+            commands: Bucket::new(config.rate_per_sec, config.rate_burst, now),
+            room_sends: Bucket::new(config.room_send_per_sec, config.room_send_burst, now),
             config,
             key,
             phase: Phase::AwaitingSignIn,
             deadline,
-            tokens,
-            refilled: now,
             refused_in_a_row: 0,
+            rooms: Vec::new(),
         }
+    }
+
+    /// The live rooms this connection is in (or joining).
+    pub fn rooms(&self) -> &[i64] {
+        &self.rooms
+    }
+
+    /// A [`Action::JoinRoom`] failed (closed room, bus down): the connection is not in the room.
+    pub fn on_join_failed(&mut self, room_id: i64) {
+        self.rooms.retain(|r| *r != room_id);
     }
 
     /// Where the session stands.
@@ -286,7 +341,7 @@ impl Session {
                 return;
             }
         }
-        if !self.take_token(now) {
+        if !self.commands.take(now) {
             self.refused_in_a_row += 1;
             if self.refused_in_a_row >= self.config.flood_close_after {
                 self.close(
@@ -306,26 +361,49 @@ impl Session {
             return;
         }
         self.refused_in_a_row = 0;
-        match packet.body {
-            Some(Body::SubscribeRoom(s)) => out.push(Action::JoinRoom {
-                request_id: rid,
-                room_id: s.room_id,
-            }),
-            Some(Body::UnsubscribeRoom(u)) => out.push(Action::LeaveRoom { room_id: u.room_id }),
+        let refuse = |code: ErrorCode, text: &str| Action::Send(Packet::error(rid, code, text));
+        match &packet.body {
+            Some(Body::SubscribeRoom(s)) => {
+                let room_id = s.room_id;
+                if room_id <= 0 {
+                    out.push(refuse(ErrorCode::InvalidArgument, "room ids are > 0"));
+                } else if !self.rooms.contains(&room_id)
+                    && self.rooms.len() >= self.config.max_rooms
+                {
+                    out.push(refuse(
+                        ErrorCode::TooManyRooms,
+                        "leave a room before joining another",
+                    ));
+                } else {
+                    if !self.rooms.contains(&room_id) {
+                        self.rooms.push(room_id);
+                    }
+                    out.push(Action::JoinRoom {
+                        request_id: rid,
+                        room_id,
+                    });
+                }
+            }
+            Some(Body::UnsubscribeRoom(u)) => {
+                self.rooms.retain(|r| *r != u.room_id);
+                out.push(Action::LeaveRoom { room_id: u.room_id });
+            }
+            Some(Body::SendMessage(m)) if m.receiver_type == ReceiverType::Room as i32 => {
+                if !self.rooms.contains(&m.receiver_id) {
+                    out.push(refuse(
+                        ErrorCode::InvalidArgument,
+                        "join the room before sending to it",
+                    ));
+                } else if !self.room_sends.take(now) {
+                    out.push(refuse(
+                        ErrorCode::RateLimited,
+                        "too many room messages; slow down",
+                    ));
+                } else {
+                    out.push(Action::Forward(packet));
+                }
+            }
             _ => out.push(Action::Forward(packet)),
-        }
-    }
-
-    fn take_token(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        self.tokens =
-            (self.tokens + elapsed * self.config.rate_per_sec).min(self.config.rate_burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 
@@ -623,6 +701,97 @@ mod tests {
         let acts = s.on_bad_frame(&CodecError::FrameTooLarge { len: 10, max: 1 });
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::FrameTooLarge));
         assert_eq!(acts[1], Action::Close(CloseReason::FrameTooLarge));
+    }
+
+    fn room_send(rid: u64, room_id: i64) -> Packet {
+        Packet::new(
+            rid,
+            Body::SendMessage(SendMessageInput {
+                receiver_type: ReceiverType::Room as i32,
+                receiver_id: room_id,
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn join(rid: u64, room_id: i64) -> Packet {
+        Packet::new(
+            rid,
+            Body::SubscribeRoom(zhibo_proto::client::SubscribeRoomInput { room_id }),
+        )
+    }
+
+    #[test]
+    fn rooms_are_capped_and_sends_need_a_join() {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            max_rooms: 2,
+            room_send_per_sec: 1.0,
+            room_send_burst: 2.0,
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(Arc::new(cfg), key.clone(), t0);
+        signed_in(&mut s, &key, t0);
+        let acts = s.on_packet(room_send(1, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+        assert!(matches!(
+            s.on_packet(join(2, 5), t0)[..],
+            [Action::JoinRoom { room_id: 5, .. }]
+        ));
+        assert!(matches!(
+            s.on_packet(join(3, 6), t0)[..],
+            [Action::JoinRoom { room_id: 6, .. }]
+        ));
+        // Re-joining a room one is in is not a new seat.
+        assert!(matches!(
+            s.on_packet(join(4, 6), t0)[..],
+            [Action::JoinRoom { room_id: 6, .. }]
+        ));
+        let acts = s.on_packet(join(5, 7), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::TooManyRooms));
+        let acts = s.on_packet(join(6, 0), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+        // A failed join frees the seat.
+        s.on_join_failed(6);
+        assert!(matches!(
+            s.on_packet(join(7, 7), t0)[..],
+            [Action::JoinRoom { room_id: 7, .. }]
+        ));
+        assert_eq!(s.rooms(), &[5, 7]);
+
+        // Room sends: burst 2, then 1/s; IM commands are unaffected by the room bucket.
+        assert!(matches!(
+            s.on_packet(room_send(8, 5), t0)[..],
+            [Action::Forward(_)]
+        ));
+        assert!(matches!(
+            s.on_packet(room_send(9, 7), t0)[..],
+            [Action::Forward(_)]
+        ));
+        let acts = s.on_packet(room_send(10, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
+        let sync = Packet::new(11, Body::Sync(SyncInput { seq: 0, limit: 0 }));
+        assert!(matches!(s.on_packet(sync, t0)[..], [Action::Forward(_)]));
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(matches!(
+            s.on_packet(room_send(12, 5), t1)[..],
+            [Action::Forward(_)]
+        ));
+
+        // Leaving stops the sends.
+        assert_eq!(
+            s.on_packet(
+                Packet::new(
+                    13,
+                    Body::UnsubscribeRoom(zhibo_proto::client::UnsubscribeRoomInput { room_id: 5 })
+                ),
+                t1
+            ),
+            vec![Action::LeaveRoom { room_id: 5 }]
+        );
+        let acts = s.on_packet(room_send(14, 5), t1 + Duration::from_secs(5));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tracing::{info_span, warn, Instrument};
 use zhibo_proto::codec::PacketCodec;
 
 use crate::conn::{drive, Shared};
+use crate::frame::FrameEncoder;
 
 /// Accepts TCP connections until shutdown, each driven on its own task.
 pub async fn serve(
@@ -38,7 +39,7 @@ pub async fn serve(
             async move {
                 let (r, w) = stream.into_split();
                 let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
-                let writer = FramedWrite::new(w, PacketCodec::new(max_frame));
+                let writer = FramedWrite::new(w, FrameEncoder::new(max_frame));
                 drive(shared, reader, writer, None).await;
             }
             .instrument(span),

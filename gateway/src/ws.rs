@@ -12,9 +12,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Packet, SignInInput};
-use zhibo_proto::codec::{decode_body, encode_body, CodecError};
+use zhibo_proto::codec::{decode_body, CodecError};
 
 use crate::conn::{drive, Shared};
+use crate::frame::Frame;
 
 /// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults.
 fn ws_config(max_frame: usize) -> WebSocketConfig {
@@ -106,9 +107,9 @@ pub async fn serve(
                 };
                 let first = sign_in_from_query(query.as_deref().unwrap_or(""));
                 let (sink, stream) = ws.split();
-                let writer = sink.with(|p: Packet| {
+                let writer = sink.with(|f: Frame| {
                     future::ready(Ok::<_, tokio_tungstenite::tungstenite::Error>(
-                        Message::Binary(encode_body(&p)),
+                        Message::Binary(f.into_body()),
                     ))
                 });
                 let reader = stream.filter_map(move |m| {

@@ -350,3 +350,231 @@ fn is_disconnect(e: &std::io::Error) -> bool {
     ) || e.to_string().contains("closed")
         || e.to_string().contains("reset")
 }
+
+/// The sending half of a [`Client`] split with [`Client::into_parts`]: lets a load generator pipeline
+/// requests from one task while another reads the answers.
+pub struct SendHalf {
+    writer: Writer,
+    next_request: u64,
+    _quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+/// The receiving half of a [`Client`] split with [`Client::into_parts`].
+pub struct RecvHalf {
+    reader: Reader,
+    stash: VecDeque<Packet>,
+}
+
+impl std::fmt::Debug for SendHalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendHalf")
+            .field("next_request", &self.next_request)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RecvHalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvHalf")
+            .field("stashed", &self.stash.len())
+            .finish()
+    }
+}
+
+impl SendHalf {
+    /// Queues a packet with a fresh request id (returned) without flushing: call [`SendHalf::flush`]
+    /// after a batch.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn feed(&mut self, body: Body) -> anyhow::Result<u64> {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.writer.feed(Packet::new(id, body)).await?;
+        Ok(id)
+    }
+
+    /// Sends a packet with a fresh request id (returned) and flushes.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn send(&mut self, body: Body) -> anyhow::Result<u64> {
+        let id = self.feed(body).await?;
+        self.flush().await?;
+        Ok(id)
+    }
+
+    /// Flushes queued packets.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.writer.flush().await
+    }
+
+    /// Closes the write side.
+    ///
+    /// # Errors
+    /// When the close fails.
+    pub async fn close(&mut self) -> anyhow::Result<()> {
+        self.writer.close().await
+    }
+}
+
+impl RecvHalf {
+    /// The next packet, `Ok(None)` when the server closed the connection; waits without limit.
+    ///
+    /// # Errors
+    /// When the stream is corrupt.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
+        if let Some(p) = self.stash.pop_front() {
+            return Ok(Some(p));
+        }
+        match self.reader.next().await {
+            None => Ok(None),
+            Some(Ok(p)) => Ok(Some(p)),
+            Some(Err(CodecError::Io(e))) if is_disconnect(&e) => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+impl Client {
+    /// Splits into a sending and a receiving half (packets already stashed stay with the receiving half).
+    pub fn into_parts(self) -> (SendHalf, RecvHalf) {
+        (
+            SendHalf {
+                writer: self.writer,
+                next_request: self.next_request,
+                _quic: self._quic,
+            },
+            RecvHalf {
+                reader: self.reader,
+                stash: self.stash,
+            },
+        )
+    }
+
+    /// Connects from a chosen source address and signs in: TCP and WebSocket bind their socket to
+    /// `(source, 0)` first (so a load generator can open more connections than one source address has
+    /// ports); QUIC uses `quic_endpoint`, shared by many connections, when given (else a new one bound to
+    /// `source`).
+    ///
+    /// # Errors
+    /// When binding, the connection or the sign-in fails.
+    pub async fn connect_from(
+        transport: Transport,
+        addr: &str,
+        creds: &Credentials,
+        source: Option<std::net::IpAddr>,
+        quic_endpoint: Option<&quinn::Endpoint>,
+    ) -> anyhow::Result<(Client, SignInOutput)> {
+        let remote: SocketAddr = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow!("no address for {addr}"))?;
+        let tcp = |source: Option<std::net::IpAddr>| async move {
+            let socket = if remote.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if let Some(ip) = source {
+                socket
+                    .bind((ip, 0).into())
+                    .with_context(|| format!("bind {ip}"))?;
+            }
+            let stream = socket
+                .connect(remote)
+                .await
+                .with_context(|| format!("connect {addr}"))?;
+            stream.set_nodelay(true)?;
+            anyhow::Ok(stream)
+        };
+        let mut client = match transport {
+            Transport::Tcp => {
+                let (r, w) = tcp(source).await?.into_split();
+                Self::framed(r, w, None)
+            }
+            Transport::Quic => {
+                let endpoint = match quic_endpoint {
+                    Some(e) => e.clone(),
+                    None => {
+                        let ip = source.unwrap_or(if remote.is_ipv4() {
+                            std::net::Ipv4Addr::UNSPECIFIED.into()
+                        } else {
+                            std::net::Ipv6Addr::UNSPECIFIED.into()
+                        });
+                        insecure_quic_endpoint((ip, 0).into())?
+                    }
+                };
+                let conn = endpoint
+                    .connect(remote, "localhost")?
+                    .await
+                    .with_context(|| format!("connect quic {addr}"))?;
+                let (send, recv) = conn.open_bi().await?;
+                Self::framed(recv, send, Some((endpoint, conn)))
+            }
+            Transport::Ws => {
+                let url = format!(
+                    "ws://{addr}/ws?user_id={}&device_id={}&token={}",
+                    creds.user_id, creds.device_id, creds.token
+                );
+                let stream = tcp(source).await?;
+                let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
+                    .await
+                    .with_context(|| format!("websocket handshake {url}"))?;
+                Self::from_ws(ws)
+            }
+        };
+        if transport != Transport::Ws {
+            client
+                .send_with_id(
+                    0,
+                    Body::SignIn(SignInInput {
+                        user_id: creds.user_id,
+                        device_id: creds.device_id,
+                        token: creds.token.clone(),
+                    }),
+                )
+                .await?;
+        }
+        let first = client
+            .recv_raw(Duration::from_secs(30))
+            .await?
+            .ok_or_else(|| anyhow!("connection closed during sign-in"))?;
+        match first.body {
+            Some(Body::SignInOutput(out)) => Ok((client, out)),
+            Some(Body::Error(e)) => bail!(
+                "sign-in refused: {:?}: {}",
+                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                e.message
+            ),
+            other => bail!("unexpected first packet: {other:?}"),
+        }
+    }
+
+    fn from_ws<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> Client
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sink, stream) = ws.split();
+        let writer = sink.sink_map_err(anyhow::Error::from).with(|p: Packet| {
+            future::ready(Ok::<_, anyhow::Error>(WsMessage::Binary(encode_body(&p))))
+        });
+        let reader = stream.filter_map(|m| {
+            future::ready(match m {
+                Ok(WsMessage::Binary(b)) => Some(decode_body(&b, DEFAULT_MAX_FRAME)),
+                Ok(_) => None,
+                Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
+            })
+        });
+        Client {
+            reader: Box::pin(reader),
+            writer: Box::pin(writer),
+            stash: VecDeque::new(),
+            next_request: 1,
+            _quic: None,
+        }
+    }
+}

@@ -75,6 +75,24 @@ impl Api {
         ok_json(req.send().await.with_context(|| format!("POST {path}"))?).await
     }
 
+    /// PUT `path` with the admin secret header.
+    ///
+    /// # Errors
+    /// On transport failure or a non-2xx status.
+    pub async fn put_admin(
+        &self,
+        path: &str,
+        admin_secret: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
+        let req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header("x-admin-secret", admin_secret)
+            .json(&body);
+        ok_json(req.send().await.with_context(|| format!("PUT {path}"))?).await
+    }
+
     /// Registers a device and returns its id.
     ///
     /// # Errors

@@ -7,6 +7,10 @@
 //! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
 //! (insert-if-absent) → inbox entries written (durable) → SendMessageOutput to the sender → Message to every
 //! device of every recipient but the sending device.
+//!
+//! Room send path (no seq, no inbox, no dedup): size and reserved-type checks → the room's record (closed,
+//! muted) → recent history write (best effort, *before* the publish so a joiner's history read and its
+//! live subscription leave no gap) → one publish on `zhibo.room.<id>` → SendMessageOutput with seq 0.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
@@ -19,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use zhibo_bus::{subject::LOGIC_QUEUE_GROUP, Bus, Subject};
-use zhibo_proto::bus::{user_event, Command, Delivery, Origin, UserEvent};
+use zhibo_proto::bus::{room_event, user_event, Command, Delivery, Origin, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
-    ErrorCode, Message, MessageAck, Packet, ReceiverType, SendMessageInput, SendMessageOutput,
-    SyncInput, SyncOutput,
+    ErrorCode, Message, MessageAck, Packet, ReceiverType, RoomNotice, SendMessageInput,
+    SendMessageOutput, SyncInput, SyncOutput,
 };
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{SendResult, Stores};
@@ -40,12 +44,18 @@ pub struct LogicConfig {
     pub max_sync_page: u32,
     /// Largest message content, bytes.
     pub max_content: usize,
+    /// Largest sync page, bytes: below the gateway's `max_frame` so a page always fits in one frame.
+    pub max_sync_bytes: usize,
     /// Longest client_msg_id, bytes.
     pub max_client_msg_id: usize,
     /// Commands handled at once by one worker.
     pub concurrency: usize,
     /// Node number for message ids (0–1023); random when unset.
     pub node_id: Option<u64>,
+    /// Largest room message content, bytes (danmaku are short; a frame batches many of them).
+    pub max_room_content: usize,
+    /// Room messages kept per room for late joiners.
+    pub room_recent: usize,
 }
 
 impl Default for LogicConfig {
@@ -55,9 +65,12 @@ impl Default for LogicConfig {
             sync_page: 100,
             max_sync_page: 500,
             max_content: 32 * 1024,
+            max_sync_bytes: 56 * 1024,
             max_client_msg_id: 64,
             concurrency: 256,
             node_id: None,
+            max_room_content: 4096,
+            room_recent: 50,
         }
     }
 }
@@ -71,11 +84,19 @@ impl LogicConfig {
         if self.sync_page == 0 || self.sync_page > self.max_sync_page {
             return Err("sync_page must be between 1 and max_sync_page".into());
         }
+        if self.max_sync_bytes < self.max_content + 1024 {
+            return Err(
+                "max_sync_bytes must exceed max_content by 1 KiB (a page holds one message)".into(),
+            );
+        }
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
         if self.node_id.is_some_and(|n| n > 1023) {
             return Err("node_id must be 0..=1023".into());
+        }
+        if self.max_room_content > 60 * 1024 {
+            return Err("max_room_content must be at most 60 KiB (one frame must hold it)".into());
         }
         Ok(())
     }
@@ -211,6 +232,9 @@ impl Logic {
         origin: &Origin,
         input: &SendMessageInput,
     ) -> Result<SendMessageOutput, LogicError> {
+        if input.receiver_type == ReceiverType::Room as i32 {
+            return self.send_room_message(origin, input).await;
+        }
         if input.client_msg_id.is_empty()
             || input.client_msg_id.len() > self.config.max_client_msg_id
         {
@@ -296,7 +320,7 @@ impl Logic {
             _ => {
                 return Err(LogicError::new(
                     ErrorCode::InvalidArgument,
-                    "receiver_type must be USER or GROUP",
+                    "receiver_type must be USER, GROUP or ROOM",
                 ))
             }
         };
@@ -405,9 +429,174 @@ impl Logic {
             .messages
             .sync(user_id, input.seq, limit + 1)
             .await?;
-        let has_more = messages.len() > limit;
+        let mut has_more = messages.len() > limit;
         messages.truncate(limit);
+        // The page must fit in one frame: stop before the byte budget (always at least one message).
+        let mut bytes = 0;
+        if let Some(over) = messages.iter().position(|m| {
+            bytes += m.encoded_len() + 8;
+            bytes > self.config.max_sync_bytes
+        }) {
+            messages.truncate(over.max(1));
+            has_more = true;
+        }
         Ok(SyncOutput { messages, has_more })
+    }
+}
+
+impl Logic {
+    /// Sends a room message from `origin` (a device, or device 0 for a server-side send, which bypasses
+    /// closed and muted rooms): remembered for late joiners, then published once to the room's subject.
+    /// Room messages have seq 0, no inbox and no dedup (`client_msg_id` is optional and only echoed).
+    ///
+    /// # Errors
+    /// [`LogicError`] with `INVALID_ARGUMENT` (size, reserved content type, room id), `ROOM_CLOSED`,
+    /// `MUTED`, or `UNAVAILABLE` when the room record cannot be read or the publish fails.
+    pub async fn send_room_message(
+        &self,
+        origin: &Origin,
+        input: &SendMessageInput,
+    ) -> Result<SendMessageOutput, LogicError> {
+        if input.receiver_id <= 0 {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "room ids are > 0",
+            ));
+        }
+        if input.content.len() > self.config.max_room_content {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "room message content exceeds {} bytes",
+                    self.config.max_room_content
+                ),
+            ));
+        }
+        if input.client_msg_id.len() > self.config.max_client_msg_id {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "client_msg_id must be at most {} bytes",
+                    self.config.max_client_msg_id
+                ),
+            ));
+        }
+        if input.content_type < 0 {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "negative content types are reserved for room notices",
+            ));
+        }
+        let server_side = origin.device_id == 0;
+        if !server_side {
+            if let Some(room) = self.stores.rooms.get_room(input.receiver_id).await? {
+                if room.closed {
+                    return Err(LogicError::new(ErrorCode::RoomClosed, "the room is closed"));
+                }
+                if room.muted && !room.is_manager(origin.user_id) {
+                    return Err(LogicError::new(ErrorCode::Muted, "the room is muted"));
+                }
+            }
+        }
+        let message = Message {
+            message_id: self.ids.next(),
+            seq: 0,
+            sender_user_id: origin.user_id,
+            sender_device_id: origin.device_id,
+            receiver_type: ReceiverType::Room as i32,
+            receiver_id: input.receiver_id,
+            client_msg_id: input.client_msg_id.clone(),
+            server_time_ms: now_ms(),
+            content_type: input.content_type,
+            content: input.content.clone(),
+        };
+        if let Err(e) = self
+            .stores
+            .rooms
+            .push_recent(input.receiver_id, &message, self.config.room_recent)
+            .await
+        {
+            // History is a convenience for late joiners; live viewers still get the message.
+            warn!(room_id = input.receiver_id, error = %e, "room history write failed");
+        }
+        let out = SendMessageOutput {
+            message_id: message.message_id,
+            seq: 0,
+            server_time_ms: message.server_time_ms,
+            duplicate: false,
+        };
+        self.publish_room(&Subject::room(input.receiver_id), message)
+            .await?;
+        Ok(out)
+    }
+
+    /// Publishes a notice zhibo itself generates (e.g. [`RoomNotice::Closed`]) to a room's viewers; not
+    /// kept in the room's history.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the publish fails.
+    pub async fn room_notice(&self, room_id: i64, notice: RoomNotice) -> Result<(), LogicError> {
+        let message = Message {
+            receiver_type: ReceiverType::Room as i32,
+            receiver_id: room_id,
+            server_time_ms: now_ms(),
+            content_type: notice as i32,
+            ..Message::default()
+        };
+        self.publish_room(&Subject::room(room_id), message).await
+    }
+
+    /// Sends a notice from `sender_user_id` (0 = the system) to every connected device of the cluster,
+    /// as room traffic of room 0: not stored, dropped for connections too slow to take it.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for oversized content or a reserved content type; `UNAVAILABLE` when the publish
+    /// fails.
+    pub async fn broadcast(
+        &self,
+        sender_user_id: i64,
+        content_type: i32,
+        content: Bytes,
+    ) -> Result<SendMessageOutput, LogicError> {
+        if content.len() > self.config.max_room_content || content_type < 0 {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "content must be at most {} bytes, content_type >= 0",
+                    self.config.max_room_content
+                ),
+            ));
+        }
+        let message = Message {
+            message_id: self.ids.next(),
+            sender_user_id,
+            receiver_type: ReceiverType::Room as i32,
+            server_time_ms: now_ms(),
+            content_type,
+            content,
+            ..Message::default()
+        };
+        let out = SendMessageOutput {
+            message_id: message.message_id,
+            seq: 0,
+            server_time_ms: message.server_time_ms,
+            duplicate: false,
+        };
+        self.publish_room(&Subject::broadcast(), message).await?;
+        Ok(out)
+    }
+
+    async fn publish_room(&self, subject: &Subject, message: Message) -> Result<(), LogicError> {
+        let event = RoomEvent {
+            event: Some(room_event::Event::Message(message)),
+        };
+        self.bus
+            .publish(subject, Vec::new(), Bytes::from(event.encode_to_vec()))
+            .await
+            .map_err(|e| {
+                warn!(%subject, error = %e, "room publish failed");
+                LogicError::new(ErrorCode::Unavailable, "try again later")
+            })
     }
 }
 

@@ -202,6 +202,7 @@ impl EmbeddedBackend {
             friends: self.clone(),
             groups: self.clone(),
             messages: self.clone(),
+            rooms: Arc::new(crate::embedded_rooms::EmbeddedRooms::new(self.db.clone())),
             seq: self,
         }
     }

@@ -1,7 +1,10 @@
 //! # Layout
 //! - [`model`]: the domain records (devices, users, friends, groups, members) shared by every backend.
 //! - Traits ([`DeviceStore`], [`UserStore`], [`FriendStore`], [`GroupStore`], [`MessageStore`],
-//!   [`SeqAllocator`]): what logic-worker and user-api call, always as `Arc<dyn Trait>` inside [`Stores`].
+//!   [`SeqAllocator`], [`RoomStore`]): what logic-worker, gateway and user-api call, always as
+//!   `Arc<dyn Trait>` inside [`Stores`].
+//! - [`rooms`]: live-room records and recent history ([`RoomStore`]); [`embedded_rooms`] implements it
+//!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
 //!   from `sql/`; [`redis_seq`]: the Redis (fred) seq allocator with recovery from the message store.
 //! - [`embedded`]: the redb backend for `dev` and small installs, seq allocation included.
@@ -11,15 +14,18 @@
 #![warn(missing_docs)]
 
 pub mod embedded;
+pub mod embedded_rooms;
 pub mod ids;
 pub mod model;
 pub mod redis_seq;
+pub mod rooms;
 pub mod scylla;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use model::*;
+pub use rooms::{Room, RoomStore};
 use zhibo_proto::client::Message;
 
 /// What a storage call can fail with. Callers branch on [`ErrorKind`].
@@ -313,4 +319,6 @@ pub struct Stores {
     pub messages: Arc<dyn MessageStore>,
     /// Seq counters.
     pub seq: Arc<dyn SeqAllocator>,
+    /// Live-room records and recent history.
+    pub rooms: Arc<dyn RoomStore>,
 }

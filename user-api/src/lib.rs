@@ -4,9 +4,11 @@
 //! from `auth` (`Caller` for a bearer token checked against the device's revocation cut-off, `Admin`
 //! for `X-Admin-Secret`) and from `error` (JSON/path/query rejections become `ApiError`) → a handler in
 //! `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups` or `admin` (bring-your-own-auth
-//! users, token minting, message sends through `zhibo_logic::Logic`) → the stores in `zhibo_store::Stores`.
+//! users, token minting, message sends through `zhibo_logic::Logic`) or `rooms` (live-room settings,
+//! owner/admin close and mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
 //! `state` holds what handlers share; `rate_limit` the sign-in limiter; `validate` the field checks.
 //! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
+//! `web` serves the browser chat page at `/` when `web_ui` is on (outside `/v1` and the OpenAPI document).
 #![warn(missing_docs)]
 
 mod accounts;
@@ -16,9 +18,11 @@ mod error;
 mod friends;
 mod groups;
 mod rate_limit;
+mod rooms;
 mod routes;
 mod state;
 mod validate;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +53,11 @@ pub struct ApiConfig {
     pub max_group_size: usize,
     /// Sign-in attempts allowed per minute per username and, separately, per client IP (default 10).
     pub sign_in_per_minute: u32,
+    /// Serve the browser chat page at `/` (`web/`). Unset: on in `zhibo dev`, off otherwise.
+    pub web_ui: Option<bool>,
+    /// The gateway WebSocket URL the page connects to, e.g. `ws://127.0.0.1:7002/ws`. Empty: `zhibo dev`
+    /// fills in its own listener; elsewhere the page uses port 7002 on the host it was loaded from.
+    pub web_ws_url: String,
 }
 
 impl Default for ApiConfig {
@@ -58,6 +67,8 @@ impl Default for ApiConfig {
             admin_secret: String::new(),
             max_group_size: 2000,
             sign_in_per_minute: 10,
+            web_ui: None,
+            web_ws_url: String::new(),
         }
     }
 }
@@ -76,6 +87,8 @@ impl std::fmt::Debug for ApiConfig {
             )
             .field("max_group_size", &self.max_group_size)
             .field("sign_in_per_minute", &self.sign_in_per_minute)
+            .field("web_ui", &self.web_ui)
+            .field("web_ws_url", &self.web_ws_url)
             .finish()
     }
 }
@@ -99,6 +112,10 @@ impl ApiConfig {
         }
         if self.sign_in_per_minute == 0 {
             return Err("sign_in_per_minute must be at least 1".into());
+        }
+        let ws = &self.web_ws_url;
+        if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
+            return Err("web_ws_url must be empty or a ws:// or wss:// URL".into());
         }
         Ok(())
     }
@@ -126,10 +143,17 @@ impl std::fmt::Debug for Deps {
 /// The API's router, state included. Serve it with connect info (as [`run`] does) so sign-in is also
 /// rate-limited per client IP; without it only the per-username limit applies.
 pub fn router(config: ApiConfig, deps: Deps) -> Router {
+    let web_ui = config
+        .web_ui
+        .unwrap_or(false)
+        .then(|| web::router(&config.web_ws_url));
     let state = AppState::new(config, deps);
     let mut router = Router::new();
     for spec in routes::table() {
         router = router.route(spec.path, spec.handler);
+    }
+    if let Some(web_ui) = web_ui {
+        router = router.merge(web_ui);
     }
     router
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
@@ -234,5 +258,15 @@ mod tests {
             ..ApiConfig::default()
         };
         assert!(zero.validate().is_err());
+        assert_eq!(
+            (c.web_ui, c.web_ws_url.as_str()),
+            (None, ""),
+            "web page off"
+        );
+        let http = ApiConfig {
+            web_ws_url: "http://127.0.0.1:7002/ws".into(),
+            ..ApiConfig::default()
+        };
+        assert!(http.validate().is_err(), "the page needs a ws:// URL");
     }
 }

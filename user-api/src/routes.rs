@@ -14,7 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::{accounts, admin, error, friends, groups};
+use crate::{accounts, admin, error, friends, groups, rooms};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +206,22 @@ pub(crate) fn table() -> Vec<RouteSpec> {
                 .ok(200, "MessageSent")
                 .errors(&[(403, "not_group_member"), (404, "user_not_found"), (404, "group_not_found"),
                     (503, "unavailable")])),
+        route!(PUT "/v1/admin/rooms/{room_id}" => rooms::admin_update_room,
+            doc("Set a live room's owner, admins, closed, muted and join notices", Admin)
+                .body("AdminUpdateRoom").ok(200, "RoomView")),
+        route!(POST "/v1/admin/rooms/{room_id}/messages" => rooms::admin_room_message,
+            doc("Send a system notice to a live room (also when closed or muted)", Admin)
+                .body("ServerNotice").ok(200, "NoticeSent").errors(&[(503, "unavailable")])),
+        route!(POST "/v1/admin/broadcast" => rooms::admin_broadcast,
+            doc("Send a notice to every connected device (room 0; not stored)", Admin)
+                .body("ServerNotice").ok(200, "NoticeSent").errors(&[(503, "unavailable")])),
+        // Live rooms.
+        route!(GET "/v1/rooms/{room_id}" => rooms::get_room,
+            doc("A live room's settings", Bearer).ok(200, "RoomView")),
+        route!(PATCH "/v1/rooms/{room_id}" => rooms::update_room,
+            doc("Close, reopen, mute or unmute a live room, or toggle join notices (owner and admins)", Bearer)
+                .body("UpdateRoom").ok(200, "RoomView")
+                .errors(&[(403, "forbidden"), (404, "room_not_found")])),
     ]
 }
 
@@ -268,6 +284,11 @@ async fn openapi() -> Response {
     admin::AdminSendMessage,
     admin::SendMessage,
     admin::MessageSent,
+    rooms::RoomView,
+    rooms::UpdateRoom,
+    rooms::AdminUpdateRoom,
+    rooms::ServerNotice,
+    rooms::NoticeSent,
     friends::CreateFriendRequest,
     friends::FriendRequestView,
     friends::FriendRequestList,

@@ -128,6 +128,7 @@ pub async fn run(
         let deps = zhibo_gateway::Deps {
             bus: backends.bus.clone(),
             devices: backends.stores.devices.clone(),
+            rooms: backends.stores.rooms.clone(),
             key: key.clone(),
         };
         tokio::spawn(zhibo_gateway::run(

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(role: Role, config: Config) -> anyhow::Result<()> {
+async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     if role == Role::Migrate {
         anyhow::ensure!(
             config.store.kind == StoreKind::Scylla,
@@ -135,6 +135,18 @@ async fn run(role: Role, config: Config) -> anyhow::Result<()> {
         println!("  websocket  ws://{ws}/ws?user_id=&device_id=&token=");
         println!("  quic       {quic} (self-signed certificate, ALPN zhibo/1)");
         println!("  try: cargo run -p zhibo-loadtest -- chat --help");
+        // The browser chat page, pointed at this process's own WebSocket listener.
+        if *config.api.web_ui.get_or_insert(true) {
+            if config.api.web_ws_url.is_empty() {
+                let host = if ws.ip().is_unspecified() {
+                    std::net::SocketAddr::from(([127, 0, 0, 1], ws.port()))
+                } else {
+                    ws
+                };
+                config.api.web_ws_url = format!("ws://{host}/ws");
+            }
+            println!("  web page   http://{}/", config.api_addr);
+        }
     }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

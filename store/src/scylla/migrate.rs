@@ -26,11 +26,18 @@ pub struct Migration {
 }
 
 /// Every migration, ascending by version. Add new files here.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_init",
-    cql: include_str!("../../../sql/0001_init.cql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_init",
+        cql: include_str!("../../../sql/0001_init.cql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_rooms",
+        cql: include_str!("../../../sql/0002_rooms.cql"),
+    },
+];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,
 /// empty ones skipped. (So no `;` inside string literals in `sql/`.)

@@ -11,6 +11,18 @@ use zhibo::{Bound, Config, StoreKind};
 use zhibo_loadtest::client::{Client, Credentials, Transport};
 use zhibo_loadtest::http::Api;
 
+/// A `zhibo logic-worker` child process.
+pub(crate) struct WorkerProcess {
+    pub(crate) child: tokio::process::Child,
+}
+
+impl WorkerProcess {
+    /// SIGKILL: no chance to finish anything.
+    pub(crate) async fn kill(mut self) {
+        self.child.kill().await.expect("kill -9 worker");
+    }
+}
+
 /// Addresses of one gateway.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GatewayAddrs {
@@ -34,6 +46,10 @@ pub(crate) struct Cluster {
     pub(crate) api_base: String,
     pub(crate) gateways: Vec<GatewayAddrs>,
     pub(crate) redis_url: Option<String>,
+    /// The distributed configuration, to start more nodes (e.g. worker processes).
+    pub(crate) config: Option<Config>,
+    /// One token per gateway (children of `shutdown`), to stop a single gateway.
+    pub(crate) gateway_stops: Vec<CancellationToken>,
     shutdown: CancellationToken,
     nodes: Vec<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -94,8 +110,14 @@ async fn shared_keyspace(config: &Config) -> String {
 impl Cluster {
     /// One node running every role on the in-process bus and an embedded store file.
     pub(crate) async fn embedded() -> Cluster {
+        Self::embedded_with(|_| {}).await
+    }
+
+    /// [`Cluster::embedded`] with a configuration tweak.
+    pub(crate) async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = base_config();
+        tweak(&mut config);
         config.store.kind = StoreKind::Embedded;
         config.store.path = dir.path().join("zhibo.redb").display().to_string();
         let backends = zhibo::connect(&config, "e2e").await.expect("backends");
@@ -117,6 +139,8 @@ impl Cluster {
             api_base: base,
             gateways: vec![addrs],
             redis_url: None,
+            config: None,
+            gateway_stops: Vec::new(),
             shutdown,
             nodes: vec![node],
             _dir: Some(dir),
@@ -125,6 +149,11 @@ impl Cluster {
 
     /// Two gateways, two logic workers and a user-api as separate nodes on real NATS, Redis and Cassandra.
     pub(crate) async fn distributed() -> Cluster {
+        Self::distributed_with(2).await
+    }
+
+    /// [`Cluster::distributed`] with `workers` in-process logic workers (0: start them as processes).
+    pub(crate) async fn distributed_with(workers: usize) -> Cluster {
         let nats = zhibo_testkit::require_nats().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
@@ -137,6 +166,7 @@ impl Cluster {
         let shutdown = CancellationToken::new();
         let mut nodes = Vec::new();
         let mut gateways = Vec::new();
+        let mut gateway_stops = Vec::new();
         for i in 0..2 {
             let mut c = config.clone();
             c.gateway.gateway_id = format!("gw-{}-{i}", std::process::id());
@@ -149,14 +179,11 @@ impl Cluster {
                 gateway: Some(listeners),
                 ..Bound::default()
             };
-            nodes.push(tokio::spawn(zhibo::run(
-                c,
-                backends,
-                bound,
-                shutdown.clone(),
-            )));
+            let stop = shutdown.child_token();
+            gateway_stops.push(stop.clone());
+            nodes.push(tokio::spawn(zhibo::run(c, backends, bound, stop)));
         }
-        for _ in 0..2 {
+        for _ in 0..workers {
             let backends = zhibo::connect(&config, "e2e-logic")
                 .await
                 .expect("logic backends");
@@ -196,10 +223,49 @@ impl Cluster {
             api_base: base,
             gateways,
             redis_url: Some(redis),
+            config: Some(config),
+            gateway_stops,
             shutdown,
             nodes,
             _dir: None,
         }
+    }
+
+    /// Starts `zhibo logic-worker` as a child process on this distributed cluster's servers and waits
+    /// until it consumes commands. Killed when dropped.
+    pub(crate) async fn spawn_worker_process(&self) -> WorkerProcess {
+        use tokio::io::AsyncBufReadExt;
+        let c = self.config.as_ref().expect("distributed cluster");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"))
+            .arg("logic-worker")
+            .env("ZHIBO_TOKEN_SECRET", SECRET)
+            .env("ZHIBO_BUS__NATS_URL", &c.bus.nats_url)
+            .env("ZHIBO_STORE__KIND", "scylla")
+            .env("ZHIBO_STORE__CQL_NODES", format!("{:?}", c.store.cql_nodes))
+            .env("ZHIBO_STORE__KEYSPACE", &c.store.keyspace)
+            .env("ZHIBO_STORE__REDIS_URL", &c.store.redis_url)
+            .env("ZHIBO_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start zhibo logic-worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = async {
+            while let Some(line) = lines.next_line().await.expect("read worker output") {
+                if line.contains("consuming commands") {
+                    return;
+                }
+            }
+            panic!("logic-worker exited before consuming commands");
+        };
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .expect("logic-worker ready in time");
+        // Keep draining its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        WorkerProcess { child }
     }
 
     /// Stops every node and waits for them; fails if a node failed.

@@ -5,4 +5,6 @@
 mod bad_input;
 mod cli;
 mod cluster;
+mod faults;
+mod rooms;
 mod scenarios;

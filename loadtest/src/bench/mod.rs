@@ -1,0 +1,264 @@
+//! The benchmark suite: scenarios that drive real clients against a running or spawned cluster and
+//! write a report (JSON + SVG charts). `zhibo-loadtest bench <scenario>`; see `loadtest/README.md`.
+//!
+//! # Layout
+//! - [`server`]: spawns `zhibo dev` or the distributed roles (or targets a running cluster); RSS, CPU.
+//! - [`setup`]: users, devices and locally minted tokens, created concurrently.
+//! - [`load`]: connections split into reader and pipelined writer, open-loop senders, delivery timing.
+//! - [`scenarios`]: idle memory, 1:1, group, room, offline sync, reconnect storm.
+//! - [`ceilings`]: raw NATS, Redis and WebSocket figures measured in the same run.
+//! - [`report`], [`hist`], [`progress`]: the report with charts, HDR histograms, the live line.
+
+pub mod ceilings;
+pub mod hist;
+pub mod idle;
+pub mod load;
+pub mod progress;
+pub mod report;
+pub mod scenarios;
+pub mod server;
+pub mod setup;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::client::Transport;
+pub use report::Report;
+
+/// Which scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// 1. Idle memory per connection: gateway RSS delta / connections, with heartbeats.
+    Idle,
+    /// 2. 1:1 send → ACK and send → delivered, open-loop rate sweep.
+    OneToOne,
+    /// 3. Group fan-out (default 100 members).
+    Group,
+    /// 4. Live-room fan-out to many viewers.
+    Room,
+    /// 5. Offline sync of N stored messages by a fresh connection.
+    Sync,
+    /// 6. Reconnect storm: every client drops, reconnects, signs in and syncs.
+    Reconnect,
+    /// Only the ceilings: NATS pub/sub and request/reply, Redis INCR, loopback WebSocket echo.
+    Ceilings,
+}
+
+/// How the cluster under test is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpawnMode {
+    /// `zhibo dev` (embedded: in-process bus, redb), spawned and stopped by the loadtest.
+    Dev,
+    /// `zhibo migrate`, `gateway`, `logic-worker` × `--workers`, `user-api` on NATS, Redis, Cassandra.
+    Distributed,
+    /// A cluster that is already running at `--api`, `--tcp`, `--ws`, `--quic`.
+    None,
+}
+
+/// Where a spawned `zhibo dev` keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreMode {
+    /// redb file in the results folder (durable commits).
+    Disk,
+    /// redb in memory.
+    Memory,
+}
+
+/// Options of `zhibo-loadtest bench`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench")]
+pub struct BenchArgs {
+    /// The scenario.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Start the cluster (`dev`, `distributed`) or use a running one (`none`).
+    #[arg(long, value_enum, default_value = "dev")]
+    pub spawn: SpawnMode,
+    /// The `zhibo` binary to spawn.
+    #[arg(long, default_value = "target/release/zhibo")]
+    pub zhibo_bin: PathBuf,
+    /// Store of a spawned `zhibo dev`.
+    #[arg(long, value_enum, default_value = "disk")]
+    pub store: StoreMode,
+    /// Logic workers of a spawned distributed cluster.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// user-api of a running cluster.
+    #[arg(long, default_value = "http://127.0.0.1:7000")]
+    pub api: String,
+    /// Gateway TCP address of a running cluster.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    pub tcp: String,
+    /// Gateway WebSocket address of a running cluster.
+    #[arg(long, default_value = "127.0.0.1:7002")]
+    pub ws: String,
+    /// Gateway QUIC address of a running cluster.
+    #[arg(long, default_value = "127.0.0.1:7003")]
+    pub quic: String,
+    /// Gateway (or `zhibo dev`) process of a running cluster, for RSS and CPU.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Token secret of the cluster (tokens are minted locally); empty = the `zhibo dev` default.
+    #[arg(long, env = "ZHIBO_TOKEN_SECRET", default_value = "", hide_env_values = true)]
+    pub token_secret: String,
+    /// Admin secret of the cluster (users are created through the admin API).
+    #[arg(long, env = "ZHIBO_API__ADMIN_SECRET", default_value = "", hide_env_values = true)]
+    pub admin_secret: String,
+    /// NATS (distributed spawn and ceilings).
+    #[arg(long, env = "ZHIBO_TEST_NATS_URL", default_value = "nats://127.0.0.1:14222")]
+    pub nats_url: String,
+    /// Redis (distributed spawn and ceilings).
+    #[arg(long, env = "ZHIBO_TEST_REDIS_URL", default_value = "redis://127.0.0.1:16379")]
+    pub redis_url: String,
+    /// Cassandra / ScyllaDB node (distributed spawn).
+    #[arg(long, env = "ZHIBO_TEST_CQL_NODE", default_value = "127.0.0.1:19042")]
+    pub cql_node: String,
+    /// Keyspace of a spawned distributed cluster (migrated if needed; users are fresh every run).
+    #[arg(long, default_value = "zhibo_bench")]
+    pub keyspace: String,
+    /// Transport of the clients.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Connections (idle, reconnect), or viewers (room).
+    #[arg(long, default_value_t = 1000)]
+    pub conns: usize,
+    /// Load generator processes for `idle` (each holds at most ~19,000 sockets).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Source addresses 127.0.0.2 … to spread client sockets over (0 = 127.0.0.1 only).
+    #[arg(long, default_value_t = 4)]
+    pub source_ips: usize,
+    /// Sender connections (1:1: sender/receiver pairs; group and room: senders).
+    #[arg(long, default_value_t = 8)]
+    pub senders: usize,
+    /// Group members (group scenario).
+    #[arg(long, default_value_t = 100)]
+    pub group_size: usize,
+    /// Offered rates, messages per second, comma-separated: one step each (open loop).
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000")]
+    pub rates: Vec<f64>,
+    /// Seconds per rate step.
+    #[arg(long, default_value_t = 10.0)]
+    pub step_secs: f64,
+    /// Stop the sweep after the first step where ACKs fall below 90% of the offered rate.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stop_at_saturation: bool,
+    /// Message content size, bytes (at least 8: the send timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Messages stored before an offline sync (sync), or per client while offline (reconnect).
+    #[arg(long, default_value_t = 1000)]
+    pub messages: usize,
+    /// Repetitions (sync).
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Seconds idle connections are held after all are connected (idle).
+    #[arg(long, default_value_t = 5.0)]
+    pub hold_secs: f64,
+    /// Measure the ceilings too and print ratios.
+    #[arg(long)]
+    pub ceilings: bool,
+    /// Seconds per ceiling measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub ceiling_secs: f64,
+    /// Results folder.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Suffix of the report's file names (default: transport and mode).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Don't write files (tests).
+    #[arg(long)]
+    pub no_write: bool,
+}
+
+impl BenchArgs {
+    /// The defaults for `scenario`, as the CLI would parse them.
+    pub fn new(scenario: Scenario) -> Self {
+        let name = match scenario {
+            Scenario::Idle => "idle",
+            Scenario::OneToOne => "one-to-one",
+            Scenario::Group => "group",
+            Scenario::Room => "room",
+            Scenario::Sync => "sync",
+            Scenario::Reconnect => "reconnect",
+            Scenario::Ceilings => "ceilings",
+        };
+        BenchArgs::parse_from(["bench", name])
+    }
+}
+
+/// Runs one scenario end to end: starts the cluster (unless `--spawn none`), creates the population,
+/// measures, stops what it started, writes the report (unless `no_write`) and returns it.
+///
+/// # Errors
+/// When the cluster cannot start or the scenario cannot set up its clients.
+pub async fn run_scenario(args: BenchArgs) -> anyhow::Result<Report> {
+    let mut report = Report {
+        scenario: serde_json::to_value(args.scenario)?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_at: setup::now_ms() as u64 / 1000,
+        ..Report::default()
+    };
+    report.machine.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .to_string(),
+    );
+    if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        report.machine.insert("kernel".into(), k.trim().into());
+    }
+    report.machine.insert(
+        "note".into(),
+        "load generator and server share the machine's cores".into(),
+    );
+    if args.scenario != Scenario::Ceilings {
+        let target = server::start(&args).await?;
+        report.server.insert("mode".into(), target.mode.clone());
+        report
+            .server
+            .insert("transport".into(), format!("{:?}", args.transport).to_lowercase());
+        if target.mode == "dev" {
+            report
+                .server
+                .insert("store".into(), format!("{:?}", args.store).to_lowercase());
+        }
+        let result = match args.scenario {
+            Scenario::Idle => idle::run(&args, &target, &mut report).await,
+            Scenario::OneToOne => scenarios::one_to_one(&args, &target, &mut report).await,
+            Scenario::Group => scenarios::group(&args, &target, &mut report).await,
+            Scenario::Room => scenarios::room(&args, &target, &mut report).await,
+            Scenario::Sync => scenarios::sync(&args, &target, &mut report).await,
+            Scenario::Reconnect => scenarios::reconnect(&args, &target, &mut report).await,
+            Scenario::Ceilings => Ok(()),
+        };
+        target.stop().await;
+        result?;
+    }
+    if args.ceilings || args.scenario == Scenario::Ceilings {
+        let c = ceilings::measure(&args).await?;
+        ceilings::ratios(&mut report, &c);
+        report.ceilings = Some(c);
+    }
+    if !args.no_write {
+        let label = args.label.clone().unwrap_or_else(|| {
+            let mode = report.server.get("mode").cloned().unwrap_or_default();
+            match args.scenario {
+                Scenario::Ceilings | Scenario::Sync => mode,
+                _ => format!("{:?}-{mode}", args.transport).to_lowercase(),
+            }
+        });
+        let files = report.write(&args.out, &label)?;
+        for f in files {
+            eprintln!("wrote {}", f.display());
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,246 @@
+//! The server under test: spawned here (`zhibo dev`, or the distributed roles on NATS, Redis and
+//! Cassandra) or already running (`--spawn none`); and what the loadtest reads of it (RSS, CPU time).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::process::{Child, Command};
+
+use super::{BenchArgs, SpawnMode, StoreMode};
+use crate::client::Transport;
+
+/// The dev token secret `zhibo dev` uses when none is configured.
+pub const DEV_TOKEN_SECRET: &str = "zhibo-dev-insecure-token-secret";
+/// The admin secret given to spawned servers.
+pub const BENCH_ADMIN_SECRET: &str = "zhibo-bench-admin-secret";
+
+/// Where the cluster under test listens, and the processes spawned for it (killed on drop).
+#[derive(Debug)]
+pub struct Target {
+    /// user-api base URL.
+    pub api: String,
+    /// Gateway TCP address.
+    pub tcp: String,
+    /// Gateway WebSocket address.
+    pub ws: String,
+    /// Gateway QUIC address.
+    pub quic: String,
+    /// The gateway process (or `zhibo dev`), for RSS and CPU.
+    pub gateway_pid: Option<u32>,
+    /// Token secret, to mint tokens locally.
+    pub token_secret: String,
+    /// Admin secret, to create users.
+    pub admin_secret: String,
+    /// `dev`, `distributed` or `external`.
+    pub mode: String,
+    children: Vec<Child>,
+}
+
+impl Target {
+    /// The gateway address for `t`.
+    pub fn addr(&self, t: Transport) -> &str {
+        match t {
+            Transport::Tcp => &self.tcp,
+            Transport::Ws => &self.ws,
+            Transport::Quic => &self.quic,
+        }
+    }
+
+    /// The gateway's resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.gateway_pid.and_then(rss_kib).unwrap_or(0)
+    }
+
+    /// The gateway's CPU time (user + system), seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        self.gateway_pid.and_then(cpu_secs).unwrap_or(0.0)
+    }
+
+    /// Stops spawned processes.
+    pub async fn stop(mut self) {
+        for c in &mut self.children {
+            let _ = c.start_kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// `VmRSS` of a process, KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// utime + stime of a process, seconds (assumes the usual 100 clock ticks per second).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts (or points at) the cluster the arguments describe and waits until it answers.
+///
+/// # Errors
+/// When a process cannot start or does not become ready within 60 s.
+pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
+    if args.spawn == SpawnMode::None {
+        return Ok(Target {
+            api: args.api.clone(),
+            tcp: args.tcp.clone(),
+            ws: args.ws.clone(),
+            quic: args.quic.clone(),
+            gateway_pid: args.gateway_pid,
+            token_secret: args.token_secret.clone(),
+            admin_secret: args.admin_secret.clone(),
+            mode: "external".into(),
+            children: Vec::new(),
+        });
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let (api_port, tcp_port, ws_port) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
+    let quic_port = free_udp_port()?;
+    let secret = if args.token_secret.is_empty() {
+        DEV_TOKEN_SECRET.to_owned()
+    } else {
+        args.token_secret.clone()
+    };
+    let admin = if args.admin_secret.is_empty() {
+        BENCH_ADMIN_SECRET.to_owned()
+    } else {
+        args.admin_secret.clone()
+    };
+    let mut common: Vec<(String, String)> = vec![
+        ("ZHIBO_TOKEN_SECRET".into(), secret.clone()),
+        ("ZHIBO_API__ADMIN_SECRET".into(), admin.clone()),
+        ("ZHIBO_API_ADDR".into(), format!("127.0.0.1:{api_port}")),
+        ("ZHIBO_GATEWAY__TCP_ADDR".into(), format!("127.0.0.1:{tcp_port}")),
+        ("ZHIBO_GATEWAY__WS_ADDR".into(), format!("127.0.0.1:{ws_port}")),
+        ("ZHIBO_GATEWAY__QUIC_ADDR".into(), format!("127.0.0.1:{quic_port}")),
+        // The generator pipelines from few connections: lift the per-connection limits.
+        ("ZHIBO_GATEWAY__RATE_PER_SEC".into(), "10000000".into()),
+        ("ZHIBO_GATEWAY__RATE_BURST".into(), "10000000".into()),
+        ("ZHIBO_GATEWAY__ROOM_SEND_PER_SEC".into(), "10000000".into()),
+        ("ZHIBO_GATEWAY__ROOM_SEND_BURST".into(), "10000000".into()),
+        ("ZHIBO_GATEWAY__OUTBOUND_QUEUE".into(), "65536".into()),
+        ("ZHIBO_LOGIC__ALLOW_STRANGERS".into(), "true".into()),
+        ("ZHIBO_LOG".into(), "warn".into()),
+        ("NO_COLOR".into(), "1".into()),
+    ];
+    let log_path = args.out.join("server.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("create {}", log_path.display()))?;
+    let mut children = Vec::new();
+    let spawn = |role: &str, env: &[(String, String)]| -> anyhow::Result<Child> {
+        Command::new(&args.zhibo_bin)
+            .arg(role)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {} {role}", args.zhibo_bin.display()))
+    };
+    let gateway_pid;
+    match args.spawn {
+        SpawnMode::Dev => {
+            let path = match args.store {
+                StoreMode::Memory => String::new(),
+                StoreMode::Disk => {
+                    let p = args.out.join("bench-store.redb");
+                    let _ = std::fs::remove_file(&p);
+                    p.display().to_string()
+                }
+            };
+            common.push(("ZHIBO_STORE__PATH".into(), path));
+            let child = spawn("dev", &common)?;
+            gateway_pid = child.id();
+            children.push(child);
+        }
+        SpawnMode::Distributed => {
+            common.extend([
+                ("ZHIBO_BUS__NATS_URL".into(), args.nats_url.clone()),
+                ("ZHIBO_STORE__KIND".into(), "scylla".into()),
+                (
+                    "ZHIBO_STORE__CQL_NODES".into(),
+                    format!("[\"{}\"]", args.cql_node),
+                ),
+                ("ZHIBO_STORE__KEYSPACE".into(), args.keyspace.clone()),
+                ("ZHIBO_STORE__REDIS_URL".into(), args.redis_url.clone()),
+            ]);
+            let status = spawn("migrate", &common)?.wait().await?;
+            if !status.success() {
+                bail!(
+                    "zhibo migrate failed ({status}); see {}",
+                    log_path.display()
+                );
+            }
+            let gw = spawn("gateway", &common)?;
+            gateway_pid = gw.id();
+            children.push(gw);
+            for _ in 0..args.workers.max(1) {
+                children.push(spawn("logic-worker", &common)?);
+            }
+            children.push(spawn("user-api", &common)?);
+        }
+        SpawnMode::None => unreachable!("handled above"),
+    }
+    let target = Target {
+        api: format!("http://127.0.0.1:{api_port}"),
+        tcp: format!("127.0.0.1:{tcp_port}"),
+        ws: format!("127.0.0.1:{ws_port}"),
+        quic: format!("127.0.0.1:{quic_port}"),
+        gateway_pid,
+        token_secret: secret,
+        admin_secret: admin,
+        mode: format!("{:?}", args.spawn).to_lowercase(),
+        children,
+    };
+    wait_ready(&target, &log_path).await?;
+    Ok(target)
+}
+
+async fn wait_ready(t: &Target, log: &Path) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let api_ok = http
+            .get(format!("{}/readyz", t.api))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        let gw_ok = tokio::net::TcpStream::connect(&t.tcp).await.is_ok();
+        if api_ok && gw_ok {
+            // Distributed: queue subscriptions of the workers reach NATS asynchronously.
+            if t.mode == "distributed" {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the server did not become ready in 60 s; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

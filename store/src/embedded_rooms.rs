@@ -1,0 +1,126 @@
+//! [`RoomStore`] for the embedded backend: room records in the redb file (table `rooms`: room id →
+//! [`Room`] as JSON), recent history in memory.
+//!
+//! Embedded mode is one process, so the one in-memory ring per room is shared by the logic worker that
+//! writes it and the gateway that reads it; it is lost on restart, which is acceptable for chat that
+//! expires within a day anyway. Room records change rarely (owner and admin actions), so they are written
+//! in their own durable transaction rather than through the backend's group-commit writer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use redb::{Database, TableDefinition, TableError};
+use zhibo_proto::client::Message;
+
+use crate::ids::now_ms;
+use crate::{Error, ErrorKind, Result, Room, RoomStore};
+
+const ROOMS: TableDefinition<i64, &[u8]> = TableDefinition::new("rooms");
+
+/// A room's history is forgotten this long after its last message (like Scylla's TTL).
+const RECENT_RETENTION_MS: i64 = 24 * 3600 * 1000;
+/// Pushes between two sweeps of idle rooms.
+const SWEEP_EVERY: u64 = 1024;
+
+/// The embedded [`RoomStore`]; built by `EmbeddedBackend::stores`.
+pub struct EmbeddedRooms {
+    db: Arc<Database>,
+    /// room id → (time of the last push, latest messages oldest first).
+    recent: Mutex<HashMap<i64, (i64, VecDeque<Message>)>>,
+    pushes: AtomicU64,
+}
+
+impl std::fmt::Debug for EmbeddedRooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedRooms").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedRooms {
+    /// Room records in `db`, history in memory.
+    pub fn new(db: Arc<Database>) -> Self {
+        EmbeddedRooms {
+            db,
+            recent: Mutex::new(HashMap::new()),
+            pushes: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (i64, VecDeque<Message>)>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::unavailable(e)
+}
+
+#[async_trait]
+impl RoomStore for EmbeddedRooms {
+    async fn put_room(&self, room: &Room) -> Result<()> {
+        let db = self.db.clone();
+        let json = serde_json::to_vec(room)
+            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("encoding room: {e}")))?;
+        let room_id = room.room_id;
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(ROOMS).map_err(unavailable)?;
+                t.insert(room_id, json.as_slice()).map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn get_room(&self, room_id: i64) -> Result<Option<Room>> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let table = match tx.open_table(ROOMS) {
+                Ok(t) => t,
+                // No room was ever written.
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            };
+            match table.get(room_id).map_err(unavailable)? {
+                None => Ok(None),
+                Some(v) => serde_json::from_slice(v.value())
+                    .map(Some)
+                    .map_err(|e| Error::new(ErrorKind::Corrupt, format!("room {room_id}: {e}"))),
+            }
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn push_recent(&self, room_id: i64, message: &Message, keep: usize) -> Result<()> {
+        let now = now_ms();
+        let mut recent = self.lock();
+        let (last, ring) = recent.entry(room_id).or_default();
+        *last = now;
+        ring.push_back(message.clone());
+        while ring.len() > keep {
+            ring.pop_front();
+        }
+        if self.pushes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            recent.retain(|_, (last, _)| now - *last < RECENT_RETENTION_MS);
+        }
+        Ok(())
+    }
+
+    async fn recent(&self, room_id: i64, limit: usize) -> Result<Vec<Message>> {
+        let recent = self.lock();
+        Ok(match recent.get(&room_id) {
+            Some((last, ring)) if now_ms() - *last < RECENT_RETENTION_MS => ring
+                .iter()
+                .skip(ring.len().saturating_sub(limit))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics (prometheus-client), one [`Metrics`] per process, shared as `Arc<Metrics>`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A label set with one `transport` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `tcp`, `ws` or `quic`.
+    pub transport: &'static str,
+}
+
+/// A label set with one `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What the sample is about.
+    pub kind: &'static str,
+}
+
+/// Every metric zhibo exports. Cheap to update: atomics behind each handle.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open connections by transport.
+    pub connections: Family<TransportLabel, Gauge>,
+    /// Completed sign-ins by transport.
+    pub sign_ins: Family<TransportLabel, Counter>,
+    /// Refused sign-ins, by reason kind.
+    pub sign_in_failures: Family<KindLabel, Counter>,
+    /// Frames read from clients.
+    pub frames_in: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Messages accepted (stored and ACKed) by logic workers.
+    pub messages_sent: Counter,
+    /// Message deliveries published to recipients (one per recipient user).
+    pub messages_delivered: Counter,
+    /// Time from a logic worker taking a send to its ACK being published, seconds.
+    pub send_ack_seconds: Histogram,
+    /// Bus (NATS) errors, by operation.
+    pub bus_errors: Family<KindLabel, Counter>,
+    /// Store errors.
+    pub store_errors: Counter,
+    /// Live-room viewers on this gateway.
+    pub room_viewers: Gauge,
+    /// Packets dropped or connections closed because an outbound queue was full, by kind.
+    pub queue_drops: Family<KindLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered under the `zhibo_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("zhibo");
+        let m = Metrics {
+            connections: Family::default(),
+            sign_ins: Family::default(),
+            sign_in_failures: Family::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            messages_sent: Counter::default(),
+            messages_delivered: Counter::default(),
+            send_ack_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            bus_errors: Family::default(),
+            store_errors: Counter::default(),
+            room_viewers: Gauge::default(),
+            queue_drops: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        registry.register("sign_ins", "Completed sign-ins", m.sign_ins.clone());
+        registry.register(
+            "sign_in_failures",
+            "Refused sign-ins",
+            m.sign_in_failures.clone(),
+        );
+        registry.register("frames_in", "Frames read from clients", m.frames_in.clone());
+        registry.register(
+            "frames_out",
+            "Frames written to clients",
+            m.frames_out.clone(),
+        );
+        registry.register(
+            "messages_sent",
+            "Messages stored and acknowledged",
+            m.messages_sent.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Deliveries published to recipient users",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "send_ack_seconds",
+            "Logic-worker time from taking a send to publishing its ACK",
+            m.send_ack_seconds.clone(),
+        );
+        registry.register("bus_errors", "Bus (NATS) errors", m.bus_errors.clone());
+        registry.register("store_errors", "Storage errors", m.store_errors.clone());
+        registry.register(
+            "room_viewers",
+            "Live-room viewers on this gateway",
+            m.room_viewers.clone(),
+        );
+        registry.register(
+            "queue_drops",
+            "Outbound queue overflows",
+            m.queue_drops.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format, for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render() {
+        let m = Metrics::new();
+        m.sign_ins
+            .get_or_create(&TransportLabel { transport: "ws" })
+            .inc();
+        m.messages_sent.inc_by(3);
+        m.send_ack_seconds.observe(0.002);
+        let text = m.render();
+        assert!(
+            text.contains(r#"zhibo_sign_ins_total{transport="ws"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("zhibo_messages_sent_total 3"), "{text}");
+        assert!(text.contains("zhibo_send_ack_seconds_count 1"), "{text}");
+    }
+}

@@ -1,0 +1,257 @@
+//! Live rooms over HTTP: reading a room's settings, owner/admin actions (close, mute, join notices), and
+//! the admin API's room settings, system notices to a room and server-wide broadcasts. Room records are
+//! stored ([`zhibo_store::RoomStore`]) so every logic worker and gateway sees them; notices and broadcasts
+//! go through [`zhibo_logic::Logic`] like any room message.
+
+use axum::extract::State;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use zhibo_logic::LogicError;
+use zhibo_proto::bus::Origin;
+use zhibo_proto::client::{ErrorCode, ReceiverType, RoomNotice, SendMessageInput};
+use zhibo_store::ids::now_ms;
+use zhibo_store::Room;
+
+use crate::auth::{Admin, Caller};
+use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::state::AppState;
+use crate::validate;
+
+/// A live room's settings.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RoomView {
+    room_id: i64,
+    /// 0 when the room has no owner.
+    owner_user_id: i64,
+    admin_user_ids: Vec<i64>,
+    /// Joins and sends are refused.
+    closed: bool,
+    /// Sends are refused except from the owner and admins.
+    muted: bool,
+    /// Viewers' joins and leaves are announced as room messages.
+    join_notices: bool,
+    updated_at_ms: i64,
+}
+
+impl From<Room> for RoomView {
+    fn from(r: Room) -> Self {
+        RoomView {
+            room_id: r.room_id,
+            owner_user_id: r.owner_user_id,
+            admin_user_ids: r.admin_user_ids,
+            closed: r.closed,
+            muted: r.muted,
+            join_notices: r.join_notices,
+            updated_at_ms: r.updated_at_ms,
+        }
+    }
+}
+
+/// What the owner or an admin may change; absent fields keep their value.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateRoom {
+    #[serde(default)]
+    closed: Option<bool>,
+    #[serde(default)]
+    muted: Option<bool>,
+    #[serde(default)]
+    join_notices: Option<bool>,
+}
+
+/// A room's settings as the app backend sets them; absent fields keep their value (a room never set is
+/// open, unmuted, without owner).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminUpdateRoom {
+    #[serde(default)]
+    owner_user_id: Option<i64>,
+    #[serde(default)]
+    admin_user_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    closed: Option<bool>,
+    #[serde(default)]
+    muted: Option<bool>,
+    #[serde(default)]
+    join_notices: Option<bool>,
+}
+
+/// A server-side room message or broadcast (not stored in any inbox; seq 0).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerNotice {
+    /// Shown as the sender; 0 (default) = the system.
+    #[serde(default)]
+    from_user_id: i64,
+    /// Application-defined, >= 0.
+    #[serde(default)]
+    content_type: i32,
+    /// The message bytes, standard base64 (with padding).
+    content: String,
+}
+
+/// A published room message or broadcast.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct NoticeSent {
+    /// A u64, as a string: it does not fit a JavaScript number.
+    message_id: String,
+    server_time_ms: i64,
+}
+
+fn room_not_found() -> ApiError {
+    ApiError::not_found("room_not_found", "no such room")
+}
+
+fn room_id(id: i64) -> Result<i64, ApiError> {
+    validate::id("room_id", id)?;
+    Ok(id)
+}
+
+fn logic_error(e: LogicError) -> ApiError {
+    match e.code {
+        ErrorCode::InvalidArgument => ApiError::invalid(e.message),
+        ErrorCode::Unavailable => ApiError::unavailable(e),
+        _ => ApiError::internal(e),
+    }
+}
+
+/// Stores `room`, telling its viewers when this closes it.
+async fn save(st: &AppState, mut room: Room, was_closed: bool) -> Result<RoomView, ApiError> {
+    room.updated_at_ms = now_ms();
+    st.stores.rooms.put_room(&room).await?;
+    if room.closed && !was_closed {
+        // Viewers learn it; joins and sends are refused from now on either way.
+        if let Err(e) = st.logic.room_notice(room.room_id, RoomNotice::Closed).await {
+            tracing::warn!(room_id = room.room_id, error = %e, "room-closed notice lost");
+        }
+    }
+    Ok(room.into())
+}
+
+pub(crate) async fn get_room(
+    State(st): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<ApiJson<RoomView>, ApiError> {
+    let id = room_id(id)?;
+    let room = st.stores.rooms.get_room(id).await?;
+    Ok(ApiJson(room.unwrap_or_else(|| Room::open(id)).into()))
+}
+
+pub(crate) async fn update_room(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UpdateRoom>,
+) -> Result<ApiJson<RoomView>, ApiError> {
+    let id = room_id(id)?;
+    let mut room = st
+        .stores
+        .rooms
+        .get_room(id)
+        .await?
+        .ok_or_else(room_not_found)?;
+    if !room.is_manager(caller.user_id) {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only the room's owner and admins may change it",
+        ));
+    }
+    let was_closed = room.closed;
+    room.closed = req.closed.unwrap_or(room.closed);
+    room.muted = req.muted.unwrap_or(room.muted);
+    room.join_notices = req.join_notices.unwrap_or(room.join_notices);
+    Ok(ApiJson(save(&st, room, was_closed).await?))
+}
+
+pub(crate) async fn admin_update_room(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<AdminUpdateRoom>,
+) -> Result<ApiJson<RoomView>, ApiError> {
+    let id = room_id(id)?;
+    let mut room = st
+        .stores
+        .rooms
+        .get_room(id)
+        .await?
+        .unwrap_or_else(|| Room::open(id));
+    if let Some(owner) = req.owner_user_id {
+        if owner != 0 {
+            validate::id("owner_user_id", owner)?;
+        }
+        room.owner_user_id = owner;
+    }
+    if let Some(admins) = req.admin_user_ids {
+        if admins.len() > 100 {
+            return Err(ApiError::invalid("admin_user_ids: at most 100"));
+        }
+        for a in &admins {
+            validate::id("admin_user_ids", *a)?;
+        }
+        room.admin_user_ids = admins;
+    }
+    let was_closed = room.closed;
+    room.closed = req.closed.unwrap_or(room.closed);
+    room.muted = req.muted.unwrap_or(room.muted);
+    room.join_notices = req.join_notices.unwrap_or(room.join_notices);
+    Ok(ApiJson(save(&st, room, was_closed).await?))
+}
+
+fn decode(content: &str) -> Result<bytes::Bytes, ApiError> {
+    STANDARD
+        .decode(content.as_bytes())
+        .map(Into::into)
+        .map_err(|_| ApiError::invalid("content must be standard base64"))
+}
+
+pub(crate) async fn admin_room_message(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<ServerNotice>,
+) -> Result<ApiJson<NoticeSent>, ApiError> {
+    let id = room_id(id)?;
+    // Device 0: a server-side send, allowed in closed and muted rooms.
+    let origin = Origin {
+        user_id: req.from_user_id,
+        device_id: 0,
+        gateway_id: String::new(),
+        conn_id: 0,
+    };
+    let input = SendMessageInput {
+        receiver_type: ReceiverType::Room as i32,
+        receiver_id: id,
+        client_msg_id: String::new(),
+        content_type: req.content_type,
+        content: decode(&req.content)?,
+    };
+    let out = st
+        .logic
+        .send_room_message(&origin, &input)
+        .await
+        .map_err(logic_error)?;
+    Ok(ApiJson(NoticeSent {
+        message_id: out.message_id.to_string(),
+        server_time_ms: out.server_time_ms,
+    }))
+}
+
+pub(crate) async fn admin_broadcast(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiJson(req): ApiJson<ServerNotice>,
+) -> Result<ApiJson<NoticeSent>, ApiError> {
+    let out = st
+        .logic
+        .broadcast(req.from_user_id, req.content_type, decode(&req.content)?)
+        .await
+        .map_err(logic_error)?;
+    Ok(ApiJson(NoticeSent {
+        message_id: out.message_id.to_string(),
+        server_time_ms: out.server_time_ms,
+    }))
+}

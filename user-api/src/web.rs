@@ -1,0 +1,129 @@
+//! The browser chat page (`web/static/`), embedded in the binary and served at `/` when
+//! [`ApiConfig::web_ui`](crate::ApiConfig::web_ui) is on (`zhibo dev` turns it on).
+//!
+//! Plain ES modules and a vendored protobuf.js: no build step, so `cargo build` needs no npm. The page
+//! parses the gateway's own `client.proto`, served here from `proto/` at `/proto/zhibo/v1/client.proto`,
+//! so the browser and the gateway cannot disagree on the wire format. `/config.json` tells the page where
+//! the gateway's WebSocket listens. None of this is under `/v1` or in the OpenAPI document: it is a
+//! development page, not API.
+
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+/// One embedded file: path served, content type, bytes.
+type Asset = (&'static str, &'static str, &'static [u8]);
+
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// Every file of the page. Paths are outside `/v1`.
+const ASSETS: &[Asset] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_bytes!("../../web/static/index.html"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../web/static/style.css"),
+    ),
+    ("/app.js", JS, include_bytes!("../../web/static/app.js")),
+    ("/api.js", JS, include_bytes!("../../web/static/api.js")),
+    ("/wire.js", JS, include_bytes!("../../web/static/wire.js")),
+    (
+        "/vendor/long.js",
+        JS,
+        include_bytes!("../../web/static/vendor/long.js"),
+    ),
+    (
+        "/vendor/protobuf.min.js",
+        JS,
+        include_bytes!("../../web/static/vendor/protobuf.min.js"),
+    ),
+    (
+        "/vendor/LICENSES.txt",
+        "text/plain; charset=utf-8",
+        include_bytes!("../../web/static/vendor/LICENSES.txt"),
+    ),
+    // The same file the gateway is compiled from.
+    (
+        "/proto/zhibo/v1/client.proto",
+        "text/plain; charset=utf-8",
+        include_bytes!("../../proto/proto/zhibo/v1/client.proto"),
+    ),
+];
+
+/// The page's routes: the files above and `GET /config.json` = `{"ws_url": ws_url}`. An empty `ws_url`
+/// makes the page use port 7002 on its own host.
+pub(crate) fn router<S: Clone + Send + Sync + 'static>(ws_url: &str) -> Router<S> {
+    let mut router = Router::new();
+    for &(path, content_type, body) in ASSETS {
+        router = router.route(path, get(move || async move { asset(content_type, body) }));
+    }
+    let config = serde_json::json!({ "ws_url": ws_url }).to_string();
+    router.route(
+        "/config.json",
+        get(move || async move { asset("application/json", config.into_bytes()) }),
+    )
+}
+
+/// A file, revalidated on every load (a dev page: a rebuilt binary must never serve a stale script).
+fn asset(content_type: &'static str, body: impl Into<axum::body::Body>) -> impl IntoResponse {
+    (
+        [
+            (CONTENT_TYPE, content_type),
+            (CACHE_CONTROL, "no-cache"),
+            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body.into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_page_route_is_api() {
+        for (path, _, body) in ASSETS {
+            assert!(!path.starts_with("/v1"), "{path} would shadow the API");
+            assert!(!body.is_empty(), "{path} is empty");
+        }
+        assert!(crate::route_table()
+            .iter()
+            .all(|(_, p)| ASSETS.iter().all(|(a, _, _)| a != p) && *p != "/config.json"));
+    }
+
+    #[tokio::test]
+    async fn serves_the_page_the_proto_and_the_config() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let app: Router = router("ws://127.0.0.1:9/ws");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let get = |path: &'static str| {
+            let req = http.get(format!("{base}{path}"));
+            async move {
+                let r = req.send().await.expect("request");
+                let ct = r.headers()[CONTENT_TYPE].to_str().expect("ct").to_owned();
+                (r.status().as_u16(), ct, r.text().await.expect("body"))
+            }
+        };
+        let (status, ct, html) = get("/").await;
+        assert_eq!((status, ct.as_str()), (200, "text/html; charset=utf-8"));
+        assert!(html.contains("app.js"));
+        let (status, _, proto) = get("/proto/zhibo/v1/client.proto").await;
+        assert_eq!(status, 200);
+        assert!(proto.contains("message Packet"));
+        let (status, ct, config) = get("/config.json").await;
+        assert_eq!((status, ct.as_str()), (200, "application/json"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&config).expect("json")["ws_url"],
+            "ws://127.0.0.1:9/ws"
+        );
+    }
+}

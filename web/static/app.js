@@ -1,0 +1,651 @@
+// The zhibo browser chat page: accounts, friends and groups over the user-api (api.js), messages and live
+// rooms over the gateway's WebSocket in protobuf (wire.js).
+//
+// Messages are kept in localStorage per user and device, with the seq cursor of the last completed sync.
+// At every (re)connect the page asks for everything after that cursor (SyncInput, paged by has_more), so
+// what arrived while the page was closed shows up after a reload. Live pushes are shown at once but do
+// not move the cursor: only a sync does, so a message pushed out of order can never be skipped.
+
+import { api, ApiError } from './api.js';
+import { loadWire } from './wire.js';
+
+const TEXT = 1; // content_type of a UTF-8 text message (the command-line client uses the same)
+const SYNC_PAGE = 500;
+const CACHE_LIMIT = 2000;
+const REQUEST_TIMEOUT_MS = 10000;
+const REFRESH_MS = 5000;
+const MAX_DANMAKU = 60;
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, props = {}, ...children) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === 'dataset') Object.assign(e.dataset, v);
+    else if (k === 'class') e.className = v;
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else e[k] = v;
+  }
+  e.append(...children);
+  return e;
+};
+const utf8 = { enc: new TextEncoder(), dec: new TextDecoder() };
+
+const state = {
+  wire: null,
+  wsUrl: '',
+  deviceId: localStorage.getItem('zhibo.device_id') || '',
+  session: JSON.parse(localStorage.getItem('zhibo.session') || 'null'),
+  conn: null,
+  users: new Map(), // user id → {username, nickname}
+  friends: [], // user ids
+  groups: [], // {group_id, name}
+  requests: [],
+  inbox: { cursor: '0', messages: [] }, // cursor: seq of the last completed sync
+  byKey: new Map(), // message id, or `${device}/${client_msg_id}` for unacknowledged sends → message
+  unread: new Map(), // conversation key → count
+  current: null, // conversation key: 'user:<id>' | 'group:<id>'
+  room: null, // {id, online}
+  refreshTimer: 0,
+};
+
+// ---------------------------------------------------------------------------------------------- UI bits
+
+let toastTimer = 0;
+function toast(text) {
+  const t = $('toast');
+  t.textContent = text;
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { t.hidden = true; }, 6000);
+}
+
+function report(e) {
+  console.error(e);
+  toast(e instanceof ApiError ? `${e.code}: ${e.message}` : String(e.message || e));
+}
+
+function setStatus(s) {
+  const st = $('conn-status');
+  st.dataset.state = s;
+  st.textContent = s;
+}
+
+function nameOf(id) {
+  const u = state.users.get(id);
+  return u ? (u.nickname || u.username) : `user ${id}`;
+}
+
+function convTitle(key) {
+  const [kind, id] = key.split(':');
+  if (kind === 'user') return nameOf(id);
+  const g = state.groups.find((g) => g.group_id === id);
+  return g ? `# ${g.name}` : `group ${id}`;
+}
+
+// ------------------------------------------------------------------------------------ users, friends
+
+async function loadUsers(ids) {
+  const missing = [...new Set(ids)].filter((id) => id !== '0' && !state.users.has(id));
+  await Promise.all(missing.map(async (id) => {
+    try {
+      const u = await api('GET', `/v1/users/${id}`, { token: state.session.token });
+      state.users.set(id, { username: u.username, nickname: u.nickname });
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 404)) throw e;
+      state.users.set(id, { username: `user ${id}`, nickname: '' });
+    }
+  }));
+}
+
+async function refreshLists() {
+  const token = state.session.token;
+  const [friends, requests, groups] = await Promise.all([
+    api('GET', '/v1/friends', { token }),
+    api('GET', '/v1/friends/requests', { token }),
+    api('GET', '/v1/groups', { token }),
+  ]);
+  state.friends = friends.friends.map((f) => String(f.friend_id));
+  state.requests = requests.requests.map((r) => ({ from: String(r.from_user_id), message: r.message }));
+  state.groups = groups.groups.map((g) => ({ group_id: String(g.group_id), name: g.name }));
+  await loadUsers([...state.friends, ...state.requests.map((r) => r.from)]);
+  renderSidebar();
+}
+
+function peerItem(key, label) {
+  const unread = state.unread.get(key) || 0;
+  return el('li', { dataset: { conv: key }, class: key === state.current ? 'active' : '', onclick: () => openConversation(key) },
+    el('span', { class: 'name', textContent: label }),
+    unread ? el('span', { class: 'badge', textContent: String(unread) }) : '');
+}
+
+function renderSidebar() {
+  $('friends').replaceChildren(...state.friends.map((id) => peerItem(`user:${id}`, nameOf(id))));
+  $('groups').replaceChildren(...state.groups.map((g) => peerItem(`group:${g.group_id}`, `# ${g.name}`)));
+  $('requests-section').hidden = state.requests.length === 0;
+  $('requests').replaceChildren(...state.requests.map((r) => el('li', { dataset: { from: r.from } },
+    el('span', { class: 'name', textContent: nameOf(r.from) }),
+    r.message ? el('span', { class: 'hint', textContent: ` “${r.message}”` }) : '',
+    el('button', { type: 'button', textContent: 'Agree', onclick: () => agree(r.from) }))));
+  if (state.current) $('conv-title').textContent = convTitle(state.current);
+}
+
+async function agree(from) {
+  await api('POST', `/v1/friends/requests/${from}/agree`, { token: state.session.token, body: {} });
+  await refreshLists();
+}
+
+async function findUser(username) {
+  const { users } = await api('GET', `/v1/users/search?username=${encodeURIComponent(username)}`,
+    { token: state.session.token });
+  if (!users.length) throw new Error(`no user named ${username}`);
+  const u = users[0];
+  state.users.set(String(u.user_id), { username: u.username, nickname: u.nickname });
+  return String(u.user_id);
+}
+
+// ------------------------------------------------------------------------------------------ messages
+
+function convOf(m) {
+  if (m.type === 'RECEIVER_TYPE_GROUP') return `group:${m.to}`;
+  return `user:${m.from === state.session.user_id ? m.to : m.from}`;
+}
+
+function fromWire(m) {
+  return {
+    id: m.messageId,
+    seq: m.seq,
+    from: m.senderUserId,
+    device: m.senderDeviceId,
+    type: m.receiverType,
+    to: m.receiverId,
+    cmid: m.clientMsgId,
+    time: Number(m.serverTimeMs),
+    ct: m.contentType,
+    text: m.contentType === TEXT ? utf8.dec.decode(m.content) : `[content type ${m.contentType}, ${m.content.length} bytes]`,
+  };
+}
+
+const pendingKey = (m) => `${m.device}/${m.cmid}`;
+
+/** Adds (or completes) a message; returns whether it was new. */
+function addMessage(m) {
+  if (m.id && state.byKey.has(m.id)) return false;
+  const pending = state.byKey.get(pendingKey(m));
+  if (pending) {
+    // Our own send, confirmed by its reply or by a sync that overtook the reply.
+    Object.assign(pending, { id: m.id, seq: m.seq, time: m.time, state: '' });
+    state.byKey.delete(pendingKey(m));
+    state.byKey.set(m.id, pending);
+    return false;
+  }
+  if (m.id) state.byKey.set(m.id, m);
+  else state.byKey.set(pendingKey(m), m);
+  state.inbox.messages.push(m);
+  return true;
+}
+
+function sortKey(m) { return m.time || Number.MAX_SAFE_INTEGER; }
+
+let saveTimer = 0;
+function saveInbox() {
+  clearTimeout(saveTimer);
+  saveTimer = setTimeout(() => {
+    const msgs = state.inbox.messages.filter((m) => m.id).slice(-CACHE_LIMIT);
+    localStorage.setItem(inboxKey(), JSON.stringify({ cursor: state.inbox.cursor, messages: msgs }));
+  }, 100);
+}
+
+function inboxKey() { return `zhibo.inbox.${state.session.user_id}.${state.session.device_id}`; }
+
+function loadInbox() {
+  const saved = JSON.parse(localStorage.getItem(inboxKey()) || 'null');
+  state.inbox = { cursor: '0', messages: [] };
+  state.byKey.clear();
+  if (!saved) return;
+  state.inbox.cursor = saved.cursor;
+  for (const m of saved.messages) addMessage(m);
+}
+
+/** New messages arrived (live or by sync): render, count unread, learn names and groups. */
+async function received(messages) {
+  const fresh = messages.map(fromWire).filter(addMessage);
+  if (!fresh.length) return;
+  for (const m of fresh) {
+    const key = convOf(m);
+    if (key !== state.current && m.from !== state.session.user_id) state.unread.set(key, (state.unread.get(key) || 0) + 1);
+  }
+  saveInbox();
+  const unknownGroup = fresh.some((m) => m.type === 'RECEIVER_TYPE_GROUP' && !state.groups.some((g) => g.group_id === m.to));
+  const unknownFriend = fresh.some((m) => m.type === 'RECEIVER_TYPE_USER' && !state.friends.includes(convOf(m).slice(5)));
+  await loadUsers(fresh.map((m) => m.from));
+  if (unknownGroup || unknownFriend) await refreshLists().catch(report);
+  renderSidebar();
+  renderMessages();
+}
+
+function renderMessages() {
+  const list = $('messages');
+  if (!state.current) { list.replaceChildren(); return; }
+  const msgs = state.inbox.messages.filter((m) => convOf(m) === state.current)
+    .sort((a, b) => sortKey(a) - sortKey(b));
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+  list.replaceChildren(...msgs.map((m) => el('li', {
+    class: `msg${m.from === state.session.user_id ? ' mine' : ''}${m.state ? ` ${m.state}` : ''}`,
+    dataset: { messageId: m.id || '', seq: m.seq || '' },
+  },
+  el('span', { class: 'who', textContent: nameOf(m.from) }),
+  el('span', { class: 'text', textContent: m.text }),
+  el('time', { textContent: m.time ? new Date(m.time).toLocaleTimeString() : '…' }))));
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function openConversation(key) {
+  state.current = key;
+  state.unread.delete(key);
+  $('conv-title').textContent = convTitle(key);
+  for (const c of $('composer').elements) c.disabled = false;
+  renderSidebar();
+  renderMessages();
+  $('messages').scrollTop = $('messages').scrollHeight;
+  $('composer').elements.text.focus();
+}
+
+async function send(key, text) {
+  const [kind, id] = key.split(':');
+  const m = {
+    id: '', seq: '', from: state.session.user_id, device: state.session.device_id,
+    type: kind === 'group' ? 'RECEIVER_TYPE_GROUP' : 'RECEIVER_TYPE_USER', to: id,
+    cmid: crypto.randomUUID(), time: 0, text, state: 'pending',
+  };
+  addMessage(m);
+  renderMessages();
+  await deliver(m);
+}
+
+/** Sends (or resends, with the same client_msg_id: the server answers a resend with the first result). */
+async function deliver(m) {
+  try {
+    const reply = await state.conn.request({
+      sendMessage: { receiverType: m.type, receiverId: m.to, clientMsgId: m.cmid, contentType: TEXT, content: utf8.enc.encode(m.text) },
+    });
+    const out = reply.sendMessageOutput;
+    addMessage({ ...m, id: out.messageId, seq: out.seq, time: Number(out.serverTimeMs) });
+    saveInbox();
+  } catch (e) {
+    m.state = e.retry ? 'pending' : 'failed';
+    if (!e.retry) report(e);
+  }
+  renderMessages();
+}
+
+/** Everything after the cursor, page by page; then the cursor moves and the server gets an ack. */
+async function sync() {
+  let cursor = state.inbox.cursor;
+  for (;;) {
+    const { syncOutput } = await state.conn.request({ sync: { seq: cursor, limit: SYNC_PAGE } });
+    await received(syncOutput.messages);
+    if (syncOutput.messages.length) cursor = syncOutput.messages[syncOutput.messages.length - 1].seq;
+    if (!syncOutput.hasMore || !syncOutput.messages.length) break;
+  }
+  if (BigInt(cursor) > BigInt(state.inbox.cursor)) {
+    state.inbox.cursor = cursor;
+    saveInbox();
+    state.conn.send({ messageAck: { seq: cursor } });
+  }
+}
+
+// ---------------------------------------------------------------------------------------- live room
+
+const lanes = [];
+function danmaku(text, mine) {
+  const stage = $('stage');
+  if (stage.childElementCount >= MAX_DANMAKU) return; // like the server: room traffic may be dropped
+  const laneCount = Math.max(1, Math.floor(stage.clientHeight / 28));
+  const now = performance.now();
+  let lane = 0;
+  for (let i = 0; i < laneCount; i++) if ((lanes[i] || 0) < (lanes[lane] || 0)) lane = i;
+  lanes[lane] = now;
+  const item = el('span', { class: `danmaku${mine ? ' mine' : ''}`, textContent: text });
+  item.style.top = `${lane * 28 + 4}px`;
+  stage.append(item);
+  const distance = stage.clientWidth + item.offsetWidth;
+  item.animate([{ transform: 'translateX(0)' }, { transform: `translateX(-${distance}px)` }],
+    { duration: 6000 + Math.random() * 2000, easing: 'linear' }).onfinish = () => item.remove();
+}
+
+function roomLog(text, cls = '') {
+  const log = $('room-log');
+  log.append(el('li', { class: cls, textContent: text }));
+  while (log.childElementCount > 200) log.firstElementChild.remove();
+  log.scrollTop = log.scrollHeight;
+}
+
+const NOTICES = { '-1': 'joined', '-2': 'left', '-3': 'the room was closed' };
+
+function roomMessages(messages, live) {
+  const fresh = messages.map(fromWire).filter((m) => {
+    // Our own danmaku was shown when the server accepted it; skip it if the room echoes it back.
+    if (m.device !== state.session.device_id || !ownDanmaku.has(m.cmid)) return true;
+    ownDanmaku.delete(m.cmid);
+    return false;
+  });
+  loadUsers(fresh.map((m) => m.from)).catch(() => {}).finally(() => {
+    for (const m of fresh) {
+      if (m.ct < 0) {
+        roomLog(m.ct === -3 ? NOTICES[-3] : `${nameOf(m.from)} ${NOTICES[m.ct] || `notice ${m.ct}`}`, 'notice');
+        continue;
+      }
+      roomLog(`${nameOf(m.from)}: ${m.text}`, 'danmaku-line');
+      if (live) danmaku(m.text, m.from === state.session.user_id);
+    }
+  });
+}
+
+const ownDanmaku = new Set();
+
+async function sendDanmaku(text) {
+  const cmid = crypto.randomUUID();
+  ownDanmaku.add(cmid);
+  await state.conn.request({
+    sendMessage: { receiverType: 'RECEIVER_TYPE_ROOM', receiverId: state.room.id, clientMsgId: cmid, contentType: TEXT, content: utf8.enc.encode(text) },
+  }).catch((e) => { ownDanmaku.delete(cmid); throw e; });
+  roomLog(`${nameOf(state.session.user_id)}: ${text}`, 'danmaku-line mine');
+  danmaku(text, true);
+  if (ownDanmaku.size > 100) ownDanmaku.delete(ownDanmaku.values().next().value);
+}
+
+function showOnline(n) { $('room-online').textContent = String(n); }
+
+async function joinRoom(roomId) {
+  if (state.room && state.room.id !== roomId) await leaveRoom();
+  const { subscribeRoomOutput: out } = await state.conn.request({ subscribeRoom: { roomId } });
+  state.room = { id: roomId };
+  $('room').hidden = false;
+  $('room-id').textContent = roomId;
+  $('room-log').replaceChildren();
+  showOnline(out.onlineCount);
+  roomMessages(out.recent, false);
+}
+
+async function leaveRoom() {
+  if (!state.room) return;
+  const id = state.room.id;
+  state.room = null;
+  $('room').hidden = true;
+  $('stage').replaceChildren();
+  if (state.conn && state.conn.open) state.conn.send({ unsubscribeRoom: { roomId: id } });
+}
+
+// ----------------------------------------------------------------------------------------- connection
+
+class RequestError extends Error {
+  constructor(code, message, retry = false) { super(`${code}: ${message}`); this.code = code; this.retry = retry; }
+}
+
+/** One WebSocket session: sign-in by URL, heartbeats, request/reply by request_id, reconnect. */
+class Conn {
+  constructor() {
+    this.ws = null;
+    this.open = false;
+    this.nextId = 1;
+    this.pending = new Map();
+    this.heartbeat = 0;
+    this.backoff = 500;
+    this.stopped = false;
+    this.connect();
+  }
+
+  connect() {
+    const s = state.session;
+    const q = new URLSearchParams({ user_id: s.user_id, device_id: s.device_id, token: s.token });
+    setStatus('connecting');
+    const ws = new WebSocket(`${state.wsUrl}?${q}`);
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    ws.onmessage = (ev) => {
+      if (typeof ev.data === 'string') return;
+      let p;
+      try { p = state.wire.decode(new Uint8Array(ev.data)); } catch (e) { console.error('bad packet', e); return; }
+      this.onPacket(p).catch(report);
+    };
+    ws.onclose = () => this.onClose(ws);
+  }
+
+  async onPacket(p) {
+    const waiter = p.requestId !== '0' && this.pending.get(p.requestId);
+    if (waiter) {
+      this.pending.delete(p.requestId);
+      clearTimeout(waiter.timer);
+      if (p.body === 'error') waiter.reject(new RequestError(p.error.code, p.error.message, p.error.code === 'ERROR_CODE_UNAVAILABLE'));
+      else waiter.resolve(p);
+      return;
+    }
+    switch (p.body) {
+      case 'signInOutput': return this.onSignedIn(p.signInOutput);
+      case 'message': return received([p.message]);
+      case 'roomMessages': {
+        const r = p.roomMessages;
+        if (state.room && (r.roomId === state.room.id || r.roomId === '0')) {
+          showOnline(r.onlineCount);
+          roomMessages(r.messages, true);
+        }
+        return;
+      }
+      case 'kick':
+        this.stopped = true;
+        toast(`signed out by the server: ${p.kick.reason} ${p.kick.text}`);
+        if (p.kick.reason === 'KICK_REASON_SIGNED_OUT') forgetSession();
+        return;
+      case 'goAway':
+        this.reconnectAfter = Math.max(p.goAway.reconnectAfterMs, 100);
+        return;
+      case 'error': {
+        const { code, message } = p.error;
+        if (code === 'ERROR_CODE_UNAUTHENTICATED' || code === 'ERROR_CODE_TOKEN_EXPIRED') {
+          this.stopped = true;
+          toast(`${code}: ${message}; please sign in again`);
+          forgetSession();
+          return;
+        }
+        toast(`${code}: ${message}`);
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  async onSignedIn(out) {
+    this.open = true;
+    this.backoff = 500;
+    setStatus('online');
+    clearInterval(this.heartbeat);
+    const every = Math.max(1000, out.heartbeatIntervalMs || 30000);
+    this.heartbeat = setInterval(() => this.request({ heartbeat: {} }).catch(() => {}), every);
+    // Unacknowledged sends first (same client_msg_id: exactly once), then what we missed, then the room.
+    for (const m of state.inbox.messages.filter((m) => m.state === 'pending')) deliver(m);
+    await sync();
+    if (state.room) await joinRoom(state.room.id).catch(report);
+    setStatus('synced');
+  }
+
+  onClose(ws) {
+    if (ws !== this.ws) return;
+    this.open = false;
+    clearInterval(this.heartbeat);
+    for (const w of this.pending.values()) { clearTimeout(w.timer); w.reject(new RequestError('closed', 'connection closed', true)); }
+    this.pending.clear();
+    setStatus('offline');
+    if (this.stopped) return;
+    const delay = this.reconnectAfter || this.backoff;
+    this.reconnectAfter = 0;
+    this.backoff = Math.min(this.backoff * 2, 15000);
+    setTimeout(() => { if (!this.stopped) this.connect(); }, delay);
+  }
+
+  send(body) {
+    if (!this.open) throw new RequestError('closed', 'not connected', true);
+    this.ws.send(state.wire.encode({ requestId: '0', ...body }));
+  }
+
+  request(body) {
+    if (!this.open) return Promise.reject(new RequestError('closed', 'not connected', true));
+    const requestId = String(this.nextId++);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(requestId);
+        reject(new RequestError('timeout', 'no reply', true));
+      }, REQUEST_TIMEOUT_MS);
+      this.pending.set(requestId, { resolve, reject, timer });
+      this.ws.send(state.wire.encode({ requestId, ...body }));
+    });
+  }
+
+  close() {
+    this.stopped = true;
+    clearInterval(this.heartbeat);
+    if (this.ws) this.ws.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------- sign-in, startup
+
+async function ensureDevice(force = false) {
+  if (state.deviceId && !force) return state.deviceId;
+  const d = await api('POST', '/v1/devices', { body: { type: 'web', model: 'browser', sdk_version: 'zhibo-web' } });
+  state.deviceId = String(d.device_id);
+  localStorage.setItem('zhibo.device_id', state.deviceId);
+  $('device-id').textContent = state.deviceId;
+  return state.deviceId;
+}
+
+async function signIn(username, password) {
+  const body = { username, password, device_id: Number(await ensureDevice()) };
+  let s;
+  try {
+    s = await api('POST', '/v1/sessions', { body });
+  } catch (e) {
+    // The server forgot this browser (an in-memory dev server restarted): register it again.
+    if (!(e instanceof ApiError && e.code === 'device_not_found')) throw e;
+    body.device_id = Number(await ensureDevice(true));
+    s = await api('POST', '/v1/sessions', { body });
+  }
+  state.session = { user_id: String(s.user_id), device_id: String(s.device_id), token: s.token, expires_at: s.expires_at, username };
+  localStorage.setItem('zhibo.session', JSON.stringify(state.session));
+  await enter();
+}
+
+function forgetSession() {
+  if (state.conn) state.conn.close();
+  state.conn = null;
+  clearInterval(state.refreshTimer);
+  state.session = null;
+  localStorage.removeItem('zhibo.session');
+  showAuth();
+}
+
+function showAuth() {
+  $('chat-view').hidden = true;
+  $('auth-view').hidden = false;
+  $('sign-out').hidden = true;
+  $('me').textContent = '';
+  setStatus('offline');
+}
+
+/** Signed in: show the chat, load lists and the cached inbox, connect. */
+async function enter() {
+  const s = state.session;
+  const me = await api('GET', '/v1/users/me', { token: s.token });
+  state.users.set(s.user_id, { username: me.username, nickname: me.nickname });
+  $('me').textContent = `${me.nickname || me.username} (#${s.user_id})`;
+  $('me').dataset.userId = s.user_id;
+  $('auth-view').hidden = true;
+  $('chat-view').hidden = false;
+  $('sign-out').hidden = false;
+  loadInbox();
+  await refreshLists();
+  clearInterval(state.refreshTimer);
+  state.refreshTimer = setInterval(() => { if (!document.hidden) refreshLists().catch(() => {}); }, REFRESH_MS);
+  state.conn = new Conn();
+}
+
+function wireForms() {
+  const auth = $('auth-form');
+  const creds = () => ({ username: auth.elements.username.value.trim(), password: auth.elements.password.value });
+  auth.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const { username, password } = creds();
+    signIn(username, password).catch(report);
+  });
+  $('sign-up').addEventListener('click', () => {
+    if (!auth.reportValidity()) return;
+    const { username, password } = creds();
+    api('POST', '/v1/users', { body: { username, password } })
+      .then(() => signIn(username, password)).catch(report);
+  });
+  $('sign-out').addEventListener('click', () => {
+    const token = state.session && state.session.token;
+    localStorage.removeItem(inboxKey());
+    forgetSession();
+    if (token) api('DELETE', '/v1/sessions', { token }).catch(() => {});
+  });
+  $('refresh').addEventListener('click', () => refreshLists().catch(report));
+  $('add-friend-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const f = ev.target;
+    findUser(f.elements.username.value.trim())
+      .then((id) => api('POST', '/v1/friends/requests', { token: state.session.token, body: { to_user_id: Number(id) } }))
+      .then(() => { toast(`friend request sent to ${f.elements.username.value.trim()}`); f.reset(); })
+      .catch(report);
+  });
+  $('new-group-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const f = ev.target;
+    const names = f.elements.members.value.split(',').map((s) => s.trim()).filter(Boolean);
+    Promise.all(names.map(findUser))
+      .then((ids) => api('POST', '/v1/groups', { token: state.session.token, body: { name: f.elements.name.value.trim(), member_ids: ids.map(Number) } }))
+      .then((g) => { f.reset(); return refreshLists().then(() => openConversation(`group:${g.group_id}`)); })
+      .catch(report);
+  });
+  $('composer').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const input = ev.target.elements.text;
+    const text = input.value.trim();
+    if (!text || !state.current) return;
+    input.value = '';
+    send(state.current, text).catch(report);
+  });
+  $('room-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    joinRoom(String(ev.target.elements.room_id.value)).catch(report);
+  });
+  $('room-leave').addEventListener('click', () => leaveRoom().catch(report));
+  $('room-composer').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const input = ev.target.elements.text;
+    const text = input.value.trim();
+    if (!text || !state.room) return;
+    input.value = '';
+    sendDanmaku(text).catch(report);
+  });
+}
+
+async function main() {
+  wireForms();
+  const [wire, config] = await Promise.all([loadWire(), api('GET', '/config.json')]);
+  state.wire = wire;
+  state.wsUrl = config.ws_url || `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.hostname}:7002/ws`;
+  $('device-id').textContent = state.deviceId || '(registered at sign-in)';
+  if (state.session && state.session.expires_at * 1000 > Date.now()) {
+    try {
+      await enter();
+      return;
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 401)) throw e;
+      forgetSession();
+    }
+  }
+  showAuth();
+}
+
+main().catch(report);

@@ -1,0 +1,285 @@
+//! Faults: a logic worker killed with SIGKILL mid-flow, a gateway drained under load, a reader that
+//! stops reading. Clients resend what got no ACK (same client_msg_id); nothing ACKed is lost and nothing
+//! is stored twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use zhibo_loadtest::client::{Client, Transport};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{
+    ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, SyncOutput,
+};
+
+use crate::cluster::Cluster;
+
+/// What a resilient client does: keep up to `window` sends in flight, resend (same client_msg_id) what
+/// got no ACK within `resend_after` or got an error; run `at_half` once half are ACKed.
+async fn send_all<F, Fut>(
+    client: &mut Client,
+    to: i64,
+    ids: &[String],
+    at_half: F,
+) -> HashMap<String, SendMessageOutput>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let window = 16;
+    let resend_after = Duration::from_millis(1500);
+    let mut queue: VecDeque<String> = ids.iter().cloned().collect();
+    let mut in_flight: HashMap<u64, (String, Instant)> = HashMap::new();
+    let mut acked = HashMap::new();
+    let mut at_half = Some(at_half);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while acked.len() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "all sends ACKed in time: {} of {}",
+            acked.len(),
+            ids.len()
+        );
+        while in_flight.len() < window {
+            let Some(id) = queue.pop_front() else { break };
+            let rid = client
+                .send(Body::SendMessage(SendMessageInput {
+                    receiver_type: ReceiverType::User as i32,
+                    receiver_id: to,
+                    client_msg_id: id.clone(),
+                    content_type: 1,
+                    content: Bytes::from(format!("body of {id}")),
+                }))
+                .await
+                .expect("send");
+            in_flight.insert(rid, (id, Instant::now()));
+        }
+        if let Ok(Some(p)) = client.recv(Duration::from_millis(100)).await {
+            if let Some((id, _)) = in_flight.remove(&p.request_id) {
+                match p.body {
+                    Some(Body::SendMessageOutput(o)) => {
+                        acked.insert(id, o);
+                    }
+                    _ => queue.push_back(id),
+                }
+            }
+        }
+        let now = Instant::now();
+        let stale: Vec<u64> = in_flight
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) > resend_after)
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in stale {
+            if let Some((id, _)) = in_flight.remove(&rid) {
+                queue.push_front(id);
+            }
+        }
+        if acked.len() * 2 >= ids.len() {
+            if let Some(f) = at_half.take() {
+                f().await;
+            }
+        }
+    }
+    acked
+}
+
+async fn sync_all(client: &mut Client) -> Vec<zhibo_proto::client::Message> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let p = client
+            .request(
+                Body::Sync(SyncInput {
+                    seq: after,
+                    limit: 500,
+                }),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("sync");
+        let Some(Body::SyncOutput(SyncOutput { messages, has_more })) = p.body else {
+            panic!("expected SyncOutput, got {p:?}");
+        };
+        if let Some(m) = messages.last() {
+            after = m.seq;
+        }
+        all.extend(messages);
+        if !has_more {
+            return all;
+        }
+    }
+}
+
+/// Every ACKed message is stored exactly once in the receiver's inbox, with the ACKed id.
+fn assert_exactly_once(
+    inbox: &[zhibo_proto::client::Message],
+    acked: &HashMap<String, SendMessageOutput>,
+) {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    for m in inbox {
+        assert!(
+            seen.insert(m.client_msg_id.as_str(), m.message_id)
+                .is_none(),
+            "{} stored twice",
+            m.client_msg_id
+        );
+    }
+    for (id, out) in acked {
+        assert_eq!(
+            seen.get(id.as_str()),
+            Some(&out.message_id),
+            "ACKed {id} is stored once with its id"
+        );
+    }
+    assert_eq!(inbox.len(), acked.len(), "nothing else stored");
+    assert!(inbox.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_logic_worker_loses_no_acked_message() {
+    let cluster = Cluster::distributed_with(0).await;
+    let victim = cluster.spawn_worker_process().await;
+    let _survivor = cluster.spawn_worker_process().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let ids: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let acked = send_all(&mut a, bob.user_id, &ids, || victim.kill()).await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    assert_exactly_once(&sync_all(&mut b).await, &acked);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_gateway_under_load_loses_nothing() {
+    let cluster = Cluster::distributed().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let ids: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
+    let first_half = send_all(&mut a, bob.user_id, &ids[..50], || async {}).await;
+    // SIGTERM-equivalent for gateway 0 while alice is connected to it.
+    cluster.gateway_stops[0].cancel();
+    let go_away = loop {
+        match a
+            .recv(Duration::from_secs(5))
+            .await
+            .expect("GoAway in time")
+        {
+            Some(p) => {
+                if let Some(Body::GoAway(g)) = p.body {
+                    break g;
+                }
+            }
+            None => panic!("closed without GoAway"),
+        }
+    };
+    assert!(go_away.reconnect_after_ms > 0);
+    assert!(a
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("closed in time")
+        .is_none());
+    // Reconnect to the other gateway and carry on.
+    let mut a = cluster.connect(Transport::Quic, 1, &alice).await;
+    let second_half = send_all(&mut a, bob.user_id, &ids[50..], || async {}).await;
+    let mut acked = first_half;
+    acked.extend(second_half);
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    assert_exactly_once(&sync_all(&mut b).await, &acked);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_is_closed_and_catches_up_by_sync() {
+    let cluster = Cluster::embedded_with(|c| {
+        c.gateway.outbound_queue = 64;
+        c.gateway.rate_burst = 2000.0;
+        c.gateway.rate_per_sec = 2000.0;
+    })
+    .await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    // Bob signs in on a raw socket and then never reads.
+    let mut stuck = tokio::net::TcpStream::connect(cluster.gw(0).tcp)
+        .await
+        .expect("connect");
+    {
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::Encoder;
+        let mut buf = bytes::BytesMut::new();
+        zhibo_proto::codec::PacketCodec::default()
+            .encode(
+                &zhibo_proto::client::Packet::new(
+                    1,
+                    Body::SignIn(zhibo_proto::client::SignInInput {
+                        user_id: bob.user_id,
+                        device_id: bob.device_id,
+                        token: bob.token.clone(),
+                    }),
+                ),
+                &mut buf,
+            )
+            .expect("encode");
+        stuck.write_all(&buf).await.expect("sign in");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    // ~600 × 30 KB = 18 MB: more than the loopback socket buffers hold.
+    let big = "x".repeat(30 * 1024);
+    let ids: Vec<String> = (0..600).map(|i| format!("slow{i}")).collect();
+    let mut acked = HashMap::new();
+    // Chunks below the queue length: the ACKs of one chunk must fit in alice's own queue.
+    for (i, chunk) in ids.chunks(30).enumerate() {
+        for id in chunk {
+            a.send(Body::SendMessage(SendMessageInput {
+                receiver_type: ReceiverType::User as i32,
+                receiver_id: bob.user_id,
+                client_msg_id: id.clone(),
+                content_type: 1,
+                content: Bytes::from(big.clone()),
+            }))
+            .await
+            .expect("send");
+        }
+        while acked.len() < (i + 1) * 30 {
+            let p = a
+                .recv(Duration::from_secs(10))
+                .await
+                .expect("ack")
+                .expect("open");
+            match p.body {
+                Some(Body::SendMessageOutput(o)) => {
+                    acked.insert(o.message_id, o);
+                }
+                other => panic!("expected an ACK, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        acked.len(),
+        600,
+        "the sender is never held back by a slow receiver"
+    );
+    // The stuck connection was closed by the gateway: reading it now drains what was buffered and
+    // reaches the end of the stream.
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stuck.read_to_end(&mut sink))
+        .await
+        .expect("the gateway closed the stuck connection")
+        .expect("read");
+    assert!(
+        sink.len() < 600 * 30 * 1024,
+        "it did not get everything live"
+    );
+    // Reconnecting and syncing gets every message.
+    let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
+    let inbox = sync_all(&mut b).await;
+    assert_eq!(inbox.len(), 600);
+    cluster.stop().await;
+}
