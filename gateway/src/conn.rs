@@ -13,7 +13,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 use zhibo_auth::TokenKey;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{Command, Origin};
@@ -21,6 +21,8 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ErrorCode, GoAway, Packet, RoomNotice, SubscribeRoomOutput};
 use zhibo_proto::codec::CodecError;
 use zhibo_store::{DeviceStore, Room, RoomStore};
+use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
+use zhibo_telemetry::Metrics;
 
 use crate::frame::Frame;
 use crate::hub::{ConnHandle, Hub, Outbound};
@@ -47,6 +49,8 @@ pub struct Shared {
     pub room_recent: usize,
     /// Cancelled when the gateway drains.
     pub shutdown: CancellationToken,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
     /// Where clients should reconnect when this gateway drains (may be empty).
     pub reconnect_hint: String,
 }
@@ -66,12 +70,28 @@ const WRITE_BATCH: usize = 64;
 
 /// Runs a connection until it closes. `first` is a packet the transport already has (the WebSocket
 /// sign-in built from the URL).
-pub async fn drive<R, W>(shared: Arc<Shared>, mut reader: R, mut writer: W, first: Option<Packet>)
-where
+pub async fn drive<R, W>(
+    shared: Arc<Shared>,
+    transport: &'static str,
+    reader: R,
+    writer: W,
+    first: Option<Packet>,
+) where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display,
 {
+    let metrics = shared.metrics.clone();
+    let counted = metrics.clone();
+    let mut reader = reader.inspect(move |_| {
+        counted.frames_in.inc();
+    });
+    let counted = metrics.clone();
+    let mut writer = writer.with(move |f: Frame| {
+        counted.frames_out.inc();
+        futures::future::ready(Ok::<_, W::Error>(f))
+    });
+    let label = TransportLabel { transport };
     let conn_id = shared.hub.next_conn_id();
     let (tx, mut rx) = mpsc::channel(shared.outbound_queue);
     let (room_tx, mut room_rx) = mpsc::channel::<Bytes>(shared.room_queue);
@@ -157,6 +177,20 @@ where
                     let result =
                         authenticate(&shared, conn_id, &claims, &tx, &room_tx, &overflow).await;
                     registered = result.is_ok();
+                    match &result {
+                        Ok(_) => {
+                            metrics.sign_ins.get_or_create(&label).inc();
+                            metrics.connections.get_or_create(&label).inc();
+                        }
+                        Err((code, _)) => {
+                            metrics
+                                .sign_in_failures
+                                .get_or_create(&KindLabel {
+                                    kind: code.as_str_name(),
+                                })
+                                .inc();
+                        }
+                    }
                     if let Ok((user_id, device_id)) = result {
                         tracing::Span::current().record("user_id", user_id);
                         tracing::Span::current().record("device_id", device_id);
@@ -178,16 +212,26 @@ where
                         }),
                         packet: Some(packet),
                     };
+                    // The trace of a command starts here and rides in the bus headers.
+                    let span = tracing::info_span!("gateway.command", request_id = rid);
+                    let headers = zhibo_telemetry::trace::inject(&span);
                     let published = shared
                         .hub
                         .bus()
                         .publish(
                             &Subject::commands(),
-                            Vec::new(),
+                            headers,
                             Bytes::from(cmd.encode_to_vec()),
                         )
+                        .instrument(span)
                         .await;
                     if let Err(e) = published {
+                        metrics
+                            .bus_errors
+                            .get_or_create(&KindLabel {
+                                kind: "publish_command",
+                            })
+                            .inc();
                         warn!(error = %e, "cannot publish command");
                         let err = Packet::error(rid, ErrorCode::Unavailable, "try again later");
                         if !send_in_time(&mut writer, err).await {
@@ -235,7 +279,16 @@ where
             }
         }
     }
+    if overflow.is_cancelled() {
+        metrics
+            .queue_drops
+            .get_or_create(&KindLabel {
+                kind: "im_overflow_close",
+            })
+            .inc();
+    }
     if registered {
+        metrics.connections.get_or_create(&label).dec();
         shared.hub.unregister(conn_id);
     }
     let _ = tokio::time::timeout(LAST_WORDS, writer.close()).await;

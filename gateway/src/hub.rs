@@ -237,7 +237,10 @@ impl Hub {
                 async move {
                     let mut sub = sub;
                     while let Some(m) = sub.next().await {
-                        hub.on_user_event(user_id, m.payload);
+                        // The delivery's trace continues here from the logic worker's publish.
+                        let span = tracing::info_span!("gateway.deliver", user_id);
+                        zhibo_telemetry::trace::set_parent(&span, &m.headers);
+                        span.in_scope(|| hub.on_user_event(user_id, m.payload));
                     }
                 }
                 .in_current_span(),

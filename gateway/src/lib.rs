@@ -250,6 +250,8 @@ pub struct Deps {
     pub rooms: Arc<dyn RoomStore>,
     /// Token key shared with user-api.
     pub key: Arc<TokenKey>,
+    /// Process metrics.
+    pub metrics: Arc<zhibo_telemetry::Metrics>,
 }
 
 /// A random gateway id, for when none is configured.
@@ -308,6 +310,7 @@ pub async fn serve(
             room_recent: config.room_recent,
             shutdown: shutdown.clone(),
             reconnect_hint: config.reconnect_hint.clone(),
+            metrics: deps.metrics,
         });
         let tracker = TaskTracker::new();
         let (tcp, ws, quic_addr) = listeners.addrs()?;

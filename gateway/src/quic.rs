@@ -127,7 +127,7 @@ pub async fn serve(
                 };
                 let reader = FramedRead::with_capacity(recv, PacketCodec::new(max_frame), 512);
                 let writer = FramedWrite::new(send, FrameEncoder::new(max_frame));
-                drive(shared, reader, writer, None).await;
+                drive(shared, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the
                 // connection close discards unacknowledged stream data.
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;

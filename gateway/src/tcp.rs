@@ -40,7 +40,7 @@ pub async fn serve(
                 let (r, w) = stream.into_split();
                 let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
                 let writer = FramedWrite::new(w, FrameEncoder::new(max_frame));
-                drive(shared, reader, writer, None).await;
+                drive(shared, "tcp", reader, writer, None).await;
             }
             .instrument(span),
         );

@@ -130,7 +130,7 @@ pub async fn serve(
                     })
                 });
                 let reader = Box::pin(reader);
-                drive(shared, reader, Box::pin(writer), Some(first)).await;
+                drive(shared, "ws", reader, Box::pin(writer), Some(first)).await;
             }
             .instrument(span),
         );

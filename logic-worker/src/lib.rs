@@ -31,6 +31,8 @@ use zhibo_proto::client::{
 };
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{SendResult, Stores};
+use zhibo_telemetry::metrics::KindLabel;
+use zhibo_telemetry::Metrics;
 
 /// Logic worker configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +139,7 @@ pub struct Logic {
     bus: Arc<dyn Bus>,
     ids: IdGen,
     config: LogicConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Logic {
@@ -158,7 +161,14 @@ impl Logic {
             bus,
             ids: IdGen::messages(node),
             config,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Records into the process's `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Handles one command from a gateway and answers the origin connection.
@@ -324,7 +334,15 @@ impl Logic {
                 ))
             }
         };
-        let seqs = self.stores.seq.next(&recipients).await?;
+        let seqs = self
+            .stores
+            .seq
+            .next(&recipients)
+            .instrument(tracing::info_span!("seq.allocate", n = recipients.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })?;
         let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
         let plan = SendResult {
             message_id: self.ids.next(),
@@ -380,32 +398,56 @@ impl Logic {
                 )
             })
             .collect();
-        self.stores.messages.append_many(&entries).await?;
-        for (user_id, message) in entries {
-            let exclude = if user_id == origin.user_id {
-                origin.device_id
-            } else {
-                0
-            };
-            let event = UserEvent {
-                event: Some(user_event::Event::Delivery(Delivery {
-                    conn_id: 0,
-                    exclude_device_id: exclude,
-                    packets: vec![Packet::new(0, Body::Message(message))],
-                })),
-            };
-            if let Err(e) = self
-                .bus
-                .publish(
-                    &Subject::user(user_id),
-                    Vec::new(),
-                    Bytes::from(event.encode_to_vec()),
-                )
-                .await
-            {
-                // Stored already: the device gets it at its next sync.
-                warn!(user_id, error = %e, "live delivery failed");
+        self.stores
+            .messages
+            .append_many(&entries)
+            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })?;
+        let publish = tracing::info_span!("delivery.publish", n = entries.len());
+        let headers = zhibo_telemetry::trace::inject(&publish);
+        async {
+            for (user_id, message) in entries {
+                let exclude = if user_id == origin.user_id {
+                    origin.device_id
+                } else {
+                    0
+                };
+                let event = UserEvent {
+                    event: Some(user_event::Event::Delivery(Delivery {
+                        conn_id: 0,
+                        exclude_device_id: exclude,
+                        packets: vec![Packet::new(0, Body::Message(message))],
+                    })),
+                };
+                if let Err(e) = self
+                    .bus
+                    .publish(
+                        &Subject::user(user_id),
+                        headers.clone(),
+                        Bytes::from(event.encode_to_vec()),
+                    )
+                    .await
+                {
+                    // Stored already: the device gets it at its next sync.
+                    self.metrics
+                        .bus_errors
+                        .get_or_create(&KindLabel {
+                            kind: "publish_delivery",
+                        })
+                        .inc();
+                    warn!(user_id, error = %e, "live delivery failed");
+                } else {
+                    self.metrics.messages_delivered.inc();
+                }
             }
+        }
+        .instrument(publish)
+        .await;
+        if !duplicate {
+            self.metrics.messages_sent.inc();
         }
         Ok(SendMessageOutput {
             message_id: plan.message_id,
@@ -639,11 +681,26 @@ pub async fn run(logic: Arc<Logic>, shutdown: CancellationToken) -> anyhow::Resu
             }
         };
         let logic = logic.clone();
-        let span =
-            tracing::debug_span!("command", user_id = cmd.origin.as_ref().map(|o| o.user_id));
+        // Continues the trace the gateway started (its context rides in the bus headers).
+        let span = tracing::info_span!(
+            "logic.command",
+            user_id = cmd.origin.as_ref().map(|o| o.user_id)
+        );
+        zhibo_telemetry::trace::set_parent(&span, &msg.headers);
         tracker.spawn(
             async move {
+                let started = std::time::Instant::now();
+                let is_send = matches!(
+                    cmd.packet.as_ref().and_then(|p| p.body.as_ref()),
+                    Some(Body::SendMessage(_))
+                );
                 logic.handle(cmd).await;
+                if is_send {
+                    logic
+                        .metrics
+                        .send_ack_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
                 drop(permit);
             }
             .instrument(span),

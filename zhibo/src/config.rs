@@ -65,6 +65,10 @@ pub struct Config {
     pub token_secret: String,
     /// user-api listen address.
     pub api_addr: SocketAddr,
+    /// Ops endpoint (`/metrics`, `/healthz`, `/readyz`) listen address; empty = off.
+    pub metrics_addr: String,
+    /// OTLP/HTTP traces endpoint (e.g. `http://otel-collector:4318/v1/traces`); empty = no export.
+    pub otlp_endpoint: String,
     /// Seconds to let connections and in-flight work finish after SIGTERM.
     pub grace_secs: u64,
     /// Bus.
@@ -85,6 +89,8 @@ impl Default for Config {
             token_secret: String::new(),
             api_addr: ([127, 0, 0, 1], 7000).into(),
             grace_secs: 20,
+            metrics_addr: "127.0.0.1:9100".into(),
+            otlp_endpoint: String::new(),
             bus: BusConfig::default(),
             store: StoreConfig::default(),
             gateway: zhibo_gateway::GatewayConfig::default(),
@@ -162,6 +168,12 @@ impl Config {
             .validate()
             .map_err(|e| format!("gateway: {e}"))?;
         config.logic.validate().map_err(|e| format!("logic: {e}"))?;
+        if !config.metrics_addr.is_empty() && config.metrics_addr.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "metrics_addr {:?} is not host:port",
+                config.metrics_addr
+            ));
+        }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
         Ok(config)
     }

@@ -7,6 +7,7 @@
 
 pub mod config;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use zhibo_bus::nats::NatsBus;
 use zhibo_bus::Bus;
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::Stores;
+use zhibo_telemetry::Metrics;
 
 pub use config::{Config, StoreKind};
 
@@ -89,6 +91,29 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
     Ok(Backends { bus, stores })
 }
 
+/// Readiness of the real dependencies: the bus is connected and the store answered a probe read within
+/// the last few seconds (probed in the background every 2 s, so `/readyz` never waits on the store).
+fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetry::http::Readiness {
+    let store_ok = Arc::new(AtomicBool::new(false));
+    let probe_ok = store_ok.clone();
+    let devices = backends.stores.devices.clone();
+    tokio::spawn(async move {
+        loop {
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), devices.get_device(0)).await,
+                Ok(Ok(_))
+            );
+            probe_ok.store(ok, Ordering::Relaxed);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
+    let bus = backends.bus.clone();
+    Arc::new(move || bus.is_connected() && store_ok.load(Ordering::Relaxed))
+}
+
 /// The sockets of the roles a process runs; `None` = that role is off.
 #[derive(Debug, Default)]
 pub struct Bound {
@@ -98,6 +123,8 @@ pub struct Bound {
     pub api: Option<TcpListener>,
     /// Run a logic worker.
     pub logic: bool,
+    /// Ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub ops: Option<TcpListener>,
 }
 
 /// Runs the roles in `bound` until `shutdown`, then stops them in order: gateways tell clients to go away
@@ -114,11 +141,24 @@ pub async fn run(
     anyhow::ensure!(!config.token_secret.is_empty(), "token_secret is required");
     let key = Arc::new(TokenKey::new(&config.token_secret));
     let grace = Duration::from_secs(config.grace_secs);
-    let logic = Arc::new(zhibo_logic::Logic::new(
-        backends.stores.clone(),
-        backends.bus.clone(),
-        config.logic.clone(),
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let ready = readiness(&backends, shutdown.clone());
+    let logic = Arc::new(
+        zhibo_logic::Logic::new(
+            backends.stores.clone(),
+            backends.bus.clone(),
+            config.logic.clone(),
+        )
+        .with_metrics(metrics.clone()),
+    );
+    let ops_task = bound.ops.map(|listener| {
+        tokio::spawn(zhibo_telemetry::http::serve(
+            listener,
+            metrics.clone(),
+            ready.clone(),
+            shutdown.clone(),
+        ))
+    });
     // Logic workers stop last, after the gateways and user-api have stopped producing commands.
     let logic_stop = CancellationToken::new();
     let logic_task = bound
@@ -130,6 +170,7 @@ pub async fn run(
             devices: backends.stores.devices.clone(),
             rooms: backends.stores.rooms.clone(),
             key: key.clone(),
+            metrics: metrics.clone(),
         };
         tokio::spawn(zhibo_gateway::run(
             config.gateway.clone(),
@@ -140,12 +181,11 @@ pub async fn run(
         ))
     });
     let api_task = bound.api.map(|listener| {
-        let bus = backends.bus.clone();
         let deps = zhibo_user_api::Deps {
             stores: backends.stores.clone(),
             key: key.clone(),
             logic: logic.clone(),
-            ready: Arc::new(move || bus.is_connected()),
+            ready: ready.clone(),
         };
         tokio::spawn(zhibo_user_api::run(
             config.api.clone(),
@@ -165,6 +205,9 @@ pub async fn run(
     logic_stop.cancel();
     if let Some(t) = logic_task {
         t.await.context("logic task")??;
+    }
+    if let Some(t) = ops_task {
+        t.await.context("ops task")??;
     }
     backends.bus.flush().await.ok();
     info!("stopped");

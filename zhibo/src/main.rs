@@ -32,18 +32,34 @@ enum Role {
     Migrate,
 }
 
+impl Role {
+    fn service_name(self) -> &'static str {
+        match self {
+            Role::Dev => "zhibo-dev",
+            Role::Gateway => "zhibo-gateway",
+            Role::LogicWorker => "zhibo-logic-worker",
+            Role::UserApi => "zhibo-user-api",
+            Role::Migrate => "zhibo-migrate",
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZHIBO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
     let mut config = match Config::load(cli.config.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("zhibo: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZHIBO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let otlp = Some(config.otlp_endpoint.as_str()).filter(|e| !e.is_empty());
+    let _trace = match zhibo_telemetry::trace::init(cli.role.service_name(), filter, otlp) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("zhibo: bad configuration: tracing: {e:#}");
             return ExitCode::from(64);
         }
     };
@@ -95,14 +111,7 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let name = match role {
-        Role::Dev => "zhibo-dev",
-        Role::Gateway => "zhibo-gateway",
-        Role::LogicWorker => "zhibo-logic-worker",
-        Role::UserApi => "zhibo-user-api",
-        Role::Migrate => "zhibo-migrate",
-    };
-    let backends = zhibo::connect(&config, name).await?;
+    let backends = zhibo::connect(&config, role.service_name()).await?;
     let mut bound = Bound::default();
     if matches!(role, Role::Dev | Role::Gateway) {
         bound.gateway = Some(
@@ -119,6 +128,13 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         );
     }
     bound.logic = matches!(role, Role::Dev | Role::LogicWorker);
+    if !config.metrics_addr.is_empty() {
+        bound.ops = Some(
+            tokio::net::TcpListener::bind(&config.metrics_addr)
+                .await
+                .with_context(|| format!("binding the ops endpoint on {}", config.metrics_addr))?,
+        );
+    }
     if role == Role::Dev {
         let (tcp, ws, quic) = bound
             .gateway
@@ -135,6 +151,9 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         println!("  websocket  ws://{ws}/ws?user_id=&device_id=&token=");
         println!("  quic       {quic} (self-signed certificate, ALPN zhibo/1)");
         println!("  try: cargo run -p zhibo-loadtest -- chat --help");
+        if !config.metrics_addr.is_empty() {
+            println!("  metrics    http://{}/metrics", config.metrics_addr);
+        }
         // The browser chat page, pointed at this process's own WebSocket listener.
         if *config.api.web_ui.get_or_insert(true) {
             if config.api.web_ws_url.is_empty() {

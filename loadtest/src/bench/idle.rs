@@ -145,10 +145,7 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
     let mut local = Vec::new();
     let connect_secs;
     if args.procs <= 1 {
-        let meter = Arc::new(Meter {
-            counters: counters.clone(),
-            ..Meter::default()
-        });
+        let meter = Arc::new(Meter::with_counters(counters.clone()));
         local = hold(&addr, args.transport, &creds, args.source_ips, &meter, 0).await;
         connect_secs = start.elapsed().as_secs_f64();
     } else {

@@ -61,6 +61,14 @@ fn take(h: &Mutex<Histogram<u64>>) -> Latency {
 }
 
 impl Meter {
+    /// A meter bumping `counters` (shared with a progress line).
+    pub fn with_counters(counters: Arc<Counters>) -> Self {
+        Meter {
+            counters,
+            ..Meter::default()
+        }
+    }
+
     /// The three latency summaries since the last call (ack, deliver, server → deliver); resets them.
     pub fn take(&self) -> (Latency, Latency, Latency) {
         (

@@ -98,7 +98,7 @@ async fn sweep(
             ack.line(),
             deliver.line()
         );
-        let saturated = (d.acked as f64) < 0.9 * rate * args.step_secs;
+        let saturated = step.ack_rate < 0.9 * rate;
         report.steps.push(step);
         if saturated && args.stop_at_saturation {
             report.notes.push(format!(

@@ -141,7 +141,6 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         ("ZHIBO_GATEWAY__RATE_BURST".into(), "10000000".into()),
         ("ZHIBO_GATEWAY__ROOM_SEND_PER_SEC".into(), "10000000".into()),
         ("ZHIBO_GATEWAY__ROOM_SEND_BURST".into(), "10000000".into()),
-        ("ZHIBO_GATEWAY__OUTBOUND_QUEUE".into(), "65536".into()),
         ("ZHIBO_LOGIC__ALLOW_STRANGERS".into(), "true".into()),
         ("ZHIBO_LOG".into(), "warn".into()),
         ("NO_COLOR".into(), "1".into()),

@@ -46,6 +46,8 @@ pub(crate) struct Cluster {
     pub(crate) api_base: String,
     pub(crate) gateways: Vec<GatewayAddrs>,
     pub(crate) redis_url: Option<String>,
+    /// The ops endpoint (`/metrics`, `/healthz`, `/readyz`) of the embedded node.
+    pub(crate) ops_addr: Option<SocketAddr>,
     /// The distributed configuration, to start more nodes (e.g. worker processes).
     pub(crate) config: Option<Config>,
     /// One token per gateway (children of `shutdown`), to stop a single gateway.
@@ -127,10 +129,15 @@ impl Cluster {
             .expect("bind api");
         let api_addr = api.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ops");
+        let ops_addr = ops.local_addr().expect("addr");
         let bound = Bound {
             gateway: Some(listeners),
             api: Some(api),
             logic: true,
+            ops: Some(ops),
         };
         let node = tokio::spawn(zhibo::run(config, backends, bound, shutdown.clone()));
         let base = format!("http://{api_addr}");
@@ -139,6 +146,7 @@ impl Cluster {
             api_base: base,
             gateways: vec![addrs],
             redis_url: None,
+            ops_addr: Some(ops_addr),
             config: None,
             gateway_stops: Vec::new(),
             shutdown,
@@ -223,6 +231,7 @@ impl Cluster {
             api_base: base,
             gateways,
             redis_url: Some(redis),
+            ops_addr: None,
             config: Some(config),
             gateway_stops,
             shutdown,

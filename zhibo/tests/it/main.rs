@@ -6,5 +6,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod faults;
+mod loadtest_smoke;
 mod rooms;
 mod scenarios;
+mod telemetry;

@@ -85,6 +85,7 @@ async fn gateway(
         devices: backends.stores.devices.clone(),
         rooms: backends.stores.rooms.clone(),
         key: Arc::new(zhibo_auth::TokenKey::new(SECRET)),
+        metrics: Arc::new(zhibo_telemetry::Metrics::new()),
     };
     let task = tokio::spawn(zhibo_gateway::serve(
         hub.clone(),
@@ -116,6 +117,7 @@ async fn api_and_logic(
         gateway: None,
         api: listener,
         logic: true,
+        ops: None,
     };
     let task = tokio::spawn(zhibo::run(
         config.clone(),

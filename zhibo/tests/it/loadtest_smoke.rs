@@ -1,0 +1,94 @@
+//! A few seconds of every loadtest scenario against an embedded node, so the benchmark tool cannot rot.
+//! Asserts counts a broken tool would get wrong (messages acknowledged, delivered, synced, connections
+//! held), never timings: the figures themselves belong in docs/BENCHMARKS.md.
+
+use zhibo_loadtest::bench::{run_scenario, BenchArgs, Scenario, SpawnMode};
+use zhibo_loadtest::client::Transport;
+
+use crate::cluster::{Cluster, ADMIN, SECRET};
+
+async fn cluster() -> Cluster {
+    Cluster::embedded_with(|c| {
+        c.gateway.rate_per_sec = 100_000.0;
+        c.gateway.rate_burst = 100_000.0;
+        c.gateway.room_send_per_sec = 100_000.0;
+        c.gateway.room_send_burst = 100_000.0;
+        c.logic.allow_strangers = true;
+    })
+    .await
+}
+
+fn args(c: &Cluster, scenario: Scenario) -> BenchArgs {
+    let gw = c.gw(0);
+    let mut a = BenchArgs::new(scenario);
+    a.spawn = SpawnMode::None;
+    a.api = c.api_base.clone();
+    a.tcp = gw.tcp.to_string();
+    a.ws = gw.ws.to_string();
+    a.quic = gw.quic.to_string();
+    a.gateway_pid = Some(std::process::id());
+    a.token_secret = SECRET.into();
+    a.admin_secret = ADMIN.into();
+    a.no_write = true;
+    a.source_ips = 2;
+    a.senders = 2;
+    a.rates = vec![40.0];
+    a.step_secs = 1.0;
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_scenarios_run_and_count() {
+    let c = cluster().await;
+
+    let r = run_scenario(args(&c, Scenario::OneToOne))
+        .await
+        .expect("1:1");
+    let s = &r.steps[0];
+    assert_eq!(
+        (s.sent, s.acked, s.delivered, s.errors),
+        (40, 40, 40, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.ack_latency.count, 40);
+    assert_eq!(s.deliver_latency.count, 40);
+    assert!(r.metrics["max_acked_per_s"] > 0.0);
+    assert_eq!(r.charts.len(), 2);
+
+    let mut a = args(&c, Scenario::Group);
+    a.group_size = 5;
+    let r = run_scenario(a).await.expect("group");
+    let s = &r.steps[0];
+    assert_eq!((s.acked, s.delivered), (40, 40 * 4), "{s:?}");
+
+    let mut a = args(&c, Scenario::Room);
+    a.conns = 6;
+    let r = run_scenario(a).await.expect("room");
+    let s = &r.steps[0];
+    assert_eq!((s.acked, s.delivered), (40, 40 * 6), "{s:?}");
+
+    let mut a = args(&c, Scenario::Sync);
+    a.messages = 120;
+    a.iterations = 2;
+    let r = run_scenario(a).await.expect("sync");
+    assert_eq!(r.steps[0].delivered, 240);
+    assert_eq!(r.steps[0].ack_latency.count, 2);
+
+    let mut a = args(&c, Scenario::Reconnect);
+    a.conns = 8;
+    a.messages = 2;
+    let r = run_scenario(a).await.expect("reconnect");
+    let s = &r.steps[0];
+    assert_eq!((s.acked, s.delivered, s.errors), (8, 16, 0), "{s:?}");
+
+    for t in [Transport::Tcp, Transport::Ws, Transport::Quic] {
+        let mut a = args(&c, Scenario::Idle);
+        a.transport = t;
+        a.conns = 5;
+        a.hold_secs = 1.0;
+        let r = run_scenario(a).await.expect("idle");
+        assert_eq!(r.metrics["connections"], 5.0, "{t:?}");
+        assert_eq!(r.steps[0].errors, 0, "{t:?}");
+    }
+    c.stop().await;
+}

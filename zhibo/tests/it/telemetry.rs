@@ -1,0 +1,112 @@
+//! Operations: `/metrics` is scraped and its counters move; `/readyz` and `/healthz` answer.
+//! (The trace test is the separate `trace` test binary: see `tests/trace.rs`.)
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use zhibo_loadtest::client::Transport;
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{ReceiverType, SendMessageInput};
+
+use crate::cluster::Cluster;
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn send(to: i64, id: &str) -> Body {
+    Body::SendMessage(SendMessageInput {
+        receiver_type: ReceiverType::User as i32,
+        receiver_id: to,
+        client_msg_id: id.into(),
+        content_type: 1,
+        content: Bytes::from_static(b"observed"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_and_move() {
+    let cluster = Cluster::embedded().await;
+    let ops = cluster.ops_addr.expect("ops endpoint");
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://{ops}{path}")).send();
+    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
+    // Readiness follows a real store probe: wait for the first one.
+    let mut ready = false;
+    for _ in 0..50 {
+        if get("/readyz").await.expect("readyz").status() == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready once the bus and the store answer");
+    let before = get("/metrics")
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Ws, 0, &alice).await;
+    let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
+    for i in 0..5 {
+        let reply = a
+            .request(send(bob.user_id, &format!("m{i}")), Duration::from_secs(5))
+            .await
+            .expect("ack");
+        assert!(matches!(reply.body, Some(Body::SendMessageOutput(_))));
+        let _ = b.recv(Duration::from_secs(5)).await.expect("delivered");
+    }
+    let after = get("/metrics")
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let moved = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(moved("zhibo_messages_sent_total"), 5.0, "{after}");
+    assert!(moved("zhibo_messages_delivered_total") >= 5.0, "{after}");
+    assert_eq!(
+        moved(r#"zhibo_sign_ins_total{transport="ws"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"zhibo_sign_ins_total{transport="tcp"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, r#"zhibo_connections{transport="tcp"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(moved("zhibo_frames_in_total") >= 5.0, "{after}");
+    assert!(moved("zhibo_frames_out_total") >= 10.0, "{after}");
+    assert_eq!(moved("zhibo_send_ack_seconds_count"), 5.0, "{after}");
+    drop(b);
+    // Disconnects are counted too.
+    let mut gone = false;
+    for _ in 0..50 {
+        let text = get("/metrics")
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        if metric(&text, r#"zhibo_connections{transport="tcp"}"#) == 0.0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the tcp connection gauge returns to 0");
+    cluster.stop().await;
+}
