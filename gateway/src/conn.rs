@@ -61,6 +61,9 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// How long a draining connection waits for the replies of requests already forwarded.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long a last packet (GoAway, Error) and the close may take on a connection that is going away:
 /// a peer that stopped reading must not hold the task forever.
 const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
@@ -98,21 +101,32 @@ pub async fn drive<R, W>(
     let overflow = CancellationToken::new();
     let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
     let mut registered = false;
+    // Requests forwarded whose reply has not been written yet, and the drain deadline once draining.
+    let mut in_flight: usize = 0;
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let mut pending = first.map(|p| session.on_packet(p, Instant::now()));
     'conn: loop {
         let actions = match pending.take() {
             Some(a) => a,
             None => tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => {
+                _ = shared.shutdown.cancelled(), if drain_until.is_none() => {
+                    // Drain: tell the client to go, stop reading, let the replies of requests already
+                    // forwarded arrive (bounded by DRAIN_WAIT), then close.
                     let bye = Packet::new(0, Body::GoAway(GoAway {
                         reason: "gateway draining".into(),
                         reconnect_hint: shared.reconnect_hint.clone(),
                         reconnect_after_ms: 100,
                     }));
                     let _ = tokio::time::timeout(LAST_WORDS, writer.send(bye.into())).await;
-                    break 'conn;
+                    if in_flight == 0 {
+                        break 'conn;
+                    }
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_WAIT);
+                    continue 'conn;
                 }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if drain_until.is_some() => break 'conn,
                 _ = overflow.cancelled() => {
                     let too_slow = Packet::error(0, ErrorCode::Unavailable,
                         "connection too slow: outbound queue full; reconnect and sync");
@@ -125,15 +139,17 @@ pub async fn drive<R, W>(
                     // when the queue fills, which must end the connection even mid-write.
                     let written = tokio::select! {
                         w = write_queued(&mut writer, first, &mut rx) => w,
-                        _ = overflow.cancelled() => false,
-                        _ = shared.shutdown.cancelled() => false,
+                        _ = overflow.cancelled() => None,
+                        _ = stop_writing(&shared.shutdown, drain_until) => None,
                     };
-                    if !written {
+                    let Some(replies) = written else { break 'conn };
+                    in_flight = in_flight.saturating_sub(replies);
+                    if drain_until.is_some() && in_flight == 0 {
                         break 'conn;
                     }
                     continue 'conn;
                 }
-                frame = reader.next() => match frame {
+                frame = reader.next(), if drain_until.is_none() => match frame {
                     None => break 'conn,
                     Some(Ok(p)) => session.on_packet(p, Instant::now()),
                     Some(Err(CodecError::Io(e))) => {
@@ -153,7 +169,7 @@ pub async fn drive<R, W>(
                     let written = tokio::select! {
                         w = write_room(&mut writer, first, &mut room_rx) => w,
                         _ = overflow.cancelled() => false,
-                        _ = shared.shutdown.cancelled() => false,
+                        _ = stop_writing(&shared.shutdown, drain_until) => false,
                     };
                     if !written {
                         break 'conn;
@@ -203,6 +219,8 @@ pub async fn drive<R, W>(
                         continue;
                     };
                     let rid = packet.request_id;
+                    let expects_reply =
+                        matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
                     let cmd = Command {
                         origin: Some(Origin {
                             user_id,
@@ -237,6 +255,8 @@ pub async fn drive<R, W>(
                         if !send_in_time(&mut writer, err).await {
                             break 'conn;
                         }
+                    } else if expects_reply {
+                        in_flight += 1;
                     }
                 }
                 Action::JoinRoom {
@@ -308,27 +328,36 @@ where
     )
 }
 
-/// Writes `first` and up to [`WRITE_BATCH`] more queued packets with one flush. False when the
-/// connection must close (write failure, or a packet that closes it such as a Kick).
-async fn write_queued<W>(writer: &mut W, first: Outbound, rx: &mut mpsc::Receiver<Outbound>) -> bool
+/// Writes `first` and up to [`WRITE_BATCH`] more queued packets with one flush. Returns how many were
+/// replies to this connection's requests, or `None` when the connection must close (write failure, or
+/// a packet that closes it such as a Kick).
+async fn write_queued<W>(
+    writer: &mut W,
+    first: Outbound,
+    rx: &mut mpsc::Receiver<Outbound>,
+) -> Option<usize>
 where
     W: Sink<Frame> + Unpin,
     W::Error: Display,
 {
     let mut next = Some(first);
     let mut n = 0;
+    let mut replies = 0;
     while let Some(o) = next.take() {
-        match o {
-            Outbound::Packet(p) => {
-                if let Err(e) = writer.feed(p.into()).await {
-                    debug!(error = %e, "write failed");
-                    return false;
-                }
+        let p = match o {
+            Outbound::Packet(p) => p,
+            Outbound::Reply(p) => {
+                replies += 1;
+                p
             }
             Outbound::Close(p) => {
                 let _ = writer.send(p.into()).await;
-                return false;
+                return None;
             }
+        };
+        if let Err(e) = writer.feed(p.into()).await {
+            debug!(error = %e, "write failed");
+            return None;
         }
         n += 1;
         if n < WRITE_BATCH {
@@ -336,11 +365,20 @@ where
         }
     }
     match writer.flush().await {
-        Ok(()) => true,
+        Ok(()) => Some(replies),
         Err(e) => {
             debug!(error = %e, "flush failed");
-            false
+            None
         }
+    }
+}
+
+/// Resolves when writes must stop waiting for the peer: at the drain deadline while draining, else when
+/// the gateway starts draining.
+async fn stop_writing(shutdown: &CancellationToken, drain_until: Option<tokio::time::Instant>) {
+    match drain_until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => shutdown.cancelled().await,
     }
 }
 

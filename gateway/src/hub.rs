@@ -34,6 +34,8 @@ use crate::rooms::{RoomConfig, RoomHub};
 pub enum Outbound {
     /// A packet to write.
     Packet(Packet),
+    /// A reply to one of this connection's requests (counted to let in-flight requests finish on drain).
+    Reply(Packet),
     /// Write this packet, then close (kick).
     Close(Packet),
 }
@@ -307,7 +309,7 @@ impl Hub {
                 for conn_id in &entry.conns {
                     if let Some(h) = inner.conns.get(conn_id) {
                         if h.device_id != d.exclude_device_id {
-                            self.push(*conn_id, h, &d.packets);
+                            self.push(*conn_id, h, &d.packets, false);
                         }
                     }
                 }
@@ -343,13 +345,18 @@ impl Hub {
     fn deliver_to_conn(&self, conn_id: u64, packets: Vec<Packet>) {
         let inner = self.lock();
         if let Some(h) = inner.conns.get(&conn_id) {
-            self.push(conn_id, h, &packets);
+            self.push(conn_id, h, &packets, true);
         }
     }
 
-    fn push(&self, conn_id: u64, h: &ConnHandle, packets: &[Packet]) {
+    fn push(&self, conn_id: u64, h: &ConnHandle, packets: &[Packet], replies: bool) {
         for p in packets {
-            if h.tx.try_send(Outbound::Packet(p.clone())).is_err() {
+            let out = if replies {
+                Outbound::Reply(p.clone())
+            } else {
+                Outbound::Packet(p.clone())
+            };
+            if h.tx.try_send(out).is_err() {
                 warn!(conn_id, "outbound queue full: closing slow connection");
                 self.overflow_closes.fetch_add(1, Ordering::Relaxed);
                 h.overflow.cancel();

@@ -142,7 +142,9 @@ async fn read_loop(mut recv: RecvHalf, pending: Pending, meter: Arc<Meter>) {
     let c = &meter.counters;
     while let Ok(Some(p)) = recv.next().await {
         match p.body {
-            Some(Body::SendMessageOutput(_)) | Some(Body::SyncOutput(_)) => {
+            Some(Body::SendMessageOutput(_))
+            | Some(Body::SyncOutput(_))
+            | Some(Body::SubscribeRoomOutput(_)) => {
                 let sent = pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -284,6 +284,9 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     if joined.errors > 0 {
         bail!("{} viewers could not join the room", joined.errors);
     }
+    if joined.acked < n {
+        bail!("only {} of {n} viewers joined the room within 30 s", joined.acked);
+    }
     let mut senders = load::connect_all(args.transport, addr, &senders_creds, args.source_ips, &meter).await?;
     sweep(
         args,

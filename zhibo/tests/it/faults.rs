@@ -161,34 +161,42 @@ async fn draining_a_gateway_under_load_loses_nothing() {
     cluster.befriend(&alice, &bob).await;
     let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
     let ids: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
-    let first_half = send_all(&mut a, bob.user_id, &ids[..50], || async {}).await;
-    // SIGTERM-equivalent for gateway 0 while alice is connected to it.
-    cluster.gateway_stops[0].cancel();
-    let go_away = loop {
-        match a
-            .recv(Duration::from_secs(5))
+    let mut acked = send_all(&mut a, bob.user_id, &ids[..40], || async {}).await;
+    // Ten more sends in flight, then SIGTERM-equivalent for gateway 0 while they are being handled.
+    let mut waiting = HashMap::new();
+    for id in &ids[40..50] {
+        let rid = a
+            .send(Body::SendMessage(SendMessageInput {
+                receiver_type: ReceiverType::User as i32,
+                receiver_id: bob.user_id,
+                client_msg_id: id.clone(),
+                content_type: 1,
+                content: Bytes::from(format!("body of {id}")),
+            }))
             .await
-            .expect("GoAway in time")
-        {
-            Some(p) => {
-                if let Some(Body::GoAway(g)) = p.body {
-                    break g;
-                }
+            .expect("send");
+        waiting.insert(rid, id.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.gateway_stops[0].cancel();
+    // The draining gateway says GoAway, still writes the ACKs of the sends it had forwarded, then closes.
+    let mut go_away = None;
+    while let Some(p) = a.recv(Duration::from_secs(10)).await.expect("closed in time") {
+        match p.body {
+            Some(Body::GoAway(g)) => go_away = Some(g),
+            Some(Body::SendMessageOutput(o)) => {
+                let id = waiting.remove(&p.request_id).expect("an ACK of ours");
+                acked.insert(id, o);
             }
-            None => panic!("closed without GoAway"),
+            _ => {}
         }
-    };
+    }
+    let go_away = go_away.expect("GoAway before the close");
     assert!(go_away.reconnect_after_ms > 0);
-    assert!(a
-        .recv(Duration::from_secs(5))
-        .await
-        .expect("closed in time")
-        .is_none());
+    assert!(waiting.is_empty(), "in-flight sends finished during the drain; unanswered: {waiting:?}");
     // Reconnect to the other gateway and carry on.
     let mut a = cluster.connect(Transport::Quic, 1, &alice).await;
-    let second_half = send_all(&mut a, bob.user_id, &ids[50..], || async {}).await;
-    let mut acked = first_half;
-    acked.extend(second_half);
+    acked.extend(send_all(&mut a, bob.user_id, &ids[50..], || async {}).await);
     let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
     assert_exactly_once(&sync_all(&mut b).await, &acked);
     cluster.stop().await;
