@@ -254,6 +254,29 @@ pub struct Deps {
     pub metrics: Arc<zhibo_telemetry::Metrics>,
 }
 
+/// Copies the room hub's viewer count and dropped-frame count into the metrics every 2 s.
+async fn export_room_gauges(
+    hub: Arc<Hub>,
+    metrics: Arc<zhibo_telemetry::Metrics>,
+    stop: CancellationToken,
+) {
+    let drops = metrics
+        .queue_drops
+        .get_or_create(&zhibo_telemetry::metrics::KindLabel { kind: "room_frame" })
+        .clone();
+    let mut exported = 0;
+    loop {
+        metrics.room_viewers.set(hub.rooms().total_viewers() as i64);
+        let dropped = hub.rooms().frames_dropped();
+        drops.inc_by(dropped.saturating_sub(exported));
+        exported = dropped;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
 /// A random gateway id, for when none is configured.
 pub fn random_gateway_id() -> String {
     let n = std::time::SystemTime::now()
@@ -313,6 +336,11 @@ pub async fn serve(
             metrics: deps.metrics,
         });
         let tracker = TaskTracker::new();
+        tokio::spawn(export_room_gauges(
+            hub.clone(),
+            shared.metrics.clone(),
+            shutdown.clone(),
+        ));
         let (tcp, ws, quic_addr) = listeners.addrs()?;
         info!(%tcp, %ws, quic = %quic_addr, "gateway listening");
         let max = config.max_frame;

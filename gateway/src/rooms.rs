@@ -196,6 +196,11 @@ impl RoomHub {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Viewers on this gateway over all rooms (a connection in two rooms counts twice).
+    pub fn total_viewers(&self) -> usize {
+        self.lock().rooms.values().map(|r| r.viewers.len()).sum()
+    }
+
     /// Registers `viewer` in `room_id` (subscribing if it is the room's first here) and waits until the
     /// subscription is live. The viewer gets no frames until [`RoomHub::ready`]: what arrives meanwhile is
     /// kept for its SubscribeRoomOutput.

@@ -181,7 +181,11 @@ async fn draining_a_gateway_under_load_loses_nothing() {
     cluster.gateway_stops[0].cancel();
     // The draining gateway says GoAway, still writes the ACKs of the sends it had forwarded, then closes.
     let mut go_away = None;
-    while let Some(p) = a.recv(Duration::from_secs(10)).await.expect("closed in time") {
+    while let Some(p) = a
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("closed in time")
+    {
         match p.body {
             Some(Body::GoAway(g)) => go_away = Some(g),
             Some(Body::SendMessageOutput(o)) => {
@@ -193,7 +197,10 @@ async fn draining_a_gateway_under_load_loses_nothing() {
     }
     let go_away = go_away.expect("GoAway before the close");
     assert!(go_away.reconnect_after_ms > 0);
-    assert!(waiting.is_empty(), "in-flight sends finished during the drain; unanswered: {waiting:?}");
+    assert!(
+        waiting.is_empty(),
+        "in-flight sends finished during the drain; unanswered: {waiting:?}"
+    );
     // Reconnect to the other gateway and carry on.
     let mut a = cluster.connect(Transport::Quic, 1, &alice).await;
     acked.extend(send_all(&mut a, bob.user_id, &ids[50..], || async {}).await);

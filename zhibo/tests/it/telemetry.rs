@@ -91,6 +91,33 @@ async fn metrics_are_scraped_and_move() {
     assert!(moved("zhibo_frames_in_total") >= 5.0, "{after}");
     assert!(moved("zhibo_frames_out_total") >= 10.0, "{after}");
     assert_eq!(moved("zhibo_send_ack_seconds_count"), 5.0, "{after}");
+    // A room viewer shows in the gauge (exported every 2 s).
+    let joined = a
+        .request(
+            Body::SubscribeRoom(zhibo_proto::client::SubscribeRoomInput { room_id: 42 }),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("join");
+    assert!(
+        matches!(joined.body, Some(Body::SubscribeRoomOutput(_))),
+        "{joined:?}"
+    );
+    let mut viewers = 0.0;
+    for _ in 0..50 {
+        let text = get("/metrics")
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        viewers = metric(&text, "zhibo_room_viewers");
+        if viewers == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(viewers, 1.0, "the room viewer is counted");
     drop(b);
     // Disconnects are counted too.
     let mut gone = false;
