@@ -1,9 +1,11 @@
 //! The in-process backend for embedded mode: the same semantics as NATS core (fan-out to subscribers,
 //! one member per queue group), exact subjects only, no network.
 //!
-//! Each subscription has a bounded channel. Publishing waits for room rather than dropping, so a slow
-//! subscriber slows its publishers (back-pressure) instead of losing messages; gateways drain their
-//! subscriptions into per-connection queues without blocking, so this wait is short.
+//! Each subscription has a bounded channel (8192 messages). Like NATS core with a slow consumer, a
+//! message for a subscriber whose channel is full is dropped (counted, logged), never waited for: waiting
+//! could deadlock a task that publishes to a subject it also reads, and would stall every publisher.
+//! Gateways drain their subscriptions into per-connection queues without blocking, so this is rare; an IM
+//! message dropped here is still stored and reaches the device at its next sync.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +40,7 @@ impl Topic {
 struct Inner {
     topics: Mutex<HashMap<String, Topic>>,
     next_id: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// An in-process [`Bus`]. Clones share the same subjects.
@@ -56,6 +59,11 @@ impl MemoryBus {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Messages dropped because a subscriber's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
     }
 
     /// Number of subjects with at least one subscriber (for tests of unsubscription).
@@ -148,8 +156,17 @@ impl Bus for MemoryBus {
             headers,
         };
         for tx in targets {
-            // A closed receiver is a subscription being dropped: like NATS, nobody gets it.
-            let _ = tx.send(msg.clone()).await;
+            match tx.try_send(msg.clone()) {
+                Ok(()) => {}
+                // A closed receiver is a subscription being dropped: like NATS, nobody gets it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                // Like a NATS slow consumer: drop rather than wait. Waiting could deadlock a subscriber
+                // that publishes to a subject it reads (and stall every publisher behind it).
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %subject, "in-process bus: slow subscriber, message dropped");
+                }
+            }
         }
         Ok(())
     }

@@ -47,6 +47,8 @@ pub struct Shared {
     pub room_queue: usize,
     /// Recent room messages handed to a joining viewer.
     pub room_recent: usize,
+    /// Largest frame written to a client, bytes.
+    pub max_frame: usize,
     /// Cancelled when the gateway drains.
     pub shutdown: CancellationToken,
     /// Process metrics.
@@ -138,7 +140,7 @@ pub async fn drive<R, W>(
                     // A reader that stopped reading blocks this write; the hub then cancels `overflow`
                     // when the queue fills, which must end the connection even mid-write.
                     let written = tokio::select! {
-                        w = write_queued(&mut writer, first, &mut rx) => w,
+                        w = tokio::time::timeout(WRITE_TIMEOUT, write_queued(&mut writer, first, &mut rx)) => w.ok().flatten(),
                         _ = overflow.cancelled() => None,
                         _ = stop_writing(&shared.shutdown, drain_until) => None,
                     };
@@ -167,7 +169,7 @@ pub async fn drive<R, W>(
                     let Some(first) = frame else { break 'conn };
                     // Like IM writes: an IM overflow or a drain must end a write the peer never takes.
                     let written = tokio::select! {
-                        w = write_room(&mut writer, first, &mut room_rx) => w,
+                        w = tokio::time::timeout(WRITE_TIMEOUT, write_room(&mut writer, first, &mut room_rx)) => w.unwrap_or(false),
                         _ = overflow.cancelled() => false,
                         _ = stop_writing(&shared.shutdown, drain_until) => false,
                     };
@@ -443,9 +445,21 @@ async fn join_room(
             warn!(room_id, error = %e, "room history read failed");
             Vec::new()
         });
-    let Some((recent, online_count)) = rooms.ready(conn_id, room_id, history) else {
+    let Some((mut recent, online_count)) = rooms.ready(conn_id, room_id, history) else {
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     };
+    // The answer must fit in one frame whatever the room's history holds: keep the newest that fit.
+    let budget = shared.max_frame.saturating_sub(1024);
+    let mut bytes = 0;
+    let keep = recent
+        .iter()
+        .rev()
+        .take_while(|m| {
+            bytes += m.encoded_len() + 8;
+            bytes <= budget
+        })
+        .count();
+    recent.drain(..recent.len() - keep);
     Ok((
         SubscribeRoomOutput {
             room_id,

@@ -29,6 +29,21 @@ use zhibo_proto::client::{Kick, KickReason, Packet};
 
 use crate::rooms::{RoomConfig, RoomHub};
 
+/// A random first connection id, so a gateway restarted under the same id (a pod name) never reuses the
+/// connection ids of its previous life: a late reply for an old connection then reaches nobody.
+fn first_conn_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Leave room above so the counter never wraps in practice.
+    (h.finish() >> 2).max(1)
+}
+
 /// What the hub asks a connection to write.
 #[derive(Debug)]
 pub enum Outbound {
@@ -97,7 +112,7 @@ impl Hub {
             gateway_id,
             bus,
             inner: Mutex::new(Inner::default()),
-            next_conn: AtomicU64::new(1),
+            next_conn: AtomicU64::new(first_conn_id()),
             overflow_closes: AtomicU64::new(0),
         })
     }
@@ -270,6 +285,7 @@ impl Hub {
                 Bytes::from(online.encode_to_vec()),
             )
             .await
+            .inspect_err(|_| self.unregister(conn_id))
     }
 
     /// Forgets a connection (and its room seats); drops the user's subscription with its last local

@@ -331,6 +331,7 @@ pub async fn serve(
             rooms: deps.rooms,
             room_queue: config.room_queue,
             room_recent: config.room_recent,
+            max_frame: config.max_frame,
             shutdown: shutdown.clone(),
             reconnect_hint: config.reconnect_hint.clone(),
             metrics: deps.metrics,
@@ -347,13 +348,14 @@ pub async fn serve(
         let accept = tokio::join!(
             tcp::serve(listeners.tcp, shared.clone(), max, tracker.clone()),
             ws::serve(listeners.ws, shared.clone(), max, tracker.clone()),
-            quic::serve(listeners.quic, shared.clone(), max, tracker.clone()),
+            quic::serve(listeners.quic.clone(), shared.clone(), max, tracker.clone()),
         );
         let () = accept.0;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("connections still open after the grace period");
         }
+        quic::close(listeners.quic).await;
         replies.abort();
         broadcast.abort();
         info!("gateway stopped");

@@ -136,6 +136,11 @@ pub async fn serve(
             .instrument(span),
         );
     }
+    // The endpoint stays open: connections drain (GoAway, pending replies) before `close` ends them.
+}
+
+/// Closes the endpoint once connections have drained, and waits briefly for it to go idle.
+pub async fn close(endpoint: quinn::Endpoint) {
     endpoint.close(0u32.into(), b"gateway stopping");
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await {
         warn!(error = %e, "quic endpoint did not go idle in time");

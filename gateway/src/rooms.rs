@@ -440,9 +440,11 @@ impl RoomHub {
                 }
             }
         }
-        // Others stop counting this gateway's viewers now rather than when the report expires.
-        self.publish_presence(room_id, 0).await;
+        // Unsubscribe first: publishing to a subject we still subscribe to (and no longer read) could wait
+        // on our own full buffer. Then others stop counting this gateway's viewers now rather than when
+        // the report expires.
         drop(sub);
+        self.publish_presence(room_id, 0).await;
         debug!(room_id, "room unsubscribed");
     }
 

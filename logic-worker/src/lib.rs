@@ -373,7 +373,7 @@ impl Logic {
         plan: SendResult,
         duplicate: bool,
     ) -> Result<SendMessageOutput, LogicError> {
-        let template = Message {
+        let fresh = Message {
             message_id: plan.message_id,
             seq: 0,
             sender_user_id: origin.user_id,
@@ -384,6 +384,31 @@ impl Logic {
             server_time_ms: plan.server_time_ms,
             content_type: input.content_type,
             content: input.content.clone(),
+        };
+        // A resend replays the plan from the message as first stored (the sender's own inbox entry), so a
+        // resend can never rewrite what recipients already have; one that differs is refused. Only when
+        // nothing was stored yet (a crash between plan and writes) does the resend's content go in.
+        let stored = if duplicate {
+            self.stored_original(origin.user_id, &plan).await?
+        } else {
+            None
+        };
+        let already_stored = stored.is_some();
+        let template = match stored {
+            Some(original) => {
+                let same = original.receiver_type == fresh.receiver_type
+                    && original.receiver_id == fresh.receiver_id
+                    && original.content_type == fresh.content_type
+                    && original.content == fresh.content;
+                if !same {
+                    return Err(LogicError::new(
+                        ErrorCode::InvalidArgument,
+                        "client_msg_id already used for a different message",
+                    ));
+                }
+                Message { seq: 0, ..original }
+            }
+            None => fresh,
         };
         let entries: Vec<(i64, Message)> = plan
             .recipients
@@ -406,6 +431,15 @@ impl Logic {
             .inspect_err(|_| {
                 self.metrics.store_errors.inc();
             })?;
+        if already_stored {
+            // Delivered (or visible to sync) since the first attempt: just answer again.
+            return Ok(SendMessageOutput {
+                message_id: plan.message_id,
+                seq: plan.seq,
+                server_time_ms: plan.server_time_ms,
+                duplicate,
+            });
+        }
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {
@@ -455,6 +489,21 @@ impl Logic {
             server_time_ms: plan.server_time_ms,
             duplicate,
         })
+    }
+
+    /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
+    async fn stored_original(
+        &self,
+        sender: i64,
+        plan: &SendResult,
+    ) -> Result<Option<Message>, LogicError> {
+        if plan.seq == 0 {
+            return Ok(None);
+        }
+        let found = self.stores.messages.sync(sender, plan.seq - 1, 1).await?;
+        Ok(found
+            .into_iter()
+            .find(|m| m.seq == plan.seq && m.message_id == plan.message_id))
     }
 
     /// The messages of `user_id` after `input.seq`, oldest first, one page.

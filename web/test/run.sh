@@ -70,7 +70,7 @@ hermetic=()
 while read -r name; do
 	[[ $name == ZHIBO_LOG ]] || hermetic+=(-u "$name")
 done < <(compgen -e | grep '^ZHIBO_' || true)
-env "${hermetic[@]}" ZHIBO_STORE__PATH="" ZHIBO_API_ADDR="127.0.0.1:$api" ZHIBO_GATEWAY__TCP_ADDR="127.0.0.1:$tcp" \
+env "${hermetic[@]}" ZHIBO_STORE__PATH="" ZHIBO_METRICS_ADDR="127.0.0.1:0" ZHIBO_API_ADDR="127.0.0.1:$api" ZHIBO_GATEWAY__TCP_ADDR="127.0.0.1:$tcp" \
 	ZHIBO_GATEWAY__WS_ADDR="127.0.0.1:$ws" ZHIBO_GATEWAY__QUIC_ADDR="127.0.0.1:$quic" ZHIBO_LOG="${ZHIBO_LOG:-info}" \
 	"$bin" dev >"$server_log" 2>&1 &
 server=$!

@@ -91,6 +91,21 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
     Ok(Backends { bus, stores })
 }
 
+/// Spawns a role; if it fails (e.g. a subscription refused at start), the whole process shuts down and
+/// [`run`] returns that error instead of running on without the role.
+fn spawn_role(
+    shutdown: CancellationToken,
+    role: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let result = role.await;
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    })
+}
+
 /// Readiness of the real dependencies: the bus is connected and the store answered a probe read within
 /// the last few seconds (probed in the background every 2 s, so `/readyz` never waits on the store).
 fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetry::http::Readiness {
@@ -152,18 +167,24 @@ pub async fn run(
         .with_metrics(metrics.clone()),
     );
     let ops_task = bound.ops.map(|listener| {
-        tokio::spawn(zhibo_telemetry::http::serve(
-            listener,
-            metrics.clone(),
-            ready.clone(),
+        spawn_role(
             shutdown.clone(),
-        ))
+            zhibo_telemetry::http::serve(
+                listener,
+                metrics.clone(),
+                ready.clone(),
+                shutdown.clone(),
+            ),
+        )
     });
     // Logic workers stop last, after the gateways and user-api have stopped producing commands.
     let logic_stop = CancellationToken::new();
-    let logic_task = bound
-        .logic
-        .then(|| tokio::spawn(zhibo_logic::run(logic.clone(), logic_stop.clone())));
+    let logic_task = bound.logic.then(|| {
+        spawn_role(
+            shutdown.clone(),
+            zhibo_logic::run(logic.clone(), logic_stop.clone()),
+        )
+    });
     let gateway_task = bound.gateway.map(|listeners| {
         let deps = zhibo_gateway::Deps {
             bus: backends.bus.clone(),
@@ -172,13 +193,16 @@ pub async fn run(
             key: key.clone(),
             metrics: metrics.clone(),
         };
-        tokio::spawn(zhibo_gateway::run(
-            config.gateway.clone(),
-            listeners,
-            deps,
+        spawn_role(
             shutdown.clone(),
-            grace,
-        ))
+            zhibo_gateway::run(
+                config.gateway.clone(),
+                listeners,
+                deps,
+                shutdown.clone(),
+                grace,
+            ),
+        )
     });
     let api_task = bound.api.map(|listener| {
         let deps = zhibo_user_api::Deps {
@@ -187,12 +211,10 @@ pub async fn run(
             logic: logic.clone(),
             ready: ready.clone(),
         };
-        tokio::spawn(zhibo_user_api::run(
-            config.api.clone(),
-            listener,
-            deps,
+        spawn_role(
             shutdown.clone(),
-        ))
+            zhibo_user_api::run(config.api.clone(), listener, deps, shutdown.clone()),
+        )
     });
     shutdown.cancelled().await;
     info!("shutting down");
@@ -204,7 +226,11 @@ pub async fn run(
     }
     logic_stop.cancel();
     if let Some(t) = logic_task {
-        t.await.context("logic task")??;
+        // In-flight commands get the grace period too, no more.
+        tokio::time::timeout(grace, t)
+            .await
+            .context("logic worker did not finish in-flight commands within the grace period")?
+            .context("logic task")??;
     }
     if let Some(t) = ops_task {
         t.await.context("ops task")??;

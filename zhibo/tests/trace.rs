@@ -92,15 +92,14 @@ async fn one_trace_follows_a_message_across_processes_over_nats() {
     assert_child(&spans, "seq.allocate", "logic.command");
     assert_child(&spans, "store.write", "logic.command");
     assert_child(&spans, "delivery.publish", "logic.command");
-    assert_child(&spans, "gateway.deliver", "delivery.publish");
-    let root = find(&spans, "gateway.command").span_context.trace_id();
-    let delivered_on_gateway = spans
-        .iter()
-        .filter(|s| s.name == "gateway.deliver" && s.span_context.trace_id() == root)
-        .count();
+    // Several `gateway.deliver` spans exist (sign-in events on user subjects start traces of their own):
+    // at least one, on bob's gateway, continues the delivery's trace.
+    let publish = find(&spans, "delivery.publish").span_context.span_id();
     assert!(
-        delivered_on_gateway >= 1,
-        "bob's gateway wrote it within the same trace"
+        spans
+            .iter()
+            .any(|s| s.name == "gateway.deliver" && s.parent_span_id == publish),
+        "a gateway.deliver span is a child of delivery.publish"
     );
     drop(_guard);
     cluster.stop().await;

@@ -117,3 +117,22 @@ async fn nats_connect_error_is_clear() {
         .expect_err("no server there");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }
+
+#[tokio::test]
+async fn memory_bus_drops_for_a_full_subscriber_instead_of_waiting() {
+    let bus = MemoryBus::new();
+    let subject = Subject::room(9);
+    // A subscriber that never reads (e.g. a task publishing to a subject it also reads).
+    let _stuck = bus.subscribe(&subject).await.expect("subscribe");
+    let publish_all = async {
+        for i in 0..8200u32 {
+            bus.publish(&subject, vec![], Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .expect("publish");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), publish_all)
+        .await
+        .expect("publishing never waits on a full subscriber");
+    assert_eq!(bus.dropped(), 8200 - 8192);
+}

@@ -83,17 +83,25 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
     }
     if let Some(v) = get("max_delivered_per_s") {
         if c.nats_pubsub_per_s > 0.0 {
-            r.push(("delivered_per_s / nats_pubsub_per_s", v / c.nats_pubsub_per_s));
+            r.push((
+                "delivered_per_s / nats_pubsub_per_s",
+                v / c.nats_pubsub_per_s,
+            ));
         }
     }
-    if let (Some(v), true) = (get("p99_ack_ms_at_half_load"), c.nats_request_latency.p99_us > 0) {
+    if let (Some(v), true) = (
+        get("p99_ack_ms_at_half_load"),
+        c.nats_request_latency.p99_us > 0,
+    ) {
         r.push((
             "p99_ack_at_half_load / nats_request_p99",
             v * 1e3 / c.nats_request_latency.p99_us as f64,
         ));
     }
     for (k, v) in r {
-        report.ratios.insert(k.into(), (v * 1000.0).round() / 1000.0);
+        report
+            .ratios
+            .insert(k.into(), (v * 1000.0).round() / 1000.0);
     }
 }
 

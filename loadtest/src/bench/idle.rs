@@ -205,7 +205,9 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         .await;
         connect_secs = start.elapsed().as_secs_f64();
         if !all {
-            report.notes.push("not every connection was attempted within 300 s".into());
+            report
+                .notes
+                .push("not every connection was attempted within 300 s".into());
         }
     }
     let connected = counters.connected.load(Ordering::Relaxed);
@@ -246,14 +248,21 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         rss_kib: full,
         ..Step::default()
     });
-    report.metrics.insert("connections".into(), connected as f64);
-    report.metrics.insert("bytes_per_conn".into(), per_conn.round());
-    report.metrics.insert("rss_base_kib".into(), base as f64);
-    report.metrics.insert("rss_full_kib".into(), full as f64);
-    report.metrics.insert("rss_after_close_kib".into(), after as f64);
     report
         .metrics
-        .insert("connects_per_s".into(), (connected as f64 / connect_secs).round());
+        .insert("connections".into(), connected as f64);
+    report
+        .metrics
+        .insert("bytes_per_conn".into(), per_conn.round());
+    report.metrics.insert("rss_base_kib".into(), base as f64);
+    report.metrics.insert("rss_full_kib".into(), full as f64);
+    report
+        .metrics
+        .insert("rss_after_close_kib".into(), after as f64);
+    report.metrics.insert(
+        "connects_per_s".into(),
+        (connected as f64 / connect_secs).round(),
+    );
     report.charts.push(Chart {
         title: format!("{:?}: gateway RSS vs idle connections", args.transport),
         x_label: "connections".into(),

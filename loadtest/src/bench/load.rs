@@ -40,6 +40,7 @@ pub struct Meter {
     ack: Mutex<Histogram<u64>>,
     deliver: Mutex<Histogram<u64>>,
     server_to_deliver: Mutex<Histogram<u64>>,
+    first_error: Mutex<Option<String>>,
 }
 
 impl Default for Meter {
@@ -49,6 +50,7 @@ impl Default for Meter {
             ack: Mutex::new(new_histogram()),
             deliver: Mutex::new(new_histogram()),
             server_to_deliver: Mutex::new(new_histogram()),
+            first_error: Mutex::new(None),
         }
     }
 }
@@ -67,6 +69,14 @@ impl Meter {
             counters,
             ..Meter::default()
         }
+    }
+
+    /// The first error the server answered, if any (`code: message`).
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The three latency summaries since the last call (ack, deliver, server → deliver); resets them.
@@ -155,7 +165,16 @@ async fn read_loop(mut recv: RecvHalf, pending: Pending, meter: Arc<Meter>) {
                     record(&mut meter.ack.lock().unwrap_or_else(|e| e.into_inner()), us);
                 }
             }
-            Some(Body::Error(_)) => {
+            Some(Body::Error(e)) => {
+                meter
+                    .first_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(|| {
+                        let code = zhibo_proto::client::ErrorCode::try_from(e.code)
+                            .unwrap_or(zhibo_proto::client::ErrorCode::Unspecified);
+                        format!("{code:?}: {}", e.message)
+                    });
                 pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -229,7 +248,10 @@ pub async fn connect_all(
 ///
 /// # Errors
 /// When a socket cannot be bound.
-pub fn quic_endpoints(transport: Transport, source_ips: usize) -> anyhow::Result<Vec<quinn::Endpoint>> {
+pub fn quic_endpoints(
+    transport: Transport,
+    source_ips: usize,
+) -> anyhow::Result<Vec<quinn::Endpoint>> {
     if transport != Transport::Quic {
         return Ok(Vec::new());
     }
@@ -330,7 +352,10 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 }
 
 /// Keeps idle connections alive: a heartbeat on each every `every` until the task is aborted.
-pub fn heartbeats(conns: Arc<tokio::sync::Mutex<Vec<LoadConn>>>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn heartbeats(
+    conns: Arc<tokio::sync::Mutex<Vec<LoadConn>>>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;

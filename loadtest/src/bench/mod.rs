@@ -101,16 +101,34 @@ pub struct BenchArgs {
     #[arg(long)]
     pub gateway_pid: Option<u32>,
     /// Token secret of the cluster (tokens are minted locally); empty = the `zhibo dev` default.
-    #[arg(long, env = "ZHIBO_TOKEN_SECRET", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ZHIBO_TOKEN_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub token_secret: String,
     /// Admin secret of the cluster (users are created through the admin API).
-    #[arg(long, env = "ZHIBO_API__ADMIN_SECRET", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ZHIBO_API__ADMIN_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub admin_secret: String,
     /// NATS (distributed spawn and ceilings).
-    #[arg(long, env = "ZHIBO_TEST_NATS_URL", default_value = "nats://127.0.0.1:14222")]
+    #[arg(
+        long,
+        env = "ZHIBO_TEST_NATS_URL",
+        default_value = "nats://127.0.0.1:14222"
+    )]
     pub nats_url: String,
     /// Redis (distributed spawn and ceilings).
-    #[arg(long, env = "ZHIBO_TEST_REDIS_URL", default_value = "redis://127.0.0.1:16379")]
+    #[arg(
+        long,
+        env = "ZHIBO_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:16379"
+    )]
     pub redis_url: String,
     /// Cassandra / ScyllaDB node (distributed spawn).
     #[arg(long, env = "ZHIBO_TEST_CQL_NODE", default_value = "127.0.0.1:19042")]
@@ -137,7 +155,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     pub group_size: usize,
     /// Offered rates, messages per second, comma-separated: one step each (open loop).
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000,2000,5000,10000,20000"
+    )]
     pub rates: Vec<f64>,
     /// Seconds per rate step.
     #[arg(long, default_value_t = 10.0)]
@@ -222,9 +244,10 @@ pub async fn run_scenario(args: BenchArgs) -> anyhow::Result<Report> {
     if args.scenario != Scenario::Ceilings {
         let target = server::start(&args).await?;
         report.server.insert("mode".into(), target.mode.clone());
-        report
-            .server
-            .insert("transport".into(), format!("{:?}", args.transport).to_lowercase());
+        report.server.insert(
+            "transport".into(),
+            format!("{:?}", args.transport).to_lowercase(),
+        );
         if target.mode == "dev" {
             report
                 .server

@@ -70,7 +70,11 @@ pub struct Progress {
 
 impl Progress {
     /// Starts printing `label` with `counters` and, if given, the gateway's RSS.
-    pub fn start(label: String, counters: Arc<Counters>, rss: impl Fn() -> u64 + Send + 'static) -> Self {
+    pub fn start(
+        label: String,
+        counters: Arc<Counters>,
+        rss: impl Fn() -> u64 + Send + 'static,
+    ) -> Self {
         let task = tokio::spawn(async move {
             let tty = std::io::stderr().is_terminal();
             let start = Instant::now();
@@ -100,7 +104,7 @@ impl Progress {
                 let mut err = std::io::stderr().lock();
                 if tty {
                     let _ = write!(err, "\r{line}\x1b[K");
-                } else if n % 5 == 0 {
+                } else if n.is_multiple_of(5) {
                     let _ = writeln!(err, "{line}");
                 }
                 let _ = err.flush();

@@ -152,7 +152,7 @@ pub fn render_svg(chart: &Chart, path: &Path) -> anyhow::Result<()> {
     if x0 > x1 {
         (x0, x1) = (0.0, 1.0);
     }
-    if x1 - x0 < f64::EPSILON {
+    if (x1 - x0).abs() < f64::EPSILON {
         x1 = x0 + 1.0;
     }
     let y1 = if y1 <= 0.0 { 1.0 } else { y1 * 1.1 };

@@ -49,9 +49,10 @@ async fn sweep(
         let start = Instant::now();
         let per_conn = rate / senders.len() as f64;
         let targets: Vec<SendTo> = senders.iter().enumerate().map(|(i, c)| to(i, c)).collect();
-        let sends = senders.iter_mut().zip(targets).map(|(c, t)| {
-            load::open_loop(c, t, per_conn, dur, args.payload, MAX_INFLIGHT, meter)
-        });
+        let sends = senders
+            .iter_mut()
+            .zip(targets)
+            .map(|(c, t)| load::open_loop(c, t, per_conn, dur, args.payload, MAX_INFLIGHT, meter));
         for r in futures::future::join_all(sends).await {
             r.context("sender connection failed")?;
         }
@@ -107,23 +108,45 @@ async fn sweep(
             break;
         }
     }
+    if let Some(e) = meter.first_error() {
+        eprintln!("  first error answered by the server: {e}");
+        report
+            .notes
+            .push(format!("first error answered by the server: {e}"));
+    }
     latency_chart(report);
     Ok(())
 }
 
 fn latency_chart(report: &mut Report) {
     let pts = |f: &dyn Fn(&Step) -> f64| -> Vec<(f64, f64)> {
-        report.steps.iter().map(|s| (s.offered_rate, f(s))).collect()
+        report
+            .steps
+            .iter()
+            .map(|s| (s.offered_rate, f(s)))
+            .collect()
     };
     let chart = Chart {
         title: format!("{}: latency vs offered rate", report.scenario),
         x_label: "offered messages/s".into(),
         y_label: "latency, ms".into(),
         series: vec![
-            ("send→ack p50".into(), pts(&|s| s.ack_latency.p50_us as f64 / 1e3)),
-            ("send→ack p99".into(), pts(&|s| s.ack_latency.p99_us as f64 / 1e3)),
-            ("send→deliver p50".into(), pts(&|s| s.deliver_latency.p50_us as f64 / 1e3)),
-            ("send→deliver p99".into(), pts(&|s| s.deliver_latency.p99_us as f64 / 1e3)),
+            (
+                "send→ack p50".into(),
+                pts(&|s| s.ack_latency.p50_us as f64 / 1e3),
+            ),
+            (
+                "send→ack p99".into(),
+                pts(&|s| s.ack_latency.p99_us as f64 / 1e3),
+            ),
+            (
+                "send→deliver p50".into(),
+                pts(&|s| s.deliver_latency.p50_us as f64 / 1e3),
+            ),
+            (
+                "send→deliver p99".into(),
+                pts(&|s| s.deliver_latency.p99_us as f64 / 1e3),
+            ),
         ],
     };
     let rate = Chart {
@@ -146,18 +169,22 @@ fn headline(report: &mut Report) {
         .iter()
         .map(|s| s.delivered_rate)
         .fold(0.0, f64::max);
-    report.metrics.insert("max_acked_per_s".into(), max_ack.round());
-    report.metrics.insert("max_delivered_per_s".into(), max_del.round());
+    report
+        .metrics
+        .insert("max_acked_per_s".into(), max_ack.round());
+    report
+        .metrics
+        .insert("max_delivered_per_s".into(), max_del.round());
     // p99 at the largest offered rate that was at most half of the best throughput.
     if let Some(s) = report
         .steps
         .iter()
-        .filter(|s| s.offered_rate <= max_ack / 2.0 + 1.0)
-        .last()
+        .rfind(|s| s.offered_rate <= max_ack / 2.0 + 1.0)
     {
-        report
-            .metrics
-            .insert("p99_ack_ms_at_half_load".into(), s.ack_latency.p99_us as f64 / 1e3);
+        report.metrics.insert(
+            "p99_ack_ms_at_half_load".into(),
+            s.ack_latency.p99_us as f64 / 1e3,
+        );
         report.metrics.insert(
             "p99_deliver_ms_at_half_load".into(),
             s.deliver_latency.p99_us as f64 / 1e3,
@@ -169,7 +196,11 @@ fn headline(report: &mut Report) {
 ///
 /// # Errors
 /// When setup or a connection fails.
-pub async fn one_to_one(args: &BenchArgs, target: &Target, report: &mut Report) -> anyhow::Result<()> {
+pub async fn one_to_one(
+    args: &BenchArgs,
+    target: &Target,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let n = args.senders.max(1);
     let people = setup::population(target, 2 * n, true).await?;
     let pairs: Vec<(Credentials, Credentials)> = people
@@ -181,8 +212,22 @@ pub async fn one_to_one(args: &BenchArgs, target: &Target, report: &mut Report) 
     let addr = target.addr(args.transport);
     let senders_creds: Vec<Credentials> = pairs.iter().map(|p| p.0.clone()).collect();
     let receivers_creds: Vec<Credentials> = pairs.iter().map(|p| p.1.clone()).collect();
-    let mut senders = load::connect_all(args.transport, addr, &senders_creds, args.source_ips, &meter).await?;
-    let receivers = load::connect_all(args.transport, addr, &receivers_creds, args.source_ips, &meter).await?;
+    let mut senders = load::connect_all(
+        args.transport,
+        addr,
+        &senders_creds,
+        args.source_ips,
+        &meter,
+    )
+    .await?;
+    let receivers = load::connect_all(
+        args.transport,
+        addr,
+        &receivers_creds,
+        args.source_ips,
+        &meter,
+    )
+    .await?;
     let _p = progress("1:1", &meter, target);
     let rx: Vec<i64> = receivers.iter().map(|r| r.creds.user_id).collect();
     sweep(
@@ -226,7 +271,8 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
     let group_id = g["group_id"].as_i64().context("group_id")?;
     let meter = Arc::new(Meter::default());
     let addr = target.addr(args.transport);
-    let mut conns = load::connect_all(args.transport, addr, &members, args.source_ips, &meter).await?;
+    let mut conns =
+        load::connect_all(args.transport, addr, &members, args.source_ips, &meter).await?;
     let s = args.senders.clamp(1, size);
     let _p = progress("group", &meter, target);
     sweep(
@@ -264,7 +310,8 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     let meter = Arc::new(Meter::default());
     let addr = target.addr(args.transport);
     let _p = progress("room", &meter, target);
-    let mut viewers = load::connect_all(args.transport, addr, &viewer_creds, args.source_ips, &meter).await?;
+    let mut viewers =
+        load::connect_all(args.transport, addr, &viewer_creds, args.source_ips, &meter).await?;
     // Join, then wait for every SubscribeRoomOutput (counted as acks).
     let before = meter.counters.snapshot();
     for v in viewers.iter_mut() {
@@ -285,9 +332,33 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         bail!("{} viewers could not join the room", joined.errors);
     }
     if joined.acked < n {
-        bail!("only {} of {n} viewers joined the room within 30 s", joined.acked);
+        bail!(
+            "only {} of {n} viewers joined the room within 30 s",
+            joined.acked
+        );
     }
-    let mut senders = load::connect_all(args.transport, addr, &senders_creds, args.source_ips, &meter).await?;
+    let mut senders = load::connect_all(
+        args.transport,
+        addr,
+        &senders_creds,
+        args.source_ips,
+        &meter,
+    )
+    .await?;
+    // Senders are in the room too (a connection sends only to rooms it joined).
+    let before = meter.counters.snapshot();
+    for c in senders.iter_mut() {
+        c.send
+            .send(Body::SubscribeRoom(SubscribeRoomInput { room_id }))
+            .await?;
+    }
+    let counters = meter.counters.clone();
+    let sn = senders.len() as u64;
+    load::wait_until(Duration::from_secs(30), || {
+        let d = counters.snapshot().since(&before);
+        d.acked + d.errors >= sn
+    })
+    .await;
     sweep(
         args,
         target,
@@ -297,7 +368,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             receiver_type: ReceiverType::Room,
             receiver_id: room_id,
         },
-        viewers_n as u64,
+        (viewers_n + s) as u64,
         report,
     )
     .await?;
@@ -319,7 +390,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         );
     }
     report.notes.push(format!(
-        "{viewers_n} viewers, {s} sender connections; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+        "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
     ));
     Ok(())
 }
@@ -373,7 +444,10 @@ async fn sync_all(client: &mut Client, mut seq: u64) -> anyhow::Result<u64> {
     let mut got = 0u64;
     loop {
         let p = client
-            .request(Body::Sync(SyncInput { seq, limit: 500 }), Duration::from_secs(30))
+            .request(
+                Body::Sync(SyncInput { seq, limit: 500 }),
+                Duration::from_secs(30),
+            )
             .await?;
         match p.body {
             Some(Body::SyncOutput(out)) => {
@@ -402,16 +476,18 @@ pub async fn sync(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     let addr = target.addr(args.transport);
     let fill = Instant::now();
     fill_inbox(addr, args, sender, reader.user_id, args.messages).await?;
-    report
-        .metrics
-        .insert("fill_msgs_per_s".into(), (args.messages as f64 / fill.elapsed().as_secs_f64()).round());
+    report.metrics.insert(
+        "fill_msgs_per_s".into(),
+        (args.messages as f64 / fill.elapsed().as_secs_f64()).round(),
+    );
     let mut sync_h = new_histogram();
     let mut full_h = new_histogram();
     let mut series = Vec::new();
     let mut got_total = 0u64;
     for i in 0..args.iterations.max(1) {
         let t0 = Instant::now();
-        let (mut client, _) = Client::connect_from(args.transport, addr, reader, None, None).await?;
+        let (mut client, _) =
+            Client::connect_from(args.transport, addr, reader, None, None).await?;
         let t1 = Instant::now();
         let got = sync_all(&mut client, 0).await?;
         let sync_us = t1.elapsed().as_micros() as u64;
@@ -440,10 +516,18 @@ pub async fn sync(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         deliver_latency: full_l,
         ..Step::default()
     });
-    report.metrics.insert("messages".into(), args.messages as f64);
-    report.metrics.insert("sync_ms_p50".into(), sync_l.p50_us as f64 / 1e3);
-    report.metrics.insert("sync_ms_p99".into(), sync_l.p99_us as f64 / 1e3);
-    report.metrics.insert("sync_ms_max".into(), sync_l.max_us as f64 / 1e3);
+    report
+        .metrics
+        .insert("messages".into(), args.messages as f64);
+    report
+        .metrics
+        .insert("sync_ms_p50".into(), sync_l.p50_us as f64 / 1e3);
+    report
+        .metrics
+        .insert("sync_ms_p99".into(), sync_l.p99_us as f64 / 1e3);
+    report
+        .metrics
+        .insert("sync_ms_max".into(), sync_l.max_us as f64 / 1e3);
     report
         .metrics
         .insert("connect_and_sync_ms_p50".into(), full_l.p50_us as f64 / 1e3);
@@ -465,7 +549,11 @@ pub async fn sync(args: &BenchArgs, target: &Target, report: &mut Report) -> any
 ///
 /// # Errors
 /// When setup fails.
-pub async fn reconnect(args: &BenchArgs, target: &Target, report: &mut Report) -> anyhow::Result<()> {
+pub async fn reconnect(
+    args: &BenchArgs,
+    target: &Target,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let n = args.conns.max(1);
     let mut people = setup::population(target, n + 1, true).await?;
     let sender = people.pop().context("sender")?;
@@ -489,7 +577,14 @@ pub async fn reconnect(args: &BenchArgs, target: &Target, report: &mut Report) -
         let mut ok = 0usize;
         while ok < total {
             match recv.next().await {
-                Ok(Some(p)) if matches!(p.body, Some(Body::SendMessageOutput(_)) | Some(Body::Error(_))) => ok += 1,
+                Ok(Some(p))
+                    if matches!(
+                        p.body,
+                        Some(Body::SendMessageOutput(_)) | Some(Body::Error(_))
+                    ) =>
+                {
+                    ok += 1
+                }
                 Ok(Some(_)) => {}
                 _ => break,
             }
@@ -525,7 +620,10 @@ pub async fn reconnect(args: &BenchArgs, target: &Target, report: &mut Report) -
             let mut pts = Vec::new();
             loop {
                 let t = start.elapsed().as_secs_f64() * 1e3;
-                let (a, b) = (signed.load(Ordering::Relaxed), synced.load(Ordering::Relaxed));
+                let (a, b) = (
+                    signed.load(Ordering::Relaxed),
+                    synced.load(Ordering::Relaxed),
+                );
                 pts.push((t, a as f64, b as f64));
                 if b >= n as u64 || t > 120_000.0 {
                     return pts;
@@ -609,17 +707,26 @@ pub async fn reconnect(args: &BenchArgs, target: &Target, report: &mut Report) -
         ..Step::default()
     });
     report.metrics.insert("clients".into(), n as f64);
-    report.metrics.insert("all_signed_in_ms".into(), sign_l.max_us as f64 / 1e3);
-    report.metrics.insert("all_synced_ms".into(), sync_l.max_us as f64 / 1e3);
+    report
+        .metrics
+        .insert("all_signed_in_ms".into(), sign_l.max_us as f64 / 1e3);
+    report
+        .metrics
+        .insert("all_synced_ms".into(), sync_l.max_us as f64 / 1e3);
     report.metrics.insert("failed".into(), failed as f64);
-    report.metrics.insert("retried_attempts".into(), retries as f64);
+    report
+        .metrics
+        .insert("retried_attempts".into(), retries as f64);
     report.charts.push(Chart {
         title: format!("reconnect storm: {n} clients"),
         x_label: "ms since the storm began".into(),
         y_label: "clients".into(),
         series: vec![
             ("signed in".into(), pts.iter().map(|p| (p.0, p.1)).collect()),
-            ("signed in and synced".into(), pts.iter().map(|p| (p.0, p.2)).collect()),
+            (
+                "signed in and synced".into(),
+                pts.iter().map(|p| (p.0, p.2)).collect(),
+            ),
         ],
     });
     report.notes.push(format!(

@@ -133,9 +133,18 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         ("ZHIBO_TOKEN_SECRET".into(), secret.clone()),
         ("ZHIBO_API__ADMIN_SECRET".into(), admin.clone()),
         ("ZHIBO_API_ADDR".into(), format!("127.0.0.1:{api_port}")),
-        ("ZHIBO_GATEWAY__TCP_ADDR".into(), format!("127.0.0.1:{tcp_port}")),
-        ("ZHIBO_GATEWAY__WS_ADDR".into(), format!("127.0.0.1:{ws_port}")),
-        ("ZHIBO_GATEWAY__QUIC_ADDR".into(), format!("127.0.0.1:{quic_port}")),
+        (
+            "ZHIBO_GATEWAY__TCP_ADDR".into(),
+            format!("127.0.0.1:{tcp_port}"),
+        ),
+        (
+            "ZHIBO_GATEWAY__WS_ADDR".into(),
+            format!("127.0.0.1:{ws_port}"),
+        ),
+        (
+            "ZHIBO_GATEWAY__QUIC_ADDR".into(),
+            format!("127.0.0.1:{quic_port}"),
+        ),
         // The generator pipelines from few connections: lift the per-connection limits.
         ("ZHIBO_GATEWAY__RATE_PER_SEC".into(), "10000000".into()),
         ("ZHIBO_GATEWAY__RATE_BURST".into(), "10000000".into()),
@@ -238,7 +247,10 @@ async fn wait_ready(t: &Target, log: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the server did not become ready in 60 s; see {}", log.display());
+            bail!(
+                "the server did not become ready in 60 s; see {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

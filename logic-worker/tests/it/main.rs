@@ -139,3 +139,34 @@ async fn content_and_id_limits() {
         .expect_err("long id");
     assert_eq!(e.code, zhibo_proto::client::ErrorCode::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_resend_can_never_rewrite_what_was_stored() {
+    let (stores, logic) = setup().await;
+    let first = logic
+        .send_message(&origin(1, 10), &input(2, "once", "original"))
+        .await
+        .expect("send");
+    let again = logic
+        .send_message(&origin(1, 10), &input(2, "once", "original"))
+        .await
+        .expect("same resend");
+    assert_eq!(
+        (again.message_id, again.duplicate),
+        (first.message_id, true)
+    );
+    let e = logic
+        .send_message(&origin(1, 10), &input(2, "once", "rewritten"))
+        .await
+        .expect_err("a different message under the same client_msg_id");
+    assert_eq!(e.code, zhibo_proto::client::ErrorCode::InvalidArgument);
+    for user_id in [1, 2] {
+        let inbox = stores.messages.sync(user_id, 0, 10).await.expect("sync");
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(
+            inbox[0].content.as_ref(),
+            b"original",
+            "user {user_id} keeps the original"
+        );
+    }
+}

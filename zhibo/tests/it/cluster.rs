@@ -254,6 +254,7 @@ impl Cluster {
             .env("ZHIBO_STORE__KEYSPACE", &c.store.keyspace)
             .env("ZHIBO_STORE__REDIS_URL", &c.store.redis_url)
             .env("ZHIBO_LOG", "info")
+            .env("ZHIBO_METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)

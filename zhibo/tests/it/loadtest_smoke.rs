@@ -65,7 +65,7 @@ async fn loadtest_scenarios_run_and_count() {
     a.conns = 6;
     let r = run_scenario(a).await.expect("room");
     let s = &r.steps[0];
-    assert_eq!((s.acked, s.delivered), (40, 40 * 6), "{s:?}");
+    assert_eq!((s.acked, s.delivered), (40, 40 * (6 + 2)), "{s:?}");
 
     let mut a = args(&c, Scenario::Sync);
     a.messages = 120;
