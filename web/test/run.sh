@@ -65,7 +65,7 @@ rm -rf "$artifacts"
 mkdir -p "$artifacts"
 server_log=$artifacts/server.log
 # The server's configuration is exactly this: no ZHIBO_* from the caller (scripts/test exports test
-# settings such as ZHIBO_REQUIRE_INFRA that zhibo would refuse as unknown config), except ZHIBO_LOG.
+# settings such as ZHIBO_TEST_REQUIRE_INFRA that zhibo would refuse as unknown config), except ZHIBO_LOG.
 hermetic=()
 while read -r name; do
 	[[ $name == ZHIBO_LOG ]] || hermetic+=(-u "$name")

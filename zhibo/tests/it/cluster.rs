@@ -245,7 +245,12 @@ impl Cluster {
     pub(crate) async fn spawn_worker_process(&self) -> WorkerProcess {
         use tokio::io::AsyncBufReadExt;
         let c = self.config.as_ref().expect("distributed cluster");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"));
+        // zhibo reads every ZHIBO_* variable as configuration: pass only ours, none from the test run.
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("ZHIBO_")) {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("logic-worker")
             .env("ZHIBO_TOKEN_SECRET", SECRET)
             .env("ZHIBO_BUS__NATS_URL", &c.bus.nats_url)
