@@ -330,6 +330,26 @@ impl Hub {
                     }
                 }
             }
+            user_event::Event::DeviceSignedOut(o) => {
+                for conn_id in &entry.conns {
+                    let Some(h) = inner.conns.get(conn_id) else {
+                        continue;
+                    };
+                    if h.device_id == o.device_id {
+                        debug!(conn_id, device_id = o.device_id, "kicking: signed out");
+                        let kick = Packet::new(
+                            0,
+                            Body::Kick(Kick {
+                                reason: KickReason::SignedOut as i32,
+                                text: "this device signed out".into(),
+                            }),
+                        );
+                        if h.tx.try_send(Outbound::Close(kick)).is_err() {
+                            h.overflow.cancel();
+                        }
+                    }
+                }
+            }
             user_event::Event::DeviceOnline(o) => {
                 for conn_id in &entry.conns {
                     let Some(h) = inner.conns.get(conn_id) else {

@@ -637,6 +637,30 @@ impl Logic {
         self.publish_room(&Subject::room(room_id), message).await
     }
 
+    /// Closes every live connection of a device that signed out (its tokens are already revoked, so it
+    /// cannot sign in again with them).
+    ///
+    /// # Errors
+    /// [`LogicError`] with `UNAVAILABLE` when the bus refuses the event.
+    pub async fn kick_signed_out(&self, user_id: i64, device_id: i64) -> Result<(), LogicError> {
+        let event = UserEvent {
+            event: Some(user_event::Event::DeviceSignedOut(
+                zhibo_proto::bus::DeviceSignedOut { user_id, device_id },
+            )),
+        };
+        self.bus
+            .publish(
+                &Subject::user(user_id),
+                Vec::new(),
+                Bytes::from(event.encode_to_vec()),
+            )
+            .await
+            .map_err(|e| {
+                warn!(user_id, device_id, error = %e, "sign-out kick not published");
+                LogicError::new(ErrorCode::Unavailable, "try again later")
+            })
+    }
+
     /// Sends a notice from `sender_user_id` (0 = the system) to every connected device of the cluster,
     /// as room traffic of room 0: not stored, dropped for connections too slow to take it.
     ///

@@ -266,7 +266,15 @@ pub(crate) async fn sign_out(
         .revoke_tokens_before(caller.device_id, now_ms() + 1)
         .await
     {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            // Connections already open with the revoked token go too. Best effort: the revocation
+            // itself is durable, so a lost kick only leaves a live connection until it reconnects.
+            let _ = st
+                .logic
+                .kick_signed_out(caller.user_id, caller.device_id)
+                .await;
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(e) if e.kind == ErrorKind::NotFound => {
             Err(ApiError::unauthorized("unauthenticated", "unknown device"))
         }

@@ -327,6 +327,40 @@ async fn server_side_send(cluster: &Cluster) {
     assert!(refused.is_err());
 }
 
+/// Signing out (user-api) closes the device's live connections with Kick{SIGNED_OUT}, and its token no
+/// longer signs in.
+async fn sign_out_closes_live_connections(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let mut a = cluster.connect(Transport::Quic, 1, &alice).await;
+    let http = reqwest::Client::new();
+    let status = http
+        .delete(format!("{}/v1/sessions", cluster.api_base))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("sign out")
+        .status();
+    assert_eq!(status, 204);
+    let p = a
+        .recv(WAIT)
+        .await
+        .expect("a packet")
+        .expect("kick before close");
+    match p.body {
+        Some(Body::Kick(k)) => assert_eq!(k.reason, KickReason::SignedOut as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    assert!(a.recv(WAIT).await.expect("closed").is_none());
+    let refused = zhibo_loadtest::client::Client::connect(
+        Transport::Tcp,
+        &cluster.gw(0).of(Transport::Tcp),
+        &alice,
+    )
+    .await;
+    let err = refused.expect_err("revoked token");
+    assert!(err.to_string().contains("revoked"), "{err}");
+}
+
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -360,6 +394,7 @@ both_modes!(
     duplicate_client_msg_id_stored_once,
     refusals_keep_the_connection,
     server_side_send,
+    sign_out_closes_live_connections,
 );
 
 /// Redis loses every counter mid-run (FLUSHDB): seqs keep strictly increasing and no stored message is
