@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
@@ -11,13 +11,18 @@ use zhibo_proto::codec::PacketCodec;
 use crate::conn::{drive, Shared};
 use crate::frame::FrameEncoder;
 
-/// Accepts TCP connections until shutdown, each driven on its own task.
-pub async fn serve(
+/// Accepts TCP connections until shutdown and runs `handle` for each on its own task, inside a `conn`
+/// span (shared by the TCP and WebSocket listeners).
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_frame: usize,
     tracker: TaskTracker,
-) {
+    transport: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -33,16 +38,29 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let span = info_span!("conn", transport = "tcp", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(
-            async move {
-                let (r, w) = stream.into_split();
-                let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
-                let writer = FramedWrite::new(w, FrameEncoder::new(max_frame));
-                drive(shared, "tcp", reader, writer, None).await;
-            }
-            .instrument(span),
-        );
+        let span = info_span!("conn", transport, %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
+        tracker.spawn(handle(stream, shared.clone()).instrument(span));
     }
+}
+
+/// Accepts TCP connections until shutdown, each driven on its own task.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_frame: usize,
+    tracker: TaskTracker,
+) {
+    accept_loop(
+        listener,
+        shared.clone(),
+        tracker,
+        "tcp",
+        move |stream, shared| async move {
+            let (r, w) = stream.into_split();
+            let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
+            let writer = FramedWrite::new(w, FrameEncoder::new(max_frame));
+            drive(shared, "tcp", reader, writer, None).await;
+        },
+    )
+    .await;
 }

@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::debug;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Packet, SignInInput};
 use zhibo_proto::codec::{decode_body, CodecError};
@@ -50,91 +50,78 @@ pub async fn serve(
     max_frame: usize,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let span = info_span!("conn", transport = "ws", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(
-            async move {
-                let mut query = None;
-                // The callback's signature (and its large error type) is tungstenite's.
-                #[allow(clippy::result_large_err)]
-                let callback = |req: &Request, resp: Response| {
-                    if req.uri().path() == "/ws" {
-                        query = Some(req.uri().query().unwrap_or("").to_owned());
-                        Ok(resp)
-                    } else {
-                        let mut not_found =
-                            tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
-                                Some("use /ws?user_id=&device_id=&token=".into()),
-                            );
-                        *not_found.status_mut() =
-                            tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
-                        Err(not_found)
+    crate::tcp::accept_loop(
+        listener,
+        shared,
+        tracker,
+        "ws",
+        move |stream, shared| async move {
+            let mut query = None;
+            // The callback's signature (and its large error type) is tungstenite's.
+            #[allow(clippy::result_large_err)]
+            let callback = |req: &Request, resp: Response| {
+                if req.uri().path() == "/ws" {
+                    query = Some(req.uri().query().unwrap_or("").to_owned());
+                    Ok(resp)
+                } else {
+                    let mut not_found =
+                        tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
+                            Some("use /ws?user_id=&device_id=&token=".into()),
+                        );
+                    *not_found.status_mut() =
+                        tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
+                    Err(not_found)
+                }
+            };
+            let handshake = tokio::time::timeout(
+                shared.session.sign_in_timeout,
+                tokio_tungstenite::accept_hdr_async_with_config(
+                    stream,
+                    callback,
+                    Some(ws_config(max_frame)),
+                ),
+            )
+            .await;
+            let ws = match handshake {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "websocket handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("websocket handshake timed out");
+                    return;
+                }
+            };
+            let first = sign_in_from_query(query.as_deref().unwrap_or(""));
+            let (sink, stream) = ws.split();
+            let writer = sink.with(|f: Frame| {
+                future::ready(Ok::<_, tokio_tungstenite::tungstenite::Error>(
+                    Message::Binary(f.into_body()),
+                ))
+            });
+            let reader = stream.filter_map(move |m| {
+                future::ready(match m {
+                    Ok(Message::Binary(b)) => Some(decode_body(&b, max_frame)),
+                    Ok(Message::Text(_)) => Some(Err(CodecError::Decode(prost::DecodeError::new(
+                        "text frames are not packets; send binary",
+                    )))),
+                    Ok(Message::Close(_)) => None,
+                    Ok(_) => None,
+                    Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                        Some(Err(CodecError::FrameTooLarge {
+                            len: 0,
+                            max: max_frame,
+                        }))
                     }
-                };
-                let handshake = tokio::time::timeout(
-                    shared.session.sign_in_timeout,
-                    tokio_tungstenite::accept_hdr_async_with_config(
-                        stream,
-                        callback,
-                        Some(ws_config(max_frame)),
-                    ),
-                )
-                .await;
-                let ws = match handshake {
-                    Ok(Ok(ws)) => ws,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "websocket handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("websocket handshake timed out");
-                        return;
-                    }
-                };
-                let first = sign_in_from_query(query.as_deref().unwrap_or(""));
-                let (sink, stream) = ws.split();
-                let writer = sink.with(|f: Frame| {
-                    future::ready(Ok::<_, tokio_tungstenite::tungstenite::Error>(
-                        Message::Binary(f.into_body()),
-                    ))
-                });
-                let reader = stream.filter_map(move |m| {
-                    future::ready(match m {
-                        Ok(Message::Binary(b)) => Some(decode_body(&b, max_frame)),
-                        Ok(Message::Text(_)) => Some(Err(CodecError::Decode(
-                            prost::DecodeError::new("text frames are not packets; send binary"),
-                        ))),
-                        Ok(Message::Close(_)) => None,
-                        Ok(_) => None,
-                        Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
-                            Some(Err(CodecError::FrameTooLarge {
-                                len: 0,
-                                max: max_frame,
-                            }))
-                        }
-                        Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
-                    })
-                });
-                let reader = Box::pin(reader);
-                drive(shared, "ws", reader, Box::pin(writer), Some(first)).await;
-            }
-            .instrument(span),
-        );
-    }
+                    Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
+                })
+            });
+            let reader = Box::pin(reader);
+            drive(shared, "ws", reader, Box::pin(writer), Some(first)).await;
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
