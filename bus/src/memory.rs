@@ -19,7 +19,9 @@ use crate::{Bus, BusMessage, Result, Subject, Subscription};
 
 const CHANNEL_CAPACITY: usize = 8192;
 
-type Sender = mpsc::Sender<BusMessage>;
+/// Shared between subscribers (one allocation per publish) and small in the channel's slots, which
+/// tokio allocates 32 at a time for every subscription, idle or not.
+type Sender = mpsc::Sender<Arc<BusMessage>>;
 
 /// Members of one queue group and the round-robin cursor.
 type Group = (Vec<(u64, Sender)>, Arc<AtomicUsize>);
@@ -97,7 +99,9 @@ impl MemoryBus {
             id,
         };
         let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-            rx.recv().await.map(|m| (m, (rx, guard)))
+            rx.recv()
+                .await
+                .map(|m| (Arc::unwrap_or_clone(m), (rx, guard)))
         });
         Subscription::new(stream)
     }
@@ -150,11 +154,11 @@ impl Bus for MemoryBus {
             }
             t
         };
-        let msg = BusMessage {
+        let msg = Arc::new(BusMessage {
             subject: subject.as_str().to_owned(),
             payload,
             headers,
-        };
+        });
         for tx in targets {
             match tx.try_send(msg.clone()) {
                 Ok(()) => {}

@@ -353,11 +353,11 @@ where
                 p
             }
             Outbound::Close(p) => {
-                let _ = writer.send(p.into()).await;
+                let _ = writer.send((*p).into()).await;
                 return None;
             }
         };
-        if let Err(e) = writer.feed(p.into()).await {
+        if let Err(e) = writer.feed((*p).into()).await {
             debug!(error = %e, "write failed");
             return None;
         }

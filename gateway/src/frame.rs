@@ -16,6 +16,17 @@ pub enum Frame {
     Encoded(Bytes),
 }
 
+/// A frame writer whose buffer starts empty: tokio-util preallocates 8 KiB per writer, which an idle
+/// connection would pay for nothing; the buffer grows on the first write instead.
+pub(crate) fn lean_writer<W: tokio::io::AsyncWrite>(
+    io: W,
+    max_frame: usize,
+) -> tokio_util::codec::FramedWrite<W, FrameEncoder> {
+    let mut writer = tokio_util::codec::FramedWrite::new(io, FrameEncoder::new(max_frame));
+    *writer.write_buffer_mut() = bytes::BytesMut::new();
+    writer
+}
+
 impl From<Packet> for Frame {
     fn from(p: Packet) -> Self {
         Frame::Packet(p)

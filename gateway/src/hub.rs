@@ -44,15 +44,16 @@ fn first_conn_id() -> u64 {
     (h.finish() >> 2).max(1)
 }
 
-/// What the hub asks a connection to write.
+/// What the hub asks a connection to write. Boxed: tokio allocates a connection's queue in blocks of 32
+/// slots up front, so the slot size is paid by every idle connection.
 #[derive(Debug)]
 pub enum Outbound {
     /// A packet to write.
-    Packet(Packet),
+    Packet(Box<Packet>),
     /// A reply to one of this connection's requests (counted to let in-flight requests finish on drain).
-    Reply(Packet),
+    Reply(Box<Packet>),
     /// Write this packet, then close (kick).
-    Close(Packet),
+    Close(Box<Packet>),
 }
 
 /// The handle a connection registers with.
@@ -344,7 +345,7 @@ impl Hub {
                                 text: "this device signed out".into(),
                             }),
                         );
-                        if h.tx.try_send(Outbound::Close(kick)).is_err() {
+                        if h.tx.try_send(Outbound::Close(Box::new(kick))).is_err() {
                             h.overflow.cancel();
                         }
                     }
@@ -369,7 +370,7 @@ impl Hub {
                                 text: "this device signed in on another connection".into(),
                             }),
                         );
-                        if h.tx.try_send(Outbound::Close(kick)).is_err() {
+                        if h.tx.try_send(Outbound::Close(Box::new(kick))).is_err() {
                             h.overflow.cancel();
                         }
                     }
@@ -388,9 +389,9 @@ impl Hub {
     fn push(&self, conn_id: u64, h: &ConnHandle, packets: &[Packet], replies: bool) {
         for p in packets {
             let out = if replies {
-                Outbound::Reply(p.clone())
+                Outbound::Reply(Box::new(p.clone()))
             } else {
-                Outbound::Packet(p.clone())
+                Outbound::Packet(Box::new(p.clone()))
             };
             if h.tx.try_send(out).is_err() {
                 warn!(conn_id, "outbound queue full: closing slow connection");

@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketCodec;
 
 use crate::conn::{drive, Shared};
-use crate::frame::FrameEncoder;
 
 /// ALPN protocol id clients must offer.
 pub const ALPN: &[u8] = b"zhibo/1";
@@ -126,7 +125,7 @@ pub async fn serve(
                     }
                 };
                 let reader = FramedRead::with_capacity(recv, PacketCodec::new(max_frame), 512);
-                let writer = FramedWrite::new(send, FrameEncoder::new(max_frame));
+                let writer = crate::frame::lean_writer(send, max_frame);
                 drive(shared, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the
                 // connection close discards unacknowledged stream data.

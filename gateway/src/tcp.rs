@@ -3,13 +3,12 @@
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
 use zhibo_proto::codec::PacketCodec;
 
 use crate::conn::{drive, Shared};
-use crate::frame::FrameEncoder;
 
 /// Accepts TCP connections until shutdown and runs `handle` for each on its own task, inside a `conn`
 /// span (shared by the TCP and WebSocket listeners).
@@ -58,7 +57,7 @@ pub async fn serve(
         move |stream, shared| async move {
             let (r, w) = stream.into_split();
             let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
-            let writer = FramedWrite::new(w, FrameEncoder::new(max_frame));
+            let writer = crate::frame::lean_writer(w, max_frame);
             drive(shared, "tcp", reader, writer, None).await;
         },
     )
