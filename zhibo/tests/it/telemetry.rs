@@ -27,6 +27,27 @@ fn send(to: i64, id: &str) -> Body {
     })
 }
 
+/// Scrapes until `name` reads `want` (gauges move asynchronously), for up to 5 s; returns the last value.
+async fn settle(http: &reqwest::Client, ops: std::net::SocketAddr, name: &str, want: f64) -> f64 {
+    let mut value = f64::NAN;
+    for _ in 0..50 {
+        let text = http
+            .get(format!("http://{ops}/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        value = metric(&text, name);
+        if value == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    value
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_scraped_and_move() {
     let cluster = Cluster::embedded().await;
@@ -103,37 +124,11 @@ async fn metrics_are_scraped_and_move() {
         matches!(joined.body, Some(Body::SubscribeRoomOutput(_))),
         "{joined:?}"
     );
-    let mut viewers = 0.0;
-    for _ in 0..50 {
-        let text = get("/metrics")
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text");
-        viewers = metric(&text, "zhibo_room_viewers");
-        if viewers == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let viewers = settle(&http, ops, "zhibo_room_viewers", 1.0).await;
     assert_eq!(viewers, 1.0, "the room viewer is counted");
     drop(b);
     // Disconnects are counted too.
-    let mut gone = false;
-    for _ in 0..50 {
-        let text = get("/metrics")
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text");
-        if metric(&text, r#"zhibo_connections{transport="tcp"}"#) == 0.0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "the tcp connection gauge returns to 0");
+    let tcp = settle(&http, ops, r#"zhibo_connections{transport="tcp"}"#, 0.0).await;
+    assert_eq!(tcp, 0.0, "the tcp connection gauge returns to 0");
     cluster.stop().await;
 }
