@@ -280,7 +280,10 @@ pub async fn drive<R, W>(
                             notices,
                         ),
                         Err((code, text)) => {
+                            // Session and room hub must agree: a failed (re)join leaves the room in both,
+                            // even when the connection was already a viewer.
                             session.on_join_failed(room_id);
+                            shared.hub.rooms().leave(conn_id, room_id);
                             (Packet::error(request_id, code, text), false)
                         }
                     };
