@@ -243,7 +243,13 @@ impl Hub {
             entry.conns.len() == 1 && entry.task.is_none()
         };
         if first {
-            let sub = match self.bus.subscribe(&Subject::user(user_id)).await {
+            // Flushed so the subscription is live at the server before the client, told it is signed in,
+            // can cause deliveries published from other connections.
+            let subscribed = match self.bus.subscribe(&Subject::user(user_id)).await {
+                Ok(s) => self.bus.flush().await.map(|()| s),
+                Err(e) => Err(e),
+            };
+            let sub = match subscribed {
                 Ok(s) => s,
                 Err(e) => {
                     self.unregister(conn_id);

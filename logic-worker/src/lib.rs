@@ -734,6 +734,8 @@ pub async fn run(logic: Arc<Logic>, shutdown: CancellationToken) -> anyhow::Resu
         .bus
         .queue_subscribe(&Subject::commands(), LOGIC_QUEUE_GROUP)
         .await?;
+    // The subscription must be live at the server before anyone is told this worker consumes.
+    logic.bus.flush().await?;
     let limit = Arc::new(Semaphore::new(logic.config.concurrency));
     let tracker = TaskTracker::new();
     info!("logic worker consuming commands");

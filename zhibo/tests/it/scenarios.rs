@@ -12,7 +12,8 @@ use zhibo_proto::client::{
 
 use crate::cluster::Cluster;
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous: only a failing test waits this long, and a cold Cassandra on a fresh CI machine is slow at first.
+const WAIT: Duration = Duration::from_secs(15);
 
 fn text(receiver_type: ReceiverType, receiver_id: i64, client_msg_id: &str, body: &str) -> Body {
     Body::SendMessage(SendMessageInput {
