@@ -227,7 +227,7 @@ impl Client {
         addr: &str,
         creds: &Credentials,
     ) -> anyhow::Result<(Client, SignInOutput)> {
-        let mut client = match transport {
+        let client = match transport {
             Transport::Ws => {
                 let url = format!(
                     "ws://{addr}/ws?user_id={}&device_id={}&token={}",
@@ -235,33 +235,11 @@ impl Client {
                 );
                 Client::connect_ws_url(&url).await?
             }
-            _ => {
-                let mut c = Client::connect_raw(transport, addr).await?;
-                c.send_with_id(
-                    0,
-                    Body::SignIn(SignInInput {
-                        user_id: creds.user_id,
-                        device_id: creds.device_id,
-                        token: creds.token.clone(),
-                    }),
-                )
-                .await?;
-                c
-            }
+            _ => Client::connect_raw(transport, addr).await?,
         };
-        let first = client
-            .recv_raw(Duration::from_secs(10))
-            .await?
-            .ok_or_else(|| anyhow!("connection closed during sign-in"))?;
-        match first.body {
-            Some(Body::SignInOutput(out)) => Ok((client, out)),
-            Some(Body::Error(e)) => bail!(
-                "sign-in refused: {:?}: {}",
-                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
-                e.message
-            ),
-            other => bail!("unexpected first packet: {other:?}"),
-        }
+        client
+            .sign_in(transport, creds, Duration::from_secs(10))
+            .await
     }
 
     /// Sends a packet with a fresh request id, returned.
@@ -491,7 +469,7 @@ impl Client {
             stream.set_nodelay(true)?;
             anyhow::Ok(stream)
         };
-        let mut client = match transport {
+        let client = match transport {
             Transport::Tcp => {
                 let (r, w) = tcp(source).await?.into_split();
                 Self::framed(r, w, None)
@@ -527,24 +505,36 @@ impl Client {
                 Self::from_ws(ws)
             }
         };
+        client
+            .sign_in(transport, creds, Duration::from_secs(30))
+            .await
+    }
+
+    /// Completes the sign-in of a fresh connection: sends SignIn first (TCP, QUIC; WebSocket carried it in
+    /// the URL) and waits up to `wait` for SignInOutput, or fails with the server's refusal.
+    async fn sign_in(
+        mut self,
+        transport: Transport,
+        creds: &Credentials,
+        wait: Duration,
+    ) -> anyhow::Result<(Client, SignInOutput)> {
         if transport != Transport::Ws {
-            client
-                .send_with_id(
-                    0,
-                    Body::SignIn(SignInInput {
-                        user_id: creds.user_id,
-                        device_id: creds.device_id,
-                        token: creds.token.clone(),
-                    }),
-                )
-                .await?;
+            self.send_with_id(
+                0,
+                Body::SignIn(SignInInput {
+                    user_id: creds.user_id,
+                    device_id: creds.device_id,
+                    token: creds.token.clone(),
+                }),
+            )
+            .await?;
         }
-        let first = client
-            .recv_raw(Duration::from_secs(30))
+        let first = self
+            .recv_raw(wait)
             .await?
             .ok_or_else(|| anyhow!("connection closed during sign-in"))?;
         match first.body {
-            Some(Body::SignInOutput(out)) => Ok((client, out)),
+            Some(Body::SignInOutput(out)) => Ok((self, out)),
             Some(Body::Error(e)) => bail!(
                 "sign-in refused: {:?}: {}",
                 ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
