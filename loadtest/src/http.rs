@@ -67,12 +67,8 @@ impl Api {
         admin_secret: &str,
         body: Value,
     ) -> anyhow::Result<Value> {
-        let req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("x-admin-secret", admin_secret)
-            .json(&body);
-        ok_json(req.send().await.with_context(|| format!("POST {path}"))?).await
+        self.admin(reqwest::Method::POST, path, admin_secret, body)
+            .await
     }
 
     /// PUT `path` with the admin secret header.
@@ -85,12 +81,28 @@ impl Api {
         admin_secret: &str,
         body: Value,
     ) -> anyhow::Result<Value> {
+        self.admin(reqwest::Method::PUT, path, admin_secret, body)
+            .await
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        admin_secret: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
         let req = self
             .http
-            .put(format!("{}{path}", self.base))
+            .request(method.clone(), format!("{}{path}", self.base))
             .header("x-admin-secret", admin_secret)
             .json(&body);
-        ok_json(req.send().await.with_context(|| format!("PUT {path}"))?).await
+        ok_json(
+            req.send()
+                .await
+                .with_context(|| format!("{method} {path}"))?,
+        )
+        .await
     }
 
     /// Registers a device and returns its id.

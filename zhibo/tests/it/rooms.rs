@@ -715,48 +715,10 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     );
 }
 
-mod embedded {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn fan_out_history_count_and_leave() {
-        let c = super::RoomCluster::embedded().await;
-        super::fan_out_history_count_and_leave(&c).await;
-        c.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn slow_viewer_drops_room_traffic_not_im() {
-        let c = super::RoomCluster::embedded().await;
-        super::slow_viewer_drops_room_traffic_not_im(&c).await;
-        c.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn moderation_notices_and_broadcast() {
-        let c = super::RoomCluster::embedded().await;
-        super::moderation_notices_and_broadcast(&c).await;
-        c.stop().await;
-    }
-}
-
-mod distributed {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn fan_out_history_count_and_leave() {
-        let c = super::RoomCluster::distributed().await;
-        super::fan_out_history_count_and_leave(&c).await;
-        c.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn slow_viewer_drops_room_traffic_not_im() {
-        let c = super::RoomCluster::distributed().await;
-        super::slow_viewer_drops_room_traffic_not_im(&c).await;
-        c.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn moderation_notices_and_broadcast() {
-        let c = super::RoomCluster::distributed().await;
-        super::moderation_notices_and_broadcast(&c).await;
-        c.stop().await;
-    }
-}
+both_modes!(
+    crate::rooms::RoomCluster,
+    4,
+    fan_out_history_count_and_leave,
+    slow_viewer_drops_room_traffic_not_im,
+    moderation_notices_and_broadcast,
+);

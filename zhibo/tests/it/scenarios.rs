@@ -362,32 +362,9 @@ async fn sign_out_closes_live_connections(cluster: &Cluster) {
     assert!(err.to_string().contains("revoked"), "{err}");
 }
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let cluster = crate::cluster::Cluster::embedded().await;
-                    super::$name(&cluster).await;
-                    cluster.stop().await;
-                }
-            )*
-        }
-        mod distributed {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let cluster = crate::cluster::Cluster::distributed().await;
-                    super::$name(&cluster).await;
-                    cluster.stop().await;
-                }
-            )*
-        }
-    };
-}
-
 both_modes!(
+    crate::cluster::Cluster,
+    2,
     one_to_one_on_every_transport,
     group_fan_out_and_second_device,
     offline_sync_no_gap_no_duplicate,
