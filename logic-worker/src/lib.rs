@@ -5,8 +5,9 @@
 //!   in-flight commands on shutdown.
 //!
 //! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
-//! (insert-if-absent) → inbox entries written (durable) → SendMessageOutput to the sender → Message to every
-//! device of every recipient but the sending device.
+//! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
+//! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
+//! every recipient but the sending device.
 //!
 //! Room send path (no seq, no inbox, no dedup): size and reserved-type checks → the room's record (closed,
 //! muted) → recent history write (best effort, *before* the publish so a joiner's history read and its
@@ -270,7 +271,7 @@ impl Logic {
             .get_dedup(dedup_key, &input.client_msg_id)
             .await?
         {
-            return self.complete(origin, input, plan, true).await;
+            return self.replay(origin, input, plan).await;
         }
         let recipients = match ReceiverType::try_from(input.receiver_type) {
             Ok(ReceiverType::User) => {
@@ -353,46 +354,38 @@ impl Logic {
             server_time_ms: now_ms(),
             recipients,
         };
+        let entries = inbox_entries(&plan, &new_message(origin, input, &plan));
         match self
             .stores
             .messages
-            .put_dedup_if_absent(dedup_key, &input.client_msg_id, &plan)
-            .await?
-        {
+            .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
+            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })? {
             // A racing resend stored its plan first: finish that one; our seqs stay unused.
-            Some(existing) => self.complete(origin, input, existing, true).await,
-            None => self.complete(origin, input, plan, false).await,
+            Some(existing) => self.replay(origin, input, existing).await,
+            None => {
+                self.metrics.messages_sent.inc();
+                Ok(self.deliver(origin, &plan, entries, false).await)
+            }
         }
     }
 
-    /// Writes the plan's inbox entries (idempotent: a replay rewrites the same entries), then delivers.
-    async fn complete(
+    /// Finishes a resend of a planned message: writes the plan's inbox entries again (idempotent), and
+    /// delivers them only if the first attempt stored nothing.
+    async fn replay(
         &self,
         origin: &Origin,
         input: &SendMessageInput,
         plan: SendResult,
-        duplicate: bool,
     ) -> Result<SendMessageOutput, LogicError> {
-        let fresh = Message {
-            message_id: plan.message_id,
-            seq: 0,
-            sender_user_id: origin.user_id,
-            sender_device_id: origin.device_id,
-            receiver_type: input.receiver_type,
-            receiver_id: input.receiver_id,
-            client_msg_id: input.client_msg_id.clone(),
-            server_time_ms: plan.server_time_ms,
-            content_type: input.content_type,
-            content: input.content.clone(),
-        };
+        let fresh = new_message(origin, input, &plan);
         // A resend replays the plan from the message as first stored (the sender's own inbox entry), so a
         // resend can never rewrite what recipients already have; one that differs is refused. Only when
         // nothing was stored yet (a crash between plan and writes) does the resend's content go in.
-        let stored = if duplicate {
-            self.stored_original(origin.user_id, &plan).await?
-        } else {
-            None
-        };
+        let stored = self.stored_original(origin.user_id, &plan).await?;
         let already_stored = stored.is_some();
         let template = match stored {
             Some(original) => {
@@ -406,23 +399,11 @@ impl Logic {
                         "client_msg_id already used for a different message",
                     ));
                 }
-                Message { seq: 0, ..original }
+                original
             }
             None => fresh,
         };
-        let entries: Vec<(i64, Message)> = plan
-            .recipients
-            .iter()
-            .map(|&(user_id, seq)| {
-                (
-                    user_id,
-                    Message {
-                        seq,
-                        ..template.clone()
-                    },
-                )
-            })
-            .collect();
+        let entries = inbox_entries(&plan, &template);
         self.stores
             .messages
             .append_many(&entries)
@@ -433,13 +414,19 @@ impl Logic {
             })?;
         if already_stored {
             // Delivered (or visible to sync) since the first attempt: just answer again.
-            return Ok(SendMessageOutput {
-                message_id: plan.message_id,
-                seq: plan.seq,
-                server_time_ms: plan.server_time_ms,
-                duplicate,
-            });
+            return Ok(output(&plan, true));
         }
+        Ok(self.deliver(origin, &plan, entries, true).await)
+    }
+
+    /// Publishes stored inbox entries to their users' devices (all but the sending device).
+    async fn deliver(
+        &self,
+        origin: &Origin,
+        plan: &SendResult,
+        entries: Vec<(i64, Message)>,
+        duplicate: bool,
+    ) -> SendMessageOutput {
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {
@@ -480,15 +467,7 @@ impl Logic {
         }
         .instrument(publish)
         .await;
-        if !duplicate {
-            self.metrics.messages_sent.inc();
-        }
-        Ok(SendMessageOutput {
-            message_id: plan.message_id,
-            seq: plan.seq,
-            server_time_ms: plan.server_time_ms,
-            duplicate,
-        })
+        output(plan, duplicate)
     }
 
     /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
@@ -722,6 +701,47 @@ fn dedup_device(origin: &Origin) -> i64 {
         -origin.user_id
     } else {
         origin.device_id
+    }
+}
+
+/// The message `input` becomes under `plan`, before a seq is set per inbox.
+fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendResult) -> Message {
+    Message {
+        message_id: plan.message_id,
+        seq: 0,
+        sender_user_id: origin.user_id,
+        sender_device_id: origin.device_id,
+        receiver_type: input.receiver_type,
+        receiver_id: input.receiver_id,
+        client_msg_id: input.client_msg_id.clone(),
+        server_time_ms: plan.server_time_ms,
+        content_type: input.content_type,
+        content: input.content.clone(),
+    }
+}
+
+/// One inbox entry per recipient of `plan`: `template` at that recipient's seq.
+fn inbox_entries(plan: &SendResult, template: &Message) -> Vec<(i64, Message)> {
+    plan.recipients
+        .iter()
+        .map(|&(user_id, seq)| {
+            (
+                user_id,
+                Message {
+                    seq,
+                    ..template.clone()
+                },
+            )
+        })
+        .collect()
+}
+
+fn output(plan: &SendResult, duplicate: bool) -> SendMessageOutput {
+    SendMessageOutput {
+        message_id: plan.message_id,
+        seq: plan.seq,
+        server_time_ms: plan.server_time_ms,
+        duplicate,
     }
 }
 

@@ -25,7 +25,8 @@
 //! ones (oldest first via `dedup_by_time`), which keeps the table bounded without a sweeper task.
 //!
 //! # Threads and durability
-//! redb is synchronous. Reads run on tokio's blocking pool (`spawn_blocking`). Writes go to one
+//! redb is synchronous. Point reads run inline on the caller's task (microseconds from the page
+//! cache); scans run on tokio's blocking pool (`spawn_blocking`). Writes go to one
 //! dedicated writer thread that commits whatever is queued in a single transaction with
 //! [`redb::Durability::Immediate`] (group commit): each call returns only once its write is on disk, and
 //! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
@@ -256,6 +257,19 @@ impl EmbeddedBackend {
         .map_err(Error::unavailable)?
     }
 
+    /// Runs a point read (one key, or the last key of a range) inline on the calling task.
+    ///
+    /// Such a read takes microseconds from redb's page cache, a fraction of what handing it to the
+    /// blocking pool and waking the task again costs (the hand-offs were a quarter of the CPU of the 1:1
+    /// path in the profile of docs/BENCHMARKS.md). Scans stay on the pool ([`Self::read`]).
+    async fn point<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&ReadTransaction) -> Result<R>,
+    {
+        let tx = self.db.begin_read().map_err(Error::unavailable)?;
+        f(&tx)
+    }
+
     /// Runs `op` in a durable write transaction on the writer thread (see [`writer`]).
     async fn write<R, F>(&self, op: F) -> Result<R>
     where
@@ -358,6 +372,21 @@ fn live_dedup(
     from_json(bytes, "dedup record").map(Some)
 }
 
+/// Inbox entries keyed and encoded on the caller's task, so the single writer thread only inserts bytes.
+fn encode_entries(entries: &[(i64, Message)]) -> Vec<((i64, u64), Vec<u8>)> {
+    entries
+        .iter()
+        .map(|(user_id, m)| ((*user_id, m.seq), m.encode_to_vec()))
+        .collect()
+}
+
+fn insert_entries(t: &mut Tables<'_>, encoded: &[((i64, u64), Vec<u8>)]) -> Result<()> {
+    for (key, bytes) in encoded {
+        t.inbox.insert(*key, bytes.as_slice()).db()?;
+    }
+    Ok(())
+}
+
 /// Insert-if-absent of a dedup record at time `now`.
 fn put_dedup_at(
     t: &mut Tables<'_>,
@@ -392,7 +421,7 @@ impl DeviceStore for EmbeddedBackend {
     }
 
     async fn get_device(&self, device_id: i64) -> Result<Option<Device>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(DEVICES).db()?;
             let row = table.get(device_id).db()?;
             row.map(|v| from_json(v.value(), "device")).transpose()
@@ -472,7 +501,7 @@ impl UserStore for EmbeddedBackend {
     }
 
     async fn get_user(&self, user_id: i64) -> Result<Option<User>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(USERS).db()?;
             let row = table.get(user_id).db()?;
             row.map(|v| from_json(v.value(), "user")).transpose()
@@ -482,7 +511,7 @@ impl UserStore for EmbeddedBackend {
 
     async fn get_user_by_username(&self, username: &str) -> Result<Option<User>> {
         let name = username.to_owned();
-        self.read(move |tx| {
+        self.point(move |tx| {
             let names = tx.open_table(USERNAMES).db()?;
             let Some(id) = names.get(name.as_str()).db()?.map(|v| v.value()) else {
                 return Ok(None);
@@ -523,7 +552,7 @@ impl FriendStore for EmbeddedBackend {
     }
 
     async fn get_request(&self, from: i64, to: i64) -> Result<Option<FriendRequest>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(FRIEND_REQUESTS).db()?;
             let row = table.get((to, from)).db()?;
             row.map(|v| from_json(v.value(), "friend request"))
@@ -558,7 +587,7 @@ impl FriendStore for EmbeddedBackend {
     }
 
     async fn get_friend(&self, user_id: i64, friend_id: i64) -> Result<Option<Friend>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(FRIENDS).db()?;
             let row = table.get((user_id, friend_id)).db()?;
             row.map(|v| from_json(v.value(), "friend")).transpose()
@@ -595,7 +624,7 @@ impl GroupStore for EmbeddedBackend {
     }
 
     async fn get_group(&self, group_id: i64) -> Result<Option<Group>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(GROUPS).db()?;
             let row = table.get(group_id).db()?;
             row.map(|v| from_json(v.value(), "group")).transpose()
@@ -630,7 +659,7 @@ impl GroupStore for EmbeddedBackend {
     }
 
     async fn get_member(&self, group_id: i64, user_id: i64) -> Result<Option<GroupMember>> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(MEMBERS).db()?;
             let row = table.get((group_id, user_id)).db()?;
             row.map(|v| from_json(v.value(), "group member"))
@@ -688,18 +717,8 @@ impl MessageStore for EmbeddedBackend {
         if entries.is_empty() {
             return Ok(());
         }
-        let encoded: Vec<((i64, u64), Vec<u8>)> = entries
-            .iter()
-            .map(|(user_id, m)| ((*user_id, m.seq), m.encode_to_vec()))
-            .collect();
-        self.write(move |t| {
-            let inbox = &mut t.inbox;
-            for (key, bytes) in &encoded {
-                inbox.insert(*key, bytes.as_slice()).db()?;
-            }
-            Ok(())
-        })
-        .await
+        let encoded = encode_entries(entries);
+        self.write(move |t| insert_entries(t, &encoded)).await
     }
 
     async fn sync(&self, user_id: i64, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
@@ -719,15 +738,14 @@ impl MessageStore for EmbeddedBackend {
     }
 
     async fn max_seq(&self, user_id: i64) -> Result<u64> {
-        self.read(move |tx| inbox_max_seq(&tx.open_table(INBOX).db()?, user_id))
+        self.point(move |tx| inbox_max_seq(&tx.open_table(INBOX).db()?, user_id))
             .await
     }
 
     async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendResult>> {
-        let client_msg_id = client_msg_id.to_owned();
-        self.read(move |tx| {
+        self.point(move |tx| {
             let table = tx.open_table(DEDUP).db()?;
-            live_dedup(&table, device_id, &client_msg_id, now_ms())
+            live_dedup(&table, device_id, client_msg_id, now_ms())
         })
         .await
     }
@@ -742,6 +760,27 @@ impl MessageStore for EmbeddedBackend {
         let bytes = to_json(result)?;
         self.write(move |t| put_dedup_at(t, device_id, &client_msg_id, &bytes, now_ms()))
             .await
+    }
+
+    async fn record_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendResult,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendResult>> {
+        // One job, one transaction: the plan and the entries land together or not at all.
+        let client_msg_id = client_msg_id.to_owned();
+        let plan = to_json(plan)?;
+        let encoded = encode_entries(entries);
+        self.write(move |t| {
+            if let Some(existing) = put_dedup_at(t, device_id, &client_msg_id, &plan, now_ms())? {
+                return Ok(Some(existing));
+            }
+            insert_entries(t, &encoded)?;
+            Ok(None)
+        })
+        .await
     }
 
     async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {
@@ -760,7 +799,7 @@ impl MessageStore for EmbeddedBackend {
     }
 
     async fn acked(&self, user_id: i64, device_id: i64) -> Result<u64> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let acks = tx.open_table(ACKS).db()?;
             let row = acks.get((user_id, device_id)).db()?;
             Ok(row.map_or(0, |v| v.value()))
@@ -794,7 +833,7 @@ impl SeqAllocator for EmbeddedBackend {
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {
-        self.read(move |tx| {
+        self.point(move |tx| {
             let counters = tx.open_table(SEQ).db()?;
             let row = counters.get(user_id).db()?;
             Ok(row.map_or(0, |v| v.value()))

@@ -277,6 +277,31 @@ pub trait MessageStore: Send + Sync {
         client_msg_id: &str,
         result: &SendResult,
     ) -> Result<Option<SendResult>>;
+    /// Records a new send in one step: the dedup record `plan` (insert-if-absent, as
+    /// [`Self::put_dedup_if_absent`]) and, only when no record existed, the inbox `entries`. When one
+    /// exists it is returned and nothing is written. Durable when this returns.
+    ///
+    /// The default writes the record, then the entries: a crash in between leaves a plan whose resend
+    /// completes it. A backend that can write both in one transaction overrides it (fewer round trips).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure; the record may then be stored without the entries.
+    async fn record_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendResult,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendResult>> {
+        if let Some(existing) = self
+            .put_dedup_if_absent(device_id, client_msg_id, plan)
+            .await?
+        {
+            return Ok(Some(existing));
+        }
+        self.append_many(entries).await?;
+        Ok(None)
+    }
     /// Records that `device_id` of `user_id` has received everything up to `seq` (never moves back).
     ///
     /// # Errors

@@ -159,9 +159,12 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         .with_context(|| format!("create {}", log_path.display()))?;
     let mut children = Vec::new();
     let spawn = |role: &str, env: &[(String, String)]| -> anyhow::Result<Child> {
+        // Each process serves its own ops endpoint: several roles on one host need distinct ports.
+        let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
         Command::new(&args.zhibo_bin)
             .arg(role)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("ZHIBO_METRICS_ADDR", metrics)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?)
@@ -213,7 +216,7 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         }
         SpawnMode::None => unreachable!("handled above"),
     }
-    let target = Target {
+    let mut target = Target {
         api: format!("http://127.0.0.1:{api_port}"),
         tcp: format!("127.0.0.1:{tcp_port}"),
         ws: format!("127.0.0.1:{ws_port}"),
@@ -224,14 +227,22 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         mode: format!("{:?}", args.spawn).to_lowercase(),
         children,
     };
-    wait_ready(&target, &log_path).await?;
+    wait_ready(&mut target, &log_path).await?;
     Ok(target)
 }
 
-async fn wait_ready(t: &Target, log: &Path) -> anyhow::Result<()> {
+async fn wait_ready(t: &mut Target, log: &Path) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        for child in &mut t.children {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "a zhibo process exited before the cluster was ready ({status}); see {}",
+                    log.display()
+                );
+            }
+        }
         let api_ok = http
             .get(format!("{}/readyz", t.api))
             .send()

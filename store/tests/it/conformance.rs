@@ -23,6 +23,7 @@ pub(crate) async fn run_all(stores: Stores) {
     inbox(&stores).await;
     fan_out(&stores).await;
     dedup(&stores).await;
+    record_send(&stores).await;
     acks(&stores).await;
     seq(&stores).await;
 }
@@ -769,6 +770,63 @@ async fn dedup(s: &Stores) {
         None,
         "client message ids are per device"
     );
+}
+
+async fn record_send(s: &Stores) {
+    let (device, alice, bob) = (id(), id(), id());
+    let client_msg_id = format!("cmid-{}", id());
+    let plan = SendResult {
+        message_id: 91,
+        seq: 1,
+        server_time_ms: now_ms(),
+        recipients: vec![(alice, 1), (bob, 1)],
+    };
+    let entries = vec![(alice, message(bob, 1)), (bob, message(bob, 1))];
+    assert_eq!(
+        s.messages
+            .record_send(device, &client_msg_id, &plan, &entries)
+            .await
+            .expect("record_send"),
+        None,
+        "a first send is recorded"
+    );
+    assert_eq!(
+        s.messages
+            .get_dedup(device, &client_msg_id)
+            .await
+            .expect("get_dedup"),
+        Some(plan.clone()),
+        "record_send stores the plan"
+    );
+    for user in [alice, bob] {
+        assert_eq!(
+            seqs(&s.messages.sync(user, 0, 10).await.expect("sync")),
+            [1],
+            "record_send stores every inbox entry"
+        );
+    }
+    let racing = SendResult {
+        message_id: 92,
+        seq: 2,
+        server_time_ms: now_ms(),
+        recipients: vec![(alice, 2), (bob, 2)],
+    };
+    let racing_entries = vec![(alice, message(bob, 2)), (bob, message(bob, 2))];
+    assert_eq!(
+        s.messages
+            .record_send(device, &client_msg_id, &racing, &racing_entries)
+            .await
+            .expect("record_send again"),
+        Some(plan),
+        "a second send with the same key gets the stored plan"
+    );
+    for user in [alice, bob] {
+        assert_eq!(
+            seqs(&s.messages.sync(user, 0, 10).await.expect("sync")),
+            [1],
+            "a refused record_send writes no inbox entry"
+        );
+    }
 }
 
 async fn acks(s: &Stores) {

@@ -109,6 +109,13 @@ async fn shared_keyspace(config: &Config) -> String {
         .clone()
 }
 
+/// The migrated keyspace shared by this process's distributed tests, on the test Cassandra.
+pub(crate) async fn distributed_keyspace() -> String {
+    let mut config = base_config();
+    config.store.cql_nodes = vec![zhibo_testkit::require_cql().await];
+    shared_keyspace(&config).await
+}
+
 impl Cluster {
     /// One node running every role on the in-process bus and an embedded store file.
     pub(crate) async fn embedded() -> Cluster {

@@ -5,7 +5,7 @@
 use zhibo_loadtest::bench::{run_scenario, BenchArgs, Scenario, SpawnMode};
 use zhibo_loadtest::client::Transport;
 
-use crate::cluster::{Cluster, ADMIN, SECRET};
+use crate::cluster::{distributed_keyspace, Cluster, ADMIN, SECRET};
 
 async fn cluster() -> Cluster {
     Cluster::embedded_with(|c| {
@@ -91,4 +91,56 @@ async fn loadtest_scenarios_run_and_count() {
         assert_eq!(r.steps[0].errors, 0, "{t:?}");
     }
     c.stop().await;
+}
+
+/// `--spawn distributed`: the tool starts `zhibo migrate`, a gateway, a logic worker and user-api as
+/// processes on the test NATS, Redis and Cassandra (each with its own ops port), runs, and stops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_spawns_a_distributed_cluster() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut a = BenchArgs::new(Scenario::OneToOne);
+    a.spawn = SpawnMode::Distributed;
+    a.zhibo_bin = env!("CARGO_BIN_EXE_zhibo").into();
+    a.nats_url = zhibo_testkit::require_nats().await;
+    a.redis_url = zhibo_testkit::require_redis().await;
+    a.cql_node = zhibo_testkit::require_cql().await;
+    a.keyspace = distributed_keyspace().await;
+    a.out = out.path().to_path_buf();
+    a.no_write = true;
+    a.senders = 2;
+    a.rates = vec![20.0];
+    a.step_secs = 1.0;
+    let r = run_scenario(a)
+        .await
+        .expect("1:1 on a spawned distributed cluster");
+    let s = &r.steps[0];
+    assert_eq!(
+        (s.sent, s.acked, s.delivered, s.errors),
+        (20, 20, 20, 0),
+        "{s:?}"
+    );
+    assert_eq!(r.server["mode"], "distributed");
+}
+
+/// A spawned cluster whose process exits before it is ready fails the run with the log's path instead
+/// of waiting for a server that will never answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_fails_fast_when_a_spawned_process_exits() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut a = BenchArgs::new(Scenario::OneToOne);
+    a.spawn = SpawnMode::Dev;
+    // Stands in for a server that dies at start (a port in use, a bad configuration).
+    a.zhibo_bin = "/bin/false".into();
+    a.out = out.path().to_path_buf();
+    a.no_write = true;
+    // Without the check the tool polls for 60 s and then blames readiness, not the dead process.
+    let e = tokio::time::timeout(std::time::Duration::from_secs(30), run_scenario(a))
+        .await
+        .expect("the tool noticed the exit instead of waiting for readiness")
+        .expect_err("the server cannot start");
+    assert!(
+        e.to_string()
+            .contains("exited before the cluster was ready"),
+        "{e:#}"
+    );
 }
