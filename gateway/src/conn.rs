@@ -99,7 +99,10 @@ pub async fn drive<R, W>(
     let label = TransportLabel { transport };
     let conn_id = shared.hub.next_conn_id();
     let (tx, mut rx) = mpsc::channel(shared.outbound_queue);
-    let (room_tx, mut room_rx) = mpsc::channel::<Bytes>(shared.room_queue);
+    // The room queue is created at the first join: most connections never watch a room, and tokio
+    // allocates a queue's first block of slots (32 frames) up front.
+    let mut room_tx: Option<mpsc::Sender<Bytes>> = None;
+    let mut room_rx: Option<mpsc::Receiver<Bytes>> = None;
     let overflow = CancellationToken::new();
     let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
     let mut registered = false;
@@ -139,8 +142,10 @@ pub async fn drive<R, W>(
                     let Some(first) = out else { break 'conn };
                     // A reader that stopped reading blocks this write; the hub then cancels `overflow`
                     // when the queue fills, which must end the connection even mid-write.
+                    // The write futures are boxed: inline they would enlarge every idle connection's
+                    // task by their size (~200 bytes), for a state it is in only while writing.
                     let written = tokio::select! {
-                        w = tokio::time::timeout(WRITE_TIMEOUT, write_queued(&mut writer, first, &mut rx)) => w.ok().flatten(),
+                        w = tokio::time::timeout(WRITE_TIMEOUT, Box::pin(write_queued(&mut writer, first, &mut rx))) => w.ok().flatten(),
                         _ = overflow.cancelled() => None,
                         _ = stop_writing(&shared.shutdown, drain_until) => None,
                     };
@@ -165,11 +170,11 @@ pub async fn drive<R, W>(
                 },
                 _ = tokio::time::sleep_until(session.deadline().into()) => session.on_tick(Instant::now()),
                 // Last: room traffic never delays IM, reads or deadlines.
-                frame = room_rx.recv() => {
+                frame = recv_room(&mut room_rx) => {
                     let Some(first) = frame else { break 'conn };
                     // Like IM writes: an IM overflow or a drain must end a write the peer never takes.
                     let written = tokio::select! {
-                        w = tokio::time::timeout(WRITE_TIMEOUT, write_room(&mut writer, first, &mut room_rx)) => w.unwrap_or(false),
+                        w = tokio::time::timeout(WRITE_TIMEOUT, Box::pin(write_room(&mut writer, first, &mut room_rx))) => w.unwrap_or(false),
                         _ = overflow.cancelled() => false,
                         _ = stop_writing(&shared.shutdown, drain_until) => false,
                     };
@@ -192,8 +197,7 @@ pub async fn drive<R, W>(
                     break 'conn;
                 }
                 Action::Authenticate { request_id, claims } => {
-                    let result =
-                        authenticate(&shared, conn_id, &claims, &tx, &room_tx, &overflow).await;
+                    let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
                     registered = result.is_ok();
                     match &result {
                         Ok(_) => {
@@ -268,11 +272,19 @@ pub async fn drive<R, W>(
                     let Phase::Active { user_id, device_id } = session.phase() else {
                         continue;
                     };
+                    let tx = match &room_tx {
+                        Some(tx) => tx.clone(),
+                        None => {
+                            let (tx, rx) = mpsc::channel(shared.room_queue);
+                            room_rx = Some(rx);
+                            room_tx.insert(tx).clone()
+                        }
+                    };
                     let viewer = Viewer {
                         conn_id,
                         user_id,
                         device_id,
-                        tx: room_tx.clone(),
+                        tx,
                     };
                     let (reply, notices) = match join_room(&shared, viewer, room_id).await {
                         Ok((out, notices)) => (
@@ -350,17 +362,18 @@ where
     let mut replies = 0;
     while let Some(o) = next.take() {
         let p = match o {
-            Outbound::Packet(p) => p,
+            Outbound::Packet(p) => Frame::from(*p),
             Outbound::Reply(p) => {
                 replies += 1;
-                p
+                Frame::from(*p)
             }
             Outbound::Close(p) => {
                 let _ = writer.send((*p).into()).await;
                 return None;
             }
+            Outbound::Encoded(frame) => Frame::Encoded(*frame),
         };
-        if let Err(e) = writer.feed((*p).into()).await {
+        if let Err(e) = writer.feed(p).await {
             debug!(error = %e, "write failed");
             return None;
         }
@@ -387,9 +400,17 @@ async fn stop_writing(shutdown: &CancellationToken, drain_until: Option<tokio::t
     }
 }
 
+/// The next frame of the room queue; pending forever while the connection has none.
+async fn recv_room(rx: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes room frame `first` and up to [`WRITE_BATCH`] more queued ones with one flush. False when the
 /// write failed.
-async fn write_room<W>(writer: &mut W, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> bool
+async fn write_room<W>(writer: &mut W, first: Bytes, rx: &mut Option<mpsc::Receiver<Bytes>>) -> bool
 where
     W: Sink<Frame> + Unpin,
     W::Error: Display,
@@ -403,7 +424,7 @@ where
         }
         n += 1;
         if n < WRITE_BATCH {
-            next = rx.try_recv().ok();
+            next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
         }
     }
     match writer.flush().await {
@@ -478,7 +499,6 @@ async fn authenticate(
     conn_id: u64,
     claims: &zhibo_auth::Claims,
     tx: &mpsc::Sender<Outbound>,
-    room_tx: &mpsc::Sender<Bytes>,
     overflow: &CancellationToken,
 ) -> Result<(i64, i64), (ErrorCode, String)> {
     let device = shared
@@ -500,7 +520,6 @@ async fn authenticate(
         user_id: claims.user_id,
         device_id: claims.device_id,
         tx: tx.clone(),
-        room_tx: room_tx.clone(),
         overflow: overflow.clone(),
     };
     shared.hub.register(conn_id, handle).await.map_err(|e| {

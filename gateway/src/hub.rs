@@ -9,8 +9,9 @@
 //!
 //! Outbound policy: each connection has two bounded queues. IM traffic never waits and is never dropped
 //! silently: when a connection's IM queue is full, the connection is closed (its client reconnects and
-//! syncs what it missed, which is stored). Room traffic goes to a separate, small room queue and is
-//! dropped (counted) when that is full, so a room flood can never push IM out. See docs/ARCHITECTURE.md.
+//! syncs what it missed, which is stored). Room traffic goes to a separate, small room queue, created at
+//! the connection's first join, and is dropped (counted) when that is full, so a room flood can never
+//! push IM out. See docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,9 @@ pub enum Outbound {
     Reply(Box<Packet>),
     /// Write this packet, then close (kick).
     Close(Box<Packet>),
+    /// An encoded frame shared by many connections (a cluster-wide broadcast). Dropped, never closing
+    /// the connection, when the queue is full.
+    Encoded(Box<Bytes>),
 }
 
 /// The handle a connection registers with.
@@ -63,10 +67,9 @@ pub struct ConnHandle {
     pub user_id: i64,
     /// The device signed in on it.
     pub device_id: i64,
-    /// Its outbound queue (IM: full = close).
+    /// Its outbound queue (IM: full = close). Its room queue, created at its first join, is held by the
+    /// room hub's viewers.
     pub tx: mpsc::Sender<Outbound>,
-    /// Its room queue (encoded room frames: full = drop).
-    pub room_tx: mpsc::Sender<Bytes>,
     /// Cancelled when the connection must close because its queue overflowed.
     pub overflow: CancellationToken,
 }
@@ -190,8 +193,9 @@ impl Hub {
         ))
     }
 
-    /// Subscribes to the server-wide broadcast subject and pushes each notice to every connection's room
-    /// queue (as room 0) until the bus ends.
+    /// Subscribes to the server-wide broadcast subject and pushes each notice to every connection (as
+    /// room 0, through its IM queue: broadcasts are rare, and most connections never open a room queue;
+    /// a full queue drops the notice for that connection) until the bus ends.
     ///
     /// # Errors
     /// When the subscription is refused.
@@ -209,7 +213,7 @@ impl Hub {
                         }) => {
                             let inner = hub.lock();
                             hub.rooms
-                                .broadcast(msg, inner.conns.values().map(|h| &h.room_tx));
+                                .broadcast(msg, inner.conns.values().map(|h| &h.tx));
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "undecodable broadcast"),

@@ -35,6 +35,8 @@ use zhibo_proto::bus::{room_event, RoomEvent, RoomPresence};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Message, Packet, ReceiverType, RoomMessages, RoomNotice};
 
+use crate::hub::Outbound;
+
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
 pub struct RoomConfig {
@@ -534,12 +536,15 @@ impl RoomHub {
     pub fn broadcast<'a>(
         &self,
         message: Message,
-        targets: impl Iterator<Item = &'a mpsc::Sender<Bytes>>,
+        targets: impl Iterator<Item = &'a mpsc::Sender<Outbound>>,
     ) {
         let frame = encode_frame(0, vec![message], 0);
         let mut dropped = 0;
         for tx in targets {
-            if tx.try_send(frame.clone()).is_err() {
+            if tx
+                .try_send(Outbound::Encoded(Box::new(frame.clone())))
+                .is_err()
+            {
                 dropped += 1;
             }
         }
