@@ -1,4 +1,4 @@
-//! Embedded backend on [redb]: one database file holds every store, seq counters included.
+//! Embedded backend on [redb]: one database file holds every store.
 //!
 //! For `dev` and small installs: no Cassandra, no Redis. All tables live in one file (or in memory
 //! for tests, see [`EmbeddedBackend::temporary`]).
@@ -18,11 +18,19 @@
 //! | `dedup`           | (device, client_msg_id)      | (written at, [`SendResult`] as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
-//! | `seq`             | user                         | last allocated seq                     |
+//! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
 //!
 //! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
 //! Dedup records older than [`DEDUP_RETENTION_MS`] read as absent; each new record removes a few expired
 //! ones (oldest first via `dedup_by_time`), which keeps the table bounded without a sweeper task.
+//!
+//! # Seqs
+//! Counters live in memory, each resumed on first use from the user's largest stored seq. That is safe
+//! because a new send's dedup plan and inbox entries commit in one transaction
+//! ([`MessageStore::record_send`]): a seq that was handed out but never stored is referenced by nothing,
+//! so reusing it after a restart loses nothing. It takes one write per message off the single writer
+//! thread. The map grows with the users that received a message since the file was opened (~50 bytes
+//! each).
 //!
 //! # Threads and durability
 //! redb is synchronous. Point reads run inline on the caller's task (microseconds from the page
@@ -34,9 +42,10 @@
 
 mod writer;
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -93,7 +102,6 @@ struct Tables<'tx> {
     dedup: Table<'tx, (i64, &'static str), (i64, &'static [u8])>,
     dedup_by_time: Table<'tx, (i64, i64, &'static str), ()>,
     acks: Table<'tx, (i64, i64), u64>,
-    seq: Table<'tx, i64, u64>,
     /// Dedup records written in this batch, which sizes the expiry work of [`Tables::housekeeping`].
     dedup_written: usize,
     /// The latest time a dedup record of this batch was written at: the clock for expiry.
@@ -116,7 +124,6 @@ impl<'tx> Tables<'tx> {
             dedup: tx.open_table(DEDUP).db()?,
             dedup_by_time: tx.open_table(DEDUP_BY_TIME).db()?,
             acks: tx.open_table(ACKS).db()?,
-            seq: tx.open_table(SEQ).db()?,
             dedup_written: 0,
             dedup_now: i64::MIN,
         })
@@ -163,6 +170,8 @@ impl<'tx> Tables<'tx> {
 pub struct EmbeddedBackend {
     writer: Writer,
     db: Arc<Database>,
+    /// Last seq handed out per user since the database was opened (see [`SeqAllocator`] below).
+    seqs: Mutex<HashMap<i64, u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -233,12 +242,15 @@ impl EmbeddedBackend {
                 }
             }
             Tables::open(&tx)?;
+            // Read as a floor only (see Seqs), but it must exist for read transactions.
+            tx.open_table(SEQ).map_err(Error::unavailable)?;
         }
         tx.commit().map_err(Error::unavailable)?;
         let db = Arc::new(db);
         Ok(EmbeddedBackend {
             writer: Writer::start(db.clone())?,
             db,
+            seqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -268,6 +280,22 @@ impl EmbeddedBackend {
     {
         let tx = self.db.begin_read().map_err(Error::unavailable)?;
         f(&tx)
+    }
+
+    fn counters(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Raises the counters of users already counted to the seqs just stored (appends with seqs that
+    /// did not come from [`SeqAllocator::next`], such as imports). Users not counted yet read their
+    /// floor from the inbox when first counted.
+    fn saw_seqs(&self, stored: impl Iterator<Item = (i64, u64)>) {
+        let mut counters = self.counters();
+        for (user_id, seq) in stored {
+            if let Some(c) = counters.get_mut(&user_id) {
+                *c = (*c).max(seq);
+            }
+        }
     }
 
     /// Runs `op` in a durable write transaction on the writer thread (see [`writer`]).
@@ -710,7 +738,9 @@ impl MessageStore for EmbeddedBackend {
             t.inbox.insert((user_id, seq), bytes.as_slice()).db()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.saw_seqs(std::iter::once((user_id, seq)));
+        Ok(())
     }
 
     async fn append_many(&self, entries: &[(i64, Message)]) -> Result<()> {
@@ -718,7 +748,9 @@ impl MessageStore for EmbeddedBackend {
             return Ok(());
         }
         let encoded = encode_entries(entries);
-        self.write(move |t| insert_entries(t, &encoded)).await
+        self.write(move |t| insert_entries(t, &encoded)).await?;
+        self.saw_seqs(entries.iter().map(|(u, m)| (*u, m.seq)));
+        Ok(())
     }
 
     async fn sync(&self, user_id: i64, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
@@ -773,14 +805,20 @@ impl MessageStore for EmbeddedBackend {
         let client_msg_id = client_msg_id.to_owned();
         let plan = to_json(plan)?;
         let encoded = encode_entries(entries);
-        self.write(move |t| {
-            if let Some(existing) = put_dedup_at(t, device_id, &client_msg_id, &plan, now_ms())? {
-                return Ok(Some(existing));
-            }
-            insert_entries(t, &encoded)?;
-            Ok(None)
-        })
-        .await
+        let existing = self
+            .write(move |t| {
+                if let Some(existing) = put_dedup_at(t, device_id, &client_msg_id, &plan, now_ms())?
+                {
+                    return Ok(Some(existing));
+                }
+                insert_entries(t, &encoded)?;
+                Ok(None)
+            })
+            .await?;
+        if existing.is_none() {
+            self.saw_seqs(entries.iter().map(|(u, m)| (*u, m.seq)));
+        }
+        Ok(existing)
     }
 
     async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {
@@ -814,32 +852,67 @@ impl SeqAllocator for EmbeddedBackend {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let user_ids = user_ids.to_vec();
-        self.write(move |t| {
-            let counters = &mut t.seq;
-            let inbox = &t.inbox;
-            let mut out = Vec::with_capacity(user_ids.len());
-            for &user_id in &user_ids {
-                let last = counters.get(user_id).db()?.map_or(0, |v| v.value());
-                // The inbox is the floor: a seq is never handed out below a stored message, even if
-                // messages were appended with seqs from elsewhere (an import, an older counter).
-                let next = last.max(inbox_max_seq(inbox, user_id)?) + 1;
-                counters.insert(user_id, next).db()?;
-                out.push(next);
-            }
-            Ok(out)
-        })
-        .await
+        // Floors of users not counted yet in this process, read outside the lock.
+        let missing: Vec<i64> = {
+            let counters = self.counters();
+            user_ids
+                .iter()
+                .copied()
+                .filter(|u| !counters.contains_key(u))
+                .collect()
+        };
+        let floors = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.point(move |tx| {
+                let (table, inbox) = (tx.open_table(SEQ).db()?, tx.open_table(INBOX).db()?);
+                missing
+                    .into_iter()
+                    .map(|u| Ok((u, seq_floor(&table, &inbox, u)?)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?
+        };
+        let mut counters = self.counters();
+        for (user_id, floor) in floors {
+            // A racing call may have counted this user meanwhile: never move a counter back.
+            let c = counters.entry(user_id).or_insert(0);
+            *c = (*c).max(floor);
+        }
+        Ok(user_ids
+            .iter()
+            .map(|u| {
+                let c = counters.entry(*u).or_insert(0);
+                *c += 1;
+                *c
+            })
+            .collect())
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {
+        if let Some(c) = self.counters().get(&user_id) {
+            return Ok(*c);
+        }
         self.point(move |tx| {
-            let counters = tx.open_table(SEQ).db()?;
-            let row = counters.get(user_id).db()?;
-            Ok(row.map_or(0, |v| v.value()))
+            seq_floor(
+                &tx.open_table(SEQ).db()?,
+                &tx.open_table(INBOX).db()?,
+                user_id,
+            )
         })
         .await
     }
+}
+
+/// Where a user's counter resumes: above the largest stored seq (the inbox) and above the counter of
+/// a database written by an earlier version (which persisted counters).
+fn seq_floor(
+    table: &impl ReadableTable<i64, u64>,
+    inbox: &impl ReadableTable<(i64, u64), &'static [u8]>,
+    user_id: i64,
+) -> Result<u64> {
+    let stored = table.get(user_id).db()?.map_or(0, |v| v.value());
+    Ok(stored.max(inbox_max_seq(inbox, user_id)?))
 }
 
 #[cfg(test)]
