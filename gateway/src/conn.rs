@@ -75,17 +75,31 @@ const WRITE_BATCH: usize = 64;
 
 /// Runs a connection until it closes. `first` is a packet the transport already has (the WebSocket
 /// sign-in built from the URL).
-pub async fn drive<R, W>(
+///
+/// A plain function over a boxed argument: an async fn keeps its arguments in its state for its whole
+/// life, beside the locals they are moved into, and this future is what every idle connection holds.
+pub fn drive<R, W>(
     shared: Arc<Shared>,
     transport: &'static str,
     reader: R,
     writer: W,
     first: Option<Packet>,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
     W: Sink<Frame> + Unpin + Send,
-    W::Error: Display,
+    W::Error: Display + Send,
 {
+    run(shared, transport, Box::new((reader, writer, first)))
+}
+
+async fn run<R, W>(shared: Arc<Shared>, transport: &'static str, io: Box<(R, W, Option<Packet>)>)
+where
+    R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
+    W: Sink<Frame> + Unpin + Send,
+    W::Error: Display + Send,
+{
+    let (reader, writer, first) = *io;
     let metrics = shared.metrics.clone();
     let counted = metrics.clone();
     let mut reader = reader.inspect(move |_| {
@@ -185,135 +199,144 @@ pub async fn drive<R, W>(
                 }
             },
         };
-        for action in actions {
-            match action {
-                Action::Send(p) => {
-                    if !send_in_time(&mut writer, p).await {
-                        break 'conn;
-                    }
-                }
-                Action::Close(reason) => {
-                    info!(?reason, "closing connection");
-                    break 'conn;
-                }
-                Action::Authenticate { request_id, claims } => {
-                    let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
-                    registered = result.is_ok();
-                    match &result {
-                        Ok(_) => {
-                            metrics.sign_ins.get_or_create(&label).inc();
-                            metrics.connections.get_or_create(&label).inc();
+        // Boxed: the actions' states (sign-in, publishing, joins) would otherwise be part of every idle
+        // connection's task; they live only while a packet is being handled.
+        let step = Box::pin(async {
+            for action in actions {
+                match action {
+                    Action::Send(p) => {
+                        if !send_in_time(&mut writer, p).await {
+                            return Step::Close;
                         }
-                        Err((code, _)) => {
+                    }
+                    Action::Close(reason) => {
+                        info!(?reason, "closing connection");
+                        return Step::Close;
+                    }
+                    Action::Authenticate { request_id, claims } => {
+                        let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
+                        registered = result.is_ok();
+                        match &result {
+                            Ok(_) => {
+                                metrics.sign_ins.get_or_create(&label).inc();
+                                metrics.connections.get_or_create(&label).inc();
+                            }
+                            Err((code, _)) => {
+                                metrics
+                                    .sign_in_failures
+                                    .get_or_create(&KindLabel {
+                                        kind: code.as_str_name(),
+                                    })
+                                    .inc();
+                            }
+                        }
+                        if let Ok((user_id, device_id)) = result {
+                            tracing::Span::current().record("user_id", user_id);
+                            tracing::Span::current().record("device_id", device_id);
+                        }
+                        pending = Some(session.on_signed_in(request_id, result, Instant::now()));
+                        return Step::Next;
+                    }
+                    Action::Forward(packet) => {
+                        let Phase::Active { user_id, device_id } = session.phase() else {
+                            continue;
+                        };
+                        let rid = packet.request_id;
+                        let expects_reply =
+                            matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
+                        let cmd = Command {
+                            origin: Some(Origin {
+                                user_id,
+                                device_id,
+                                gateway_id: shared.hub.gateway_id().to_owned(),
+                                conn_id,
+                            }),
+                            packet: Some(packet),
+                        };
+                        // The trace of a command starts here and rides in the bus headers.
+                        let span = tracing::info_span!("gateway.command", request_id = rid);
+                        let headers = zhibo_telemetry::trace::inject(&span);
+                        let published = shared
+                            .hub
+                            .bus()
+                            .publish(
+                                &Subject::commands(),
+                                headers,
+                                Bytes::from(cmd.encode_to_vec()),
+                            )
+                            .instrument(span)
+                            .await;
+                        if let Err(e) = published {
                             metrics
-                                .sign_in_failures
+                                .bus_errors
                                 .get_or_create(&KindLabel {
-                                    kind: code.as_str_name(),
+                                    kind: "publish_command",
                                 })
                                 .inc();
+                            warn!(error = %e, "cannot publish command");
+                            let err = Packet::error(rid, ErrorCode::Unavailable, "try again later");
+                            if !send_in_time(&mut writer, err).await {
+                                return Step::Close;
+                            }
+                        } else if expects_reply {
+                            in_flight += 1;
                         }
                     }
-                    if let Ok((user_id, device_id)) = result {
-                        tracing::Span::current().record("user_id", user_id);
-                        tracing::Span::current().record("device_id", device_id);
-                    }
-                    pending = Some(session.on_signed_in(request_id, result, Instant::now()));
-                    continue 'conn;
-                }
-                Action::Forward(packet) => {
-                    let Phase::Active { user_id, device_id } = session.phase() else {
-                        continue;
-                    };
-                    let rid = packet.request_id;
-                    let expects_reply =
-                        matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
-                    let cmd = Command {
-                        origin: Some(Origin {
+                    Action::JoinRoom {
+                        request_id,
+                        room_id,
+                    } => {
+                        let Phase::Active { user_id, device_id } = session.phase() else {
+                            continue;
+                        };
+                        let tx = match &room_tx {
+                            Some(tx) => tx.clone(),
+                            None => {
+                                let (tx, rx) = mpsc::channel(shared.room_queue);
+                                room_rx = Some(rx);
+                                room_tx.insert(tx).clone()
+                            }
+                        };
+                        let viewer = Viewer {
+                            conn_id,
                             user_id,
                             device_id,
-                            gateway_id: shared.hub.gateway_id().to_owned(),
-                            conn_id,
-                        }),
-                        packet: Some(packet),
-                    };
-                    // The trace of a command starts here and rides in the bus headers.
-                    let span = tracing::info_span!("gateway.command", request_id = rid);
-                    let headers = zhibo_telemetry::trace::inject(&span);
-                    let published = shared
-                        .hub
-                        .bus()
-                        .publish(
-                            &Subject::commands(),
-                            headers,
-                            Bytes::from(cmd.encode_to_vec()),
-                        )
-                        .instrument(span)
-                        .await;
-                    if let Err(e) = published {
-                        metrics
-                            .bus_errors
-                            .get_or_create(&KindLabel {
-                                kind: "publish_command",
-                            })
-                            .inc();
-                        warn!(error = %e, "cannot publish command");
-                        let err = Packet::error(rid, ErrorCode::Unavailable, "try again later");
-                        if !send_in_time(&mut writer, err).await {
-                            break 'conn;
+                            tx,
+                        };
+                        let (reply, notices) = match join_room(&shared, viewer, room_id).await {
+                            Ok((out, notices)) => (
+                                Packet::new(request_id, Body::SubscribeRoomOutput(out)),
+                                notices,
+                            ),
+                            Err((code, text)) => {
+                                // Session and room hub must agree: a failed (re)join leaves the room in both,
+                                // even when the connection was already a viewer.
+                                session.on_join_failed(room_id);
+                                shared.hub.rooms().leave(conn_id, room_id);
+                                (Packet::error(request_id, code, text), false)
+                            }
+                        };
+                        if !send_in_time(&mut writer, reply).await {
+                            return Step::Close;
                         }
-                    } else if expects_reply {
-                        in_flight += 1;
+                        if notices {
+                            let rooms = shared.hub.rooms();
+                            if let Err(e) = rooms
+                                .notice(room_id, user_id, device_id, RoomNotice::Join)
+                                .await
+                            {
+                                debug!(room_id, error = %e, "join notice lost");
+                            }
+                        }
                     }
+                    Action::LeaveRoom { room_id } => shared.hub.rooms().leave(conn_id, room_id),
                 }
-                Action::JoinRoom {
-                    request_id,
-                    room_id,
-                } => {
-                    let Phase::Active { user_id, device_id } = session.phase() else {
-                        continue;
-                    };
-                    let tx = match &room_tx {
-                        Some(tx) => tx.clone(),
-                        None => {
-                            let (tx, rx) = mpsc::channel(shared.room_queue);
-                            room_rx = Some(rx);
-                            room_tx.insert(tx).clone()
-                        }
-                    };
-                    let viewer = Viewer {
-                        conn_id,
-                        user_id,
-                        device_id,
-                        tx,
-                    };
-                    let (reply, notices) = match join_room(&shared, viewer, room_id).await {
-                        Ok((out, notices)) => (
-                            Packet::new(request_id, Body::SubscribeRoomOutput(out)),
-                            notices,
-                        ),
-                        Err((code, text)) => {
-                            // Session and room hub must agree: a failed (re)join leaves the room in both,
-                            // even when the connection was already a viewer.
-                            session.on_join_failed(room_id);
-                            shared.hub.rooms().leave(conn_id, room_id);
-                            (Packet::error(request_id, code, text), false)
-                        }
-                    };
-                    if !send_in_time(&mut writer, reply).await {
-                        break 'conn;
-                    }
-                    if notices {
-                        let rooms = shared.hub.rooms();
-                        if let Err(e) = rooms
-                            .notice(room_id, user_id, device_id, RoomNotice::Join)
-                            .await
-                        {
-                            debug!(room_id, error = %e, "join notice lost");
-                        }
-                    }
-                }
-                Action::LeaveRoom { room_id } => shared.hub.rooms().leave(conn_id, room_id),
             }
+            Step::Next
+        })
+        .await;
+        if let Step::Close = step {
+            break 'conn;
         }
     }
     if overflow.is_cancelled() {
@@ -329,6 +352,14 @@ pub async fn drive<R, W>(
         shared.hub.unregister(conn_id);
     }
     let _ = tokio::time::timeout(LAST_WORDS, writer.close()).await;
+}
+
+/// What the connection loop does after handling a packet's actions.
+enum Step {
+    /// Read on.
+    Next,
+    /// Close the connection.
+    Close,
 }
 
 /// A peer that reads nothing for this long while we must answer it is closed.
@@ -527,4 +558,49 @@ async fn authenticate(
         (ErrorCode::Unavailable, "try again later".to_owned())
     })?;
     Ok((claims.user_id, claims.device_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection holds its task's future: keep it small (measured in docs/BENCHMARKS.md,
+    /// section 1). Fails when a change makes the TCP connection task grow past the budget.
+    #[tokio::test]
+    async fn an_idle_tcp_connection_task_stays_small() {
+        let backend = Arc::new(zhibo_store::embedded::EmbeddedBackend::temporary().expect("db"));
+        let stores = backend.stores();
+        let shared = Arc::new(Shared {
+            hub: Hub::new("gw".into(), Arc::new(zhibo_bus::memory::MemoryBus::new())),
+            session: Arc::new(SessionConfig::default()),
+            key: Arc::new(TokenKey::new("secret")),
+            devices: stores.devices,
+            outbound_queue: 16,
+            rooms: stores.rooms,
+            room_queue: 16,
+            room_recent: 10,
+            max_frame: 64 * 1024,
+            shutdown: CancellationToken::new(),
+            metrics: Arc::new(Metrics::new()),
+            reconnect_hint: String::new(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (r, w) = stream.into_split();
+        let reader = tokio_util::codec::FramedRead::with_capacity(
+            r,
+            zhibo_proto::codec::PacketCodec::new(64 * 1024),
+            512,
+        );
+        let writer = crate::frame::lean_writer(w, 64 * 1024);
+        let task = drive(shared, "tcp", reader, writer, None);
+        let size = std::mem::size_of_val(&task);
+        // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out).
+        assert!(size <= 1536, "the connection future grew to {size} bytes");
+    }
 }

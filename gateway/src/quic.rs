@@ -83,7 +83,36 @@ pub fn endpoint(
         .send_window(128 * 1024)
         .max_idle_timeout(Some(idle_timeout.try_into()?));
     server.transport_config(Arc::new(transport));
-    Ok(quinn::Endpoint::server(server, addr)?)
+    let socket = udp_socket(addr, SOCKET_BUFFER)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| anyhow::anyhow!("QUIC needs to run inside a tokio runtime"))?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )?)
+}
+
+/// Receive and send buffer asked for the endpoint's one UDP socket. Every client's packets queue in it:
+/// at the kernel's default (~208 KiB) a burst of handshakes (1,200-byte Initial packets) overflows it,
+/// and a dropped handshake waits for the client's retransmission timer (1 s, then 3 s, 7 s …). The
+/// kernel caps the value at `net.core.rmem_max` / `wmem_max`; raise those on hosts with many clients.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP socket bound to `addr` with `buffer`-byte receive and send buffers (as large as the kernel
+/// allows).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        warn!(error = %e, "cannot enlarge the QUIC receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        warn!(error = %e, "cannot enlarge the QUIC send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts QUIC connections until shutdown.
@@ -143,5 +172,39 @@ pub async fn close(endpoint: quinn::Endpoint) {
     endpoint.close(0u32.into(), b"gateway stopping");
     if let Err(e) = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await {
         warn!(error = %e, "quic endpoint did not go idle in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The QUIC socket asks for more than the kernel's default receive buffer, so handshake bursts
+    /// are not dropped (the kernel may cap it, never below its default).
+    #[test]
+    fn the_udp_socket_gets_a_larger_receive_buffer() {
+        let default = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket")
+            .recv_buffer_size()
+            .expect("default size");
+        let socket = udp_socket("127.0.0.1:0".parse().expect("addr"), SOCKET_BUFFER).expect("bind");
+        let size = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("size");
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if cap > default {
+            assert!(
+                size > default,
+                "receive buffer {size} is not above the default {default}"
+            );
+        } else {
+            eprintln!(
+                "net.core.rmem_max ({cap}) does not allow more than the default: not checked"
+            );
+        }
+        assert!(socket.local_addr().expect("addr").port() != 0);
     }
 }

@@ -110,6 +110,15 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
     }
 }
 
+/// The QUIC idle timeout a client offers: above any gateway heartbeat timeout, so that the gateway's own
+/// (heartbeat timeout + 5 s) is the one in force and an idle QUIC connection lives as long as an idle
+/// TCP or WebSocket one. quinn's default of 30 s would be the smaller, and would close a connection that
+/// sends its heartbeat every 30 s (the default interval) before the heartbeat goes out.
+const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a QUIC handshake may take (quinn bounds it by the idle timeout alone, now far longer).
+const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A QUIC client endpoint trusting any certificate (dev), bound to `bind`.
 ///
 /// # Errors
@@ -122,12 +131,32 @@ pub fn insecure_quic_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoin
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"zhibo/1".to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
+    let mut config = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(QUIC_IDLE_TIMEOUT.try_into()?));
+    config.transport_config(Arc::new(transport));
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// Opens a QUIC connection to `remote` on `endpoint` (handshake bounded by [`QUIC_HANDSHAKE_TIMEOUT`])
+/// and the one bidirectional stream the gateway expects.
+async fn quic_connect(
+    endpoint: quinn::Endpoint,
+    remote: SocketAddr,
+    addr: &str,
+) -> anyhow::Result<Client> {
+    let connecting = endpoint.connect(remote, "localhost")?;
+    let conn = tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| anyhow!("QUIC handshake timed out after {QUIC_HANDSHAKE_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("connect quic {addr}"))?;
+    let (send, recv) = conn.open_bi().await?;
+    Ok(Client::framed(recv, send, Some((endpoint, conn))))
 }
 
 impl Client {
@@ -156,13 +185,7 @@ impl Client {
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let endpoint = insecure_quic_endpoint(bind)?;
-                let conn = endpoint
-                    .connect(remote, "localhost")?
-                    .await
-                    .with_context(|| format!("connect quic {addr}"))?;
-                let (send, recv) = conn.open_bi().await?;
-                Ok(Self::framed(recv, send, Some((endpoint, conn))))
+                quic_connect(insecure_quic_endpoint(bind)?, remote, addr).await
             }
             Transport::Ws => {
                 bail!("WebSocket signs in through its URL: use Client::connect or connect_ws_url")
@@ -486,12 +509,7 @@ impl Client {
                         insecure_quic_endpoint((ip, 0).into())?
                     }
                 };
-                let conn = endpoint
-                    .connect(remote, "localhost")?
-                    .await
-                    .with_context(|| format!("connect quic {addr}"))?;
-                let (send, recv) = conn.open_bi().await?;
-                Self::framed(recv, send, Some((endpoint, conn)))
+                quic_connect(endpoint, remote, addr).await?
             }
             Transport::Ws => {
                 let url = format!(

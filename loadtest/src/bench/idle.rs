@@ -2,7 +2,7 @@
 //! and several source addresses), holds them with heartbeats, and reads the gateway's RSS as they come.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,14 @@ use super::server::Target;
 use super::setup;
 use super::BenchArgs;
 use crate::client::{Credentials, Transport};
+
+/// Heartbeat interval of idle connections, seconds (the gateway's default interval).
+const HEARTBEAT_SECS: u64 = 30;
+
+/// Connection attempts in flight, over all generator processes together: each of `--procs` takes its
+/// share, so more processes do not mean bigger bursts of handshakes (QUIC Initials that overflow the
+/// gateway's UDP receive buffer are resent only on the retransmission timer: 1 s, 3 s, 7 s, 15 s…).
+const IN_FLIGHT: usize = 256;
 
 /// Options of the hidden `idle-worker` command: one generator process of the idle scenario.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,12 +47,15 @@ pub struct IdleWorkerArgs {
     #[arg(long, default_value_t = 4)]
     pub source_ips: usize,
     /// Heartbeat interval, seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = HEARTBEAT_SECS)]
     pub heartbeat_secs: u64,
+    /// Connection attempts at a time.
+    #[arg(long, default_value_t = IN_FLIGHT)]
+    pub in_flight: usize,
 }
 
 /// Connects a slice of the population and holds it until stdin closes, printing
-/// `connected <n> errors <e>` every 250 ms.
+/// `connected <n> errors <e> attempted <a>` every 250 ms.
 ///
 /// # Errors
 /// When the credentials cannot be read.
@@ -59,17 +70,37 @@ pub async fn idle_worker(a: IdleWorkerArgs) -> anyhow::Result<()> {
         })
         .collect();
     let meter = Arc::new(Meter::default());
-    let counters = meter.counters.clone();
-    let printer = tokio::spawn(async move {
-        loop {
-            let s = counters.snapshot();
-            println!("connected {} errors {}", s.connected, s.errors);
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    });
-    let conns = hold(&a.addr, a.transport, &creds, a.source_ips, &meter, a.from).await;
-    let conns = Arc::new(tokio::sync::Mutex::new(conns));
-    let beats = load::heartbeats(conns.clone(), Duration::from_secs(a.heartbeat_secs));
+    let attempted = Arc::new(AtomicU64::new(0));
+    let printer = {
+        let (counters, attempted) = (meter.counters.clone(), attempted.clone());
+        tokio::spawn(async move {
+            loop {
+                let s = counters.snapshot();
+                let a = attempted.load(Ordering::Relaxed);
+                println!(
+                    "connected {} errors {} attempted {a}",
+                    s.connected, s.errors
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let conns = Arc::default();
+    let beats = load::heartbeats(Arc::clone(&conns), Duration::from_secs(a.heartbeat_secs));
+    let dial = Dial {
+        addr: &a.addr,
+        transport: a.transport,
+        source_ips: a.source_ips,
+        offset: a.from,
+        in_flight: a.in_flight,
+    };
+    if let Some(e) = hold(&dial, &creds, &meter, &conns, &attempted).await {
+        let failed = meter.counters.errors.load(Ordering::Relaxed);
+        eprintln!(
+            "\n  idle-worker {}..{}: {failed} connections failed, the first with: {e}",
+            a.from, a.to
+        );
+    }
     // Hold until the parent closes our stdin.
     let mut buf = [0u8; 64];
     while tokio::io::stdin().read(&mut buf).await.unwrap_or(0) > 0 {}
@@ -78,35 +109,53 @@ pub async fn idle_worker(a: IdleWorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects `creds` (256 at a time), counting failures instead of failing.
-async fn hold(
-    addr: &str,
+/// Where [`hold`] connects and how it spreads its connections.
+struct Dial<'a> {
+    addr: &'a str,
     transport: Transport,
-    creds: &[Credentials],
     source_ips: usize,
-    meter: &Arc<Meter>,
+    /// Index of the first credential in the whole population (picks source address and endpoint).
     offset: usize,
-) -> Vec<load::LoadConn> {
+    /// Connection attempts at a time.
+    in_flight: usize,
+}
+
+/// Connects `creds` (`dial.in_flight` at a time) into `conns` as each succeeds, so that a heartbeat task
+/// on `conns` keeps the early ones alive while the rest connect; counts failures instead of failing, and
+/// every finished attempt in `attempted`. Returns the first failure.
+async fn hold(
+    dial: &Dial<'_>,
+    creds: &[Credentials],
+    meter: &Arc<Meter>,
+    conns: &tokio::sync::Mutex<Vec<load::LoadConn>>,
+    attempted: &AtomicU64,
+) -> Option<String> {
     use futures::StreamExt;
-    let endpoints = load::quic_endpoints(transport, source_ips).unwrap_or_default();
+    let endpoints = load::quic_endpoints(dial.transport, dial.source_ips).unwrap_or_default();
+    let first_error = std::sync::Mutex::new(None);
     futures::stream::iter(creds.iter().cloned().enumerate())
         .map(|(i, c)| {
-            let ep = (!endpoints.is_empty()).then(|| &endpoints[(i + offset) % endpoints.len()]);
-            let source = setup::source_ip(i + offset, source_ips);
-            async move {
-                match load::connect(transport, addr, c, source, ep, meter).await {
-                    Ok(conn) => Some(conn),
-                    Err(_) => {
-                        meter.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
+            let i = i + dial.offset;
+            let ep = (!endpoints.is_empty()).then(|| &endpoints[i % endpoints.len()]);
+            let source = setup::source_ip(i, dial.source_ips);
+            load::connect(dial.transport, dial.addr, c, source, ep, meter)
+        })
+        .buffer_unordered(dial.in_flight.max(1))
+        .for_each(|r| async {
+            match r {
+                Ok(conn) => conns.lock().await.push(conn),
+                Err(e) => {
+                    meter.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(|| format!("{e:#}"));
                 }
             }
+            attempted.fetch_add(1, Ordering::Relaxed);
         })
-        .buffer_unordered(256)
-        .filter_map(|c| async move { c })
-        .collect()
-        .await
+        .await;
+    first_error.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs scenario 1.
@@ -142,11 +191,22 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         })
     };
     let mut children = Vec::new();
-    let mut local = Vec::new();
+    let local: Arc<tokio::sync::Mutex<Vec<load::LoadConn>>> = Arc::default();
+    let local_beats = load::heartbeats(local.clone(), Duration::from_secs(HEARTBEAT_SECS));
     let connect_secs;
     if args.procs <= 1 {
         let meter = Arc::new(Meter::with_counters(counters.clone()));
-        local = hold(&addr, args.transport, &creds, args.source_ips, &meter, 0).await;
+        let dial = Dial {
+            addr: &addr,
+            transport: args.transport,
+            source_ips: args.source_ips,
+            offset: 0,
+            in_flight: IN_FLIGHT,
+        };
+        let attempted = AtomicU64::new(0);
+        if let Some(e) = hold(&dial, &creds, &meter, &local, &attempted).await {
+            report.notes.push(format!("first failed connection: {e}"));
+        }
         connect_secs = start.elapsed().as_secs_f64();
     } else {
         let file = args.out.join("idle-creds.json");
@@ -158,8 +218,10 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         std::fs::write(&file, serde_json::to_vec(&triples)?)?;
         let per = n.div_ceil(args.procs);
         let exe = std::env::current_exe().context("own executable")?;
-        let latest: Arc<std::sync::Mutex<Vec<(u64, u64)>>> =
-            Arc::new(std::sync::Mutex::new(vec![(0, 0); args.procs]));
+        // Per child: connected (open now), errors, attempted (finished, either way).
+        let latest: Arc<std::sync::Mutex<Vec<[u64; 3]>>> =
+            Arc::new(std::sync::Mutex::new(vec![[0; 3]; args.procs]));
+        let attempted = Arc::new(AtomicU64::new(0));
         for p in 0..args.procs {
             let (from, to) = (p * per, ((p + 1) * per).min(n));
             let mut child = tokio::process::Command::new(&exe)
@@ -169,13 +231,16 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
                 .arg(&file)
                 .args(["--from", &from.to_string(), "--to", &to.to_string()])
                 .args(["--source-ips", &args.source_ips.to_string()])
+                .args(["--heartbeat-secs", &HEARTBEAT_SECS.to_string()])
+                .args(["--in-flight", &(IN_FLIGHT / args.procs).max(1).to_string()])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
                 .context("spawn idle-worker")?;
             let out = child.stdout.take().context("stdout")?;
-            let (latest, counters) = (latest.clone(), counters.clone());
+            let (latest, counters, attempted) =
+                (latest.clone(), counters.clone(), attempted.clone());
             tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(out).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
@@ -183,24 +248,21 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
                         .split_whitespace()
                         .filter_map(|w| w.parse().ok())
                         .collect();
-                    if let [c, e] = f[..] {
+                    if let Ok(f) = <[u64; 3]>::try_from(f) {
                         let mut v = latest.lock().unwrap_or_else(|e| e.into_inner());
-                        v[p] = (c, e);
-                        counters
-                            .connected
-                            .store(v.iter().map(|x| x.0).sum(), Ordering::Relaxed);
-                        counters
-                            .errors
-                            .store(v.iter().map(|x| x.1).sum(), Ordering::Relaxed);
+                        v[p] = f;
+                        let sum = |k: usize| v.iter().map(|x| x[k]).sum();
+                        counters.connected.store(sum(0), Ordering::Relaxed);
+                        counters.errors.store(sum(1), Ordering::Relaxed);
+                        attempted.store(sum(2), Ordering::Relaxed);
                     }
                 }
             });
             children.push(child);
         }
-        let c = counters.clone();
+        // Attempts, not open connections: one that closes meanwhile must not keep us waiting.
         let all = load::wait_until(Duration::from_secs(300), || {
-            let s = c.snapshot();
-            s.connected + s.errors >= n as u64
+            attempted.load(Ordering::Relaxed) >= n as u64
         })
         .await;
         connect_secs = start.elapsed().as_secs_f64();
@@ -221,6 +283,7 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
     stop.store(true, Ordering::Relaxed);
     let mut pts = sampler.await.unwrap_or_default();
     pts.push((connected as f64, full as f64 / 1024.0));
+    local_beats.abort();
     drop(local);
     for c in &mut children {
         drop(c.stdin.take());

@@ -351,7 +351,8 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
     done()
 }
 
-/// Keeps idle connections alive: a heartbeat on each every `every` until the task is aborted.
+/// Keeps idle connections alive: a heartbeat on each every `every` until the task is aborted. A
+/// connection whose heartbeat fails is dropped from `conns` (its writer must not be polled again).
 pub fn heartbeats(
     conns: Arc<tokio::sync::Mutex<Vec<LoadConn>>>,
     every: Duration,
@@ -362,9 +363,13 @@ pub fn heartbeats(
         loop {
             tick.tick().await;
             let mut conns = conns.lock().await;
-            for c in conns.iter_mut() {
-                let _ = c.send.send(Body::Heartbeat(Heartbeat {})).await;
+            let mut alive = Vec::with_capacity(conns.len());
+            for mut c in conns.drain(..) {
+                if c.send.send(Body::Heartbeat(Heartbeat {})).await.is_ok() {
+                    alive.push(c);
+                }
             }
+            *conns = alive;
         }
     })
 }
