@@ -199,6 +199,9 @@ where
                 }
             },
         };
+        if actions.is_empty() {
+            continue 'conn;
+        }
         // Boxed: the actions' states (sign-in, publishing, joins) would otherwise be part of every idle
         // connection's task; they live only while a packet is being handled.
         let step = Box::pin(async {
@@ -309,8 +312,8 @@ where
                                 notices,
                             ),
                             Err((code, text)) => {
-                                // Session and room hub must agree: a failed (re)join leaves the room in both,
-                                // even when the connection was already a viewer.
+                                // Session and room hub must agree: a failed (re)join leaves the
+                                // room in both, even when the connection was already a viewer.
                                 session.on_join_failed(room_id);
                                 shared.hub.rooms().leave(conn_id, room_id);
                                 (Packet::error(request_id, code, text), false)

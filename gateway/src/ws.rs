@@ -17,10 +17,12 @@ use zhibo_proto::codec::{decode_body, CodecError};
 use crate::conn::{drive, Shared};
 use crate::frame::Frame;
 
-/// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults.
+/// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults. The read
+/// buffer is kept as long as the connection: 512 bytes like TCP's (tungstenite reserves a frame's
+/// whole length once its header is read, so a large frame is still read in one go).
 fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(max_frame * 4)
         .max_message_size(Some(max_frame))

@@ -121,6 +121,78 @@ async fn one_to_one_on_every_transport(cluster: &Cluster) {
     }
 }
 
+/// The largest content allowed (`logic.max_content`, 32 KiB) crosses every transport intact, both ways
+/// and through sync (the WebSocket read buffer is 512 bytes: a frame's length is reserved up front); one
+/// byte more is refused and the connection goes on.
+async fn largest_message_on_every_transport(cluster: &Cluster) {
+    let max = zhibo_logic::LogicConfig::default().max_content;
+    for t in [Transport::Tcp, Transport::Ws, Transport::Quic] {
+        let alice = cluster.user("alice").await;
+        let bob = cluster.user("bob").await;
+        cluster.befriend(&alice, &bob).await;
+        let mut a = cluster.connect(t, 0, &alice).await;
+        let mut b = cluster.connect(t, 1, &bob).await;
+        let big: String = (0..max)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let out = send(&mut a, ReceiverType::User, bob.user_id, "big", &big).await;
+        let m = next_message(&mut b).await;
+        assert!(
+            content(&m) == big,
+            "{t:?}: the largest message arrived altered"
+        );
+        let back = send(&mut b, ReceiverType::User, alice.user_id, "big-back", &big).await;
+        assert!(
+            content(&next_message(&mut a).await) == big,
+            "{t:?}: reply altered"
+        );
+        // A sync page is bounded by bytes (`logic.max_sync_bytes`): one such message per page.
+        let mut synced = Vec::new();
+        let mut after = 0;
+        while synced.len() < 2 {
+            let page = sync(&mut b, after, 10).await;
+            assert!(
+                !page.messages.is_empty(),
+                "{t:?}: sync stopped at {synced:?}"
+            );
+            after = page.messages.last().map_or(after, |m| m.seq);
+            synced.extend(page.messages);
+        }
+        assert!(
+            synced.iter().all(|m| content(m) == big),
+            "{t:?}: sync altered"
+        );
+        let ids: Vec<u64> = synced.iter().map(|m| m.message_id).collect();
+        assert_eq!(ids, [out.message_id, back.message_id], "{t:?}");
+
+        let reply = a
+            .request(
+                text(
+                    ReceiverType::User,
+                    bob.user_id,
+                    "too-big",
+                    &format!("{big}!"),
+                ),
+                WAIT,
+            )
+            .await
+            .expect("reply to an oversized message");
+        match reply.body {
+            Some(Body::Error(e)) => assert_eq!(e.code, ErrorCode::InvalidArgument as i32, "{t:?}"),
+            other => panic!("{t:?}: expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        send(
+            &mut a,
+            ReceiverType::User,
+            bob.user_id,
+            "after",
+            "still here",
+        )
+        .await;
+        assert_eq!(content(&next_message(&mut b).await), "still here");
+    }
+}
+
 /// A message to a group reaches every member on every gateway, and the sender's other device.
 async fn group_fan_out_and_second_device(cluster: &Cluster) {
     let alice = cluster.user("alice").await;
@@ -366,6 +438,7 @@ both_modes!(
     crate::cluster::Cluster,
     2,
     one_to_one_on_every_transport,
+    largest_message_on_every_transport,
     group_fan_out_and_second_device,
     offline_sync_no_gap_no_duplicate,
     kick_on_relogin,
