@@ -11,6 +11,7 @@ pub mod nats;
 pub mod subject;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -92,6 +93,40 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// Called with each message of a [`Bus::subscribe_handler`] subscription. It runs on the publisher's
+/// task (in-process bus) or on the subscription's task (NATS), so it must not block or wait.
+pub type Handler = Arc<dyn Fn(&BusMessage) + Send + Sync>;
+
+/// A live handler subscription; dropping it unsubscribes. A publish already under way may still call
+/// the handler once after the drop.
+pub struct HandlerSubscription {
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl HandlerSubscription {
+    /// Ends the subscription when `guard` is dropped.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        HandlerSubscription {
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl std::fmt::Debug for HandlerSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandlerSubscription")
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Publish/subscribe between zhibo processes.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -111,6 +146,27 @@ pub trait Bus: Send + Sync + 'static {
     /// # Errors
     /// [`Error::Subscribe`] when the bus refuses it.
     async fn subscribe(&self, subject: &Subject) -> Result<Subscription>;
+
+    /// Every message published to `subject` from now on, handed to `handler` instead of a stream: for
+    /// the many long-lived subscriptions of a gateway (one per signed-in user). The default reads a
+    /// [`Bus::subscribe`] stream on a task of its own; the in-process bus calls the handler directly,
+    /// with no queue and no task per subscription.
+    ///
+    /// # Errors
+    /// [`Error::Subscribe`] when the bus refuses it.
+    async fn subscribe_handler(
+        &self,
+        subject: &Subject,
+        handler: Handler,
+    ) -> Result<HandlerSubscription> {
+        let mut sub = self.subscribe(subject).await?;
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                handler(&m);
+            }
+        });
+        Ok(HandlerSubscription::new(AbortOnDrop(task.abort_handle())))
+    }
 
     /// Each message published to `subject` goes to one member of `group`.
     ///

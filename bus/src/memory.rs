@@ -1,7 +1,9 @@
 //! The in-process backend for embedded mode: the same semantics as NATS core (fan-out to subscribers,
 //! one member per queue group), exact subjects only, no network.
 //!
-//! Each subscription has a bounded channel (8192 messages). Like NATS core with a slow consumer, a
+//! Handler subscriptions ([`Bus::subscribe_handler`], a gateway's per-user subscriptions) are called on the
+//! publisher's task: no queue, no task, no memory per subscription beyond the handler. Each stream
+//! subscription has a bounded channel (8192 messages). Like NATS core with a slow consumer, a
 //! message for a subscriber whose channel is full is dropped (counted, logged), never waited for: waiting
 //! could deadlock a task that publishes to a subject it also reads, and would stall every publisher.
 //! Gateways drain their subscriptions into per-connection queues without blocking, so this is rare; an IM
@@ -15,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::{Bus, BusMessage, Result, Subject, Subscription};
+use crate::{Bus, BusMessage, Handler, HandlerSubscription, Result, Subject, Subscription};
 
 const CHANNEL_CAPACITY: usize = 8192;
 
@@ -29,12 +31,13 @@ type Group = (Vec<(u64, Sender)>, Arc<AtomicUsize>);
 #[derive(Default)]
 struct Topic {
     plain: Vec<(u64, Sender)>,
+    handlers: Vec<(u64, Handler)>,
     groups: HashMap<String, Group>,
 }
 
 impl Topic {
     fn is_empty(&self) -> bool {
-        self.plain.is_empty() && self.groups.is_empty()
+        self.plain.is_empty() && self.handlers.is_empty() && self.groups.is_empty()
     }
 }
 
@@ -110,6 +113,7 @@ impl MemoryBus {
         let mut topics = self.lock();
         if let Some(topic) = topics.get_mut(subject) {
             topic.plain.retain(|(i, _)| *i != id);
+            topic.handlers.retain(|(i, _)| *i != id);
             for (members, _) in topic.groups.values_mut() {
                 members.retain(|(i, _)| *i != id);
             }
@@ -142,7 +146,7 @@ impl Bus for MemoryBus {
         headers: Vec<(String, String)>,
         payload: Bytes,
     ) -> Result<()> {
-        let targets: Vec<Sender> = {
+        let (targets, handlers): (Vec<Sender>, Vec<Handler>) = {
             let topics = self.lock();
             let Some(topic) = topics.get(subject.as_str()) else {
                 return Ok(());
@@ -152,13 +156,17 @@ impl Bus for MemoryBus {
                 let i = next.fetch_add(1, Ordering::Relaxed) % members.len();
                 t.push(members[i].1.clone());
             }
-            t
+            (t, topic.handlers.iter().map(|(_, h)| h.clone()).collect())
         };
         let msg = Arc::new(BusMessage {
             subject: subject.as_str().to_owned(),
             payload,
             headers,
         });
+        // Outside the lock: a handler may publish or subscribe itself.
+        for handler in handlers {
+            handler(&msg);
+        }
         for tx in targets {
             match tx.try_send(msg.clone()) {
                 Ok(()) => {}
@@ -177,6 +185,24 @@ impl Bus for MemoryBus {
 
     async fn subscribe(&self, subject: &Subject) -> Result<Subscription> {
         Ok(self.add(subject, None))
+    }
+
+    async fn subscribe_handler(
+        &self,
+        subject: &Subject,
+        handler: Handler,
+    ) -> Result<HandlerSubscription> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .entry(subject.as_str().to_owned())
+            .or_default()
+            .handlers
+            .push((id, handler));
+        Ok(HandlerSubscription::new(Unsubscribe {
+            bus: self.clone(),
+            subject: subject.as_str().to_owned(),
+            id,
+        }))
     }
 
     async fn queue_subscribe(&self, subject: &Subject, group: &str) -> Result<Subscription> {

@@ -20,10 +20,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
-use zhibo_bus::{Bus, Subject};
+use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
 use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Kick, KickReason, Packet};
@@ -76,7 +75,7 @@ pub struct ConnHandle {
 
 struct UserEntry {
     conns: Vec<u64>,
-    task: Option<AbortHandle>,
+    sub: Option<HandlerSubscription>,
 }
 
 #[derive(Default)]
@@ -241,15 +240,29 @@ impl Hub {
             inner.conns.insert(conn_id, handle);
             let entry = inner.users.entry(user_id).or_insert_with(|| UserEntry {
                 conns: Vec::new(),
-                task: None,
+                sub: None,
             });
             entry.conns.push(conn_id);
-            entry.conns.len() == 1 && entry.task.is_none()
+            entry.conns.len() == 1 && entry.sub.is_none()
         };
         if first {
+            // A handler, not a stream: on the in-process bus it costs no queue and no task per user.
+            // Weak: the bus holds the handler, and the hub holds the bus.
+            let hub = Arc::downgrade(self);
+            let handler: Handler = Arc::new(move |m: &BusMessage| {
+                let Some(hub) = hub.upgrade() else { return };
+                // The delivery's trace continues here from the logic worker's publish.
+                let span = tracing::info_span!("gateway.deliver", user_id);
+                zhibo_telemetry::trace::set_parent(&span, &m.headers);
+                span.in_scope(|| hub.on_user_event(user_id, m.payload.clone()));
+            });
             // Flushed so the subscription is live at the server before the client, told it is signed in,
             // can cause deliveries published from other connections.
-            let subscribed = match self.bus.subscribe(&Subject::user(user_id)).await {
+            let subscribed = match self
+                .bus
+                .subscribe_handler(&Subject::user(user_id), handler)
+                .await
+            {
                 Ok(s) => self.bus.flush().await.map(|()| s),
                 Err(e) => Err(e),
             };
@@ -260,25 +273,15 @@ impl Hub {
                     return Err(e);
                 }
             };
-            let hub = Arc::clone(self);
-            let task = tokio::spawn(
-                async move {
-                    let mut sub = sub;
-                    while let Some(m) = sub.next().await {
-                        // The delivery's trace continues here from the logic worker's publish.
-                        let span = tracing::info_span!("gateway.deliver", user_id);
-                        zhibo_telemetry::trace::set_parent(&span, &m.headers);
-                        span.in_scope(|| hub.on_user_event(user_id, m.payload));
-                    }
-                }
-                .in_current_span(),
-            );
             let mut inner = self.lock();
             match inner.users.get_mut(&user_id) {
                 // Still wanted: keep it.
-                Some(e) if e.task.is_none() => e.task = Some(task.abort_handle()),
-                // The connection left meanwhile, or a racing registration won.
-                _ => task.abort(),
+                Some(e) if e.sub.is_none() => e.sub = Some(sub),
+                // The connection left meanwhile, or a racing registration won: dropped after the lock.
+                _ => {
+                    drop(inner);
+                    drop(sub);
+                }
             }
         }
         let online = UserEvent {
@@ -310,10 +313,10 @@ impl Hub {
         if let Some(entry) = inner.users.get_mut(&handle.user_id) {
             entry.conns.retain(|c| *c != conn_id);
             if entry.conns.is_empty() {
-                if let Some(task) = entry.task.take() {
-                    task.abort();
-                }
-                inner.users.remove(&handle.user_id);
+                // Unsubscribes when dropped (after the hub's lock is released).
+                let sub = inner.users.remove(&handle.user_id).and_then(|e| e.sub);
+                drop(inner);
+                drop(sub);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use zhibo_bus::memory::MemoryBus;
 use zhibo_bus::nats::NatsBus;
-use zhibo_bus::{Bus, Subject, Subscription};
+use zhibo_bus::{Bus, BusMessage, Handler, Subject, Subscription};
 
 async fn recv(sub: &mut Subscription) -> Option<zhibo_bus::BusMessage> {
     tokio::time::timeout(Duration::from_millis(500), sub.next())
@@ -82,6 +82,60 @@ async fn conformance(bus: Arc<dyn Bus>) {
         .await
         .expect("publish after drop");
     assert_eq!(recv(&mut keep).await.expect("kept").payload.as_ref(), b"x");
+
+    // Handler subscriptions: every message, in order, with headers, beside a stream subscriber; none
+    // once dropped.
+    let subject = room();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |m: &BusMessage| {
+        let _ = tx.send((m.subject.clone(), m.payload.clone(), m.headers.clone()));
+    });
+    let handled = bus
+        .subscribe_handler(&subject, handler)
+        .await
+        .expect("subscribe handler");
+    let mut stream = bus.subscribe(&subject).await.expect("stream beside it");
+    bus.flush().await.expect("flush");
+    for i in 0..10u8 {
+        bus.publish(
+            &subject,
+            vec![("h".into(), format!("{i}"))],
+            Bytes::from(vec![i]),
+        )
+        .await
+        .expect("publish");
+    }
+    for i in 0..10u8 {
+        let (s, payload, headers) = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .expect("handler called in time")
+            .expect("handler alive");
+        assert_eq!((s.as_str(), payload.as_ref()), (subject.as_str(), &[i][..]));
+        assert_eq!(headers, vec![("h".to_owned(), format!("{i}"))]);
+        assert_eq!(
+            recv(&mut stream)
+                .await
+                .expect("stream too")
+                .payload
+                .as_ref(),
+            &[i]
+        );
+    }
+    drop(handled);
+    bus.flush().await.expect("flush");
+    bus.publish(&subject, vec![], Bytes::from_static(b"after"))
+        .await
+        .expect("publish after drop");
+    assert_eq!(
+        recv(&mut stream).await.expect("stream").payload.as_ref(),
+        b"after"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .map_or(true, |m| m.is_none()),
+        "a dropped handler subscription is called no more"
+    );
     assert!(bus.is_connected());
 }
 
@@ -97,6 +151,17 @@ async fn memory_bus_forgets_subjects_without_subscribers() {
     assert_eq!(bus.subject_count(), 1);
     drop(s);
     assert_eq!(bus.subject_count(), 0);
+    let h = bus
+        .subscribe_handler(&Subject::user(1), Arc::new(|_: &BusMessage| {}))
+        .await
+        .expect("subscribe handler");
+    assert_eq!(bus.subject_count(), 1);
+    drop(h);
+    assert_eq!(
+        bus.subject_count(),
+        0,
+        "a dropped handler leaves no subject behind"
+    );
 }
 
 #[tokio::test]
