@@ -26,6 +26,7 @@ use zhibo_telemetry::Metrics;
 
 use crate::frame::Frame;
 use crate::hub::{ConnHandle, Hub, Outbound};
+use crate::queue::{QueueReceiver, QueueSender};
 use crate::rooms::Viewer;
 use crate::session::{Action, Phase, Session, SessionConfig};
 
@@ -112,7 +113,7 @@ where
     });
     let label = TransportLabel { transport };
     let conn_id = shared.hub.next_conn_id();
-    let (tx, mut rx) = mpsc::channel(shared.outbound_queue);
+    let (tx, mut rx) = crate::queue::queue(shared.outbound_queue);
     // The room queue is created at the first join: most connections never watch a room, and tokio
     // allocates a queue's first block of slots (32 frames) up front.
     let mut room_tx: Option<mpsc::Sender<Bytes>> = None;
@@ -152,8 +153,7 @@ where
                     let _ = tokio::time::timeout(LAST_WORDS, writer.send(too_slow.into())).await;
                     break 'conn;
                 }
-                out = rx.recv() => {
-                    let Some(first) = out else { break 'conn };
+                first = rx.recv() => {
                     // A reader that stopped reading blocks this write; the hub then cancels `overflow`
                     // when the queue fills, which must end the connection even mid-write.
                     // The write futures are boxed: inline they would enlarge every idle connection's
@@ -385,7 +385,7 @@ where
 async fn write_queued<W>(
     writer: &mut W,
     first: Outbound,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut QueueReceiver<Outbound>,
 ) -> Option<usize>
 where
     W: Sink<Frame> + Unpin,
@@ -413,7 +413,7 @@ where
         }
         n += 1;
         if n < WRITE_BATCH {
-            next = rx.try_recv().ok();
+            next = rx.try_recv();
         }
     }
     match writer.flush().await {
@@ -532,7 +532,7 @@ async fn authenticate(
     shared: &Arc<Shared>,
     conn_id: u64,
     claims: &zhibo_auth::Claims,
-    tx: &mpsc::Sender<Outbound>,
+    tx: &QueueSender<Outbound>,
     overflow: &CancellationToken,
 ) -> Result<(i64, i64), (ErrorCode, String)> {
     let device = shared

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
@@ -27,6 +26,7 @@ use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Kick, KickReason, Packet};
 
+use crate::queue::QueueSender;
 use crate::rooms::{RoomConfig, RoomHub};
 
 /// A random first connection id, so a gateway restarted under the same id (a pod name) never reuses the
@@ -44,8 +44,8 @@ fn first_conn_id() -> u64 {
     (h.finish() >> 2).max(1)
 }
 
-/// What the hub asks a connection to write. Boxed: tokio allocates a connection's queue in blocks of 32
-/// slots up front, so the slot size is paid by every idle connection.
+/// What the hub asks a connection to write. Boxed: a queued item is small, and the queue's buffer is
+/// sized in items.
 #[derive(Debug)]
 pub enum Outbound {
     /// A packet to write.
@@ -68,7 +68,7 @@ pub struct ConnHandle {
     pub device_id: i64,
     /// Its outbound queue (IM: full = close). Its room queue, created at its first join, is held by the
     /// room hub's viewers.
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: QueueSender<Outbound>,
     /// Cancelled when the connection must close because its queue overflowed.
     pub overflow: CancellationToken,
 }

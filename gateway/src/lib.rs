@@ -6,6 +6,7 @@
 //!   server-wide broadcast.
 //! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
+//! - [`queue`]: a connection's bounded IM queue, which holds no memory while empty.
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
@@ -17,6 +18,7 @@
 pub mod conn;
 pub mod frame;
 pub mod hub;
+pub mod queue;
 pub mod quic;
 pub mod rooms;
 pub mod session;

@@ -81,7 +81,11 @@ pub fn endpoint(
         .stream_receive_window(quinn::VarInt::from_u32(64 * 1024))
         .receive_window(quinn::VarInt::from_u32(128 * 1024))
         .send_window(128 * 1024)
-        .max_idle_timeout(Some(idle_timeout.try_into()?));
+        .max_idle_timeout(Some(idle_timeout.try_into()?))
+        .crypto_buffer_size(8 * 1024)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        .mtu_discovery_config(None);
     server.transport_config(Arc::new(transport));
     let socket = udp_socket(addr, SOCKET_BUFFER)?;
     let runtime = quinn::default_runtime()

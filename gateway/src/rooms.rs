@@ -36,6 +36,7 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Message, Packet, ReceiverType, RoomMessages, RoomNotice};
 
 use crate::hub::Outbound;
+use crate::queue::QueueSender;
 
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
@@ -536,7 +537,7 @@ impl RoomHub {
     pub fn broadcast<'a>(
         &self,
         message: Message,
-        targets: impl Iterator<Item = &'a mpsc::Sender<Outbound>>,
+        targets: impl Iterator<Item = &'a QueueSender<Outbound>>,
     ) {
         let frame = encode_frame(0, vec![message], 0);
         let mut dropped = 0;

@@ -103,6 +103,11 @@ fn free_udp_port() -> anyhow::Result<u16> {
 /// # Errors
 /// When a process cannot start or does not become ready within 60 s.
 pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
+    let secret = if args.token_secret.is_empty() {
+        DEV_TOKEN_SECRET.to_owned()
+    } else {
+        args.token_secret.clone()
+    };
     if args.spawn == SpawnMode::None {
         return Ok(Target {
             api: args.api.clone(),
@@ -110,7 +115,7 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
             ws: args.ws.clone(),
             quic: args.quic.clone(),
             gateway_pid: args.gateway_pid,
-            token_secret: args.token_secret.clone(),
+            token_secret: secret,
             admin_secret: args.admin_secret.clone(),
             mode: "external".into(),
             children: Vec::new(),
@@ -119,11 +124,6 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
     std::fs::create_dir_all(&args.out)?;
     let (api_port, tcp_port, ws_port) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
     let quic_port = free_udp_port()?;
-    let secret = if args.token_secret.is_empty() {
-        DEV_TOKEN_SECRET.to_owned()
-    } else {
-        args.token_secret.clone()
-    };
     let admin = if args.admin_secret.is_empty() {
         BENCH_ADMIN_SECRET.to_owned()
     } else {
