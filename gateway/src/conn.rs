@@ -100,7 +100,11 @@ where
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
-    let (reader, writer, first) = *io;
+    // Moved out in a block of its own so the box is freed now, not when the connection ends.
+    let (reader, writer, first) = {
+        let io = io;
+        *io
+    };
     let metrics = shared.metrics.clone();
     let counted = metrics.clone();
     let mut reader = reader.inspect(move |_| {
