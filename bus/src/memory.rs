@@ -163,7 +163,8 @@ impl Bus for MemoryBus {
             payload,
             headers,
         });
-        // Outside the lock: a handler may publish or subscribe itself.
+        // Outside the lock: a handler may take it again (read the bus, or drop a subscription, e.g.
+        // when it releases the last reference to its owner).
         for handler in handlers {
             handler(&msg);
         }

@@ -11,7 +11,8 @@
 //! silently: when a connection's IM queue is full, the connection is closed (its client reconnects and
 //! syncs what it missed, which is stored). Room traffic goes to a separate, small room queue, created at
 //! the connection's first join, and is dropped (counted) when that is full, so a room flood can never
-//! push IM out. See docs/ARCHITECTURE.md.
+//! push IM out. Broadcasts ride the IM queue but only up to half of it, then are dropped likewise.
+//! See docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,7 +131,8 @@ impl Hub {
         self.rooms.subscription_count()
     }
 
-    /// Room frames dropped for connections whose room queue was full.
+    /// Room frames dropped for connections whose room queue was full, and broadcasts dropped for
+    /// connections whose IM queue was half full.
     pub fn room_frames_dropped(&self) -> u64 {
         self.rooms.frames_dropped()
     }

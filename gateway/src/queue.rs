@@ -69,6 +69,28 @@ impl<T> QueueSender<T> {
         self.0.ready.notify_one();
         Ok(())
     }
+
+    /// Queues `item` only while fewer than `limit` items are queued (for droppable traffic that must
+    /// leave room for what may not be dropped).
+    ///
+    /// # Errors
+    /// The item, when `limit` (or `capacity`) items are queued already.
+    pub fn try_send_below(&self, item: T, limit: usize) -> Result<(), T> {
+        {
+            let mut items = self.0.lock();
+            if items.len() >= limit.min(self.0.capacity) {
+                return Err(item);
+            }
+            items.push_back(item);
+        }
+        self.0.ready.notify_one();
+        Ok(())
+    }
+
+    /// Most items the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
+    }
 }
 
 /// The receiving side.
@@ -121,6 +143,20 @@ mod tests {
         let got: Vec<i32> = std::iter::from_fn(|| rx.try_recv()).collect();
         assert_eq!(got, [1, 2, 4]);
         assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn droppable_items_leave_room_for_the_rest() {
+        let (tx, mut rx) = queue(4);
+        tx.try_send_below("room", 2).expect("below the limit");
+        tx.try_send_below("room", 2).expect("below the limit");
+        assert_eq!(tx.try_send_below("room", 2), Err("room"), "limit reached");
+        tx.try_send("im")
+            .expect("the rest of the capacity stays for IM");
+        tx.try_send("im")
+            .expect("the rest of the capacity stays for IM");
+        assert_eq!(tx.try_send("im"), Err("im"), "full");
+        assert_eq!(rx.recv().await, "room");
     }
 
     #[tokio::test]

@@ -533,7 +533,8 @@ impl RoomHub {
         online
     }
 
-    /// Fans a broadcast message out to `targets` (every connection) as one frame of room 0.
+    /// Fans a broadcast message out to `targets` (every connection's IM queue) as one frame of room 0,
+    /// dropped (and counted with the room frames) for a connection whose queue is half full.
     pub fn broadcast<'a>(
         &self,
         message: Message,
@@ -542,8 +543,11 @@ impl RoomHub {
         let frame = encode_frame(0, vec![message], 0);
         let mut dropped = 0;
         for tx in targets {
+            // At most half the IM queue: a burst of broadcasts must never fill it and get a slow
+            // reader closed for an IM message that follows.
+            let room = (tx.capacity() / 2).max(1);
             if tx
-                .try_send(Outbound::Encoded(Box::new(frame.clone())))
+                .try_send_below(Outbound::Encoded(Box::new(frame.clone())), room)
                 .is_err()
             {
                 dropped += 1;
@@ -712,6 +716,30 @@ mod tests {
         publish(&bus, 9, 4).await;
         let f = frame_of(&ra.recv().await.expect("frame"));
         assert_eq!(f.messages[0].message_id, 4);
+    }
+
+    #[tokio::test]
+    async fn broadcasts_fill_at_most_half_an_im_queue() {
+        let hub = RoomHub::new("gw".into(), Arc::new(MemoryBus::new()), config());
+        let (tx, mut rx) = crate::queue::queue::<Outbound>(8);
+        for i in 0..10 {
+            let notice = Message {
+                message_id: i,
+                ..Message::default()
+            };
+            hub.broadcast(notice, std::iter::once(&tx));
+        }
+        assert_eq!(
+            hub.frames_dropped(),
+            6,
+            "4 of 10 broadcasts fit in half the queue"
+        );
+        for _ in 0..4 {
+            tx.try_send(Outbound::Packet(Box::default()))
+                .expect("the other half stays for IM");
+        }
+        let first = rx.recv().await;
+        assert!(matches!(first, Outbound::Encoded(_)), "{first:?}");
     }
 
     #[tokio::test]

@@ -30,7 +30,9 @@
 //! ([`MessageStore::record_send`]): a seq that was handed out but never stored is referenced by nothing,
 //! so reusing it after a restart loses nothing. It takes one write per message off the single writer
 //! thread. The map grows with the users that received a message since the file was opened (~50 bytes
-//! each).
+//! each). The one rule this relies on: inbox entries with seqs that did not come from
+//! [`SeqAllocator::next`] (imports through `append`/`append_many`) must not be written while the same
+//! users are sending, or a counter may be resumed below them.
 //!
 //! # Threads and durability
 //! redb is synchronous. Point reads run inline on the caller's task (microseconds from the page
@@ -861,17 +863,19 @@ impl SeqAllocator for EmbeddedBackend {
                 .filter(|u| !counters.contains_key(u))
                 .collect()
         };
-        let floors = if missing.is_empty() {
-            Vec::new()
-        } else {
-            self.point(move |tx| {
-                let (table, inbox) = (tx.open_table(SEQ).db()?, tx.open_table(INBOX).db()?);
-                missing
-                    .into_iter()
-                    .map(|u| Ok((u, seq_floor(&table, &inbox, u)?)))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .await?
+        let count = missing.len();
+        let load = move |tx: &ReadTransaction| {
+            let (table, inbox) = (tx.open_table(SEQ).db()?, tx.open_table(INBOX).db()?);
+            missing
+                .into_iter()
+                .map(|u| Ok((u, seq_floor(&table, &inbox, u)?)))
+                .collect::<Result<Vec<_>>>()
+        };
+        // A few lookups inline; a large group's first send after a restart on the blocking pool.
+        let floors = match count {
+            0 => Vec::new(),
+            1..=INLINE_FLOORS => self.point(load).await?,
+            _ => self.read(load).await?,
         };
         let mut counters = self.counters();
         for (user_id, floor) in floors {
@@ -904,6 +908,9 @@ impl SeqAllocator for EmbeddedBackend {
     }
 }
 
+/// Counters loaded inline by one [`SeqAllocator::next`] call; more go to the blocking pool.
+const INLINE_FLOORS: usize = 8;
+
 /// Where a user's counter resumes: above the largest stored seq (the inbox) and above the counter of
 /// a database written by an earlier version (which persisted counters).
 fn seq_floor(
@@ -926,6 +933,36 @@ mod tests {
             client_msg_id: format!("c{seq}"),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn seq_counters_resume_above_every_floor() {
+        let backend = Arc::new(EmbeddedBackend::temporary().expect("temporary db"));
+        // A counter persisted by an earlier build is a floor.
+        let tx = backend.db.begin_write().expect("write");
+        tx.open_table(SEQ)
+            .expect("seq table")
+            .insert(7, 500)
+            .expect("insert");
+        tx.commit().expect("commit");
+        assert_eq!(backend.current(7).await.expect("current"), 500);
+        assert_eq!(backend.next(&[7]).await.expect("next"), [501]);
+        // An append above a counted user's counter raises it.
+        backend.append(7, &message(900)).await.expect("append");
+        assert_eq!(backend.next(&[7]).await.expect("next"), [901]);
+        // Racing first allocations for a user not counted yet are all distinct.
+        backend.append(8, &message(40)).await.expect("append");
+        let all = futures::future::join_all((0..50).map(|_| backend.next(&[8]))).await;
+        let mut seqs: Vec<u64> = all.into_iter().map(|r| r.expect("next")[0]).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (41..=90).collect::<Vec<u64>>());
+        // A group larger than the inline limit loads its floors on the blocking pool, same result.
+        let users: Vec<i64> = (100..120).collect();
+        backend.append(119, &message(3)).await.expect("append");
+        let next = backend.next(&users).await.expect("next of a group");
+        assert_eq!(next.len(), 20);
+        assert_eq!(next[..19], [1; 19]);
+        assert_eq!(next[19], 4);
     }
 
     #[tokio::test]

@@ -240,7 +240,10 @@ pub struct SendResult {
 /// Per-user inboxes (write diffusion), dedup records and per-device acknowledged seq.
 #[async_trait]
 pub trait MessageStore: Send + Sync {
-    /// Stores `message` in `user_id`'s inbox at `message.seq`. Durable when this returns.
+    /// Stores `message` in `user_id`'s inbox at `message.seq`, replacing an entry at that seq. Durable
+    /// when this returns. Seqs come from [`SeqAllocator::next`]; an import with seqs of its own must not
+    /// run while the same users receive messages (the allocators resume above the stored seqs, but only
+    /// when they first count a user).
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.

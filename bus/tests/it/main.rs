@@ -162,6 +162,44 @@ async fn memory_bus_forgets_subjects_without_subscribers() {
         0,
         "a dropped handler leaves no subject behind"
     );
+
+    // A handler runs outside the bus's lock: it may use the bus itself, and even drop its own
+    // subscription (as a gateway does when a delivery releases the last reference to its hub).
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slot: Arc<std::sync::Mutex<Option<zhibo_bus::HandlerSubscription>>> = Arc::default();
+    let handler: Handler = {
+        let (bus, seen, slot) = (bus.clone(), seen.clone(), slot.clone());
+        Arc::new(move |_: &BusMessage| {
+            seen.lock().expect("seen").push(bus.subject_count());
+            drop(slot.lock().expect("slot").take());
+        })
+    };
+    let sub = bus
+        .subscribe_handler(&Subject::user(2), handler)
+        .await
+        .expect("subscribe handler");
+    *slot.lock().expect("slot") = Some(sub);
+    // On a thread of its own, so that a deadlock fails the test instead of hanging it.
+    let (done, finished) = std::sync::mpsc::channel();
+    let publisher = bus.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let r = rt.block_on(publisher.publish(&Subject::user(2), vec![], Bytes::from_static(b"x")));
+        let _ = done.send(r.is_ok());
+    });
+    assert_eq!(
+        finished.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "the publish completed (no deadlock on the bus lock)"
+    );
+    assert_eq!(*seen.lock().expect("seen"), [1]);
+    assert_eq!(
+        bus.subject_count(),
+        0,
+        "the handler dropped its own subscription"
+    );
 }
 
 #[tokio::test]

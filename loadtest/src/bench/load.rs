@@ -362,14 +362,17 @@ pub fn heartbeats(
         tick.tick().await;
         loop {
             tick.tick().await;
-            let mut conns = conns.lock().await;
-            let mut alive = Vec::with_capacity(conns.len());
-            for mut c in conns.drain(..) {
-                if c.send.send(Body::Heartbeat(Heartbeat {})).await.is_ok() {
+            // Taken out of the list, so connections made meanwhile are not held up behind the pass.
+            let batch = std::mem::take(&mut *conns.lock().await);
+            let mut alive = Vec::with_capacity(batch.len());
+            for mut c in batch {
+                let beat = c.send.send(Body::Heartbeat(Heartbeat {}));
+                // A peer that takes nothing for this long is as good as gone.
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), beat).await {
                     alive.push(c);
                 }
             }
-            *conns = alive;
+            conns.lock().await.extend(alive);
         }
     })
 }
