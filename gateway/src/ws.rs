@@ -76,13 +76,14 @@ pub async fn serve(
                     Err(not_found)
                 }
             };
+            // Boxed: the handshake's state would otherwise size the whole connection task.
             let handshake = tokio::time::timeout(
                 shared.session.sign_in_timeout,
-                tokio_tungstenite::accept_hdr_async_with_config(
+                Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
                     stream,
                     callback,
                     Some(ws_config(max_frame)),
-                ),
+                )),
             )
             .await;
             let ws = match handshake {
@@ -96,7 +97,8 @@ pub async fn serve(
                     return;
                 }
             };
-            let first = sign_in_from_query(query.as_deref().unwrap_or(""));
+            // Taken, so the query (and its token) is not kept for the life of the connection.
+            let first = sign_in_from_query(&query.take().unwrap_or_default());
             let (sink, stream) = ws.split();
             let writer = sink.with(|f: Frame| {
                 future::ready(Ok::<_, tokio_tungstenite::tungstenite::Error>(
