@@ -122,6 +122,25 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         });
     }
     std::fs::create_dir_all(&args.out)?;
+    // Free ports are found by binding and releasing them, so another process on the host may take one
+    // before the server binds it: start again on fresh ports when that is why a process exited.
+    let mut attempt = 1;
+    loop {
+        match spawn_cluster(args, &secret).await {
+            Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                eprintln!(
+                    "  a port was taken before the server bound it; starting again on others"
+                );
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Starts `zhibo dev` or the distributed roles on free ports and waits until they answer.
+async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target> {
+    let secret = secret.to_owned();
     let (api_port, tcp_port, ws_port) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
     let quic_port = free_udp_port()?;
     let admin = if args.admin_secret.is_empty() {
@@ -159,12 +178,12 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
         .with_context(|| format!("create {}", log_path.display()))?;
     let mut children = Vec::new();
     let spawn = |role: &str, env: &[(String, String)]| -> anyhow::Result<Child> {
-        // Each process serves its own ops endpoint: several roles on one host need distinct ports.
-        let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
         Command::new(&args.zhibo_bin)
             .arg(role)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("ZHIBO_METRICS_ADDR", metrics)
+            // No ops endpoint: the tool reads /proc, and several roles on one host would otherwise
+            // all bind the default 127.0.0.1:9100.
+            .env("ZHIBO_METRICS_ADDR", "")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?)
@@ -237,9 +256,12 @@ async fn wait_ready(t: &mut Target, log: &Path) -> anyhow::Result<()> {
     loop {
         for child in &mut t.children {
             if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
                 bail!(
-                    "a zhibo process exited before the cluster was ready ({status}); see {}",
-                    log.display()
+                    "a zhibo process exited before the cluster was ready ({status}); {} ends with:\n{}",
+                    log.display(),
+                    lines[lines.len().saturating_sub(5)..].join("\n")
                 );
             }
         }
