@@ -59,15 +59,7 @@ impl<T> QueueSender<T> {
     /// # Errors
     /// The item, when `capacity` items are queued already.
     pub fn try_send(&self, item: T) -> Result<(), T> {
-        {
-            let mut items = self.0.lock();
-            if items.len() >= self.0.capacity {
-                return Err(item);
-            }
-            items.push_back(item);
-        }
-        self.0.ready.notify_one();
-        Ok(())
+        self.try_send_below(item, self.0.capacity)
     }
 
     /// Queues `item` only while fewer than `limit` items are queued (for droppable traffic that must

@@ -128,23 +128,6 @@ async fn api_and_logic(
     (base, task)
 }
 
-async fn keyspace(config: &Config) -> String {
-    static KEYSPACE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    KEYSPACE
-        .get_or_init(|| async {
-            let ks = zhibo_testkit::unique_name("rooms");
-            let session = zhibo_store::scylla::session(&config.store.cql_nodes)
-                .await
-                .expect("cql session");
-            zhibo_store::scylla::migrate(&session, &ks, 1)
-                .await
-                .expect("migrate");
-            ks
-        })
-        .await
-        .clone()
-}
-
 impl RoomCluster {
     async fn embedded() -> RoomCluster {
         let config = config();
@@ -177,7 +160,7 @@ impl RoomCluster {
         config.store.redis_url = zhibo_testkit::require_redis().await;
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![zhibo_testkit::require_cql().await];
-        config.store.keyspace = keyspace(&config).await;
+        config.store.keyspace = crate::cluster::distributed_keyspace().await;
         let shutdown = CancellationToken::new();
         let mut nodes = Vec::new();
         let mut gateways = Vec::new();
