@@ -200,6 +200,10 @@ mod tests {
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .unwrap_or(0);
+        assert!(
+            size >= default,
+            "receive buffer {size} below the default {default}"
+        );
         if cap > default {
             assert!(
                 size > default,
