@@ -397,3 +397,27 @@ pub async fn serve(
     .instrument(span)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_hints_per_transport_with_the_old_key_as_tcp() {
+        let mut c = GatewayConfig {
+            reconnect_hint: "old:7001".into(),
+            reconnect_hint_ws: "wss://gw.example/ws".into(),
+            reconnect_hint_quic: "gw.example:7003".into(),
+            ..GatewayConfig::default()
+        };
+        c.validate().expect("valid");
+        let h = c.reconnect_hints();
+        assert_eq!(h.for_transport("tcp"), "old:7001");
+        assert_eq!(h.for_transport("ws"), "wss://gw.example/ws");
+        assert_eq!(h.for_transport("quic"), "gw.example:7003");
+        c.reconnect_hint_tcp = "new:7001".into();
+        assert_eq!(c.reconnect_hints().tcp, "new:7001", "the new key wins");
+        c.reconnect_hint_ws = "gw.example:7002".into();
+        assert!(c.validate().is_err(), "a WebSocket hint must be a URL");
+    }
+}
