@@ -604,17 +604,28 @@ mod tests {
         bus.open.send_replace(true);
         first.await.expect("task").expect("first registered");
         second.await.expect("task").expect("second registered");
-        assert_eq!(bus.subscribes.load(Ordering::SeqCst), 1, "one subscription per user");
-        assert_eq!((hub.connection_count(), hub.user_subscription_count()), (2, 1));
+        assert_eq!(
+            bus.subscribes.load(Ordering::SeqCst),
+            1,
+            "one subscription per user"
+        );
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (2, 1)
+        );
         let delivery = UserEvent {
             event: Some(user_event::Event::Delivery(Delivery {
                 packets: vec![Packet::new(0, Body::Heartbeat(Default::default()))],
                 ..Default::default()
             })),
         };
-        bus.publish(&Subject::user(7), Vec::new(), Bytes::from(delivery.encode_to_vec()))
-            .await
-            .expect("publish");
+        bus.publish(
+            &Subject::user(7),
+            Vec::new(),
+            Bytes::from(delivery.encode_to_vec()),
+        )
+        .await
+        .expect("publish");
         for rx in [&mut rx1, &mut rx2] {
             let got = tokio::time::timeout(Duration::from_secs(5), async {
                 loop {
@@ -657,13 +668,22 @@ mod tests {
         .expect("second registration under way");
         bus.open.send_replace(true);
         assert!(first.await.expect("task").is_err());
-        assert!(second.await.expect("task").is_err(), "second confirmed without a subscription");
-        assert_eq!((hub.connection_count(), hub.user_subscription_count()), (0, 0));
+        assert!(
+            second.await.expect("task").is_err(),
+            "second confirmed without a subscription"
+        );
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (0, 0)
+        );
         // The bus recovers: the next registration subscribes again.
         bus.fail.store(false, Ordering::SeqCst);
         let (h3, _rx3) = handle(7, 3);
         hub.register(3, h3).await.expect("registered");
         assert_eq!(bus.subscribes.load(Ordering::SeqCst), 2);
-        assert_eq!((hub.connection_count(), hub.user_subscription_count()), (1, 1));
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (1, 1)
+        );
     }
 }

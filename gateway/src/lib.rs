@@ -164,10 +164,8 @@ impl GatewayConfig {
         if self.room_send_per_sec <= 0.0 || self.room_send_burst < 1.0 {
             return Err("room_send_per_sec must be > 0 and room_send_burst >= 1".into());
         }
-        if !self.reconnect_hint_ws.is_empty()
-            && !(self.reconnect_hint_ws.starts_with("ws://")
-                || self.reconnect_hint_ws.starts_with("wss://"))
-        {
+        let ws = &self.reconnect_hint_ws;
+        if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
             return Err("reconnect_hint_ws must be a ws:// or wss:// URL".into());
         }
         if self.room_batch_ms > 1000 || self.room_presence_ms < 100 {

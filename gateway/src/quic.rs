@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
-use futures::StreamExt;
 use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};
@@ -159,9 +159,8 @@ pub async fn serve(
                         return;
                     }
                 };
-                let reader =
-                    FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
-                        .map(PacketDecoder::flatten);
+                let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
+                    .map(PacketDecoder::flatten);
                 let writer = crate::frame::lean_writer(send, max_frame);
                 drive(shared, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the

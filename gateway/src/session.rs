@@ -740,7 +740,10 @@ mod tests {
         }
         // The last page had no more: a further sync is charged (2 tokens left of 3), then refused.
         for rid in 200..202 {
-            assert!(matches!(s.on_packet(sync(rid, seq), t0)[..], [Action::Forward(_)]));
+            assert!(matches!(
+                s.on_packet(sync(rid, seq), t0)[..],
+                [Action::Forward(_)]
+            ));
         }
         assert_eq!(
             error_code(&s.on_packet(sync(202, seq), t0)[0]),
@@ -753,7 +756,10 @@ mod tests {
             Some(ErrorCode::RateLimited),
             "not a continuation"
         );
-        assert!(matches!(s.on_packet(sync(204, seq + 13), t0)[..], [Action::Forward(_)]));
+        assert!(matches!(
+            s.on_packet(sync(204, seq + 13), t0)[..],
+            [Action::Forward(_)]
+        ));
         assert_eq!(
             error_code(&s.on_packet(sync(205, seq + 13), t0)[0]),
             Some(ErrorCode::RateLimited),

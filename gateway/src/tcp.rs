@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
-use futures::StreamExt;
 use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};

@@ -79,30 +79,46 @@ where
 
 /// Signs in, sends a garbage frame and then a heartbeat on one stream: BAD_FRAME, then the heartbeat
 /// is still answered (the connection goes on); an oversized length then closes it.
-async fn garbage_then_heartbeat<R, W>(mut r: FramedRead<R, PacketCodec>, mut w: W, creds: &Credentials)
-where
+async fn garbage_then_heartbeat<R, W>(
+    mut r: FramedRead<R, PacketCodec>,
+    mut w: W,
+    creds: &Credentials,
+) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     w.write_all(&frame(&sign_in(creds))).await.expect("sign in");
     let got = read_until(&mut r, |p| p.request_id == 1).await;
     assert!(
-        matches!(got.last().and_then(|p| p.body.as_ref()), Some(Body::SignInOutput(_))),
+        matches!(
+            got.last().and_then(|p| p.body.as_ref()),
+            Some(Body::SignInOutput(_))
+        ),
         "{got:?}"
     );
     let mut buf = garbage_frame();
     buf.extend_from_slice(&frame(&Packet::new(7, Body::Heartbeat(Heartbeat {}))));
     w.write_all(&buf).await.expect("garbage + heartbeat");
     let got = read_until(&mut r, |p| p.request_id == 7).await;
-    assert_eq!(got.first().and_then(code), Some(ErrorCode::BadFrame), "{got:?}");
+    assert_eq!(
+        got.first().and_then(code),
+        Some(ErrorCode::BadFrame),
+        "{got:?}"
+    );
     assert!(
-        matches!(got.last().map(|p| (p.request_id, &p.body)), Some((7, Some(Body::Heartbeat(_))))),
+        matches!(
+            got.last().map(|p| (p.request_id, &p.body)),
+            Some((7, Some(Body::Heartbeat(_))))
+        ),
         "the heartbeat after the bad frame was answered: {got:?}"
     );
     // A sync is answered too.
-    w.write_all(&frame(&Packet::new(8, Body::Sync(SyncInput { seq: 0, limit: 1 }))))
-        .await
-        .expect("sync");
+    w.write_all(&frame(&Packet::new(
+        8,
+        Body::Sync(SyncInput { seq: 0, limit: 1 }),
+    )))
+    .await
+    .expect("sync");
     let got = read_until(&mut r, |p| p.request_id == 8).await;
     assert!(
         matches!(got.last().map(|p| &p.body), Some(Some(Body::SyncOutput(_)))),
@@ -114,18 +130,25 @@ where
     buf.put_bytes(0, 8);
     w.write_all(&buf).await.expect("oversized");
     let got = read_until(&mut r, |_| false).await;
-    assert_eq!(got.last().and_then(code), Some(ErrorCode::FrameTooLarge), "{got:?}");
+    assert_eq!(
+        got.last().and_then(code),
+        Some(ErrorCode::FrameTooLarge),
+        "{got:?}"
+    );
 }
 
 /// Item 2: a garbage frame after sign-in leaves TCP and QUIC connections open.
 pub(crate) async fn a_bad_frame_keeps_tcp_and_quic_connections(cluster: &Cluster) {
     let creds = cluster.user("garbage").await;
-    let s = tokio::net::TcpStream::connect(cluster.gw(0).tcp).await.expect("connect");
+    let s = tokio::net::TcpStream::connect(cluster.gw(0).tcp)
+        .await
+        .expect("connect");
     let (r, w) = s.into_split();
     garbage_then_heartbeat(FramedRead::new(r, PacketCodec::default()), w, &creds).await;
 
-    let endpoint = zhibo_loadtest::client::insecure_quic_endpoint("127.0.0.1:0".parse().expect("addr"))
-        .expect("endpoint");
+    let endpoint =
+        zhibo_loadtest::client::insecure_quic_endpoint("127.0.0.1:0".parse().expect("addr"))
+            .expect("endpoint");
     let conn = endpoint
         .connect(cluster.gw(0).quic, "localhost")
         .expect("connect")
@@ -137,7 +160,11 @@ pub(crate) async fn a_bad_frame_keeps_tcp_and_quic_connections(cluster: &Cluster
 
 /// A TCP client that signs in and then reads nothing, with a small receive buffer so the gateway's
 /// writes to it block early.
-async fn stalled_reader(cluster: &Cluster, gw: usize, creds: &Credentials) -> tokio::net::TcpStream {
+async fn stalled_reader(
+    cluster: &Cluster,
+    gw: usize,
+    creds: &Credentials,
+) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
     let mut s = socket.connect(cluster.gw(gw).tcp).await.expect("connect");
@@ -151,7 +178,10 @@ async fn stalled_reader(cluster: &Cluster, gw: usize, creds: &Credentials) -> to
             assert!(buf.is_empty());
             return s;
         }
-        let n = tokio::time::timeout(WAIT, s.read_buf(&mut buf)).await.expect("signed in").expect("read");
+        let n = tokio::time::timeout(WAIT, s.read_buf(&mut buf))
+            .await
+            .expect("signed in")
+            .expect("read");
         assert!(n > 0, "closed before signing in");
     }
 }
@@ -213,9 +243,18 @@ pub(crate) async fn im_overflow_says_unavailable_before_closing(cluster: &Cluste
     // queue hold, so the queue overflowed before the last ACK.
     flood(&mut a, bob.user_id, 260, 30 * 1024, "of").await;
     let got = read_to_close(&mut stuck).await;
-    assert!(got.len() < 260, "the stalled reader was not closed: {} packets", got.len());
+    assert!(
+        got.len() < 260,
+        "the stalled reader was not closed: {} packets",
+        got.len()
+    );
     let last = got.last().expect("packets");
-    assert_eq!(code(last), Some(ErrorCode::Unavailable), "last packet: {:?}", last.body);
+    assert_eq!(
+        code(last),
+        Some(ErrorCode::Unavailable),
+        "last packet: {:?}",
+        last.body
+    );
 }
 
 /// Item 11: a drain that starts while the gateway is blocked writing to a slow reader still ends with
@@ -228,7 +267,10 @@ pub(crate) async fn a_drain_mid_write_still_says_goaway_and_replies(cluster: &Cl
     // Requests owed a reply, forwarded before the writes block.
     let mut syncs = BytesMut::new();
     for rid in 100..120 {
-        syncs.extend_from_slice(&frame(&Packet::new(rid, Body::Sync(SyncInput { seq: 0, limit: 1 }))));
+        syncs.extend_from_slice(&frame(&Packet::new(
+            rid,
+            Body::Sync(SyncInput { seq: 0, limit: 1 }),
+        )));
     }
     stuck.write_all(&syncs).await.expect("syncs");
     let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
@@ -236,14 +278,20 @@ pub(crate) async fn a_drain_mid_write_still_says_goaway_and_replies(cluster: &Cl
     flood(&mut a, bob.user_id, 200, 30 * 1024, "dr").await;
     cluster.drain_gateway(0);
     let got = read_to_close(&mut stuck).await;
-    let go_away = got.iter().position(|p| matches!(p.body, Some(Body::GoAway(_))));
+    let go_away = got
+        .iter()
+        .position(|p| matches!(p.body, Some(Body::GoAway(_))));
     assert!(go_away.is_some(), "no GoAway in {} packets", got.len());
     let replies: HashSet<u64> = got
         .iter()
         .filter(|p| matches!(p.body, Some(Body::SyncOutput(_))))
         .map(|p| p.request_id)
         .collect();
-    assert_eq!(replies, (100..120).collect::<HashSet<u64>>(), "every sync answered");
+    assert_eq!(
+        replies,
+        (100..120).collect::<HashSet<u64>>(),
+        "every sync answered"
+    );
 }
 
 /// Item 7: catching up an inbox of 250 pages back to back is never rate limited (bucket of 100).
@@ -264,7 +312,13 @@ pub(crate) async fn a_long_catch_up_is_not_rate_limited(cluster: &Cluster) {
     let (mut after, mut pages, mut got) = (0, 0, 0);
     loop {
         let p = b
-            .request(Body::Sync(SyncInput { seq: after, limit: 1 }), WAIT)
+            .request(
+                Body::Sync(SyncInput {
+                    seq: after,
+                    limit: 1,
+                }),
+                WAIT,
+            )
             .await
             .expect("page");
         let Some(Body::SyncOutput(SyncOutput { messages, has_more })) = p.body else {
@@ -282,7 +336,9 @@ pub(crate) async fn a_long_catch_up_is_not_rate_limited(cluster: &Cluster) {
     assert_eq!((got, pages), (252, 252));
     // A sync that continues nothing is charged: a flood of them still meets RATE_LIMITED.
     for _ in 0..150 {
-        b.send(Body::Sync(SyncInput { seq: 0, limit: 1 })).await.expect("send");
+        b.send(Body::Sync(SyncInput { seq: 0, limit: 1 }))
+            .await
+            .expect("send");
     }
     let mut limited = 0;
     for _ in 0..150 {
@@ -306,7 +362,10 @@ pub(crate) async fn goaway_hints_per_transport(cluster: &Cluster) {
     for (t, c) in &mut clients {
         loop {
             match c.recv(WAIT).await.expect("GoAway in time") {
-                Some(Packet { body: Some(Body::GoAway(g)), .. }) => {
+                Some(Packet {
+                    body: Some(Body::GoAway(g)),
+                    ..
+                }) => {
                     hints.insert(format!("{t:?}"), g.reconnect_hint);
                     break;
                 }
@@ -315,7 +374,10 @@ pub(crate) async fn goaway_hints_per_transport(cluster: &Cluster) {
             }
         }
     }
-    assert_eq!(hints["Tcp"], "tcp.example:7001", "the old key is the TCP hint");
+    assert_eq!(
+        hints["Tcp"], "tcp.example:7001",
+        "the old key is the TCP hint"
+    );
     assert_eq!(hints["Ws"], "wss://ws.example/ws");
     assert_eq!(hints["Quic"], "quic.example:7003");
 }
