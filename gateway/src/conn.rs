@@ -54,8 +54,30 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
-    /// Where clients should reconnect when this gateway drains (may be empty).
-    pub reconnect_hint: String,
+    /// Where clients should reconnect when this gateway drains, per transport (each may be empty).
+    pub reconnect_hints: ReconnectHints,
+}
+
+/// The `GoAway.reconnect_hint` of each transport: a client can only use an address of its own kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconnectHints {
+    /// `host:port` of a TCP listener.
+    pub tcp: String,
+    /// A `ws://` or `wss://` URL.
+    pub ws: String,
+    /// `host:port` of a QUIC (UDP) listener.
+    pub quic: String,
+}
+
+impl ReconnectHints {
+    /// The hint for a connection over `transport` (`"tcp"`, `"ws"` or `"quic"`).
+    pub fn for_transport(&self, transport: &str) -> &str {
+        match transport {
+            "ws" => &self.ws,
+            "quic" => &self.quic,
+            _ => &self.tcp,
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -125,51 +147,60 @@ where
     let overflow = CancellationToken::new();
     let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
     let mut registered = false;
-    // Requests forwarded whose reply has not been written yet, and the drain deadline once draining.
+    // Requests forwarded whose reply has not been written yet, the drain deadline once draining, and
+    // whether the GoAway was said (a drain that starts mid-write says it once the write is done).
     let mut in_flight: usize = 0;
     let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut said_goaway = false;
     let mut pending = first.map(|p| session.on_packet(p, Instant::now()));
     'conn: loop {
         let actions = match pending.take() {
             Some(a) => a,
             None => tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled(), if drain_until.is_none() => {
+                _ = shared.shutdown.cancelled(), if !said_goaway => {
                     // Drain: tell the client to go, stop reading, let the replies of requests already
-                    // forwarded arrive (bounded by DRAIN_WAIT), then close.
+                    // forwarded arrive (bounded by DRAIN_WAIT from the drain's start), then close.
+                    said_goaway = true;
+                    drain_until.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_WAIT);
                     let bye = Packet::new(0, Body::GoAway(GoAway {
                         reason: "gateway draining".into(),
-                        reconnect_hint: shared.reconnect_hint.clone(),
+                        reconnect_hint: shared.reconnect_hints.for_transport(transport).to_owned(),
                         reconnect_after_ms: 100,
                     }));
                     let _ = tokio::time::timeout(LAST_WORDS, writer.send(bye.into())).await;
                     if in_flight == 0 {
                         break 'conn;
                     }
-                    drain_until = Some(tokio::time::Instant::now() + DRAIN_WAIT);
                     continue 'conn;
                 }
                 _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)),
                     if drain_until.is_some() => break 'conn,
                 _ = overflow.cancelled() => {
-                    let too_slow = Packet::error(0, ErrorCode::Unavailable,
-                        "connection too slow: outbound queue full; reconnect and sync");
-                    let _ = tokio::time::timeout(LAST_WORDS, writer.send(too_slow.into())).await;
+                    say_too_slow(&mut writer).await;
                     break 'conn;
                 }
                 first = rx.recv() => {
                     // A reader that stopped reading blocks this write; the hub then cancels `overflow`
-                    // when the queue fills, which must end the connection even mid-write.
+                    // when the queue fills, which ends the write (the client is told why). A drain that
+                    // starts meanwhile lets the write finish within the drain deadline.
                     // The write futures are boxed: inline they would enlarge every idle connection's
                     // task by their size (~200 bytes), for a state it is in only while writing.
-                    let written = tokio::select! {
-                        w = tokio::time::timeout(WRITE_TIMEOUT, Box::pin(write_queued(&mut writer, first, &mut rx))) => w.ok().flatten(),
-                        _ = overflow.cancelled() => None,
-                        _ = stop_writing(&shared.shutdown, drain_until) => None,
-                    };
+                    let write = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        write_queued(&mut writer, first, &mut rx, &mut session),
+                    );
+                    let written =
+                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
+                            .await
+                            .and_then(|w| w.ok().flatten());
+                    if overflow.is_cancelled() {
+                        say_too_slow(&mut writer).await;
+                        break 'conn;
+                    }
                     let Some(replies) = written else { break 'conn };
                     in_flight = in_flight.saturating_sub(replies);
-                    if drain_until.is_some() && in_flight == 0 {
+                    if said_goaway && in_flight == 0 {
                         break 'conn;
                     }
                     continue 'conn;
@@ -190,12 +221,20 @@ where
                 // Last: room traffic never delays IM, reads or deadlines.
                 frame = recv_room(&mut room_rx) => {
                     let Some(first) = frame else { break 'conn };
-                    // Like IM writes: an IM overflow or a drain must end a write the peer never takes.
-                    let written = tokio::select! {
-                        w = tokio::time::timeout(WRITE_TIMEOUT, Box::pin(write_room(&mut writer, first, &mut room_rx))) => w.unwrap_or(false),
-                        _ = overflow.cancelled() => false,
-                        _ = stop_writing(&shared.shutdown, drain_until) => false,
-                    };
+                    // Like IM writes: an IM overflow or the drain deadline ends a write the peer never
+                    // takes.
+                    let write = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        write_room(&mut writer, first, &mut room_rx),
+                    );
+                    let written =
+                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
+                            .await
+                            .is_some_and(|w| w.unwrap_or(false));
+                    if overflow.is_cancelled() {
+                        say_too_slow(&mut writer).await;
+                        break 'conn;
+                    }
                     if !written {
                         break 'conn;
                     }
@@ -383,13 +422,57 @@ where
     )
 }
 
+/// Tells a client whose IM queue overflowed why it is closed. The error goes after what the socket
+/// still holds for it, so a reader that stalled gets it when it reads again: it has [`WRITE_TIMEOUT`],
+/// like any reply owed, before the connection closes.
+async fn say_too_slow<W>(writer: &mut W)
+where
+    W: Sink<Frame> + Unpin,
+{
+    let too_slow = Packet::error(
+        0,
+        ErrorCode::Unavailable,
+        "connection too slow: outbound queue full; reconnect and sync",
+    );
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, writer.send(too_slow.into())).await;
+}
+
+/// Runs `write` to its end; `None` when it was cut: the IM queue overflowed, or the drain deadline
+/// passed. A drain that starts mid-write does not cut it: it starts the drain clock (`drain_until`)
+/// and the write goes on within it, so the GoAway and the replies owed still follow.
+async fn finish_write<F>(
+    write: F,
+    overflow: &CancellationToken,
+    shutdown: &CancellationToken,
+    drain_until: &mut Option<tokio::time::Instant>,
+) -> Option<F::Output>
+where
+    F: std::future::Future,
+{
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            w = write.as_mut() => return Some(w),
+            _ = overflow.cancelled() => return None,
+            _ = stop_writing(shutdown, *drain_until) => {
+                if drain_until.is_some() {
+                    return None;
+                }
+                *drain_until = Some(tokio::time::Instant::now() + DRAIN_WAIT);
+            }
+        }
+    }
+}
+
 /// Writes `first` and up to [`WRITE_BATCH`] more queued packets with one flush. Returns how many were
 /// replies to this connection's requests, or `None` when the connection must close (write failure, or
-/// a packet that closes it such as a Kick).
+/// a packet that closes it such as a Kick). Sync pages written are shown to `session` (a sync that
+/// continues one is not rate limited).
 async fn write_queued<W>(
     writer: &mut W,
     first: Outbound,
     rx: &mut QueueReceiver<Outbound>,
+    session: &mut Session,
 ) -> Option<usize>
 where
     W: Sink<Frame> + Unpin,
@@ -403,6 +486,9 @@ where
             Outbound::Packet(p) => Frame::from(*p),
             Outbound::Reply(p) => {
                 replies += 1;
+                if let Some(Body::SyncOutput(page)) = &p.body {
+                    session.on_sync_page(page);
+                }
                 Frame::from(*p)
             }
             Outbound::Close(p) => {
@@ -589,7 +675,7 @@ mod tests {
             max_frame: 64 * 1024,
             shutdown: CancellationToken::new(),
             metrics: Arc::new(Metrics::new()),
-            reconnect_hint: String::new(),
+            reconnect_hints: ReconnectHints::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -601,9 +687,10 @@ mod tests {
         let (r, w) = stream.into_split();
         let reader = tokio_util::codec::FramedRead::with_capacity(
             r,
-            zhibo_proto::codec::PacketCodec::new(64 * 1024),
+            zhibo_proto::codec::PacketDecoder::new(64 * 1024),
             512,
-        );
+        )
+        .map(zhibo_proto::codec::PacketDecoder::flatten);
         let writer = crate::frame::lean_writer(w, 64 * 1024);
         let task = drive(shared, "tcp", reader, writer, None);
         let size = std::mem::size_of_val(&task);

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message as _;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
@@ -76,7 +77,16 @@ pub struct ConnHandle {
 
 struct UserEntry {
     conns: Vec<u64>,
-    sub: Option<HandlerSubscription>,
+    sub: UserSub,
+}
+
+/// A user's subscription: being made (every registration of the user waits for its outcome), or live.
+enum UserSub {
+    /// `None` until the subscribing registration knows; then whether it succeeded.
+    Pending(watch::Receiver<Option<bool>>),
+    /// Held for its effect: dropping it unsubscribes.
+    #[allow(dead_code)]
+    Live(HandlerSubscription),
 }
 
 #[derive(Default)]
@@ -225,8 +235,12 @@ impl Hub {
         ))
     }
 
-    /// Registers a signed-in connection, subscribing to its user's subject if it is the user's first here,
-    /// then announces the device online so older connections of it are kicked cluster-wide.
+    /// Registers a signed-in connection, subscribing to its user's subject if the user has none here
+    /// yet, then announces the device online so older connections of it are kicked cluster-wide.
+    ///
+    /// Every registration of a user waits until the user's subscription is live, also one that finds it
+    /// still being made by another connection. If that subscription fails, every registration waiting
+    /// for it fails and none of those connections stays registered.
     ///
     /// # Errors
     /// When the bus refuses the subscription or the announcement.
@@ -237,52 +251,46 @@ impl Hub {
     ) -> zhibo_bus::Result<()> {
         let user_id = handle.user_id;
         let device_id = handle.device_id;
-        let first = {
+        // `Ok(sender)`: this registration subscribes. `Err(receiver)`: another one does (or did).
+        let role = {
             let mut inner = self.lock();
             inner.conns.insert(conn_id, handle);
-            let entry = inner.users.entry(user_id).or_insert_with(|| UserEntry {
-                conns: Vec::new(),
-                sub: None,
-            });
-            entry.conns.push(conn_id);
-            entry.conns.len() == 1 && entry.sub.is_none()
-        };
-        if first {
-            // A handler, not a stream: on the in-process bus it costs no queue and no task per user.
-            // Weak: the bus holds the handler, and the hub holds the bus.
-            let hub = Arc::downgrade(self);
-            let handler: Handler = Arc::new(move |m: &BusMessage| {
-                let Some(hub) = hub.upgrade() else { return };
-                // The delivery's trace continues here from the logic worker's publish.
-                let span = tracing::info_span!("gateway.deliver", user_id);
-                zhibo_telemetry::trace::set_parent(&span, &m.headers);
-                span.in_scope(|| hub.on_user_event(user_id, m.payload.clone()));
-            });
-            // Flushed so the subscription is live at the server before the client, told it is signed in,
-            // can cause deliveries published from other connections.
-            let subscribed = match self
-                .bus
-                .subscribe_handler(&Subject::user(user_id), handler)
-                .await
-            {
-                Ok(s) => self.bus.flush().await.map(|()| s),
-                Err(e) => Err(e),
-            };
-            let sub = match subscribed {
-                Ok(s) => s,
-                Err(e) => {
-                    self.unregister(conn_id);
-                    return Err(e);
-                }
-            };
-            let mut inner = self.lock();
             match inner.users.get_mut(&user_id) {
-                // Still wanted: keep it.
-                Some(e) if e.sub.is_none() => e.sub = Some(sub),
-                // The connection left meanwhile, or a racing registration won: dropped after the lock.
-                _ => {
-                    drop(inner);
-                    drop(sub);
+                Some(entry) => {
+                    entry.conns.push(conn_id);
+                    match &entry.sub {
+                        UserSub::Pending(rx) => Err(Some(rx.clone())),
+                        UserSub::Live(_) => Err(None),
+                    }
+                }
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inner.users.insert(
+                        user_id,
+                        UserEntry {
+                            conns: vec![conn_id],
+                            sub: UserSub::Pending(rx),
+                        },
+                    );
+                    Ok(tx)
+                }
+            }
+        };
+        match role {
+            Ok(outcome) => self.subscribe_user(user_id, outcome).await?,
+            Err(None) => {}
+            Err(Some(mut pending)) => {
+                let ok = matches!(
+                    pending.wait_for(Option::is_some).await.as_deref(),
+                    Ok(Some(true))
+                );
+                if !ok {
+                    // The subscriber removed this connection with the user (or vanished): make sure.
+                    self.unregister(conn_id);
+                    return Err(zhibo_bus::Error::Subscribe {
+                        subject: Subject::user(user_id).to_string(),
+                        message: "the user's subscription failed".into(),
+                    });
                 }
             }
         }
@@ -304,6 +312,57 @@ impl Hub {
             .inspect_err(|_| self.unregister(conn_id))
     }
 
+    /// Makes `user_id`'s subscription (flushed, so it is live at the server before any of the user's
+    /// connections is told it is signed in) and tells the registrations waiting for it the outcome. On
+    /// failure the user and every connection registered under it meanwhile are forgotten.
+    async fn subscribe_user(
+        self: &Arc<Self>,
+        user_id: i64,
+        outcome: watch::Sender<Option<bool>>,
+    ) -> zhibo_bus::Result<()> {
+        // A handler, not a stream: on the in-process bus it costs no queue and no task per user.
+        // Weak: the bus holds the handler, and the hub holds the bus.
+        let hub = Arc::downgrade(self);
+        let handler: Handler = Arc::new(move |m: &BusMessage| {
+            let Some(hub) = hub.upgrade() else { return };
+            // The delivery's trace continues here from the logic worker's publish.
+            let span = tracing::info_span!("gateway.deliver", user_id);
+            zhibo_telemetry::trace::set_parent(&span, &m.headers);
+            span.in_scope(|| hub.on_user_event(user_id, m.payload.clone()));
+        });
+        let subscribed = match self
+            .bus
+            .subscribe_handler(&Subject::user(user_id), handler)
+            .await
+        {
+            Ok(s) => self.bus.flush().await.map(|()| s),
+            Err(e) => Err(e),
+        };
+        let mut inner = self.lock();
+        let result = match subscribed {
+            Ok(sub) => {
+                // Every connection of the user unregisters only after its registration returned, so
+                // the entry is still this one.
+                if let Some(entry) = inner.users.get_mut(&user_id) {
+                    entry.sub = UserSub::Live(sub);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(entry) = inner.users.remove(&user_id) {
+                    for c in entry.conns {
+                        inner.conns.remove(&c);
+                    }
+                }
+                Err(e)
+            }
+        };
+        drop(inner);
+        // Receivers gone (no waiter) is fine.
+        let _ = outcome.send(Some(result.is_ok()));
+        result
+    }
+
     /// Forgets a connection (and its room seats); drops the user's subscription with its last local
     /// connection.
     pub fn unregister(&self, conn_id: u64) {
@@ -316,7 +375,7 @@ impl Hub {
             entry.conns.retain(|c| *c != conn_id);
             if entry.conns.is_empty() {
                 // Unsubscribes when dropped (after the hub's lock is released).
-                let sub = inner.users.remove(&handle.user_id).and_then(|e| e.sub);
+                let sub = inner.users.remove(&handle.user_id).map(|e| e.sub);
                 drop(inner);
                 drop(sub);
             }
@@ -415,5 +474,216 @@ impl Hub {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::time::Duration;
+
+    use zhibo_bus::memory::MemoryBus;
+    use zhibo_bus::Subscription;
+    use zhibo_proto::bus::Delivery;
+
+    use super::*;
+    use crate::queue::{queue, QueueReceiver};
+
+    /// The in-process bus, whose handler subscriptions (the users') wait until `open`, then fail while
+    /// `fail` is set.
+    struct GatedBus {
+        inner: MemoryBus,
+        open: watch::Sender<bool>,
+        fail: AtomicBool,
+        subscribes: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for GatedBus {
+        async fn publish(
+            &self,
+            subject: &Subject,
+            headers: Vec<(String, String)>,
+            payload: Bytes,
+        ) -> zhibo_bus::Result<()> {
+            self.inner.publish(subject, headers, payload).await
+        }
+        async fn subscribe(&self, subject: &Subject) -> zhibo_bus::Result<Subscription> {
+            self.inner.subscribe(subject).await
+        }
+        async fn subscribe_handler(
+            &self,
+            subject: &Subject,
+            handler: Handler,
+        ) -> zhibo_bus::Result<HandlerSubscription> {
+            self.subscribes.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.subscribe();
+            let _ = open.wait_for(|o| *o).await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(zhibo_bus::Error::Subscribe {
+                    subject: subject.to_string(),
+                    message: "refused (test)".into(),
+                });
+            }
+            self.inner.subscribe_handler(subject, handler).await
+        }
+        async fn queue_subscribe(
+            &self,
+            subject: &Subject,
+            group: &str,
+        ) -> zhibo_bus::Result<Subscription> {
+            self.inner.queue_subscribe(subject, group).await
+        }
+        async fn flush(&self) -> zhibo_bus::Result<()> {
+            self.inner.flush().await
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    fn gated(fail: bool) -> Arc<GatedBus> {
+        Arc::new(GatedBus {
+            inner: MemoryBus::new(),
+            open: watch::channel(false).0,
+            fail: AtomicBool::new(fail),
+            subscribes: AtomicUsize::new(0),
+        })
+    }
+
+    fn handle(user_id: i64, device_id: i64) -> (ConnHandle, QueueReceiver<Outbound>) {
+        let (tx, rx) = queue(16);
+        let h = ConnHandle {
+            user_id,
+            device_id,
+            tx,
+            overflow: CancellationToken::new(),
+        };
+        (h, rx)
+    }
+
+    /// Waits (bounded) until the bus saw `n` user subscriptions.
+    async fn subscribes_reach(bus: &GatedBus, n: usize) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while bus.subscribes.load(Ordering::SeqCst) < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("subscription attempted");
+    }
+
+    /// Two devices of a user register while the user's subscription is in flight: the second is not
+    /// confirmed before the subscription is live, one subscription serves both, deliveries reach both.
+    #[tokio::test]
+    async fn a_second_registration_waits_for_the_users_subscription() {
+        let bus = gated(false);
+        let hub = Hub::new("gw".into(), bus.clone());
+        let (h1, mut rx1) = handle(7, 1);
+        let (h2, mut rx2) = handle(7, 2);
+        let first = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.register(1, h1).await }
+        });
+        subscribes_reach(&bus, 1).await;
+        let second = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.register(2, h2).await }
+        });
+        // Still pending while the subscription is: it must not be told it is signed in.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), async {
+                while !second.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_err(),
+            "the second registration returned before the subscription was live"
+        );
+        bus.open.send_replace(true);
+        first.await.expect("task").expect("first registered");
+        second.await.expect("task").expect("second registered");
+        assert_eq!(
+            bus.subscribes.load(Ordering::SeqCst),
+            1,
+            "one subscription per user"
+        );
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (2, 1)
+        );
+        let delivery = UserEvent {
+            event: Some(user_event::Event::Delivery(Delivery {
+                packets: vec![Packet::new(0, Body::Heartbeat(Default::default()))],
+                ..Default::default()
+            })),
+        };
+        bus.publish(
+            &Subject::user(7),
+            Vec::new(),
+            Bytes::from(delivery.encode_to_vec()),
+        )
+        .await
+        .expect("publish");
+        for rx in [&mut rx1, &mut rx2] {
+            let got = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let Outbound::Packet(p) = rx.recv().await {
+                        return p;
+                    }
+                }
+            })
+            .await
+            .expect("delivered");
+            assert!(matches!(got.body, Some(Body::Heartbeat(_))));
+        }
+    }
+
+    /// The user's subscription fails while two registrations wait for it: both fail, and neither the
+    /// connections nor the user stay registered (nothing left registered without a subscription). A
+    /// later registration subscribes afresh.
+    #[tokio::test]
+    async fn a_failed_subscription_fails_every_waiting_registration() {
+        let bus = gated(true);
+        let hub = Hub::new("gw".into(), bus.clone());
+        let (h1, _rx1) = handle(7, 1);
+        let (h2, _rx2) = handle(7, 2);
+        let first = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.register(1, h1).await }
+        });
+        subscribes_reach(&bus, 1).await;
+        let second = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.register(2, h2).await }
+        });
+        // Let the second reach its wait (it takes the hub's lock first).
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while hub.connection_count() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("second registration under way");
+        bus.open.send_replace(true);
+        assert!(first.await.expect("task").is_err());
+        assert!(
+            second.await.expect("task").is_err(),
+            "second confirmed without a subscription"
+        );
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (0, 0)
+        );
+        // The bus recovers: the next registration subscribes again.
+        bus.fail.store(false, Ordering::SeqCst);
+        let (h3, _rx3) = handle(7, 3);
+        hub.register(3, h3).await.expect("registered");
+        assert_eq!(bus.subscribes.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (1, 1)
+        );
     }
 }

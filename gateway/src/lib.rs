@@ -38,7 +38,7 @@ use zhibo_auth::TokenKey;
 use zhibo_bus::Bus;
 use zhibo_store::{DeviceStore, RoomStore};
 
-pub use conn::Shared;
+pub use conn::{ReconnectHints, Shared};
 pub use hub::Hub;
 pub use rooms::RoomConfig;
 pub use session::SessionConfig;
@@ -71,8 +71,15 @@ pub struct GatewayConfig {
     pub rate_per_sec: f64,
     /// Command burst per connection.
     pub rate_burst: f64,
-    /// Where clients should reconnect when this gateway drains.
+    /// Where TCP clients should reconnect when this gateway drains (`host:port`). Kept for backward
+    /// compatibility: the TCP hint when `reconnect_hint_tcp` is empty.
     pub reconnect_hint: String,
+    /// Where TCP clients should reconnect when this gateway drains (`host:port`; empty: no hint).
+    pub reconnect_hint_tcp: String,
+    /// Where WebSocket clients should reconnect when this gateway drains (a `ws://` or `wss://` URL).
+    pub reconnect_hint_ws: String,
+    /// Where QUIC clients should reconnect when this gateway drains (`host:port` of a UDP listener).
+    pub reconnect_hint_quic: String,
     /// Live rooms one connection may be in at once.
     pub max_rooms_per_conn: usize,
     /// Room messages per second per connection (sustained).
@@ -107,6 +114,9 @@ impl Default for GatewayConfig {
             rate_per_sec: 50.0,
             rate_burst: 100.0,
             reconnect_hint: String::new(),
+            reconnect_hint_tcp: String::new(),
+            reconnect_hint_ws: String::new(),
+            reconnect_hint_quic: String::new(),
             max_rooms_per_conn: 8,
             room_send_per_sec: 5.0,
             room_send_burst: 10.0,
@@ -154,6 +164,10 @@ impl GatewayConfig {
         if self.room_send_per_sec <= 0.0 || self.room_send_burst < 1.0 {
             return Err("room_send_per_sec must be > 0 and room_send_burst >= 1".into());
         }
+        let ws = &self.reconnect_hint_ws;
+        if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
+            return Err("reconnect_hint_ws must be a ws:// or wss:// URL".into());
+        }
         if self.room_batch_ms > 1000 || self.room_presence_ms < 100 {
             return Err(
                 "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
@@ -172,6 +186,21 @@ impl GatewayConfig {
             room_send_per_sec: self.room_send_per_sec,
             room_send_burst: self.room_send_burst,
             ..SessionConfig::default()
+        }
+    }
+
+    /// The GoAway reconnect hint of each transport (`reconnect_hint` is the TCP one when
+    /// `reconnect_hint_tcp` is unset).
+    pub fn reconnect_hints(&self) -> ReconnectHints {
+        let tcp = if self.reconnect_hint_tcp.is_empty() {
+            &self.reconnect_hint
+        } else {
+            &self.reconnect_hint_tcp
+        };
+        ReconnectHints {
+            tcp: tcp.clone(),
+            ws: self.reconnect_hint_ws.clone(),
+            quic: self.reconnect_hint_quic.clone(),
         }
     }
 
@@ -335,7 +364,7 @@ pub async fn serve(
             room_recent: config.room_recent,
             max_frame: config.max_frame,
             shutdown: shutdown.clone(),
-            reconnect_hint: config.reconnect_hint.clone(),
+            reconnect_hints: config.reconnect_hints(),
             metrics: deps.metrics,
         });
         let tracker = TaskTracker::new();
@@ -365,4 +394,28 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_hints_per_transport_with_the_old_key_as_tcp() {
+        let mut c = GatewayConfig {
+            reconnect_hint: "old:7001".into(),
+            reconnect_hint_ws: "wss://gw.example/ws".into(),
+            reconnect_hint_quic: "gw.example:7003".into(),
+            ..GatewayConfig::default()
+        };
+        c.validate().expect("valid");
+        let h = c.reconnect_hints();
+        assert_eq!(h.for_transport("tcp"), "old:7001");
+        assert_eq!(h.for_transport("ws"), "wss://gw.example/ws");
+        assert_eq!(h.for_transport("quic"), "gw.example:7003");
+        c.reconnect_hint_tcp = "new:7001".into();
+        assert_eq!(c.reconnect_hints().tcp, "new:7001", "the new key wins");
+        c.reconnect_hint_ws = "gw.example:7002".into();
+        assert!(c.validate().is_err(), "a WebSocket hint must be a URL");
+    }
 }

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
-use zhibo_proto::codec::PacketCodec;
+use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};
 
@@ -158,7 +159,8 @@ pub async fn serve(
                         return;
                     }
                 };
-                let reader = FramedRead::with_capacity(recv, PacketCodec::new(max_frame), 512);
+                let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
+                    .map(PacketDecoder::flatten);
                 let writer = crate::frame::lean_writer(send, max_frame);
                 drive(shared, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the
@@ -185,7 +187,10 @@ mod tests {
     use super::*;
 
     /// The QUIC socket asks for more than the kernel's default receive buffer, so handshake bursts
-    /// are not dropped (the kernel may cap it, never below its default).
+    /// are not dropped. Checked on every host: the kernel grants `min(asked, rmem_max)`, and Linux
+    /// reports twice what it grants (its bookkeeping overhead), so even at the default
+    /// `rmem_max == rmem_default` the buffer reads above the default. Only without `/proc` (not Linux)
+    /// is "never below the default" all that can be said.
     #[test]
     fn the_udp_socket_gets_a_larger_receive_buffer() {
         let default = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
@@ -196,22 +201,18 @@ mod tests {
         let size = socket2::SockRef::from(&socket)
             .recv_buffer_size()
             .expect("size");
-        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(0);
         assert!(
             size >= default,
             "receive buffer {size} below the default {default}"
         );
-        if cap > default {
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        if let Some(cap) = cap {
+            let granted = SOCKET_BUFFER.min(cap);
             assert!(
-                size > default,
-                "receive buffer {size} is not above the default {default}"
-            );
-        } else {
-            eprintln!(
-                "net.core.rmem_max ({cap}) does not allow more than the default: not checked"
+                size >= granted && size > default,
+                "receive buffer {size}: asked {SOCKET_BUFFER}, rmem_max {cap}, default {default}"
             );
         }
         assert!(socket.local_addr().expect("addr").port() != 0);

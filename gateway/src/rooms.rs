@@ -15,7 +15,9 @@
 //!   count changes and no messages are flowing, viewers get a `RoomMessages` with no messages.
 //! - Joining: a viewer is registered (and the subscription live) *before* the recent history is read;
 //!   until [`RoomHub::ready`], frames for it are buffered as messages instead, then merged into its
-//!   `SubscribeRoomOutput` without the ones the history already holds. No gap, no repeat.
+//!   `SubscribeRoomOutput` without the ones the history already holds. Messages the history holds can
+//!   also still be in the batch window at `ready` (or on their way through the bus): for
+//!   [`SEEN_FOR`] after it, the viewer's frames leave out the ids its `recent` had. No gap, no repeat.
 //! - Broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice to every connection, through
 //!   the same room queues.
 
@@ -82,7 +84,13 @@ struct ViewerEntry {
     viewer: Viewer,
     /// `Some` while joining: messages to hand over with the SubscribeRoomOutput.
     joining: Option<Vec<Message>>,
+    /// After joining, for a while: ids the SubscribeRoomOutput had, left out of its frames.
+    seen: Option<(HashSet<u64>, Instant)>,
 }
+
+/// How long after its join a viewer's frames leave out what its `recent` had: longer than a batch
+/// window plus a bus hop, so a message read from the history and still on its way is not sent twice.
+pub const SEEN_FOR: Duration = Duration::from_secs(5);
 
 struct RoomEntry {
     viewers: HashMap<u64, ViewerEntry>,
@@ -229,6 +237,7 @@ impl RoomHub {
                 ViewerEntry {
                     viewer,
                     joining: Some(Vec::new()),
+                    seen: None,
                 },
             );
             let ready = entry.ready.clone();
@@ -261,14 +270,24 @@ impl RoomHub {
     ) -> Option<(Vec<Message>, u64)> {
         let mut st = self.lock();
         let entry = st.rooms.get_mut(&room_id)?;
-        let buffered = entry.viewers.get_mut(&conn_id)?.joining.take()?;
-        let known: HashSet<u64> = recent.iter().map(|m| m.message_id).collect();
+        let online = entry.online();
+        let v = entry.viewers.get_mut(&conn_id)?;
+        let buffered = v.joining.take()?;
+        let mut known: HashSet<u64> = recent
+            .iter()
+            .map(|m| m.message_id)
+            .filter(|id| *id != 0)
+            .collect();
         recent.extend(
             buffered
                 .into_iter()
                 .filter(|m| m.message_id == 0 || !known.contains(&m.message_id)),
         );
-        Some((recent, entry.online()))
+        known.extend(recent.iter().map(|m| m.message_id).filter(|id| *id != 0));
+        if !known.is_empty() {
+            v.seen = Some((known, Instant::now() + SEEN_FOR));
+        }
+        Some((recent, online))
     }
 
     /// Removes `conn_id` from `room_id`, unsubscribing with the room's last local viewer. Announces the
@@ -493,25 +512,50 @@ impl RoomHub {
         batch.bytes = 0;
         batch.due = None;
         // Count and joining viewers under the lock; encode outside it; fan out under it again.
-        let (online, joining) = {
+        let (online, special) = {
             let st = self.lock();
             let Some(entry) = st.rooms.get(&room_id) else {
                 return 0;
             };
-            let joining = entry.viewers.values().any(|v| v.joining.is_some());
-            (entry.online(), joining)
+            let special = entry
+                .viewers
+                .values()
+                .any(|v| v.joining.is_some() || v.seen.is_some());
+            (entry.online(), special)
         };
-        let copy = (joining && !messages.is_empty()).then(|| messages.clone());
+        let copy = (special && !messages.is_empty()).then(|| messages.clone());
         let frame = encode_frame(room_id, messages, online);
+        let now = Instant::now();
         let mut st = self.lock();
         let Some(entry) = st.rooms.get_mut(&room_id) else {
             return online;
         };
         let mut dropped = 0;
         for v in entry.viewers.values_mut() {
+            if v.seen.as_ref().is_some_and(|(_, until)| *until <= now) {
+                v.seen = None;
+            }
             match &mut v.joining {
                 None => {
-                    if v.viewer.tx.try_send(frame.clone()).is_err() {
+                    // Just joined: leave out what its SubscribeRoomOutput had (rare: its own frame).
+                    let own = match (&v.seen, &copy) {
+                        (Some((seen, _)), Some(msgs))
+                            if msgs.iter().any(|m| seen.contains(&m.message_id)) =>
+                        {
+                            let rest: Vec<Message> = msgs
+                                .iter()
+                                .filter(|m| !seen.contains(&m.message_id))
+                                .cloned()
+                                .collect();
+                            if rest.is_empty() {
+                                continue;
+                            }
+                            Some(encode_frame(room_id, rest, online))
+                        }
+                        _ => None,
+                    };
+                    let f = own.unwrap_or_else(|| frame.clone());
+                    if v.viewer.tx.try_send(f).is_err() {
                         dropped += 1;
                     }
                 }
@@ -716,6 +760,50 @@ mod tests {
         publish(&bus, 9, 4).await;
         let f = frame_of(&ra.recv().await.expect("frame"));
         assert_eq!(f.messages[0].message_id, 4);
+    }
+
+    /// Messages the history already holds but still waiting in the batch window when the viewer
+    /// becomes ready (or arriving just after) are not sent to it again; newer ones are.
+    #[tokio::test]
+    async fn a_viewer_ready_mid_window_gets_no_repeat_of_its_recent() {
+        let bus = MemoryBus::new();
+        let hub = RoomHub::new(
+            "gw".into(),
+            Arc::new(bus.clone()),
+            RoomConfig {
+                batch_window: Duration::from_millis(300),
+                ..config()
+            },
+        );
+        let (a, mut ra) = viewer(1, 8);
+        hub.join(a, 4, false).await.expect("join a");
+        hub.ready(1, 4, vec![]).expect("ready a");
+        // A burst waits in the batch window; b joins meanwhile and reads them from the history.
+        for id in 1..=8 {
+            publish(&bus, 4, id).await;
+        }
+        let (b, mut rb) = viewer(2, 8);
+        hub.join(b, 4, false).await.expect("join b");
+        let history: Vec<Message> = (1..=8)
+            .map(|message_id| Message {
+                message_id,
+                ..Message::default()
+            })
+            .collect();
+        let (recent, _) = hub.ready(2, 4, history).expect("ready b");
+        assert_eq!(recent.len(), 8);
+        publish(&bus, 4, 9).await;
+        let ids = |f: &Bytes| {
+            frame_of(f)
+                .messages
+                .iter()
+                .map(|m| m.message_id)
+                .collect::<Vec<_>>()
+        };
+        let fa = ra.recv().await.expect("a's frame");
+        assert_eq!(ids(&fa), (1..=9).collect::<Vec<_>>());
+        let fb = rb.recv().await.expect("b's frame");
+        assert_eq!(ids(&fb), vec![9], "b got its recent again");
     }
 
     #[tokio::test]

@@ -12,7 +12,10 @@
 //! - After sign-in the client must send something at least every heartbeat timeout, else the connection
 //!   closes with `HEARTBEAT_TIMEOUT`.
 //! - Client commands pass a per-connection token bucket; past it, each is refused with `RATE_LIMITED`,
-//!   and a connection that keeps flooding is closed.
+//!   and a connection that keeps flooding is closed. Catching up is never refused: a `Sync` that continues
+//!   the last page written to this connection (its `seq` is that page's last seq, and the page said
+//!   `has_more`) is free, once per page ([`Session::on_sync_page`]). Any other `Sync` is charged like a
+//!   command, so a sync flood is still limited, and free pages are bounded by what the inbox holds.
 //! - Live rooms: a connection is in at most `max_rooms` rooms (`TOO_MANY_ROOMS` past it), may send room
 //!   messages only to rooms it has joined, and room sends pass a second, stricter token bucket
 //!   (`RATE_LIMITED`; these refusals do not count towards the flood close).
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use zhibo_auth::{Claims, TokenError, TokenKey};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, ReceiverType, SignInOutput};
+use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, ReceiverType, SignInOutput, SyncOutput};
 use zhibo_proto::codec::CodecError;
 
 /// Limits and timings of a session.
@@ -173,6 +176,9 @@ pub struct Session {
     room_sends: Bucket,
     refused_in_a_row: u32,
     rooms: Vec<i64>,
+    /// The `seq` a free continuation of the last sync page starts from (that page had more after it);
+    /// 0 when none (a page's last seq is at least 1). Not an `Option`: every idle connection holds it.
+    sync_continues_at: u64,
 }
 
 /// Unix seconds for token expiry checks; the session is otherwise given `now` explicitly.
@@ -196,6 +202,7 @@ impl Session {
             deadline,
             refused_in_a_row: 0,
             rooms: Vec::new(),
+            sync_continues_at: 0,
         }
     }
 
@@ -207,6 +214,15 @@ impl Session {
     /// A [`Action::JoinRoom`] failed (closed room, bus down): the connection is not in the room.
     pub fn on_join_failed(&mut self, room_id: i64) {
         self.rooms.retain(|r| *r != room_id);
+    }
+
+    /// A sync page was written to the client: if it has more after it, the client's next `Sync` from
+    /// its last seq is part of the same catch-up and is not charged to the command bucket.
+    pub fn on_sync_page(&mut self, page: &SyncOutput) {
+        self.sync_continues_at = match page.messages.last() {
+            Some(last) if page.has_more => last.seq,
+            _ => 0,
+        };
     }
 
     /// Where the session stands.
@@ -341,7 +357,14 @@ impl Session {
                 return;
             }
         }
-        if !self.commands.take(now) {
+        let continues_sync = match body {
+            Body::Sync(sync) => self.sync_continues_at != 0 && self.sync_continues_at == sync.seq,
+            _ => false,
+        };
+        if continues_sync {
+            // Free once: the next free one needs the next page.
+            self.sync_continues_at = 0;
+        } else if !self.commands.take(now) {
             self.refused_in_a_row += 1;
             if self.refused_in_a_row >= self.config.flood_close_after {
                 self.close(
@@ -685,6 +708,63 @@ mod tests {
             let acts = s.on_packet(Packet::new(i, Body::Heartbeat(Heartbeat {})), t0);
             assert!(error_code(&acts[0]).is_none());
         }
+    }
+
+    /// A catch-up of many pages is never refused, on the fake clock (no time passes, bucket of 3):
+    /// each `Sync` that continues the last page written is free, once. A sync flood that does not
+    /// continue a page (repeats, jumps, a page without more) is charged and limited.
+    #[test]
+    fn catching_up_is_never_rate_limited_but_a_sync_flood_is() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let sync = |rid: u64, seq: u64| Packet::new(rid, Body::Sync(SyncInput { seq, limit: 13 }));
+        let page = |from: u64, has_more: bool| SyncOutput {
+            messages: (from + 1..=from + 13)
+                .map(|seq| zhibo_proto::client::Message {
+                    seq,
+                    ..Default::default()
+                })
+                .collect(),
+            has_more,
+        };
+        // 1,500 messages, 13 a page: 116 syncs back to back, the first one charged.
+        let mut seq = 0;
+        for rid in 0..116 {
+            let acts = s.on_packet(sync(rid, seq), t0);
+            assert!(
+                matches!(acts[..], [Action::Forward(_)]),
+                "page {rid} refused: {acts:?}"
+            );
+            s.on_sync_page(&page(seq, rid < 115));
+            seq += 13;
+        }
+        // The last page had no more: a further sync is charged (2 tokens left of 3), then refused.
+        for rid in 200..202 {
+            assert!(matches!(
+                s.on_packet(sync(rid, seq), t0)[..],
+                [Action::Forward(_)]
+            ));
+        }
+        assert_eq!(
+            error_code(&s.on_packet(sync(202, seq), t0)[0]),
+            Some(ErrorCode::RateLimited)
+        );
+        // A page with more grants one free continuation, not two, and only from its end.
+        s.on_sync_page(&page(seq, true));
+        assert_eq!(
+            error_code(&s.on_packet(sync(203, 0), t0)[0]),
+            Some(ErrorCode::RateLimited),
+            "not a continuation"
+        );
+        assert!(matches!(
+            s.on_packet(sync(204, seq + 13), t0)[..],
+            [Action::Forward(_)]
+        ));
+        assert_eq!(
+            error_code(&s.on_packet(sync(205, seq + 13), t0)[0]),
+            Some(ErrorCode::RateLimited),
+            "the same continuation twice"
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! TCP transport: length-prefixed protobuf frames ([`PacketCodec`]) over a socket.
+//! TCP transport: length-prefixed protobuf frames ([`PacketDecoder`]: a bad frame is an item, not the end
+//! of the stream) over a socket.
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
-use zhibo_proto::codec::PacketCodec;
+use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};
 
@@ -56,7 +58,8 @@ pub async fn serve(
         "tcp",
         move |stream, shared| async move {
             let (r, w) = stream.into_split();
-            let reader = FramedRead::with_capacity(r, PacketCodec::new(max_frame), 512);
+            let reader = FramedRead::with_capacity(r, PacketDecoder::new(max_frame), 512)
+                .map(PacketDecoder::flatten);
             let writer = crate::frame::lean_writer(w, max_frame);
             drive(shared, "tcp", reader, writer, None).await;
         },

@@ -2,8 +2,12 @@
 //! maximum frame length) under prost. No hand-written length parsing.
 //!
 //! A frame whose length exceeds the maximum yields [`CodecError::FrameTooLarge`] before any of its body is
-//! buffered; bytes that are not a valid [`Packet`] yield [`CodecError::Decode`]. Both are clear errors the
-//! gateway turns into an Error packet and a close; neither panics.
+//! buffered; bytes that are not a valid [`Packet`] yield [`CodecError::Decode`]. Neither panics.
+//!
+//! A stream reader (tokio-util's `FramedRead`) ends after its decoder's first error. That is right for an
+//! oversized length (the stream is out of sync) but not for a complete frame that is not a Packet: its
+//! length was valid, so the next frame starts right after it. A server reading a stream uses
+//! [`PacketDecoder`], which yields such a frame as an item (`Err(CodecError::Decode)`) and goes on.
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
@@ -102,6 +106,49 @@ impl Decoder for PacketCodec {
             Ok(Some(frame)) => Ok(Some(Packet::decode(frame.freeze())?)),
             Ok(None) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(too_large(src, self.max)),
+            Err(e) => Err(CodecError::Io(e)),
+        }
+    }
+}
+
+/// [`PacketCodec`]'s decoding for a server reading a stream: each complete frame is one item, `Ok` with
+/// its packet or `Err(CodecError::Decode)` when its body is not a Packet, and the stream goes on after
+/// it. Only framing errors ([`CodecError::FrameTooLarge`], [`CodecError::Io`]) are errors of the stream,
+/// which ends after them.
+#[derive(Debug, Default)]
+pub struct PacketDecoder(PacketCodec);
+
+impl PacketDecoder {
+    /// A decoder refusing frames larger than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        PacketDecoder(PacketCodec::new(max_frame))
+    }
+
+    /// Flattens one item of a `FramedRead<_, PacketDecoder>` stream: a bad frame and a stream error alike
+    /// become `Err` (use as `stream.map(PacketDecoder::flatten)`).
+    ///
+    /// # Errors
+    /// The frame's decode error, or the stream's error.
+    pub fn flatten(
+        item: Result<Result<Packet, CodecError>, CodecError>,
+    ) -> Result<Packet, CodecError> {
+        item.and_then(|frame| frame)
+    }
+}
+
+impl Decoder for PacketDecoder {
+    type Item = Result<Packet, CodecError>;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
+        match self.0.inner.decode(src) {
+            Ok(Some(frame)) => Ok(Some(
+                Packet::decode(frame.freeze()).map_err(CodecError::from),
+            )),
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(too_large(src, self.0.max))
+            }
             Err(e) => Err(CodecError::Io(e)),
         }
     }
@@ -336,6 +383,33 @@ mod tests {
             }
             let _ = PacketCodec::default().decode(&mut buf);
         }
+    }
+
+    /// A stream of frames where one complete frame is garbage: the stream yields it as a bad item and
+    /// the packets after it, and ends only on an oversized length.
+    #[tokio::test]
+    async fn a_bad_frame_does_not_end_the_stream_an_oversized_length_does() {
+        use futures::StreamExt;
+        let packets = every_packet();
+        let mut wire = BytesMut::new();
+        let mut codec = PacketCodec::default();
+        codec.encode(&packets[0], &mut wire).expect("encode");
+        wire.put_u32(4);
+        wire.put_slice(&[0xff, 0xff, 0xff, 0xff]);
+        codec.encode(&packets[1], &mut wire).expect("encode");
+        wire.put_u32(u32::MAX);
+        wire.put_slice(&[0; 16]);
+        let reader = tokio_util::codec::FramedRead::new(&wire[..], PacketDecoder::default());
+        let got: Vec<_> = reader.map(PacketDecoder::flatten).collect().await;
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0].as_ref().expect("first"), &packets[0]);
+        assert!(matches!(got[1], Err(CodecError::Decode(_))), "{got:?}");
+        assert_eq!(got[2].as_ref().expect("after the bad frame"), &packets[1]);
+        assert!(matches!(got[3], Err(CodecError::FrameTooLarge { .. })));
+        // The plain codec under FramedRead ends at the bad frame: why the gateway uses PacketDecoder.
+        let reader = tokio_util::codec::FramedRead::new(&wire[..], PacketCodec::default());
+        let got: Vec<_> = reader.collect().await;
+        assert_eq!(got.len(), 2, "{got:?}");
     }
 
     #[test]

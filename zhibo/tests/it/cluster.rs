@@ -169,10 +169,19 @@ impl Cluster {
 
     /// [`Cluster::distributed`] with `workers` in-process logic workers (0: start them as processes).
     pub(crate) async fn distributed_with(workers: usize) -> Cluster {
+        Self::distributed_tweaked(workers, |_| {}).await
+    }
+
+    /// [`Cluster::distributed_with`] with a configuration tweak (applied to every node).
+    pub(crate) async fn distributed_tweaked(
+        workers: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let nats = zhibo_testkit::require_nats().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();
+        tweak(&mut config);
         config.bus.nats_url = nats;
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![cql];
@@ -295,6 +304,14 @@ impl Cluster {
         self.shutdown.cancel();
         for n in self.nodes.drain(..) {
             n.await.expect("node task").expect("node ran cleanly");
+        }
+    }
+
+    /// Starts draining gateway `i` as SIGTERM would (embedded: the whole node, which has the one gateway).
+    pub(crate) fn drain_gateway(&self, i: usize) {
+        match self.gateway_stops.get(i) {
+            Some(stop) => stop.cancel(),
+            None => self.shutdown.cancel(),
         }
     }
 
