@@ -63,7 +63,8 @@ impl Drop for Cluster {
     }
 }
 
-pub(crate) const SECRET: &str = "e2e-secret";
+/// At least 32 bytes: the distributed roles refuse shorter token secrets.
+pub(crate) const SECRET: &str = "e2e-token-secret-0123456789abcdef";
 pub(crate) const ADMIN: &str = "e2e-admin-secret";
 
 fn base_config() -> Config {

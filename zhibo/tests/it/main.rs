@@ -39,4 +39,5 @@ mod faults;
 mod loadtest_smoke;
 mod rooms;
 mod scenarios;
+mod security;
 mod telemetry;
