@@ -54,7 +54,7 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
         Arc::new(MemoryBus::new())
     } else {
         Arc::new(
-            NatsBus::connect(&config.bus.nats_url, name)
+            NatsBus::connect_with(&config.bus.nats(), name)
                 .await
                 .context("connecting to NATS")?,
         )

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use zhibo_bus::memory::MemoryBus;
-use zhibo_bus::nats::NatsBus;
+use zhibo_bus::nats::{NatsBus, NatsOptions};
 use zhibo_bus::{Bus, BusMessage, Handler, Subject, Subscription};
 
 async fn recv(sub: &mut Subscription) -> Option<zhibo_bus::BusMessage> {
@@ -238,4 +238,84 @@ async fn memory_bus_drops_for_a_full_subscriber_instead_of_waiting() {
         .await
         .expect("publishing never waits on a full subscriber");
     assert_eq!(bus.dropped(), 8200 - 8192);
+}
+
+/// A private nats-server that wants `zhibo` / `the-nats-password`.
+fn authed_server() -> zhibo_testkit::NatsServer {
+    zhibo_testkit::NatsServer::start(
+        r#"authorization { users = [ { user: "zhibo", password: "the-nats-password" } ] }"#,
+    )
+}
+
+async fn round_trip(bus: &NatsBus) {
+    let subject = room();
+    let mut sub = bus.subscribe(&subject).await.expect("subscribe");
+    bus.flush().await.expect("flush");
+    bus.publish(&subject, vec![], Bytes::from_static(b"hi"))
+        .await
+        .expect("publish");
+    let got = recv(&mut sub).await.expect("message");
+    assert_eq!(got.payload, Bytes::from_static(b"hi"));
+}
+
+#[tokio::test]
+async fn nats_user_and_password_authenticate() {
+    let server = authed_server();
+    let mut options = NatsOptions::new(server.url());
+    options.user = "zhibo".into();
+    options.password = "the-nats-password".into();
+    let bus = NatsBus::connect_with(&options, "auth-test")
+        .await
+        .expect("right credentials");
+    round_trip(&bus).await;
+    // The same credentials in the URL.
+    let url = format!("nats://zhibo:the-nats-password@127.0.0.1:{}", server.port());
+    round_trip(
+        &NatsBus::connect(&url, "auth-test")
+            .await
+            .expect("URL credentials"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn nats_bad_credentials_fail_without_printing_them() {
+    let server = authed_server();
+    let mut wrong = NatsOptions::new(server.url());
+    wrong.user = "zhibo".into();
+    wrong.password = "not-the-password".into();
+    let url_wrong = NatsOptions::new(format!(
+        "nats://zhibo:not-the-password@127.0.0.1:{}",
+        server.port()
+    ));
+    for options in [wrong, url_wrong, NatsOptions::new(server.url())] {
+        let err = NatsBus::connect_with(&options, "auth-test")
+            .await
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(!text.contains("not-the-password"), "{text}");
+        assert!(
+            text.contains(&format!("127.0.0.1:{}", server.port())),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains("auth"), "says why: {text}");
+    }
+}
+
+#[tokio::test]
+async fn nats_token_authenticates() {
+    let server = zhibo_testkit::NatsServer::start(r#"authorization { token: "s3cr3t-token" }"#);
+    let mut options = NatsOptions::new(server.url());
+    options.token = "s3cr3t-token".into();
+    round_trip(
+        &NatsBus::connect_with(&options, "token-test")
+            .await
+            .expect("token"),
+    )
+    .await;
+    options.token = "other-token".into();
+    let err = NatsBus::connect_with(&options, "token-test")
+        .await
+        .expect_err("wrong token");
+    assert!(!err.to_string().contains("other-token"), "{err}");
 }

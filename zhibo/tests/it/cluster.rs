@@ -170,11 +170,20 @@ impl Cluster {
 
     /// [`Cluster::distributed`] with `workers` in-process logic workers (0: start them as processes).
     pub(crate) async fn distributed_with(workers: usize) -> Cluster {
+        Self::distributed_tweaked(workers, |_| {}).await
+    }
+
+    /// [`Cluster::distributed_with`] with a configuration tweak (e.g. another NATS server).
+    pub(crate) async fn distributed_tweaked(
+        workers: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let nats = zhibo_testkit::require_nats().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();
         config.bus.nats_url = nats;
+        tweak(&mut config);
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![cql];
         config.store.keyspace = shared_keyspace(&config).await;
@@ -262,6 +271,8 @@ impl Cluster {
             .arg("logic-worker")
             .env("ZHIBO_TOKEN_SECRET", SECRET)
             .env("ZHIBO_BUS__NATS_URL", &c.bus.nats_url)
+            .env("ZHIBO_BUS__NATS_USER", &c.bus.nats_user)
+            .env("ZHIBO_BUS__NATS_PASSWORD", &c.bus.nats_password)
             .env("ZHIBO_STORE__KIND", "scylla")
             .env("ZHIBO_STORE__CQL_NODES", format!("{:?}", c.store.cql_nodes))
             .env("ZHIBO_STORE__KEYSPACE", &c.store.keyspace)
