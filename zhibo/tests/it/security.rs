@@ -228,3 +228,188 @@ async fn wrong_nats_credentials_fail_the_start_without_printing_them() {
         );
     }
 }
+
+/// The status line of a WebSocket handshake sent by hand to `ws`, with `origin` if given.
+async fn ws_handshake_status(ws: std::net::SocketAddr, origin: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(ws).await.expect("connect");
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /ws?user_id=1&device_id=1&token=x HTTP/1.1\r\nHost: {ws}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{origin}\r\n"
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 512];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an answer in time");
+    String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// With `gateway.ws_allowed_origins` set, a browser page from another origin gets 403 at the
+/// handshake; the listed origin and clients that send no Origin are let through.
+async fn ws_origin_allow_list(cluster: &Cluster) {
+    let ws = cluster.gw(0).ws;
+    let status = ws_handshake_status(ws, Some("https://evil.example")).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    let status = ws_handshake_status(ws, Some("https://Chat.Example")).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let status = ws_handshake_status(ws, None).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    // A real client without an Origin header still signs in and talks.
+    let u = cluster.user("origin").await;
+    let mut c = cluster.connect(Transport::Ws, 0, &u).await;
+    let p = c
+        .request(Body::Heartbeat(Default::default()), Duration::from_secs(10))
+        .await
+        .expect("heartbeat");
+    assert!(matches!(p.body, Some(Body::Heartbeat(_))), "{p:?}");
+}
+
+fn origins(c: &mut zhibo::Config) {
+    c.gateway.ws_allowed_origins = vec!["https://chat.example".into()];
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_origin_allow_list_embedded() {
+    let cluster = Cluster::embedded_with(origins).await;
+    ws_origin_allow_list(&cluster).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_origin_allow_list_distributed() {
+    let cluster = Cluster::distributed_tweaked(2, origins).await;
+    ws_origin_allow_list(&cluster).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_allow_list_any_origin_is_accepted() {
+    let cluster = Cluster::embedded().await;
+    let status = ws_handshake_status(cluster.gw(0).ws, Some("https://evil.example")).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    cluster.stop().await;
+}
+
+/// Waits until the server closes `s` (EOF or reset); panics if it is still open after `wait`.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, wait: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection is still open after {wait:?}"),
+        }
+    }
+}
+
+/// Signs in on a connection opened without signing in; the server must accept.
+async fn sign_in_late(
+    c: &mut zhibo_loadtest::client::Client,
+    u: &zhibo_loadtest::client::Credentials,
+) {
+    let p = c
+        .request(
+            Body::SignIn(zhibo_proto::client::SignInInput {
+                user_id: u.user_id,
+                device_id: u.device_id,
+                token: u.token.clone(),
+            }),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("sign-in answered");
+    assert!(matches!(p.body, Some(Body::SignInOutput(_))), "{p:?}");
+}
+
+const CAP: usize = 3;
+
+/// `gateway.max_unauthenticated_per_ip`: connections that never sign in fill the address's budget
+/// (TCP, WebSocket and QUIC together) and the next one is closed at once; signed-in connections are
+/// not counted, and a sign-in frees a place.
+async fn unauthenticated_cap(cluster: &Cluster) {
+    use zhibo_loadtest::client::Client;
+    let gw = cluster.gw(0);
+    // Signed in on every transport (one user each: a device signing in again replaces its
+    // connection): none of these count.
+    let mut signed_in = Vec::new();
+    for t in [
+        Transport::Tcp,
+        Transport::Ws,
+        Transport::Quic,
+        Transport::Tcp,
+    ] {
+        let u = cluster.user("capped").await;
+        signed_in.push(cluster.connect(t, 0, &u).await);
+    }
+    let late = cluster.user("late").await;
+    let later = cluster.user("later").await;
+    // Three that never sign in: a TCP socket, a WebSocket whose handshake never comes, and QUIC.
+    let _idle_tcp = tokio::net::TcpStream::connect(gw.tcp).await.expect("tcp");
+    let _idle_ws = tokio::net::TcpStream::connect(gw.ws).await.expect("ws");
+    let mut idle_quic = Client::connect_raw(Transport::Quic, &gw.quic.to_string())
+        .await
+        .expect("quic");
+    // The fourth, on any transport, is closed at once (the sign-in timeout is 10 s).
+    for port in [gw.tcp, gw.ws] {
+        let mut s = tokio::net::TcpStream::connect(port).await.expect("connect");
+        closed_by_server(&mut s, Duration::from_secs(3)).await;
+    }
+    let quic = async {
+        let mut c = Client::connect_raw(Transport::Quic, &gw.quic.to_string()).await?;
+        c.request(Body::Heartbeat(Default::default()), Duration::from_secs(3))
+            .await
+    };
+    assert!(quic.await.is_err(), "a fourth QUIC connection is refused");
+    // Once one signs in, there is room for one more, which can sign in too.
+    sign_in_late(&mut idle_quic, &late).await;
+    let mut next = Client::connect_raw(Transport::Tcp, &gw.tcp.to_string())
+        .await
+        .expect("tcp");
+    sign_in_late(&mut next, &later).await;
+    // The signed-in connections were never disturbed.
+    for c in &mut signed_in {
+        let p = c
+            .request(Body::Heartbeat(Default::default()), Duration::from_secs(10))
+            .await
+            .expect("heartbeat");
+        assert!(matches!(p.body, Some(Body::Heartbeat(_))), "{p:?}");
+    }
+}
+
+fn capped(c: &mut zhibo::Config) {
+    c.gateway.max_unauthenticated_per_ip = CAP;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_per_address_embedded() {
+    let cluster = Cluster::embedded_with(capped).await;
+    unauthenticated_cap(&cluster).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_per_address_distributed() {
+    let cluster = Cluster::distributed_tweaked(2, capped).await;
+    unauthenticated_cap(&cluster).await;
+    cluster.stop().await;
+}
