@@ -73,6 +73,38 @@ mod tests {
         }
     }
 
+    fn load(v: &[(&str, &str)]) -> Result<Config, String> {
+        Config::load_from(
+            None,
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        )
+    }
+
+    #[test]
+    fn nats_settings_load_and_conflicts_are_refused_without_the_secret() {
+        // A numeric password reads as a TOML integer: it is taken as the string it was.
+        let c = load(&[
+            ("ZHIBO_BUS__NATS_USER", "zhibo"),
+            ("ZHIBO_BUS__NATS_PASSWORD", "123456"),
+            ("ZHIBO_BUS__NATS_TLS_CA", "/etc/nats/ca.pem"),
+        ])
+        .expect("valid");
+        assert_eq!(c.bus.nats_password, "123456");
+        assert!(!format!("{c:?}").contains("123456"), "Debug hides it");
+        let e = load(&[
+            ("ZHIBO_BUS__NATS_USER", "zhibo"),
+            ("ZHIBO_BUS__NATS_PASSWORD", "987654"),
+            ("ZHIBO_BUS__NATS_TOKEN", "tok"),
+        ])
+        .expect_err("two methods");
+        assert!(e.starts_with("bus:") && !e.contains("987654"), "{e}");
+        let e = load(&[("ZHIBO_BUS__NATS_PASSWORD", "alone")]).expect_err("no user");
+        assert!(e.contains("nats_user"), "{e}");
+    }
+
     #[test]
     fn distributed_roles_need_a_long_secret() {
         assert!(check_token_secret(&config(""), false)

@@ -319,3 +319,57 @@ async fn nats_token_authenticates() {
         .expect_err("wrong token");
     assert!(!err.to_string().contains("other-token"), "{err}");
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, written to `dir`: (ca.pem, cert.pem, key.pem).
+fn tls_files(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("cert");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).expect("write ca");
+    std::fs::write(&paths.1, cert.pem()).expect("write cert");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write key");
+    paths
+}
+
+/// A NATS server that requires TLS and a password: zhibo connects with `tls_ca` and credentials;
+/// without the CA the server's certificate is refused.
+#[tokio::test]
+async fn nats_tls_with_a_private_ca() {
+    let dir = std::env::temp_dir().join(zhibo_testkit::unique_name("natstls"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ca, cert, key) = tls_files(&dir);
+    let server = zhibo_testkit::NatsServer::start(&format!(
+        "tls {{ cert_file: {cert:?}, key_file: {key:?} }}\n\
+         authorization {{ users = [ {{ user: \"zhibo\", password: \"tls-pass\" }} ] }}"
+    ));
+    let mut options = NatsOptions::new(server.url());
+    options.user = "zhibo".into();
+    options.password = "tls-pass".into();
+    options.tls_ca = Some(ca);
+    round_trip(
+        &NatsBus::connect_with(&options, "tls-test")
+            .await
+            .expect("TLS"),
+    )
+    .await;
+    options.tls_ca = None;
+    options.tls_required = true;
+    let err = NatsBus::connect_with(&options, "tls-test")
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(!err.to_string().contains("tls-pass"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
