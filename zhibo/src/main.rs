@@ -72,11 +72,11 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     }
-    if cli.role != Role::Dev && cli.role != Role::Migrate {
-        if config.bus.nats_url.is_empty() {
-            eprintln!("zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev");
-            return ExitCode::from(64);
-        }
+    if cli.role != Role::Dev && cli.role != Role::Migrate && config.bus.nats_url.is_empty() {
+        eprintln!(
+            "zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev"
+        );
+        return ExitCode::from(64);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
