@@ -8,9 +8,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use futures::{Sink, SinkExt};
+use futures::Sink;
 use zhibo_proto::client::packet::Body;
 
 use crate::frame::Frame;
@@ -142,22 +144,48 @@ impl Drop for Unauthenticated {
 }
 
 /// `writer`, holding `guard` until the gateway writes the connection's `SignInOutput`.
-pub(crate) fn until_signed_in<W>(
-    writer: W,
-    guard: Unauthenticated,
-) -> impl Sink<Frame, Error = W::Error>
+pub(crate) fn until_signed_in<W>(writer: W, guard: Unauthenticated) -> UntilSignedIn<W>
 where
-    W: Sink<Frame>,
+    W: Sink<Frame> + Unpin,
 {
-    let mut guard = Some(guard);
-    writer.with(move |frame: Frame| {
-        if guard.is_some()
+    UntilSignedIn {
+        inner: writer,
+        guard: Some(Box::new(guard)),
+    }
+}
+
+/// A frame sink that uncounts its connection when the `SignInOutput` goes through. Written by hand
+/// rather than with `SinkExt::with`, which would keep room for a whole frame in every idle
+/// connection; the guard is boxed so a signed-in connection keeps only an empty pointer.
+#[derive(Debug)]
+pub(crate) struct UntilSignedIn<W> {
+    inner: W,
+    guard: Option<Box<Unauthenticated>>,
+}
+
+impl<W: Sink<Frame> + Unpin> Sink<Frame> for UntilSignedIn<W> {
+    type Error = W::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), W::Error>> {
+        Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), W::Error> {
+        if self.guard.is_some()
             && matches!(&frame, Frame::Packet(p) if matches!(p.body, Some(Body::SignInOutput(_))))
         {
-            guard = None;
+            self.guard = None;
         }
-        futures::future::ready(Ok(frame))
-    })
+        Pin::new(&mut self.inner).start_send(frame)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), W::Error>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), W::Error>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
 }
 
 #[cfg(test)]

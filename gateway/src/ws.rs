@@ -140,7 +140,7 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(shared, "ws", reader, Box::pin(writer), Some(first)).await;
+            drive(shared, "ws", reader, writer, Some(first)).await;
         },
     )
     .await;
