@@ -373,3 +373,42 @@ async fn nats_tls_with_a_private_ca() {
     assert!(!err.to_string().contains("tls-pass"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An nkey user: the seed signs the server's nonce; another seed is refused and never printed.
+#[tokio::test]
+async fn nats_nkey_authenticates() {
+    let user = nkeys::KeyPair::new_user();
+    let server = zhibo_testkit::NatsServer::start(&format!(
+        "authorization {{ users = [ {{ nkey: {:?} }} ] }}",
+        user.public_key()
+    ));
+    let mut options = NatsOptions::new(server.url());
+    options.nkey_seed = user.seed().expect("seed");
+    round_trip(
+        &NatsBus::connect_with(&options, "nkey-test")
+            .await
+            .expect("nkey"),
+    )
+    .await;
+    let other = nkeys::KeyPair::new_user().seed().expect("seed");
+    options.nkey_seed = other.clone();
+    let err = NatsBus::connect_with(&options, "nkey-test")
+        .await
+        .expect_err("unknown nkey");
+    assert!(!err.to_string().contains(&other), "{err}");
+}
+
+/// A creds file that cannot be read fails the connect with its path named.
+#[tokio::test]
+async fn nats_missing_creds_file_is_named() {
+    let server = authed_server();
+    let mut options = NatsOptions::new(server.url());
+    options.creds_file = Some("/nonexistent/zhibo.creds".into());
+    let err = NatsBus::connect_with(&options, "creds-test")
+        .await
+        .expect_err("no file");
+    assert!(
+        err.to_string().contains("/nonexistent/zhibo.creds"),
+        "{err}"
+    );
+}
