@@ -3,7 +3,8 @@
 #
 #   docker build -t zhibo:0.1.0 .
 #   docker run --rm zhibo:0.1.0 --help
-#   docker run --rm -p 7000-7002:7000-7002 -p 7003:7003/udp \
+#   # Listening beyond loopback, `zhibo dev` needs a real secret (it refuses its public default there).
+#   docker run --rm -p 7000-7002:7000-7002 -p 7003:7003/udp -e ZHIBO_TOKEN_SECRET="$(openssl rand -hex 32)" \
 #     -e ZHIBO_API_ADDR=0.0.0.0:7000 -e ZHIBO_GATEWAY__TCP_ADDR=0.0.0.0:7001 \
 #     -e ZHIBO_GATEWAY__WS_ADDR=0.0.0.0:7002 -e ZHIBO_GATEWAY__QUIC_ADDR=0.0.0.0:7003 zhibo:0.1.0 dev
 #

@@ -7,6 +7,7 @@
 //! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
 //! - [`queue`]: a connection's bounded IM queue, which holds no memory while empty.
+//! - [`limits`]: before sign-in: the WebSocket `Origin` allow-list, unauthenticated connections per address.
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
@@ -18,6 +19,7 @@
 pub mod conn;
 pub mod frame;
 pub mod hub;
+pub mod limits;
 pub mod queue;
 pub mod quic;
 pub mod rooms;
@@ -96,6 +98,13 @@ pub struct GatewayConfig {
     pub room_presence_ms: u64,
     /// Recent room messages handed to a joining viewer.
     pub room_recent: usize,
+    /// `Origin` values (`scheme://host[:port]`) a WebSocket handshake may carry; another one gets
+    /// HTTP 403. Empty = any (the dev default); set it when browsers connect.
+    pub ws_allowed_origins: Vec<String>,
+    /// Connections per client address (IPv6: per /64) that have not signed in yet, across TCP,
+    /// WebSocket and QUIC; further ones are closed at once. 0 = no cap. Behind a proxy that hides
+    /// client addresses every client shares one address: leave it 0 there.
+    pub max_unauthenticated_per_ip: usize,
 }
 
 impl Default for GatewayConfig {
@@ -125,6 +134,8 @@ impl Default for GatewayConfig {
             room_batch_max: 256,
             room_presence_ms: 2000,
             room_recent: 50,
+            ws_allowed_origins: Vec::new(),
+            max_unauthenticated_per_ip: 0,
         }
     }
 }
@@ -172,6 +183,9 @@ impl GatewayConfig {
             return Err(
                 "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
             );
+        }
+        for origin in &self.ws_allowed_origins {
+            limits::check_origin(origin)?;
         }
         Ok(())
     }
@@ -376,10 +390,32 @@ pub async fn serve(
         let (tcp, ws, quic_addr) = listeners.addrs()?;
         info!(%tcp, %ws, quic = %quic_addr, "gateway listening");
         let max = config.max_frame;
+        let limits = limits::EdgeLimits::new(
+            &config.ws_allowed_origins,
+            config.max_unauthenticated_per_ip,
+        );
         let accept = tokio::join!(
-            tcp::serve(listeners.tcp, shared.clone(), max, tracker.clone()),
-            ws::serve(listeners.ws, shared.clone(), max, tracker.clone()),
-            quic::serve(listeners.quic.clone(), shared.clone(), max, tracker.clone()),
+            tcp::serve(
+                listeners.tcp,
+                shared.clone(),
+                limits.clone(),
+                max,
+                tracker.clone()
+            ),
+            ws::serve(
+                listeners.ws,
+                shared.clone(),
+                limits.clone(),
+                max,
+                tracker.clone()
+            ),
+            quic::serve(
+                listeners.quic.clone(),
+                shared.clone(),
+                limits,
+                max,
+                tracker.clone()
+            ),
         );
         let () = accept.0;
         tracker.close();

@@ -14,6 +14,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};
+use crate::limits::{until_signed_in, EdgeLimits};
 
 /// ALPN protocol id clients must offer.
 pub const ALPN: &[u8] = b"zhibo/1";
@@ -125,6 +126,7 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> anyhow::Result<std::net::UdpSo
 pub async fn serve(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
@@ -135,6 +137,11 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
+        let Some(unauthenticated) = limits.admit(peer.ip()) else {
+            debug!(transport = "quic", %peer, "too many connections from this address not signed in: refused");
+            incoming.refuse();
+            continue;
+        };
         let shared = shared.clone();
         let span = info_span!("conn", transport = "quic", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
         tracker.spawn(
@@ -161,7 +168,8 @@ pub async fn serve(
                 };
                 let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
                     .map(PacketDecoder::flatten);
-                let writer = crate::frame::lean_writer(send, max_frame);
+                let writer =
+                    until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
                 drive(shared, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the
                 // connection close discards unacknowledged stream data.

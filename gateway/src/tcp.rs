@@ -7,21 +7,24 @@ use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::{drive, Shared};
+use crate::limits::{until_signed_in, EdgeLimits, Unauthenticated};
 
 /// Accepts TCP connections until shutdown and runs `handle` for each on its own task, inside a `conn`
-/// span (shared by the TCP and WebSocket listeners).
+/// span (shared by the TCP and WebSocket listeners). A connection beyond the address's cap of
+/// unauthenticated connections is closed at once.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: Arc<Shared>,
+    limits: Arc<EdgeLimits>,
     tracker: TaskTracker,
     transport: &'static str,
     handle: F,
 ) where
-    F: Fn(TcpStream, Arc<Shared>) -> Fut,
+    F: Fn(TcpStream, Arc<Shared>, Unauthenticated) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -38,9 +41,13 @@ pub(crate) async fn accept_loop<F, Fut>(
                 continue;
             }
         };
+        let Some(unauthenticated) = limits.admit(peer.ip()) else {
+            debug!(transport, %peer, "too many connections from this address not signed in: closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let span = info_span!("conn", transport, %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(handle(stream, shared.clone()).instrument(span));
+        tracker.spawn(handle(stream, shared.clone(), unauthenticated).instrument(span));
     }
 }
 
@@ -48,19 +55,21 @@ pub(crate) async fn accept_loop<F, Fut>(
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     accept_loop(
         listener,
         shared.clone(),
+        limits,
         tracker,
         "tcp",
-        move |stream, shared| async move {
+        move |stream, shared, unauthenticated| async move {
             let (r, w) = stream.into_split();
             let reader = FramedRead::with_capacity(r, PacketDecoder::new(max_frame), 512)
                 .map(PacketDecoder::flatten);
-            let writer = crate::frame::lean_writer(w, max_frame);
+            let writer = until_signed_in(crate::frame::lean_writer(w, max_frame), unauthenticated);
             drive(shared, "tcp", reader, writer, None).await;
         },
     )

@@ -16,6 +16,7 @@ use zhibo_proto::codec::{decode_body, CodecError};
 
 use crate::conn::{drive, Shared};
 use crate::frame::Frame;
+use crate::limits::{until_signed_in, EdgeLimits};
 
 /// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults. The read
 /// buffer is kept as long as the connection: 512 bytes like TCP's. tungstenite reads at most that much
@@ -50,19 +51,34 @@ pub fn sign_in_from_query(query: &str) -> Packet {
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     crate::tcp::accept_loop(
         listener,
         shared,
+        limits,
         tracker,
         "ws",
-        move |stream, shared| async move {
+        move |stream, shared, unauthenticated| async move {
             let mut query = None;
             // The callback's signature (and its large error type) is tungstenite's.
             #[allow(clippy::result_large_err)]
             let callback = |req: &Request, resp: Response| {
+                let origin = req
+                    .headers()
+                    .get(tokio_tungstenite::tungstenite::http::header::ORIGIN)
+                    .map(|o| o.to_str().unwrap_or("\u{fffd}"));
+                if !unauthenticated.origin_allowed(origin) {
+                    let mut forbidden =
+                        tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
+                            Some("origin not allowed".into()),
+                        );
+                    *forbidden.status_mut() =
+                        tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+                    return Err(forbidden);
+                }
                 if req.uri().path() == "/ws" {
                     query = Some(req.uri().query().unwrap_or("").to_owned());
                     Ok(resp)
@@ -123,7 +139,8 @@ pub async fn serve(
                 })
             });
             let reader = Box::pin(reader);
-            drive(shared, "ws", reader, Box::pin(writer), Some(first)).await;
+            let writer = until_signed_in(Box::pin(writer), unauthenticated);
+            drive(shared, "ws", reader, writer, Some(first)).await;
         },
     )
     .await;

@@ -8,9 +8,15 @@
 //!   missing: a skipped test looks exactly like a passing one in CI.
 //! - Isolation: [`unique_name`] gives each test its own keyspace, subject or key prefix, so tests
 //!   running in parallel (and leftovers of earlier runs) never see each other's data.
+//! - Private servers: [`NatsServer`] starts a `nats-server` with a test's own configuration
+//!   (authentication, TLS) on a free port.
 //!
 //! Start the servers with `scripts/test` (which also runs the tests) or `scripts/infra.sh up`.
 #![warn(missing_docs)]
+
+mod nats_server;
+
+pub use nats_server::NatsServer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

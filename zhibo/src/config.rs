@@ -49,12 +49,71 @@ impl Default for StoreConfig {
     }
 }
 
-/// Bus settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Bus settings. Anything that can publish on the bus can act as any user: production NATS needs
+/// authentication (one of user/password, token, nkey seed, creds file) and, across hosts, TLS.
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
-    /// NATS server URL; empty = in-process bus (embedded mode only).
+    /// NATS server URL(s), comma-separated; may carry `user:password@`; empty = in-process bus
+    /// (embedded mode only).
     pub nats_url: String,
+    /// NATS user (with `nats_password`).
+    pub nats_user: String,
+    /// NATS password.
+    #[serde(deserialize_with = "scalar_string")]
+    pub nats_password: String,
+    /// NATS authentication token.
+    #[serde(deserialize_with = "scalar_string")]
+    pub nats_token: String,
+    /// NATS nkey seed (`SU…`).
+    pub nats_nkey_seed: String,
+    /// NATS `.creds` file (JWT + seed).
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM CA the NATS server certificate must chain to; implies TLS.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Refuse a NATS connection that is not TLS.
+    pub nats_tls_required: bool,
+    /// PEM client certificate for NATS servers that verify clients.
+    pub nats_tls_client_cert: Option<PathBuf>,
+    /// PEM key of `nats_tls_client_cert`.
+    pub nats_tls_client_key: Option<PathBuf>,
+}
+
+impl BusConfig {
+    /// The NATS connection options.
+    pub fn nats(&self) -> zhibo_bus::nats::NatsOptions {
+        zhibo_bus::nats::NatsOptions {
+            url: self.nats_url.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            nkey_seed: self.nats_nkey_seed.clone(),
+            creds_file: self.nats_creds_file.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_required: self.nats_tls_required,
+            tls_client_cert: self.nats_tls_client_cert.clone(),
+            tls_client_key: self.nats_tls_client_key.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BusConfig {
+    /// Secrets are not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.nats().fmt(f)
+    }
+}
+
+/// A string from any TOML scalar: `ZHIBO_BUS__NATS_PASSWORD=123456` reads as a number, and an error
+/// saying so would print the secret.
+fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Table(_) | toml::Value::Array(_) => Err(serde::de::Error::custom(
+            "expected a string (the value is not shown)",
+        )),
+        other => Ok(other.to_string()),
+    }
 }
 
 /// Everything, for every role; each role reads its part.
@@ -175,6 +234,11 @@ impl Config {
             ));
         }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
+        config
+            .bus
+            .nats()
+            .validate()
+            .map_err(|e| format!("bus: {e}"))?;
         Ok(config)
     }
 }

@@ -1,11 +1,13 @@
 //! # Layout
 //! - [`config`]: one configuration for every role (TOML file, then `ZHIBO_*` environment variables).
+//! - [`security`]: the token secret checked against the role and the listen addresses before binding.
 //! - [`connect`]: builds the bus (NATS, or in-process) and the stores (Scylla + Redis seqs, or embedded).
 //! - [`run`]: runs any set of roles (gateway, logic worker, user-api) on one bus and set of stores,
 //!   with ordered graceful shutdown. `zhibo dev` runs all three on the in-process bus and embedded store.
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod security;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,7 +54,7 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
         Arc::new(MemoryBus::new())
     } else {
         Arc::new(
-            NatsBus::connect(&config.bus.nats_url, name)
+            NatsBus::connect_with(&config.bus.nats(), name)
                 .await
                 .context("connecting to NATS")?,
         )

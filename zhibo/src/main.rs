@@ -66,15 +66,17 @@ fn main() -> ExitCode {
     if cli.role == Role::Dev && config.token_secret.is_empty() {
         config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
     }
-    if cli.role != Role::Dev && cli.role != Role::Migrate {
-        if config.token_secret.is_empty() {
-            eprintln!("zhibo: bad configuration: token_secret (ZHIBO_TOKEN_SECRET) is required");
+    if cli.role != Role::Migrate {
+        if let Err(e) = zhibo::security::check_token_secret(&config, cli.role == Role::Dev) {
+            eprintln!("zhibo: bad configuration: {e}");
             return ExitCode::from(64);
         }
-        if config.bus.nats_url.is_empty() {
-            eprintln!("zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev");
-            return ExitCode::from(64);
-        }
+    }
+    if cli.role != Role::Dev && cli.role != Role::Migrate && config.bus.nats_url.is_empty() {
+        eprintln!(
+            "zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev"
+        );
+        return ExitCode::from(64);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

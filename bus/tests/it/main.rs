@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use zhibo_bus::memory::MemoryBus;
-use zhibo_bus::nats::NatsBus;
+use zhibo_bus::nats::{NatsBus, NatsOptions};
 use zhibo_bus::{Bus, BusMessage, Handler, Subject, Subscription};
 
 async fn recv(sub: &mut Subscription) -> Option<zhibo_bus::BusMessage> {
@@ -238,4 +238,177 @@ async fn memory_bus_drops_for_a_full_subscriber_instead_of_waiting() {
         .await
         .expect("publishing never waits on a full subscriber");
     assert_eq!(bus.dropped(), 8200 - 8192);
+}
+
+/// A private nats-server that wants `zhibo` / `the-nats-password`.
+fn authed_server() -> zhibo_testkit::NatsServer {
+    zhibo_testkit::NatsServer::start(
+        r#"authorization { users = [ { user: "zhibo", password: "the-nats-password" } ] }"#,
+    )
+}
+
+async fn round_trip(bus: &NatsBus) {
+    let subject = room();
+    let mut sub = bus.subscribe(&subject).await.expect("subscribe");
+    bus.flush().await.expect("flush");
+    bus.publish(&subject, vec![], Bytes::from_static(b"hi"))
+        .await
+        .expect("publish");
+    let got = recv(&mut sub).await.expect("message");
+    assert_eq!(got.payload, Bytes::from_static(b"hi"));
+}
+
+#[tokio::test]
+async fn nats_user_and_password_authenticate() {
+    let server = authed_server();
+    let mut options = NatsOptions::new(server.url());
+    options.user = "zhibo".into();
+    options.password = "the-nats-password".into();
+    let bus = NatsBus::connect_with(&options, "auth-test")
+        .await
+        .expect("right credentials");
+    round_trip(&bus).await;
+    // The same credentials in the URL.
+    let url = format!("nats://zhibo:the-nats-password@127.0.0.1:{}", server.port());
+    round_trip(
+        &NatsBus::connect(&url, "auth-test")
+            .await
+            .expect("URL credentials"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn nats_bad_credentials_fail_without_printing_them() {
+    let server = authed_server();
+    let mut wrong = NatsOptions::new(server.url());
+    wrong.user = "zhibo".into();
+    wrong.password = "not-the-password".into();
+    let url_wrong = NatsOptions::new(format!(
+        "nats://zhibo:not-the-password@127.0.0.1:{}",
+        server.port()
+    ));
+    for options in [wrong, url_wrong, NatsOptions::new(server.url())] {
+        let err = NatsBus::connect_with(&options, "auth-test")
+            .await
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(!text.contains("not-the-password"), "{text}");
+        assert!(
+            text.contains(&format!("127.0.0.1:{}", server.port())),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains("auth"), "says why: {text}");
+    }
+}
+
+#[tokio::test]
+async fn nats_token_authenticates() {
+    let server = zhibo_testkit::NatsServer::start(r#"authorization { token: "s3cr3t-token" }"#);
+    let mut options = NatsOptions::new(server.url());
+    options.token = "s3cr3t-token".into();
+    round_trip(
+        &NatsBus::connect_with(&options, "token-test")
+            .await
+            .expect("token"),
+    )
+    .await;
+    options.token = "other-token".into();
+    let err = NatsBus::connect_with(&options, "token-test")
+        .await
+        .expect_err("wrong token");
+    assert!(!err.to_string().contains("other-token"), "{err}");
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, written to `dir`: (ca.pem, cert.pem, key.pem).
+fn tls_files(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("cert");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).expect("write ca");
+    std::fs::write(&paths.1, cert.pem()).expect("write cert");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write key");
+    paths
+}
+
+/// A NATS server that requires TLS and a password: zhibo connects with `tls_ca` and credentials;
+/// without the CA the server's certificate is refused.
+#[tokio::test]
+async fn nats_tls_with_a_private_ca() {
+    let dir = std::env::temp_dir().join(zhibo_testkit::unique_name("natstls"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ca, cert, key) = tls_files(&dir);
+    let server = zhibo_testkit::NatsServer::start(&format!(
+        "tls {{ cert_file: {cert:?}, key_file: {key:?} }}\n\
+         authorization {{ users = [ {{ user: \"zhibo\", password: \"tls-pass\" }} ] }}"
+    ));
+    let mut options = NatsOptions::new(server.url());
+    options.user = "zhibo".into();
+    options.password = "tls-pass".into();
+    options.tls_ca = Some(ca);
+    round_trip(
+        &NatsBus::connect_with(&options, "tls-test")
+            .await
+            .expect("TLS"),
+    )
+    .await;
+    options.tls_ca = None;
+    options.tls_required = true;
+    let err = NatsBus::connect_with(&options, "tls-test")
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(!err.to_string().contains("tls-pass"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An nkey user: the seed signs the server's nonce; another seed is refused and never printed.
+#[tokio::test]
+async fn nats_nkey_authenticates() {
+    let user = nkeys::KeyPair::new_user();
+    let server = zhibo_testkit::NatsServer::start(&format!(
+        "authorization {{ users = [ {{ nkey: {:?} }} ] }}",
+        user.public_key()
+    ));
+    let mut options = NatsOptions::new(server.url());
+    options.nkey_seed = user.seed().expect("seed");
+    round_trip(
+        &NatsBus::connect_with(&options, "nkey-test")
+            .await
+            .expect("nkey"),
+    )
+    .await;
+    let other = nkeys::KeyPair::new_user().seed().expect("seed");
+    options.nkey_seed = other.clone();
+    let err = NatsBus::connect_with(&options, "nkey-test")
+        .await
+        .expect_err("unknown nkey");
+    assert!(!err.to_string().contains(&other), "{err}");
+}
+
+/// A creds file that cannot be read fails the connect with its path named.
+#[tokio::test]
+async fn nats_missing_creds_file_is_named() {
+    let server = authed_server();
+    let mut options = NatsOptions::new(server.url());
+    options.creds_file = Some("/nonexistent/zhibo.creds".into());
+    let err = NatsBus::connect_with(&options, "creds-test")
+        .await
+        .expect_err("no file");
+    assert!(
+        err.to_string().contains("/nonexistent/zhibo.creds"),
+        "{err}"
+    );
 }

@@ -120,6 +120,30 @@ Call with (dict "root" $ "role" .Values.gateway).
 {{- end }}
 - name: ZHIBO_BUS__NATS_URL
   value: {{ .root.Values.nats.url | quote }}
+{{- with .root.Values.nats.auth.user }}
+- name: ZHIBO_BUS__NATS_USER
+  value: {{ . | quote }}
+- name: ZHIBO_BUS__NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "zhibo.secretName" $.root }}
+      key: nats-password
+{{- end }}
+{{- if .root.Values.nats.auth.token }}
+- name: ZHIBO_BUS__NATS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "zhibo.secretName" .root }}
+      key: nats-token
+{{- end }}
+{{- if .root.Values.nats.tls.required }}
+- name: ZHIBO_BUS__NATS_TLS_REQUIRED
+  value: "true"
+{{- end }}
+{{- if .root.Values.nats.tls.caSecret }}
+- name: ZHIBO_BUS__NATS_TLS_CA
+  value: "/etc/zhibo/nats-tls/ca.crt"
+{{- end }}
 - name: ZHIBO_STORE__REDIS_URL
   value: {{ .root.Values.redis.url | quote }}
 - name: ZHIBO_TOKEN_SECRET
@@ -258,12 +282,23 @@ spec:
             {{- with .volumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+            {{- if $root.Values.nats.tls.caSecret }}
+            - name: nats-tls
+              mountPath: /etc/zhibo/nats-tls
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
         {{- with .volumes }}
         {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- with $root.Values.nats.tls.caSecret }}
+        - name: nats-tls
+          secret:
+            secretName: {{ . }}
+            defaultMode: 288
         {{- end }}
       {{- with $role.nodeSelector }}
       nodeSelector:

@@ -100,7 +100,8 @@ pub struct BenchArgs {
     /// Gateway (or `zhibo dev`) process of a running cluster, for RSS and CPU.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
-    /// Token secret of the cluster (tokens are minted locally); empty = the `zhibo dev` default.
+    /// Token secret of the cluster (tokens are minted locally); empty = the `zhibo dev` default with
+    /// `--spawn none`, a random one for a spawned cluster.
     #[arg(
         long,
         env = "ZHIBO_TOKEN_SECRET",

@@ -121,6 +121,13 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
             children: Vec::new(),
         });
     }
+    // A spawned cluster gets a fresh random secret unless one is given: the distributed roles refuse
+    // short or public ones.
+    let secret = if args.token_secret.is_empty() {
+        random_secret()
+    } else {
+        secret
+    };
     std::fs::create_dir_all(&args.out)?;
     // Free ports are found by binding and releasing them, so another process on the host may take one
     // before the server binds it: start again on fresh ports when that is why a process exited.
@@ -136,6 +143,12 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
             done => return done,
         }
     }
+}
+
+/// 32 random bytes, hex-encoded: a token secret the distributed roles accept.
+fn random_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Starts `zhibo dev` or the distributed roles on free ports and waits until they answer.

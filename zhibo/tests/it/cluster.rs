@@ -63,7 +63,8 @@ impl Drop for Cluster {
     }
 }
 
-pub(crate) const SECRET: &str = "e2e-secret";
+/// At least 32 bytes: the distributed roles refuse shorter token secrets.
+pub(crate) const SECRET: &str = "e2e-token-secret-0123456789abcdef";
 pub(crate) const ADMIN: &str = "e2e-admin-secret";
 
 fn base_config() -> Config {
@@ -172,7 +173,8 @@ impl Cluster {
         Self::distributed_tweaked(workers, |_| {}).await
     }
 
-    /// [`Cluster::distributed_with`] with a configuration tweak (applied to every node).
+    /// [`Cluster::distributed_with`] with a configuration tweak applied to every node (e.g. another NATS
+    /// server, smaller queues).
     pub(crate) async fn distributed_tweaked(
         workers: usize,
         tweak: impl FnOnce(&mut Config),
@@ -181,8 +183,8 @@ impl Cluster {
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();
-        tweak(&mut config);
         config.bus.nats_url = nats;
+        tweak(&mut config);
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![cql];
         config.store.keyspace = shared_keyspace(&config).await;
@@ -270,6 +272,8 @@ impl Cluster {
             .arg("logic-worker")
             .env("ZHIBO_TOKEN_SECRET", SECRET)
             .env("ZHIBO_BUS__NATS_URL", &c.bus.nats_url)
+            .env("ZHIBO_BUS__NATS_USER", &c.bus.nats_user)
+            .env("ZHIBO_BUS__NATS_PASSWORD", &c.bus.nats_password)
             .env("ZHIBO_STORE__KIND", "scylla")
             .env("ZHIBO_STORE__CQL_NODES", format!("{:?}", c.store.cql_nodes))
             .env("ZHIBO_STORE__KEYSPACE", &c.store.keyspace)

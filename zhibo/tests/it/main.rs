@@ -40,4 +40,5 @@ mod loadtest_smoke;
 mod reliability;
 mod rooms;
 mod scenarios;
+mod security;
 mod telemetry;
