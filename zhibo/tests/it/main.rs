@@ -37,6 +37,7 @@ mod cli;
 mod cluster;
 mod faults;
 mod loadtest_smoke;
+mod processes;
 mod rooms;
 mod scenarios;
 mod telemetry;
