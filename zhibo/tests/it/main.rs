@@ -38,6 +38,7 @@ mod cluster;
 mod faults;
 mod loadtest_smoke;
 mod processes;
+mod replay;
 mod rooms;
 mod scenarios;
 mod telemetry;
