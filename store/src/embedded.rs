@@ -688,6 +688,31 @@ impl GroupStore for EmbeddedBackend {
         .await
     }
 
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()> {
+        crate::check_transfer(group, new_owner, old_owner)?;
+        let id = group.group_id;
+        let group_bytes = to_json(group)?;
+        let rows = [
+            (new_owner.user_id, to_json(new_owner)?),
+            (old_owner.user_id, to_json(old_owner)?),
+        ];
+        // One redb write transaction: all three records commit together or none does.
+        self.write(move |t| {
+            t.groups.insert(id, group_bytes.as_slice()).db()?;
+            for (user_id, bytes) in &rows {
+                t.members.insert((id, *user_id), bytes.as_slice()).db()?;
+                t.user_groups.insert((*user_id, id), ()).db()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn get_member(&self, group_id: i64, user_id: i64) -> Result<Option<GroupMember>> {
         self.point(move |tx| {
             let table = tx.open_table(MEMBERS).db()?;

@@ -188,6 +188,20 @@ pub trait GroupStore: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn put_member(&self, member: &GroupMember) -> Result<()>;
+    /// Transfers ownership in one atomic step: writes `group` (whose `owner_id` is `new_owner.user_id`),
+    /// `new_owner` (role [`Role::Owner`]) and `old_owner` (its new role, e.g. admin) together, so a failure
+    /// can never leave the group with two owners or none. Both are existing members of `group`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure (then nothing, or in Scylla's logged batch
+    /// everything eventually, is applied); [`ErrorKind::Conflict`] when the records disagree (another
+    /// group, `owner_id` not the new owner, or the new owner's role not `Owner`), with nothing written.
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()>;
     /// The member record, if `user_id` is in the group.
     ///
     /// # Errors
@@ -330,6 +344,33 @@ pub trait SeqAllocator: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn current(&self, user_id: i64) -> Result<u64>;
+}
+
+/// Checks the records of [`GroupStore::transfer_ownership`] agree, for every backend.
+///
+/// # Errors
+/// [`ErrorKind::Conflict`] naming the disagreement.
+pub fn check_transfer(
+    group: &Group,
+    new_owner: &GroupMember,
+    old_owner: &GroupMember,
+) -> Result<()> {
+    if new_owner.group_id != group.group_id || old_owner.group_id != group.group_id {
+        return Err(Error::new(ErrorKind::Conflict, "members of another group"));
+    }
+    if group.owner_id != new_owner.user_id || new_owner.role != Role::Owner {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            "the group's owner_id and the new owner's role must name the new owner",
+        ));
+    }
+    if old_owner.user_id == new_owner.user_id || old_owner.role == Role::Owner {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            "the old owner must be another member and lose the owner role",
+        ));
+    }
+    Ok(())
 }
 
 /// Every store a process needs, as shared trait objects.

@@ -1093,6 +1093,49 @@ impl GroupStore for ScyllaBackend {
         Ok(())
     }
 
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()> {
+        crate::check_transfer(group, new_owner, old_owner)?;
+        // One logged batch: the coordinator writes the batch log first, so once it is accepted every
+        // statement is applied eventually, even if the coordinator dies; never only some of them.
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.append_statement(self.st.put_group.clone());
+        batch.append_statement(self.st.put_member.clone());
+        batch.append_statement(self.st.put_member.clone());
+        let g = group;
+        let member = |m: &GroupMember| {
+            (
+                m.group_id,
+                m.user_id,
+                m.role.as_i8(),
+                m.remark.clone(),
+                m.joined_at_ms,
+            )
+        };
+        let values = (
+            (
+                g.group_id,
+                &g.name,
+                &g.avatar_url,
+                &g.introduction,
+                g.owner_id,
+                &g.extra,
+                g.created_at_ms,
+            ),
+            member(new_owner),
+            member(old_owner),
+        );
+        self.session
+            .batch(&batch, values)
+            .await
+            .map_err(|e| db_error("transfer ownership", e))?;
+        Ok(())
+    }
+
     async fn get_member(&self, group_id: i64, user_id: i64) -> Result<Option<GroupMember>> {
         let row: Option<MemberRow> = self
             .one("get member", &self.st.get_member, (group_id, user_id))

@@ -477,12 +477,16 @@ pub(crate) async fn update_member(
             transfer = role == RoleName::Owner;
         }
     }
-    st.stores.groups.put_member(&target).await?;
     if transfer {
+        // One store operation: a failure part-way must never leave two owners.
         group.owner_id = user_id;
-        st.stores.groups.put_group(&group).await?;
         me.role = Role::Admin;
-        st.stores.groups.put_member(&me).await?;
+        st.stores
+            .groups
+            .transfer_ownership(&group, &target, &me)
+            .await?;
+    } else {
+        st.stores.groups.put_member(&target).await?;
     }
     Ok(ApiJson(target.into()))
 }

@@ -20,6 +20,7 @@ pub(crate) async fn run_all(stores: Stores) {
     upserted_users(&stores).await;
     friends(&stores).await;
     groups(&stores).await;
+    ownership_transfer(&stores).await;
     inbox(&stores).await;
     fan_out(&stores).await;
     dedup(&stores).await;
@@ -590,6 +591,98 @@ async fn groups(s: &Stores) {
             .expect("groups_of_user"),
         vec![other_group],
         "other groups are untouched"
+    );
+}
+
+/// Ownership moves in one operation: afterwards exactly one owner, the group names them; inconsistent
+/// records are refused with nothing written.
+async fn ownership_transfer(s: &Stores) {
+    let (old, new, other) = (id(), id(), id());
+    let mut group = Group {
+        group_id: id(),
+        name: "transfer".into(),
+        avatar_url: String::new(),
+        introduction: String::new(),
+        owner_id: old,
+        extra: String::new(),
+        created_at_ms: 1_700_000_000_000,
+    };
+    let member = |user_id: i64, role: Role| GroupMember {
+        group_id: group.group_id,
+        user_id,
+        role,
+        remark: format!("r{user_id}"),
+        joined_at_ms: 1_700_000_000_000,
+    };
+    let (mut old_m, mut new_m) = (member(old, Role::Owner), member(new, Role::Member));
+    s.groups.put_group(&group).await.expect("put_group");
+    for m in [&old_m, &new_m, &member(other, Role::Member)] {
+        s.groups.put_member(m).await.expect("put_member");
+    }
+
+    // Records that disagree (the group still names the old owner) are refused, nothing written.
+    new_m.role = Role::Owner;
+    old_m.role = Role::Admin;
+    let e = s
+        .groups
+        .transfer_ownership(&group, &new_m, &old_m)
+        .await
+        .expect_err("owner_id must name the new owner");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        s.groups
+            .get_member(group.group_id, new)
+            .await
+            .expect("get_member")
+            .map(|m| m.role),
+        Some(Role::Member),
+        "a refused transfer writes nothing"
+    );
+
+    group.owner_id = new;
+    new_m.remark = "the new boss".into();
+    s.groups
+        .transfer_ownership(&group, &new_m, &old_m)
+        .await
+        .expect("transfer_ownership");
+    assert_eq!(
+        s.groups
+            .get_group(group.group_id)
+            .await
+            .expect("get_group")
+            .map(|g| g.owner_id),
+        Some(new),
+        "the group names the new owner"
+    );
+    let members = s
+        .groups
+        .list_members(group.group_id, 0, 10)
+        .await
+        .expect("list_members");
+    let owners: Vec<i64> = members
+        .iter()
+        .filter(|m| m.role == Role::Owner)
+        .map(|m| m.user_id)
+        .collect();
+    assert_eq!(owners, vec![new], "exactly one owner after a transfer");
+    let role_of = |u: i64| members.iter().find(|m| m.user_id == u).map(|m| m.role);
+    assert_eq!(role_of(old), Some(Role::Admin), "the old owner is an admin");
+    assert_eq!(role_of(other), Some(Role::Member), "others unchanged");
+    assert_eq!(
+        members
+            .iter()
+            .find(|m| m.user_id == new)
+            .map(|m| m.remark.as_str()),
+        Some("the new boss"),
+        "the new owner's record is written whole"
+    );
+    assert!(
+        s.groups
+            .groups_of_user(new)
+            .await
+            .expect("groups_of_user")
+            .contains(&group.group_id),
+        "still indexed under the new owner"
     );
 }
 
