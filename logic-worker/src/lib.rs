@@ -32,6 +32,7 @@ use zhibo_proto::client::{
     SendMessageOutput, SyncInput, SyncOutput,
 };
 use zhibo_store::ids::{now_ms, IdGen};
+use zhibo_store::leases::{LeaseTiming, LeasedIds, Pool};
 use zhibo_store::{SendResult, Stores};
 use zhibo_telemetry::metrics::KindLabel;
 use zhibo_telemetry::Metrics;
@@ -54,7 +55,9 @@ pub struct LogicConfig {
     pub max_client_msg_id: usize,
     /// Commands handled at once by one worker.
     pub concurrency: usize,
-    /// Node number for message ids (0–1023); random when unset.
+    /// Node number for message ids (0–1023). Unset (the default): leased from the store's pool of 1024,
+    /// unique cluster-wide while held (see `zhibo_store::ids`). Set: the operator promises no other
+    /// process mints with this number, ever at the same time (no lease is taken).
     pub node_id: Option<u64>,
     /// Largest room message content, bytes (danmaku are short; a frame batches many of them).
     pub max_room_content: usize,
@@ -176,11 +179,19 @@ fn send_err(e: zhibo_store::Error) -> LogicError {
     LogicError::store(Op::Send, &e)
 }
 
+/// Where message ids come from.
+enum MessageIds {
+    /// A configured node number.
+    Fixed(IdGen),
+    /// A leased node number: no id without a valid lease.
+    Leased(LeasedIds),
+}
+
 /// The message pipeline.
 pub struct Logic {
     stores: Stores,
     bus: Arc<dyn Bus>,
-    ids: IdGen,
+    ids: MessageIds,
     config: LogicConfig,
     metrics: Arc<Metrics>,
 }
@@ -194,17 +205,32 @@ impl std::fmt::Debug for Logic {
 }
 
 impl Logic {
-    /// A pipeline over `stores` publishing deliveries on `bus`.
+    /// A pipeline over `stores` publishing deliveries on `bus`. Without `config.node_id` it leases a node
+    /// number for message ids from `stores.leases` in the background (call inside a tokio runtime), and
+    /// refuses to mint (`UNAVAILABLE`, retryable) while it holds no valid lease.
     pub fn new(stores: Stores, bus: Arc<dyn Bus>, config: LogicConfig) -> Self {
-        let node = config
-            .node_id
-            .unwrap_or_else(|| u64::from(std::process::id()) ^ (now_ms() as u64));
+        let ids = match config.node_id {
+            Some(node) => MessageIds::Fixed(IdGen::messages(node)),
+            None => MessageIds::Leased(LeasedIds::start(
+                stores.leases.clone(),
+                Pool::Messages,
+                LeaseTiming::default(),
+            )),
+        };
         Logic {
             stores,
             bus,
-            ids: IdGen::messages(node),
+            ids,
             config,
             metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// A new message id for `op`.
+    async fn next_id(&self, op: Op) -> Result<u64, LogicError> {
+        match &self.ids {
+            MessageIds::Fixed(gen) => Ok(gen.next()),
+            MessageIds::Leased(ids) => ids.next().await.map_err(|e| LogicError::store(op, &e)),
         }
     }
 
@@ -386,6 +412,8 @@ impl Logic {
                 ))
             }
         };
+        // Minted before the seqs, so a refusal (no node lease) wastes none.
+        let message_id = self.next_id(Op::Send).await?;
         let seqs = self
             .stores
             .seq
@@ -398,7 +426,7 @@ impl Logic {
             .map_err(send_err)?;
         let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
         let plan = SendResult {
-            message_id: self.ids.next(),
+            message_id,
             seq: recipients
                 .iter()
                 .find(|(u, _)| *u == sender)
@@ -635,7 +663,7 @@ impl Logic {
             }
         }
         let message = Message {
-            message_id: self.ids.next(),
+            message_id: self.next_id(Op::RoomSend).await?,
             seq: 0,
             sender_user_id: origin.user_id,
             sender_device_id: origin.device_id,
@@ -728,7 +756,7 @@ impl Logic {
             ));
         }
         let message = Message {
-            message_id: self.ids.next(),
+            message_id: self.next_id(Op::RoomSend).await?,
             sender_user_id,
             receiver_type: ReceiverType::Room as i32,
             server_time_ms: now_ms(),

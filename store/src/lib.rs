@@ -8,7 +8,8 @@
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
 //!   from `sql/`; [`redis_seq`]: the Redis (fred) seq allocator with recovery from the message store.
 //! - [`embedded`]: the redb backend for `dev` and small installs, seq allocation included.
-//! - [`ids`]: cluster-unique id generation.
+//! - [`ids`]: cluster-unique id generation; [`leases`]: the node-number leases it needs
+//!   ([`NodeLeases`], [`leases::LeasedIds`]).
 //!
 //! One conformance suite (`tests/it/conformance.rs`) runs against every backend.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@
 pub mod embedded;
 pub mod embedded_rooms;
 pub mod ids;
+pub mod leases;
 pub mod model;
 pub mod redis_seq;
 pub mod rooms;
@@ -24,6 +26,7 @@ pub mod scylla;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use leases::NodeLeases;
 pub use model::*;
 pub use rooms::{Room, RoomStore};
 use zhibo_proto::client::Message;
@@ -390,4 +393,6 @@ pub struct Stores {
     pub seq: Arc<dyn SeqAllocator>,
     /// Live-room records and recent history.
     pub rooms: Arc<dyn RoomStore>,
+    /// Node-number leases for id generation.
+    pub leases: Arc<dyn NodeLeases>,
 }

@@ -245,7 +245,7 @@ pub(crate) async fn create_group(
     }
     let now = now_ms();
     let group = Group {
-        group_id: st.ids.next_i64(),
+        group_id: st.ids.next_i64().await?,
         name: req.name,
         avatar_url: req.avatar_url,
         introduction: req.introduction,

@@ -170,3 +170,59 @@ async fn a_resend_can_never_rewrite_what_was_stored() {
         );
     }
 }
+
+/// Two pipelines created in the same millisecond of one process (as every pod is pid 1 on Kubernetes)
+/// never mint the same message id: each leases its own node number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_started_together_never_share_message_ids() {
+    let stores = Arc::new(EmbeddedBackend::temporary().expect("store")).stores();
+    let bus: Arc<MemoryBus> = Arc::new(MemoryBus::new());
+    let pipelines = [
+        Arc::new(Logic::new(
+            stores.clone(),
+            bus.clone(),
+            LogicConfig::default(),
+        )),
+        Arc::new(Logic::new(
+            stores.clone(),
+            bus.clone(),
+            LogicConfig::default(),
+        )),
+    ];
+    let mut tasks = Vec::new();
+    for (i, logic) in pipelines.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..3000 {
+                let room = SendMessageInput {
+                    receiver_type: ReceiverType::Room as i32,
+                    receiver_id: 1,
+                    client_msg_id: format!("{i}-{n}"),
+                    content_type: 1,
+                    content: Bytes::from_static(b"x"),
+                };
+                ids.push(
+                    logic
+                        .send_message(&origin(1, 10 + i as i64), &room)
+                        .await
+                        .expect("room send")
+                        .message_id,
+                );
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let mut distinct = all.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "{} duplicate ids",
+        all.len() - distinct.len()
+    );
+}

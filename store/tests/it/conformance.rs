@@ -27,6 +27,7 @@ pub(crate) async fn run_all(stores: Stores) {
     record_send(&stores).await;
     acks(&stores).await;
     seq(&stores).await;
+    node_leases(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.
@@ -1016,4 +1017,120 @@ async fn seq(s: &Stores) {
         .expect("append");
     let next = s.seq.next(&[c]).await.expect("next")[0];
     assert!(next > 100, "seq stays above the stored inbox ({next})");
+}
+
+/// Node-number leases: distinct numbers per claimant, owner-only renewal, expiry frees a number, and the
+/// high-water a holder recorded becomes the next holder's floor.
+async fn node_leases(s: &Stores) {
+    use std::time::Duration;
+    use zhibo_store::leases::Pool;
+    let ttl = Duration::from_secs(2);
+    let tag = id();
+    let mut held = Vec::new();
+    loop {
+        match s
+            .leases
+            .acquire(
+                Pool::Entities,
+                &format!("c{tag}-{}", held.len()),
+                ttl,
+                now_ms(),
+            )
+            .await
+        {
+            Ok(l) => held.push(l),
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Conflict, "a full pool says so: {e}");
+                break;
+            }
+        }
+        assert!(held.len() <= 32, "more leases than numbers");
+    }
+    // Leases of an earlier run on the same database may still be live: most numbers are ours.
+    assert!(held.len() >= 16, "claimed {} of 32", held.len());
+    let mut nodes: Vec<u32> = held.iter().map(|l| l.node).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(
+        nodes.len(),
+        held.len(),
+        "every claimant got a different number"
+    );
+    for l in &held {
+        assert!(l.ceiling_ms > l.floor_ms, "a range to mint in");
+    }
+
+    let mut thief = held[0].clone();
+    thief.owner = "someone else".into();
+    let e = s
+        .leases
+        .renew(&thief, ttl, now_ms() + 2_000)
+        .await
+        .expect_err("renewal by a non-owner");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+
+    // Released: the next claimant gets that number, above its high-water.
+    let released = held.remove(0);
+    s.leases.release(&released).await.expect("release");
+    let next = s
+        .leases
+        .acquire(Pool::Entities, &format!("n{tag}"), ttl, now_ms())
+        .await
+        .expect("a released number is free");
+    assert_eq!(next.node, released.node, "the only free number");
+    assert!(
+        next.floor_ms >= released.ceiling_ms,
+        "floor {} below the previous holder's high-water {}",
+        next.floor_ms,
+        released.ceiling_ms
+    );
+    held.push(next);
+
+    // Renewals record far-future high-waters (a holder whose clock runs ahead).
+    let ahead = now_ms() + 600_000;
+    let mut recorded = std::collections::HashMap::new();
+    for l in &held {
+        let hw = ahead + i64::from(l.node);
+        s.leases.renew(l, ttl, hw).await.expect("owner renews");
+        recorded.insert(l.node, hw);
+    }
+    // Once they expire, a claimant gets a number again, floored at that number's high-water.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let late = loop {
+        match s
+            .leases
+            .acquire(Pool::Entities, &format!("late{tag}"), ttl, now_ms())
+            .await
+        {
+            Ok(l) => break l,
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no lease expired within 15 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("acquire: {e}"),
+        }
+    };
+    if let Some(hw) = recorded.get(&late.node) {
+        assert!(
+            late.floor_ms >= *hw,
+            "floor {} below the expired holder's high-water {hw}",
+            late.floor_ms
+        );
+        assert!(late.ceiling_ms > late.floor_ms, "a range above the floor");
+    }
+    let expired = held
+        .iter()
+        .find(|l| l.node != late.node)
+        .expect("another expired lease");
+    // Its TTL ran out (another claimant could take it): the old owner cannot renew it back.
+    let e = s
+        .leases
+        .renew(expired, ttl, now_ms() + 2_000)
+        .await
+        .expect_err("renewal of an expired lease");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    s.leases.release(&late).await.expect("release");
 }

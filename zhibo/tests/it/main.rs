@@ -36,6 +36,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod faults;
+mod ids;
 mod loadtest_smoke;
 mod processes;
 mod replay;
