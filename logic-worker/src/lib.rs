@@ -226,6 +226,14 @@ impl Logic {
         }
     }
 
+    /// Gives back the leased node number (at shutdown, once nothing sends any more); a no-op with a
+    /// configured `node_id`.
+    pub async fn release_ids(&self) {
+        if let MessageIds::Leased(ids) = &self.ids {
+            ids.release().await;
+        }
+    }
+
     /// A new message id for `op`.
     async fn next_id(&self, op: Op) -> Result<u64, LogicError> {
         match &self.ids {

@@ -135,7 +135,10 @@ struct Shared {
 /// Dropping it stops the renewals and releases the lease.
 pub struct LeasedIds {
     shared: Arc<Shared>,
-    _stop: oneshot::Sender<()>,
+    /// Dropped or fired: the holder task stops and releases.
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// Fires once the holder task has released its lease.
+    released: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl std::fmt::Debug for LeasedIds {
@@ -158,16 +161,39 @@ impl LeasedIds {
             pool,
         });
         let (stop, stopped) = oneshot::channel();
+        let (done, released) = oneshot::channel();
         let owner = format!(
             "{}-{:016x}",
             std::process::id(),
             rand::random::<u64>() ^ now_ms() as u64
         );
         let span = tracing::info_span!("node_lease", pool = pool.name(), %owner);
-        tokio::spawn(hold(leases, shared.clone(), owner, timing, stopped).instrument(span));
+        let shared_task = shared.clone();
+        tokio::spawn(
+            async move {
+                hold(leases, shared_task, owner, timing, stopped).await;
+                let _ = done.send(());
+            }
+            .instrument(span),
+        );
         LeasedIds {
             shared,
-            _stop: stop,
+            stop: Mutex::new(Some(stop)),
+            released: Mutex::new(Some(released)),
+        }
+    }
+
+    /// Stops minting and gives the lease back now (at shutdown), rather than when dropped; waits for the
+    /// release (bound the wait: with the store down it lasts until the store's own timeout).
+    pub async fn release(&self) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = released {
+            let _ = r.await;
         }
     }
 

@@ -68,6 +68,11 @@ impl EntityIds {
         // Entity ids stay below 2^53, so the cast is exact.
         self.0.next().await.map(|id| id as i64)
     }
+
+    /// Gives the leased node number back (shutdown).
+    pub(crate) async fn release(&self) {
+        self.0.release().await;
+    }
 }
 
 impl Deref for AppState {

@@ -185,14 +185,18 @@ pub async fn run(
     let grace = Duration::from_secs(config.grace_secs);
     let metrics = Arc::new(Metrics::new());
     let ready = readiness(&backends, shutdown.clone());
-    let logic = Arc::new(
-        zhibo_logic::Logic::new(
-            backends.stores.clone(),
-            backends.bus.clone(),
-            config.logic.clone(),
+    // Only roles that mint message ids (logic worker, user-api's server-side sends) hold a pipeline and
+    // with it a node lease; a gateway holds none.
+    let logic = (bound.logic || bound.api.is_some()).then(|| {
+        Arc::new(
+            zhibo_logic::Logic::new(
+                backends.stores.clone(),
+                backends.bus.clone(),
+                config.logic.clone(),
+            )
+            .with_metrics(metrics.clone()),
         )
-        .with_metrics(metrics.clone()),
-    );
+    });
     let ops_task = bound.ops.map(|listener| {
         spawn_role(
             shutdown.clone(),
@@ -206,10 +210,10 @@ pub async fn run(
     });
     // Logic workers stop last, after the gateways and user-api have stopped producing commands.
     let logic_stop = CancellationToken::new();
-    let logic_task = bound.logic.then(|| {
+    let logic_task = logic.clone().filter(|_| bound.logic).map(|logic| {
         spawn_role(
             shutdown.clone(),
-            zhibo_logic::run(logic.clone(), logic_stop.clone()),
+            zhibo_logic::run(logic, logic_stop.clone()),
         )
     });
     let gateway_task = bound.gateway.map(|listeners| {
@@ -231,11 +235,11 @@ pub async fn run(
             ),
         )
     });
-    let api_task = bound.api.map(|listener| {
+    let api_task = bound.api.zip(logic.clone()).map(|(listener, logic)| {
         let deps = zhibo_user_api::Deps {
             stores: backends.stores.clone(),
             key: key.clone(),
-            logic: logic.clone(),
+            logic,
             ready: ready.clone(),
         };
         spawn_role(
@@ -270,6 +274,15 @@ pub async fn run(
     if let Some(t) = ops_task {
         if let Some(r) = bounded(deadline, "ops endpoint", t, &mut abandoned).await {
             r?;
+        }
+    }
+    // Nothing mints any more: give the message-id node number back to the pool.
+    if let Some(logic) = &logic {
+        if tokio::time::timeout_at(deadline, logic.release_ids())
+            .await
+            .is_err()
+        {
+            warn!("node lease not released in time; it expires on its own");
         }
     }
     // Pushes out what is buffered for the bus; never waits past the deadline (nor for more than a
