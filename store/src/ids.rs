@@ -141,6 +141,13 @@ impl IdGen {
         Some((ms << (self.node_bits + self.seq_bits)) | (self.node << self.seq_bits) | st.seq)
     }
 
+    /// One past the largest timestamp (Unix ms) this generator minted at or was floored to: what a
+    /// holder that stopped minting records as its number's high-water when it gives the number back.
+    pub fn high_water_ms(&self) -> i64 {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.last_ms + EPOCH_MS + 1) as i64
+    }
+
     /// This generator's node number.
     pub fn node(&self) -> u64 {
         self.node

@@ -82,11 +82,13 @@ pub trait NodeLeases: Send + Sync {
     /// [`ErrorKind::Conflict`] when `lease.owner` no longer holds the number (it expired, someone else may
     /// hold it); [`ErrorKind::Unavailable`] on backend failure.
     async fn renew(&self, lease: &Lease, ttl: Duration, high_water_ms: i64) -> Result<()>;
-    /// Gives the number back (the high-water stays); does nothing if `lease.owner` no longer holds it.
+    /// Gives the number back, recording `high_water_ms` (one past the largest timestamp the holder
+    /// minted with; it has stopped minting) so the next holder starts there rather than at the lease's
+    /// ceiling, up to a TTL ahead of the clock. Does nothing if `lease.owner` no longer holds it.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure (the lease then expires on its own).
-    async fn release(&self, lease: &Lease) -> Result<()>;
+    async fn release(&self, lease: &Lease, high_water_ms: i64) -> Result<()>;
 }
 
 /// Timing of a [`LeasedIds`].
@@ -323,9 +325,15 @@ async fn hold(
             _ = tokio::time::sleep(next_try) => {}
         }
     }
-    *shared.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    if let Some(l) = lease {
-        if let Err(e) = leases.release(&l).await {
+    // Stop minting first; then the high-water is what was actually minted.
+    let stopped_at = shared
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|h| h.gen.high_water_ms());
+    if let (Some(l), Some(high_water)) = (lease, stopped_at) {
+        if let Err(e) = leases.release(&l, high_water).await {
             warn!(error = %e, "node lease not released; it expires on its own");
         }
     }

@@ -86,16 +86,17 @@ impl NodeLeases for EmbeddedBackend {
         .await
     }
 
-    async fn release(&self, lease: &Lease) -> Result<()> {
+    async fn release(&self, lease: &Lease, high_water_ms: i64) -> Result<()> {
         let (pool, node, owner) = (lease.pool, lease.node, lease.owner.clone());
         self.write(move |t| {
-            let current = t.node_leases.get((pool.name(), node)).db()?.map(|v| {
-                let (o, _, hw) = v.value();
-                (o == owner, hw)
-            });
-            if let Some((true, hw)) = current {
+            let mine = t
+                .node_leases
+                .get((pool.name(), node))
+                .db()?
+                .is_some_and(|v| v.value().0 == owner);
+            if mine {
                 t.node_leases
-                    .insert((pool.name(), node), ("", i64::MIN, hw))
+                    .insert((pool.name(), node), ("", i64::MIN, high_water_ms))
                     .db()?;
             }
             Ok(())

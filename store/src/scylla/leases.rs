@@ -5,7 +5,7 @@
 //!   high_water_ms = <as read>` plus `UPDATE ... SET high_water_ms` (no TTL). The condition on the
 //!   high-water makes the floor the claimant read the one it claims above;
 //! - renew: the same batch with `IF owner = <me>`; it fails once the TTL has run out;
-//! - release: `UPDATE ... SET owner = null ... IF owner = <me>`.
+//! - release: `UPDATE ... SET owner = null ... IF owner = <me>` with the high-water actually minted to.
 
 use std::time::Duration;
 
@@ -181,11 +181,15 @@ impl NodeLeases for ScyllaBackend {
         }
     }
 
-    async fn release(&self, lease: &Lease) -> Result<()> {
-        self.exec(
+    async fn release(&self, lease: &Lease, high_water_ms: i64) -> Result<()> {
+        let n = lease.node as i32;
+        let pool = lease.pool.name();
+        // Not applied = no longer ours: nothing to give back.
+        self.conditional_pair(
             "release node lease",
             &self.leases.release,
-            (lease.pool.name(), lease.node as i32, lease.owner.as_str()),
+            (pool, n, lease.owner.as_str()),
+            (high_water_ms, pool, n),
         )
         .await?;
         Ok(())

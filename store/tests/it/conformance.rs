@@ -1069,20 +1069,23 @@ async fn node_leases(s: &Stores) {
         .expect_err("renewal by a non-owner");
     assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
 
-    // Released: the next claimant gets that number, above its high-water.
+    // Released (having minted up to a moment ago): the next claimant gets that number, starting at the
+    // high-water the holder recorded when it gave the number back, not a TTL ahead.
     let released = held.remove(0);
-    s.leases.release(&released).await.expect("release");
+    let minted_to = now_ms() + 1;
+    s.leases
+        .release(&released, minted_to)
+        .await
+        .expect("release");
     let next = s
         .leases
         .acquire(Pool::Entities, &format!("n{tag}"), ttl, now_ms())
         .await
         .expect("a released number is free");
     assert_eq!(next.node, released.node, "the only free number");
-    assert!(
-        next.floor_ms >= released.ceiling_ms,
-        "floor {} below the previous holder's high-water {}",
-        next.floor_ms,
-        released.ceiling_ms
+    assert_eq!(
+        next.floor_ms, minted_to,
+        "the floor is the high-water recorded at release"
     );
     held.push(next);
 
@@ -1132,5 +1135,8 @@ async fn node_leases(s: &Stores) {
         .await
         .expect_err("renewal of an expired lease");
     assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
-    s.leases.release(&late).await.expect("release");
+    s.leases
+        .release(&late, late.floor_ms + 1)
+        .await
+        .expect("release");
 }
