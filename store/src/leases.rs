@@ -223,6 +223,10 @@ impl LeasedIds {
     /// # Errors
     /// [`ErrorKind::Unavailable`] when no valid lease is held in time: retrying later may work.
     pub async fn next(&self) -> Result<u64> {
+        // The hot path: a valid lease, no waiting.
+        if let Some(id) = self.try_next() {
+            return Ok(id);
+        }
         let mut gained = self.shared.gained.subscribe();
         let until = Instant::now() + self.shared.wait;
         loop {
