@@ -7,7 +7,8 @@
 //! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
 //! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
 //! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
-//! every recipient but the sending device.
+//! every recipient but the sending device. A resend (same `client_msg_id`) rewrites the same entries and
+//! publishes them again: live delivery is at least once, clients drop repeats by seq / message id.
 //!
 //! Room send path (no seq, no inbox, no dedup): size and reserved-type checks → the room's record (closed,
 //! muted) → recent history write (best effort, *before* the publish so a joiner's history read and its
@@ -22,7 +23,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use zhibo_bus::{subject::LOGIC_QUEUE_GROUP, Bus, Subject};
 use zhibo_proto::bus::{room_event, user_event, Command, Delivery, Origin, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
@@ -31,6 +32,7 @@ use zhibo_proto::client::{
     SendMessageOutput, SyncInput, SyncOutput,
 };
 use zhibo_store::ids::{now_ms, IdGen};
+use zhibo_store::leases::{LeaseTiming, LeasedIds, Pool};
 use zhibo_store::{SendResult, Stores};
 use zhibo_telemetry::metrics::KindLabel;
 use zhibo_telemetry::Metrics;
@@ -53,7 +55,9 @@ pub struct LogicConfig {
     pub max_client_msg_id: usize,
     /// Commands handled at once by one worker.
     pub concurrency: usize,
-    /// Node number for message ids (0–1023); random when unset.
+    /// Node number for message ids (0–1023). Unset (the default): leased from the store's pool of 1024,
+    /// unique cluster-wide while held (see `zhibo_store::ids`). Set: the operator promises no other
+    /// process mints with this number, ever at the same time (no lease is taken).
     pub node_id: Option<u64>,
     /// Largest room message content, bytes (danmaku are short; a frame batches many of them).
     pub max_room_content: usize,
@@ -124,21 +128,70 @@ impl LogicError {
     }
 }
 
-impl From<zhibo_store::Error> for LogicError {
-    fn from(e: zhibo_store::Error) -> Self {
-        warn!(error = %e, "store error");
-        LogicError::new(
-            ErrorCode::Unavailable,
-            "storage unavailable; retry with the same client_msg_id",
-        )
+/// The command a store failure interrupted: what the client should do next depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Op {
+    /// An IM send (user or group): deduplicated, so a resend is safe.
+    Send,
+    /// A sync page.
+    Sync,
+    /// A message ack.
+    Ack,
+    /// A room send (no dedup: a retry may publish twice).
+    RoomSend,
+}
+
+impl LogicError {
+    /// The client-facing error for a store failure during `op`, by what is true of it: a transient
+    /// backend failure ([`zhibo_store::ErrorKind::Unavailable`]) is `UNAVAILABLE` with the retry that is
+    /// safe for `op`; anything else (corrupt stored data, an answer the pipeline cannot explain) is
+    /// `INTERNAL`, which retrying does not fix. The cause is logged here, never sent.
+    pub fn store(op: Op, e: &zhibo_store::Error) -> Self {
+        use zhibo_store::ErrorKind;
+        match e.kind {
+            ErrorKind::Unavailable => {
+                warn!(?op, error = %e, "store unavailable");
+                let text = match op {
+                    Op::Send => "storage unavailable; retry with the same client_msg_id",
+                    Op::Sync => "storage unavailable; retry the sync",
+                    Op::Ack => "storage unavailable; retry the ack",
+                    Op::RoomSend => "storage unavailable; retry",
+                };
+                LogicError::new(ErrorCode::Unavailable, text)
+            }
+            ErrorKind::Corrupt => {
+                error!(?op, error = %e, "corrupt stored data");
+                LogicError::new(
+                    ErrorCode::Internal,
+                    "stored data could not be read; retrying will not help",
+                )
+            }
+            _ => {
+                error!(?op, error = %e, "unexpected store error");
+                LogicError::new(ErrorCode::Internal, "internal error")
+            }
+        }
     }
+}
+
+fn send_err(e: zhibo_store::Error) -> LogicError {
+    LogicError::store(Op::Send, &e)
+}
+
+/// Where message ids come from.
+enum MessageIds {
+    /// A configured node number.
+    Fixed(IdGen),
+    /// A leased node number: no id without a valid lease.
+    Leased(LeasedIds),
 }
 
 /// The message pipeline.
 pub struct Logic {
     stores: Stores,
     bus: Arc<dyn Bus>,
-    ids: IdGen,
+    ids: MessageIds,
     config: LogicConfig,
     metrics: Arc<Metrics>,
 }
@@ -152,17 +205,40 @@ impl std::fmt::Debug for Logic {
 }
 
 impl Logic {
-    /// A pipeline over `stores` publishing deliveries on `bus`.
+    /// A pipeline over `stores` publishing deliveries on `bus`. Without `config.node_id` it leases a node
+    /// number for message ids from `stores.leases` in the background (call inside a tokio runtime), and
+    /// refuses to mint (`UNAVAILABLE`, retryable) while it holds no valid lease.
     pub fn new(stores: Stores, bus: Arc<dyn Bus>, config: LogicConfig) -> Self {
-        let node = config
-            .node_id
-            .unwrap_or_else(|| u64::from(std::process::id()) ^ (now_ms() as u64));
+        let ids = match config.node_id {
+            Some(node) => MessageIds::Fixed(IdGen::messages(node)),
+            None => MessageIds::Leased(LeasedIds::start(
+                stores.leases.clone(),
+                Pool::Messages,
+                LeaseTiming::default(),
+            )),
+        };
         Logic {
             stores,
             bus,
-            ids: IdGen::messages(node),
+            ids,
             config,
             metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Gives back the leased node number (at shutdown, once nothing sends any more); a no-op with a
+    /// configured `node_id`.
+    pub async fn release_ids(&self) {
+        if let MessageIds::Leased(ids) = &self.ids {
+            ids.release().await;
+        }
+    }
+
+    /// A new message id for `op`.
+    async fn next_id(&self, op: Op) -> Result<u64, LogicError> {
+        match &self.ids {
+            MessageIds::Fixed(gen) => Ok(gen.next()),
+            MessageIds::Leased(ids) => ids.next().await.map_err(|e| LogicError::store(op, &e)),
         }
     }
 
@@ -196,7 +272,7 @@ impl Logic {
                     .await
                 {
                     Ok(()) => return,
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(LogicError::store(Op::Ack, &e)),
                 }
             }
             _ => Err(LogicError::new(
@@ -269,7 +345,8 @@ impl Logic {
             .stores
             .messages
             .get_dedup(dedup_key, &input.client_msg_id)
-            .await?
+            .await
+            .map_err(send_err)?
         {
             return self.replay(origin, input, plan).await;
         }
@@ -279,7 +356,8 @@ impl Logic {
                     .stores
                     .users
                     .get_user(input.receiver_id)
-                    .await?
+                    .await
+                    .map_err(send_err)?
                     .is_none()
                 {
                     return Err(LogicError::new(ErrorCode::NotFound, "no such user"));
@@ -291,7 +369,8 @@ impl Logic {
                         .stores
                         .friends
                         .get_friend(sender, input.receiver_id)
-                        .await?
+                        .await
+                        .map_err(send_err)?
                         .is_none()
                 {
                     return Err(LogicError::new(
@@ -310,14 +389,16 @@ impl Logic {
                     .stores
                     .groups
                     .get_member(input.receiver_id, sender)
-                    .await?
+                    .await
+                    .map_err(send_err)?
                     .is_none()
                 {
                     let code = if self
                         .stores
                         .groups
                         .get_group(input.receiver_id)
-                        .await?
+                        .await
+                        .map_err(send_err)?
                         .is_none()
                     {
                         ErrorCode::NotFound
@@ -326,7 +407,11 @@ impl Logic {
                     };
                     return Err(LogicError::new(code, "you are not a member of this group"));
                 }
-                self.stores.groups.member_ids(input.receiver_id).await?
+                self.stores
+                    .groups
+                    .member_ids(input.receiver_id)
+                    .await
+                    .map_err(send_err)?
             }
             _ => {
                 return Err(LogicError::new(
@@ -335,6 +420,8 @@ impl Logic {
                 ))
             }
         };
+        // Minted before the seqs, so a refusal (no node lease) wastes none.
+        let message_id = self.next_id(Op::Send).await?;
         let seqs = self
             .stores
             .seq
@@ -343,10 +430,11 @@ impl Logic {
             .await
             .inspect_err(|_| {
                 self.metrics.store_errors.inc();
-            })?;
+            })
+            .map_err(send_err)?;
         let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
         let plan = SendResult {
-            message_id: self.ids.next(),
+            message_id,
             seq: recipients
                 .iter()
                 .find(|(u, _)| *u == sender)
@@ -363,7 +451,9 @@ impl Logic {
             .await
             .inspect_err(|_| {
                 self.metrics.store_errors.inc();
-            })? {
+            })
+            .map_err(send_err)?
+        {
             // A racing resend stored its plan first: finish that one; our seqs stay unused.
             Some(existing) => self.replay(origin, input, existing).await,
             None => {
@@ -374,7 +464,7 @@ impl Logic {
     }
 
     /// Finishes a resend of a planned message: writes the plan's inbox entries again (idempotent), and
-    /// delivers them only if the first attempt stored nothing.
+    /// publishes them again (the first attempt may have died before publishing).
     async fn replay(
         &self,
         origin: &Origin,
@@ -386,7 +476,6 @@ impl Logic {
         // resend can never rewrite what recipients already have; one that differs is refused. Only when
         // nothing was stored yet (a crash between plan and writes) does the resend's content go in.
         let stored = self.stored_original(origin.user_id, &plan).await?;
-        let already_stored = stored.is_some();
         let template = match stored {
             Some(original) => {
                 let same = original.receiver_type == fresh.receiver_type
@@ -411,11 +500,12 @@ impl Logic {
             .await
             .inspect_err(|_| {
                 self.metrics.store_errors.inc();
-            })?;
-        if already_stored {
-            // Delivered (or visible to sync) since the first attempt: just answer again.
-            return Ok(output(&plan, true));
-        }
+            })
+            .map_err(send_err)?;
+        // Nothing records whether the first attempt published its deliveries: a worker killed after the
+        // writes and before (or during) the publishes leaves a stored message no device was pushed. So a
+        // replay always publishes them again; a device that already had it drops the repeat by its seq
+        // and message_id (live delivery is at least once, see proto/README.md).
         Ok(self.deliver(origin, &plan, entries, true).await)
     }
 
@@ -479,7 +569,12 @@ impl Logic {
         if plan.seq == 0 {
             return Ok(None);
         }
-        let found = self.stores.messages.sync(sender, plan.seq - 1, 1).await?;
+        let found = self
+            .stores
+            .messages
+            .sync(sender, plan.seq - 1, 1)
+            .await
+            .map_err(send_err)?;
         Ok(found
             .into_iter()
             .find(|m| m.seq == plan.seq && m.message_id == plan.message_id))
@@ -498,7 +593,8 @@ impl Logic {
             .stores
             .messages
             .sync(user_id, input.seq, limit + 1)
-            .await?;
+            .await
+            .map_err(|e| LogicError::store(Op::Sync, &e))?;
         let mut has_more = messages.len() > limit;
         messages.truncate(limit);
         // The page must fit in one frame: stop before the byte budget (always at least one message).
@@ -559,7 +655,13 @@ impl Logic {
         }
         let server_side = origin.device_id == 0;
         if !server_side {
-            if let Some(room) = self.stores.rooms.get_room(input.receiver_id).await? {
+            if let Some(room) = self
+                .stores
+                .rooms
+                .get_room(input.receiver_id)
+                .await
+                .map_err(|e| LogicError::store(Op::RoomSend, &e))?
+            {
                 if room.closed {
                     return Err(LogicError::new(ErrorCode::RoomClosed, "the room is closed"));
                 }
@@ -569,7 +671,7 @@ impl Logic {
             }
         }
         let message = Message {
-            message_id: self.ids.next(),
+            message_id: self.next_id(Op::RoomSend).await?,
             seq: 0,
             sender_user_id: origin.user_id,
             sender_device_id: origin.device_id,
@@ -662,7 +764,7 @@ impl Logic {
             ));
         }
         let message = Message {
-            message_id: self.ids.next(),
+            message_id: self.next_id(Op::RoomSend).await?,
             sender_user_id,
             receiver_type: ReceiverType::Room as i32,
             server_time_ms: now_ms(),
@@ -807,4 +909,37 @@ pub async fn run(logic: Arc<Logic>, shutdown: CancellationToken) -> anyhow::Resu
     tracker.wait().await;
     debug!("logic worker stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zhibo_store::{Error as StoreError, ErrorKind};
+
+    #[test]
+    fn store_errors_say_what_is_true_per_kind_and_command() {
+        let down = StoreError::new(ErrorKind::Unavailable, "connection refused");
+        let send = LogicError::store(Op::Send, &down);
+        assert_eq!(send.code, ErrorCode::Unavailable);
+        assert!(send.message.contains("same client_msg_id"), "{send}");
+        let sync = LogicError::store(Op::Sync, &down);
+        assert_eq!(sync.code, ErrorCode::Unavailable);
+        assert!(sync.message.contains("retry the sync"), "{sync}");
+        assert!(!sync.message.contains("client_msg_id"), "{sync}");
+        let ack = LogicError::store(Op::Ack, &down);
+        assert_eq!(ack.code, ErrorCode::Unavailable);
+        assert!(!ack.message.contains("client_msg_id"), "{ack}");
+        let room = LogicError::store(Op::RoomSend, &down);
+        assert!(!room.message.contains("client_msg_id"), "{room}");
+
+        let corrupt = StoreError::new(ErrorKind::Corrupt, "inbox message: invalid wire type");
+        for op in [Op::Send, Op::Sync, Op::Ack, Op::RoomSend] {
+            let e = LogicError::store(op, &corrupt);
+            assert_eq!(e.code, ErrorCode::Internal, "{op:?}");
+            assert!(!e.message.contains("retry with"), "{e}");
+            assert!(!e.message.contains("wire type"), "no internals leak: {e}");
+        }
+        let odd = StoreError::new(ErrorKind::Conflict, "taken");
+        assert_eq!(LogicError::store(Op::Send, &odd).code, ErrorCode::Internal);
+    }
 }

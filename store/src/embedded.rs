@@ -19,6 +19,7 @@
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
 //! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
+//! | `node_leases`     | (pool, node number)          | (owner, expires at ms, high-water ms)  |
 //!
 //! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
 //! Dedup records older than [`DEDUP_RETENTION_MS`] read as absent; each new record removes a few expired
@@ -42,6 +43,7 @@
 //! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
 //! possible without giving up durability.
 
+mod leases;
 mod writer;
 
 use std::collections::HashMap;
@@ -80,6 +82,9 @@ const DEDUP: TableDefinition<(i64, &str), (i64, &[u8])> = TableDefinition::new("
 const DEDUP_BY_TIME: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("dedup_by_time");
 const ACKS: TableDefinition<(i64, i64), u64> = TableDefinition::new("acks");
 const SEQ: TableDefinition<i64, u64> = TableDefinition::new("seq");
+/// (pool, node) -> (owner, expires at ms, high-water ms); see [`leases`].
+const NODE_LEASES: TableDefinition<(&str, u32), (&str, i64, i64)> =
+    TableDefinition::new("node_leases");
 
 /// Layout version stored in `meta`; bumped when a table's key or value encoding changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -104,6 +109,7 @@ struct Tables<'tx> {
     dedup: Table<'tx, (i64, &'static str), (i64, &'static [u8])>,
     dedup_by_time: Table<'tx, (i64, i64, &'static str), ()>,
     acks: Table<'tx, (i64, i64), u64>,
+    node_leases: Table<'tx, (&'static str, u32), (&'static str, i64, i64)>,
     /// Dedup records written in this batch, which sizes the expiry work of [`Tables::housekeeping`].
     dedup_written: usize,
     /// The latest time a dedup record of this batch was written at: the clock for expiry.
@@ -126,6 +132,7 @@ impl<'tx> Tables<'tx> {
             dedup: tx.open_table(DEDUP).db()?,
             dedup_by_time: tx.open_table(DEDUP_BY_TIME).db()?,
             acks: tx.open_table(ACKS).db()?,
+            node_leases: tx.open_table(NODE_LEASES).db()?,
             dedup_written: 0,
             dedup_now: i64::MIN,
         })
@@ -215,6 +222,7 @@ impl EmbeddedBackend {
             groups: self.clone(),
             messages: self.clone(),
             rooms: Arc::new(crate::embedded_rooms::EmbeddedRooms::new(self.db.clone())),
+            leases: self.clone(),
             seq: self,
         }
     }
@@ -683,6 +691,31 @@ impl GroupStore for EmbeddedBackend {
                 .insert((group_id, user_id), bytes.as_slice())
                 .db()?;
             t.user_groups.insert((user_id, group_id), ()).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()> {
+        crate::check_transfer(group, new_owner, old_owner)?;
+        let id = group.group_id;
+        let group_bytes = to_json(group)?;
+        let rows = [
+            (new_owner.user_id, to_json(new_owner)?),
+            (old_owner.user_id, to_json(old_owner)?),
+        ];
+        // One redb write transaction: all three records commit together or none does.
+        self.write(move |t| {
+            t.groups.insert(id, group_bytes.as_slice()).db()?;
+            for (user_id, bytes) in &rows {
+                t.members.insert((id, *user_id), bytes.as_slice()).db()?;
+                t.user_groups.insert((*user_id, id), ()).db()?;
+            }
             Ok(())
         })
         .await

@@ -8,7 +8,8 @@
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
 //!   from `sql/`; [`redis_seq`]: the Redis (fred) seq allocator with recovery from the message store.
 //! - [`embedded`]: the redb backend for `dev` and small installs, seq allocation included.
-//! - [`ids`]: cluster-unique id generation.
+//! - [`ids`]: cluster-unique id generation; [`leases`]: the node-number leases it needs
+//!   ([`NodeLeases`], [`leases::LeasedIds`]).
 //!
 //! One conformance suite (`tests/it/conformance.rs`) runs against every backend.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@
 pub mod embedded;
 pub mod embedded_rooms;
 pub mod ids;
+pub mod leases;
 pub mod model;
 pub mod redis_seq;
 pub mod rooms;
@@ -24,6 +26,7 @@ pub mod scylla;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use leases::NodeLeases;
 pub use model::*;
 pub use rooms::{Room, RoomStore};
 use zhibo_proto::client::Message;
@@ -188,6 +191,20 @@ pub trait GroupStore: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn put_member(&self, member: &GroupMember) -> Result<()>;
+    /// Transfers ownership in one atomic step: writes `group` (whose `owner_id` is `new_owner.user_id`),
+    /// `new_owner` (role [`Role::Owner`]) and `old_owner` (its new role, e.g. admin) together, so a failure
+    /// can never leave the group with two owners or none. Both are existing members of `group`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure (then nothing, or in Scylla's logged batch
+    /// everything eventually, is applied); [`ErrorKind::Conflict`] when the records disagree (another
+    /// group, `owner_id` not the new owner, or the new owner's role not `Owner`), with nothing written.
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()>;
     /// The member record, if `user_id` is in the group.
     ///
     /// # Errors
@@ -332,6 +349,33 @@ pub trait SeqAllocator: Send + Sync {
     async fn current(&self, user_id: i64) -> Result<u64>;
 }
 
+/// Checks the records of [`GroupStore::transfer_ownership`] agree, for every backend.
+///
+/// # Errors
+/// [`ErrorKind::Conflict`] naming the disagreement.
+pub fn check_transfer(
+    group: &Group,
+    new_owner: &GroupMember,
+    old_owner: &GroupMember,
+) -> Result<()> {
+    if new_owner.group_id != group.group_id || old_owner.group_id != group.group_id {
+        return Err(Error::new(ErrorKind::Conflict, "members of another group"));
+    }
+    if group.owner_id != new_owner.user_id || new_owner.role != Role::Owner {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            "the group's owner_id and the new owner's role must name the new owner",
+        ));
+    }
+    if old_owner.user_id == new_owner.user_id || old_owner.role == Role::Owner {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            "the old owner must be another member and lose the owner role",
+        ));
+    }
+    Ok(())
+}
+
 /// Every store a process needs, as shared trait objects.
 #[derive(Clone)]
 pub struct Stores {
@@ -349,4 +393,6 @@ pub struct Stores {
     pub seq: Arc<dyn SeqAllocator>,
     /// Live-room records and recent history.
     pub rooms: Arc<dyn RoomStore>,
+    /// Node-number leases for id generation.
+    pub leases: Arc<dyn NodeLeases>,
 }

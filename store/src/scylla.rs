@@ -9,8 +9,11 @@
 //! - usernames are claimed with `INSERT ... IF NOT EXISTS` on `users_by_username` (Paxos);
 //! - `insert_user` also creates the `users` row with `IF NOT EXISTS`, so a taken user id conflicts;
 //! - device acks are written `USING TIMESTAMP <seq>`, so the largest seq wins without a read;
-//! - token revocation is `UPDATE ... IF tokens_valid_after_ms < ?`, so it never moves back.
+//! - token revocation is `UPDATE ... IF tokens_valid_after_ms < ?`, so it never moves back;
+//! - node-number leases are claimed, renewed and released with conditional batches on `node_leases`
+//!   (see `scylla/leases.rs`).
 
+mod leases;
 mod migrate;
 
 use std::collections::BTreeMap;
@@ -297,6 +300,7 @@ impl Statements {
 pub struct ScyllaBackend {
     session: Arc<Session>,
     st: Statements,
+    leases: leases::Statements,
     /// Room messages pushed by this process, to trim each room's history every [`TRIM_EVERY`] pushes.
     recent_pushes: std::sync::atomic::AtomicU64,
 }
@@ -341,9 +345,11 @@ impl ScyllaBackend {
             .await
             .map_err(|e| db_error("use keyspace", e))?;
         let st = Statements::prepare(&session).await?;
+        let leases = leases::Statements::prepare(&session).await?;
         Ok(ScyllaBackend {
             session,
             st,
+            leases,
             recent_pushes: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -361,6 +367,7 @@ impl ScyllaBackend {
             friends: self.clone(),
             groups: self.clone(),
             messages: self.clone(),
+            leases: self.clone(),
             rooms: self,
             seq,
         }
@@ -1090,6 +1097,49 @@ impl GroupStore for ScyllaBackend {
             .batch(&batch, values)
             .await
             .map_err(|e| db_error("put member", e))?;
+        Ok(())
+    }
+
+    async fn transfer_ownership(
+        &self,
+        group: &Group,
+        new_owner: &GroupMember,
+        old_owner: &GroupMember,
+    ) -> Result<()> {
+        crate::check_transfer(group, new_owner, old_owner)?;
+        // One logged batch: the coordinator writes the batch log first, so once it is accepted every
+        // statement is applied eventually, even if the coordinator dies; never only some of them.
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.append_statement(self.st.put_group.clone());
+        batch.append_statement(self.st.put_member.clone());
+        batch.append_statement(self.st.put_member.clone());
+        let g = group;
+        let member = |m: &GroupMember| {
+            (
+                m.group_id,
+                m.user_id,
+                m.role.as_i8(),
+                m.remark.clone(),
+                m.joined_at_ms,
+            )
+        };
+        let values = (
+            (
+                g.group_id,
+                &g.name,
+                &g.avatar_url,
+                &g.introduction,
+                g.owner_id,
+                &g.extra,
+                g.created_at_ms,
+            ),
+            member(new_owner),
+            member(old_owner),
+        );
+        self.session
+            .batch(&batch, values)
+            .await
+            .map_err(|e| db_error("transfer ownership", e))?;
         Ok(())
     }
 

@@ -73,7 +73,7 @@ pub(crate) async fn create_device(
         validate::text(field, value, MAX_NAME)?;
     }
     let device = Device {
-        device_id: st.ids.next_i64(),
+        device_id: st.ids.next_i64().await?,
         device_type: req.device_type.as_str().to_owned(),
         brand: req.brand,
         model: req.model,
@@ -131,7 +131,7 @@ pub(crate) async fn sign_up(
     let password_hash = hash_password(&st, req.password).await?;
     let now = now_ms();
     let user = User {
-        user_id: st.ids.next_i64(),
+        user_id: st.ids.next_i64().await?,
         username: req.username,
         password_hash,
         profile: Profile {

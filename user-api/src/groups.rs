@@ -245,7 +245,7 @@ pub(crate) async fn create_group(
     }
     let now = now_ms();
     let group = Group {
-        group_id: st.ids.next_i64(),
+        group_id: st.ids.next_i64().await?,
         name: req.name,
         avatar_url: req.avatar_url,
         introduction: req.introduction,
@@ -477,12 +477,16 @@ pub(crate) async fn update_member(
             transfer = role == RoleName::Owner;
         }
     }
-    st.stores.groups.put_member(&target).await?;
     if transfer {
+        // One store operation: a failure part-way must never leave two owners.
         group.owner_id = user_id;
-        st.stores.groups.put_group(&group).await?;
         me.role = Role::Admin;
-        st.stores.groups.put_member(&me).await?;
+        st.stores
+            .groups
+            .transfer_ownership(&group, &target, &me)
+            .await?;
+    } else {
+        st.stores.groups.put_member(&target).await?;
     }
     Ok(ApiJson(target.into()))
 }

@@ -143,11 +143,17 @@ impl std::fmt::Debug for Deps {
 /// The API's router, state included. Serve it with connect info (as [`run`] does) so sign-in is also
 /// rate-limited per client IP; without it only the per-username limit applies.
 pub fn router(config: ApiConfig, deps: Deps) -> Router {
+    app(config, deps).0
+}
+
+/// [`router`] and the state its handlers share.
+fn app(config: ApiConfig, deps: Deps) -> (Router, AppState) {
     let web_ui = config
         .web_ui
         .unwrap_or(false)
         .then(|| web::router(&config.web_ws_url));
     let state = AppState::new(config, deps);
+    let shared = state.clone();
     let mut router = Router::new();
     for spec in routes::table() {
         router = router.route(spec.path, spec.handler);
@@ -155,7 +161,7 @@ pub fn router(config: ApiConfig, deps: Deps) -> Router {
     if let Some(web_ui) = web_ui {
         router = router.merge(web_ui);
     }
-    router
+    let router = router
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -166,7 +172,8 @@ pub fn router(config: ApiConfig, deps: Deps) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(trace_request))
-        .with_state(state)
+        .with_state(state);
+    (router, shared)
 }
 
 /// One span per request (method and route template, never the raw path with its ids), and a debug line
@@ -218,7 +225,7 @@ pub async fn run(
         .context("invalid user-api config")?;
     let addr = listener.local_addr().context("listener address")?;
     info!(%addr, "user-api listening");
-    let app = router(config, deps);
+    let (app, state) = app(config, deps);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -226,6 +233,8 @@ pub async fn run(
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
     .context("serving user-api")?;
+    // The entity-id node number goes back to the pool now, not a lease TTL later.
+    state.ids.release().await;
     info!("user-api stopped");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use zhibo_auth::TokenKey;
 use zhibo_logic::Logic;
-use zhibo_store::ids::{now_ms, IdGen};
+use zhibo_store::leases::{LeaseTiming, LeasedIds, Pool};
 use zhibo_store::Stores;
 
 use crate::rate_limit::SlidingWindow;
@@ -24,7 +24,7 @@ pub(crate) struct Inner {
     pub(crate) logic: Arc<Logic>,
     pub(crate) ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Device, user and group ids.
-    pub(crate) ids: IdGen,
+    pub(crate) ids: EntityIds,
     /// Sign-in attempts, keyed `u:<username>` and `ip:<address>`.
     pub(crate) sign_in_limit: SlidingWindow,
     /// HMAC tag of the admin secret; `None` when the admin API is disabled.
@@ -39,9 +39,12 @@ impl AppState {
         let admin_tag =
             (!config.admin_secret.is_empty()).then(|| crate::auth::admin_tag(&config.admin_secret));
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        // No node id in the config: a random one makes a clash need two replicas drawing the same of 32
-        // numbers and then the same millisecond and sequence.
-        let node = rand::random::<u64>() ^ now_ms() as u64;
+        // Entity ids need a node number of the pool of 32 that no other replica holds: leased.
+        let ids = EntityIds(LeasedIds::start(
+            deps.stores.leases.clone(),
+            Pool::Entities,
+            LeaseTiming::default(),
+        ));
         AppState(Arc::new(Inner {
             sign_in_limit: SlidingWindow::new(config.sign_in_per_minute, Duration::from_secs(60)),
             config,
@@ -49,10 +52,26 @@ impl AppState {
             key: deps.key,
             logic: deps.logic,
             ready: deps.ready,
-            ids: IdGen::entities(node),
+            ids,
             admin_tag,
             hashing: Semaphore::new(cores),
         }))
+    }
+}
+
+/// Entity ids (< 2^53) under a leased node number (see `zhibo_store::ids`).
+pub(crate) struct EntityIds(LeasedIds);
+
+impl EntityIds {
+    /// The next id; `UNAVAILABLE` (503) while no valid lease is held.
+    pub(crate) async fn next_i64(&self) -> Result<i64, zhibo_store::Error> {
+        // Entity ids stay below 2^53, so the cast is exact.
+        self.0.next().await.map(|id| id as i64)
+    }
+
+    /// Gives the leased node number back (shutdown).
+    pub(crate) async fn release(&self) {
+        self.0.release().await;
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! `ZHIBO_GATEWAY__TCP_ADDR=0.0.0.0:7001` sets `[gateway] tcp_addr`: the prefix is stripped, `__` separates
 //! levels, names are lower-cased, and values are read as TOML scalars (numbers, booleans) or else strings.
+//! The project's own non-config variables ([`NON_CONFIG_NAMES`], [`NON_CONFIG_PREFIXES`]: the config file
+//! path, the log filter, the test and infra harness) are skipped; any other unknown name is fatal.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -159,13 +161,33 @@ impl Default for Config {
     }
 }
 
-/// Merges `ZHIBO_*` variables (`vars`) over `base`.
+/// `ZHIBO_*` variables that are not configuration (after the `ZHIBO_` prefix): the config file path
+/// (`ZHIBO_CONFIG`), the log filter (`ZHIBO_LOG`) and the harness's own switches (`scripts/test`,
+/// `scripts/infra.sh`, `scripts/chart-test`). Listed again in the README's configuration paragraph.
+pub const NON_CONFIG_NAMES: &[&str] = &[
+    "CONFIG",
+    "LOG",
+    "KEEP_INFRA",
+    "SKIP_CHART_TEST",
+    "CASSANDRA_JVM_OPTS",
+];
+
+/// Prefixes (after `ZHIBO_`) of harness variables that are not configuration: `ZHIBO_TEST_*` (test
+/// fixtures, web test) and `ZHIBO_INFRA_*` (`scripts/infra.sh`).
+pub const NON_CONFIG_PREFIXES: &[&str] = &["TEST_", "INFRA_"];
+
+/// Whether `rest` (a variable name without `ZHIBO_`) is a documented non-config name.
+fn is_non_config(rest: &str) -> bool {
+    NON_CONFIG_NAMES.contains(&rest) || NON_CONFIG_PREFIXES.iter().any(|p| rest.starts_with(p))
+}
+
+/// Merges `ZHIBO_*` variables (`vars`) over `base`, skipping the non-config names.
 fn overlay_env(base: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) {
     for (name, value) in vars {
         let Some(rest) = name.strip_prefix("ZHIBO_") else {
             continue;
         };
-        if rest.starts_with("TEST_") || rest == "CONFIG" || rest == "LOG" {
+        if is_non_config(rest) {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -280,12 +302,37 @@ mod tests {
     }
 
     #[test]
+    fn harness_variables_are_not_configuration() {
+        // Every ZHIBO_* name the scripts, the web test and the testkit read (README's list).
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_KEEP_INFRA", "1"),
+                ("ZHIBO_CASSANDRA_JVM_OPTS", "-Xmx2g"),
+                ("ZHIBO_SKIP_CHART_TEST", "1"),
+                ("ZHIBO_INFRA_DIR", "/tmp/x"),
+                ("ZHIBO_INFRA_TIMEOUT", "180"),
+                ("ZHIBO_INFRA_CDS", "0"),
+                ("ZHIBO_INFRA_STARTED_FILE", "/tmp/y"),
+                ("ZHIBO_TEST_WEB_BASE", "http://x"),
+                ("ZHIBO_TEST_REQUIRE_INFRA", "1"),
+                ("ZHIBO_CONFIG", "/etc/zhibo.toml"),
+                ("ZHIBO_LOG", "debug"),
+            ]),
+        );
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_field_named() {
         let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__OUTBOUND_QUEUE", "0")]))
             .expect_err("bad");
         assert!(e.contains("outbound_queue"), "{e}");
         let e = Config::load_from(None, vars(&[("ZHIBO_NO_SUCH", "1")])).expect_err("unknown");
         assert!(e.contains("no_such"), "{e}");
+        let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__NO_SUCH_KEY", "1")]))
+            .expect_err("unknown nested");
+        assert!(e.contains("no_such_key"), "{e}");
         let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__GATEWAY_ID", "a.b")]))
             .expect_err("bad id");
         assert!(e.contains("gateway_id"), "{e}");

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use zhibo_auth::TokenKey;
 use zhibo_bus::memory::MemoryBus;
 use zhibo_bus::nats::NatsBus;
@@ -108,6 +108,32 @@ fn spawn_role(
     })
 }
 
+/// Waits for a role's task until `deadline`; past it, aborts the task, records `name` in `abandoned` and
+/// returns `None`.
+async fn bounded(
+    deadline: tokio::time::Instant,
+    name: &'static str,
+    mut task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    abandoned: &mut Vec<&'static str>,
+) -> Option<anyhow::Result<()>> {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(joined) => Some(
+            joined
+                .with_context(|| format!("{name} task"))
+                .and_then(|r| r),
+        ),
+        Err(_) => {
+            warn!(
+                role = name,
+                "did not stop within the grace period; abandoned"
+            );
+            task.abort();
+            abandoned.push(name);
+            None
+        }
+    }
+}
+
 /// Readiness of the real dependencies: the bus is connected and the store answered a probe read within
 /// the last few seconds (probed in the background every 2 s, so `/readyz` never waits on the store).
 fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetry::http::Readiness {
@@ -145,10 +171,11 @@ pub struct Bound {
 }
 
 /// Runs the roles in `bound` until `shutdown`, then stops them in order: gateways tell clients to go away
-/// and drain, user-api finishes its requests, logic workers finish in-flight commands.
+/// and drain, user-api finishes its requests, logic workers finish in-flight commands. The whole stop
+/// takes at most `grace_secs`, whatever the dependencies do: what has not finished by then is abandoned.
 ///
 /// # Errors
-/// When a role fails to start.
+/// When a role fails to start, or does not stop within the grace period.
 pub async fn run(
     config: Config,
     backends: Backends,
@@ -160,14 +187,18 @@ pub async fn run(
     let grace = Duration::from_secs(config.grace_secs);
     let metrics = Arc::new(Metrics::new());
     let ready = readiness(&backends, shutdown.clone());
-    let logic = Arc::new(
-        zhibo_logic::Logic::new(
-            backends.stores.clone(),
-            backends.bus.clone(),
-            config.logic.clone(),
+    // Only roles that mint message ids (logic worker, user-api's server-side sends) hold a pipeline and
+    // with it a node lease; a gateway holds none.
+    let logic = (bound.logic || bound.api.is_some()).then(|| {
+        Arc::new(
+            zhibo_logic::Logic::new(
+                backends.stores.clone(),
+                backends.bus.clone(),
+                config.logic.clone(),
+            )
+            .with_metrics(metrics.clone()),
         )
-        .with_metrics(metrics.clone()),
-    );
+    });
     let ops_task = bound.ops.map(|listener| {
         spawn_role(
             shutdown.clone(),
@@ -181,10 +212,10 @@ pub async fn run(
     });
     // Logic workers stop last, after the gateways and user-api have stopped producing commands.
     let logic_stop = CancellationToken::new();
-    let logic_task = bound.logic.then(|| {
+    let logic_task = logic.clone().filter(|_| bound.logic).map(|logic| {
         spawn_role(
             shutdown.clone(),
-            zhibo_logic::run(logic.clone(), logic_stop.clone()),
+            zhibo_logic::run(logic, logic_stop.clone()),
         )
     });
     let gateway_task = bound.gateway.map(|listeners| {
@@ -206,11 +237,11 @@ pub async fn run(
             ),
         )
     });
-    let api_task = bound.api.map(|listener| {
+    let api_task = bound.api.zip(logic.clone()).map(|(listener, logic)| {
         let deps = zhibo_user_api::Deps {
             stores: backends.stores.clone(),
             key: key.clone(),
-            logic: logic.clone(),
+            logic,
             ready: ready.clone(),
         };
         spawn_role(
@@ -220,24 +251,57 @@ pub async fn run(
     });
     shutdown.cancelled().await;
     info!("shutting down");
+    // Every step is bounded by one deadline, whatever the bus or the store do (a NATS server that is
+    // down makes flushes and drains wait for a reconnect that may never come): the process exits
+    // within the grace period, abandoning what has not finished by then.
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut abandoned = Vec::new();
     if let Some(t) = gateway_task {
-        t.await.context("gateway task")??;
+        if let Some(r) = bounded(deadline, "gateway", t, &mut abandoned).await {
+            r?;
+        }
     }
     if let Some(t) = api_task {
-        t.await.context("user-api task")??;
+        if let Some(r) = bounded(deadline, "user-api", t, &mut abandoned).await {
+            r?;
+        }
     }
     logic_stop.cancel();
     if let Some(t) = logic_task {
-        // In-flight commands get the grace period too, no more.
-        tokio::time::timeout(grace, t)
-            .await
-            .context("logic worker did not finish in-flight commands within the grace period")?
-            .context("logic task")??;
+        // In-flight commands get what is left of the grace period, no more.
+        if let Some(r) = bounded(deadline, "logic worker", t, &mut abandoned).await {
+            r?;
+        }
     }
     if let Some(t) = ops_task {
-        t.await.context("ops task")??;
+        if let Some(r) = bounded(deadline, "ops endpoint", t, &mut abandoned).await {
+            r?;
+        }
     }
-    backends.bus.flush().await.ok();
+    // Nothing mints any more: give the message-id node number back to the pool.
+    if let Some(logic) = &logic {
+        if tokio::time::timeout_at(deadline, logic.release_ids())
+            .await
+            .is_err()
+        {
+            warn!("node lease not released in time; it expires on its own");
+        }
+    }
+    // Pushes out what is buffered for the bus; never waits past the deadline (nor for more than a
+    // second: with the server down, a flush waits for a reconnect).
+    let flush_by = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+    if tokio::time::timeout_at(flush_by, backends.bus.flush())
+        .await
+        .is_err()
+    {
+        warn!("bus flush did not complete; buffered publishes are dropped");
+    }
+    anyhow::ensure!(
+        abandoned.is_empty(),
+        "stopped at the end of the grace period ({}s) without finishing: {}",
+        grace.as_secs(),
+        abandoned.join(", ")
+    );
     info!("stopped");
     Ok(())
 }

@@ -85,7 +85,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.role, config)) {
+    let result = runtime.block_on(run(cli.role, config));
+    // Tasks still parked on a dependency (a NATS reconnect loop, a blocking lookup) must not hold the
+    // exit past the grace period that `run` already spent.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zhibo: {e:#}");

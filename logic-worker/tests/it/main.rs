@@ -170,3 +170,201 @@ async fn a_resend_can_never_rewrite_what_was_stored() {
         );
     }
 }
+
+/// Two pipelines created in the same millisecond of one process (as every pod is pid 1 on Kubernetes)
+/// never mint the same message id: each leases its own node number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_started_together_never_share_message_ids() {
+    let stores = Arc::new(EmbeddedBackend::temporary().expect("store")).stores();
+    let bus: Arc<MemoryBus> = Arc::new(MemoryBus::new());
+    let pipelines = [
+        Arc::new(Logic::new(
+            stores.clone(),
+            bus.clone(),
+            LogicConfig::default(),
+        )),
+        Arc::new(Logic::new(
+            stores.clone(),
+            bus.clone(),
+            LogicConfig::default(),
+        )),
+    ];
+    let mut tasks = Vec::new();
+    for (i, logic) in pipelines.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..3000 {
+                let room = SendMessageInput {
+                    receiver_type: ReceiverType::Room as i32,
+                    receiver_id: 1,
+                    client_msg_id: format!("{i}-{n}"),
+                    content_type: 1,
+                    content: Bytes::from_static(b"x"),
+                };
+                ids.push(
+                    logic
+                        .send_message(&origin(1, 10 + i as i64), &room)
+                        .await
+                        .expect("room send")
+                        .message_id,
+                );
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let mut distinct = all.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "{} duplicate ids",
+        all.len() - distinct.len()
+    );
+}
+
+/// A message store whose `sync` finds undecodable data and whose `ack` cannot reach the backend; the
+/// rest is the real embedded store.
+struct FailingInbox {
+    real: Arc<dyn zhibo_store::MessageStore>,
+}
+
+#[async_trait::async_trait]
+impl zhibo_store::MessageStore for FailingInbox {
+    async fn append(
+        &self,
+        user_id: i64,
+        m: &zhibo_proto::client::Message,
+    ) -> zhibo_store::Result<()> {
+        self.real.append(user_id, m).await
+    }
+    async fn append_many(
+        &self,
+        entries: &[(i64, zhibo_proto::client::Message)],
+    ) -> zhibo_store::Result<()> {
+        self.real.append_many(entries).await
+    }
+    async fn sync(
+        &self,
+        _user_id: i64,
+        _after_seq: u64,
+        _limit: usize,
+    ) -> zhibo_store::Result<Vec<zhibo_proto::client::Message>> {
+        Err(zhibo_store::Error::new(
+            zhibo_store::ErrorKind::Corrupt,
+            "inbox message: invalid wire type",
+        ))
+    }
+    async fn max_seq(&self, user_id: i64) -> zhibo_store::Result<u64> {
+        self.real.max_seq(user_id).await
+    }
+    async fn get_dedup(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+    ) -> zhibo_store::Result<Option<SendResult>> {
+        self.real.get_dedup(device_id, client_msg_id).await
+    }
+    async fn put_dedup_if_absent(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        result: &SendResult,
+    ) -> zhibo_store::Result<Option<SendResult>> {
+        self.real
+            .put_dedup_if_absent(device_id, client_msg_id, result)
+            .await
+    }
+    async fn ack(&self, _user_id: i64, _device_id: i64, _seq: u64) -> zhibo_store::Result<()> {
+        Err(zhibo_store::Error::unavailable("connection refused"))
+    }
+    async fn acked(&self, user_id: i64, device_id: i64) -> zhibo_store::Result<u64> {
+        self.real.acked(user_id, device_id).await
+    }
+}
+
+/// Hands `body` to the pipeline as a command from `from` and returns the Error packet it answers.
+async fn answer(
+    logic: &Logic,
+    replies: &mut zhibo_bus::Subscription,
+    from: &Origin,
+    body: zhibo_proto::client::packet::Body,
+    rid: u64,
+) -> zhibo_proto::client::Error {
+    use prost::Message as _;
+    use zhibo_proto::bus::{Command, Delivery};
+    use zhibo_proto::client::packet::Body;
+    use zhibo_proto::client::Packet;
+    logic
+        .handle(Command {
+            origin: Some(from.clone()),
+            packet: Some(Packet::new(rid, body)),
+        })
+        .await;
+    let m = tokio::time::timeout(std::time::Duration::from_secs(5), replies.next())
+        .await
+        .expect("a reply")
+        .expect("bus open");
+    let d = Delivery::decode(m.payload).expect("delivery");
+    assert_eq!(d.conn_id, from.conn_id);
+    let p = d.packets.into_iter().next().expect("a packet");
+    assert_eq!(p.request_id, rid);
+    match p.body {
+        Some(Body::Error(e)) => e,
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+/// What the client sees for a store failure depends on what is true of it: corrupt data during a sync
+/// is INTERNAL (not retryable), an unreachable store during an ack is UNAVAILABLE with "retry the ack".
+#[tokio::test]
+async fn store_failures_reach_the_client_with_a_code_that_says_what_is_true() {
+    use zhibo_bus::{Bus as _, Subject};
+    use zhibo_proto::client::packet::Body;
+    use zhibo_proto::client::{ErrorCode, MessageAck};
+
+    let mut stores = Arc::new(EmbeddedBackend::temporary().expect("store")).stores();
+    stores.messages = Arc::new(FailingInbox {
+        real: stores.messages.clone(),
+    });
+    let bus = Arc::new(MemoryBus::new());
+    let logic = Logic::new(stores, bus.clone(), LogicConfig::default());
+    let mut replies = bus
+        .subscribe(&Subject::gateway("gw-test"))
+        .await
+        .expect("subscribe");
+    let from = Origin {
+        user_id: 1,
+        device_id: 2,
+        gateway_id: "gw-test".into(),
+        conn_id: 7,
+    };
+    let sync = answer(
+        &logic,
+        &mut replies,
+        &from,
+        Body::Sync(SyncInput { seq: 0, limit: 10 }),
+        1,
+    )
+    .await;
+    assert_eq!(sync.code, ErrorCode::Internal as i32, "{sync:?}");
+    assert!(
+        !sync.message.contains("wire type"),
+        "no internals: {sync:?}"
+    );
+    let ack = answer(
+        &logic,
+        &mut replies,
+        &from,
+        Body::MessageAck(MessageAck { seq: 3 }),
+        2,
+    )
+    .await;
+    assert_eq!(ack.code, ErrorCode::Unavailable as i32, "{ack:?}");
+    assert!(ack.message.contains("retry the ack"), "{ack:?}");
+    assert!(!ack.message.contains("client_msg_id"), "{ack:?}");
+}

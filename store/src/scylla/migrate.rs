@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_rooms",
         cql: include_str!("../../../sql/0002_rooms.cql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_node_leases",
+        cql: include_str!("../../../sql/0003_node_leases.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

@@ -20,12 +20,14 @@ pub(crate) async fn run_all(stores: Stores) {
     upserted_users(&stores).await;
     friends(&stores).await;
     groups(&stores).await;
+    ownership_transfer(&stores).await;
     inbox(&stores).await;
     fan_out(&stores).await;
     dedup(&stores).await;
     record_send(&stores).await;
     acks(&stores).await;
     seq(&stores).await;
+    node_leases(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.
@@ -593,6 +595,98 @@ async fn groups(s: &Stores) {
     );
 }
 
+/// Ownership moves in one operation: afterwards exactly one owner, the group names them; inconsistent
+/// records are refused with nothing written.
+async fn ownership_transfer(s: &Stores) {
+    let (old, new, other) = (id(), id(), id());
+    let mut group = Group {
+        group_id: id(),
+        name: "transfer".into(),
+        avatar_url: String::new(),
+        introduction: String::new(),
+        owner_id: old,
+        extra: String::new(),
+        created_at_ms: 1_700_000_000_000,
+    };
+    let member = |user_id: i64, role: Role| GroupMember {
+        group_id: group.group_id,
+        user_id,
+        role,
+        remark: format!("r{user_id}"),
+        joined_at_ms: 1_700_000_000_000,
+    };
+    let (mut old_m, mut new_m) = (member(old, Role::Owner), member(new, Role::Member));
+    s.groups.put_group(&group).await.expect("put_group");
+    for m in [&old_m, &new_m, &member(other, Role::Member)] {
+        s.groups.put_member(m).await.expect("put_member");
+    }
+
+    // Records that disagree (the group still names the old owner) are refused, nothing written.
+    new_m.role = Role::Owner;
+    old_m.role = Role::Admin;
+    let e = s
+        .groups
+        .transfer_ownership(&group, &new_m, &old_m)
+        .await
+        .expect_err("owner_id must name the new owner");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        s.groups
+            .get_member(group.group_id, new)
+            .await
+            .expect("get_member")
+            .map(|m| m.role),
+        Some(Role::Member),
+        "a refused transfer writes nothing"
+    );
+
+    group.owner_id = new;
+    new_m.remark = "the new boss".into();
+    s.groups
+        .transfer_ownership(&group, &new_m, &old_m)
+        .await
+        .expect("transfer_ownership");
+    assert_eq!(
+        s.groups
+            .get_group(group.group_id)
+            .await
+            .expect("get_group")
+            .map(|g| g.owner_id),
+        Some(new),
+        "the group names the new owner"
+    );
+    let members = s
+        .groups
+        .list_members(group.group_id, 0, 10)
+        .await
+        .expect("list_members");
+    let owners: Vec<i64> = members
+        .iter()
+        .filter(|m| m.role == Role::Owner)
+        .map(|m| m.user_id)
+        .collect();
+    assert_eq!(owners, vec![new], "exactly one owner after a transfer");
+    let role_of = |u: i64| members.iter().find(|m| m.user_id == u).map(|m| m.role);
+    assert_eq!(role_of(old), Some(Role::Admin), "the old owner is an admin");
+    assert_eq!(role_of(other), Some(Role::Member), "others unchanged");
+    assert_eq!(
+        members
+            .iter()
+            .find(|m| m.user_id == new)
+            .map(|m| m.remark.as_str()),
+        Some("the new boss"),
+        "the new owner's record is written whole"
+    );
+    assert!(
+        s.groups
+            .groups_of_user(new)
+            .await
+            .expect("groups_of_user")
+            .contains(&group.group_id),
+        "still indexed under the new owner"
+    );
+}
+
 async fn inbox(s: &Stores) {
     let u = id();
     assert_eq!(
@@ -923,4 +1017,126 @@ async fn seq(s: &Stores) {
         .expect("append");
     let next = s.seq.next(&[c]).await.expect("next")[0];
     assert!(next > 100, "seq stays above the stored inbox ({next})");
+}
+
+/// Node-number leases: distinct numbers per claimant, owner-only renewal, expiry frees a number, and the
+/// high-water a holder recorded becomes the next holder's floor.
+async fn node_leases(s: &Stores) {
+    use std::time::Duration;
+    use zhibo_store::leases::Pool;
+    let ttl = Duration::from_secs(2);
+    let tag = id();
+    let mut held = Vec::new();
+    loop {
+        match s
+            .leases
+            .acquire(
+                Pool::Entities,
+                &format!("c{tag}-{}", held.len()),
+                ttl,
+                now_ms(),
+            )
+            .await
+        {
+            Ok(l) => held.push(l),
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Conflict, "a full pool says so: {e}");
+                break;
+            }
+        }
+        assert!(held.len() <= 32, "more leases than numbers");
+    }
+    // Leases of an earlier run on the same database may still be live: most numbers are ours.
+    assert!(held.len() >= 16, "claimed {} of 32", held.len());
+    let mut nodes: Vec<u32> = held.iter().map(|l| l.node).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(
+        nodes.len(),
+        held.len(),
+        "every claimant got a different number"
+    );
+    for l in &held {
+        assert!(l.ceiling_ms > l.floor_ms, "a range to mint in");
+    }
+
+    let mut thief = held[0].clone();
+    thief.owner = "someone else".into();
+    let e = s
+        .leases
+        .renew(&thief, ttl, now_ms() + 2_000)
+        .await
+        .expect_err("renewal by a non-owner");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+
+    // Released (having minted up to a moment ago): the next claimant gets that number, starting at the
+    // high-water the holder recorded when it gave the number back, not a TTL ahead.
+    let released = held.remove(0);
+    let minted_to = now_ms() + 1;
+    s.leases
+        .release(&released, minted_to)
+        .await
+        .expect("release");
+    let next = s
+        .leases
+        .acquire(Pool::Entities, &format!("n{tag}"), ttl, now_ms())
+        .await
+        .expect("a released number is free");
+    assert_eq!(next.node, released.node, "the only free number");
+    assert_eq!(
+        next.floor_ms, minted_to,
+        "the floor is the high-water recorded at release"
+    );
+    held.push(next);
+
+    // Renewals record far-future high-waters (a holder whose clock runs ahead).
+    let ahead = now_ms() + 600_000;
+    let mut recorded = std::collections::HashMap::new();
+    for l in &held {
+        let hw = ahead + i64::from(l.node);
+        s.leases.renew(l, ttl, hw).await.expect("owner renews");
+        recorded.insert(l.node, hw);
+    }
+    // Once they expire, a claimant gets a number again, floored at that number's high-water.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let late = loop {
+        match s
+            .leases
+            .acquire(Pool::Entities, &format!("late{tag}"), ttl, now_ms())
+            .await
+        {
+            Ok(l) => break l,
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no lease expired within 15 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("acquire: {e}"),
+        }
+    };
+    if let Some(hw) = recorded.get(&late.node) {
+        assert!(
+            late.floor_ms >= *hw,
+            "floor {} below the expired holder's high-water {hw}",
+            late.floor_ms
+        );
+        assert!(late.ceiling_ms > late.floor_ms, "a range above the floor");
+    }
+    let expired = held
+        .iter()
+        .find(|l| l.node != late.node)
+        .expect("another expired lease");
+    // Its TTL ran out (another claimant could take it): the old owner cannot renew it back.
+    let e = s
+        .leases
+        .renew(expired, ttl, now_ms() + 2_000)
+        .await
+        .expect_err("renewal of an expired lease");
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    s.leases
+        .release(&late, late.floor_ms + 1)
+        .await
+        .expect("release");
 }

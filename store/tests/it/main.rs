@@ -2,5 +2,6 @@
 
 mod conformance;
 mod embedded;
+mod leases;
 mod redis_seq;
 mod scylla;

@@ -52,6 +52,8 @@ pub(crate) struct Cluster {
     pub(crate) config: Option<Config>,
     /// One token per gateway (children of `shutdown`), to stop a single gateway.
     pub(crate) gateway_stops: Vec<CancellationToken>,
+    /// The stores of the node running user-api, to set up states a client cannot (crash windows).
+    pub(crate) stores: zhibo_store::Stores,
     shutdown: CancellationToken,
     nodes: Vec<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -147,6 +149,7 @@ impl Cluster {
             logic: true,
             ops: Some(ops),
         };
+        let stores = backends.stores.clone();
         let node = tokio::spawn(zhibo::run(config, backends, bound, shutdown.clone()));
         let base = format!("http://{api_addr}");
         Cluster {
@@ -157,6 +160,7 @@ impl Cluster {
             ops_addr: Some(ops_addr),
             config: None,
             gateway_stops: Vec::new(),
+            stores,
             shutdown,
             nodes: vec![node],
             _dir: Some(dir),
@@ -227,6 +231,7 @@ impl Cluster {
         let backends = zhibo::connect(&config, "e2e-api")
             .await
             .expect("api backends");
+        let stores = backends.stores.clone();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind api");
@@ -252,6 +257,7 @@ impl Cluster {
             ops_addr: None,
             config: Some(config),
             gateway_stops,
+            stores,
             shutdown,
             nodes,
             _dir: None,

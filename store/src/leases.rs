@@ -1,0 +1,344 @@
+//! Node-number leases: the [`NodeLeases`] domain trait and [`LeasedIds`], an id generator that mints only
+//! while it holds a lease. The reasoning (restarts, pauses, clock skew, store loss) is in [`crate::ids`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::{info, warn, Instrument};
+
+use crate::ids::{now_ms, IdGen};
+use crate::{Error, ErrorKind, Result};
+
+/// A pool of node numbers, one per id layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Pool {
+    /// Message ids: 10-bit node numbers (0..1024).
+    Messages,
+    /// Entity ids (users, devices, groups): 5-bit node numbers (0..32).
+    Entities,
+}
+
+impl Pool {
+    /// How many node numbers the pool has.
+    pub fn size(self) -> u32 {
+        match self {
+            Pool::Messages => 1024,
+            Pool::Entities => 32,
+        }
+    }
+
+    /// The pool's name in the lease table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Messages => "messages",
+            Pool::Entities => "entities",
+        }
+    }
+
+    fn generator(self, node: u32) -> IdGen {
+        match self {
+            Pool::Messages => IdGen::messages(u64::from(node)),
+            Pool::Entities => IdGen::entities(u64::from(node)),
+        }
+    }
+}
+
+/// A node number held by one owner until its TTL runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The pool.
+    pub pool: Pool,
+    /// The node number.
+    pub node: u32,
+    /// The holder (unique per holder: a new one for every [`LeasedIds`]).
+    pub owner: String,
+    /// The previous holders' high-water (Unix ms): this holder's ids must carry timestamps at or above.
+    pub floor_ms: i64,
+    /// This holder's high-water as recorded by the last acquire or renewal (Unix ms): it never mints at
+    /// or above it.
+    pub ceiling_ms: i64,
+}
+
+/// Leases of node numbers, in the durable store.
+#[async_trait]
+pub trait NodeLeases: Send + Sync {
+    /// Claims a node number of `pool` that no one holds, for `owner`, for `ttl`. The lease's floor is the
+    /// number's recorded high-water (0 if none); its ceiling, recorded as the new high-water, is
+    /// `max(now_ms, floor) + ttl` (`now_ms`: the claimant's wall clock), so a claimant whose clock is
+    /// behind the previous holder's still has a range to mint in.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Conflict`] when every number of the pool is held; [`ErrorKind::Unavailable`] on
+    /// backend failure (the claim may then have been taken: it expires after `ttl`).
+    async fn acquire(&self, pool: Pool, owner: &str, ttl: Duration, now_ms: i64) -> Result<Lease>;
+    /// Extends `lease` by `ttl` from now and records `high_water_ms` as its high-water (the caller never
+    /// passes less than its lease's ceiling).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Conflict`] when `lease.owner` no longer holds the number (it expired, someone else may
+    /// hold it); [`ErrorKind::Unavailable`] on backend failure.
+    async fn renew(&self, lease: &Lease, ttl: Duration, high_water_ms: i64) -> Result<()>;
+    /// Gives the number back, recording `high_water_ms` (one past the largest timestamp the holder
+    /// minted with; it has stopped minting) so the next holder starts there rather than at the lease's
+    /// ceiling, up to a TTL ahead of the clock. Does nothing if `lease.owner` no longer holds it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure (the lease then expires on its own).
+    async fn release(&self, lease: &Lease, high_water_ms: i64) -> Result<()>;
+}
+
+/// Timing of a [`LeasedIds`].
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    /// Lease time to live in the store.
+    pub ttl: Duration,
+    /// Renew this often (well under `ttl`).
+    pub renew_every: Duration,
+    /// Stop minting this long before the lease's local deadline (the store's TTL started later).
+    pub margin: Duration,
+    /// How long [`LeasedIds::next`] waits for a lease before refusing.
+    pub wait: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(5),
+            margin: Duration::from_secs(5),
+            wait: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What is minted with while a lease is held.
+struct Held {
+    gen: IdGen,
+    /// Monotonic: no id once this passes.
+    deadline: Instant,
+    /// Wall clock (Unix ms): no id at or above it.
+    ceiling_ms: i64,
+}
+
+struct Shared {
+    held: Mutex<Option<Held>>,
+    /// Bumped whenever a lease is (re)gained, to wake waiting minters.
+    gained: watch::Sender<u64>,
+    wait: Duration,
+    pool: Pool,
+}
+
+/// An id generator that mints only under a lease of its node number, renewed in the background.
+///
+/// Dropping it stops the renewals and releases the lease.
+pub struct LeasedIds {
+    shared: Arc<Shared>,
+    /// Dropped or fired: the holder task stops and releases.
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// Fires once the holder task has released its lease.
+    released: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl std::fmt::Debug for LeasedIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedIds")
+            .field("pool", &self.shared.pool)
+            .field("node", &self.node())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeasedIds {
+    /// Starts leasing a node number of `pool` from `leases` in the background (needs a tokio runtime).
+    pub fn start(leases: Arc<dyn NodeLeases>, pool: Pool, timing: LeaseTiming) -> Self {
+        let (gained, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            held: Mutex::new(None),
+            gained,
+            wait: timing.wait,
+            pool,
+        });
+        let (stop, stopped) = oneshot::channel();
+        let (done, released) = oneshot::channel();
+        let owner = format!(
+            "{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>() ^ now_ms() as u64
+        );
+        let span = tracing::info_span!("node_lease", pool = pool.name(), %owner);
+        let shared_task = shared.clone();
+        tokio::spawn(
+            async move {
+                hold(leases, shared_task, owner, timing, stopped).await;
+                let _ = done.send(());
+            }
+            .instrument(span),
+        );
+        LeasedIds {
+            shared,
+            stop: Mutex::new(Some(stop)),
+            released: Mutex::new(Some(released)),
+        }
+    }
+
+    /// Stops minting and gives the lease back now (at shutdown), rather than when dropped; waits for the
+    /// release (bound the wait: with the store down it lasts until the store's own timeout).
+    pub async fn release(&self) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = released {
+            let _ = r.await;
+        }
+    }
+
+    /// The node number currently held, if any.
+    pub fn node(&self) -> Option<u64> {
+        self.lock().as_ref().map(|h| h.gen.node())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.shared.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An id now, if the lease is valid.
+    pub fn try_next(&self) -> Option<u64> {
+        let held = self.lock();
+        let h = held.as_ref()?;
+        if Instant::now() >= h.deadline {
+            return None;
+        }
+        h.gen.next_below(h.ceiling_ms)
+    }
+
+    /// The next id, waiting (a few seconds at most) for a lease to be acquired or renewed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when no valid lease is held in time: retrying later may work.
+    pub async fn next(&self) -> Result<u64> {
+        // The hot path: a valid lease, no waiting.
+        if let Some(id) = self.try_next() {
+            return Ok(id);
+        }
+        let mut gained = self.shared.gained.subscribe();
+        let until = Instant::now() + self.shared.wait;
+        loop {
+            if let Some(id) = self.try_next() {
+                return Ok(id);
+            }
+            // Woken by a new lease, or polled: a renewal may restore the deadline without a new lease.
+            let poll = (Instant::now() + Duration::from_millis(50)).min(until);
+            if Instant::now() >= until {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("no {} node lease held", self.shared.pool.name()),
+                ));
+            }
+            let _ = tokio::time::timeout_at(poll, gained.changed()).await;
+        }
+    }
+}
+
+/// The holder task: acquire, renew, re-acquire when lost, release at the end.
+async fn hold(
+    leases: Arc<dyn NodeLeases>,
+    shared: Arc<Shared>,
+    owner: String,
+    timing: LeaseTiming,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let lock = |s: &Shared| {
+        s.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|h| h.ceiling_ms)
+    };
+    let mut lease: Option<Lease> = None;
+    let mut gained = 0u64;
+    loop {
+        let ttl = timing.ttl;
+        // Measured before the request: the store's TTL starts later than this.
+        let sent = Instant::now();
+        let now = now_ms();
+        let high_water = now + ttl.as_millis() as i64;
+        let next_try = match &lease {
+            None => match leases.acquire(shared.pool, &owner, ttl, now).await {
+                Ok(l) => {
+                    info!(node = l.node, floor_ms = l.floor_ms, "node lease acquired");
+                    let gen = shared.pool.generator(l.node).starting_at(l.floor_ms);
+                    *shared.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
+                        gen,
+                        deadline: sent + ttl.saturating_sub(timing.margin),
+                        ceiling_ms: l.ceiling_ms,
+                    });
+                    lease = Some(l);
+                    gained += 1;
+                    shared.gained.send_replace(gained);
+                    timing.renew_every
+                }
+                Err(e) => {
+                    warn!(error = %e, "node lease not acquired; retrying");
+                    Duration::from_millis(500)
+                }
+            },
+            Some(l) => {
+                let raised = high_water.max(lock(&shared).unwrap_or(high_water));
+                match leases.renew(l, ttl, raised).await {
+                    Ok(()) => {
+                        if let Some(h) = shared
+                            .held
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_mut()
+                        {
+                            h.deadline = sent + ttl.saturating_sub(timing.margin);
+                            h.ceiling_ms = raised;
+                        }
+                        if let Some(l) = lease.as_mut() {
+                            l.ceiling_ms = raised;
+                        }
+                        gained += 1;
+                        shared.gained.send_replace(gained);
+                        timing.renew_every
+                    }
+                    Err(e) if e.kind == ErrorKind::Conflict => {
+                        // Expired in the store: someone may hold the number now. Stop minting with it.
+                        warn!(node = l.node, "node lease lost; acquiring a new one");
+                        *shared.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        lease = None;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        // Keep minting until the local deadline; retry soon.
+                        warn!(error = %e, "node lease renewal failed; retrying");
+                        Duration::from_millis(500)
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(next_try) => {}
+        }
+    }
+    // Stop minting first; then the high-water is what was actually minted.
+    let stopped_at = shared
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|h| h.gen.high_water_ms());
+    if let (Some(l), Some(high_water)) = (lease, stopped_at) {
+        if let Err(e) = leases.release(&l, high_water).await {
+            warn!(error = %e, "node lease not released; it expires on its own");
+        }
+    }
+}
