@@ -328,10 +328,7 @@ where
                         }
                         if notices {
                             let rooms = shared.hub.rooms();
-                            if let Err(e) = rooms
-                                .notice(room_id, user_id, device_id, RoomNotice::Join)
-                                .await
-                            {
+                            if let Err(e) = rooms.notice(room_id, user_id, RoomNotice::Join).await {
                                 debug!(room_id, error = %e, "join notice lost");
                             }
                         }

@@ -473,6 +473,22 @@ impl DeviceStore for EmbeddedBackend {
         })
         .await
     }
+
+    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64> {
+        self.write(move |t| {
+            let table = &mut t.devices;
+            let mut device: Device = match table.get(device_id).db()? {
+                Some(v) => from_json(v.value(), "device")?,
+                None => return Err(not_found("device", device_id)),
+            };
+            if device.owner_user_id == 0 {
+                device.owner_user_id = user_id;
+                table.insert(device_id, to_json(&device)?.as_slice()).db()?;
+            }
+            Ok(device.owner_user_id)
+        })
+        .await
+    }
 }
 
 #[async_trait]

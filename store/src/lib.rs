@@ -88,6 +88,12 @@ pub trait DeviceStore: Send + Sync {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown device.
     async fn revoke_tokens_before(&self, device_id: i64, before_ms: i64) -> Result<()>;
+    /// Binds the device to `user_id` if it is not bound yet, atomically (the first of two racing users
+    /// wins), and returns its owner after the call: `user_id`, or the other user it already belongs to.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown device; [`ErrorKind::Unavailable`] on backend failure.
+    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64>;
 }
 
 /// Users and their unique usernames.

@@ -81,6 +81,8 @@ pub(crate) async fn create_device(
         sdk_version: req.sdk_version,
         tokens_valid_after_ms: 0,
         created_at_ms: now_ms(),
+        // Bound by the first sign-in (or token minted) on it.
+        owner_user_id: 0,
     };
     st.stores.devices.insert_device(&device).await?;
     Ok((
@@ -235,6 +237,8 @@ pub(crate) async fn sign_in(
             ))
         }
     };
+    // Only after the password is checked: the first user to sign in on a device owns it for good.
+    bind_device(&st, device.device_id, user.user_id).await?;
     let now = now_ms();
     let exp = now / 1000 + st.config.token_ttl_secs;
     let claims = Claims {
@@ -254,10 +258,53 @@ pub(crate) async fn sign_in(
     }))
 }
 
+/// Binds `device_id` to `user_id` unless it belongs to another user: 403 `device_taken` then (the device
+/// stays with its owner; register a new one).
+///
+/// # Errors
+/// `device_taken`, `device_not_found`, or a store failure.
+pub(crate) async fn bind_device(
+    st: &AppState,
+    device_id: i64,
+    user_id: i64,
+) -> Result<(), ApiError> {
+    match st.stores.devices.bind_device(device_id, user_id).await {
+        Ok(owner) if owner == user_id => Ok(()),
+        Ok(_) => Err(device_taken()),
+        Err(e) if e.kind == ErrorKind::NotFound => Err(ApiError::not_found(
+            "device_not_found",
+            "no such device; register it first",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) fn device_taken() -> ApiError {
+    ApiError::forbidden(
+        "device_taken",
+        "this device belongs to another user; register a new device",
+    )
+}
+
 pub(crate) async fn sign_out(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<StatusCode, ApiError> {
+    // The cut-off is per device, so only the device's owner may move it: a device used so far only with
+    // tokens minted elsewhere is bound to the caller now (the `Caller` check refused any other user).
+    match st
+        .stores
+        .devices
+        .bind_device(caller.device_id, caller.user_id)
+        .await
+    {
+        Ok(owner) if owner == caller.user_id => {}
+        Ok(_) => return Err(device_taken()),
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            return Err(ApiError::unauthorized("unauthenticated", "unknown device"))
+        }
+        Err(e) => return Err(e.into()),
+    }
     // +1: a token issued in this same millisecond is revoked too (the check is `cut-off > issued_at`).
     // Every token of this device is revoked, not only this one: the store keeps one cut-off per device.
     match st

@@ -58,6 +58,14 @@ impl FromRequestParts<AppState> for Caller {
             .get_device(claims.device_id)
             .await?
             .ok_or_else(|| ApiError::unauthorized("unauthenticated", "unknown device"))?;
+        // A device serves its one owner: a token for another user on it (minted by an app backend) is
+        // refused, so nobody can act through, or sign out, a device that is not theirs.
+        if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+            return Err(ApiError::unauthorized(
+                "unauthenticated",
+                "this device belongs to another user",
+            ));
+        }
         if device.tokens_valid_after_ms > claims.issued_at_ms() {
             return Err(ApiError::unauthorized(
                 "token_revoked",

@@ -325,7 +325,8 @@ const NOTICES = { '-1': 'joined', '-2': 'left', '-3': 'the room was closed' };
 function roomMessages(messages, live) {
   const fresh = messages.map(fromWire).filter((m) => {
     // Our own danmaku was shown when the server accepted it; skip it if the room echoes it back.
-    if (m.device !== state.session.device_id || !ownDanmaku.has(m.cmid)) return true;
+    // Room copies carry no device id (issue 19): the user and our own random client_msg_id are enough.
+    if (m.from !== state.session.user_id || !ownDanmaku.has(m.cmid)) return true;
     ownDanmaku.delete(m.cmid);
     return false;
   });

@@ -79,6 +79,7 @@ async fn devices(s: &Stores) {
         sdk_version: "1.0.0".into(),
         tokens_valid_after_ms: 0,
         created_at_ms: 1_700_000_000_000,
+        owner_user_id: 0,
     };
     s.devices
         .insert_device(&device)
@@ -132,6 +133,71 @@ async fn devices(s: &Stores) {
         ErrorKind::NotFound,
         "revoking an unknown device is NotFound"
     );
+
+    // Binding: the first user wins, for good; the owner reads back; revocation keeps it.
+    let (bob, carol) = (id(), id());
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, bob)
+            .await
+            .expect("bind"),
+        bob,
+        "an unbound device binds to its first user"
+    );
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, bob)
+            .await
+            .expect("bind again"),
+        bob,
+        "binding the owner again is a no-op"
+    );
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, carol)
+            .await
+            .expect("bind other"),
+        bob,
+        "another user gets the owner back, and the device stays bound to it"
+    );
+    s.devices
+        .revoke_tokens_before(device.device_id, 1_700_000_600_000)
+        .await
+        .expect("revoke");
+    let got = s
+        .devices
+        .get_device(device.device_id)
+        .await
+        .expect("get_device")
+        .expect("device");
+    assert_eq!(
+        (got.owner_user_id, got.tokens_valid_after_ms),
+        (bob, 1_700_000_600_000)
+    );
+    let err = s
+        .devices
+        .bind_device(id(), bob)
+        .await
+        .expect_err("binding an unknown device fails");
+    assert_eq!(err.kind, ErrorKind::NotFound);
+    assert_eq!(
+        s.devices.get_device(id()).await.expect("get"),
+        None,
+        "a failed bind creates nothing"
+    );
+    // Two users racing for one fresh device: exactly one wins, and both are told the same owner.
+    let race = Device {
+        device_id: id(),
+        ..device.clone()
+    };
+    s.devices.insert_device(&race).await.expect("insert");
+    let (a, b) = tokio::join!(
+        s.devices.bind_device(race.device_id, bob),
+        s.devices.bind_device(race.device_id, carol)
+    );
+    let (a, b) = (a.expect("bind bob"), b.expect("bind carol"));
+    assert_eq!(a, b, "one owner");
+    assert!(a == bob || a == carol);
 }
 
 async fn users(s: &Stores) {

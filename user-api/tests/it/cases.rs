@@ -1116,3 +1116,83 @@ fn refs(v: &Value) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+/// A device belongs to the first user who signs in on it: nobody else can sign in on it, use a token for
+/// it or move its revocation cut-off (issue 19, finding 1: carol used to sign out bob's device).
+pub(crate) async fn case_device_bound_to_its_user(stores: Stores) {
+    let s = start(stores.clone()).await;
+    let pw = "correct horse";
+    let bob = s.signed_up(pw).await;
+    let carol = s.signed_up(pw).await;
+    let on_bobs = json!({"username": carol.username, "password": pw, "device_id": bob.device_id});
+    s.post("/v1/sessions", As::Anonymous, on_bobs)
+        .await
+        .err(403, "device_taken");
+    s.post(
+        "/v1/admin/tokens",
+        ADMIN,
+        json!({"user_id": carol.user_id, "device_id": bob.device_id}),
+    )
+    .await
+    .err(403, "device_taken");
+    // A token for carol on bob's device from anyone holding the secret (an app backend) is refused too,
+    // for the API and for sign-out.
+    let now = now_ms() / 1000;
+    let forged = s.key.mint(&Claims {
+        user_id: carol.user_id,
+        device_id: bob.device_id,
+        exp: now + 600,
+        iat: now,
+        iat_ms: Some(now_ms()),
+    });
+    s.get("/v1/users/me", As::Token(&forged))
+        .await
+        .err(401, "unauthenticated");
+    s.delete("/v1/sessions", As::Token(&forged))
+        .await
+        .err(401, "unauthenticated");
+    // Bob is untouched.
+    assert_eq!(
+        s.get("/v1/users/me", bob.auth()).await.ok(200)["user_id"].as_i64(),
+        Some(bob.user_id)
+    );
+    let device = stores
+        .devices
+        .get_device(bob.device_id)
+        .await
+        .expect("get")
+        .expect("device");
+    assert_eq!(
+        (device.owner_user_id, device.tokens_valid_after_ms),
+        (bob.user_id, 0)
+    );
+    // Bob signs in again on his own device; his sign-out revokes only his device.
+    s.post(
+        "/v1/sessions",
+        As::Anonymous,
+        json!({"username": bob.username, "password": pw, "device_id": bob.device_id}),
+    )
+    .await
+    .ok(200);
+    s.delete("/v1/sessions", carol.auth()).await.ok(204);
+    s.get("/v1/users/me", bob.auth()).await.ok(200);
+    s.get("/v1/users/me", carol.auth())
+        .await
+        .err(401, "token_revoked");
+    // A device that only ever had minted tokens is bound at its first sign-out (or mint).
+    let dev = s.device().await;
+    let token = |user_id: i64| {
+        s.key.mint(&Claims {
+            user_id,
+            device_id: dev,
+            exp: now + 600,
+            iat: now,
+            iat_ms: Some(now_ms()),
+        })
+    };
+    let (carols, bobs) = (token(carol.user_id), token(bob.user_id));
+    s.delete("/v1/sessions", As::Token(&bobs)).await.ok(204);
+    s.get("/v1/users/me", As::Token(&carols))
+        .await
+        .err(401, "unauthenticated");
+}

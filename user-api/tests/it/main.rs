@@ -50,6 +50,7 @@ cases!(
     case_friends,
     case_groups,
     case_openapi_matches_router,
+    case_device_bound_to_its_user,
 );
 
 fn embedded_stores() -> Stores {
