@@ -1,10 +1,9 @@
 //! Devices, sign-up, sign-in/out and profiles.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -13,7 +12,9 @@ use zhibo_store::ids::now_ms;
 use zhibo_store::{Device, ErrorKind, Profile, User};
 
 use crate::auth::{hash_password, verify_password, Caller};
+use crate::client_ip::ClientIp;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::rate_limit::SlidingWindow;
 use crate::state::AppState;
 use crate::validate::{self, MAX_NAME, MAX_URL};
 
@@ -62,8 +63,10 @@ pub(crate) struct DeviceCreated {
 
 pub(crate) async fn create_device(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<CreateDevice>,
 ) -> Result<(StatusCode, ApiJson<DeviceCreated>), ApiError> {
+    per_address(&st.device_limit, ip)?;
     for (field, value) in [
         ("brand", &req.brand),
         ("model", &req.model),
@@ -112,10 +115,25 @@ pub(crate) struct UserCreated {
     user_id: i64,
 }
 
+/// Counts a request of `ip` against `limit`: 429 with `Retry-After` once the address used its budget.
+fn per_address(limit: &SlidingWindow, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    let Some(ip) = ip else { return Ok(()) };
+    limit
+        .check_all(&[&ip.to_string()], Instant::now())
+        .map_err(rate_limited)
+}
+
+fn rate_limited(wait: Duration) -> ApiError {
+    ApiError::rate_limited(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+}
+
 pub(crate) async fn sign_up(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<SignUp>,
 ) -> Result<(StatusCode, ApiJson<UserCreated>), ApiError> {
+    // Before any check: probing usernames counts too, and every counted sign-up may cost a hash.
+    per_address(&st.sign_up_limit, ip)?;
     validate::username(&req.username)?;
     validate::password(&req.password)?;
     let nickname = req.nickname.unwrap_or_else(|| req.username.clone());
@@ -159,23 +177,6 @@ pub(crate) fn username_taken() -> ApiError {
     ApiError::conflict("username_taken", "this username is taken")
 }
 
-/// The peer address, when the server was started with connect info (see [`crate::run`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerIp(Option<IpAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for PeerIp {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(PeerIp(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
-        ))
-    }
-}
-
 /// Signs in on a registered device.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -198,21 +199,29 @@ pub(crate) struct SessionCreated {
 
 pub(crate) async fn sign_in(
     State(st): State<AppState>,
-    PeerIp(ip): PeerIp,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<SignIn>,
 ) -> Result<ApiJson<SessionCreated>, ApiError> {
-    // Counted before any work, so the limit also bounds the argon2 CPU an attacker can spend. Usernames
-    // are short and lowercase; anything else cannot exist, but still counts against the IP.
-    let user_key = format!("u:{}", req.username.chars().take(32).collect::<String>());
-    let ip_key = ip.map(|ip| format!("ip:{ip}"));
-    let keys: Vec<&str> = std::iter::once(user_key.as_str())
-        .chain(ip_key.as_deref())
-        .collect();
+    // Failures are counted per (username, address) and per address, never per username alone: someone
+    // failing on purpose from elsewhere cannot lock the real user out. An attempt counts as a failure
+    // from its start (forgiven on success), which also bounds the argon2 CPU an address can spend.
+    // Usernames are short and lowercase; anything else cannot exist, but still counts against the address.
+    let name: String = req.username.chars().take(32).collect();
+    let (user_key, ip_key) = match ip {
+        Some(ip) => (format!("u:{name}|{ip}"), Some(format!("ip:{ip}"))),
+        None => (format!("u:{name}"), None),
+    };
+    let now = Instant::now();
     st.sign_in_limit
-        .check_all(&keys, Instant::now())
-        .map_err(|wait| {
-            ApiError::rate_limited(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
-        })?;
+        .begin(&[&user_key], now)
+        .map_err(rate_limited)?;
+    if let Some(ip_key) = &ip_key {
+        if let Err(wait) = st.ip_sign_in_limit.begin(&[ip_key], now) {
+            // Not attempted after all: no failure for this username either.
+            st.sign_in_limit.succeeded(&[], &[&user_key]);
+            return Err(rate_limited(wait));
+        }
+    }
 
     let device = st
         .stores
@@ -228,6 +237,12 @@ pub(crate) async fn sign_in(
         .map(|u| u.password_hash.clone())
         .filter(|h| !h.is_empty());
     let ok = verify_password(&st, hash, req.password).await?;
+    if ok {
+        st.sign_in_limit.succeeded(&[&user_key], &[]);
+        if let Some(ip_key) = &ip_key {
+            st.ip_sign_in_limit.succeeded(&[], &[ip_key]);
+        }
+    }
     let user = match user {
         Some(user) if ok => user,
         _ => {

@@ -6,7 +6,8 @@
 //! `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups` or `admin` (bring-your-own-auth
 //! users, token minting, message sends through `zhibo_logic::Logic`) or `rooms` (live-room settings,
 //! owner/admin close and mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
-//! `state` holds what handlers share; `rate_limit` the sign-in limiter; `validate` the field checks.
+//! `state` holds what handlers share; `rate_limit` the limiters (sign-in backoff, sign-ups and devices
+//! per address) and `client_ip` the address they key on; `validate` the field checks.
 //! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
 //! `web` serves the browser chat page at `/` when `web_ui` is on (outside `/v1` and the OpenAPI document).
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@
 mod accounts;
 mod admin;
 mod auth;
+mod client_ip;
 mod error;
 mod friends;
 mod groups;
@@ -51,8 +53,23 @@ pub struct ApiConfig {
     pub admin_secret: String,
     /// Most members a group may have, the owner included (default 2000).
     pub max_group_size: usize,
-    /// Sign-in attempts allowed per minute per username and, separately, per client IP (default 10).
+    /// Failed sign-ins allowed per (username, client address) before backing off (default 10); an
+    /// address gets 3 times as many across usernames. Past that, each failure refuses the key for a
+    /// growing window (1 s, 2 s, 4 s, … up to `sign_in_max_backoff_secs`); quiet keys are forgotten.
+    /// Failures only: the right password from another address is never refused.
     pub sign_in_per_minute: u32,
+    /// Longest refusal window of the sign-in backoff, seconds (default 300).
+    pub sign_in_max_backoff_secs: u64,
+    /// Sign-ups allowed per client address per hour (default 20).
+    pub sign_ups_per_hour: u32,
+    /// Device registrations allowed per client address per hour (default 60).
+    pub devices_per_hour: u32,
+    /// Comma-separated addresses / CIDR networks of reverse proxies (ingress) whose
+    /// `client_ip_header` is believed; empty (default): the TCP peer is the client address.
+    pub trusted_proxies: String,
+    /// The header trusted proxies put the client address in, e.g. `x-forwarded-for` (a list, the
+    /// nearest untrusted entry wins) or `x-real-ip`; empty (default) = off.
+    pub client_ip_header: String,
     /// Serve the browser chat page at `/` (`web/`). Unset: on in `zhibo dev`, off otherwise.
     pub web_ui: Option<bool>,
     /// The gateway WebSocket URL the page connects to, e.g. `ws://127.0.0.1:7002/ws`. Empty: `zhibo dev`
@@ -67,6 +84,11 @@ impl Default for ApiConfig {
             admin_secret: String::new(),
             max_group_size: 2000,
             sign_in_per_minute: 10,
+            sign_in_max_backoff_secs: 300,
+            sign_ups_per_hour: 20,
+            devices_per_hour: 60,
+            trusted_proxies: String::new(),
+            client_ip_header: String::new(),
             web_ui: None,
             web_ws_url: String::new(),
         }
@@ -87,6 +109,11 @@ impl std::fmt::Debug for ApiConfig {
             )
             .field("max_group_size", &self.max_group_size)
             .field("sign_in_per_minute", &self.sign_in_per_minute)
+            .field("sign_in_max_backoff_secs", &self.sign_in_max_backoff_secs)
+            .field("sign_ups_per_hour", &self.sign_ups_per_hour)
+            .field("devices_per_hour", &self.devices_per_hour)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("client_ip_header", &self.client_ip_header)
             .field("web_ui", &self.web_ui)
             .field("web_ws_url", &self.web_ws_url)
             .finish()
@@ -112,6 +139,19 @@ impl ApiConfig {
         }
         if self.sign_in_per_minute == 0 {
             return Err("sign_in_per_minute must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&self.sign_in_max_backoff_secs) {
+            return Err("sign_in_max_backoff_secs must be between 1 and 86400".into());
+        }
+        if self.sign_ups_per_hour == 0 || self.devices_per_hour == 0 {
+            return Err("sign_ups_per_hour and devices_per_hour must be at least 1".into());
+        }
+        client_ip::Networks::parse(&self.trusted_proxies)
+            .map_err(|e| format!("trusted_proxies: {e}"))?;
+        if !self.client_ip_header.is_empty()
+            && axum::http::HeaderName::from_bytes(self.client_ip_header.as_bytes()).is_err()
+        {
+            return Err("client_ip_header is not a valid header name".into());
         }
         let ws = &self.web_ws_url;
         if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {

@@ -202,34 +202,159 @@ pub(crate) async fn case_sign_up_and_sign_in(stores: Stores) {
     );
 }
 
-/// Too many sign-in attempts are refused with 429 and Retry-After.
-pub(crate) async fn case_sign_in_rate_limit(stores: Stores) {
-    let s = start_with(
+/// A server behind a trusted proxy (the test client, 127.0.0.1) that takes the client address from
+/// `X-Forwarded-For`, so one test can speak from many addresses.
+async fn behind_proxy(stores: Stores, config: ApiConfig) -> crate::server::TestServer {
+    start_with(
         stores,
         ApiConfig {
             admin_secret: ADMIN_SECRET.to_owned(),
+            trusted_proxies: "127.0.0.1, ::1".to_owned(),
+            client_ip_header: "X-Forwarded-For".to_owned(),
+            ..config
+        },
+    )
+    .await
+}
+
+/// `POST path` with `body` from client address `from` (via the trusted proxy header).
+async fn post_from(
+    s: &crate::server::TestServer,
+    from: &str,
+    path: &str,
+    body: Value,
+) -> crate::server::Reply {
+    let req = s
+        .http
+        .post(format!("{}{path}", s.base))
+        .header("x-forwarded-for", from)
+        .json(&body);
+    s.send(req).await
+}
+
+/// Failed sign-ins back off per (username, address) with 429 and a growing Retry-After; the right
+/// password from another address still works (issue 19, finding 2: anyone could lock alice out).
+pub(crate) async fn case_sign_in_rate_limit(stores: Stores) {
+    let s = behind_proxy(
+        stores,
+        ApiConfig {
             sign_in_per_minute: 3,
+            sign_in_max_backoff_secs: 60,
             ..ApiConfig::default()
         },
     )
     .await;
+    let pw = "correct horse";
+    let alice = s.signed_up(pw).await;
     let dev = s.device().await;
-    let u = s.user().await;
-    let attempt = json!({"username": u.username, "password": "wrong password", "device_id": dev});
-    for _ in 0..3 {
-        s.post("/v1/sessions", As::Anonymous, attempt.clone())
-            .await
-            .err(401, "bad_credentials");
+    let attempt = |password: &str| json!({"username": alice.username, "password": password, "device_id": dev});
+    let attacker = "203.0.113.7";
+    // Failures until refused: the third failure starts the backoff, the fourth attempt gets 429.
+    let mut waits = Vec::new();
+    for _ in 0..12 {
+        let r = post_from(&s, attacker, "/v1/sessions", attempt("wrong password")).await;
+        if r.status.as_u16() == 429 {
+            r.err(429, "rate_limited");
+            waits.push(r.retry_after.expect("Retry-After"));
+            if waits.len() == 2 {
+                break;
+            }
+            // Wait out the refusal window (a condition on the clock, not a synchronisation).
+            tokio::time::sleep(std::time::Duration::from_secs(waits[0])).await;
+        } else {
+            r.err(401, "bad_credentials");
+        }
     }
-    let refused = s.post("/v1/sessions", As::Anonymous, attempt).await;
-    refused.err(429, "rate_limited");
-    let wait = refused.retry_after.expect("Retry-After");
-    assert!((1..=60).contains(&wait), "Retry-After {wait}");
-    // Another username from the same IP: the per-IP limit refuses it too.
-    let other = json!({"username": "someone_else", "password": "wrong password", "device_id": dev});
-    s.post("/v1/sessions", As::Anonymous, other)
+    assert_eq!(waits.len(), 2, "the attacker was never refused");
+    assert!(
+        (1..=60).contains(&waits[0]) && waits[1] >= waits[0],
+        "refusal windows grow: {waits:?}"
+    );
+    // The attacker's address is refused even with the right password...
+    post_from(&s, attacker, "/v1/sessions", attempt(pw))
         .await
         .err(429, "rate_limited");
+    // ...but the real alice, from her own address, signs in.
+    let ok = post_from(&s, "198.51.100.20", "/v1/sessions", attempt(pw))
+        .await
+        .ok(200);
+    assert_eq!(ok["user_id"].as_i64(), Some(alice.user_id));
+    // Successes are not counted: many sign-ins with the right password are all accepted.
+    for _ in 0..4 {
+        post_from(&s, "198.51.100.20", "/v1/sessions", attempt(pw))
+            .await
+            .ok(200);
+    }
+    // One address failing across usernames is bounded too (3 × the per-user budget).
+    let spray = "203.0.113.99";
+    let mut refused = false;
+    for i in 0..12 {
+        let body = json!({"username": format!("nobody_{i}"), "password": "wrong password", "device_id": dev});
+        let r = post_from(&s, spray, "/v1/sessions", body).await;
+        if r.status.as_u16() == 429 {
+            refused = true;
+            break;
+        }
+        r.err(401, "bad_credentials");
+    }
+    assert!(refused, "an address spraying usernames is never refused");
+}
+
+/// Sign-ups and device registrations are limited per client address (429 with Retry-After); another
+/// address is unaffected (issue 19, finding 4). Also: the proxy header is believed only from a trusted
+/// proxy.
+pub(crate) async fn case_sign_up_and_device_limits(stores: Stores) {
+    let s = behind_proxy(
+        stores.clone(),
+        ApiConfig {
+            sign_ups_per_hour: 2,
+            devices_per_hour: 3,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let device = json!({"type": "web"});
+    for _ in 0..3 {
+        post_from(&s, "203.0.113.1", "/v1/devices", device.clone())
+            .await
+            .ok(201);
+    }
+    let r = post_from(&s, "203.0.113.1", "/v1/devices", device.clone()).await;
+    r.err(429, "rate_limited");
+    assert!((1..=3600).contains(&r.retry_after.expect("Retry-After")));
+    post_from(&s, "203.0.113.2", "/v1/devices", device.clone())
+        .await
+        .ok(201);
+
+    let sign_up =
+        || json!({"username": crate::server::unique_username("lim"), "password": "long enough"});
+    for _ in 0..2 {
+        post_from(&s, "203.0.113.1", "/v1/users", sign_up())
+            .await
+            .ok(201);
+    }
+    let r = post_from(&s, "203.0.113.1", "/v1/users", sign_up()).await;
+    r.err(429, "rate_limited");
+    assert!((1..=3600).contains(&r.retry_after.expect("Retry-After")));
+    post_from(&s, "203.0.113.2", "/v1/users", sign_up())
+        .await
+        .ok(201);
+
+    // Without a trusted proxy configured, the header is ignored: every request is the TCP peer's.
+    let direct = start_with(
+        stores,
+        ApiConfig {
+            devices_per_hour: 2,
+            client_ip_header: "X-Forwarded-For".to_owned(),
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    for (i, want) in [201, 201, 429].into_iter().enumerate() {
+        let from = format!("203.0.113.{}", 10 + i);
+        let r = post_from(&direct, &from, "/v1/devices", device.clone()).await;
+        assert_eq!(r.status.as_u16(), want, "{from}: {:?}", r.body);
+    }
 }
 
 /// Missing, malformed, foreign, expired and revoked tokens.
@@ -596,9 +721,15 @@ pub(crate) async fn case_messages(stores: Stores) {
     .ok(200);
     let sent = s.post("/v1/messages", a.auth(), to_b("m1")).await.ok(200);
     assert_eq!(sent["seq"], 2, "A's second message");
+    // The recipient's copy names the sender but not the sending device; the sender's own copy does.
     let inbox = stores.messages.sync(b.user_id, 1, 10).await.expect("sync");
     assert_eq!(
         (inbox[0].sender_user_id, inbox[0].sender_device_id),
+        (a.user_id, 0)
+    );
+    let own = stores.messages.sync(a.user_id, 1, 10).await.expect("sync");
+    assert_eq!(
+        (own[0].sender_user_id, own[0].sender_device_id),
         (a.user_id, a.device_id)
     );
     s.post("/v1/messages", a.auth(), to_b("m2")).await.ok(200);

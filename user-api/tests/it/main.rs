@@ -51,6 +51,7 @@ cases!(
     case_groups,
     case_openapi_matches_router,
     case_device_bound_to_its_user,
+    case_sign_up_and_device_limits,
 );
 
 fn embedded_stores() -> Stores {
