@@ -423,7 +423,7 @@ pub(crate) fn apply_profile(
         profile.nickname = v;
     }
     if let Some(v) = avatar_url {
-        validate::text("avatar_url", &v, MAX_URL)?;
+        validate::url("avatar_url", &v, MAX_URL)?;
         profile.avatar_url = v;
     }
     if let Some(v) = extra {

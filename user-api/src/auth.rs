@@ -47,6 +47,10 @@ impl FromRequestParts<AppState> for Caller {
                 TokenError::Expired => {
                     ApiError::unauthorized("token_expired", "token expired; sign in again")
                 }
+                TokenError::NotYetValid => ApiError::unauthorized(
+                    "unauthenticated",
+                    "token not valid yet (nbf or iat in the future)",
+                ),
                 _ => ApiError::unauthorized("unauthenticated", "invalid token"),
             })?;
         // Same rule as the gateway: the device must exist and the token must postdate its revocation cut-off.

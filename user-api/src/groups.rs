@@ -232,7 +232,7 @@ pub(crate) async fn create_group(
     ApiJson(req): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, ApiJson<GroupView>), ApiError> {
     check_name(&req.name)?;
-    validate::text("avatar_url", &req.avatar_url, MAX_URL)?;
+    validate::url("avatar_url", &req.avatar_url, MAX_URL)?;
     validate::extra("introduction", &req.introduction)?;
     validate::extra("extra", &req.extra)?;
     let max = st.config.max_group_size;
@@ -322,7 +322,7 @@ pub(crate) async fn update_group(
         group.name = v;
     }
     if let Some(v) = req.avatar_url {
-        validate::text("avatar_url", &v, MAX_URL)?;
+        validate::url("avatar_url", &v, MAX_URL)?;
         group.avatar_url = v;
     }
     if let Some(v) = req.introduction {

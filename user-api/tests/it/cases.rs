@@ -409,6 +409,22 @@ pub(crate) async fn case_auth_refusals(stores: Stores) {
         ..claims.clone()
     });
     s.get("/v1/users/me", As::Token(&backend)).await.ok(200);
+    // A token "issued" far in the future would postdate every revocation cut-off: refused.
+    let future = s.key.mint(&Claims {
+        iat: now + 365 * 24 * 3600,
+        exp: now + 400 * 24 * 3600,
+        ..claims.clone()
+    });
+    s.get("/v1/users/me", As::Token(&future))
+        .await
+        .err(401, "unauthenticated");
+    let future_ms = s.key.mint(&Claims {
+        iat_ms: Some((now + 3600) * 1000),
+        ..claims.clone()
+    });
+    s.get("/v1/users/me", As::Token(&future_ms))
+        .await
+        .err(401, "unauthenticated");
 
     // Sign-out revokes every token of the device issued so far, immediately.
     s.delete("/v1/sessions", u.auth()).await.ok(204);
@@ -480,6 +496,29 @@ pub(crate) async fn case_profiles(stores: Stores) {
         "/v1/users/me",
         a.auth(),
         json!({"nickname": "n".repeat(65)}),
+    )
+    .await
+    .err(400, "invalid_argument");
+    // Names that disguise themselves and avatars that are not web URLs are refused.
+    for nickname in ["ad\u{202E}nimda", "a\u{200B}dmin", "\u{2067}x"] {
+        s.patch("/v1/users/me", a.auth(), json!({"nickname": nickname}))
+            .await
+            .err(400, "invalid_argument");
+    }
+    for avatar in [
+        "javascript:alert(1)",
+        "data:image/png;base64,AAAA",
+        "ftp://x/a.png",
+    ] {
+        s.patch("/v1/users/me", a.auth(), json!({"avatar_url": avatar}))
+            .await
+            .err(400, "invalid_argument");
+    }
+    s.post(
+        "/v1/users",
+        As::Anonymous,
+        json!({"username": crate::server::unique_username("bidi"), "password": "long enough",
+               "nickname": "x\u{202E}y"}),
     )
     .await
     .err(400, "invalid_argument");
