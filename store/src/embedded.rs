@@ -18,6 +18,7 @@
 //! | `dedup`           | (device, client_msg_id)      | (written at, [`SendResult`] as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
+//! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`embedded_invites`) |
 //! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
 //!
 //! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
@@ -213,6 +214,9 @@ impl EmbeddedBackend {
             users: self.clone(),
             friends: self.clone(),
             groups: self.clone(),
+            group_invites: Arc::new(crate::embedded_invites::EmbeddedInvites::new(
+                self.db.clone(),
+            )),
             messages: self.clone(),
             rooms: Arc::new(crate::embedded_rooms::EmbeddedRooms::new(self.db.clone())),
             seq: self,

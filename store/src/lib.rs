@@ -3,6 +3,8 @@
 //! - Traits ([`DeviceStore`], [`UserStore`], [`FriendStore`], [`GroupStore`], [`MessageStore`],
 //!   [`SeqAllocator`], [`RoomStore`]): what logic-worker, gateway and user-api call, always as
 //!   `Arc<dyn Trait>` inside [`Stores`].
+//! - [`invites`]: pending group invitations ([`GroupInviteStore`]); [`embedded_invites`] implements it
+//!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`rooms`]: live-room records and recent history ([`RoomStore`]); [`embedded_rooms`] implements it
 //!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
@@ -14,8 +16,10 @@
 #![warn(missing_docs)]
 
 pub mod embedded;
+pub mod embedded_invites;
 pub mod embedded_rooms;
 pub mod ids;
+pub mod invites;
 pub mod model;
 pub mod redis_seq;
 pub mod rooms;
@@ -24,6 +28,7 @@ pub mod scylla;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use invites::{GroupInvite, GroupInviteStore};
 pub use model::*;
 pub use rooms::{Room, RoomStore};
 use zhibo_proto::client::Message;
@@ -349,6 +354,8 @@ pub struct Stores {
     pub friends: Arc<dyn FriendStore>,
     /// Groups and members.
     pub groups: Arc<dyn GroupStore>,
+    /// Pending group invitations.
+    pub group_invites: Arc<dyn GroupInviteStore>,
     /// Inboxes, dedup, acks.
     pub messages: Arc<dyn MessageStore>,
     /// Seq counters.

@@ -11,6 +11,7 @@
 //! - device acks are written `USING TIMESTAMP <seq>`, so the largest seq wins without a read;
 //! - token revocation is `UPDATE ... IF tokens_valid_after_ms < ?`, so it never moves back.
 
+mod invites;
 mod migrate;
 
 use std::collections::BTreeMap;
@@ -304,6 +305,7 @@ impl Statements {
 pub struct ScyllaBackend {
     session: Arc<Session>,
     st: Statements,
+    invites: invites::Statements,
     /// Room messages pushed by this process, to trim each room's history every [`TRIM_EVERY`] pushes.
     recent_pushes: std::sync::atomic::AtomicU64,
 }
@@ -348,9 +350,11 @@ impl ScyllaBackend {
             .await
             .map_err(|e| db_error("use keyspace", e))?;
         let st = Statements::prepare(&session).await?;
+        let invites = invites::Statements::prepare(&session).await?;
         Ok(ScyllaBackend {
             session,
             st,
+            invites,
             recent_pushes: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -367,6 +371,7 @@ impl ScyllaBackend {
             users: self.clone(),
             friends: self.clone(),
             groups: self.clone(),
+            group_invites: self.clone(),
             messages: self.clone(),
             rooms: self,
             seq,

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
-    Device, ErrorKind, Friend, FriendRequest, Group, GroupMember, Profile, Role, SendResult,
-    Stores, User,
+    Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role,
+    SendResult, Stores, User,
 };
 
 /// Runs every check against `stores`; panics with a message naming the broken behaviour.
@@ -20,6 +20,7 @@ pub(crate) async fn run_all(stores: Stores) {
     upserted_users(&stores).await;
     friends(&stores).await;
     groups(&stores).await;
+    group_invites(&stores).await;
     inbox(&stores).await;
     fan_out(&stores).await;
     dedup(&stores).await;
@@ -989,4 +990,52 @@ async fn seq(s: &Stores) {
         .expect("append");
     let next = s.seq.next(&[c]).await.expect("next")[0];
     assert!(next > 100, "seq stays above the stored inbox ({next})");
+}
+
+async fn group_invites(s: &Stores) {
+    let (user, other) = (id(), id());
+    let (g1, g2) = (id(), id());
+    let inv = s.group_invites.clone();
+    assert_eq!(inv.list_invites(user).await.expect("list"), vec![]);
+    assert_eq!(inv.get_invite(g1, user).await.expect("get"), None);
+    let first = GroupInvite {
+        group_id: g2,
+        user_id: user,
+        inviter_id: other,
+        created_at_ms: 1_700_000_000_000,
+    };
+    let second = GroupInvite {
+        group_id: g1,
+        ..first.clone()
+    };
+    inv.put_invite(&first).await.expect("put");
+    inv.put_invite(&second).await.expect("put");
+    inv.put_invite(&GroupInvite {
+        user_id: other,
+        ..first.clone()
+    })
+    .await
+    .expect("put other");
+    assert_eq!(
+        inv.list_invites(user).await.expect("list"),
+        vec![second.clone(), first.clone()],
+        "a user's invitations, ordered by group id, nobody else's"
+    );
+    assert_eq!(
+        inv.get_invite(g2, user).await.expect("get"),
+        Some(first.clone())
+    );
+    // Inviting again replaces the invitation.
+    let again = GroupInvite {
+        created_at_ms: 1_700_000_001_000,
+        ..first.clone()
+    };
+    inv.put_invite(&again).await.expect("put again");
+    assert_eq!(inv.get_invite(g2, user).await.expect("get"), Some(again));
+    inv.delete_invite(g2, user).await.expect("delete");
+    inv.delete_invite(g2, user)
+        .await
+        .expect("deleting an absent invitation is fine");
+    assert_eq!(inv.list_invites(user).await.expect("list"), vec![second]);
+    assert_eq!(inv.list_invites(other).await.expect("list").len(), 1);
 }
