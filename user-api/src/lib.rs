@@ -53,6 +53,10 @@ pub struct ApiConfig {
     pub admin_secret: String,
     /// Most members a group may have, the owner included (default 2000).
     pub max_group_size: usize,
+    /// Who an owner or admin may put into a group (creation or `POST .../members`): `open` (anyone,
+    /// directly), `friends` (only their friends; adding anyone else is refused with `not_friends`) or
+    /// `invite` (default: friends directly, anyone else gets an invitation to accept or refuse).
+    pub group_add_policy: GroupAddPolicy,
     /// Failed sign-ins allowed per (username, client address) before backing off (default 10); an
     /// address gets 3 times as many across usernames. Past that, each failure refuses the key for a
     /// growing window (1 s, 2 s, 4 s, … up to `sign_in_max_backoff_secs`); quiet keys are forgotten.
@@ -83,6 +87,7 @@ impl Default for ApiConfig {
             token_ttl_secs: 7 * 24 * 3600,
             admin_secret: String::new(),
             max_group_size: 2000,
+            group_add_policy: GroupAddPolicy::default(),
             sign_in_per_minute: 10,
             sign_in_max_backoff_secs: 300,
             sign_ups_per_hour: 20,
@@ -108,6 +113,7 @@ impl std::fmt::Debug for ApiConfig {
                 },
             )
             .field("max_group_size", &self.max_group_size)
+            .field("group_add_policy", &self.group_add_policy)
             .field("sign_in_per_minute", &self.sign_in_per_minute)
             .field("sign_in_max_backoff_secs", &self.sign_in_max_backoff_secs)
             .field("sign_ups_per_hour", &self.sign_ups_per_hour)
@@ -159,6 +165,20 @@ impl ApiConfig {
         }
         Ok(())
     }
+}
+
+/// Who may be added to a group without their consent (see [`ApiConfig::group_add_policy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupAddPolicy {
+    /// Anyone is added directly: a stranger refused a direct message (`not_friends`) could still put
+    /// the target in a group and write there.
+    Open,
+    /// Only the adder's friends; adding a non-friend is refused.
+    Friends,
+    /// The adder's friends directly; anyone else gets a pending invitation.
+    #[default]
+    Invite,
 }
 
 /// What the API needs from the rest of the process.
@@ -283,6 +303,15 @@ mod tests {
         );
         assert!(c.admin_secret.is_empty());
         assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.group_add_policy,
+            GroupAddPolicy::Invite,
+            "no adds without consent"
+        );
+        let open: ApiConfig =
+            serde_json::from_str(r#"{"group_add_policy": "open"}"#).expect("open");
+        assert_eq!(open.group_add_policy, GroupAddPolicy::Open);
+        assert!(serde_json::from_str::<ApiConfig>(r#"{"group_add_policy": "any"}"#).is_err());
         assert!(
             serde_json::from_str::<ApiConfig>(r#"{"nope": 1}"#).is_err(),
             "unknown fields refused"

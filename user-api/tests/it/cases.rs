@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use zhibo_auth::Claims;
 use zhibo_store::ids::now_ms;
 use zhibo_store::Stores;
-use zhibo_user_api::ApiConfig;
+use zhibo_user_api::{ApiConfig, GroupAddPolicy};
 
 use crate::server::{start, start_with, As, ADMIN_SECRET};
 
@@ -991,6 +991,8 @@ pub(crate) async fn case_groups(stores: Stores) {
         ApiConfig {
             admin_secret: ADMIN_SECRET.to_owned(),
             max_group_size: 4,
+            // Membership mechanics; consent is `case_group_add_policy`'s.
+            group_add_policy: GroupAddPolicy::Open,
             ..ApiConfig::default()
         },
     )
@@ -1365,4 +1367,232 @@ pub(crate) async fn case_device_bound_to_its_user(stores: Stores) {
     s.get("/v1/users/me", As::Token(&carols))
         .await
         .err(401, "unauthenticated");
+}
+
+/// Makes `a` and `b` friends.
+async fn befriend(
+    s: &crate::server::TestServer,
+    a: &crate::server::TestUser,
+    b: &crate::server::TestUser,
+) {
+    s.post(
+        "/v1/friends/requests",
+        a.auth(),
+        json!({"to_user_id": b.user_id}),
+    )
+    .await
+    .ok(201);
+    s.post(
+        &format!("/v1/friends/requests/{}/agree", a.user_id),
+        b.auth(),
+        json!({}),
+    )
+    .await
+    .ok(200);
+}
+
+/// Nobody is put into a group without consent (issue 19, finding 3: a stranger refused `not_friends`
+/// created a group with the target and wrote there). Default policy `invite`: friends are added,
+/// strangers invited, and a stranger's group message never reaches someone who has not accepted.
+/// Policy `friends`: strangers are refused.
+pub(crate) async fn case_group_add_policy(stores: Stores) {
+    let s = start(stores.clone()).await;
+    let (stranger, target, friend) = (s.user().await, s.user().await, s.user().await);
+    befriend(&s, &stranger, &friend).await;
+    let dm = json!({"receiver_type": "user", "receiver_id": target.user_id, "client_msg_id": "dm",
+                    "content": b64("hi")});
+    s.post("/v1/messages", stranger.auth(), dm)
+        .await
+        .err(403, "not_friends");
+
+    let created = s
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "trap", "member_ids": [target.user_id, friend.user_id]}),
+        )
+        .await
+        .ok(201);
+    let group_id = created["group_id"].as_i64().expect("group_id");
+    assert_eq!(created["invited"], json!([target.user_id]), "{created}");
+    let members = s
+        .get(&format!("/v1/groups/{group_id}/members"), stranger.auth())
+        .await
+        .ok(200);
+    let ids: BTreeSet<i64> = members["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["user_id"].as_i64())
+        .collect();
+    assert_eq!(ids, BTreeSet::from([stranger.user_id, friend.user_id]));
+    // The stranger writes to the group: the target, only invited, gets nothing.
+    let to_group = |id: &str| {
+        json!({"receiver_type": "group", "receiver_id": group_id, "client_msg_id": id,
+                                     "content": b64("buy now")})
+    };
+    s.post("/v1/messages", stranger.auth(), to_group("g1"))
+        .await
+        .ok(200);
+    assert!(
+        stores
+            .messages
+            .sync(target.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .is_empty(),
+        "an invitee receives nothing from the group"
+    );
+    assert_eq!(
+        stores
+            .messages
+            .sync(friend.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .len(),
+        1
+    );
+    s.get(&format!("/v1/groups/{group_id}"), target.auth())
+        .await
+        .err(403, "not_group_member");
+    // Adding the target again invites again; it does not add.
+    let again = s
+        .post(
+            &format!("/v1/groups/{group_id}/members"),
+            stranger.auth(),
+            json!({"user_ids": [target.user_id]}),
+        )
+        .await
+        .ok(200);
+    assert_eq!(
+        (again["added"].clone(), again["invited"].clone()),
+        (json!([]), json!([target.user_id]))
+    );
+
+    // The target sees the invitation and refuses it: still not a member, nothing pending.
+    let list = s.get("/v1/groups/invitations", target.auth()).await.ok(200);
+    assert_eq!(
+        list["invitations"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    assert_eq!(list["invitations"][0]["group_id"].as_i64(), Some(group_id));
+    assert_eq!(list["invitations"][0]["group_name"], "trap");
+    assert_eq!(
+        list["invitations"][0]["inviter_id"].as_i64(),
+        Some(stranger.user_id)
+    );
+    let refuse = format!("/v1/groups/invitations/{group_id}/refuse");
+    s.post(&refuse, target.auth(), json!({})).await.ok(204);
+    s.post(&refuse, target.auth(), json!({}))
+        .await
+        .err(404, "group_invitation_not_found");
+    s.post(
+        &format!("/v1/groups/invitations/{group_id}/accept"),
+        target.auth(),
+        json!({}),
+    )
+    .await
+    .err(404, "group_invitation_not_found");
+    assert_eq!(
+        s.get("/v1/groups/invitations", target.auth()).await.ok(200)["invitations"],
+        json!([])
+    );
+
+    // Invited once more, the target accepts: a member, and the group's messages arrive.
+    s.post(
+        &format!("/v1/groups/{group_id}/members"),
+        stranger.auth(),
+        json!({"user_ids": [target.user_id]}),
+    )
+    .await
+    .ok(200);
+    let joined = s
+        .post(
+            &format!("/v1/groups/invitations/{group_id}/accept"),
+            target.auth(),
+            json!({}),
+        )
+        .await
+        .ok(200);
+    assert_eq!(joined["group_id"].as_i64(), Some(group_id));
+    s.get(&format!("/v1/groups/{group_id}"), target.auth())
+        .await
+        .ok(200);
+    s.post("/v1/messages", stranger.auth(), to_group("g2"))
+        .await
+        .ok(200);
+    assert_eq!(
+        stores
+            .messages
+            .sync(target.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .len(),
+        1,
+        "after accepting, the next group message arrives"
+    );
+
+    // An invitation into a dissolved group is gone.
+    let other = s.user().await;
+    let g2 = s
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "gone", "member_ids": [other.user_id]}),
+        )
+        .await
+        .ok(201)["group_id"]
+        .as_i64()
+        .expect("group_id");
+    s.delete(&format!("/v1/groups/{g2}"), stranger.auth())
+        .await
+        .ok(204);
+    assert_eq!(
+        s.get("/v1/groups/invitations", other.auth()).await.ok(200)["invitations"],
+        json!([])
+    );
+    s.post(
+        &format!("/v1/groups/invitations/{g2}/accept"),
+        other.auth(),
+        json!({}),
+    )
+    .await
+    .err(404, "group_not_found");
+
+    // Policy `friends`: a stranger cannot be put in a group at all; friends still can.
+    let strict = start_with(
+        stores,
+        ApiConfig {
+            admin_secret: ADMIN_SECRET.to_owned(),
+            group_add_policy: GroupAddPolicy::Friends,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    strict
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "trap2", "member_ids": [other.user_id, friend.user_id]}),
+        )
+        .await
+        .err(403, "not_friends");
+    let ok = strict
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "pals", "member_ids": [friend.user_id]}),
+        )
+        .await
+        .ok(201);
+    assert_eq!(ok["invited"], json!([]));
+    strict
+        .post(
+            &format!("/v1/groups/{}/members", ok["group_id"]),
+            stranger.auth(),
+            json!({"user_ids": [other.user_id]}),
+        )
+        .await
+        .err(403, "not_friends");
 }
