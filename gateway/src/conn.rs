@@ -545,6 +545,14 @@ async fn authenticate(
             (ErrorCode::Unavailable, "try again later".to_owned())
         })?
         .ok_or((ErrorCode::Unauthenticated, "unknown device".to_owned()))?;
+    // A device serves the one user it was bound to at its first sign-in (user-api): a token for
+    // another user on it is refused, as user-api refuses it.
+    if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+        return Err((
+            ErrorCode::Unauthenticated,
+            "this device belongs to another user".to_owned(),
+        ));
+    }
     if claims.issued_at_ms() < device.tokens_valid_after_ms {
         return Err((
             ErrorCode::Unauthenticated,

@@ -200,8 +200,9 @@ impl std::fmt::Debug for Deps {
     }
 }
 
-/// The API's router, state included. Serve it with connect info (as [`run`] does) so sign-in is also
-/// rate-limited per client IP; without it only the per-username limit applies.
+/// The API's router, state included. Serve it with connect info (as [`run`] does): the sign-in backoff
+/// and the sign-up and device limits key on the client address; without it, sign-in failures are
+/// counted per username alone and sign-ups and devices are not limited.
 pub fn router(config: ApiConfig, deps: Deps) -> Router {
     let web_ui = config
         .web_ui
