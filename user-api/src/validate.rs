@@ -69,9 +69,13 @@ pub(crate) fn url(field: &str, value: &str, max: usize) -> Result<(), ApiError> 
     if value.is_empty() {
         return Ok(());
     }
-    let lower = value.get(..8).unwrap_or(value).to_ascii_lowercase();
-    let scheme_ok = lower.starts_with("https://") || lower.starts_with("http://");
-    if !scheme_ok || value.len() <= "http://".len() || value.chars().any(char::is_whitespace) {
+    let (scheme, rest) = value.split_once("://").unwrap_or_default();
+    let scheme_ok = scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http");
+    let has_host = rest
+        .split(['/', '?', '#'])
+        .next()
+        .is_some_and(|h| !h.is_empty());
+    if !scheme_ok || !has_host || value.chars().any(char::is_whitespace) {
         return Err(ApiError::invalid(format!(
             "{field} must be empty or an http:// or https:// URL"
         )));
