@@ -53,6 +53,22 @@ pub enum TokenError {
     /// Past its `exp`.
     #[error("token expired")]
     Expired,
+    /// Before its `nbf` (not before), or issued (`iat` / `iat_ms`) more than [`MAX_CLOCK_SKEW_SECS`] in
+    /// the future. A future issue time would outlive every revocation cut-off (they are "tokens issued
+    /// before T are void"), so such a token is refused instead.
+    #[error("token not valid yet")]
+    NotYetValid,
+}
+
+/// How far ahead of this host's clock a token's `iat`, `iat_ms` or `nbf` may be (clocks of issuers
+/// differ a little).
+pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
+
+/// Registered claims checked by [`TokenKey::verify`] but not carried in [`Claims`].
+#[derive(Deserialize)]
+struct Registered {
+    #[serde(default)]
+    nbf: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,13 +143,23 @@ impl TokenKey {
         mac.update(p.as_bytes());
         mac.verify_slice(&sig)
             .map_err(|_| TokenError::BadSignature)?;
-        let claims: Claims = URL_SAFE_NO_PAD
+        let payload = URL_SAFE_NO_PAD
             .decode(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(TokenError::Malformed)?;
+            .map_err(|_| TokenError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+        let registered: Registered =
+            serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
         if claims.exp <= now_s {
             return Err(TokenError::Expired);
+        }
+        let latest = now_s.saturating_add(MAX_CLOCK_SKEW_SECS);
+        if registered.nbf.is_some_and(|nbf| nbf > latest)
+            || claims.iat > latest
+            || claims
+                .iat_ms
+                .is_some_and(|ms| ms > latest.saturating_mul(1000))
+        {
+            return Err(TokenError::NotYetValid);
         }
         Ok(claims)
     }
@@ -174,6 +200,49 @@ mod tests {
             key.verify(&parts.join("."), 1_000),
             Err(TokenError::BadSignature)
         );
+    }
+
+    #[test]
+    fn refuses_future_issue_times_and_honours_nbf() {
+        let key = TokenKey::new("secret");
+        let now = 10_000;
+        let at = |iat: i64, iat_ms: Option<i64>| {
+            key.verify(
+                &key.mint(&Claims {
+                    iat,
+                    iat_ms,
+                    ..claims(20_000)
+                }),
+                now,
+            )
+        };
+        assert!(
+            at(now + MAX_CLOCK_SKEW_SECS, None).is_ok(),
+            "within the skew"
+        );
+        assert_eq!(
+            at(now + MAX_CLOCK_SKEW_SECS + 1, None),
+            Err(TokenError::NotYetValid)
+        );
+        assert_eq!(
+            at(now, Some((now + 3600) * 1000)),
+            Err(TokenError::NotYetValid)
+        );
+        assert!(at(now, Some(now * 1000)).is_ok());
+        // `nbf`, as another JWT library would set it.
+        let signed = |payload: &str| {
+            let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#);
+            let p = URL_SAFE_NO_PAD.encode(payload);
+            let mut mac = key.mac();
+            mac.update(format!("{h}.{p}").as_bytes());
+            let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            format!("{h}.{p}.{sig}")
+        };
+        let early = signed(r#"{"user_id":1,"device_id":1,"exp":20000,"nbf":15000}"#);
+        assert_eq!(key.verify(&early, now), Err(TokenError::NotYetValid));
+        assert!(key.verify(&early, 15_000).is_ok());
+        let bad_nbf = signed(r#"{"user_id":1,"device_id":1,"exp":20000,"nbf":"x"}"#);
+        assert_eq!(key.verify(&bad_nbf, now), Err(TokenError::Malformed));
     }
 
     #[test]

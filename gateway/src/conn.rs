@@ -367,10 +367,7 @@ where
                         }
                         if notices {
                             let rooms = shared.hub.rooms();
-                            if let Err(e) = rooms
-                                .notice(room_id, user_id, device_id, RoomNotice::Join)
-                                .await
-                            {
+                            if let Err(e) = rooms.notice(room_id, user_id, RoomNotice::Join).await {
                                 debug!(room_id, error = %e, "join notice lost");
                             }
                         }
@@ -634,6 +631,14 @@ async fn authenticate(
             (ErrorCode::Unavailable, "try again later".to_owned())
         })?
         .ok_or((ErrorCode::Unauthenticated, "unknown device".to_owned()))?;
+    // A device serves the one user it was bound to at its first sign-in (user-api): a token for
+    // another user on it is refused, as user-api refuses it.
+    if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+        return Err((
+            ErrorCode::Unauthenticated,
+            "this device belongs to another user".to_owned(),
+        ));
+    }
     if claims.issued_at_ms() < device.tokens_valid_after_ms {
         return Err((
             ErrorCode::Unauthenticated,

@@ -340,7 +340,8 @@ impl RoomHub {
         Some((removed.viewer, notices))
     }
 
-    /// Publishes a join or leave notice of a viewer to the room (message id 0, not kept in history).
+    /// Publishes a join or leave notice of a viewer to the room (message id 0, not kept in history). It
+    /// names the user only: viewers never learn another user's device id (issue 19).
     ///
     /// # Errors
     /// When the bus refuses the publish.
@@ -348,18 +349,17 @@ impl RoomHub {
         &self,
         room_id: i64,
         user_id: i64,
-        device_id: i64,
         notice: RoomNotice,
     ) -> zhibo_bus::Result<()> {
-        publish_notice(&*self.bus, room_id, user_id, device_id, notice).await
+        publish_notice(&*self.bus, room_id, user_id, notice).await
     }
 
     fn spawn_notice(&self, room_id: i64, viewer: &Viewer, notice: RoomNotice) {
         let bus = self.bus.clone();
-        let (user_id, device_id) = (viewer.user_id, viewer.device_id);
+        let user_id = viewer.user_id;
         tokio::spawn(
             async move {
-                if let Err(e) = publish_notice(&*bus, room_id, user_id, device_id, notice).await {
+                if let Err(e) = publish_notice(&*bus, room_id, user_id, notice).await {
                     debug!(room_id, error = %e, "leave notice lost");
                 }
             }
@@ -607,13 +607,11 @@ async fn publish_notice(
     bus: &dyn Bus,
     room_id: i64,
     user_id: i64,
-    device_id: i64,
     notice: RoomNotice,
 ) -> zhibo_bus::Result<()> {
     let event = RoomEvent {
         event: Some(room_event::Event::Message(Message {
             sender_user_id: user_id,
-            sender_device_id: device_id,
             receiver_type: ReceiverType::Room as i32,
             receiver_id: room_id,
             server_time_ms: zhibo_store::ids::now_ms(),

@@ -674,7 +674,8 @@ impl Logic {
             message_id: self.next_id(Op::RoomSend).await?,
             seq: 0,
             sender_user_id: origin.user_id,
-            sender_device_id: origin.device_id,
+            // Every viewer gets the same copy, so no device id: see `inbox_entries`.
+            sender_device_id: 0,
             receiver_type: ReceiverType::Room as i32,
             receiver_id: input.receiver_id,
             client_msg_id: input.client_msg_id.clone(),
@@ -822,15 +823,23 @@ fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendResult) -> 
     }
 }
 
-/// One inbox entry per recipient of `plan`: `template` at that recipient's seq.
+/// One inbox entry per recipient of `plan`: `template` at that recipient's seq. Only the sender's own
+/// copy names the sending device: device ids are the sender's business (they identify the install whose
+/// tokens a sign-out revokes), so other users get `sender_device_id` 0.
 fn inbox_entries(plan: &SendResult, template: &Message) -> Vec<(i64, Message)> {
     plan.recipients
         .iter()
         .map(|&(user_id, seq)| {
+            let sender_device_id = if user_id == template.sender_user_id {
+                template.sender_device_id
+            } else {
+                0
+            };
             (
                 user_id,
                 Message {
                     seq,
+                    sender_device_id,
                     ..template.clone()
                 },
             )

@@ -18,6 +18,7 @@
 //! | `dedup`           | (device, client_msg_id)      | (written at, [`SendResult`] as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
+//! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`embedded_invites`) |
 //! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
 //! | `node_leases`     | (pool, node number)          | (owner, expires at ms, high-water ms)  |
 //!
@@ -220,6 +221,9 @@ impl EmbeddedBackend {
             users: self.clone(),
             friends: self.clone(),
             groups: self.clone(),
+            group_invites: Arc::new(crate::embedded_invites::EmbeddedInvites::new(
+                self.db.clone(),
+            )),
             messages: self.clone(),
             rooms: Arc::new(crate::embedded_rooms::EmbeddedRooms::new(self.db.clone())),
             leases: self.clone(),
@@ -478,6 +482,22 @@ impl DeviceStore for EmbeddedBackend {
             device.tokens_valid_after_ms = device.tokens_valid_after_ms.max(before_ms);
             table.insert(device_id, to_json(&device)?.as_slice()).db()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64> {
+        self.write(move |t| {
+            let table = &mut t.devices;
+            let mut device: Device = match table.get(device_id).db()? {
+                Some(v) => from_json(v.value(), "device")?,
+                None => return Err(not_found("device", device_id)),
+            };
+            if device.owner_user_id == 0 {
+                device.owner_user_id = user_id;
+                table.insert(device_id, to_json(&device)?.as_slice()).db()?;
+            }
+            Ok(device.owner_user_id)
         })
         .await
     }

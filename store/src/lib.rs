@@ -3,6 +3,8 @@
 //! - Traits ([`DeviceStore`], [`UserStore`], [`FriendStore`], [`GroupStore`], [`MessageStore`],
 //!   [`SeqAllocator`], [`RoomStore`]): what logic-worker, gateway and user-api call, always as
 //!   `Arc<dyn Trait>` inside [`Stores`].
+//! - [`invites`]: pending group invitations ([`GroupInviteStore`]); [`embedded_invites`] implements it
+//!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`rooms`]: live-room records and recent history ([`RoomStore`]); [`embedded_rooms`] implements it
 //!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
@@ -15,9 +17,11 @@
 #![warn(missing_docs)]
 
 pub mod embedded;
+pub mod embedded_invites;
 pub mod embedded_rooms;
 pub mod ids;
 pub mod leases;
+pub mod invites;
 pub mod model;
 pub mod redis_seq;
 pub mod rooms;
@@ -27,6 +31,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use leases::NodeLeases;
+pub use invites::{GroupInvite, GroupInviteStore};
 pub use model::*;
 pub use rooms::{Room, RoomStore};
 use zhibo_proto::client::Message;
@@ -91,6 +96,12 @@ pub trait DeviceStore: Send + Sync {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown device.
     async fn revoke_tokens_before(&self, device_id: i64, before_ms: i64) -> Result<()>;
+    /// Binds the device to `user_id` if it is not bound yet, atomically (the first of two racing users
+    /// wins), and returns its owner after the call: `user_id`, or the other user it already belongs to.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown device; [`ErrorKind::Unavailable`] on backend failure.
+    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64>;
 }
 
 /// Users and their unique usernames.
@@ -387,6 +398,8 @@ pub struct Stores {
     pub friends: Arc<dyn FriendStore>,
     /// Groups and members.
     pub groups: Arc<dyn GroupStore>,
+    /// Pending group invitations.
+    pub group_invites: Arc<dyn GroupInviteStore>,
     /// Inboxes, dedup, acks.
     pub messages: Arc<dyn MessageStore>,
     /// Seq counters.

@@ -21,6 +21,10 @@ pub struct Device {
     pub tokens_valid_after_ms: i64,
     /// Registration time.
     pub created_at_ms: i64,
+    /// The one user this device belongs to, bound at its first sign-in (0 = not bound yet). Only that
+    /// user may sign in on it, use it, or move its revocation cut-off.
+    #[serde(default)]
+    pub owner_user_id: i64,
 }
 
 /// The editable part of a user.

@@ -14,6 +14,7 @@
 //!   (see `scylla/leases.rs`).
 
 mod leases;
+mod invites;
 mod migrate;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,7 @@ struct Statements {
     insert_device: PreparedStatement,
     get_device: PreparedStatement,
     revoke_tokens: PreparedStatement,
+    bind_device: PreparedStatement,
 
     claim_username: PreparedStatement,
     release_username: PreparedStatement,
@@ -139,8 +141,8 @@ struct Statements {
     trim_recent: PreparedStatement,
 }
 
-const DEVICE_COLUMNS: &str =
-    "device_id, device_type, brand, model, system_version, sdk_version, tokens_valid_after_ms, created_at_ms";
+const DEVICE_COLUMNS: &str = "device_id, device_type, brand, model, system_version, sdk_version, \
+     tokens_valid_after_ms, created_at_ms, owner_user_id";
 const USER_COLUMNS: &str =
     "user_id, username, password_hash, nickname, avatar_url, extra, created_at_ms, updated_at_ms";
 const MESSAGE_COLUMNS: &str =
@@ -157,12 +159,18 @@ impl Statements {
         };
         Ok(Statements {
             insert_device: p(format!(
-                "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             get_device: p(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?")).await?,
             revoke_tokens: p("UPDATE devices SET tokens_valid_after_ms = ? WHERE device_id = ? \
                  IF tokens_valid_after_ms < ?"
+                .into())
+            .await?,
+            // Only called for a device read as existing (devices are never deleted): on a missing row
+            // `IF owner_user_id = null` would hold and create one.
+            bind_device: p("UPDATE devices SET owner_user_id = ? WHERE device_id = ? \
+                 IF owner_user_id = null"
                 .into())
             .await?,
 
@@ -301,6 +309,7 @@ pub struct ScyllaBackend {
     session: Arc<Session>,
     st: Statements,
     leases: leases::Statements,
+    invites: invites::Statements,
     /// Room messages pushed by this process, to trim each room's history every [`TRIM_EVERY`] pushes.
     recent_pushes: std::sync::atomic::AtomicU64,
 }
@@ -346,10 +355,12 @@ impl ScyllaBackend {
             .map_err(|e| db_error("use keyspace", e))?;
         let st = Statements::prepare(&session).await?;
         let leases = leases::Statements::prepare(&session).await?;
+        let invites = invites::Statements::prepare(&session).await?;
         Ok(ScyllaBackend {
             session,
             st,
             leases,
+            invites,
             recent_pushes: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -366,6 +377,7 @@ impl ScyllaBackend {
             users: self.clone(),
             friends: self.clone(),
             groups: self.clone(),
+            group_invites: self.clone(),
             messages: self.clone(),
             leases: self.clone(),
             rooms: self,
@@ -547,6 +559,8 @@ struct DeviceRow {
     sdk_version: String,
     tokens_valid_after_ms: i64,
     created_at_ms: i64,
+    /// Null until the first sign-in binds the device (`0004_security.cql`).
+    owner_user_id: Option<i64>,
 }
 
 impl From<DeviceRow> for Device {
@@ -560,6 +574,7 @@ impl From<DeviceRow> for Device {
             sdk_version: r.sdk_version,
             tokens_valid_after_ms: r.tokens_valid_after_ms,
             created_at_ms: r.created_at_ms,
+            owner_user_id: r.owner_user_id.unwrap_or(0),
         }
     }
 }
@@ -826,6 +841,7 @@ impl DeviceStore for ScyllaBackend {
             &d.sdk_version,
             d.tokens_valid_after_ms,
             d.created_at_ms,
+            (d.owner_user_id != 0).then_some(d.owner_user_id),
         );
         self.exec("insert device", &self.st.insert_device, values)
             .await?;
@@ -857,6 +873,29 @@ impl DeviceStore for ScyllaBackend {
                 format!("device {device_id}"),
             ))
         }
+    }
+
+    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64> {
+        let device = self
+            .get_device(device_id)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("device {device_id}")))?;
+        if device.owner_user_id != 0 {
+            return Ok(device.owner_user_id);
+        }
+        let lwt = self
+            .lwt("bind device", &self.st.bind_device, (user_id, device_id))
+            .await?;
+        if lwt.applied {
+            return Ok(user_id);
+        }
+        // Another user's bind won the race: the not-applied result carries the current owner.
+        lwt.bigint("owner_user_id").ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("device {device_id}: bind not applied and no owner"),
+            )
+        })
     }
 }
 

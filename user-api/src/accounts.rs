@@ -1,10 +1,9 @@
 //! Devices, sign-up, sign-in/out and profiles.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -13,7 +12,9 @@ use zhibo_store::ids::now_ms;
 use zhibo_store::{Device, ErrorKind, Profile, User};
 
 use crate::auth::{hash_password, verify_password, Caller};
+use crate::client_ip::ClientIp;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::rate_limit::SlidingWindow;
 use crate::state::AppState;
 use crate::validate::{self, MAX_NAME, MAX_URL};
 
@@ -62,8 +63,10 @@ pub(crate) struct DeviceCreated {
 
 pub(crate) async fn create_device(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<CreateDevice>,
 ) -> Result<(StatusCode, ApiJson<DeviceCreated>), ApiError> {
+    per_address(&st.device_limit, ip)?;
     for (field, value) in [
         ("brand", &req.brand),
         ("model", &req.model),
@@ -81,6 +84,8 @@ pub(crate) async fn create_device(
         sdk_version: req.sdk_version,
         tokens_valid_after_ms: 0,
         created_at_ms: now_ms(),
+        // Bound by the first sign-in (or token minted) on it.
+        owner_user_id: 0,
     };
     st.stores.devices.insert_device(&device).await?;
     Ok((
@@ -110,10 +115,25 @@ pub(crate) struct UserCreated {
     user_id: i64,
 }
 
+/// Counts a request of `ip` against `limit`: 429 with `Retry-After` once the address used its budget.
+fn per_address(limit: &SlidingWindow, ip: Option<IpAddr>) -> Result<(), ApiError> {
+    let Some(ip) = ip else { return Ok(()) };
+    limit
+        .check_all(&[&ip.to_string()], Instant::now())
+        .map_err(rate_limited)
+}
+
+fn rate_limited(wait: Duration) -> ApiError {
+    ApiError::rate_limited(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+}
+
 pub(crate) async fn sign_up(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<SignUp>,
 ) -> Result<(StatusCode, ApiJson<UserCreated>), ApiError> {
+    // Before any check: probing usernames counts too, and every counted sign-up may cost a hash.
+    per_address(&st.sign_up_limit, ip)?;
     validate::username(&req.username)?;
     validate::password(&req.password)?;
     let nickname = req.nickname.unwrap_or_else(|| req.username.clone());
@@ -157,23 +177,6 @@ pub(crate) fn username_taken() -> ApiError {
     ApiError::conflict("username_taken", "this username is taken")
 }
 
-/// The peer address, when the server was started with connect info (see [`crate::run`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerIp(Option<IpAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for PeerIp {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(PeerIp(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
-        ))
-    }
-}
-
 /// Signs in on a registered device.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -196,21 +199,29 @@ pub(crate) struct SessionCreated {
 
 pub(crate) async fn sign_in(
     State(st): State<AppState>,
-    PeerIp(ip): PeerIp,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<SignIn>,
 ) -> Result<ApiJson<SessionCreated>, ApiError> {
-    // Counted before any work, so the limit also bounds the argon2 CPU an attacker can spend. Usernames
-    // are short and lowercase; anything else cannot exist, but still counts against the IP.
-    let user_key = format!("u:{}", req.username.chars().take(32).collect::<String>());
-    let ip_key = ip.map(|ip| format!("ip:{ip}"));
-    let keys: Vec<&str> = std::iter::once(user_key.as_str())
-        .chain(ip_key.as_deref())
-        .collect();
+    // Failures are counted per (username, address) and per address, never per username alone: someone
+    // failing on purpose from elsewhere cannot lock the real user out. An attempt counts as a failure
+    // from its start (forgiven on success), which also bounds the argon2 CPU an address can spend.
+    // Usernames are short and lowercase; anything else cannot exist, but still counts against the address.
+    let name: String = req.username.chars().take(32).collect();
+    let (user_key, ip_key) = match ip {
+        Some(ip) => (format!("u:{name}|{ip}"), Some(format!("ip:{ip}"))),
+        None => (format!("u:{name}"), None),
+    };
+    let now = Instant::now();
     st.sign_in_limit
-        .check_all(&keys, Instant::now())
-        .map_err(|wait| {
-            ApiError::rate_limited(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
-        })?;
+        .begin(&[&user_key], now)
+        .map_err(rate_limited)?;
+    if let Some(ip_key) = &ip_key {
+        if let Err(wait) = st.ip_sign_in_limit.begin(&[ip_key], now) {
+            // Not attempted after all: no failure for this username either.
+            st.sign_in_limit.succeeded(&[], &[&user_key]);
+            return Err(rate_limited(wait));
+        }
+    }
 
     let device = st
         .stores
@@ -226,6 +237,12 @@ pub(crate) async fn sign_in(
         .map(|u| u.password_hash.clone())
         .filter(|h| !h.is_empty());
     let ok = verify_password(&st, hash, req.password).await?;
+    if ok {
+        st.sign_in_limit.succeeded(&[&user_key], &[]);
+        if let Some(ip_key) = &ip_key {
+            st.ip_sign_in_limit.succeeded(&[], &[ip_key]);
+        }
+    }
     let user = match user {
         Some(user) if ok => user,
         _ => {
@@ -235,6 +252,8 @@ pub(crate) async fn sign_in(
             ))
         }
     };
+    // Only after the password is checked: the first user to sign in on a device owns it for good.
+    bind_device(&st, device.device_id, user.user_id).await?;
     let now = now_ms();
     let exp = now / 1000 + st.config.token_ttl_secs;
     let claims = Claims {
@@ -254,10 +273,53 @@ pub(crate) async fn sign_in(
     }))
 }
 
+/// Binds `device_id` to `user_id` unless it belongs to another user: 403 `device_taken` then (the device
+/// stays with its owner; register a new one).
+///
+/// # Errors
+/// `device_taken`, `device_not_found`, or a store failure.
+pub(crate) async fn bind_device(
+    st: &AppState,
+    device_id: i64,
+    user_id: i64,
+) -> Result<(), ApiError> {
+    match st.stores.devices.bind_device(device_id, user_id).await {
+        Ok(owner) if owner == user_id => Ok(()),
+        Ok(_) => Err(device_taken()),
+        Err(e) if e.kind == ErrorKind::NotFound => Err(ApiError::not_found(
+            "device_not_found",
+            "no such device; register it first",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) fn device_taken() -> ApiError {
+    ApiError::forbidden(
+        "device_taken",
+        "this device belongs to another user; register a new device",
+    )
+}
+
 pub(crate) async fn sign_out(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<StatusCode, ApiError> {
+    // The cut-off is per device, so only the device's owner may move it: a device used so far only with
+    // tokens minted elsewhere is bound to the caller now (the `Caller` check refused any other user).
+    match st
+        .stores
+        .devices
+        .bind_device(caller.device_id, caller.user_id)
+        .await
+    {
+        Ok(owner) if owner == caller.user_id => {}
+        Ok(_) => return Err(device_taken()),
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            return Err(ApiError::unauthorized("unauthenticated", "unknown device"))
+        }
+        Err(e) => return Err(e.into()),
+    }
     // +1: a token issued in this same millisecond is revoked too (the check is `cut-off > issued_at`).
     // Every token of this device is revoked, not only this one: the store keeps one cut-off per device.
     match st
@@ -361,7 +423,7 @@ pub(crate) fn apply_profile(
         profile.nickname = v;
     }
     if let Some(v) = avatar_url {
-        validate::text("avatar_url", &v, MAX_URL)?;
+        validate::url("avatar_url", &v, MAX_URL)?;
         profile.avatar_url = v;
     }
     if let Some(v) = extra {

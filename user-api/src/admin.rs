@@ -105,6 +105,8 @@ pub(crate) async fn mint_token(
         .ok_or_else(|| {
             ApiError::not_found("device_not_found", "no such device; register it first")
         })?;
+    // A minted token binds the device too: a device serves one user, whoever signed it in.
+    crate::accounts::bind_device(&st, device.device_id, req.user_id).await?;
     let now = now_ms();
     let exp = now / 1000 + ttl;
     let token = st.key.mint(&Claims {

@@ -1,8 +1,6 @@
 //! Who is calling: [`Caller`] (a bearer token, checked for revocation) and [`Admin`] (the shared admin
 //! secret), plus password hashing ([`hash_password`], [`verify_password`]) off the async threads.
 
-use std::sync::OnceLock;
-
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -49,6 +47,10 @@ impl FromRequestParts<AppState> for Caller {
                 TokenError::Expired => {
                     ApiError::unauthorized("token_expired", "token expired; sign in again")
                 }
+                TokenError::NotYetValid => ApiError::unauthorized(
+                    "unauthenticated",
+                    "token not valid yet (nbf or iat in the future)",
+                ),
                 _ => ApiError::unauthorized("unauthenticated", "invalid token"),
             })?;
         // Same rule as the gateway: the device must exist and the token must postdate its revocation cut-off.
@@ -58,6 +60,14 @@ impl FromRequestParts<AppState> for Caller {
             .get_device(claims.device_id)
             .await?
             .ok_or_else(|| ApiError::unauthorized("unauthenticated", "unknown device"))?;
+        // A device serves its one owner: a token for another user on it (minted by an app backend) is
+        // refused, so nobody can act through, or sign out, a device that is not theirs.
+        if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+            return Err(ApiError::unauthorized(
+                "unauthenticated",
+                "this device belongs to another user",
+            ));
+        }
         if device.tokens_valid_after_ms > claims.issued_at_ms() {
             return Err(ApiError::unauthorized(
                 "token_revoked",
@@ -121,12 +131,17 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// Hashes `password` with argon2id (default parameters) into a PHC string, on a blocking thread.
+/// Hashes `password` with argon2id (default parameters) into a PHC string, on a blocking thread, within
+/// the sign-up hashing budget (separate from sign-in's, see [`AppState`]).
 ///
 /// # Errors
 /// 500 if hashing fails or the blocking pool is gone.
 pub(crate) async fn hash_password(state: &AppState, password: String) -> Result<String, ApiError> {
-    let _permit = state.hashing.acquire().await.map_err(ApiError::internal)?;
+    let _permit = state
+        .sign_up_hashing
+        .acquire()
+        .await
+        .map_err(ApiError::internal)?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -139,7 +154,8 @@ pub(crate) async fn hash_password(state: &AppState, password: String) -> Result<
 }
 
 /// Whether `password` matches the PHC string `hash`. With `None` (unknown user, or a user without a
-/// password) it verifies against a dummy hash and returns false, so the answer takes as long either way.
+/// password) it verifies against the state's dummy hash and returns false, so the answer takes as long
+/// either way.
 ///
 /// # Errors
 /// 500 if the blocking pool is gone.
@@ -149,9 +165,9 @@ pub(crate) async fn verify_password(
     password: String,
 ) -> Result<bool, ApiError> {
     let _permit = state.hashing.acquire().await.map_err(ApiError::internal)?;
+    let real = hash.is_some();
+    let phc = hash.unwrap_or_else(|| state.dummy_hash.clone());
     tokio::task::spawn_blocking(move || {
-        let real = hash.is_some();
-        let phc = hash.unwrap_or_else(|| dummy_hash().to_owned());
         let ok = PasswordHash::new(&phc)
             .map(|parsed| {
                 Argon2::default()
@@ -165,14 +181,31 @@ pub(crate) async fn verify_password(
     .map_err(ApiError::internal)
 }
 
-/// A hash of a random password with the same parameters, computed once (on a blocking thread).
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(salt.as_str().as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-    })
+/// A hash of a random password with the same parameters as [`hash_password`]. Called once per server,
+/// when its state is built (eagerly: a lazy one made the first unknown-user sign-in slower).
+pub(crate) fn dummy_hash() -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(salt.as_str().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dummy_hash_has_the_real_parameters() {
+        let real = Argon2::default()
+            .hash_password(b"pw", &SaltString::generate(&mut OsRng))
+            .expect("hash")
+            .to_string();
+        let dummy = dummy_hash();
+        let params = |phc: &str| {
+            let h = PasswordHash::new(phc).expect("phc");
+            (h.algorithm.to_string(), h.version, h.params.to_string())
+        };
+        assert_eq!(params(&dummy), params(&real));
+    }
 }

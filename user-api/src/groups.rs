@@ -9,13 +9,14 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zhibo_store::ids::now_ms;
-use zhibo_store::{Group, GroupMember, Role};
+use zhibo_store::{Group, GroupInvite, GroupMember, Role};
 
 use crate::accounts::user_not_found;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
 use crate::validate::{self, MAX_NAME, MAX_URL};
+use crate::GroupAddPolicy;
 
 /// Store calls one request keeps in flight when it touches many users.
 const FAN_OUT: usize = 32;
@@ -202,6 +203,71 @@ async fn put_members(
     Ok(())
 }
 
+/// Splits `users` (existing users, not members yet) into those `adder` may add directly and those who get
+/// an invitation, by [`GroupAddPolicy`]: only the adder's friends are added without their consent.
+///
+/// # Errors
+/// 403 `not_friends` under the `friends` policy when one of `users` is not the adder's friend.
+async fn split_by_policy(
+    st: &AppState,
+    adder: i64,
+    users: Vec<i64>,
+) -> Result<(Vec<i64>, Vec<i64>), ApiError> {
+    if st.config.group_add_policy == GroupAddPolicy::Open {
+        return Ok((users, Vec::new()));
+    }
+    let friends = st.stores.friends.clone();
+    // The target's own friend list decides: they agreed to this friendship.
+    let is_friend: Vec<(i64, bool)> = futures::stream::iter(users)
+        .map(|user_id| {
+            let friends = friends.clone();
+            async move {
+                Ok::<_, ApiError>((user_id, friends.get_friend(user_id, adder).await?.is_some()))
+            }
+        })
+        .buffered(FAN_OUT)
+        .try_collect()
+        .await?;
+    let (direct, others): (Vec<_>, Vec<_>) = is_friend.into_iter().partition(|(_, f)| *f);
+    if st.config.group_add_policy == GroupAddPolicy::Friends && !others.is_empty() {
+        return Err(ApiError::forbidden(
+            "not_friends",
+            "only your friends can be added to a group",
+        ));
+    }
+    Ok((
+        direct.into_iter().map(|(u, _)| u).collect(),
+        others.into_iter().map(|(u, _)| u).collect(),
+    ))
+}
+
+async fn put_invites(
+    st: &AppState,
+    group_id: i64,
+    inviter_id: i64,
+    user_ids: &[i64],
+    now: i64,
+) -> Result<(), ApiError> {
+    futures::stream::iter(user_ids.iter().copied())
+        .map(|user_id| {
+            let invites = st.stores.group_invites.clone();
+            async move {
+                invites
+                    .put_invite(&GroupInvite {
+                        group_id,
+                        user_id,
+                        inviter_id,
+                        created_at_ms: now,
+                    })
+                    .await
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
 /// A new group; the caller becomes its owner.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -214,9 +280,19 @@ pub(crate) struct CreateGroup {
     introduction: String,
     #[serde(default)]
     extra: String,
-    /// Initial members besides the creator.
+    /// Initial members besides the creator: added directly or invited, by the server's group-add
+    /// policy (see `GroupCreated.invited`).
     #[serde(default)]
     member_ids: Vec<i64>,
+}
+
+/// The new group, and who was invited instead of added (they join by accepting).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GroupCreated {
+    #[serde(flatten)]
+    group: GroupView,
+    /// Users who got an invitation rather than membership (not the creator's friends).
+    invited: Vec<i64>,
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -230,16 +306,17 @@ pub(crate) async fn create_group(
     State(st): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<CreateGroup>,
-) -> Result<(StatusCode, ApiJson<GroupView>), ApiError> {
+) -> Result<(StatusCode, ApiJson<GroupCreated>), ApiError> {
     check_name(&req.name)?;
-    validate::text("avatar_url", &req.avatar_url, MAX_URL)?;
+    validate::url("avatar_url", &req.avatar_url, MAX_URL)?;
     validate::extra("introduction", &req.introduction)?;
     validate::extra("extra", &req.extra)?;
     let max = st.config.max_group_size;
     if req.member_ids.len() > max {
         return Err(too_large(max));
     }
-    let members = existing_users(&st, &req.member_ids, caller.user_id).await?;
+    let users = existing_users(&st, &req.member_ids, caller.user_id).await?;
+    let (members, invited) = split_by_policy(&st, caller.user_id, users).await?;
     if members.len() + 1 > max {
         return Err(too_large(max));
     }
@@ -265,7 +342,14 @@ pub(crate) async fn create_group(
         })
         .await?;
     put_members(&st, group.group_id, &members, now).await?;
-    Ok((StatusCode::CREATED, ApiJson(group.into())))
+    put_invites(&st, group.group_id, caller.user_id, &invited, now).await?;
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(GroupCreated {
+            group: group.into(),
+            invited,
+        }),
+    ))
 }
 
 pub(crate) async fn get_group(
@@ -322,7 +406,7 @@ pub(crate) async fn update_group(
         group.name = v;
     }
     if let Some(v) = req.avatar_url {
-        validate::text("avatar_url", &v, MAX_URL)?;
+        validate::url("avatar_url", &v, MAX_URL)?;
         group.avatar_url = v;
     }
     if let Some(v) = req.introduction {
@@ -357,10 +441,13 @@ pub(crate) struct AddMembers {
     user_ids: Vec<i64>,
 }
 
-/// Who was added (users already in the group are left as they are).
+/// Who was added (users already in the group are left as they are), and who was invited instead.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct MembersAdded {
     added: Vec<i64>,
+    /// Users who got an invitation rather than membership (not the adder's friends, under the
+    /// `invite` group-add policy); they join by accepting it.
+    invited: Vec<i64>,
 }
 
 pub(crate) async fn add_members(
@@ -387,13 +474,16 @@ pub(crate) async fn add_members(
         .copied()
         .filter(|id| !current.contains(id))
         .collect();
-    let added = existing_users(&st, &wanted, caller.user_id).await?;
+    let users = existing_users(&st, &wanted, caller.user_id).await?;
+    let (added, invited) = split_by_policy(&st, caller.user_id, users).await?;
     // Two concurrent additions may each pass this check: the limit is enforced per request.
     if current.len() + added.len() > max {
         return Err(too_large(max));
     }
-    put_members(&st, group_id, &added, now_ms()).await?;
-    Ok(ApiJson(MembersAdded { added }))
+    let now = now_ms();
+    put_members(&st, group_id, &added, now).await?;
+    put_invites(&st, group_id, caller.user_id, &invited, now).await?;
+    Ok(ApiJson(MembersAdded { added, invited }))
 }
 
 fn member_not_found() -> ApiError {
@@ -551,4 +641,108 @@ pub(crate) async fn list_members(
         members: members.into_iter().map(Into::into).collect(),
         next_after,
     }))
+}
+
+/// A pending invitation into a group, as the invitee sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct InvitationView {
+    group_id: i64,
+    /// The group's current name.
+    group_name: String,
+    inviter_id: i64,
+    created_at_ms: i64,
+}
+
+/// The caller's pending group invitations, ordered by group id.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct InvitationList {
+    invitations: Vec<InvitationView>,
+}
+
+fn invitation_not_found() -> ApiError {
+    ApiError::not_found(
+        "group_invitation_not_found",
+        "no pending invitation into this group",
+    )
+}
+
+pub(crate) async fn list_invitations(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<ApiJson<InvitationList>, ApiError> {
+    let invites = st.stores.group_invites.list_invites(caller.user_id).await?;
+    let views: Vec<Option<InvitationView>> =
+        futures::stream::iter(invites)
+            .map(|inv| {
+                let groups = st.stores.groups.clone();
+                async move {
+                    // An invitation into a dissolved group is skipped (and dropped when answered).
+                    Ok::<_, ApiError>(groups.get_group(inv.group_id).await?.map(|g| {
+                        InvitationView {
+                            group_id: inv.group_id,
+                            group_name: g.name,
+                            inviter_id: inv.inviter_id,
+                            created_at_ms: inv.created_at_ms,
+                        }
+                    }))
+                }
+            })
+            .buffered(FAN_OUT)
+            .try_collect()
+            .await?;
+    Ok(ApiJson(InvitationList {
+        invitations: views.into_iter().flatten().collect(),
+    }))
+}
+
+pub(crate) async fn accept_invitation(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+) -> Result<ApiJson<GroupView>, ApiError> {
+    let invites = &st.stores.group_invites;
+    if invites
+        .get_invite(group_id, caller.user_id)
+        .await?
+        .is_none()
+    {
+        return Err(invitation_not_found());
+    }
+    let Some(group) = st.stores.groups.get_group(group_id).await? else {
+        invites.delete_invite(group_id, caller.user_id).await?;
+        return Err(group_not_found());
+    };
+    if st
+        .stores
+        .groups
+        .get_member(group_id, caller.user_id)
+        .await?
+        .is_none()
+    {
+        let max = st.config.max_group_size;
+        // Like `add_members`, enforced per request: concurrent joins may each pass it.
+        if st.stores.groups.member_ids(group_id).await?.len() + 1 > max {
+            return Err(too_large(max));
+        }
+        put_members(&st, group_id, &[caller.user_id], now_ms()).await?;
+    }
+    invites.delete_invite(group_id, caller.user_id).await?;
+    Ok(ApiJson(group.into()))
+}
+
+pub(crate) async fn refuse_invitation(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(group_id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let invites = &st.stores.group_invites;
+    if invites
+        .get_invite(group_id, caller.user_id)
+        .await?
+        .is_none()
+    {
+        return Err(invitation_not_found());
+    }
+    invites.delete_invite(group_id, caller.user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -6,7 +6,8 @@
 //! `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups` or `admin` (bring-your-own-auth
 //! users, token minting, message sends through `zhibo_logic::Logic`) or `rooms` (live-room settings,
 //! owner/admin close and mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
-//! `state` holds what handlers share; `rate_limit` the sign-in limiter; `validate` the field checks.
+//! `state` holds what handlers share; `rate_limit` the limiters (sign-in backoff, sign-ups and devices
+//! per address) and `client_ip` the address they key on; `validate` the field checks.
 //! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
 //! `web` serves the browser chat page at `/` when `web_ui` is on (outside `/v1` and the OpenAPI document).
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@
 mod accounts;
 mod admin;
 mod auth;
+mod client_ip;
 mod error;
 mod friends;
 mod groups;
@@ -51,8 +53,27 @@ pub struct ApiConfig {
     pub admin_secret: String,
     /// Most members a group may have, the owner included (default 2000).
     pub max_group_size: usize,
-    /// Sign-in attempts allowed per minute per username and, separately, per client IP (default 10).
+    /// Who an owner or admin may put into a group (creation or `POST .../members`): `open` (anyone,
+    /// directly), `friends` (only their friends; adding anyone else is refused with `not_friends`) or
+    /// `invite` (default: friends directly, anyone else gets an invitation to accept or refuse).
+    pub group_add_policy: GroupAddPolicy,
+    /// Failed sign-ins allowed per (username, client address) before backing off (default 10); an
+    /// address gets 3 times as many across usernames. Past that, each failure refuses the key for a
+    /// growing window (1 s, 2 s, 4 s, … up to `sign_in_max_backoff_secs`); quiet keys are forgotten.
+    /// Failures only: the right password from another address is never refused.
     pub sign_in_per_minute: u32,
+    /// Longest refusal window of the sign-in backoff, seconds (default 300).
+    pub sign_in_max_backoff_secs: u64,
+    /// Sign-ups allowed per client address per hour (default 20).
+    pub sign_ups_per_hour: u32,
+    /// Device registrations allowed per client address per hour (default 60).
+    pub devices_per_hour: u32,
+    /// Comma-separated addresses / CIDR networks of reverse proxies (ingress) whose
+    /// `client_ip_header` is believed; empty (default): the TCP peer is the client address.
+    pub trusted_proxies: String,
+    /// The header trusted proxies put the client address in, e.g. `x-forwarded-for` (a list, the
+    /// nearest untrusted entry wins) or `x-real-ip`; empty (default) = off.
+    pub client_ip_header: String,
     /// Serve the browser chat page at `/` (`web/`). Unset: on in `zhibo dev`, off otherwise.
     pub web_ui: Option<bool>,
     /// The gateway WebSocket URL the page connects to, e.g. `ws://127.0.0.1:7002/ws`. Empty: `zhibo dev`
@@ -66,7 +87,13 @@ impl Default for ApiConfig {
             token_ttl_secs: 7 * 24 * 3600,
             admin_secret: String::new(),
             max_group_size: 2000,
+            group_add_policy: GroupAddPolicy::default(),
             sign_in_per_minute: 10,
+            sign_in_max_backoff_secs: 300,
+            sign_ups_per_hour: 20,
+            devices_per_hour: 60,
+            trusted_proxies: String::new(),
+            client_ip_header: String::new(),
             web_ui: None,
             web_ws_url: String::new(),
         }
@@ -86,7 +113,13 @@ impl std::fmt::Debug for ApiConfig {
                 },
             )
             .field("max_group_size", &self.max_group_size)
+            .field("group_add_policy", &self.group_add_policy)
             .field("sign_in_per_minute", &self.sign_in_per_minute)
+            .field("sign_in_max_backoff_secs", &self.sign_in_max_backoff_secs)
+            .field("sign_ups_per_hour", &self.sign_ups_per_hour)
+            .field("devices_per_hour", &self.devices_per_hour)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("client_ip_header", &self.client_ip_header)
             .field("web_ui", &self.web_ui)
             .field("web_ws_url", &self.web_ws_url)
             .finish()
@@ -113,12 +146,39 @@ impl ApiConfig {
         if self.sign_in_per_minute == 0 {
             return Err("sign_in_per_minute must be at least 1".into());
         }
+        if !(1..=86_400).contains(&self.sign_in_max_backoff_secs) {
+            return Err("sign_in_max_backoff_secs must be between 1 and 86400".into());
+        }
+        if self.sign_ups_per_hour == 0 || self.devices_per_hour == 0 {
+            return Err("sign_ups_per_hour and devices_per_hour must be at least 1".into());
+        }
+        client_ip::Networks::parse(&self.trusted_proxies)
+            .map_err(|e| format!("trusted_proxies: {e}"))?;
+        if !self.client_ip_header.is_empty()
+            && axum::http::HeaderName::from_bytes(self.client_ip_header.as_bytes()).is_err()
+        {
+            return Err("client_ip_header is not a valid header name".into());
+        }
         let ws = &self.web_ws_url;
         if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
             return Err("web_ws_url must be empty or a ws:// or wss:// URL".into());
         }
         Ok(())
     }
+}
+
+/// Who may be added to a group without their consent (see [`ApiConfig::group_add_policy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupAddPolicy {
+    /// Anyone is added directly: a stranger refused a direct message (`not_friends`) could still put
+    /// the target in a group and write there.
+    Open,
+    /// Only the adder's friends; adding a non-friend is refused.
+    Friends,
+    /// The adder's friends directly; anyone else gets a pending invitation.
+    #[default]
+    Invite,
 }
 
 /// What the API needs from the rest of the process.
@@ -140,8 +200,9 @@ impl std::fmt::Debug for Deps {
     }
 }
 
-/// The API's router, state included. Serve it with connect info (as [`run`] does) so sign-in is also
-/// rate-limited per client IP; without it only the per-username limit applies.
+/// The API's router, state included. Serve it with connect info (as [`run`] does): the sign-in backoff
+/// and the sign-up and device limits key on the client address; without it, sign-in failures are
+/// counted per username alone and sign-ups and devices are not limited.
 pub fn router(config: ApiConfig, deps: Deps) -> Router {
     app(config, deps).0
 }
@@ -252,6 +313,15 @@ mod tests {
         );
         assert!(c.admin_secret.is_empty());
         assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.group_add_policy,
+            GroupAddPolicy::Invite,
+            "no adds without consent"
+        );
+        let open: ApiConfig =
+            serde_json::from_str(r#"{"group_add_policy": "open"}"#).expect("open");
+        assert_eq!(open.group_add_policy, GroupAddPolicy::Open);
+        assert!(serde_json::from_str::<ApiConfig>(r#"{"group_add_policy": "any"}"#).is_err());
         assert!(
             serde_json::from_str::<ApiConfig>(r#"{"nope": 1}"#).is_err(),
             "unknown fields refused"

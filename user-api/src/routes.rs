@@ -116,15 +116,20 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("This OpenAPI document", Public).ok(200, "OpenApiDocument")),
         // Devices, accounts, sessions.
         route!(POST "/v1/devices" => accounts::create_device,
-            doc("Register an app install", Public).body("CreateDevice").ok(201, "DeviceCreated")),
+            doc("Register an app install (limited per client address)", Public).body("CreateDevice")
+                .ok(201, "DeviceCreated").errors(&[(429, "rate_limited")])),
         route!(POST "/v1/users" => accounts::sign_up,
-            doc("Sign up with a username and password", Public).body("SignUp").ok(201, "UserCreated")
-                .errors(&[(409, "username_taken")])),
+            doc("Sign up with a username and password (limited per client address)", Public).body("SignUp")
+                .ok(201, "UserCreated").errors(&[(409, "username_taken"), (429, "rate_limited")])),
         route!(POST "/v1/sessions" => accounts::sign_in,
-            doc("Sign in on a device; returns a token", Public).body("SignIn").ok(200, "SessionCreated")
-                .errors(&[(401, "bad_credentials"), (404, "device_not_found"), (429, "rate_limited")])),
+            doc("Sign in on a device; returns a token. The first sign-in binds the device to the user; \
+                another user is refused with `device_taken`. Failures back off per (username, address)", Public)
+                .body("SignIn").ok(200, "SessionCreated")
+                .errors(&[(401, "bad_credentials"), (403, "device_taken"), (404, "device_not_found"),
+                    (429, "rate_limited")])),
         route!(DELETE "/v1/sessions" => accounts::sign_out,
-            doc("Sign out: revoke every token of the caller's device", Bearer).no_content()),
+            doc("Sign out: revoke every token of the caller's device (the caller's own: a device has one user)",
+                Bearer).no_content()),
         route!(GET "/v1/users/me" => accounts::get_me,
             doc("The caller's profile", Bearer).ok(200, "UserView").errors(&[(404, "user_not_found")])),
         route!(PATCH "/v1/users/me" => accounts::update_me,
@@ -160,8 +165,18 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("End a friendship (both directions)", Bearer).no_content().errors(&[(404, "friend_not_found")])),
         // Groups.
         route!(POST "/v1/groups" => groups::create_group,
-            doc("Create a group; the caller becomes its owner", Bearer).body("CreateGroup").ok(201, "GroupView")
-                .errors(&[(400, "group_too_large"), (404, "user_not_found")])),
+            doc("Create a group; the caller becomes its owner. Initial members who are not the caller's \
+                friends are invited (policy `invite`, the default) or refused (`friends`)", Bearer)
+                .body("CreateGroup").ok(201, "GroupCreated")
+                .errors(&[(400, "group_too_large"), (403, "not_friends"), (404, "user_not_found")])),
+        route!(GET "/v1/groups/invitations" => groups::list_invitations,
+            doc("The caller's pending group invitations", Bearer).ok(200, "InvitationList")),
+        route!(POST "/v1/groups/invitations/{group_id}/accept" => groups::accept_invitation,
+            doc("Accept an invitation: the caller becomes a member", Bearer).ok(200, "GroupView")
+                .errors(&[(400, "group_too_large"), (404, "group_invitation_not_found"),
+                    (404, "group_not_found")])),
+        route!(POST "/v1/groups/invitations/{group_id}/refuse" => groups::refuse_invitation,
+            doc("Refuse an invitation", Bearer).no_content().errors(&[(404, "group_invitation_not_found")])),
         route!(GET "/v1/groups" => groups::list_groups,
             doc("The caller's groups", Bearer).ok(200, "GroupList")),
         route!(GET "/v1/groups/{group_id}" => groups::get_group,
@@ -182,8 +197,9 @@ pub(crate) fn table() -> Vec<RouteSpec> {
                 .query(&[("after", "integer", false, "Return members with a user id above this (default 0)"),
                     ("limit", "integer", false, "Page size, 1 to 500 (default 100)")])),
         route!(POST "/v1/groups/{group_id}/members" => groups::add_members,
-            doc("Add members (owner and admins)", Bearer).body("AddMembers").ok(200, "MembersAdded")
-                .errors(&[(400, "group_too_large"), (403, "forbidden"), (403, "not_group_member"),
+            doc("Add members (owner and admins); non-friends are invited (policy `invite`, the default) \
+                or refused (`friends`)", Bearer).body("AddMembers").ok(200, "MembersAdded")
+                .errors(&[(400, "group_too_large"), (403, "forbidden"), (403, "not_friends"), (403, "not_group_member"),
                     (404, "group_not_found"), (404, "user_not_found")])),
         route!(PATCH "/v1/groups/{group_id}/members/{user_id}" => groups::update_member,
             doc("Change a member's role (owner; `owner` transfers ownership) or remark (self, owner, admins)",
@@ -199,8 +215,9 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Create or update a user owned by the app backend", Admin).body("UpsertUser").ok(200, "UserView")
                 .errors(&[(409, "username_taken")])),
         route!(POST "/v1/admin/tokens" => admin::mint_token,
-            doc("Mint a token for a user on a device", Admin).body("MintToken").ok(200, "TokenMinted")
-                .errors(&[(404, "user_not_found"), (404, "device_not_found")])),
+            doc("Mint a token for a user on a device (binds an unbound device to the user)", Admin)
+                .body("MintToken").ok(200, "TokenMinted")
+                .errors(&[(403, "device_taken"), (404, "user_not_found"), (404, "device_not_found")])),
         route!(POST "/v1/admin/messages" => admin::admin_send_message,
             doc("Send a message on behalf of a user (no friendship needed)", Admin).body("AdminSendMessage")
                 .ok(200, "MessageSent")
@@ -298,6 +315,9 @@ async fn openapi() -> Response {
     friends::UpdateFriend,
     groups::RoleName,
     groups::GroupView,
+    groups::GroupCreated,
+    groups::InvitationView,
+    groups::InvitationList,
     groups::GroupList,
     groups::MemberView,
     groups::MemberPage,

@@ -32,7 +32,8 @@ pub(crate) fn password(pw: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A text field of at most `max` characters without control characters.
+/// A text field shown to other users (nickname, group name, remark…): at most `max` characters, no
+/// control characters, and no invisible formatting that could disguise it ([`is_deceptive`]).
 pub(crate) fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.chars().count() > max {
         return Err(ApiError::invalid(format!(
@@ -42,6 +43,41 @@ pub(crate) fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError>
     if value.chars().any(char::is_control) {
         return Err(ApiError::invalid(format!(
             "{field} must not contain control characters"
+        )));
+    }
+    if value.chars().any(is_deceptive) {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain bidirectional overrides or invisible characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Bidirectional controls (they reorder what follows: `U+202E` makes `gnp.exe` read `exe.png`) and
+/// zero-width or invisible characters (they make two names look alike). The zero-width joiner and
+/// non-joiner stay allowed: emoji sequences and several scripts (Persian, Indic) need them.
+fn is_deceptive(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        | '\u{00AD}' | '\u{180E}' | '\u{200B}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+}
+
+/// A URL a client will load (avatar): empty, or an `http://` / `https://` URL of at most `max`
+/// characters without spaces. Anything else (`javascript:`, `data:`) could run in a page that shows it.
+pub(crate) fn url(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    text(field, value, max)?;
+    if value.is_empty() {
+        return Ok(());
+    }
+    let (scheme, rest) = value.split_once("://").unwrap_or_default();
+    let scheme_ok = scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http");
+    let has_host = rest
+        .split(['/', '?', '#'])
+        .next()
+        .is_some_and(|h| !h.is_empty());
+    if !scheme_ok || !has_host || value.chars().any(char::is_whitespace) {
+        return Err(ApiError::invalid(format!(
+            "{field} must be empty or an http:// or https:// URL"
         )));
     }
     Ok(())
@@ -104,5 +140,29 @@ mod tests {
         assert!(id("user_id", 0).is_err());
         assert!(id("user_id", MAX_ID).is_ok());
         assert!(id("user_id", MAX_ID + 1).is_err());
+        for bad in ["ad\u{202E}nim", "a\u{200B}dmin", "\u{2066}x", "\u{FEFF}ann"] {
+            assert!(text("nickname", bad, MAX_NAME).is_err(), "{bad:?}");
+        }
+        assert!(
+            text("nickname", "👨\u{200D}👩\u{200D}👧", MAX_NAME).is_ok(),
+            "emoji ZWJ"
+        );
+    }
+
+    #[test]
+    fn urls() {
+        for ok in ["", "https://x/a.png", "HTTP://example.com/a"] {
+            assert!(url("avatar_url", ok, MAX_URL).is_ok(), "{ok}");
+        }
+        for bad in [
+            "javascript:alert(1)",
+            "data:text/html,x",
+            "https://",
+            "//x/a.png",
+            "https://x/a b",
+            " https://x",
+        ] {
+            assert!(url("avatar_url", bad, MAX_URL).is_err(), "{bad}");
+        }
     }
 }

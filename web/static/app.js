@@ -40,6 +40,7 @@ const state = {
   friends: [], // user ids
   groups: [], // {group_id, name}
   requests: [],
+  invitations: [], // {group_id, name, inviter}
   inbox: { cursor: '0', messages: [] }, // cursor: seq of the last completed sync
   byKey: new Map(), // message id, or `${device}/${client_msg_id}` for unacknowledged sends → message
   unread: new Map(), // conversation key → count
@@ -99,15 +100,17 @@ async function loadUsers(ids) {
 
 async function refreshLists() {
   const token = state.session.token;
-  const [friends, requests, groups] = await Promise.all([
+  const [friends, requests, groups, invitations] = await Promise.all([
     api('GET', '/v1/friends', { token }),
     api('GET', '/v1/friends/requests', { token }),
     api('GET', '/v1/groups', { token }),
+    api('GET', '/v1/groups/invitations', { token }),
   ]);
   state.friends = friends.friends.map((f) => String(f.friend_id));
   state.requests = requests.requests.map((r) => ({ from: String(r.from_user_id), message: r.message }));
   state.groups = groups.groups.map((g) => ({ group_id: String(g.group_id), name: g.name }));
-  await loadUsers([...state.friends, ...state.requests.map((r) => r.from)]);
+  state.invitations = invitations.invitations.map((i) => ({ group_id: String(i.group_id), name: i.group_name, inviter: String(i.inviter_id) }));
+  await loadUsers([...state.friends, ...state.requests.map((r) => r.from), ...state.invitations.map((i) => i.inviter)]);
   renderSidebar();
 }
 
@@ -126,11 +129,23 @@ function renderSidebar() {
     el('span', { class: 'name', textContent: nameOf(r.from) }),
     r.message ? el('span', { class: 'hint', textContent: ` “${r.message}”` }) : '',
     el('button', { type: 'button', textContent: 'Agree', onclick: () => agree(r.from) }))));
+  $('invitations-section').hidden = state.invitations.length === 0;
+  $('invitations').replaceChildren(...state.invitations.map((i) => el('li', { dataset: { group: i.group_id } },
+    el('span', { class: 'name', textContent: `# ${i.name}` }),
+    el('span', { class: 'hint', textContent: ` from ${nameOf(i.inviter)} ` }),
+    el('button', { type: 'button', textContent: 'Join', onclick: () => answerInvitation(i.group_id, 'accept').catch(report) }),
+    el('button', { type: 'button', textContent: 'Refuse', onclick: () => answerInvitation(i.group_id, 'refuse').catch(report) }))));
   if (state.current) $('conv-title').textContent = convTitle(state.current);
 }
 
 async function agree(from) {
   await api('POST', `/v1/friends/requests/${from}/agree`, { token: state.session.token, body: {} });
+  await refreshLists();
+}
+
+/** Joins (`accept`) or refuses a group invitation. */
+async function answerInvitation(groupId, answer) {
+  await api('POST', `/v1/groups/invitations/${groupId}/${answer}`, { token: state.session.token });
   await refreshLists();
 }
 
@@ -325,7 +340,8 @@ const NOTICES = { '-1': 'joined', '-2': 'left', '-3': 'the room was closed' };
 function roomMessages(messages, live) {
   const fresh = messages.map(fromWire).filter((m) => {
     // Our own danmaku was shown when the server accepted it; skip it if the room echoes it back.
-    if (m.device !== state.session.device_id || !ownDanmaku.has(m.cmid)) return true;
+    // Room copies carry no device id (issue 19): the user and our own random client_msg_id are enough.
+    if (m.from !== state.session.user_id || !ownDanmaku.has(m.cmid)) return true;
     ownDanmaku.delete(m.cmid);
     return false;
   });
@@ -604,7 +620,12 @@ function wireForms() {
     const names = f.elements.members.value.split(',').map((s) => s.trim()).filter(Boolean);
     Promise.all(names.map(findUser))
       .then((ids) => api('POST', '/v1/groups', { token: state.session.token, body: { name: f.elements.name.value.trim(), member_ids: ids.map(Number) } }))
-      .then((g) => { f.reset(); return refreshLists().then(() => openConversation(`group:${g.group_id}`)); })
+      .then((g) => {
+        f.reset();
+        // Members who are not our friends were invited; they join when they accept.
+        if (g.invited.length) toast(`invited (not friends yet): ${g.invited.map((id) => nameOf(String(id))).join(', ')}`);
+        return refreshLists().then(() => openConversation(`group:${g.group_id}`));
+      })
       .catch(report);
   });
   $('composer').addEventListener('submit', (ev) => {

@@ -269,6 +269,21 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         .await
         .context("create group")?;
     let group_id = g["group_id"].as_i64().context("group_id")?;
+    // Members who are not the creator's friends are invited (user-api's default group-add policy):
+    // they accept, as their apps would.
+    let invited: Vec<i64> = g["invited"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+        .unwrap_or_default();
+    for m in members.iter().filter(|m| invited.contains(&m.user_id)) {
+        api.post(
+            &format!("/v1/groups/invitations/{group_id}/accept"),
+            Some(&m.token),
+            json!({}),
+        )
+        .await
+        .context("accept group invitation")?;
+    }
     let meter = Arc::new(Meter::default());
     let addr = target.addr(args.transport);
     let mut conns =

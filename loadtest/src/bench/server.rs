@@ -183,6 +183,8 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
         ("ZHIBO_GATEWAY__ROOM_SEND_PER_SEC".into(), "10000000".into()),
         ("ZHIBO_GATEWAY__ROOM_SEND_BURST".into(), "10000000".into()),
         ("ZHIBO_LOGIC__ALLOW_STRANGERS".into(), "true".into()),
+        // Every simulated client registers its device from this host.
+        ("ZHIBO_API__DEVICES_PER_HOUR".into(), "100000000".into()),
         ("ZHIBO_LOG".into(), "warn".into()),
         ("NO_COLOR".into(), "1".into()),
     ];

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_node_leases",
         cql: include_str!("../../../sql/0003_node_leases.cql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_security",
+        cql: include_str!("../../../sql/0004_security.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,
@@ -125,6 +130,13 @@ pub async fn migrate(
             "applying CQL migration"
         );
         for statement in statements(migration.cql) {
+            if let Some((table, column)) = added_column(&statement) {
+                // `ALTER TABLE ... ADD` is not idempotent (and `ADD IF NOT EXISTS` is not portable):
+                // a migration re-run after a half-way failure skips a column that is already there.
+                if column_exists(session, keyspace, &table, &column).await? {
+                    continue;
+                }
+            }
             ddl(session, &statement).await?;
         }
         session
@@ -155,6 +167,41 @@ async fn applied_versions(session: &Session) -> Result<BTreeSet<i32>> {
             .map_err(|e| Error::new(ErrorKind::Corrupt, format!("schema_migrations: {e}")))
     })
     .collect()
+}
+
+/// `(table, column)` of an `ALTER TABLE <table> ADD <column> <type>` statement.
+fn added_column(statement: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = statement.split_whitespace().collect();
+    match words.as_slice() {
+        [alter, table_kw, table, add, column, _type, ..]
+            if alter.eq_ignore_ascii_case("ALTER")
+                && table_kw.eq_ignore_ascii_case("TABLE")
+                && add.eq_ignore_ascii_case("ADD") =>
+        {
+            Some((table.to_ascii_lowercase(), column.to_ascii_lowercase()))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `keyspace.table` already has `column` (read from `system_schema.columns`).
+async fn column_exists(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool> {
+    let result = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (keyspace, table, column),
+        )
+        .await
+        .map_err(|e| db_error("read system_schema.columns", e))?
+        .into_rows_result()
+        .map_err(|e| db_error("read system_schema.columns", e))?;
+    Ok(result.rows_num() > 0)
 }
 
 /// Runs one schema statement and waits until every node agrees on the resulting schema.
@@ -219,6 +266,26 @@ mod tests {
                 .next()
                 .unwrap_or("");
             assert!(!table.contains('.'), "{s}");
+        }
+    }
+
+    #[test]
+    fn finds_added_columns() {
+        assert_eq!(
+            added_column("ALTER TABLE devices ADD owner_user_id bigint"),
+            Some(("devices".to_owned(), "owner_user_id".to_owned()))
+        );
+        assert_eq!(
+            added_column("CREATE TABLE IF NOT EXISTS a (x int PRIMARY KEY)"),
+            None
+        );
+        for m in MIGRATIONS {
+            for s in statements(m.cql) {
+                assert!(
+                    s.starts_with("CREATE TABLE IF NOT EXISTS ") || added_column(&s).is_some(),
+                    "not idempotent: {s}"
+                );
+            }
         }
     }
 

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
-    Device, ErrorKind, Friend, FriendRequest, Group, GroupMember, Profile, Role, SendResult,
-    Stores, User,
+    Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role,
+    SendResult, Stores, User,
 };
 
 /// Runs every check against `stores`; panics with a message naming the broken behaviour.
@@ -21,6 +21,7 @@ pub(crate) async fn run_all(stores: Stores) {
     friends(&stores).await;
     groups(&stores).await;
     ownership_transfer(&stores).await;
+    group_invites(&stores).await;
     inbox(&stores).await;
     fan_out(&stores).await;
     dedup(&stores).await;
@@ -81,6 +82,7 @@ async fn devices(s: &Stores) {
         sdk_version: "1.0.0".into(),
         tokens_valid_after_ms: 0,
         created_at_ms: 1_700_000_000_000,
+        owner_user_id: 0,
     };
     s.devices
         .insert_device(&device)
@@ -134,6 +136,71 @@ async fn devices(s: &Stores) {
         ErrorKind::NotFound,
         "revoking an unknown device is NotFound"
     );
+
+    // Binding: the first user wins, for good; the owner reads back; revocation keeps it.
+    let (bob, carol) = (id(), id());
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, bob)
+            .await
+            .expect("bind"),
+        bob,
+        "an unbound device binds to its first user"
+    );
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, bob)
+            .await
+            .expect("bind again"),
+        bob,
+        "binding the owner again is a no-op"
+    );
+    assert_eq!(
+        s.devices
+            .bind_device(device.device_id, carol)
+            .await
+            .expect("bind other"),
+        bob,
+        "another user gets the owner back, and the device stays bound to it"
+    );
+    s.devices
+        .revoke_tokens_before(device.device_id, 1_700_000_600_000)
+        .await
+        .expect("revoke");
+    let got = s
+        .devices
+        .get_device(device.device_id)
+        .await
+        .expect("get_device")
+        .expect("device");
+    assert_eq!(
+        (got.owner_user_id, got.tokens_valid_after_ms),
+        (bob, 1_700_000_600_000)
+    );
+    let err = s
+        .devices
+        .bind_device(id(), bob)
+        .await
+        .expect_err("binding an unknown device fails");
+    assert_eq!(err.kind, ErrorKind::NotFound);
+    assert_eq!(
+        s.devices.get_device(id()).await.expect("get"),
+        None,
+        "a failed bind creates nothing"
+    );
+    // Two users racing for one fresh device: exactly one wins, and both are told the same owner.
+    let race = Device {
+        device_id: id(),
+        ..device.clone()
+    };
+    s.devices.insert_device(&race).await.expect("insert");
+    let (a, b) = tokio::join!(
+        s.devices.bind_device(race.device_id, bob),
+        s.devices.bind_device(race.device_id, carol)
+    );
+    let (a, b) = (a.expect("bind bob"), b.expect("bind carol"));
+    assert_eq!(a, b, "one owner");
+    assert!(a == bob || a == carol);
 }
 
 async fn users(s: &Stores) {
@@ -1139,4 +1206,53 @@ async fn node_leases(s: &Stores) {
         .release(&late, late.floor_ms + 1)
         .await
         .expect("release");
+}
+
+/// Group invitations: one partition per invitee, replace on re-invite, idempotent delete.
+async fn group_invites(s: &Stores) {
+    let (user, other) = (id(), id());
+    let (g1, g2) = (id(), id());
+    let inv = s.group_invites.clone();
+    assert_eq!(inv.list_invites(user).await.expect("list"), vec![]);
+    assert_eq!(inv.get_invite(g1, user).await.expect("get"), None);
+    let first = GroupInvite {
+        group_id: g2,
+        user_id: user,
+        inviter_id: other,
+        created_at_ms: 1_700_000_000_000,
+    };
+    let second = GroupInvite {
+        group_id: g1,
+        ..first.clone()
+    };
+    inv.put_invite(&first).await.expect("put");
+    inv.put_invite(&second).await.expect("put");
+    inv.put_invite(&GroupInvite {
+        user_id: other,
+        ..first.clone()
+    })
+    .await
+    .expect("put other");
+    assert_eq!(
+        inv.list_invites(user).await.expect("list"),
+        vec![second.clone(), first.clone()],
+        "a user's invitations, ordered by group id, nobody else's"
+    );
+    assert_eq!(
+        inv.get_invite(g2, user).await.expect("get"),
+        Some(first.clone())
+    );
+    // Inviting again replaces the invitation.
+    let again = GroupInvite {
+        created_at_ms: 1_700_000_001_000,
+        ..first.clone()
+    };
+    inv.put_invite(&again).await.expect("put again");
+    assert_eq!(inv.get_invite(g2, user).await.expect("get"), Some(again));
+    inv.delete_invite(g2, user).await.expect("delete");
+    inv.delete_invite(g2, user)
+        .await
+        .expect("deleting an absent invitation is fine");
+    assert_eq!(inv.list_invites(user).await.expect("list"), vec![second]);
+    assert_eq!(inv.list_invites(other).await.expect("list").len(), 1);
 }

@@ -67,6 +67,7 @@ fn device(device_id: i64) -> Device {
         sdk_version: "1.0.0".to_owned(),
         tokens_valid_after_ms: 0,
         created_at_ms: 1_700_000_000_000,
+        owner_user_id: 0,
     }
 }
 
@@ -100,6 +101,19 @@ async fn migrations_apply_once_and_are_recorded() {
             again.is_empty(),
             "a current keyspace gets nothing: {again:?}"
         );
+        // A migration whose statements all ran but whose record was lost (a crash in between) runs
+        // again without failing, `ALTER TABLE ... ADD` of an existing column included.
+        session
+            .query_unpaged(
+                format!("DELETE FROM {keyspace}.schema_migrations WHERE version = 3"),
+                (),
+            )
+            .await
+            .expect("forget migration 3");
+        let rerun = backend::migrate(&session, &keyspace, 1)
+            .await
+            .expect("re-run of an applied ALTER");
+        assert_eq!(rerun, vec![3]);
 
         let rows = session
             .query_unpaged(

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use zhibo_auth::Claims;
 use zhibo_store::ids::now_ms;
 use zhibo_store::Stores;
-use zhibo_user_api::ApiConfig;
+use zhibo_user_api::{ApiConfig, GroupAddPolicy};
 
 use crate::server::{start, start_with, As, ADMIN_SECRET};
 
@@ -202,34 +202,159 @@ pub(crate) async fn case_sign_up_and_sign_in(stores: Stores) {
     );
 }
 
-/// Too many sign-in attempts are refused with 429 and Retry-After.
-pub(crate) async fn case_sign_in_rate_limit(stores: Stores) {
-    let s = start_with(
+/// A server behind a trusted proxy (the test client, 127.0.0.1) that takes the client address from
+/// `X-Forwarded-For`, so one test can speak from many addresses.
+async fn behind_proxy(stores: Stores, config: ApiConfig) -> crate::server::TestServer {
+    start_with(
         stores,
         ApiConfig {
             admin_secret: ADMIN_SECRET.to_owned(),
+            trusted_proxies: "127.0.0.1, ::1".to_owned(),
+            client_ip_header: "X-Forwarded-For".to_owned(),
+            ..config
+        },
+    )
+    .await
+}
+
+/// `POST path` with `body` from client address `from` (via the trusted proxy header).
+async fn post_from(
+    s: &crate::server::TestServer,
+    from: &str,
+    path: &str,
+    body: Value,
+) -> crate::server::Reply {
+    let req = s
+        .http
+        .post(format!("{}{path}", s.base))
+        .header("x-forwarded-for", from)
+        .json(&body);
+    s.send(req).await
+}
+
+/// Failed sign-ins back off per (username, address) with 429 and a growing Retry-After; the right
+/// password from another address still works (issue 19, finding 2: anyone could lock alice out).
+pub(crate) async fn case_sign_in_rate_limit(stores: Stores) {
+    let s = behind_proxy(
+        stores,
+        ApiConfig {
             sign_in_per_minute: 3,
+            sign_in_max_backoff_secs: 60,
             ..ApiConfig::default()
         },
     )
     .await;
+    let pw = "correct horse";
+    let alice = s.signed_up(pw).await;
     let dev = s.device().await;
-    let u = s.user().await;
-    let attempt = json!({"username": u.username, "password": "wrong password", "device_id": dev});
-    for _ in 0..3 {
-        s.post("/v1/sessions", As::Anonymous, attempt.clone())
-            .await
-            .err(401, "bad_credentials");
+    let attempt = |password: &str| json!({"username": alice.username, "password": password, "device_id": dev});
+    let attacker = "203.0.113.7";
+    // Failures until refused: the third failure starts the backoff, the fourth attempt gets 429.
+    let mut waits = Vec::new();
+    for _ in 0..12 {
+        let r = post_from(&s, attacker, "/v1/sessions", attempt("wrong password")).await;
+        if r.status.as_u16() == 429 {
+            r.err(429, "rate_limited");
+            waits.push(r.retry_after.expect("Retry-After"));
+            if waits.len() == 2 {
+                break;
+            }
+            // Wait out the refusal window (a condition on the clock, not a synchronisation).
+            tokio::time::sleep(std::time::Duration::from_secs(waits[0])).await;
+        } else {
+            r.err(401, "bad_credentials");
+        }
     }
-    let refused = s.post("/v1/sessions", As::Anonymous, attempt).await;
-    refused.err(429, "rate_limited");
-    let wait = refused.retry_after.expect("Retry-After");
-    assert!((1..=60).contains(&wait), "Retry-After {wait}");
-    // Another username from the same IP: the per-IP limit refuses it too.
-    let other = json!({"username": "someone_else", "password": "wrong password", "device_id": dev});
-    s.post("/v1/sessions", As::Anonymous, other)
+    assert_eq!(waits.len(), 2, "the attacker was never refused");
+    assert!(
+        (1..=60).contains(&waits[0]) && waits[1] >= waits[0],
+        "refusal windows grow: {waits:?}"
+    );
+    // The attacker's address is refused even with the right password...
+    post_from(&s, attacker, "/v1/sessions", attempt(pw))
         .await
         .err(429, "rate_limited");
+    // ...but the real alice, from her own address, signs in.
+    let ok = post_from(&s, "198.51.100.20", "/v1/sessions", attempt(pw))
+        .await
+        .ok(200);
+    assert_eq!(ok["user_id"].as_i64(), Some(alice.user_id));
+    // Successes are not counted: many sign-ins with the right password are all accepted.
+    for _ in 0..4 {
+        post_from(&s, "198.51.100.20", "/v1/sessions", attempt(pw))
+            .await
+            .ok(200);
+    }
+    // One address failing across usernames is bounded too (3 × the per-user budget).
+    let spray = "203.0.113.99";
+    let mut refused = false;
+    for i in 0..12 {
+        let body = json!({"username": format!("nobody_{i}"), "password": "wrong password", "device_id": dev});
+        let r = post_from(&s, spray, "/v1/sessions", body).await;
+        if r.status.as_u16() == 429 {
+            refused = true;
+            break;
+        }
+        r.err(401, "bad_credentials");
+    }
+    assert!(refused, "an address spraying usernames is never refused");
+}
+
+/// Sign-ups and device registrations are limited per client address (429 with Retry-After); another
+/// address is unaffected (issue 19, finding 4). Also: the proxy header is believed only from a trusted
+/// proxy.
+pub(crate) async fn case_sign_up_and_device_limits(stores: Stores) {
+    let s = behind_proxy(
+        stores.clone(),
+        ApiConfig {
+            sign_ups_per_hour: 2,
+            devices_per_hour: 3,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let device = json!({"type": "web"});
+    for _ in 0..3 {
+        post_from(&s, "203.0.113.1", "/v1/devices", device.clone())
+            .await
+            .ok(201);
+    }
+    let r = post_from(&s, "203.0.113.1", "/v1/devices", device.clone()).await;
+    r.err(429, "rate_limited");
+    assert!((1..=3600).contains(&r.retry_after.expect("Retry-After")));
+    post_from(&s, "203.0.113.2", "/v1/devices", device.clone())
+        .await
+        .ok(201);
+
+    let sign_up =
+        || json!({"username": crate::server::unique_username("lim"), "password": "long enough"});
+    for _ in 0..2 {
+        post_from(&s, "203.0.113.1", "/v1/users", sign_up())
+            .await
+            .ok(201);
+    }
+    let r = post_from(&s, "203.0.113.1", "/v1/users", sign_up()).await;
+    r.err(429, "rate_limited");
+    assert!((1..=3600).contains(&r.retry_after.expect("Retry-After")));
+    post_from(&s, "203.0.113.2", "/v1/users", sign_up())
+        .await
+        .ok(201);
+
+    // Without a trusted proxy configured, the header is ignored: every request is the TCP peer's.
+    let direct = start_with(
+        stores,
+        ApiConfig {
+            devices_per_hour: 2,
+            client_ip_header: "X-Forwarded-For".to_owned(),
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    for (i, want) in [201, 201, 429].into_iter().enumerate() {
+        let from = format!("203.0.113.{}", 10 + i);
+        let r = post_from(&direct, &from, "/v1/devices", device.clone()).await;
+        assert_eq!(r.status.as_u16(), want, "{from}: {:?}", r.body);
+    }
 }
 
 /// Missing, malformed, foreign, expired and revoked tokens.
@@ -284,6 +409,22 @@ pub(crate) async fn case_auth_refusals(stores: Stores) {
         ..claims.clone()
     });
     s.get("/v1/users/me", As::Token(&backend)).await.ok(200);
+    // A token "issued" far in the future would postdate every revocation cut-off: refused.
+    let future = s.key.mint(&Claims {
+        iat: now + 365 * 24 * 3600,
+        exp: now + 400 * 24 * 3600,
+        ..claims.clone()
+    });
+    s.get("/v1/users/me", As::Token(&future))
+        .await
+        .err(401, "unauthenticated");
+    let future_ms = s.key.mint(&Claims {
+        iat_ms: Some((now + 3600) * 1000),
+        ..claims.clone()
+    });
+    s.get("/v1/users/me", As::Token(&future_ms))
+        .await
+        .err(401, "unauthenticated");
 
     // Sign-out revokes every token of the device issued so far, immediately.
     s.delete("/v1/sessions", u.auth()).await.ok(204);
@@ -355,6 +496,29 @@ pub(crate) async fn case_profiles(stores: Stores) {
         "/v1/users/me",
         a.auth(),
         json!({"nickname": "n".repeat(65)}),
+    )
+    .await
+    .err(400, "invalid_argument");
+    // Names that disguise themselves and avatars that are not web URLs are refused.
+    for nickname in ["ad\u{202E}nimda", "a\u{200B}dmin", "\u{2067}x"] {
+        s.patch("/v1/users/me", a.auth(), json!({"nickname": nickname}))
+            .await
+            .err(400, "invalid_argument");
+    }
+    for avatar in [
+        "javascript:alert(1)",
+        "data:image/png;base64,AAAA",
+        "ftp://x/a.png",
+    ] {
+        s.patch("/v1/users/me", a.auth(), json!({"avatar_url": avatar}))
+            .await
+            .err(400, "invalid_argument");
+    }
+    s.post(
+        "/v1/users",
+        As::Anonymous,
+        json!({"username": crate::server::unique_username("bidi"), "password": "long enough",
+               "nickname": "x\u{202E}y"}),
     )
     .await
     .err(400, "invalid_argument");
@@ -596,9 +760,15 @@ pub(crate) async fn case_messages(stores: Stores) {
     .ok(200);
     let sent = s.post("/v1/messages", a.auth(), to_b("m1")).await.ok(200);
     assert_eq!(sent["seq"], 2, "A's second message");
+    // The recipient's copy names the sender but not the sending device; the sender's own copy does.
     let inbox = stores.messages.sync(b.user_id, 1, 10).await.expect("sync");
     assert_eq!(
         (inbox[0].sender_user_id, inbox[0].sender_device_id),
+        (a.user_id, 0)
+    );
+    let own = stores.messages.sync(a.user_id, 1, 10).await.expect("sync");
+    assert_eq!(
+        (own[0].sender_user_id, own[0].sender_device_id),
         (a.user_id, a.device_id)
     );
     s.post("/v1/messages", a.auth(), to_b("m2")).await.ok(200);
@@ -821,6 +991,8 @@ pub(crate) async fn case_groups(stores: Stores) {
         ApiConfig {
             admin_secret: ADMIN_SECRET.to_owned(),
             max_group_size: 4,
+            // Membership mechanics; consent is `case_group_add_policy`'s.
+            group_add_policy: GroupAddPolicy::Open,
             ..ApiConfig::default()
         },
     )
@@ -1115,4 +1287,312 @@ fn refs(v: &Value) -> Vec<String> {
         Value::Array(items) => items.iter().flat_map(refs).collect(),
         _ => Vec::new(),
     }
+}
+
+/// A device belongs to the first user who signs in on it: nobody else can sign in on it, use a token for
+/// it or move its revocation cut-off (issue 19, finding 1: carol used to sign out bob's device).
+pub(crate) async fn case_device_bound_to_its_user(stores: Stores) {
+    let s = start(stores.clone()).await;
+    let pw = "correct horse";
+    let bob = s.signed_up(pw).await;
+    let carol = s.signed_up(pw).await;
+    let on_bobs = json!({"username": carol.username, "password": pw, "device_id": bob.device_id});
+    s.post("/v1/sessions", As::Anonymous, on_bobs)
+        .await
+        .err(403, "device_taken");
+    s.post(
+        "/v1/admin/tokens",
+        ADMIN,
+        json!({"user_id": carol.user_id, "device_id": bob.device_id}),
+    )
+    .await
+    .err(403, "device_taken");
+    // A token for carol on bob's device from anyone holding the secret (an app backend) is refused too,
+    // for the API and for sign-out.
+    let now = now_ms() / 1000;
+    let forged = s.key.mint(&Claims {
+        user_id: carol.user_id,
+        device_id: bob.device_id,
+        exp: now + 600,
+        iat: now,
+        iat_ms: Some(now_ms()),
+    });
+    s.get("/v1/users/me", As::Token(&forged))
+        .await
+        .err(401, "unauthenticated");
+    s.delete("/v1/sessions", As::Token(&forged))
+        .await
+        .err(401, "unauthenticated");
+    // Bob is untouched.
+    assert_eq!(
+        s.get("/v1/users/me", bob.auth()).await.ok(200)["user_id"].as_i64(),
+        Some(bob.user_id)
+    );
+    let device = stores
+        .devices
+        .get_device(bob.device_id)
+        .await
+        .expect("get")
+        .expect("device");
+    assert_eq!(
+        (device.owner_user_id, device.tokens_valid_after_ms),
+        (bob.user_id, 0)
+    );
+    // Bob signs in again on his own device; his sign-out revokes only his device.
+    s.post(
+        "/v1/sessions",
+        As::Anonymous,
+        json!({"username": bob.username, "password": pw, "device_id": bob.device_id}),
+    )
+    .await
+    .ok(200);
+    s.delete("/v1/sessions", carol.auth()).await.ok(204);
+    s.get("/v1/users/me", bob.auth()).await.ok(200);
+    s.get("/v1/users/me", carol.auth())
+        .await
+        .err(401, "token_revoked");
+    // A device that only ever had minted tokens is bound at its first sign-out (or mint).
+    let dev = s.device().await;
+    let token = |user_id: i64| {
+        s.key.mint(&Claims {
+            user_id,
+            device_id: dev,
+            exp: now + 600,
+            iat: now,
+            iat_ms: Some(now_ms()),
+        })
+    };
+    let (carols, bobs) = (token(carol.user_id), token(bob.user_id));
+    s.delete("/v1/sessions", As::Token(&bobs)).await.ok(204);
+    s.get("/v1/users/me", As::Token(&carols))
+        .await
+        .err(401, "unauthenticated");
+}
+
+/// Makes `a` and `b` friends.
+async fn befriend(
+    s: &crate::server::TestServer,
+    a: &crate::server::TestUser,
+    b: &crate::server::TestUser,
+) {
+    s.post(
+        "/v1/friends/requests",
+        a.auth(),
+        json!({"to_user_id": b.user_id}),
+    )
+    .await
+    .ok(201);
+    s.post(
+        &format!("/v1/friends/requests/{}/agree", a.user_id),
+        b.auth(),
+        json!({}),
+    )
+    .await
+    .ok(200);
+}
+
+/// Nobody is put into a group without consent (issue 19, finding 3: a stranger refused `not_friends`
+/// created a group with the target and wrote there). Default policy `invite`: friends are added,
+/// strangers invited, and a stranger's group message never reaches someone who has not accepted.
+/// Policy `friends`: strangers are refused.
+pub(crate) async fn case_group_add_policy(stores: Stores) {
+    let s = start(stores.clone()).await;
+    let (stranger, target, friend) = (s.user().await, s.user().await, s.user().await);
+    befriend(&s, &stranger, &friend).await;
+    let dm = json!({"receiver_type": "user", "receiver_id": target.user_id, "client_msg_id": "dm",
+                    "content": b64("hi")});
+    s.post("/v1/messages", stranger.auth(), dm)
+        .await
+        .err(403, "not_friends");
+
+    let created = s
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "trap", "member_ids": [target.user_id, friend.user_id]}),
+        )
+        .await
+        .ok(201);
+    let group_id = created["group_id"].as_i64().expect("group_id");
+    assert_eq!(created["invited"], json!([target.user_id]), "{created}");
+    let members = s
+        .get(&format!("/v1/groups/{group_id}/members"), stranger.auth())
+        .await
+        .ok(200);
+    let ids: BTreeSet<i64> = members["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["user_id"].as_i64())
+        .collect();
+    assert_eq!(ids, BTreeSet::from([stranger.user_id, friend.user_id]));
+    // The stranger writes to the group: the target, only invited, gets nothing.
+    let to_group = |id: &str| {
+        json!({"receiver_type": "group", "receiver_id": group_id, "client_msg_id": id,
+                                     "content": b64("buy now")})
+    };
+    s.post("/v1/messages", stranger.auth(), to_group("g1"))
+        .await
+        .ok(200);
+    assert!(
+        stores
+            .messages
+            .sync(target.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .is_empty(),
+        "an invitee receives nothing from the group"
+    );
+    assert_eq!(
+        stores
+            .messages
+            .sync(friend.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .len(),
+        1
+    );
+    s.get(&format!("/v1/groups/{group_id}"), target.auth())
+        .await
+        .err(403, "not_group_member");
+    // Adding the target again invites again; it does not add.
+    let again = s
+        .post(
+            &format!("/v1/groups/{group_id}/members"),
+            stranger.auth(),
+            json!({"user_ids": [target.user_id]}),
+        )
+        .await
+        .ok(200);
+    assert_eq!(
+        (again["added"].clone(), again["invited"].clone()),
+        (json!([]), json!([target.user_id]))
+    );
+
+    // The target sees the invitation and refuses it: still not a member, nothing pending.
+    let list = s.get("/v1/groups/invitations", target.auth()).await.ok(200);
+    assert_eq!(
+        list["invitations"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    assert_eq!(list["invitations"][0]["group_id"].as_i64(), Some(group_id));
+    assert_eq!(list["invitations"][0]["group_name"], "trap");
+    assert_eq!(
+        list["invitations"][0]["inviter_id"].as_i64(),
+        Some(stranger.user_id)
+    );
+    let refuse = format!("/v1/groups/invitations/{group_id}/refuse");
+    s.post(&refuse, target.auth(), json!({})).await.ok(204);
+    s.post(&refuse, target.auth(), json!({}))
+        .await
+        .err(404, "group_invitation_not_found");
+    s.post(
+        &format!("/v1/groups/invitations/{group_id}/accept"),
+        target.auth(),
+        json!({}),
+    )
+    .await
+    .err(404, "group_invitation_not_found");
+    assert_eq!(
+        s.get("/v1/groups/invitations", target.auth()).await.ok(200)["invitations"],
+        json!([])
+    );
+
+    // Invited once more, the target accepts: a member, and the group's messages arrive.
+    s.post(
+        &format!("/v1/groups/{group_id}/members"),
+        stranger.auth(),
+        json!({"user_ids": [target.user_id]}),
+    )
+    .await
+    .ok(200);
+    let joined = s
+        .post(
+            &format!("/v1/groups/invitations/{group_id}/accept"),
+            target.auth(),
+            json!({}),
+        )
+        .await
+        .ok(200);
+    assert_eq!(joined["group_id"].as_i64(), Some(group_id));
+    s.get(&format!("/v1/groups/{group_id}"), target.auth())
+        .await
+        .ok(200);
+    s.post("/v1/messages", stranger.auth(), to_group("g2"))
+        .await
+        .ok(200);
+    assert_eq!(
+        stores
+            .messages
+            .sync(target.user_id, 0, 10)
+            .await
+            .expect("sync")
+            .len(),
+        1,
+        "after accepting, the next group message arrives"
+    );
+
+    // An invitation into a dissolved group is gone.
+    let other = s.user().await;
+    let g2 = s
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "gone", "member_ids": [other.user_id]}),
+        )
+        .await
+        .ok(201)["group_id"]
+        .as_i64()
+        .expect("group_id");
+    s.delete(&format!("/v1/groups/{g2}"), stranger.auth())
+        .await
+        .ok(204);
+    assert_eq!(
+        s.get("/v1/groups/invitations", other.auth()).await.ok(200)["invitations"],
+        json!([])
+    );
+    s.post(
+        &format!("/v1/groups/invitations/{g2}/accept"),
+        other.auth(),
+        json!({}),
+    )
+    .await
+    .err(404, "group_not_found");
+
+    // Policy `friends`: a stranger cannot be put in a group at all; friends still can.
+    let strict = start_with(
+        stores,
+        ApiConfig {
+            admin_secret: ADMIN_SECRET.to_owned(),
+            group_add_policy: GroupAddPolicy::Friends,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    strict
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "trap2", "member_ids": [other.user_id, friend.user_id]}),
+        )
+        .await
+        .err(403, "not_friends");
+    let ok = strict
+        .post(
+            "/v1/groups",
+            stranger.auth(),
+            json!({"name": "pals", "member_ids": [friend.user_id]}),
+        )
+        .await
+        .ok(201);
+    assert_eq!(ok["invited"], json!([]));
+    strict
+        .post(
+            &format!("/v1/groups/{}/members", ok["group_id"]),
+            stranger.auth(),
+            json!({"user_ids": [other.user_id]}),
+        )
+        .await
+        .err(403, "not_friends");
 }

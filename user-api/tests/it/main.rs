@@ -50,6 +50,9 @@ cases!(
     case_friends,
     case_groups,
     case_openapi_matches_router,
+    case_device_bound_to_its_user,
+    case_sign_up_and_device_limits,
+    case_group_add_policy,
 );
 
 fn embedded_stores() -> Stores {

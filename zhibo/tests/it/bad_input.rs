@@ -164,6 +164,52 @@ pub(crate) async fn bad_frames_and_sign_ins(cluster: &Cluster) {
         .await
         .expect_err("unknown device");
     assert!(err.to_string().contains("unknown device"), "{err}");
+    // A token "issued" in the future (it would outlive any sign-out) is refused.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let creds = Credentials {
+        token: key.mint(&zhibo_auth::Claims {
+            user_id: good.user_id,
+            device_id: good.device_id,
+            exp: now + 7200,
+            iat: now + 3600,
+            iat_ms: None,
+        }),
+        ..good.clone()
+    };
+    let err = Client::connect(Transport::Tcp, &tcp.to_string(), &creds)
+        .await
+        .expect_err("future iat");
+    assert!(err.to_string().contains("not valid yet"), "{err}");
+    // A device belongs to its first user (a token minted through the API binds it): another user's
+    // token for it is refused by the gateway too.
+    cluster
+        .api
+        .post_admin(
+            "/v1/admin/tokens",
+            crate::cluster::ADMIN,
+            serde_json::json!({"user_id": good.user_id, "device_id": good.device_id}),
+        )
+        .await
+        .expect("mint binds the device");
+    let other = cluster.user("other").await;
+    let creds = Credentials {
+        user_id: other.user_id,
+        device_id: good.device_id,
+        token: key.mint(&zhibo_auth::Claims {
+            user_id: other.user_id,
+            device_id: good.device_id,
+            exp: now + 600,
+            iat: now,
+            iat_ms: None,
+        }),
+    };
+    let err = Client::connect(Transport::Tcp, &tcp.to_string(), &creds)
+        .await
+        .expect_err("another user's device");
+    assert!(err.to_string().contains("another user"), "{err}");
 
     // Signed in: a garbage body gets BAD_FRAME and the session goes on; a server-only packet gets
     // UNEXPECTED_PACKET; a second SignIn too.

@@ -82,6 +82,8 @@ fn base_config() -> Config {
     c.gateway.rate_burst = 400.0;
     c.api_addr = "127.0.0.1:0".parse().expect("addr");
     c.api.admin_secret = ADMIN.into();
+    // Every test client registers its devices from 127.0.0.1: one address for the whole suite.
+    c.api.devices_per_hour = 100_000;
     c
 }
 
@@ -410,7 +412,26 @@ impl Cluster {
             )
             .await
             .expect("create group");
-        v["group_id"].as_i64().expect("group_id")
+        let group_id = v["group_id"].as_i64().expect("group_id");
+        // Members who are not the owner's friends are invited (the default group-add policy): they
+        // accept, as their app would.
+        let invited: Vec<i64> = v["invited"]
+            .as_array()
+            .expect("invited")
+            .iter()
+            .filter_map(serde_json::Value::as_i64)
+            .collect();
+        for m in members.iter().filter(|m| invited.contains(&m.user_id)) {
+            self.api
+                .post(
+                    &format!("/v1/groups/invitations/{group_id}/accept"),
+                    Some(&m.token),
+                    json!({}),
+                )
+                .await
+                .expect("accept group invitation");
+        }
+        group_id
     }
 
     /// Connects and signs in `creds` over `t` on gateway `gw`.

@@ -63,6 +63,8 @@ fn config() -> Config {
     c.logic.max_room_content = 16 * 1024;
     c.api_addr = any;
     c.api.admin_secret = ADMIN.into();
+    // Every test client registers its devices from 127.0.0.1: one address for the whole suite.
+    c.api.devices_per_hour = 100_000;
     c
 }
 
@@ -397,11 +399,16 @@ async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
         assert_eq!(texts(&got), sent, "{who} got every message in order");
         assert!(got.iter().all(|m| m.seq == 0 && m.receiver_id == room));
         assert!(got.iter().all(|m| m.sender_user_id == sender.user_id));
+        assert!(
+            got.iter().all(|m| m.sender_device_id == 0),
+            "{who}: room viewers never learn the sender's device id"
+        );
     }
 
     // A late joiner sees the last 20 (room_recent) in order, with the count including itself.
     let out = join(&mut stranger, room).await.expect("late join");
     assert_eq!(texts(&out.recent), sent[10..].to_vec(), "recent history");
+    assert!(out.recent.iter().all(|m| m.sender_device_id == 0));
     assert!(out.online_count >= 1);
 
     // The count converges to 4 on every viewer, whichever gateway it is on.
@@ -583,6 +590,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     };
     assert_eq!(notice.content_type, RoomNotice::Join as i32);
     assert_eq!(notice.sender_user_id, viewer.user_id);
+    assert_eq!(notice.sender_device_id, 0, "no device id in room notices");
 
     // Only the owner and admins may mute; muted: the viewer is refused, the owner is not.
     let bearer = |c: &Credentials| ("authorization", format!("Bearer {}", c.token));
