@@ -13,8 +13,8 @@
 //! - node-number leases are claimed, renewed and released with conditional batches on `node_leases`
 //!   (see `scylla/leases.rs`).
 
-mod leases;
 mod invites;
+mod leases;
 mod migrate;
 
 use std::collections::BTreeMap;
