@@ -33,7 +33,7 @@ use zhibo_proto::client::{
 };
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::leases::{LeaseTiming, LeasedIds, Pool};
-use zhibo_store::{SendResult, Stores};
+use zhibo_store::{SendPlan, Stores};
 use zhibo_telemetry::metrics::KindLabel;
 use zhibo_telemetry::Metrics;
 
@@ -433,7 +433,7 @@ impl Logic {
             })
             .map_err(send_err)?;
         let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
-        let plan = SendResult {
+        let plan = SendPlan {
             message_id,
             seq: recipients
                 .iter()
@@ -469,7 +469,7 @@ impl Logic {
         &self,
         origin: &Origin,
         input: &SendMessageInput,
-        plan: SendResult,
+        plan: SendPlan,
     ) -> Result<SendMessageOutput, LogicError> {
         let fresh = new_message(origin, input, &plan);
         // A resend replays the plan from the message as first stored (the sender's own inbox entry), so a
@@ -513,7 +513,7 @@ impl Logic {
     async fn deliver(
         &self,
         origin: &Origin,
-        plan: &SendResult,
+        plan: &SendPlan,
         entries: Vec<(i64, Message)>,
         duplicate: bool,
     ) -> SendMessageOutput {
@@ -564,7 +564,7 @@ impl Logic {
     async fn stored_original(
         &self,
         sender: i64,
-        plan: &SendResult,
+        plan: &SendPlan,
     ) -> Result<Option<Message>, LogicError> {
         if plan.seq == 0 {
             return Ok(None);
@@ -808,7 +808,7 @@ fn dedup_device(origin: &Origin) -> i64 {
 }
 
 /// The message `input` becomes under `plan`, before a seq is set per inbox.
-fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendResult) -> Message {
+fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendPlan) -> Message {
     Message {
         message_id: plan.message_id,
         seq: 0,
@@ -826,7 +826,7 @@ fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendResult) -> 
 /// One inbox entry per recipient of `plan`: `template` at that recipient's seq. Only the sender's own
 /// copy names the sending device: device ids are the sender's business (they identify the install whose
 /// tokens a sign-out revokes), so other users get `sender_device_id` 0.
-fn inbox_entries(plan: &SendResult, template: &Message) -> Vec<(i64, Message)> {
+fn inbox_entries(plan: &SendPlan, template: &Message) -> Vec<(i64, Message)> {
     plan.recipients
         .iter()
         .map(|&(user_id, seq)| {
@@ -847,7 +847,7 @@ fn inbox_entries(plan: &SendResult, template: &Message) -> Vec<(i64, Message)> {
         .collect()
 }
 
-fn output(plan: &SendResult, duplicate: bool) -> SendMessageOutput {
+fn output(plan: &SendPlan, duplicate: bool) -> SendMessageOutput {
     SendMessageOutput {
         message_id: plan.message_id,
         seq: plan.seq,

@@ -15,7 +15,7 @@
 //! | `group_members`   | (group, user)                | [`GroupMember`] as JSON                |
 //! | `user_groups`     | (user, group)                | `()` (groups of a user)                |
 //! | `inbox`           | (user, seq)                  | prost-encoded [`Message`]              |
-//! | `dedup`           | (device, client_msg_id)      | (written at, [`SendResult`] as JSON)   |
+//! | `dedup`           | (device, client_msg_id)      | (written at, [`SendPlan`] as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
 //! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`embedded_invites`) |
@@ -62,7 +62,7 @@ use zhibo_proto::ProstMessage;
 use crate::ids::now_ms;
 use crate::{
     Device, DeviceStore, Error, ErrorKind, Friend, FriendRequest, FriendStore, Group, GroupMember,
-    GroupStore, MessageStore, Profile, Result, SendResult, SeqAllocator, Stores, User, UserStore,
+    GroupStore, MessageStore, Profile, Result, SendPlan, SeqAllocator, Stores, User, UserStore,
 };
 use writer::Writer;
 
@@ -77,7 +77,7 @@ const GROUPS: TableDefinition<i64, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("group_members");
 const USER_GROUPS: TableDefinition<(i64, i64), ()> = TableDefinition::new("user_groups");
 const INBOX: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("inbox");
-/// (device, client_msg_id) -> (written at ms, [`SendResult`] as JSON).
+/// (device, client_msg_id) -> (written at ms, [`SendPlan`] as JSON).
 const DEDUP: TableDefinition<(i64, &str), (i64, &[u8])> = TableDefinition::new("dedup");
 /// (written at ms, device, client_msg_id): the dedup records oldest first, for expiry.
 const DEDUP_BY_TIME: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("dedup_by_time");
@@ -403,7 +403,7 @@ fn live_dedup(
     device_id: i64,
     client_msg_id: &str,
     now: i64,
-) -> Result<Option<SendResult>> {
+) -> Result<Option<SendPlan>> {
     let Some(row) = table.get((device_id, client_msg_id)).db()? else {
         return Ok(None);
     };
@@ -436,7 +436,7 @@ fn put_dedup_at(
     client_msg_id: &str,
     bytes: &[u8],
     now: i64,
-) -> Result<Option<SendResult>> {
+) -> Result<Option<SendPlan>> {
     if let Some(existing) = live_dedup(&t.dedup, device_id, client_msg_id, now)? {
         return Ok(Some(existing));
     }
@@ -829,7 +829,7 @@ impl MessageStore for EmbeddedBackend {
             .await
     }
 
-    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendResult>> {
+    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendPlan>> {
         self.point(move |tx| {
             let table = tx.open_table(DEDUP).db()?;
             live_dedup(&table, device_id, client_msg_id, now_ms())
@@ -841,8 +841,8 @@ impl MessageStore for EmbeddedBackend {
         &self,
         device_id: i64,
         client_msg_id: &str,
-        result: &SendResult,
-    ) -> Result<Option<SendResult>> {
+        result: &SendPlan,
+    ) -> Result<Option<SendPlan>> {
         let client_msg_id = client_msg_id.to_owned();
         let bytes = to_json(result)?;
         self.write(move |t| put_dedup_at(t, device_id, &client_msg_id, &bytes, now_ms()))
@@ -853,9 +853,9 @@ impl MessageStore for EmbeddedBackend {
         &self,
         device_id: i64,
         client_msg_id: &str,
-        plan: &SendResult,
+        plan: &SendPlan,
         entries: &[(i64, Message)],
-    ) -> Result<Option<SendResult>> {
+    ) -> Result<Option<SendPlan>> {
         // One job, one transaction: the plan and the entries land together or not at all.
         let client_msg_id = client_msg_id.to_owned();
         let plan = to_json(plan)?;
@@ -1082,13 +1082,13 @@ mod tests {
     #[tokio::test]
     async fn dedup_records_expire_and_are_pruned() {
         let backend = EmbeddedBackend::temporary().expect("temporary db");
-        let result = |message_id| SendResult {
+        let result = |message_id| SendPlan {
             message_id,
             seq: 1,
             server_time_ms: 0,
             recipients: vec![(7, 1)],
         };
-        let put = |device: i64, id: &'static str, r: SendResult, now: i64| {
+        let put = |device: i64, id: &'static str, r: SendPlan, now: i64| {
             let bytes = to_json(&r).expect("json");
             backend.write(move |t| put_dedup_at(t, device, id, &bytes, now))
         };

@@ -254,7 +254,7 @@ pub trait GroupStore: Send + Sync {
 /// after a crash between the two finds the plan and rewrites the same entries (idempotent), so an ACKed
 /// message is never lost and a retried one is never stored twice.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SendResult {
+pub struct SendPlan {
     /// The message id assigned the first time.
     pub message_id: u64,
     /// The sender's inbox seq for it.
@@ -295,7 +295,7 @@ pub trait MessageStore: Send + Sync {
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
-    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendResult>>;
+    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendPlan>>;
     /// Remembers the result of a send unless one is already stored for this key, in which case the stored
     /// one is returned and nothing is written (insert-if-absent: two racing resends agree on one plan).
     /// Records expire after a retention period (days), longer than any client retries.
@@ -306,8 +306,8 @@ pub trait MessageStore: Send + Sync {
         &self,
         device_id: i64,
         client_msg_id: &str,
-        result: &SendResult,
-    ) -> Result<Option<SendResult>>;
+        result: &SendPlan,
+    ) -> Result<Option<SendPlan>>;
     /// Records a new send in one step: the dedup record `plan` (insert-if-absent, as
     /// [`Self::put_dedup_if_absent`]) and, only when no record existed, the inbox `entries`. When one
     /// exists it is returned and nothing is written. Durable when this returns.
@@ -321,9 +321,9 @@ pub trait MessageStore: Send + Sync {
         &self,
         device_id: i64,
         client_msg_id: &str,
-        plan: &SendResult,
+        plan: &SendPlan,
         entries: &[(i64, Message)],
-    ) -> Result<Option<SendResult>> {
+    ) -> Result<Option<SendPlan>> {
         if let Some(existing) = self
             .put_dedup_if_absent(device_id, client_msg_id, plan)
             .await?

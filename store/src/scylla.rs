@@ -38,7 +38,7 @@ pub use migrate::{migrate, statements, Migration, MIGRATIONS};
 
 use crate::{
     Device, DeviceStore, Error, ErrorKind, Friend, FriendRequest, FriendStore, Group, GroupMember,
-    GroupStore, MessageStore, Profile, Result, Role, Room, RoomStore, SendResult, SeqAllocator,
+    GroupStore, MessageStore, Profile, Result, Role, Room, RoomStore, SendPlan, SeqAllocator,
     Stores, User, UserStore,
 };
 
@@ -814,9 +814,9 @@ struct DedupConflictRow {
     recipients: Vec<(i64, i64)>,
 }
 
-impl From<DedupRow> for SendResult {
+impl From<DedupRow> for SendPlan {
     fn from(r: DedupRow) -> Self {
-        SendResult {
+        SendPlan {
             message_id: from_cql(r.message_id),
             seq: from_cql(r.seq),
             server_time_ms: r.server_time_ms,
@@ -1274,19 +1274,19 @@ impl MessageStore for ScyllaBackend {
         Ok(row.map_or(0, |(seq,)| from_cql(seq)))
     }
 
-    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendResult>> {
+    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendPlan>> {
         let row: Option<DedupRow> = self
             .one("get dedup", &self.st.get_dedup, (device_id, client_msg_id))
             .await?;
-        Ok(row.map(SendResult::from))
+        Ok(row.map(SendPlan::from))
     }
 
     async fn put_dedup_if_absent(
         &self,
         device_id: i64,
         client_msg_id: &str,
-        r: &SendResult,
-    ) -> Result<Option<SendResult>> {
+        r: &SendPlan,
+    ) -> Result<Option<SendPlan>> {
         let recipients: Vec<(i64, i64)> = r
             .recipients
             .iter()
@@ -1319,7 +1319,7 @@ impl MessageStore for ScyllaBackend {
         if stored.applied {
             return Err(corrupt(what, "applied, yet a stored row returned"));
         }
-        Ok(Some(SendResult::from(DedupRow {
+        Ok(Some(SendPlan::from(DedupRow {
             message_id: stored.message_id,
             seq: stored.seq,
             server_time_ms: stored.server_time_ms,

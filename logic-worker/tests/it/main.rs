@@ -8,7 +8,7 @@ use zhibo_logic::{Logic, LogicConfig};
 use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{ReceiverType, SendMessageInput, SyncInput};
 use zhibo_store::embedded::EmbeddedBackend;
-use zhibo_store::{Profile, SendResult, Stores, User};
+use zhibo_store::{Profile, SendPlan, Stores, User};
 
 fn user(user_id: i64) -> User {
     User {
@@ -58,7 +58,7 @@ async fn a_plan_written_before_a_crash_is_completed_by_the_resend() {
     let (stores, logic) = setup().await;
     // The worker allocated seqs and wrote the plan, then died before any inbox write.
     let seqs = stores.seq.next(&[1, 2]).await.expect("seqs");
-    let plan = SendResult {
+    let plan = SendPlan {
         message_id: 777,
         seq: seqs[0],
         server_time_ms: 5,
@@ -266,15 +266,15 @@ impl zhibo_store::MessageStore for FailingInbox {
         &self,
         device_id: i64,
         client_msg_id: &str,
-    ) -> zhibo_store::Result<Option<SendResult>> {
+    ) -> zhibo_store::Result<Option<SendPlan>> {
         self.real.get_dedup(device_id, client_msg_id).await
     }
     async fn put_dedup_if_absent(
         &self,
         device_id: i64,
         client_msg_id: &str,
-        result: &SendResult,
-    ) -> zhibo_store::Result<Option<SendResult>> {
+        result: &SendPlan,
+    ) -> zhibo_store::Result<Option<SendPlan>> {
         self.real
             .put_dedup_if_absent(device_id, client_msg_id, result)
             .await

@@ -10,7 +10,7 @@ use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
     Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role,
-    SendResult, Stores, User,
+    SendPlan, Stores, User,
 };
 
 /// Runs every check against `stores`; panics with a message naming the broken behaviour.
@@ -880,7 +880,7 @@ async fn dedup(s: &Stores) {
         None,
         "no record for a first send"
     );
-    let first = SendResult {
+    let first = SendPlan {
         message_id: 77,
         seq: 9,
         server_time_ms: now_ms(),
@@ -902,7 +902,7 @@ async fn dedup(s: &Stores) {
         Some(first.clone()),
         "a resend finds the first result, recipients included"
     );
-    let racing = SendResult {
+    let racing = SendPlan {
         message_id: 78,
         seq: 10,
         ..first.clone()
@@ -936,7 +936,7 @@ async fn dedup(s: &Stores) {
 async fn record_send(s: &Stores) {
     let (device, alice, bob) = (id(), id(), id());
     let client_msg_id = format!("cmid-{}", id());
-    let plan = SendResult {
+    let plan = SendPlan {
         message_id: 91,
         seq: 1,
         server_time_ms: now_ms(),
@@ -966,7 +966,7 @@ async fn record_send(s: &Stores) {
             "record_send stores every inbox entry"
         );
     }
-    let racing = SendResult {
+    let racing = SendPlan {
         message_id: 92,
         seq: 2,
         server_time_ms: now_ms(),

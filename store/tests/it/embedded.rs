@@ -110,7 +110,7 @@ async fn a_second_open_of_the_same_file_fails_cleanly() {
 #[ignore = "measurement, not a check"]
 async fn send_path_throughput() {
     use std::time::Instant;
-    use zhibo_store::{SendResult, Stores};
+    use zhibo_store::{SendPlan, Stores};
 
     async fn run(label: &str, stores: Stores) {
         const SENDERS: i64 = 512;
@@ -123,7 +123,7 @@ async fn send_path_throughput() {
                 let receiver = sender + 1_000_000;
                 for n in 0..PER_SENDER {
                     let seqs = s.seq.next(&[sender, receiver]).await.expect("next");
-                    let plan = SendResult {
+                    let plan = SendPlan {
                         message_id: n,
                         seq: seqs[0],
                         server_time_ms: 0,

@@ -12,7 +12,7 @@ use futures::FutureExt as _;
 use zhibo_proto::client::Message;
 use zhibo_store::redis_seq::RedisSeq;
 use zhibo_store::scylla::{self as backend, ScyllaBackend, MIGRATIONS};
-use zhibo_store::{Device, ErrorKind, MessageStore as _, Profile, SendResult, User};
+use zhibo_store::{Device, ErrorKind, MessageStore as _, Profile, SendPlan, User};
 
 use crate::conformance;
 
@@ -280,13 +280,13 @@ async fn edges(store: &ScyllaBackend) {
     assert!(store.sync(10, 0, 0).await.expect("sync").is_empty());
 
     // Dedup: insert-if-absent returns the stored plan to the loser, recipients included.
-    let first = SendResult {
+    let first = SendPlan {
         message_id: u64::MAX - 1,
         seq: 3,
         server_time_ms: 77,
         recipients: (0..2_000).map(|u| (u, u as u64 + 1)).collect(),
     };
-    let second = SendResult {
+    let second = SendPlan {
         message_id: 5,
         seq: 4,
         server_time_ms: 78,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use zhibo_loadtest::client::Transport;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Message, ReceiverType, SendMessageInput};
-use zhibo_store::SendResult;
+use zhibo_store::SendPlan;
 
 use crate::cluster::Cluster;
 
@@ -29,7 +29,7 @@ async fn resend_after_a_crash_before_publish_pushes_the_stored_message(cluster: 
         .next(&[alice.user_id, bob.user_id])
         .await
         .expect("seqs");
-    let plan = SendResult {
+    let plan = SendPlan {
         message_id: 0x5eed_0000_0000_0001 ^ (alice.user_id as u64),
         seq: seqs[0],
         server_time_ms: 1_000,
