@@ -133,6 +133,10 @@ pub enum Phase {
     Closed,
 }
 
+/// The smallest `SyncInput.limit` (besides 0, the server's default page) whose continuation is free of
+/// the command bucket: the logic worker's default page size.
+pub const FREE_SYNC_PAGE: u32 = 100;
+
 /// A token bucket on a fake-able clock.
 #[derive(Debug)]
 struct Bucket {
@@ -358,7 +362,13 @@ impl Session {
             }
         }
         let continues_sync = match body {
-            Body::Sync(sync) => self.sync_continues_at != 0 && self.sync_continues_at == sync.seq,
+            // Free only for full-size pages: a continuation asking for fewer than FREE_SYNC_PAGE
+            // messages would buy one store read per message with one token.
+            Body::Sync(sync) => {
+                self.sync_continues_at != 0
+                    && self.sync_continues_at == sync.seq
+                    && (sync.limit == 0 || sync.limit >= FREE_SYNC_PAGE)
+            }
             _ => false,
         };
         if continues_sync {
@@ -486,11 +496,26 @@ impl Session {
                 &error.to_string(),
                 CloseReason::NotSignedIn,
             ),
-            _ => out.push(Action::Send(Packet::error(
-                0,
-                ErrorCode::BadFrame,
-                error.to_string(),
-            ))),
+            // Signed in, the connection goes on; bad frames in a row count towards the flood close
+            // like refused commands (a good command resets the count), so garbage at line rate ends.
+            _ => {
+                self.refused_in_a_row += 1;
+                if self.refused_in_a_row >= self.config.flood_close_after {
+                    self.close(
+                        &mut out,
+                        0,
+                        ErrorCode::BadFrame,
+                        "too many bad frames; closing",
+                        CloseReason::Flood,
+                    );
+                } else {
+                    out.push(Action::Send(Packet::error(
+                        0,
+                        ErrorCode::BadFrame,
+                        error.to_string(),
+                    )));
+                }
+            }
         }
         out
     }
@@ -717,7 +742,8 @@ mod tests {
     fn catching_up_is_never_rate_limited_but_a_sync_flood_is() {
         let (mut s, key, t0) = setup();
         signed_in(&mut s, &key, t0);
-        let sync = |rid: u64, seq: u64| Packet::new(rid, Body::Sync(SyncInput { seq, limit: 13 }));
+        // limit 0: the server's page, cut at ~13 messages by its byte budget.
+        let sync = |rid: u64, seq: u64| Packet::new(rid, Body::Sync(SyncInput { seq, limit: 0 }));
         let page = |from: u64, has_more: bool| SyncOutput {
             messages: (from + 1..=from + 13)
                 .map(|seq| zhibo_proto::client::Message {
@@ -765,6 +791,43 @@ mod tests {
             Some(ErrorCode::RateLimited),
             "the same continuation twice"
         );
+        // A continuation asking for small pages is charged (one token would buy one store read per
+        // message); one asking for FREE_SYNC_PAGE or more is free.
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let small = |rid: u64, seq: u64| Packet::new(rid, Body::Sync(SyncInput { seq, limit: 1 }));
+        let mut refused = 0;
+        for rid in 0..5 {
+            s.on_sync_page(&page(rid * 13, true));
+            if error_code(&s.on_packet(small(rid, rid * 13 + 13), t0)[0]).is_some() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 2, "3 tokens, then refused");
+        s.on_sync_page(&page(500, true));
+        let full = Packet::new(
+            99,
+            Body::Sync(SyncInput {
+                seq: 513,
+                limit: FREE_SYNC_PAGE,
+            }),
+        );
+        assert!(matches!(s.on_packet(full, t0)[..], [Action::Forward(_)]));
+    }
+
+    /// Bad frames after sign-in are answered and the connection goes on, but a run of them counts
+    /// towards the flood close like refused commands.
+    #[test]
+    fn a_run_of_bad_frames_is_a_flood() {
+        let (mut s, key, t0) = setup();
+        signed_in(&mut s, &key, t0);
+        let bad = CodecError::Decode(prost::DecodeError::new("x"));
+        for _ in 1..5 {
+            let acts = s.on_bad_frame(&bad);
+            assert_eq!(acts.len(), 1, "answered, still open: {acts:?}");
+        }
+        let acts = s.on_bad_frame(&bad);
+        assert!(acts.contains(&Action::Close(CloseReason::Flood)), "{acts:?}");
     }
 
     #[test]
