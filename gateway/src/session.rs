@@ -827,7 +827,10 @@ mod tests {
             assert_eq!(acts.len(), 1, "answered, still open: {acts:?}");
         }
         let acts = s.on_bad_frame(&bad);
-        assert!(acts.contains(&Action::Close(CloseReason::Flood)), "{acts:?}");
+        assert!(
+            acts.contains(&Action::Close(CloseReason::Flood)),
+            "{acts:?}"
+        );
     }
 
     #[test]
