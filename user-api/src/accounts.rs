@@ -212,15 +212,18 @@ pub(crate) async fn sign_in(
         None => (format!("u:{name}"), None),
     };
     let now = Instant::now();
-    st.sign_in_limit
-        .begin(&[&user_key], now)
-        .map_err(rate_limited)?;
+    // The address first: a blocked address (one cycling usernames) adds no per-username entry.
     if let Some(ip_key) = &ip_key {
-        if let Err(wait) = st.ip_sign_in_limit.begin(&[ip_key], now) {
-            // Not attempted after all: no failure for this username either.
-            st.sign_in_limit.succeeded(&[], &[&user_key]);
-            return Err(rate_limited(wait));
+        st.ip_sign_in_limit
+            .begin(&[ip_key], now)
+            .map_err(rate_limited)?;
+    }
+    if let Err(wait) = st.sign_in_limit.begin(&[&user_key], now) {
+        // Not attempted after all: no failure for this address either.
+        if let Some(ip_key) = &ip_key {
+            st.ip_sign_in_limit.succeeded(&[], &[ip_key]);
         }
+        return Err(rate_limited(wait));
     }
 
     let device = st

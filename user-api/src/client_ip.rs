@@ -31,27 +31,51 @@ impl FromRequestParts<AppState> for ClientIp {
         };
         let header = &st.client_ip.header;
         if header.is_empty() || !st.client_ip.proxies.contains(peer) {
-            return Ok(ClientIp(Some(peer)));
+            return Ok(ClientIp(Some(per_host(peer))));
         }
         // Every value of the header, in order, as one list (a proxy may append a second header line).
-        let chain: Vec<IpAddr> = parts
+        let chain: Vec<Option<IpAddr>> = parts
             .headers
             .get_all(header.as_str())
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|a| parse_addr(a.trim()))
-            .collect::<Option<_>>()
-            .unwrap_or_default();
-        // Right to left: each trusted proxy vouches for the address before it.
-        let client = chain
-            .iter()
-            .rev()
-            .find(|ip| !st.client_ip.proxies.contains(**ip))
-            .or(chain.first())
-            .copied()
-            .unwrap_or(peer);
-        Ok(ClientIp(Some(client)))
+            .collect();
+        Ok(ClientIp(Some(per_host(client_in_chain(
+            &chain,
+            peer,
+            &st.client_ip.proxies,
+        )))))
+    }
+}
+
+/// Right to left: each trusted proxy vouches for the address before it, so the client is the nearest
+/// address that is not a trusted proxy. An entry that is not an address (a client's garbage, a proxy's
+/// `unknown`) ends the walk: nothing before it can be believed, and the nearest trusted hop that wrote
+/// it stands for the client (never the whole chain thrown away for the first proxy's address).
+fn client_in_chain(chain: &[Option<IpAddr>], peer: IpAddr, proxies: &Networks) -> IpAddr {
+    let mut nearest = peer;
+    for entry in chain.iter().rev() {
+        match entry {
+            Some(ip) if proxies.contains(*ip) => nearest = *ip,
+            Some(ip) => return *ip,
+            None => return nearest,
+        }
+    }
+    nearest
+}
+
+/// The key the per-address limits use: an IPv4 address, or an IPv6 address's /64 (one host usually
+/// holds a whole /64, so per-address limits on full IPv6 addresses would be no limits at all; the
+/// gateway's connection cap counts the same way).
+fn per_host(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        other => other,
     }
 }
 
@@ -156,5 +180,45 @@ mod tests {
             parse_addr("1.2.3.4:80"),
             Some("1.2.3.4".parse().expect("ip"))
         );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn the_client_is_the_nearest_untrusted_hop_and_garbage_ends_the_walk() {
+        let proxies = Networks::parse("10.0.0.0/8").expect("parse");
+        let peer = ip("10.0.0.1");
+        let chain = |s: &str| -> Vec<Option<IpAddr>> {
+            s.split(',').map(|a| parse_addr(a.trim())).collect()
+        };
+        // A client may prepend anything: the walk stops at the first untrusted address from the right.
+        assert_eq!(
+            client_in_chain(&chain("6.6.6.6, 1.2.3.4, 10.0.0.2"), peer, &proxies),
+            ip("1.2.3.4")
+        );
+        // Garbage the client put before its real address does not throw the chain away.
+        assert_eq!(
+            client_in_chain(&chain("x, 1.2.3.4"), peer, &proxies),
+            ip("1.2.3.4")
+        );
+        // Garbage right behind a trusted hop: that hop stands for the client, not the first proxy.
+        assert_eq!(
+            client_in_chain(&chain("unknown, 10.0.0.7"), peer, &proxies),
+            ip("10.0.0.7")
+        );
+        assert_eq!(client_in_chain(&[], peer, &proxies), peer);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        assert_eq!(per_host(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            per_host(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(per_host(ip("1.2.3.4")), ip("1.2.3.4"));
+        assert_eq!(per_host(ip("::ffff:1.2.3.4")), ip("::ffff:1.2.3.4"));
     }
 }

@@ -174,7 +174,10 @@ impl FailureBackoff {
         for key in forgive {
             if let Some(f) = st.keys.get_mut(*key) {
                 f.count = f.count.saturating_sub(1);
-                if f.count < self.free {
+                if f.count == 0 {
+                    // Nothing left to remember: the key costs no memory.
+                    st.keys.remove(*key);
+                } else if f.count < self.free {
                     f.blocked_until = f.last;
                 }
             }
