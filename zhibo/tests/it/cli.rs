@@ -57,7 +57,7 @@ impl Terminal {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), read)
+        tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .unwrap_or_else(|_| panic!("no line containing {needle:?}"))
     }
