@@ -1,9 +1,9 @@
-//! `zhibo-loadtest`: the command-line chat client and the load generator.
+//! `zhibo-loadtest`: the load generator (the chat client is `zhibo chat`).
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "zhibo command-line client and load generator")]
+#[command(version, about = "zhibo load generator and benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,8 +11,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Chat in the terminal: sign up/in, connect, print what was missed, send lines.
-    Chat(zhibo_loadtest::chat::ChatArgs),
     /// Run a benchmark scenario and write its report (JSON + SVG) to the results folder.
     Bench(Box<zhibo_loadtest::bench::BenchArgs>),
     /// One generator process of the idle scenario (started by `bench idle --procs N`).
@@ -27,10 +25,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Chat(args) => {
-                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-                zhibo_loadtest::chat::run(args, stdin, tokio::io::stdout()).await
-            }
             Command::Bench(args) => {
                 let report = zhibo_loadtest::bench::run_scenario(*args).await?;
                 println!("{}", serde_json::to_string_pretty(&report.metrics)?);

@@ -4,8 +4,10 @@
 //! - [`connect`]: builds the bus (NATS, or in-process) and the stores (Scylla + Redis seqs, or embedded).
 //! - [`run`]: runs any set of roles (gateway, logic worker, user-api) on one bus and set of stores,
 //!   with ordered graceful shutdown. `zhibo dev` runs all three on the in-process bus and embedded store.
+//! - [`chat`]: `zhibo chat`, the terminal client, on the `zhibo-client` SDK.
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod config;
 pub mod security;
 

@@ -15,7 +15,15 @@ struct Cli {
     #[arg(long, short, global = true, env = "ZHIBO_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    role: Role,
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Role(Role),
+    /// Chat in the terminal (a client of a running zhibo): sign up/in, then send lines.
+    Chat(zhibo::chat::ChatArgs),
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +54,10 @@ impl Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let role = match cli.command {
+        Command::Chat(args) => return zhibo::chat::main(args),
+        Command::Role(role) => role,
+    };
     let mut config = match Config::load(cli.config.as_ref()) {
         Ok(c) => c,
         Err(e) => {
@@ -56,23 +68,23 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZHIBO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let otlp = Some(config.otlp_endpoint.as_str()).filter(|e| !e.is_empty());
-    let _trace = match zhibo_telemetry::trace::init(cli.role.service_name(), filter, otlp) {
+    let _trace = match zhibo_telemetry::trace::init(role.service_name(), filter, otlp) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("zhibo: bad configuration: tracing: {e:#}");
             return ExitCode::from(64);
         }
     };
-    if cli.role == Role::Dev && config.token_secret.is_empty() {
+    if role == Role::Dev && config.token_secret.is_empty() {
         config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
     }
-    if cli.role != Role::Migrate {
-        if let Err(e) = zhibo::security::check_token_secret(&config, cli.role == Role::Dev) {
+    if role != Role::Migrate {
+        if let Err(e) = zhibo::security::check_token_secret(&config, role == Role::Dev) {
             eprintln!("zhibo: bad configuration: {e}");
             return ExitCode::from(64);
         }
     }
-    if cli.role != Role::Dev && cli.role != Role::Migrate && config.bus.nats_url.is_empty() {
+    if role != Role::Dev && role != Role::Migrate && config.bus.nats_url.is_empty() {
         eprintln!(
             "zhibo: bad configuration: bus.nats_url (ZHIBO_BUS__NATS_URL) is required outside dev"
         );
@@ -85,7 +97,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli.role, config));
+    let result = runtime.block_on(run(role, config));
     // Tasks still parked on a dependency (a NATS reconnect loop, a blocking lookup) must not hold the
     // exit past the grace period that `run` already spent.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -156,7 +168,7 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         println!("  tcp        {tcp}");
         println!("  websocket  ws://{ws}/ws?user_id=&device_id=&token=");
         println!("  quic       {quic} (self-signed certificate, ALPN zhibo/1)");
-        println!("  try: cargo run -p zhibo-loadtest -- chat --help");
+        println!("  try: zhibo chat --help");
         if !config.metrics_addr.is_empty() {
             println!("  metrics    http://{}/metrics", config.metrics_addr);
         }

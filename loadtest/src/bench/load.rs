@@ -258,7 +258,7 @@ pub fn quic_endpoints(
     (0..source_ips.max(1))
         .map(|i| {
             let ip = source_ip(i, source_ips).unwrap_or([127, 0, 0, 1].into());
-            crate::client::insecure_quic_endpoint((ip, 0).into())
+            crate::client::insecure_quic_endpoint((ip, 0).into()).map_err(anyhow::Error::from)
         })
         .collect()
 }

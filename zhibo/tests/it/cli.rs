@@ -1,9 +1,10 @@
-//! The terminal chat client against an embedded node: two users befriend and chat, scripted.
+//! `zhibo chat` against an embedded node: two users befriend by username and chat, join a room and see
+//! who is online, scripted.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
-use zhibo_loadtest::chat::{run, ChatArgs};
+use zhibo::chat::{run, ChatArgs};
 use zhibo_loadtest::client::Transport;
 
 use crate::cluster::Cluster;
@@ -56,7 +57,7 @@ impl Terminal {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), read)
+        tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .unwrap_or_else(|_| panic!("no line containing {needle:?}"))
     }
@@ -70,6 +71,17 @@ fn user_id_of(banner: &str) -> i64 {
         .unwrap_or_else(|| panic!("user id in {banner:?}"))
 }
 
+/// `[HH:MM:SS] ...`
+fn is_clock(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 10
+        && b[0] == b'['
+        && b[3] == b':'
+        && b[6] == b':'
+        && b[9] == b']'
+        && [1, 2, 4, 5, 7, 8].iter().all(|&i| b[i].is_ascii_digit())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_terminals_chat() {
     let cluster = Cluster::embedded().await;
@@ -77,27 +89,49 @@ async fn two_terminals_chat() {
     let mut alice = Terminal::start(&cluster, Transport::Tcp, &format!("alice{suffix}"));
     let mut bob = Terminal::start(&cluster, Transport::Quic, &format!("bob{suffix}"));
     let alice_id = user_id_of(&alice.expect("signed in as user").await);
-    let bob_id = user_id_of(&bob.expect("signed in as user").await);
+    bob.expect("signed in as user").await;
 
     alice.type_line("hello?").await;
     alice.expect("pick a chat first").await;
+    alice.type_line("/to @nobody-by-that-name").await;
+    alice.expect("no user named @nobody-by-that-name").await;
     alice
-        .type_line(&format!("/friend {bob_id} hi it's alice"))
+        .type_line(&format!("/friend @bob{suffix} hi it's alice"))
         .await;
-    alice.expect("friend request sent").await;
-    bob.type_line(&format!("/agree {alice_id}")).await;
+    alice.expect("friend request sent to @bob").await;
+    bob.type_line(&format!("/agree @alice{suffix}")).await;
     bob.expect("are friends").await;
-    alice.type_line(&format!("/to {bob_id}")).await;
+    alice.type_line(&format!("/to @bob{suffix}")).await;
+    alice.expect("now chatting with @bob").await;
     alice.type_line("hello from the terminal").await;
-    alice.expect("sent (seq").await;
+    let sent = alice.expect("sent (seq").await;
+    assert!(is_clock(&sent), "a readable timestamp: {sent}");
     let got = bob.expect("hello from the terminal").await;
     assert!(
-        got.contains(&format!("{alice_id} -> user {bob_id}")),
+        got.contains(&format!("@alice{suffix} -> @bob{suffix}")),
         "{got}"
     );
+    assert!(is_clock(&got), "a readable timestamp: {got}");
     bob.type_line(&format!("/to {alice_id}")).await;
     bob.type_line("hi alice").await;
     alice.expect("hi alice").await;
+
+    // A live room: who is online, and what is said there.
+    let room = 7_000_000 + i64::from(suffix % 1_000_000);
+    alice.type_line(&format!("/join {room}")).await;
+    alice.expect(&format!("joined room {room}")).await;
+    bob.type_line(&format!("/join {room}")).await;
+    let joined = bob.expect(&format!("joined room {room}")).await;
+    assert!(joined.ends_with("2 online"), "{joined}");
+    alice.expect(&format!("room {room}: 2 online")).await;
+    bob.type_line("/who").await;
+    bob.expect(&format!("room {room}: 2 online")).await;
+    bob.type_line("hi room").await;
+    alice
+        .expect(&format!("room {room} @bob{suffix}: hi room"))
+        .await;
+    bob.type_line("/leave").await;
+    bob.expect(&format!("left room {room}")).await;
     bob.type_line("/quit").await;
     bob.task
         .await

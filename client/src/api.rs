@@ -1,9 +1,36 @@
-//! The few user-api calls a client makes before it connects.
+//! The few user-api calls a client makes before it connects (and the chat CLI's friend and search calls).
 
-use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::client::Credentials;
+use crate::conn::Credentials;
+
+/// A failed user-api call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request did not complete.
+    #[error("{what}: {source}")]
+    Transport {
+        /// Method and path.
+        what: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with a non-2xx status.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The status.
+        status: reqwest::StatusCode,
+        /// The JSON body (`{"code": ..., "message": ...}`), or null.
+        body: Value,
+    },
+    /// The answer lacked a field.
+    #[error("no {0} in the answer")]
+    Missing(&'static str),
+}
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 /// A user-api client.
 #[derive(Debug, Clone)]
@@ -12,11 +39,17 @@ pub struct Api {
     http: reqwest::Client,
 }
 
-async fn ok_json(resp: reqwest::Response) -> anyhow::Result<Value> {
+async fn ok_json(resp: reqwest::Response) -> Result<Value> {
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
-    anyhow::ensure!(status.is_success(), "HTTP {status}: {body}");
+    if !status.is_success() {
+        return Err(ApiError::Status { status, body });
+    }
     Ok(body)
+}
+
+fn transport(what: String) -> impl FnOnce(reqwest::Error) -> ApiError {
+    move |source| ApiError::Transport { what, source }
 }
 
 impl Api {
@@ -32,41 +65,36 @@ impl Api {
     ///
     /// # Errors
     /// On transport failure or a non-2xx status.
-    pub async fn post(
-        &self,
-        path: &str,
-        token: Option<&str>,
-        body: Value,
-    ) -> anyhow::Result<Value> {
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Result<Value> {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        ok_json(req.send().await.with_context(|| format!("POST {path}"))?).await
+        ok_json(
+            req.send()
+                .await
+                .map_err(transport(format!("POST {path}")))?,
+        )
+        .await
     }
 
     /// GET `path` with a bearer token.
     ///
     /// # Errors
     /// On transport failure or a non-2xx status.
-    pub async fn get(&self, path: &str, token: &str) -> anyhow::Result<Value> {
+    pub async fn get(&self, path: &str, token: &str) -> Result<Value> {
         let req = self
             .http
             .get(format!("{}{path}", self.base))
             .bearer_auth(token);
-        ok_json(req.send().await.with_context(|| format!("GET {path}"))?).await
+        ok_json(req.send().await.map_err(transport(format!("GET {path}")))?).await
     }
 
     /// POST `path` with the admin secret header (app-backend calls).
     ///
     /// # Errors
     /// On transport failure or a non-2xx status.
-    pub async fn post_admin(
-        &self,
-        path: &str,
-        admin_secret: &str,
-        body: Value,
-    ) -> anyhow::Result<Value> {
+    pub async fn post_admin(&self, path: &str, admin_secret: &str, body: Value) -> Result<Value> {
         self.admin(reqwest::Method::POST, path, admin_secret, body)
             .await
     }
@@ -75,12 +103,7 @@ impl Api {
     ///
     /// # Errors
     /// On transport failure or a non-2xx status.
-    pub async fn put_admin(
-        &self,
-        path: &str,
-        admin_secret: &str,
-        body: Value,
-    ) -> anyhow::Result<Value> {
+    pub async fn put_admin(&self, path: &str, admin_secret: &str, body: Value) -> Result<Value> {
         self.admin(reqwest::Method::PUT, path, admin_secret, body)
             .await
     }
@@ -91,7 +114,7 @@ impl Api {
         path: &str,
         admin_secret: &str,
         body: Value,
-    ) -> anyhow::Result<Value> {
+    ) -> Result<Value> {
         let req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -100,7 +123,7 @@ impl Api {
         ok_json(
             req.send()
                 .await
-                .with_context(|| format!("{method} {path}"))?,
+                .map_err(transport(format!("{method} {path}")))?,
         )
         .await
     }
@@ -109,7 +132,7 @@ impl Api {
     ///
     /// # Errors
     /// On failure.
-    pub async fn register_device(&self, device_type: &str) -> anyhow::Result<i64> {
+    pub async fn register_device(&self, device_type: &str) -> Result<i64> {
         let v = self
             .post(
                 "/v1/devices",
@@ -117,7 +140,9 @@ impl Api {
                 json!({"type": device_type, "brand": "zhibo", "model": "cli", "system_version": "1", "sdk_version": "1"}),
             )
             .await?;
-        v["device_id"].as_i64().context("device_id in answer")
+        v["device_id"]
+            .as_i64()
+            .ok_or(ApiError::Missing("device_id"))
     }
 
     /// Signs up (ignoring "taken") and signs in; returns credentials for `device_id`.
@@ -129,7 +154,7 @@ impl Api {
         username: &str,
         password: &str,
         device_id: i64,
-    ) -> anyhow::Result<Credentials> {
+    ) -> Result<Credentials> {
         let _ = self
             .post(
                 "/v1/users",
@@ -145,9 +170,37 @@ impl Api {
             )
             .await?;
         Ok(Credentials {
-            user_id: v["user_id"].as_i64().context("user_id")?,
+            user_id: v["user_id"].as_i64().ok_or(ApiError::Missing("user_id"))?,
             device_id,
-            token: v["token"].as_str().context("token")?.to_owned(),
+            token: v["token"]
+                .as_str()
+                .ok_or(ApiError::Missing("token"))?
+                .to_owned(),
         })
+    }
+}
+
+impl Api {
+    /// The id of the user with exactly this username, `None` if there is none.
+    ///
+    /// # Errors
+    /// On transport failure or a non-2xx status.
+    pub async fn user_id_by_username(&self, token: &str, username: &str) -> Result<Option<i64>> {
+        let url = format!("{}/v1/users/search", self.base);
+        let req = self
+            .http
+            .get(url)
+            .query(&[("username", username)])
+            .bearer_auth(token);
+        let v = ok_json(
+            req.send()
+                .await
+                .map_err(transport("GET /v1/users/search".to_owned()))?,
+        )
+        .await?;
+        Ok(v["users"]
+            .as_array()
+            .and_then(|users| users.first())
+            .and_then(|u| u["user_id"].as_i64()))
     }
 }

@@ -1,5 +1,6 @@
-//! A zhibo client over TCP, WebSocket or QUIC: the command-line client, the load generator and the
-//! end-to-end tests all use it.
+//! One raw connection to a gateway over TCP, WebSocket or QUIC: framing, sign-in, requests matched by
+//! request id. No reconnection: [`crate::Session`] builds the protocol's rules on top of it; the load
+//! generator and the end-to-end tests use it directly.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -7,19 +8,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
 use futures::{future, Sink, SinkExt, Stream, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, Packet, SignInInput, SignInOutput};
+use zhibo_proto::client::{Packet, SignInInput, SignInOutput};
 use zhibo_proto::codec::{decode_body, encode_body, CodecError, PacketCodec, DEFAULT_MAX_FRAME};
 
+use crate::error::{code_of, Error};
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// Which transport to use.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "cli",
+    derive(clap::ValueEnum, serde::Serialize, serde::Deserialize)
 )]
-#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "cli", serde(rename_all = "lowercase"))]
 pub enum Transport {
     /// Length-prefixed frames over TCP.
     Tcp,
@@ -41,7 +47,7 @@ pub struct Credentials {
 }
 
 type Reader = Pin<Box<dyn Stream<Item = Result<Packet, CodecError>> + Send>>;
-type Writer = Pin<Box<dyn Sink<Packet, Error = anyhow::Error> + Send>>;
+type Writer = Pin<Box<dyn Sink<Packet, Error = Error> + Send>>;
 
 /// A connection to a gateway.
 pub struct Client {
@@ -123,39 +129,53 @@ const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// # Errors
 /// When the UDP socket cannot be bound.
-pub fn insecure_quic_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+pub fn insecure_quic_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint> {
+    let quic_err = |message: String| Error::Quic {
+        addr: bind.to_string(),
+        message,
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| quic_err(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"zhibo/1".to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| quic_err(e.to_string()))?,
     ));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(QUIC_IDLE_TIMEOUT.try_into()?));
+    transport.max_idle_timeout(Some(
+        QUIC_IDLE_TIMEOUT
+            .try_into()
+            .map_err(|e: quinn::VarIntBoundsExceeded| quic_err(e.to_string()))?,
+    ));
     config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| Error::Connect {
+        addr: bind.to_string(),
+        source,
+    })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 
 /// Opens a QUIC connection to `remote` on `endpoint` (handshake bounded by [`QUIC_HANDSHAKE_TIMEOUT`])
 /// and the one bidirectional stream the gateway expects.
-async fn quic_connect(
-    endpoint: quinn::Endpoint,
-    remote: SocketAddr,
-    addr: &str,
-) -> anyhow::Result<Client> {
-    let connecting = endpoint.connect(remote, "localhost")?;
+async fn quic_connect(endpoint: quinn::Endpoint, remote: SocketAddr, addr: &str) -> Result<Client> {
+    let quic_err = |message: String| Error::Quic {
+        addr: addr.to_owned(),
+        message,
+    };
+    let connecting = endpoint
+        .connect(remote, "localhost")
+        .map_err(|e| quic_err(e.to_string()))?;
     let conn = tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, connecting)
         .await
-        .map_err(|_| anyhow!("QUIC handshake timed out after {QUIC_HANDSHAKE_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("connect quic {addr}"))?;
-    let (send, recv) = conn.open_bi().await?;
+        .map_err(|_| Error::Timeout(QUIC_HANDSHAKE_TIMEOUT))?
+        .map_err(|e| quic_err(e.to_string()))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| quic_err(e.to_string()))?;
     Ok(Client::framed(recv, send, Some((endpoint, conn))))
 }
 
@@ -165,21 +185,21 @@ impl Client {
     ///
     /// # Errors
     /// When the connection fails.
-    pub async fn connect_raw(transport: Transport, addr: &str) -> anyhow::Result<Client> {
+    pub async fn connect_raw(transport: Transport, addr: &str) -> Result<Client> {
         match transport {
             Transport::Tcp => {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
-                    .with_context(|| format!("connect tcp {addr}"))?;
+                    .map_err(|source| Error::Connect {
+                        addr: addr.to_owned(),
+                        source,
+                    })?;
                 stream.set_nodelay(true)?;
                 let (r, w) = stream.into_split();
                 Ok(Self::framed(r, w, None))
             }
             Transport::Quic => {
-                let remote: SocketAddr = tokio::net::lookup_host(addr)
-                    .await?
-                    .next()
-                    .ok_or_else(|| anyhow!("no address for {addr}"))?;
+                let remote = resolve(addr).await?;
                 let bind: SocketAddr = if remote.is_ipv4() {
                     ([0, 0, 0, 0], 0).into()
                 } else {
@@ -187,9 +207,9 @@ impl Client {
                 };
                 quic_connect(insecure_quic_endpoint(bind)?, remote, addr).await
             }
-            Transport::Ws => {
-                bail!("WebSocket signs in through its URL: use Client::connect or connect_ws_url")
-            }
+            Transport::Ws => Err(Error::Unsupported(
+                "WebSocket signs in through its URL: use Client::connect or connect_ws_url",
+            )),
         }
     }
 
@@ -201,7 +221,7 @@ impl Client {
         let reader = FramedRead::new(r, PacketCodec::new(DEFAULT_MAX_FRAME));
         let writer = SinkExt::<Packet>::sink_map_err(
             FramedWrite::new(w, PacketCodec::new(DEFAULT_MAX_FRAME)),
-            |e: CodecError| anyhow::Error::from(e),
+            Error::from,
         );
         Client {
             reader: Box::pin(reader),
@@ -216,29 +236,17 @@ impl Client {
     ///
     /// # Errors
     /// When the handshake fails.
-    pub async fn connect_ws_url(url: &str) -> anyhow::Result<Client> {
+    pub async fn connect_ws_url(url: &str) -> Result<Client> {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
-            .with_context(|| format!("connect {url}"))?;
-        let (sink, stream) = ws.split();
-        let writer = sink.sink_map_err(anyhow::Error::from).with(|p: Packet| {
-            future::ready(Ok::<_, anyhow::Error>(WsMessage::Binary(encode_body(&p))))
-        });
-        let reader = stream.filter_map(|m| {
-            future::ready(match m {
-                Ok(WsMessage::Binary(b)) => Some(decode_body(&b, DEFAULT_MAX_FRAME)),
-                Ok(WsMessage::Close(_)) => None,
-                Ok(_) => None,
-                Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
-            })
-        });
-        Ok(Client {
-            reader: Box::pin(reader),
-            writer: Box::pin(writer),
-            stash: VecDeque::new(),
-            next_request: 1,
-            _quic: None,
-        })
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Io(source) => Error::Connect {
+                    addr: url.to_owned(),
+                    source,
+                },
+                e => Error::from(e),
+            })?;
+        Ok(Self::from_ws(ws))
     }
 
     /// Connects and signs in; fails with the server's error if sign-in is refused.
@@ -249,13 +257,10 @@ impl Client {
         transport: Transport,
         addr: &str,
         creds: &Credentials,
-    ) -> anyhow::Result<(Client, SignInOutput)> {
+    ) -> Result<(Client, SignInOutput)> {
         let client = match transport {
             Transport::Ws => {
-                let url = format!(
-                    "ws://{addr}/ws?user_id={}&device_id={}&token={}",
-                    creds.user_id, creds.device_id, creds.token
-                );
+                let url = ws_url(addr, creds);
                 Client::connect_ws_url(&url).await?
             }
             _ => Client::connect_raw(transport, addr).await?,
@@ -269,7 +274,7 @@ impl Client {
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn send(&mut self, body: Body) -> anyhow::Result<u64> {
+    pub async fn send(&mut self, body: Body) -> Result<u64> {
         let id = self.next_request;
         self.next_request += 1;
         self.send_with_id(id, body).await?;
@@ -280,7 +285,7 @@ impl Client {
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn send_with_id(&mut self, request_id: u64, body: Body) -> anyhow::Result<()> {
+    pub async fn send_with_id(&mut self, request_id: u64, body: Body) -> Result<()> {
         self.writer.send(Packet::new(request_id, body)).await
     }
 
@@ -288,13 +293,13 @@ impl Client {
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn send_packet(&mut self, packet: Packet) -> anyhow::Result<()> {
+    pub async fn send_packet(&mut self, packet: Packet) -> Result<()> {
         self.writer.send(packet).await
     }
 
-    async fn recv_raw(&mut self, wait: Duration) -> anyhow::Result<Option<Packet>> {
+    async fn recv_raw(&mut self, wait: Duration) -> Result<Option<Packet>> {
         match tokio::time::timeout(wait, self.reader.next()).await {
-            Err(_) => bail!("timed out after {wait:?}"),
+            Err(_) => Err(Error::Timeout(wait)),
             Ok(None) => Ok(None),
             Ok(Some(Ok(p))) => Ok(Some(p)),
             Ok(Some(Err(CodecError::Io(e)))) if is_disconnect(&e) => Ok(None),
@@ -306,7 +311,7 @@ impl Client {
     ///
     /// # Errors
     /// When nothing arrives within `wait` or the stream is corrupt.
-    pub async fn recv(&mut self, wait: Duration) -> anyhow::Result<Option<Packet>> {
+    pub async fn recv(&mut self, wait: Duration) -> Result<Option<Packet>> {
         if let Some(p) = self.stash.pop_front() {
             return Ok(Some(p));
         }
@@ -318,15 +323,12 @@ impl Client {
     ///
     /// # Errors
     /// When the write fails, nothing answers within `wait`, or the connection closes.
-    pub async fn request(&mut self, body: Body, wait: Duration) -> anyhow::Result<Packet> {
+    pub async fn request(&mut self, body: Body, wait: Duration) -> Result<Packet> {
         let id = self.send(body).await?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let p = self
-                .recv_raw(left)
-                .await?
-                .ok_or_else(|| anyhow!("connection closed while waiting for request {id}"))?;
+            let p = self.recv_raw(left).await?.ok_or(Error::Closed)?;
             if p.request_id == id {
                 return Ok(p);
             }
@@ -338,9 +340,46 @@ impl Client {
     ///
     /// # Errors
     /// When the close fails.
-    pub async fn close(&mut self) -> anyhow::Result<()> {
+    pub async fn close(&mut self) -> Result<()> {
         self.writer.close().await
     }
+}
+
+/// The sign-in URL of a WebSocket gateway: `addr` is `host:port` (path `/ws`) or a `ws://`/`wss://` URL
+/// (a GoAway hint), to which the credentials are appended as query parameters.
+pub fn ws_url(addr: &str, creds: &Credentials) -> String {
+    let query = format!(
+        "user_id={}&device_id={}&token={}",
+        creds.user_id, creds.device_id, creds.token
+    );
+    if addr.starts_with("ws://") || addr.starts_with("wss://") {
+        let sep = if addr.contains('?') { '&' } else { '?' };
+        format!("{addr}{sep}{query}")
+    } else {
+        format!("ws://{addr}/ws?{query}")
+    }
+}
+
+/// The host and port of a WebSocket address given as a URL (`ws://host:port/path`), else `addr` itself.
+fn ws_host(addr: &str) -> &str {
+    let rest = addr
+        .strip_prefix("ws://")
+        .or_else(|| addr.strip_prefix("wss://"))
+        .unwrap_or(addr);
+    rest.split(['/', '?']).next().unwrap_or(rest)
+}
+
+/// The first address `addr` resolves to.
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let connect_err = |source| Error::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| connect_err(std::io::Error::other("no address")))
 }
 
 fn is_disconnect(e: &std::io::Error) -> bool {
@@ -388,18 +427,26 @@ impl SendHalf {
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn feed(&mut self, body: Body) -> anyhow::Result<u64> {
+    pub async fn feed(&mut self, body: Body) -> Result<u64> {
         let id = self.next_request;
         self.next_request += 1;
         self.writer.feed(Packet::new(id, body)).await?;
         Ok(id)
     }
 
+    /// Queues a packet with the given request id without flushing.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub async fn feed_with_id(&mut self, request_id: u64, body: Body) -> Result<()> {
+        self.writer.feed(Packet::new(request_id, body)).await
+    }
+
     /// Sends a packet with a fresh request id (returned) and flushes.
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn send(&mut self, body: Body) -> anyhow::Result<u64> {
+    pub async fn send(&mut self, body: Body) -> Result<u64> {
         let id = self.feed(body).await?;
         self.flush().await?;
         Ok(id)
@@ -409,7 +456,7 @@ impl SendHalf {
     ///
     /// # Errors
     /// When the write fails.
-    pub async fn flush(&mut self) -> anyhow::Result<()> {
+    pub async fn flush(&mut self) -> Result<()> {
         self.writer.flush().await
     }
 
@@ -417,7 +464,7 @@ impl SendHalf {
     ///
     /// # Errors
     /// When the close fails.
-    pub async fn close(&mut self) -> anyhow::Result<()> {
+    pub async fn close(&mut self) -> Result<()> {
         self.writer.close().await
     }
 }
@@ -427,7 +474,7 @@ impl RecvHalf {
     ///
     /// # Errors
     /// When the stream is corrupt.
-    pub async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
+    pub async fn next(&mut self) -> Result<Option<Packet>> {
         if let Some(p) = self.stash.pop_front() {
             return Ok(Some(p));
         }
@@ -469,28 +516,30 @@ impl Client {
         creds: &Credentials,
         source: Option<std::net::IpAddr>,
         quic_endpoint: Option<&quinn::Endpoint>,
-    ) -> anyhow::Result<(Client, SignInOutput)> {
-        let remote: SocketAddr = tokio::net::lookup_host(addr)
-            .await?
-            .next()
-            .ok_or_else(|| anyhow!("no address for {addr}"))?;
+    ) -> Result<(Client, SignInOutput)> {
+        let remote = resolve(if transport == Transport::Ws {
+            ws_host(addr)
+        } else {
+            addr
+        })
+        .await?;
         let tcp = |source: Option<std::net::IpAddr>| async move {
-            let socket = if remote.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
+            let connect_err = |source| Error::Connect {
+                addr: addr.to_owned(),
+                source,
             };
-            if let Some(ip) = source {
-                socket
-                    .bind((ip, 0).into())
-                    .with_context(|| format!("bind {ip}"))?;
+            let socket = if remote.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
             }
-            let stream = socket
-                .connect(remote)
-                .await
-                .with_context(|| format!("connect {addr}"))?;
+            .map_err(connect_err)?;
+            if let Some(ip) = source {
+                socket.bind((ip, 0).into()).map_err(connect_err)?;
+            }
+            let stream = socket.connect(remote).await.map_err(connect_err)?;
             stream.set_nodelay(true)?;
-            anyhow::Ok(stream)
+            Ok::<_, Error>(stream)
         };
         let client = match transport {
             Transport::Tcp => {
@@ -512,14 +561,9 @@ impl Client {
                 quic_connect(endpoint, remote, addr).await?
             }
             Transport::Ws => {
-                let url = format!(
-                    "ws://{addr}/ws?user_id={}&device_id={}&token={}",
-                    creds.user_id, creds.device_id, creds.token
-                );
+                let url = ws_url(addr, creds);
                 let stream = tcp(source).await?;
-                let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
-                    .await
-                    .with_context(|| format!("websocket handshake {url}"))?;
+                let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
                 Self::from_ws(ws)
             }
         };
@@ -535,7 +579,7 @@ impl Client {
         transport: Transport,
         creds: &Credentials,
         wait: Duration,
-    ) -> anyhow::Result<(Client, SignInOutput)> {
+    ) -> Result<(Client, SignInOutput)> {
         if transport != Transport::Ws {
             self.send_with_id(
                 0,
@@ -547,18 +591,14 @@ impl Client {
             )
             .await?;
         }
-        let first = self
-            .recv_raw(wait)
-            .await?
-            .ok_or_else(|| anyhow!("connection closed during sign-in"))?;
+        let first = self.recv_raw(wait).await?.ok_or(Error::Closed)?;
         match first.body {
             Some(Body::SignInOutput(out)) => Ok((self, out)),
-            Some(Body::Error(e)) => bail!(
-                "sign-in refused: {:?}: {}",
-                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
-                e.message
-            ),
-            other => bail!("unexpected first packet: {other:?}"),
+            Some(Body::Error(e)) => Err(Error::Refused {
+                code: code_of(&e),
+                message: e.message,
+            }),
+            other => Err(Error::Unexpected(format!("first packet {other:?}"))),
         }
     }
 
@@ -567,9 +607,9 @@ impl Client {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (sink, stream) = ws.split();
-        let writer = sink.sink_map_err(anyhow::Error::from).with(|p: Packet| {
-            future::ready(Ok::<_, anyhow::Error>(WsMessage::Binary(encode_body(&p))))
-        });
+        let writer = sink
+            .sink_map_err(Error::from)
+            .with(|p: Packet| future::ready(Ok::<_, Error>(WsMessage::Binary(encode_body(&p)))));
         let reader = stream.filter_map(|m| {
             future::ready(match m {
                 Ok(WsMessage::Binary(b)) => Some(decode_body(&b, DEFAULT_MAX_FRAME)),

@@ -1,0 +1,16 @@
+export { connect, Client, ZhiboError, text } from './client.js';
+export type {
+  Ack,
+  ConnectOptions,
+  ConnectionState,
+  Events,
+  Message,
+  RoomJoined,
+  RoomMessages,
+  WebSocketFactory,
+  WebSocketLike,
+} from './client.js';
+export { MemorySeqStore, LocalStorageSeqStore, SeqTracker } from './seq.js';
+export type { SeqStore, StorageLike } from './seq.js';
+export { Wire } from './wire.js';
+export type { Packet } from './wire.js';

@@ -1,0 +1,258 @@
+// The TypeScript SDK against a real `zhibo dev`: what an app sees through network cuts, lost pushes, lost
+// ACKs, server restarts, GoAway and Kick.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { connect, LocalStorageSeqStore, MemorySeqStore, SeqTracker } from '../dist/index.js';
+import { App, Server, waitFor } from './server.mjs';
+import { startProxy } from './proxy.mjs';
+
+let server;
+before(async () => { server = await Server.start(); });
+after(async () => { await server?.stop(); });
+
+const fast = { backoffMinMs: 50, backoffMaxMs: 500, retryAfterMs: 200 };
+
+async function app(creds, url = server.wsUrl, extra = {}) {
+  const a = new App(await connect({ url, ...creds, ...fast, ...extra }));
+  await waitFor(() => a.synced >= 1, 'first sync');
+  return a;
+}
+
+async function pair() {
+  const alice = await server.user('alice');
+  const bob = await server.user('bob');
+  await server.befriend(alice, bob);
+  return { alice, bob };
+}
+
+function assertExactly(a, expected) {
+  assert.deepEqual([...a.texts()].sort(), [...expected].sort(), 'the app holds every message once');
+  assert.equal(new Set(a.messages.map((m) => m.seq)).size, a.messages.length, 'distinct seqs');
+}
+
+test('send resolves with the ACK; the receiver gets the message once, the sender never its own', async () => {
+  const { alice, bob } = await pair();
+  const a = await app(alice);
+  const b = await app(bob);
+  const ack = await a.client.send({ user: bob.userId }, 'hello bob');
+  assert.ok(BigInt(ack.seq) > 0n, JSON.stringify(ack));
+  assert.equal(ack.duplicate, false);
+  await waitFor(() => b.has('hello bob'), 'the message');
+  await b.client.send({ user: alice.userId }, 'hi alice');
+  await waitFor(() => a.has('hi alice'), 'the answer');
+  assertExactly(a, ['hi alice']);
+  assertExactly(b, ['hello bob']);
+  a.client.close();
+  b.client.close();
+});
+
+test('a network cut loses and repeats nothing, and the resume starts at the last contiguous seq', async () => {
+  const { alice, bob } = await pair();
+  const proxy = await startProxy(`ws://127.0.0.1:${server.wsPort}`);
+  const a = await app(alice);
+  const b = await app(bob, `${proxy.url}/ws`);
+  await a.client.send({ user: bob.userId }, 'm1');
+  await waitFor(() => b.has('m1'), 'm1');
+  const firstSeq = b.messages[0].seq;
+  proxy.cut();
+  const expected = ['m1'];
+  for (let i = 2; i <= 6; i++) {
+    await a.client.send({ user: bob.userId }, `m${i}`);
+    expected.push(`m${i}`);
+  }
+  await waitFor(() => b.messages.length >= 6, 'every message');
+  await a.client.send({ user: bob.userId }, 'last');
+  expected.push('last');
+  await waitFor(() => b.has('last'), 'the last one');
+  assert.ok(b.count('disconnected') >= 1, 'the cut was seen');
+  // (State events start after connect() resolved: the first 'connected' is not among them.)
+  assert.ok(b.count('connected') >= 1, 'and the client reconnected');
+  assertExactly(b, expected);
+  const resumedFrom = proxy.sent((p) => p.body === 'sync').map((p) => p.sync.seq);
+  assert.ok(resumedFrom.includes(firstSeq), `a sync from ${firstSeq}: ${resumedFrom}`);
+  a.client.close();
+  b.client.close();
+  proxy.close();
+});
+
+test('a gap in pushed seqs triggers a sync that fills it', async () => {
+  const { alice, bob } = await pair();
+  const proxy = await startProxy(`ws://127.0.0.1:${server.wsPort}`);
+  const a = await app(alice);
+  const b = await app(bob, `${proxy.url}/ws`);
+  const syncsBefore = proxy.sent((p) => p.body === 'sync').length;
+  proxy.dropPushes(1);
+  await a.client.send({ user: bob.userId }, 'swallowed');
+  await a.client.send({ user: bob.userId }, 'after the gap');
+  await waitFor(() => b.has('swallowed') && b.has('after the gap'), 'both messages');
+  assertExactly(b, ['swallowed', 'after the gap']);
+  assert.ok(proxy.sent((p) => p.body === 'sync').length > syncsBefore, 'filled by a sync');
+  assert.equal(b.count('connected'), 0, 'on the same connection (no reconnection)');
+  a.client.close();
+  b.client.close();
+  proxy.close();
+});
+
+test('a send in flight during a reconnection is resent with the same client_msg_id and ACKed once', async () => {
+  const { alice, bob } = await pair();
+  const proxy = await startProxy(`ws://127.0.0.1:${server.wsPort}`);
+  const a = await app(alice, `${proxy.url}/ws`);
+  const b = await app(bob);
+  proxy.mute();
+  let resolved = 0;
+  const inFlight = a.client.send({ user: bob.userId }, 'in flight').then((ack) => { resolved++; return ack; });
+  await waitFor(() => b.has('in flight'), 'the message at bob');
+  assert.equal(resolved, 0, 'the ACK was swallowed');
+  proxy.cut();
+  const ack = await inFlight;
+  assert.ok(BigInt(ack.seq) > 0n);
+  const ids = proxy.sent((p) => p.body === 'sendMessage').map((p) => p.sendMessage.clientMsgId);
+  assert.ok(ids.length >= 2, `resent: ${ids}`);
+  assert.ok(ids.every((i) => i === ids[0]), `same client_msg_id: ${ids}`);
+  await a.client.send({ user: bob.userId }, 'after');
+  await waitFor(() => b.has('after'), 'the later message');
+  assertExactly(b, ['in flight', 'after']);
+  assertExactly(a, []);
+  assert.equal(resolved, 1);
+  a.client.close();
+  b.client.close();
+  proxy.close();
+});
+
+test('a server restart: back-off while down, a send made meanwhile is ACKed once, nothing lost', async () => {
+  const own = await Server.start();
+  try {
+    const alice = await own.user('alice');
+    const bob = await own.user('bob');
+    await own.befriend(alice, bob);
+    const a = new App(await connect({ url: own.wsUrl, ...alice, ...fast }));
+    const b = new App(await connect({ url: own.wsUrl, ...bob, ...fast }));
+    await waitFor(() => a.synced && b.synced, 'first syncs');
+    await a.client.send({ user: bob.userId }, 'before');
+    await waitFor(() => b.has('before'), 'before');
+    await own.down();
+    await waitFor(() => b.count('disconnected') >= 4, 'three refused attempts');
+    const delays = b.states.filter((s) => s.state === 'disconnected').slice(1).map((s) => s.retryInMs);
+    assert.ok(delays[2] > delays[0], `backing off: ${delays}`);
+    const during = a.client.send({ user: bob.userId }, 'during');
+    await own.up();
+    assert.ok(BigInt((await during).seq) > 0n);
+    await a.client.send({ user: bob.userId }, 'after');
+    await waitFor(() => b.has('during') && b.has('after'), 'everything');
+    assertExactly(b, ['before', 'during', 'after']);
+    assertExactly(a, []);
+    a.client.close();
+    b.client.close();
+  } finally {
+    await own.stop();
+  }
+});
+
+test('GoAway during a drain moves the client to the hinted gateway, with nothing lost', async () => {
+  // The node the client is on drains with a hint naming the WebSocket port the next node will listen on.
+  const [nextWs] = await (async () => {
+    const net = await import('node:net');
+    const s = net.createServer().listen(0, '127.0.0.1');
+    await new Promise((ok) => s.once('listening', ok));
+    const p = s.address().port;
+    await new Promise((ok) => s.close(ok));
+    return [p];
+  })();
+  const hint = `ws://127.0.0.1:${nextWs}/ws`;
+  const first = await Server.start({ env: { ZHIBO_GATEWAY__RECONNECT_HINT_WS: hint } });
+  let second;
+  try {
+    const alice = await first.user('alice');
+    const bob = await first.user('bob');
+    await first.befriend(alice, bob);
+    const a = await app(alice, first.wsUrl);
+    const b = new App(await connect({ url: first.wsUrl, ...bob, ...fast }));
+    await b.client.send({ user: alice.userId }, 'before');
+    await waitFor(() => a.has('before'), 'before');
+    await first.down();
+    assert.equal(a.goAways, 1, 'GoAway before the close');
+    second = await Server.start({ storeOf: first, wsPort: nextWs });
+    await waitFor(() => a.states.some((s) => s.state === 'connected' && s.url === hint), 'moved to the hint');
+    assert.equal(a.client.url, hint);
+    // Bob was on the same node (hinted too): he moves as well, then sends.
+    await waitFor(() => b.client.url === hint && b.count('connected') >= 1, 'bob moved');
+    await b.client.send({ user: alice.userId }, 'after');
+    await waitFor(() => a.has('after'), 'after');
+    assertExactly(a, ['before', 'after']);
+    a.client.close();
+    b.client.close();
+  } finally {
+    await second?.stop({ keepStore: true });
+    await first.stop();
+  }
+});
+
+test('Kick stops reconnection; the other connection stays up', async () => {
+  const alice = await server.user('alice');
+  const a = await app(alice);
+  const other = new App(await connect({ url: server.wsUrl, ...alice, ...fast }));
+  await waitFor(() => a.kicked && a.count('closed') === 1, 'kicked and closed');
+  assert.equal(a.kicked.reason, 'KICK_REASON_SIGNED_IN_ELSEWHERE');
+  await assert.rejects(a.client.send({ user: alice.userId }, 'x'), /kicked/);
+  // The other connection answers requests: nobody kicked it back.
+  const p = await other.client.request({ heartbeat: {} });
+  assert.equal(p.body, 'heartbeat');
+  assert.equal(a.count('connecting'), 0, 'no reconnection attempt');
+  assert.equal(a.count('disconnected'), 0);
+  other.client.close();
+});
+
+test('rooms: join, send, and joined again after a reconnection', async () => {
+  const { alice, bob } = await pair();
+  const room = String(9_000_000 + (process.pid % 100_000));
+  const a = await app(alice);
+  const b = await app(bob);
+  const joined = await b.client.joinRoom(room);
+  assert.equal(joined.roomId, room);
+  await a.client.joinRoom(room);
+  const roomTexts = () => b.rooms.flatMap((r) => r.messages).filter((m) => m.contentType >= 0).map((m) => new TextDecoder().decode(m.content));
+  await a.client.sendRoom(room, 'before');
+  await waitFor(() => roomTexts().includes('before'), 'room message');
+  b.client.reconnect();
+  await waitFor(() => b.rejoined >= 1, 'rejoined');
+  await a.client.sendRoom(room, 'after');
+  await waitFor(() => roomTexts().includes('after'), 'room message after the reconnection');
+  a.client.close();
+  b.client.close();
+});
+
+test('the last contiguous seq persists: a new client resumes from the store (localStorage adapter)', async () => {
+  const { alice, bob } = await pair();
+  const storage = new Map();
+  const local = { getItem: (k) => storage.get(k) ?? null, setItem: (k, v) => storage.set(k, v) };
+  const store = new LocalStorageSeqStore(`zhibo:${bob.userId}:${bob.deviceId}`, local);
+  const a = await app(alice);
+  const b1 = await app(bob, server.wsUrl, { seqStore: store });
+  await a.client.send({ user: bob.userId }, 'old');
+  await waitFor(() => b1.has('old'), 'old');
+  await waitFor(() => store.load() === b1.messages[0].seq, 'persisted');
+  b1.client.close();
+  await a.client.send({ user: bob.userId }, 'new');
+  const b2 = await app(bob, server.wsUrl, { seqStore: store });
+  await waitFor(() => b2.has('new'), 'new');
+  assertExactly(b2, ['new']);
+  a.client.close();
+  b2.client.close();
+});
+
+test('SeqTracker and MemorySeqStore: gaps, duplicates, holes jumped by a completed sync', () => {
+  const t = new SeqTracker('0');
+  assert.ok(t.observe('1'));
+  assert.ok(t.observe('3'));
+  assert.ok(t.hasGap());
+  assert.ok(!t.observe('3'));
+  t.syncComplete('3');
+  assert.equal(t.contiguous, '3');
+  assert.ok(!t.hasGap());
+  assert.ok(t.observe('2'), 'a late commit is still delivered');
+  assert.ok(!t.observe('2'));
+  const s = new MemorySeqStore();
+  s.save('5');
+  s.save('3');
+  assert.equal(s.load(), '5');
+});
