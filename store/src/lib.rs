@@ -3,9 +3,9 @@
 //! - Traits ([`DeviceStore`], [`UserStore`], [`FriendStore`], [`GroupStore`], [`MessageStore`],
 //!   [`SeqAllocator`], [`RoomStore`]): what logic-worker, gateway and user-api call, always as
 //!   `Arc<dyn Trait>` inside [`Stores`].
-//! - [`invites`]: pending group invitations ([`GroupInviteStore`]); [`embedded_invites`] implements it
+//! - [`invites`]: pending group invitations ([`GroupInviteStore`]); [`embedded::EmbeddedInvites`] implements it
 //!   for the embedded backend (the Scylla one is in [`scylla`]).
-//! - [`rooms`]: live-room records and recent history ([`RoomStore`]); [`embedded_rooms`] implements it
+//! - [`rooms`]: live-room records and recent history ([`RoomStore`]); [`embedded::EmbeddedRooms`] implements it
 //!   for the embedded backend (the Scylla one is in [`scylla`]).
 //! - [`scylla`]: ScyllaDB/Cassandra backend (prepared statements prepared once) and the CQL migrations
 //!   from `sql/`; [`redis_seq`]: the Redis (fred) seq allocator with recovery from the message store.
@@ -17,8 +17,6 @@
 #![warn(missing_docs)]
 
 pub mod embedded;
-pub mod embedded_invites;
-pub mod embedded_rooms;
 pub mod ids;
 pub mod invites;
 pub mod leases;

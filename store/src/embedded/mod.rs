@@ -18,7 +18,7 @@
 //! | `dedup`           | (device, client_msg_id)      | (written at, [`SendPlan`] as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
-//! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`embedded_invites`) |
+//! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`invites.rs`) |
 //! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
 //! | `node_leases`     | (pool, node number)          | (owner, expires at ms, high-water ms)  |
 //!
@@ -44,7 +44,9 @@
 //! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
 //! possible without giving up durability.
 
+mod invites;
 mod leases;
+mod rooms;
 mod writer;
 
 use std::collections::HashMap;
@@ -65,6 +67,9 @@ use crate::{
     GroupStore, MessageStore, Profile, Result, SendPlan, SeqAllocator, Stores, User, UserStore,
 };
 use writer::Writer;
+
+pub use invites::EmbeddedInvites;
+pub use rooms::EmbeddedRooms;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<i64, &[u8]> = TableDefinition::new("devices");
@@ -221,11 +226,9 @@ impl EmbeddedBackend {
             users: self.clone(),
             friends: self.clone(),
             groups: self.clone(),
-            group_invites: Arc::new(crate::embedded_invites::EmbeddedInvites::new(
-                self.db.clone(),
-            )),
+            group_invites: Arc::new(EmbeddedInvites::new(self.db.clone())),
             messages: self.clone(),
-            rooms: Arc::new(crate::embedded_rooms::EmbeddedRooms::new(self.db.clone())),
+            rooms: Arc::new(EmbeddedRooms::new(self.db.clone())),
             leases: self.clone(),
             seq: self,
         }
