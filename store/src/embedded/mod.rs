@@ -6,16 +6,16 @@
 //! # Tables
 //! | table             | key                          | value                                  |
 //! |-------------------|------------------------------|----------------------------------------|
-//! | `devices`         | device id                    | [`Device`] as JSON                     |
-//! | `users`           | user id                      | [`User`] as JSON                       |
+//! | `devices`         | device id                    | [`Device`](crate::Device) as JSON                     |
+//! | `users`           | user id                      | [`User`](crate::User) as JSON                       |
 //! | `usernames`       | username                     | user id (unique index)                 |
-//! | `friend_requests` | (to user, from user)         | [`FriendRequest`] as JSON              |
-//! | `friends`         | (user, friend)               | [`Friend`] as JSON                     |
-//! | `groups`          | group id                     | [`Group`] as JSON                      |
-//! | `group_members`   | (group, user)                | [`GroupMember`] as JSON                |
+//! | `friend_requests` | (to user, from user)         | [`FriendRequest`](crate::FriendRequest) as JSON              |
+//! | `friends`         | (user, friend)               | [`Friend`](crate::Friend) as JSON                     |
+//! | `groups`          | group id                     | [`Group`](crate::Group) as JSON                      |
+//! | `group_members`   | (group, user)                | [`GroupMember`](crate::GroupMember) as JSON                |
 //! | `user_groups`     | (user, group)                | `()` (groups of a user)                |
-//! | `inbox`           | (user, seq)                  | prost-encoded [`Message`]              |
-//! | `dedup`           | (device, client_msg_id)      | (written at, [`SendPlan`] as JSON)   |
+//! | `inbox`           | (user, seq)                  | prost-encoded [`Message`](zhibo_proto::client::Message)              |
+//! | `dedup`           | (device, client_msg_id)      | (written at, [`SendPlan`](crate::SendPlan) as JSON)   |
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
 //! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`invites.rs`) |
@@ -44,9 +44,14 @@
 //! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
 //! possible without giving up durability.
 
+mod devices;
+mod friends;
+mod groups;
 mod invites;
 mod leases;
+mod messages;
 mod rooms;
+mod users;
 mod writer;
 
 use std::collections::HashMap;
@@ -54,18 +59,11 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use zhibo_proto::client::Message;
-use zhibo_proto::ProstMessage;
 
-use crate::ids::now_ms;
-use crate::{
-    Device, DeviceStore, Error, ErrorKind, Friend, FriendRequest, FriendStore, Group, GroupMember,
-    GroupStore, MessageStore, Profile, Result, SendPlan, SeqAllocator, Stores, User, UserStore,
-};
+use crate::{Error, ErrorKind, Result, Stores};
 use writer::Writer;
 
 pub use invites::EmbeddedInvites;
@@ -82,7 +80,7 @@ const GROUPS: TableDefinition<i64, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("group_members");
 const USER_GROUPS: TableDefinition<(i64, i64), ()> = TableDefinition::new("user_groups");
 const INBOX: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("inbox");
-/// (device, client_msg_id) -> (written at ms, [`SendPlan`] as JSON).
+/// (device, client_msg_id) -> (written at ms, [`SendPlan`](crate::SendPlan) as JSON).
 const DEDUP: TableDefinition<(i64, &str), (i64, &[u8])> = TableDefinition::new("dedup");
 /// (written at ms, device, client_msg_id): the dedup records oldest first, for expiry.
 const DEDUP_BY_TIME: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("dedup_by_time");
@@ -185,7 +183,7 @@ impl<'tx> Tables<'tx> {
 pub struct EmbeddedBackend {
     writer: Writer,
     db: Arc<Database>,
-    /// Last seq handed out per user since the database was opened (see [`SeqAllocator`] below).
+    /// Last seq handed out per user since the database was opened (see [`crate::SeqAllocator`] in `messages.rs`).
     seqs: Mutex<HashMap<i64, u64>>,
 }
 
@@ -345,28 +343,8 @@ fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
         .map_err(|e| Error::new(ErrorKind::Corrupt, format!("{what}: {e}")))
 }
 
-fn decode_message(bytes: &[u8]) -> Result<Message> {
-    Message::decode(bytes)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("inbox message: {e}")))
-}
-
 fn not_found(what: &str, id: i64) -> Error {
     Error::new(ErrorKind::NotFound, format!("{what} {id} does not exist"))
-}
-
-/// Largest seq in `user_id`'s inbox, 0 when empty.
-fn inbox_max_seq(
-    inbox: &impl ReadableTable<(i64, u64), &'static [u8]>,
-    user_id: i64,
-) -> Result<u64> {
-    let last = inbox
-        .range((user_id, 0)..=(user_id, u64::MAX))
-        .db()?
-        .next_back();
-    match last {
-        Some(entry) => Ok(entry.db()?.0.value().1),
-        None => Ok(0),
-    }
 }
 
 /// Values of a JSON table whose keys are `(prefix, x)` with `x > after`, ascending, at most `limit`.
@@ -400,587 +378,13 @@ fn second_keys<V: redb::Value + 'static>(
     Ok(out)
 }
 
-/// The dedup record for `(device_id, client_msg_id)` if it has not expired at `now`.
-fn live_dedup(
-    table: &impl ReadableTable<(i64, &'static str), (i64, &'static [u8])>,
-    device_id: i64,
-    client_msg_id: &str,
-    now: i64,
-) -> Result<Option<SendPlan>> {
-    let Some(row) = table.get((device_id, client_msg_id)).db()? else {
-        return Ok(None);
-    };
-    let (written_ms, bytes) = row.value();
-    if now.saturating_sub(written_ms) > DEDUP_RETENTION_MS {
-        return Ok(None);
-    }
-    from_json(bytes, "dedup record").map(Some)
-}
-
-/// Inbox entries keyed and encoded on the caller's task, so the single writer thread only inserts bytes.
-fn encode_entries(entries: &[(i64, Message)]) -> Vec<((i64, u64), Vec<u8>)> {
-    entries
-        .iter()
-        .map(|(user_id, m)| ((*user_id, m.seq), m.encode_to_vec()))
-        .collect()
-}
-
-fn insert_entries(t: &mut Tables<'_>, encoded: &[((i64, u64), Vec<u8>)]) -> Result<()> {
-    for (key, bytes) in encoded {
-        t.inbox.insert(*key, bytes.as_slice()).db()?;
-    }
-    Ok(())
-}
-
-/// Insert-if-absent of a dedup record at time `now`.
-fn put_dedup_at(
-    t: &mut Tables<'_>,
-    device_id: i64,
-    client_msg_id: &str,
-    bytes: &[u8],
-    now: i64,
-) -> Result<Option<SendPlan>> {
-    if let Some(existing) = live_dedup(&t.dedup, device_id, client_msg_id, now)? {
-        return Ok(Some(existing));
-    }
-    t.dedup
-        .insert((device_id, client_msg_id), (now, bytes))
-        .db()?;
-    t.dedup_by_time
-        .insert((now, device_id, client_msg_id), ())
-        .db()?;
-    t.dedup_written += 1;
-    t.dedup_now = t.dedup_now.max(now);
-    Ok(None)
-}
-
-#[async_trait]
-impl DeviceStore for EmbeddedBackend {
-    async fn insert_device(&self, device: &Device) -> Result<()> {
-        let (id, bytes) = (device.device_id, to_json(device)?);
-        self.write(move |t| {
-            t.devices.insert(id, bytes.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_device(&self, device_id: i64) -> Result<Option<Device>> {
-        self.point(move |tx| {
-            let table = tx.open_table(DEVICES).db()?;
-            let row = table.get(device_id).db()?;
-            row.map(|v| from_json(v.value(), "device")).transpose()
-        })
-        .await
-    }
-
-    async fn revoke_tokens_before(&self, device_id: i64, before_ms: i64) -> Result<()> {
-        self.write(move |t| {
-            let table = &mut t.devices;
-            let mut device: Device = match table.get(device_id).db()? {
-                Some(v) => from_json(v.value(), "device")?,
-                None => return Err(not_found("device", device_id)),
-            };
-            // Never re-validate tokens an earlier sign-out revoked.
-            device.tokens_valid_after_ms = device.tokens_valid_after_ms.max(before_ms);
-            table.insert(device_id, to_json(&device)?.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn bind_device(&self, device_id: i64, user_id: i64) -> Result<i64> {
-        self.write(move |t| {
-            let table = &mut t.devices;
-            let mut device: Device = match table.get(device_id).db()? {
-                Some(v) => from_json(v.value(), "device")?,
-                None => return Err(not_found("device", device_id)),
-            };
-            if device.owner_user_id == 0 {
-                device.owner_user_id = user_id;
-                table.insert(device_id, to_json(&device)?.as_slice()).db()?;
-            }
-            Ok(device.owner_user_id)
-        })
-        .await
-    }
-}
-
-#[async_trait]
-impl UserStore for EmbeddedBackend {
-    async fn insert_user(&self, user: &User) -> Result<()> {
-        let (id, name, bytes) = (user.user_id, user.username.clone(), to_json(user)?);
-        self.write(move |t| {
-            let users = &mut t.users;
-            let names = &mut t.usernames;
-            if users.get(id).db()?.is_some() {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("user id {id} is taken"),
-                ));
-            }
-            if names.get(name.as_str()).db()?.is_some() {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("username {name:?} is taken"),
-                ));
-            }
-            users.insert(id, bytes.as_slice()).db()?;
-            names.insert(name.as_str(), id).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn upsert_user(&self, user: &User) -> Result<()> {
-        let (id, name, bytes) = (user.user_id, user.username.clone(), to_json(user)?);
-        self.write(move |t| {
-            let users = &mut t.users;
-            let names = &mut t.usernames;
-            let owner = names.get(name.as_str()).db()?.map(|v| v.value());
-            if owner.is_some_and(|owner| owner != id) {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("username {name:?} belongs to another user"),
-                ));
-            }
-            let previous: Option<User> = match users.get(id).db()? {
-                Some(v) => Some(from_json(v.value(), "user")?),
-                None => None,
-            };
-            if let Some(old) = previous.filter(|old| old.username != name) {
-                let old_owner = names.get(old.username.as_str()).db()?.map(|v| v.value());
-                if old_owner == Some(id) {
-                    names.remove(old.username.as_str()).db()?;
-                }
-            }
-            users.insert(id, bytes.as_slice()).db()?;
-            names.insert(name.as_str(), id).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_user(&self, user_id: i64) -> Result<Option<User>> {
-        self.point(move |tx| {
-            let table = tx.open_table(USERS).db()?;
-            let row = table.get(user_id).db()?;
-            row.map(|v| from_json(v.value(), "user")).transpose()
-        })
-        .await
-    }
-
-    async fn get_user_by_username(&self, username: &str) -> Result<Option<User>> {
-        let name = username.to_owned();
-        self.point(move |tx| {
-            let names = tx.open_table(USERNAMES).db()?;
-            let Some(id) = names.get(name.as_str()).db()?.map(|v| v.value()) else {
-                return Ok(None);
-            };
-            let users = tx.open_table(USERS).db()?;
-            let row = users.get(id).db()?;
-            row.map(|v| from_json(v.value(), "user")).transpose()
-        })
-        .await
-    }
-
-    async fn update_profile(&self, user_id: i64, profile: &Profile) -> Result<()> {
-        let profile = profile.clone();
-        self.write(move |t| {
-            let users = &mut t.users;
-            let mut user: User = match users.get(user_id).db()? {
-                Some(v) => from_json(v.value(), "user")?,
-                None => return Err(not_found("user", user_id)),
-            };
-            user.profile = profile.clone();
-            user.updated_at_ms = now_ms();
-            users.insert(user_id, to_json(&user)?.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-#[async_trait]
-impl FriendStore for EmbeddedBackend {
-    async fn put_request(&self, req: &FriendRequest) -> Result<()> {
-        let (key, bytes) = ((req.to_user_id, req.from_user_id), to_json(req)?);
-        self.write(move |t| {
-            t.friend_requests.insert(key, bytes.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_request(&self, from: i64, to: i64) -> Result<Option<FriendRequest>> {
-        self.point(move |tx| {
-            let table = tx.open_table(FRIEND_REQUESTS).db()?;
-            let row = table.get((to, from)).db()?;
-            row.map(|v| from_json(v.value(), "friend request"))
-                .transpose()
-        })
-        .await
-    }
-
-    async fn list_requests_to(&self, to: i64) -> Result<Vec<FriendRequest>> {
-        self.read(move |tx| {
-            let table = tx.open_table(FRIEND_REQUESTS).db()?;
-            json_range(&table, to, i64::MIN, usize::MAX, "friend request")
-        })
-        .await
-    }
-
-    async fn delete_request(&self, from: i64, to: i64) -> Result<()> {
-        self.write(move |t| {
-            t.friend_requests.remove((to, from)).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_friend(&self, friend: &Friend) -> Result<()> {
-        let (key, bytes) = ((friend.user_id, friend.friend_id), to_json(friend)?);
-        self.write(move |t| {
-            t.friends.insert(key, bytes.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_friend(&self, user_id: i64, friend_id: i64) -> Result<Option<Friend>> {
-        self.point(move |tx| {
-            let table = tx.open_table(FRIENDS).db()?;
-            let row = table.get((user_id, friend_id)).db()?;
-            row.map(|v| from_json(v.value(), "friend")).transpose()
-        })
-        .await
-    }
-
-    async fn list_friends(&self, user_id: i64) -> Result<Vec<Friend>> {
-        self.read(move |tx| {
-            let table = tx.open_table(FRIENDS).db()?;
-            json_range(&table, user_id, i64::MIN, usize::MAX, "friend")
-        })
-        .await
-    }
-
-    async fn delete_friend(&self, user_id: i64, friend_id: i64) -> Result<()> {
-        self.write(move |t| {
-            t.friends.remove((user_id, friend_id)).db()?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-#[async_trait]
-impl GroupStore for EmbeddedBackend {
-    async fn put_group(&self, group: &Group) -> Result<()> {
-        let (id, bytes) = (group.group_id, to_json(group)?);
-        self.write(move |t| {
-            t.groups.insert(id, bytes.as_slice()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_group(&self, group_id: i64) -> Result<Option<Group>> {
-        self.point(move |tx| {
-            let table = tx.open_table(GROUPS).db()?;
-            let row = table.get(group_id).db()?;
-            row.map(|v| from_json(v.value(), "group")).transpose()
-        })
-        .await
-    }
-
-    async fn delete_group(&self, group_id: i64) -> Result<()> {
-        self.write(move |t| {
-            let members = &mut t.members;
-            let user_groups = &mut t.user_groups;
-            for user_id in second_keys(members, group_id)? {
-                members.remove((group_id, user_id)).db()?;
-                user_groups.remove((user_id, group_id)).db()?;
-            }
-            t.groups.remove(group_id).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_member(&self, member: &GroupMember) -> Result<()> {
-        let (group_id, user_id, bytes) = (member.group_id, member.user_id, to_json(member)?);
-        self.write(move |t| {
-            t.members
-                .insert((group_id, user_id), bytes.as_slice())
-                .db()?;
-            t.user_groups.insert((user_id, group_id), ()).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn transfer_ownership(
-        &self,
-        group: &Group,
-        new_owner: &GroupMember,
-        old_owner: &GroupMember,
-    ) -> Result<()> {
-        crate::check_transfer(group, new_owner, old_owner)?;
-        let id = group.group_id;
-        let group_bytes = to_json(group)?;
-        let rows = [
-            (new_owner.user_id, to_json(new_owner)?),
-            (old_owner.user_id, to_json(old_owner)?),
-        ];
-        // One redb write transaction: all three records commit together or none does.
-        self.write(move |t| {
-            t.groups.insert(id, group_bytes.as_slice()).db()?;
-            for (user_id, bytes) in &rows {
-                t.members.insert((id, *user_id), bytes.as_slice()).db()?;
-                t.user_groups.insert((*user_id, id), ()).db()?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn get_member(&self, group_id: i64, user_id: i64) -> Result<Option<GroupMember>> {
-        self.point(move |tx| {
-            let table = tx.open_table(MEMBERS).db()?;
-            let row = table.get((group_id, user_id)).db()?;
-            row.map(|v| from_json(v.value(), "group member"))
-                .transpose()
-        })
-        .await
-    }
-
-    async fn delete_member(&self, group_id: i64, user_id: i64) -> Result<()> {
-        self.write(move |t| {
-            t.members.remove((group_id, user_id)).db()?;
-            t.user_groups.remove((user_id, group_id)).db()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn list_members(
-        &self,
-        group_id: i64,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<GroupMember>> {
-        self.read(move |tx| {
-            let table = tx.open_table(MEMBERS).db()?;
-            json_range(&table, group_id, after, limit, "group member")
-        })
-        .await
-    }
-
-    async fn member_ids(&self, group_id: i64) -> Result<Vec<i64>> {
-        self.read(move |tx| second_keys(&tx.open_table(MEMBERS).db()?, group_id))
-            .await
-    }
-
-    async fn groups_of_user(&self, user_id: i64) -> Result<Vec<i64>> {
-        self.read(move |tx| second_keys(&tx.open_table(USER_GROUPS).db()?, user_id))
-            .await
-    }
-}
-
-#[async_trait]
-impl MessageStore for EmbeddedBackend {
-    async fn append(&self, user_id: i64, message: &Message) -> Result<()> {
-        // Encoded here, on the caller's task, so the single writer thread only inserts bytes.
-        let (seq, bytes) = (message.seq, message.encode_to_vec());
-        self.write(move |t| {
-            t.inbox.insert((user_id, seq), bytes.as_slice()).db()?;
-            Ok(())
-        })
-        .await?;
-        self.saw_seqs(std::iter::once((user_id, seq)));
-        Ok(())
-    }
-
-    async fn append_many(&self, entries: &[(i64, Message)]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let encoded = encode_entries(entries);
-        self.write(move |t| insert_entries(t, &encoded)).await?;
-        self.saw_seqs(entries.iter().map(|(u, m)| (*u, m.seq)));
-        Ok(())
-    }
-
-    async fn sync(&self, user_id: i64, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
-        self.read(move |tx| {
-            let inbox = tx.open_table(INBOX).db()?;
-            let range = (
-                Bound::Excluded((user_id, after_seq)),
-                Bound::Included((user_id, u64::MAX)),
-            );
-            let mut out = Vec::new();
-            for entry in inbox.range::<(i64, u64)>(range).db()?.take(limit) {
-                out.push(decode_message(entry.db()?.1.value())?);
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn max_seq(&self, user_id: i64) -> Result<u64> {
-        self.point(move |tx| inbox_max_seq(&tx.open_table(INBOX).db()?, user_id))
-            .await
-    }
-
-    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendPlan>> {
-        self.point(move |tx| {
-            let table = tx.open_table(DEDUP).db()?;
-            live_dedup(&table, device_id, client_msg_id, now_ms())
-        })
-        .await
-    }
-
-    async fn put_dedup_if_absent(
-        &self,
-        device_id: i64,
-        client_msg_id: &str,
-        result: &SendPlan,
-    ) -> Result<Option<SendPlan>> {
-        let client_msg_id = client_msg_id.to_owned();
-        let bytes = to_json(result)?;
-        self.write(move |t| put_dedup_at(t, device_id, &client_msg_id, &bytes, now_ms()))
-            .await
-    }
-
-    async fn record_send(
-        &self,
-        device_id: i64,
-        client_msg_id: &str,
-        plan: &SendPlan,
-        entries: &[(i64, Message)],
-    ) -> Result<Option<SendPlan>> {
-        // One job, one transaction: the plan and the entries land together or not at all.
-        let client_msg_id = client_msg_id.to_owned();
-        let plan = to_json(plan)?;
-        let encoded = encode_entries(entries);
-        let existing = self
-            .write(move |t| {
-                if let Some(existing) = put_dedup_at(t, device_id, &client_msg_id, &plan, now_ms())?
-                {
-                    return Ok(Some(existing));
-                }
-                insert_entries(t, &encoded)?;
-                Ok(None)
-            })
-            .await?;
-        if existing.is_none() {
-            self.saw_seqs(entries.iter().map(|(u, m)| (*u, m.seq)));
-        }
-        Ok(existing)
-    }
-
-    async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {
-        self.write(move |t| {
-            let acks = &mut t.acks;
-            let current = acks
-                .get((user_id, device_id))
-                .db()?
-                .map_or(0, |v| v.value());
-            if seq > current {
-                acks.insert((user_id, device_id), seq).db()?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn acked(&self, user_id: i64, device_id: i64) -> Result<u64> {
-        self.point(move |tx| {
-            let acks = tx.open_table(ACKS).db()?;
-            let row = acks.get((user_id, device_id)).db()?;
-            Ok(row.map_or(0, |v| v.value()))
-        })
-        .await
-    }
-}
-
-#[async_trait]
-impl SeqAllocator for EmbeddedBackend {
-    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
-        if user_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Floors of users not counted yet in this process, read outside the lock.
-        let missing: Vec<i64> = {
-            let counters = self.counters();
-            user_ids
-                .iter()
-                .copied()
-                .filter(|u| !counters.contains_key(u))
-                .collect()
-        };
-        let count = missing.len();
-        let load = move |tx: &ReadTransaction| {
-            let (table, inbox) = (tx.open_table(SEQ).db()?, tx.open_table(INBOX).db()?);
-            missing
-                .into_iter()
-                .map(|u| Ok((u, seq_floor(&table, &inbox, u)?)))
-                .collect::<Result<Vec<_>>>()
-        };
-        // A few lookups inline; a large group's first send after a restart on the blocking pool.
-        let floors = match count {
-            0 => Vec::new(),
-            1..=INLINE_FLOORS => self.point(load).await?,
-            _ => self.read(load).await?,
-        };
-        let mut counters = self.counters();
-        for (user_id, floor) in floors {
-            // A racing call may have counted this user meanwhile: never move a counter back.
-            let c = counters.entry(user_id).or_insert(0);
-            *c = (*c).max(floor);
-        }
-        Ok(user_ids
-            .iter()
-            .map(|u| {
-                let c = counters.entry(*u).or_insert(0);
-                *c += 1;
-                *c
-            })
-            .collect())
-    }
-
-    async fn current(&self, user_id: i64) -> Result<u64> {
-        if let Some(c) = self.counters().get(&user_id) {
-            return Ok(*c);
-        }
-        self.point(move |tx| {
-            seq_floor(
-                &tx.open_table(SEQ).db()?,
-                &tx.open_table(INBOX).db()?,
-                user_id,
-            )
-        })
-        .await
-    }
-}
-
-/// Counters loaded inline by one [`SeqAllocator::next`] call; more go to the blocking pool.
-const INLINE_FLOORS: usize = 8;
-
-/// Where a user's counter resumes: above the largest stored seq (the inbox) and above the counter of
-/// a database written by an earlier version (which persisted counters).
-fn seq_floor(
-    table: &impl ReadableTable<i64, u64>,
-    inbox: &impl ReadableTable<(i64, u64), &'static [u8]>,
-    user_id: i64,
-) -> Result<u64> {
-    let stored = table.get(user_id).db()?.map_or(0, |v| v.value());
-    Ok(stored.max(inbox_max_seq(inbox, user_id)?))
-}
-
 #[cfg(test)]
 mod tests {
+    use zhibo_proto::client::Message;
+
+    use super::messages::put_dedup_at;
     use super::*;
+    use crate::{MessageStore, Profile, SendPlan, SeqAllocator, User, UserStore};
 
     fn message(seq: u64) -> Message {
         Message {
