@@ -40,7 +40,8 @@ pub use traits::messages::{MessageStore, SendPlan, SeqAllocator};
 pub use traits::rooms::{Room, RoomStore};
 pub use traits::users::UserStore;
 
-/// What a storage call can fail with. Callers branch on [`ErrorKind`].
+/// What a storage call can fail with. Callers branch on [`ErrorKind`]; the driver error that caused it,
+/// if any, is its [`std::error::Error::source`] (as in async-nats' `Error<Kind>`).
 #[derive(Debug, thiserror::Error)]
 #[error("{kind:?}: {message}")]
 pub struct Error {
@@ -48,6 +49,9 @@ pub struct Error {
     pub kind: ErrorKind,
     /// Human-readable detail, for logs; never shown to clients as-is.
     pub message: String,
+    /// The underlying failure (a driver, redb or codec error), kept for error reports.
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 /// The kind of a storage [`Error`].
@@ -65,17 +69,73 @@ pub enum ErrorKind {
 }
 
 impl Error {
-    /// An error of `kind` with a message.
+    /// An error of `kind` with a message and no underlying cause.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
             message: message.into(),
+            source: None,
         }
     }
 
-    /// A backend failure.
+    /// A backend failure described by `e` (no underlying cause kept: see [`Self::backend`]).
     pub fn unavailable(e: impl std::fmt::Display) -> Self {
         Error::new(ErrorKind::Unavailable, e.to_string())
+    }
+
+    /// A backend failure caused by the driver error `source`, which is kept as the source; the message
+    /// is its text.
+    pub fn backend(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error {
+            kind: ErrorKind::Unavailable,
+            message: source.to_string(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// An error of `kind` caused by `source`, which is kept as the source; the message is
+    /// `"{context}: {source}"`.
+    pub fn wrap(
+        kind: ErrorKind,
+        context: impl std::fmt::Display,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error {
+            kind,
+            message: format!("{context}: {source}"),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// One failure handed to several callers (the embedded writer's group commit): see [`Shared`].
+    pub(crate) fn into_shared(self) -> Shared {
+        Shared {
+            kind: self.kind,
+            message: self.message,
+            source: self.source.map(std::sync::Arc::from),
+        }
+    }
+}
+
+/// An [`Error`] whose cause several callers share; each gets its own copy with [`Shared::to_error`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    kind: ErrorKind,
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Shared {
+    /// A copy of the error: same kind and message, the same cause as its source.
+    pub(crate) fn to_error(&self) -> Error {
+        Error {
+            kind: self.kind,
+            message: self.message.clone(),
+            source: self
+                .source
+                .clone()
+                .map(|s| Box::new(s) as Box<dyn std::error::Error + Send + Sync>),
+        }
     }
 }
 

@@ -16,8 +16,7 @@ use crate::ids::now_ms;
 use crate::{Error, ErrorKind, MessageStore, Result, SendPlan, SeqAllocator};
 
 fn decode_message(bytes: &[u8]) -> Result<Message> {
-    Message::decode(bytes)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("inbox message: {e}")))
+    Message::decode(bytes).map_err(|e| Error::wrap(ErrorKind::Corrupt, "inbox message", e))
 }
 
 /// Largest seq in `user_id`'s inbox, 0 when empty.

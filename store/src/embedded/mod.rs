@@ -201,8 +201,13 @@ impl EmbeddedBackend {
     /// [`ErrorKind::Corrupt`] when it was written by an incompatible layout version.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let db = Database::create(path)
-            .map_err(|e| Error::unavailable(format!("opening {}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| {
+            Error::wrap(
+                ErrorKind::Unavailable,
+                format!("opening {}", path.display()),
+                e,
+            )
+        })?;
         Self::init(db)
     }
 
@@ -213,7 +218,7 @@ impl EmbeddedBackend {
     pub fn temporary() -> Result<Self> {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(Error::unavailable)?;
+            .map_err(Error::backend)?;
         Self::init(db)
     }
 
@@ -234,12 +239,12 @@ impl EmbeddedBackend {
 
     /// Creates every table so read transactions never meet a missing one, and checks the layout.
     fn init(db: Database) -> Result<Self> {
-        let tx = db.begin_write().map_err(Error::unavailable)?;
+        let tx = db.begin_write().map_err(Error::backend)?;
         {
-            let mut meta = tx.open_table(META).map_err(Error::unavailable)?;
+            let mut meta = tx.open_table(META).map_err(Error::backend)?;
             let stored = meta
                 .get("schema_version")
-                .map_err(Error::unavailable)?
+                .map_err(Error::backend)?
                 .map(|v| v.value());
             match stored {
                 Some(v) if v != SCHEMA_VERSION => {
@@ -253,14 +258,14 @@ impl EmbeddedBackend {
                 Some(_) => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(Error::unavailable)?;
+                        .map_err(Error::backend)?;
                 }
             }
             Tables::open(&tx)?;
             // Read as a floor only (see Seqs), but it must exist for read transactions.
-            tx.open_table(SEQ).map_err(Error::unavailable)?;
+            tx.open_table(SEQ).map_err(Error::backend)?;
         }
-        tx.commit().map_err(Error::unavailable)?;
+        tx.commit().map_err(Error::backend)?;
         let db = Arc::new(db);
         Ok(EmbeddedBackend {
             writer: Writer::start(db.clone())?,
@@ -277,11 +282,11 @@ impl EmbeddedBackend {
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_read().map_err(Error::unavailable)?;
+            let tx = db.begin_read().map_err(Error::backend)?;
             f(&tx)
         })
         .await
-        .map_err(Error::unavailable)?
+        .map_err(Error::backend)?
     }
 
     /// Runs a point read (one key, or the last key of a range) inline on the calling task.
@@ -293,7 +298,7 @@ impl EmbeddedBackend {
     where
         F: FnOnce(&ReadTransaction) -> Result<R>,
     {
-        let tx = self.db.begin_read().map_err(Error::unavailable)?;
+        let tx = self.db.begin_read().map_err(Error::backend)?;
         f(&tx)
     }
 
@@ -328,19 +333,18 @@ trait Db<T> {
     fn db(self) -> Result<T>;
 }
 
-impl<T, E: std::fmt::Display> Db<T> for std::result::Result<T, E> {
+impl<T, E: std::error::Error + Send + Sync + 'static> Db<T> for std::result::Result<T, E> {
     fn db(self) -> Result<T> {
-        self.map_err(Error::unavailable)
+        self.map_err(Error::backend)
     }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::new(ErrorKind::Corrupt, format!("encoding: {e}")))
+    serde_json::to_vec(value).map_err(|e| Error::wrap(ErrorKind::Corrupt, "encoding", e))
 }
 
 fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("{what}: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::wrap(ErrorKind::Corrupt, what, e))
 }
 
 fn not_found(what: &str, id: i64) -> Error {

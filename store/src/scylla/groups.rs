@@ -8,7 +8,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::DeserializeRow;
 
-use super::{corrupt, cql_limit, db_error, ScyllaBackend, WRITE_CONCURRENCY};
+use super::{corrupt_data, cql_limit, db_error, ScyllaBackend, WRITE_CONCURRENCY};
 use crate::{Error, Group, GroupMember, GroupStore, Result, Role};
 
 /// The group statements, prepared once.
@@ -116,7 +116,7 @@ impl TryFrom<MemberRow> for GroupMember {
 
     fn try_from(r: MemberRow) -> Result<Self> {
         let role = Role::from_i8(r.role).ok_or_else(|| {
-            corrupt(
+            corrupt_data(
                 "group_members",
                 format!(
                     "group {} user {}: unknown role {}",

@@ -13,7 +13,9 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::DeserializeRow;
 use zhibo_proto::client::Message;
 
-use super::{corrupt, cql_limit, db_error, from_cql, to_cql, ScyllaBackend, WRITE_CONCURRENCY};
+use super::{
+    corrupt, corrupt_data, cql_limit, db_error, from_cql, to_cql, ScyllaBackend, WRITE_CONCURRENCY,
+};
 use crate::{MessageStore, Result, SendPlan};
 
 /// A single-partition unlogged batch is cut before it reaches this many content bytes, well under
@@ -301,12 +303,15 @@ impl MessageStore for ScyllaBackend {
             return if applied {
                 Ok(None)
             } else {
-                Err(corrupt(what, "not applied, yet no stored row returned"))
+                Err(corrupt_data(
+                    what,
+                    "not applied, yet no stored row returned",
+                ))
             };
         }
         let stored: DedupConflictRow = rows.first_row().map_err(|e| corrupt(what, e))?;
         if stored.applied {
-            return Err(corrupt(what, "applied, yet a stored row returned"));
+            return Err(corrupt_data(what, "applied, yet a stored row returned"));
         }
         Ok(Some(SendPlan::from(DedupRow {
             message_id: stored.message_id,

@@ -161,10 +161,10 @@ async fn applied_versions(session: &Session) -> Result<BTreeSet<i32>> {
         .map_err(|e| db_error("read schema_migrations", e))?;
     let rows = result
         .rows::<(i32,)>()
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("schema_migrations: {e}")))?;
+        .map_err(|e| Error::wrap(ErrorKind::Corrupt, "schema_migrations", e))?;
     rows.map(|row| {
         row.map(|(v,)| v)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("schema_migrations: {e}")))
+            .map_err(|e| Error::wrap(ErrorKind::Corrupt, "schema_migrations", e))
     })
     .collect()
 }

@@ -69,12 +69,19 @@ pub async fn connect(
     ScyllaBackend::new(Arc::new(session), keyspace).await
 }
 
-pub(crate) fn db_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorKind::Unavailable, format!("{what}: {e}"))
+/// A driver failure while doing `what`, kept as the error's source.
+pub(crate) fn db_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::wrap(ErrorKind::Unavailable, what, e)
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorKind::Corrupt, format!("{what}: {e}"))
+/// A row that does not decode, the decoding error kept as the source.
+fn corrupt(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::wrap(ErrorKind::Corrupt, what, e)
+}
+
+/// Data that makes no sense, with no underlying error to keep.
+fn corrupt_data(what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{what}: {detail}"))
 }
 
 /// Prepares one statement, naming it in the error: what each domain's `Statements::prepare` calls.
@@ -244,7 +251,12 @@ impl ScyllaBackend {
         let row: Row = rows.first_row().map_err(|e| corrupt(what, e))?;
         let applied = match row.columns.first() {
             Some(Some(CqlValue::Boolean(applied))) => *applied,
-            other => return Err(corrupt(what, format!("no [applied] column: {other:?}"))),
+            other => {
+                return Err(corrupt_data(
+                    what,
+                    format!("no [applied] column: {other:?}"),
+                ))
+            }
         };
         Ok(Lwt {
             applied,
