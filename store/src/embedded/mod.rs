@@ -29,12 +29,17 @@
 //! # Seqs
 //! Counters live in memory, each resumed on first use from the user's largest stored seq. That is safe
 //! because a new send's dedup plan and inbox entries commit in one transaction
-//! ([`MessageStore::record_send`]): a seq that was handed out but never stored is referenced by nothing,
+//! ([`crate::MessageStore::record_send`]): a seq that was handed out but never stored is referenced by nothing,
 //! so reusing it after a restart loses nothing. It takes one write per message off the single writer
 //! thread. The map grows with the users that received a message since the file was opened (~50 bytes
 //! each). The one rule this relies on: inbox entries with seqs that did not come from
-//! [`SeqAllocator::next`] (imports through `append`/`append_many`) must not be written while the same
+//! [`crate::SeqAllocator::next`] (imports through `append`/`append_many`) must not be written while the same
 //! users are sending, or a counter may be resumed below them.
+//!
+//! # Layout
+//! One file per domain (`devices`, `users`, `friends`, `groups`, `messages` with the seq counters,
+//! `rooms`, `invites`, `leases`) holding its trait impl; this file holds the tables, [`EmbeddedBackend`]
+//! and the transaction helpers, `writer.rs` the writer thread.
 //!
 //! # Threads and durability
 //! redb is synchronous. Point reads run inline on the caller's task (microseconds from the page

@@ -25,6 +25,8 @@ const BATCH_MAX_BYTES: usize = 16 * 1024;
 /// Statements per single-partition unlogged batch, at most.
 const BATCH_MAX_STATEMENTS: usize = 32;
 
+/// Columns of an inbox entry after its partition key `user_id`, in the order of [`MessageRow`] and of
+/// [`inbox_values`] (which binds `user_id` first).
 const MESSAGE_COLUMNS: &str =
     "seq, message_id, sender_user_id, sender_device_id, receiver_type, receiver_id, \
      client_msg_id, server_time_ms, content_type, content";
@@ -44,10 +46,9 @@ impl Statements {
     pub(super) async fn prepare(session: &Session) -> Result<Self> {
         let p = |cql: String| super::prepare(session, cql);
         Ok(Statements {
-            append: p("INSERT INTO inbox (user_id, seq, message_id, sender_user_id, sender_device_id, \
-                 receiver_type, receiver_id, client_msg_id, server_time_ms, content_type, content) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                .into())
+            append: p(format!(
+                "INSERT INTO inbox (user_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
             .await?,
             sync: p(format!(
                 "SELECT {MESSAGE_COLUMNS} FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
@@ -73,6 +74,7 @@ impl Statements {
     }
 }
 
+/// The values of [`Statements::append`]: `user_id`, then [`MESSAGE_COLUMNS`].
 type InboxValues<'a> = (
     i64,
     i64,

@@ -12,6 +12,12 @@
 //! - token revocation is `UPDATE ... IF tokens_valid_after_ms < ?`, so it never moves back;
 //! - node-number leases are claimed, renewed and released with conditional batches on `node_leases`
 //!   (see `scylla/leases.rs`).
+//!
+//! # Layout
+//! One file per domain (`devices`, `users`, `friends`, `groups`, `messages`, `rooms`, `invites`,
+//! `leases`), each owning its `Statements` (prepared once in [`ScyllaBackend::new`]), its row types and
+//! its trait impl, so a CQL column list sits next to the tuple that binds it. This file holds the
+//! session, the query helpers and the error mapping; `migrate.rs` the migrations.
 
 mod devices;
 mod friends;
