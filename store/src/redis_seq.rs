@@ -87,8 +87,14 @@ impl std::fmt::Debug for RedisSeq {
     }
 }
 
-fn redis_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorKind::Unavailable, format!("redis {what}: {e}"))
+/// A Redis failure while doing `what`, the client's error kept as the source.
+fn redis_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::wrap(ErrorKind::Unavailable, format_args!("redis {what}"), e)
+}
+
+/// An answer from Redis that makes no sense, with no underlying error to keep.
+fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("redis {what}: {detail}"))
 }
 
 impl RedisSeq {
@@ -166,14 +172,14 @@ impl RedisSeq {
             // A one-key call may come back unwrapped.
             single @ (Value::Integer(_) | Value::Null) => vec![single],
             other => {
-                return Err(redis_error(
+                return Err(redis_failure(
                     "evalsha",
                     format!("unexpected reply {other:?}"),
                 ))
             }
         };
         if values.len() != keys.len() {
-            return Err(redis_error(
+            return Err(redis_failure(
                 "evalsha",
                 format!("{} replies for {} keys", values.len(), keys.len()),
             ));
@@ -183,9 +189,9 @@ impl RedisSeq {
             .map(|v| match v {
                 Value::Integer(n) => u64::try_from(n)
                     .map(Some)
-                    .map_err(|_| redis_error("evalsha", format!("negative seq {n}"))),
+                    .map_err(|_| redis_failure("evalsha", format!("negative seq {n}"))),
                 Value::Null => Ok(None),
-                other => Err(redis_error(
+                other => Err(redis_failure(
                     "evalsha",
                     format!("unexpected element {other:?}"),
                 )),
@@ -202,7 +208,7 @@ impl RedisSeq {
             0
         };
         let floor = i64::try_from(floor)
-            .map_err(|_| redis_error("recover", format!("seq {floor} overflows")))?;
+            .map_err(|_| redis_failure("recover", format!("seq {floor} overflows")))?;
         // NX: another allocator may have recovered (and started allocating from) it already.
         let _: Value = self
             .pool
@@ -245,7 +251,7 @@ impl SeqAllocator for RedisSeq {
             .zip(user_ids)
             .map(|(seq, user_id)| {
                 seq.ok_or_else(|| {
-                    redis_error(
+                    redis_failure(
                         "next",
                         format!("seq counter of user {user_id} vanished {RECOVERY_ROUNDS} times during recovery"),
                     )

@@ -16,7 +16,7 @@ use redb::{Database, Durability};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Tables;
-use crate::{Error, ErrorKind, Result};
+use crate::{Error, ErrorKind, Result, Shared};
 
 /// Jobs queued before `run` waits for room (back-pressure on writers).
 const QUEUE: usize = 16 * 1024;
@@ -29,7 +29,7 @@ trait Job: Send {
     /// be rolled back.
     fn apply(&mut self, tables: &mut Tables<'_>) -> bool;
     /// Replies to the caller: the job's own error, else `commit`'s error, else its value.
-    fn finish(self: Box<Self>, commit: Option<&Error>);
+    fn finish(self: Box<Self>, commit: Option<&Shared>);
 }
 
 struct Task<F, R> {
@@ -51,10 +51,10 @@ where
         poisoned
     }
 
-    fn finish(self: Box<Self>, commit: Option<&Error>) {
+    fn finish(self: Box<Self>, commit: Option<&Shared>) {
         let result = match (self.out, commit) {
             (Some(Err(e)), _) => Err(e),
-            (_, Some(e)) => Err(Error::new(e.kind, e.message.clone())),
+            (_, Some(e)) => Err(e.to_error()),
             (Some(Ok(v)), None) => Ok(v),
             (None, None) => Err(Error::new(
                 ErrorKind::Unavailable,
@@ -79,7 +79,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("zhibo-redb-writer".into())
             .spawn(move || writer_loop(&db, rx))
-            .map_err(Error::unavailable)?;
+            .map_err(Error::backend)?;
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
@@ -139,7 +139,7 @@ fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Job>>) {
     let mut tx = match db.begin_write() {
         Ok(tx) => tx,
         Err(e) => {
-            let e = Error::unavailable(e);
+            let e = Error::backend(e).into_shared();
             batch.into_iter().for_each(|job| job.finish(Some(&e)));
             return;
         }
@@ -158,6 +158,7 @@ fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Job>>) {
         Err(e) => {
             // Opening the tables or the upkeep failed: nothing in this transaction can be trusted.
             let _ = tx.abort();
+            let e = e.into_shared();
             batch.into_iter().for_each(|job| job.finish(Some(&e)));
             return;
         }
@@ -165,8 +166,9 @@ fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Job>>) {
     if poisoned {
         let rolled_back = match tx.abort() {
             Ok(()) => Error::new(ErrorKind::Unavailable, "write rolled back"),
-            Err(e) => Error::unavailable(e),
-        };
+            Err(e) => Error::backend(e),
+        }
+        .into_shared();
         if batch.len() == 1 {
             // The job's own error is what the caller gets.
             batch
@@ -182,7 +184,7 @@ fn commit_batch(db: &Database, mut batch: Vec<Box<dyn Job>>) {
     match tx.commit() {
         Ok(()) => batch.into_iter().for_each(|job| job.finish(None)),
         Err(e) => {
-            let e = Error::unavailable(e);
+            let e = Error::backend(e).into_shared();
             batch.into_iter().for_each(|job| job.finish(Some(&e)));
         }
     }

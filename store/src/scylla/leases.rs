@@ -17,7 +17,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::{CqlValue, Row};
 
-use super::{corrupt, db_error, ScyllaBackend};
+use super::{corrupt, corrupt_data, db_error, ScyllaBackend};
 use crate::leases::{Lease, NodeLeases, Pool};
 use crate::{Error, ErrorKind, Result};
 
@@ -72,7 +72,10 @@ fn applied(what: &str, result: QueryResult) -> Result<bool> {
     let row: Row = rows.first_row().map_err(|e| corrupt(what, e))?;
     match row.columns.first() {
         Some(Some(CqlValue::Boolean(applied))) => Ok(*applied),
-        other => Err(corrupt(what, format!("no [applied] column: {other:?}"))),
+        other => Err(corrupt_data(
+            what,
+            format!("no [applied] column: {other:?}"),
+        )),
     }
 }
 

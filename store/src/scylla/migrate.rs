@@ -6,12 +6,12 @@
 //! concurrent `CREATE TABLE` of the same table on different coordinators can disagree on schema.
 
 use std::collections::BTreeSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use scylla::client::session::Session;
 use scylla::value::CqlTimestamp;
 
 use super::db_error;
+use crate::ids::now_ms;
 use crate::{Error, ErrorKind, Result};
 
 /// One numbered migration file from `sql/`.
@@ -161,10 +161,10 @@ async fn applied_versions(session: &Session) -> Result<BTreeSet<i32>> {
         .map_err(|e| db_error("read schema_migrations", e))?;
     let rows = result
         .rows::<(i32,)>()
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("schema_migrations: {e}")))?;
+        .map_err(|e| Error::wrap(ErrorKind::Corrupt, "schema_migrations", e))?;
     rows.map(|row| {
         row.map(|(v,)| v)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("schema_migrations: {e}")))
+            .map_err(|e| Error::wrap(ErrorKind::Corrupt, "schema_migrations", e))
     })
     .collect()
 }
@@ -219,12 +219,6 @@ async fn ddl(session: &Session, statement: &str) -> Result<()> {
 
 fn first_line(statement: &str) -> &str {
     statement.lines().next().unwrap_or_default()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

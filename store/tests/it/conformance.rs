@@ -9,7 +9,7 @@ use bytes::Bytes;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
-    Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role,
+    Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role, Room,
     SendPlan, Stores, User,
 };
 
@@ -29,6 +29,8 @@ pub(crate) async fn run_all(stores: Stores) {
     acks(&stores).await;
     seq(&stores).await;
     node_leases(&stores).await;
+    rooms(&stores).await;
+    room_history(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.
@@ -1255,4 +1257,142 @@ async fn group_invites(s: &Stores) {
         .expect("deleting an absent invitation is fine");
     assert_eq!(inv.list_invites(user).await.expect("list"), vec![second]);
     assert_eq!(inv.list_invites(other).await.expect("list").len(), 1);
+}
+
+/// A room message as the logic worker stores it for late joiners (seq 0: rooms have no inboxes).
+fn room_message(room_id: i64, message_id: u64) -> Message {
+    Message {
+        message_id,
+        seq: 0,
+        sender_user_id: 42,
+        sender_device_id: 43,
+        receiver_type: ReceiverType::Room as i32,
+        receiver_id: room_id,
+        client_msg_id: format!("room-{room_id}-{message_id}"),
+        server_time_ms: 1_700_000_000_000 + message_id as i64,
+        content_type: 1,
+        content: Bytes::from(format!("live #{message_id}")),
+    }
+}
+
+fn message_ids(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.message_id).collect()
+}
+
+async fn rooms(s: &Stores) {
+    let room_id = id();
+    assert_eq!(
+        s.rooms.get_room(room_id).await.expect("get_room unknown"),
+        None,
+        "a room never written has no record (it is open, see Room::open)"
+    );
+    let (owner, admin_a, admin_b) = (id(), id(), id());
+    let room = Room {
+        room_id,
+        owner_user_id: owner,
+        // Ascending and distinct: Scylla stores the admins as a set.
+        admin_user_ids: vec![admin_a, admin_b],
+        closed: false,
+        muted: true,
+        join_notices: true,
+        updated_at_ms: 1_700_000_000_000,
+    };
+    s.rooms.put_room(&room).await.expect("put_room");
+    assert_eq!(
+        s.rooms.get_room(room_id).await.expect("get_room"),
+        Some(room.clone()),
+        "a room reads back as written"
+    );
+    let closed = Room {
+        admin_user_ids: Vec::new(),
+        closed: true,
+        muted: false,
+        updated_at_ms: 1_700_000_001_000,
+        ..room.clone()
+    };
+    s.rooms.put_room(&closed).await.expect("put_room again");
+    assert_eq!(
+        s.rooms.get_room(room_id).await.expect("get_room"),
+        Some(closed),
+        "writing a room replaces its record, admins included"
+    );
+    assert_eq!(
+        s.rooms.get_room(id()).await.expect("get_room other"),
+        None,
+        "records are per room"
+    );
+}
+
+async fn room_history(s: &Stores) {
+    let (room_id, other_room) = (id(), id());
+    let base = 2_000_000 + id().unsigned_abs() % 1_000_000_000;
+    assert_eq!(
+        s.rooms.recent(room_id, 10).await.expect("recent empty"),
+        vec![],
+        "a room without messages has no history"
+    );
+    for i in 0..3 {
+        s.rooms
+            .push_recent(room_id, &room_message(room_id, base + i), 10)
+            .await
+            .expect("push_recent");
+    }
+    s.rooms
+        .push_recent(other_room, &room_message(other_room, base + 100), 10)
+        .await
+        .expect("push_recent other");
+    let all = s.rooms.recent(room_id, 10).await.expect("recent");
+    assert_eq!(
+        all,
+        (0..3)
+            .map(|i| room_message(room_id, base + i))
+            .collect::<Vec<_>>(),
+        "the history reads back oldest first, as pushed, without the other room's"
+    );
+    assert_eq!(
+        message_ids(&s.rooms.recent(room_id, 2).await.expect("recent 2")),
+        vec![base + 1, base + 2],
+        "a limit keeps the latest messages"
+    );
+    assert_eq!(
+        s.rooms.recent(room_id, 0).await.expect("recent 0"),
+        vec![],
+        "limit 0 reads nothing"
+    );
+    assert_eq!(
+        message_ids(&s.rooms.recent(other_room, 10).await.expect("recent other")),
+        vec![base + 100],
+        "histories are per room"
+    );
+
+    // A busy room: its history is trimmed towards `keep` (Scylla: every few dozen pushes, so a
+    // partition does not grow for the whole day its rows live), never below the latest `keep`.
+    let busy = id();
+    let keep = 5;
+    let pushed: u64 = 96;
+    for i in 0..pushed {
+        s.rooms
+            .push_recent(busy, &room_message(busy, base + i), keep)
+            .await
+            .expect("push_recent busy");
+    }
+    let history = s.rooms.recent(busy, 1000).await.expect("recent busy");
+    let ids = message_ids(&history);
+    assert!(
+        ids.len() >= keep,
+        "at least the latest {keep} stay readable: {ids:?}"
+    );
+    assert_eq!(
+        ids[ids.len() - keep..],
+        ((pushed - keep as u64)..pushed)
+            .map(|i| base + i)
+            .collect::<Vec<_>>(),
+        "the latest {keep}, oldest first"
+    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first: {ids:?}");
+    assert!(
+        ids.len() < (pushed / 2) as usize,
+        "the history of {pushed} pushes with keep {keep} is trimmed, not kept whole: {} entries",
+        ids.len()
+    );
 }

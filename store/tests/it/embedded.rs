@@ -101,6 +101,12 @@ async fn a_second_open_of_the_same_file_fails_cleanly() {
     let _first = EmbeddedBackend::open(&path).expect("open");
     let err = EmbeddedBackend::open(&path).expect_err("the file is held by the first backend");
     assert_eq!(err.kind, zhibo_store::ErrorKind::Unavailable, "{err}");
+    // The redb error is kept as the cause, for error reports that walk the chain.
+    let source = std::error::Error::source(&err).expect("the redb error is the source");
+    assert!(
+        source.downcast_ref::<redb::DatabaseError>().is_some(),
+        "the source is redb's own error: {source:?}"
+    );
 }
 
 /// Throughput of the one-to-one send path (seq for both sides, dedup record, two inbox entries) with

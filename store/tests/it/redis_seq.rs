@@ -183,3 +183,18 @@ async fn allocation_resumes_above_stored_seqs_after_redis_loses_its_keys() {
     // And allocation simply continues from the recovered counter.
     assert_eq!(seq.next(&[busy]).await.expect("next")[0], after[0] + 1);
 }
+
+/// A client failure keeps fred's error as the source of the store error.
+#[tokio::test]
+async fn a_client_error_is_kept_as_the_source() {
+    let messages = Arc::new(EmbeddedBackend::temporary().expect("temporary db"));
+    let err = RedisSeq::connect("not a redis url", messages)
+        .await
+        .expect_err("the url does not parse");
+    assert_eq!(err.kind, zhibo_store::ErrorKind::Unavailable, "{err}");
+    let source = std::error::Error::source(&err).expect("fred's error is the source");
+    assert!(
+        source.downcast_ref::<fred::error::Error>().is_some(),
+        "the source is fred's error: {source:?}"
+    );
+}

@@ -177,6 +177,23 @@ async fn conformance_with_redis_seq() {
     .await;
 }
 
+/// A driver failure keeps the driver's error as the source of the store error.
+#[tokio::test]
+async fn a_driver_error_is_kept_as_the_source() {
+    let session = session().await;
+    let err = ScyllaBackend::new(session, "zhibo_it_no_such_keyspace")
+        .await
+        .expect_err("the keyspace does not exist");
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+    let source = std::error::Error::source(&err).expect("the driver error is the source");
+    assert!(
+        source
+            .downcast_ref::<::scylla::errors::UseKeyspaceError>()
+            .is_some(),
+        "the source is the driver's error: {source:?}"
+    );
+}
+
 #[tokio::test]
 async fn backend_specific_edges() {
     with_keyspace(session().await, |session, keyspace| async move {

@@ -56,7 +56,9 @@ pub trait RoomStore: Send + Sync {
     /// [`crate::ErrorKind::Unavailable`] on backend failure.
     async fn get_room(&self, room_id: i64) -> Result<Option<Room>>;
     /// Remembers a room message (seq 0) for late joiners; at least the latest `keep` stay readable.
-    /// Best effort: entries expire (a day in Scylla) and may be trimmed beyond `keep`.
+    /// Best effort: entries expire (a day in Scylla), and those beyond `keep` are trimmed, so a busy
+    /// room's history stays within a few dozen entries of `keep` (Scylla trims every 32 pushes of the
+    /// process, the embedded ring at once).
     ///
     /// # Errors
     /// [`crate::ErrorKind::Unavailable`] on backend failure.

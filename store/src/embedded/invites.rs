@@ -36,15 +36,15 @@ impl EmbeddedInvites {
     ) -> Result<()> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(Error::unavailable)?;
+            let tx = db.begin_write().map_err(Error::backend)?;
             {
-                let mut t = tx.open_table(INVITES).map_err(Error::unavailable)?;
+                let mut t = tx.open_table(INVITES).map_err(Error::backend)?;
                 op(&mut t)?;
             }
-            tx.commit().map_err(Error::unavailable)
+            tx.commit().map_err(Error::backend)
         })
         .await
-        .map_err(Error::unavailable)?
+        .map_err(Error::backend)?
     }
 
     async fn read<R: Send + 'static>(
@@ -54,22 +54,21 @@ impl EmbeddedInvites {
     ) -> Result<R> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_read().map_err(Error::unavailable)?;
+            let tx = db.begin_read().map_err(Error::backend)?;
             match tx.open_table(INVITES) {
                 Ok(t) => op(&t),
                 // Nobody was ever invited.
                 Err(TableError::TableDoesNotExist(_)) => Ok(empty),
-                Err(e) => Err(Error::unavailable(e)),
+                Err(e) => Err(Error::backend(e)),
             }
         })
         .await
-        .map_err(Error::unavailable)?
+        .map_err(Error::backend)?
     }
 }
 
 fn decode(bytes: &[u8]) -> Result<GroupInvite> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::new(ErrorKind::Corrupt, format!("group invite: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::wrap(ErrorKind::Corrupt, "group invite", e))
 }
 
 #[async_trait]
@@ -77,9 +76,9 @@ impl GroupInviteStore for EmbeddedInvites {
     async fn put_invite(&self, invite: &GroupInvite) -> Result<()> {
         let key = (invite.user_id, invite.group_id);
         let json = serde_json::to_vec(invite)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("encoding group invite: {e}")))?;
+            .map_err(|e| Error::wrap(ErrorKind::Corrupt, "encoding group invite", e))?;
         self.write(move |t| {
-            t.insert(key, json.as_slice()).map_err(Error::unavailable)?;
+            t.insert(key, json.as_slice()).map_err(Error::backend)?;
             Ok(())
         })
         .await
@@ -89,7 +88,7 @@ impl GroupInviteStore for EmbeddedInvites {
         self.read(
             move |t| {
                 t.get((user_id, group_id))
-                    .map_err(Error::unavailable)?
+                    .map_err(Error::backend)?
                     .map(|v| decode(v.value()))
                     .transpose()
             },
@@ -106,9 +105,9 @@ impl GroupInviteStore for EmbeddedInvites {
                     Bound::Included((user_id, i64::MAX)),
                 );
                 t.range::<(i64, i64)>(range)
-                    .map_err(Error::unavailable)?
+                    .map_err(Error::backend)?
                     .map(|row| {
-                        let (_, v) = row.map_err(Error::unavailable)?;
+                        let (_, v) = row.map_err(Error::backend)?;
                         decode(v.value())
                     })
                     .collect()
@@ -120,7 +119,7 @@ impl GroupInviteStore for EmbeddedInvites {
 
     async fn delete_invite(&self, group_id: i64, user_id: i64) -> Result<()> {
         self.write(move |t| {
-            t.remove((user_id, group_id)).map_err(Error::unavailable)?;
+            t.remove((user_id, group_id)).map_err(Error::backend)?;
             Ok(())
         })
         .await

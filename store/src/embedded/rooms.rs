@@ -53,8 +53,8 @@ impl EmbeddedRooms {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::unavailable(e)
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::backend(e)
 }
 
 #[async_trait]
@@ -62,7 +62,7 @@ impl RoomStore for EmbeddedRooms {
     async fn put_room(&self, room: &Room) -> Result<()> {
         let db = self.db.clone();
         let json = serde_json::to_vec(room)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("encoding room: {e}")))?;
+            .map_err(|e| Error::wrap(ErrorKind::Corrupt, "encoding room", e))?;
         let room_id = room.room_id;
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_write().map_err(unavailable)?;
@@ -90,7 +90,7 @@ impl RoomStore for EmbeddedRooms {
                 None => Ok(None),
                 Some(v) => serde_json::from_slice(v.value())
                     .map(Some)
-                    .map_err(|e| Error::new(ErrorKind::Corrupt, format!("room {room_id}: {e}"))),
+                    .map_err(|e| Error::wrap(ErrorKind::Corrupt, format!("room {room_id}"), e)),
             }
         })
         .await

@@ -1,0 +1,120 @@
+//! Per-user inboxes, send plans (dedup), device acks, and the seq allocator that numbers inbox entries.
+
+use async_trait::async_trait;
+use zhibo_proto::client::Message;
+
+#[cfg(doc)]
+use crate::ErrorKind;
+use crate::Result;
+
+/// The result remembered for a `(sender device, client_msg_id)` so a resend returns it again.
+///
+/// It holds the whole fan-out plan (every recipient's seq), written *before* the inbox entries: a resend
+/// after a crash between the two finds the plan and rewrites the same entries (idempotent), so an ACKed
+/// message is never lost and a retried one is never stored twice.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SendPlan {
+    /// The message id assigned the first time.
+    pub message_id: u64,
+    /// The sender's inbox seq for it.
+    pub seq: u64,
+    /// Server time of the first acceptance.
+    pub server_time_ms: i64,
+    /// `(user_id, seq)` of every inbox the message goes to, the sender's included.
+    pub recipients: Vec<(i64, u64)>,
+}
+
+/// Per-user inboxes (write diffusion), dedup records and per-device acknowledged seq.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Stores `message` in `user_id`'s inbox at `message.seq`, replacing an entry at that seq. Durable
+    /// when this returns. Seqs come from [`SeqAllocator::next`]; an import with seqs of its own must not
+    /// run while the same users receive messages (the allocators resume above the stored seqs, but only
+    /// when they first count a user).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn append(&self, user_id: i64, message: &Message) -> Result<()>;
+    /// Stores many `(user_id, message)` inbox entries (group fan-out); durable when this returns.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn append_many(&self, entries: &[(i64, Message)]) -> Result<()>;
+    /// Messages of `user_id` with seq > `after_seq`, ascending, at most `limit`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn sync(&self, user_id: i64, after_seq: u64, limit: usize) -> Result<Vec<Message>>;
+    /// The largest seq stored in `user_id`'s inbox (0 when empty): the floor for seq recovery.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn max_seq(&self, user_id: i64) -> Result<u64>;
+    /// The remembered result of a previous send from `device_id` with `client_msg_id`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn get_dedup(&self, device_id: i64, client_msg_id: &str) -> Result<Option<SendPlan>>;
+    /// Remembers the result of a send unless one is already stored for this key, in which case the stored
+    /// one is returned and nothing is written (insert-if-absent: two racing resends agree on one plan).
+    /// Records expire after a retention period (days), longer than any client retries.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn put_dedup_if_absent(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        result: &SendPlan,
+    ) -> Result<Option<SendPlan>>;
+    /// Records a new send in one step: the dedup record `plan` (insert-if-absent, as
+    /// [`Self::put_dedup_if_absent`]) and, only when no record existed, the inbox `entries`. When one
+    /// exists it is returned and nothing is written. Durable when this returns.
+    ///
+    /// The default writes the record, then the entries: a crash in between leaves a plan whose resend
+    /// completes it. A backend that can write both in one transaction overrides it (fewer round trips).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure; the record may then be stored without the entries.
+    async fn record_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendPlan,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendPlan>> {
+        if let Some(existing) = self
+            .put_dedup_if_absent(device_id, client_msg_id, plan)
+            .await?
+        {
+            return Ok(Some(existing));
+        }
+        self.append_many(entries).await?;
+        Ok(None)
+    }
+    /// Records that `device_id` of `user_id` has received everything up to `seq` (never moves back).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()>;
+    /// The device's acknowledged seq (0 if none).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn acked(&self, user_id: i64, device_id: i64) -> Result<u64>;
+}
+
+/// Allocates each user's strictly increasing inbox seq.
+#[async_trait]
+pub trait SeqAllocator: Send + Sync {
+    /// The next seq of each user in `user_ids`, in the same order.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the counter or the recovery read fails.
+    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>>;
+    /// The last seq allocated for `user_id` (0 if none), without allocating.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn current(&self, user_id: i64) -> Result<u64>;
+}
