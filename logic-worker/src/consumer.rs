@@ -14,7 +14,7 @@ use zhibo_proto::bus::{Command, Delivery, Origin};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ErrorCode, MessageAck, Packet};
 
-use crate::{Logic, LogicError, Op};
+use crate::{Logic, LogicError};
 
 impl Logic {
     /// Handles one command from a gateway and answers the origin connection.
@@ -33,17 +33,10 @@ impl Logic {
                 .sync(origin.user_id, &input)
                 .await
                 .map(Body::SyncOutput),
-            Some(Body::MessageAck(MessageAck { seq })) => {
-                match self
-                    .stores
-                    .messages
-                    .ack(origin.user_id, origin.device_id, seq)
-                    .await
-                {
-                    Ok(()) => return,
-                    Err(e) => Err(LogicError::store(Op::Ack, &e)),
-                }
-            }
+            Some(Body::MessageAck(MessageAck { seq })) => match self.ack(&origin, seq).await {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             _ => Err(LogicError::new(
                 ErrorCode::UnexpectedPacket,
                 format!("unexpected {}", packet.kind()),

@@ -1,6 +1,8 @@
-//! Sync pages: a user's inbox after a seq, bounded by count and by bytes so a page fits in one frame.
+//! Sync pages (a user's inbox after a seq, bounded by count and by bytes so a page fits in one frame) and
+//! acks (how far a device has read).
 
 use prost::Message as _;
+use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{SyncInput, SyncOutput};
 
 use crate::{Logic, LogicError, Op};
@@ -33,5 +35,17 @@ impl Logic {
             has_more = true;
         }
         Ok(SyncOutput { messages, has_more })
+    }
+
+    /// Records that `origin`'s device has read up to `seq`; no answer is sent for an ack.
+    ///
+    /// # Errors
+    /// [`LogicError`] when the store fails.
+    pub(crate) async fn ack(&self, origin: &Origin, seq: u64) -> Result<(), LogicError> {
+        self.stores
+            .messages
+            .ack(origin.user_id, origin.device_id, seq)
+            .await
+            .map_err(|e| LogicError::store(Op::Ack, &e))
     }
 }
