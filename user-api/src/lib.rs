@@ -19,6 +19,7 @@ mod client_ip;
 mod error;
 mod friends;
 mod groups;
+mod messages;
 mod rate_limit;
 mod rooms;
 mod routes;
