@@ -133,7 +133,10 @@ async fn send(
     }))
 }
 
-fn logic_error(e: LogicError, receiver: ReceiverType) -> ApiError {
+/// The one mapping of a pipeline refusal to an HTTP error, for every send user-api makes through
+/// [`zhibo_logic::Logic`] (user and group messages here, room messages and broadcasts in `rooms`).
+/// `receiver` says what a `NOT_FOUND` was about.
+pub(crate) fn logic_error(e: LogicError, receiver: ReceiverType) -> ApiError {
     match e.code {
         ErrorCode::NotFound if receiver == ReceiverType::Group => {
             ApiError::not_found("group_not_found", "no such group")
@@ -145,5 +148,53 @@ fn logic_error(e: LogicError, receiver: ReceiverType) -> ApiError {
         ErrorCode::RateLimited => ApiError::rate_limited(1),
         ErrorCode::Unavailable => ApiError::unavailable(e),
         _ => ApiError::internal(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    async fn answer(code: ErrorCode, receiver: ReceiverType) -> (StatusCode, String) {
+        let e = LogicError {
+            code,
+            message: "detail".into(),
+        };
+        let response = logic_error(e, receiver).into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        (
+            status,
+            body["error"]["code"].as_str().expect("code").to_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn pipeline_refusals_map_to_stable_http_errors() {
+        use ReceiverType::{Group, Room, User};
+        let cases = [
+            (ErrorCode::NotFound, User, 404, "user_not_found"),
+            (ErrorCode::NotFound, Group, 404, "group_not_found"),
+            (ErrorCode::NotFriends, User, 403, "not_friends"),
+            (ErrorCode::NotGroupMember, Group, 403, "not_group_member"),
+            (ErrorCode::InvalidArgument, Room, 400, "invalid_argument"),
+            (ErrorCode::RateLimited, User, 429, "rate_limited"),
+            (ErrorCode::Unavailable, Room, 503, "unavailable"),
+            (ErrorCode::Internal, Group, 500, "internal"),
+        ];
+        for (code, receiver, status, api_code) in cases {
+            let got = answer(code, receiver).await;
+            assert_eq!(
+                (got.0.as_u16(), got.1.as_str()),
+                (status, api_code),
+                "{code:?} to {receiver:?}"
+            );
+        }
     }
 }
