@@ -104,7 +104,7 @@ pub(crate) async fn mint_token(
     crate::accounts::bind_device(&st, device.device_id, req.user_id).await?;
     let now = now_ms();
     let exp = now / 1000 + ttl;
-    let token = st.key.mint(&Claims {
+    let token = st.auth.key.mint(&Claims {
         user_id: req.user_id,
         device_id: req.device_id,
         exp,
