@@ -1,5 +1,5 @@
 //! [`AppState`]: what every handler shares (config, stores, authentication, logic, limiters), cheap to
-//! clone. Extractors take only their part of it through `FromRef` (see [`AuthState`]).
+//! clone. Extractors take only their part of it through `FromRef` ([`AuthState`], [`ClientIpConfig`]).
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ pub(crate) struct Inner {
     /// Device registrations per client address.
     pub(crate) device_limit: SlidingWindow,
     /// Where the client address comes from.
-    pub(crate) client_ip: ClientIpConfig,
+    pub(crate) client_ip: Arc<ClientIpConfig>,
 }
 
 impl AppState {
@@ -62,11 +62,11 @@ impl AppState {
             ),
             sign_up_limit: SlidingWindow::new(config.sign_ups_per_hour, Duration::from_secs(3600)),
             device_limit: SlidingWindow::new(config.devices_per_hour, Duration::from_secs(3600)),
-            client_ip: ClientIpConfig {
+            client_ip: Arc::new(ClientIpConfig {
                 header: config.client_ip_header.to_ascii_lowercase(),
                 // Checked by `ApiConfig::validate`; an unchecked bad list trusts nobody.
                 proxies: Networks::parse(&config.trusted_proxies).unwrap_or_default(),
-            },
+            }),
             config,
             stores: deps.stores,
             auth,
@@ -96,6 +96,12 @@ impl EntityIds {
 impl FromRef<AppState> for AuthState {
     fn from_ref(state: &AppState) -> Self {
         state.auth.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<ClientIpConfig> {
+    fn from_ref(state: &AppState) -> Self {
+        state.client_ip.clone()
     }
 }
 
