@@ -148,7 +148,7 @@ pub(crate) async fn sign_up(
     {
         return Err(username_taken());
     }
-    let password_hash = hash_password(&st, req.password).await?;
+    let password_hash = hash_password(&st.auth, req.password).await?;
     let now = now_ms();
     let user = User {
         user_id: st.ids.next_i64().await?,
@@ -239,7 +239,7 @@ pub(crate) async fn sign_in(
         .as_ref()
         .map(|u| u.password_hash.clone())
         .filter(|h| !h.is_empty());
-    let ok = verify_password(&st, hash, req.password).await?;
+    let ok = verify_password(&st.auth, hash, req.password).await?;
     if ok {
         st.sign_in_limit.succeeded(&[&user_key], &[]);
         if let Some(ip_key) = &ip_key {
@@ -271,7 +271,7 @@ pub(crate) async fn sign_in(
     Ok(ApiJson(SessionCreated {
         user_id: user.user_id,
         device_id: device.device_id,
-        token: st.key.mint(&claims),
+        token: st.auth.key.mint(&claims),
         expires_at: exp,
     }))
 }

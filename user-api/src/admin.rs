@@ -1,20 +1,15 @@
-//! The admin API for app backends that own their users ("bring your own auth"), and message sending
-//! over HTTP, both through [`zhibo_logic::Logic::send_message`].
+//! The admin API for app backends that own their users ("bring your own auth"): users and token minting.
+//! Sends (the user's and the admin's) are in `messages`, live rooms in `rooms`.
 
 use axum::extract::State;
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zhibo_auth::Claims;
-use zhibo_logic::LogicError;
-use zhibo_proto::bus::Origin;
-use zhibo_proto::client::{ErrorCode, ReceiverType, SendMessageInput};
 use zhibo_store::ids::now_ms;
 use zhibo_store::{ErrorKind, Profile, User};
 
 use crate::accounts::{apply_profile, user_not_found, username_taken, UserView};
-use crate::auth::{Admin, Caller};
+use crate::auth::Admin;
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::AppState;
 use crate::validate;
@@ -109,7 +104,7 @@ pub(crate) async fn mint_token(
     crate::accounts::bind_device(&st, device.device_id, req.user_id).await?;
     let now = now_ms();
     let exp = now / 1000 + ttl;
-    let token = st.key.mint(&Claims {
+    let token = st.auth.key.mint(&Claims {
         user_id: req.user_id,
         device_id: req.device_id,
         exp,
@@ -120,137 +115,4 @@ pub(crate) async fn mint_token(
         token,
         expires_at: exp,
     }))
-}
-
-/// Who receives a message.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum Receiver {
-    User,
-    Group,
-}
-
-/// A message sent on behalf of `from_user_id` (no friendship needed).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AdminSendMessage {
-    from_user_id: i64,
-    receiver_type: Receiver,
-    receiver_id: i64,
-    /// Unique among server-side sends (they all count as device 0), e.g. a UUID; a resend with the same id
-    /// returns the first result with `duplicate: true`.
-    client_msg_id: String,
-    /// Application-defined.
-    #[serde(default)]
-    content_type: i32,
-    /// The message bytes, standard base64 (with padding).
-    content: String,
-}
-
-/// A message to a user or a group.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SendMessage {
-    receiver_type: Receiver,
-    receiver_id: i64,
-    /// Unique per sending device; a resend with the same id returns the first result with `duplicate: true`.
-    client_msg_id: String,
-    /// Application-defined.
-    #[serde(default)]
-    content_type: i32,
-    /// The message bytes, standard base64 (with padding).
-    content: String,
-}
-
-/// The stored message.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct MessageSent {
-    /// A u64, as a string: it does not fit a JavaScript number.
-    message_id: String,
-    /// The sender's inbox seq of this message.
-    seq: u64,
-    server_time_ms: i64,
-    /// True when this answers a resend of an already-stored `client_msg_id`.
-    duplicate: bool,
-}
-
-pub(crate) async fn admin_send_message(
-    State(st): State<AppState>,
-    _admin: Admin,
-    ApiJson(req): ApiJson<AdminSendMessage>,
-) -> Result<ApiJson<MessageSent>, ApiError> {
-    if st.stores.users.get_user(req.from_user_id).await?.is_none() {
-        return Err(user_not_found());
-    }
-    // Device 0 marks a server-side send (no friendship check); an empty gateway id means no reply packet.
-    let message = SendMessage {
-        receiver_type: req.receiver_type,
-        receiver_id: req.receiver_id,
-        client_msg_id: req.client_msg_id,
-        content_type: req.content_type,
-        content: req.content,
-    };
-    send(&st, req.from_user_id, 0, message).await
-}
-
-pub(crate) async fn send_message(
-    State(st): State<AppState>,
-    caller: Caller,
-    ApiJson(req): ApiJson<SendMessage>,
-) -> Result<ApiJson<MessageSent>, ApiError> {
-    send(&st, caller.user_id, caller.device_id, req).await
-}
-
-async fn send(
-    st: &AppState,
-    user_id: i64,
-    device_id: i64,
-    req: SendMessage,
-) -> Result<ApiJson<MessageSent>, ApiError> {
-    let content = STANDARD
-        .decode(req.content.as_bytes())
-        .map_err(|_| ApiError::invalid("content must be standard base64"))?;
-    let receiver_type = match req.receiver_type {
-        Receiver::User => ReceiverType::User,
-        Receiver::Group => ReceiverType::Group,
-    };
-    let origin = Origin {
-        user_id,
-        device_id,
-        gateway_id: String::new(),
-        conn_id: 0,
-    };
-    let input = SendMessageInput {
-        receiver_type: receiver_type as i32,
-        receiver_id: req.receiver_id,
-        client_msg_id: req.client_msg_id,
-        content_type: req.content_type,
-        content: content.into(),
-    };
-    let out = st
-        .logic
-        .send_message(&origin, &input)
-        .await
-        .map_err(|e| logic_error(e, receiver_type))?;
-    Ok(ApiJson(MessageSent {
-        message_id: out.message_id.to_string(),
-        seq: out.seq,
-        server_time_ms: out.server_time_ms,
-        duplicate: out.duplicate,
-    }))
-}
-
-fn logic_error(e: LogicError, receiver: ReceiverType) -> ApiError {
-    match e.code {
-        ErrorCode::NotFound if receiver == ReceiverType::Group => {
-            ApiError::not_found("group_not_found", "no such group")
-        }
-        ErrorCode::NotFound => user_not_found(),
-        ErrorCode::NotFriends => ApiError::forbidden("not_friends", e.message),
-        ErrorCode::NotGroupMember => ApiError::forbidden("not_group_member", e.message),
-        ErrorCode::InvalidArgument => ApiError::invalid(e.message),
-        ErrorCode::RateLimited => ApiError::rate_limited(1),
-        ErrorCode::Unavailable => ApiError::unavailable(e),
-        _ => ApiError::internal(e),
-    }
 }

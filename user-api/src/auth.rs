@@ -1,19 +1,75 @@
 //! Who is calling: [`Caller`] (a bearer token, checked for revocation) and [`Admin`] (the shared admin
-//! secret), plus password hashing ([`hash_password`], [`verify_password`]) off the async threads.
+//! secret), plus password hashing ([`hash_password`], [`verify_password`]) off the async threads. All of
+//! it runs on [`AuthState`], which the app state hands out through axum's `FromRef`: this module never
+//! sees the rest of the app state.
+
+use std::ops::Deref;
+use std::sync::Arc;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use zhibo_auth::TokenError;
+use tokio::sync::Semaphore;
+use zhibo_auth::{TokenError, TokenKey};
 use zhibo_store::ids::now_ms;
+use zhibo_store::DeviceStore;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+
+/// What authentication needs, cheap to clone: the token key, the device records (owner and revocation
+/// cut-off), the admin secret's tag and the password-hashing budgets.
+#[derive(Clone)]
+pub(crate) struct AuthState(Arc<Auth>);
+
+pub(crate) struct Auth {
+    /// Mints and verifies tokens.
+    pub(crate) key: Arc<TokenKey>,
+    devices: Arc<dyn DeviceStore>,
+    /// HMAC tag of the admin secret; `None` when the admin API is disabled.
+    admin_tag: Option<Vec<u8>>,
+    /// Bounds concurrent argon2 verification (sign-in) to the number of cores, so a burst of sign-ins
+    /// queues instead of filling the blocking pool with memory-hungry hashes.
+    hashing: Semaphore,
+    /// A separate, smaller budget for sign-up hashing: a sign-up flood queues here and never holds a
+    /// permit a sign-in waits for.
+    sign_up_hashing: Semaphore,
+    /// The PHC string unknown users are verified against (see [`verify_password`]), built at start so the
+    /// first unknown-user sign-in is not slower than the next (timing would reveal the user).
+    dummy_hash: String,
+}
+
+impl AuthState {
+    /// Authentication with `key`, checking devices in `devices`; an empty `admin_secret` disables the
+    /// admin API.
+    pub(crate) fn new(
+        key: Arc<TokenKey>,
+        devices: Arc<dyn DeviceStore>,
+        admin_secret: &str,
+    ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        AuthState(Arc::new(Auth {
+            key,
+            devices,
+            admin_tag: (!admin_secret.is_empty()).then(|| admin_tag(admin_secret)),
+            hashing: Semaphore::new(cores),
+            sign_up_hashing: Semaphore::new(cores.div_ceil(2)),
+            dummy_hash: dummy_hash(),
+        }))
+    }
+}
+
+impl Deref for AuthState {
+    type Target = Auth;
+
+    fn deref(&self) -> &Auth {
+        &self.0
+    }
+}
 
 /// The user and device a valid, unrevoked bearer token acts for.
 #[derive(Debug, Clone, Copy)]
@@ -22,13 +78,15 @@ pub(crate) struct Caller {
     pub(crate) device_id: i64,
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    AuthState: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let state = AuthState::from_ref(state);
         let token = parts
             .headers
             .get(AUTHORIZATION)
@@ -55,7 +113,6 @@ impl FromRequestParts<AppState> for Caller {
             })?;
         // Same rule as the gateway: the device must exist and the token must postdate its revocation cut-off.
         let device = state
-            .stores
             .devices
             .get_device(claims.device_id)
             .await?
@@ -90,7 +147,7 @@ pub(crate) struct Admin;
 const ADMIN_TAG_KEY: &[u8] = b"zhibo user-api admin secret";
 
 /// The tag [`Admin`] compares a presented secret against.
-pub(crate) fn admin_tag(secret: &str) -> Vec<u8> {
+fn admin_tag(secret: &str) -> Vec<u8> {
     admin_mac(secret.as_bytes())
         .finalize()
         .into_bytes()
@@ -104,13 +161,15 @@ fn admin_mac(secret: &[u8]) -> Hmac<Sha256> {
     mac
 }
 
-impl FromRequestParts<AppState> for Admin {
+impl<S> FromRequestParts<S> for Admin
+where
+    AuthState: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let state = AuthState::from_ref(state);
         let Some(expected) = &state.admin_tag else {
             return Err(ApiError::not_found(
                 "admin_disabled",
@@ -132,11 +191,11 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// Hashes `password` with argon2id (default parameters) into a PHC string, on a blocking thread, within
-/// the sign-up hashing budget (separate from sign-in's, see [`AppState`]).
+/// the sign-up hashing budget (separate from sign-in's, see [`Auth`]).
 ///
 /// # Errors
 /// 500 if hashing fails or the blocking pool is gone.
-pub(crate) async fn hash_password(state: &AppState, password: String) -> Result<String, ApiError> {
+pub(crate) async fn hash_password(state: &AuthState, password: String) -> Result<String, ApiError> {
     let _permit = state
         .sign_up_hashing
         .acquire()
@@ -160,7 +219,7 @@ pub(crate) async fn hash_password(state: &AppState, password: String) -> Result<
 /// # Errors
 /// 500 if the blocking pool is gone.
 pub(crate) async fn verify_password(
-    state: &AppState,
+    state: &AuthState,
     hash: Option<String>,
     password: String,
 ) -> Result<bool, ApiError> {
@@ -183,7 +242,7 @@ pub(crate) async fn verify_password(
 
 /// A hash of a random password with the same parameters as [`hash_password`]. Called once per server,
 /// when its state is built (eagerly: a lazy one made the first unknown-user sign-in slower).
-pub(crate) fn dummy_hash() -> String {
+fn dummy_hash() -> String {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(salt.as_str().as_bytes(), &salt)

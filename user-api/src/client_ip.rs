@@ -7,21 +7,26 @@
 //! of trusted proxies goes.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::request::Parts;
-
-use crate::state::AppState;
 
 /// The client's address; `None` when the server was started without connect info (see
 /// [`crate::run`]), where only per-username limits apply.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientIp(pub(crate) Option<IpAddr>);
 
-impl FromRequestParts<AppState> for ClientIp {
+/// Needs only the [`ClientIpConfig`], which the app state hands out through `FromRef`.
+impl<S> FromRequestParts<S> for ClientIp
+where
+    Arc<ClientIpConfig>: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let config = Arc::<ClientIpConfig>::from_ref(state);
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -29,8 +34,8 @@ impl FromRequestParts<AppState> for ClientIp {
         let Some(peer) = peer else {
             return Ok(ClientIp(None));
         };
-        let header = &st.client_ip.header;
-        if header.is_empty() || !st.client_ip.proxies.contains(peer) {
+        let header = &config.header;
+        if header.is_empty() || !config.proxies.contains(peer) {
             return Ok(ClientIp(Some(per_host(peer))));
         }
         // Every value of the header, in order, as one list (a proxy may append a second header line).
@@ -45,7 +50,7 @@ impl FromRequestParts<AppState> for ClientIp {
         Ok(ClientIp(Some(per_host(client_in_chain(
             &chain,
             peer,
-            &st.client_ip.proxies,
+            &config.proxies,
         )))))
     }
 }

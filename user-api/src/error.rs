@@ -1,9 +1,9 @@
 //! [`ApiError`], the one error type every handler returns, and the extractors ([`ApiJson`], [`ApiPath`],
-//! [`ApiQuery`]) that turn axum's own rejections into it so every error body has the same shape.
+//! [`ApiQuery`], derived over axum's own with `#[from_request(via(..), rejection(ApiError))]`, and
+//! [`OptionalJson`]) whose rejections become it, so every error body has the same shape.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -177,34 +177,27 @@ impl IntoResponse for ApiError {
 
 /// A JSON body whose rejection (bad JSON, wrong content type, too large) is an [`ApiError`]; also the JSON
 /// response wrapper.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
 pub(crate) struct ApiJson<T>(pub(crate) T);
 
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(&rejection)),
-        }
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        body_rejection(rejection.status(), rejection.body_text())
     }
 }
 
-fn json_rejection(rejection: &JsonRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+/// A body axum refused: too large (413), or unreadable / not the JSON expected (400 with axum's text,
+/// which says which field or position is wrong, and nothing about the server).
+fn body_rejection(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             "request body too large",
         );
     }
-    // axum's text says which field or position is wrong, and nothing about the server.
-    ApiError::bad_request(rejection.body_text())
+    ApiError::bad_request(text)
 }
 
 /// An optional JSON body: `None` when the body is empty, otherwise like [`ApiJson`] (the content type is
@@ -222,17 +215,7 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let body = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "request body too large",
-                    )
-                } else {
-                    ApiError::bad_request(e.body_text())
-                }
-            })?;
+            .map_err(|e| body_rejection(e.status(), e.body_text()))?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
         }
@@ -249,40 +232,24 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
 }
 
 /// Path parameters whose rejection is a 400 [`ApiError`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub(crate) struct ApiPath<T>(pub(crate) T);
 
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|e: PathRejection| ApiError::bad_request(e.body_text()))
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
     }
 }
 
 /// A query string whose rejection is a 400 [`ApiError`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub(crate) struct ApiQuery<T>(pub(crate) T);
 
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| ApiError::bad_request(e.body_text()))
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
     }
 }
 

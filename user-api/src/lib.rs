@@ -2,10 +2,12 @@
 //! The HTTP/JSON API that apps and app backends call (axum). A request flows:
 //! `routes` (the one route table: router and `/openapi.json` are both built from it) → an extractor
 //! from `auth` (`Caller` for a bearer token checked against the device's revocation cut-off, `Admin`
-//! for `X-Admin-Secret`) and from `error` (JSON/path/query rejections become `ApiError`) → a handler in
-//! `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups` or `admin` (bring-your-own-auth
-//! users, token minting, message sends through `zhibo_logic::Logic`) or `rooms` (live-room settings,
-//! owner/admin close and mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
+//! for `X-Admin-Secret`; both need only the `AuthState` that `state` hands out through `FromRef`) and
+//! from `error` (JSON/path/query extractors derived over axum's, their rejections become `ApiError`) →
+//! a handler in `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups`, `messages` (user and
+//! admin sends through `zhibo_logic::Logic`, with the one `LogicError` → `ApiError` mapping), `admin`
+//! (bring-your-own-auth users, token minting) or `rooms` (live-room settings, owner/admin close and
+//! mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
 //! `state` holds what handlers share; `rate_limit` the limiters (sign-in backoff, sign-ups and devices
 //! per address) and `client_ip` the address they key on; `validate` the field checks.
 //! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
@@ -19,6 +21,7 @@ mod client_ip;
 mod error;
 mod friends;
 mod groups;
+mod messages;
 mod rate_limit;
 mod rooms;
 mod routes;

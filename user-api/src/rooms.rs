@@ -8,14 +8,14 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use zhibo_logic::LogicError;
 use zhibo_proto::bus::Origin;
-use zhibo_proto::client::{ErrorCode, ReceiverType, RoomNotice, SendMessageInput};
+use zhibo_proto::client::{ReceiverType, RoomNotice, SendMessageInput};
 use zhibo_store::ids::now_ms;
 use zhibo_store::Room;
 
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::messages::logic_error;
 use crate::state::AppState;
 use crate::validate;
 
@@ -107,14 +107,6 @@ fn room_not_found() -> ApiError {
 fn room_id(id: i64) -> Result<i64, ApiError> {
     validate::id("room_id", id)?;
     Ok(id)
-}
-
-fn logic_error(e: LogicError) -> ApiError {
-    match e.code {
-        ErrorCode::InvalidArgument => ApiError::invalid(e.message),
-        ErrorCode::Unavailable => ApiError::unavailable(e),
-        _ => ApiError::internal(e),
-    }
 }
 
 /// Stores `room`, telling its viewers when this closes it.
@@ -233,7 +225,7 @@ pub(crate) async fn admin_room_message(
         .logic
         .send_room_message(&origin, &input)
         .await
-        .map_err(logic_error)?;
+        .map_err(|e| logic_error(e, ReceiverType::Room))?;
     Ok(ApiJson(NoticeSent {
         message_id: out.message_id.to_string(),
         server_time_ms: out.server_time_ms,
@@ -249,7 +241,7 @@ pub(crate) async fn admin_broadcast(
         .logic
         .broadcast(req.from_user_id, req.content_type, decode(&req.content)?)
         .await
-        .map_err(logic_error)?;
+        .map_err(|e| logic_error(e, ReceiverType::Room))?;
     Ok(ApiJson(NoticeSent {
         message_id: out.message_id.to_string(),
         server_time_ms: out.server_time_ms,

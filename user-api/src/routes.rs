@@ -14,7 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::{accounts, admin, error, friends, groups, rooms};
+use crate::{accounts, admin, error, friends, groups, messages, rooms};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +141,7 @@ pub(crate) fn table() -> Vec<RouteSpec> {
         route!(GET "/v1/users/{user_id}" => accounts::get_user,
             doc("A user's profile", Bearer).ok(200, "UserView").errors(&[(404, "user_not_found")])),
         // Messages.
-        route!(POST "/v1/messages" => admin::send_message,
+        route!(POST "/v1/messages" => messages::send_message,
             doc("Send a message as the caller's device", Bearer).body("SendMessage").ok(200, "MessageSent")
                 .errors(&[(403, "not_friends"), (403, "not_group_member"), (404, "user_not_found"),
                     (404, "group_not_found"), (503, "unavailable")])),
@@ -218,7 +218,7 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Mint a token for a user on a device (binds an unbound device to the user)", Admin)
                 .body("MintToken").ok(200, "TokenMinted")
                 .errors(&[(403, "device_taken"), (404, "user_not_found"), (404, "device_not_found")])),
-        route!(POST "/v1/admin/messages" => admin::admin_send_message,
+        route!(POST "/v1/admin/messages" => messages::admin_send_message,
             doc("Send a message on behalf of a user (no friendship needed)", Admin).body("AdminSendMessage")
                 .ok(200, "MessageSent")
                 .errors(&[(403, "not_group_member"), (404, "user_not_found"), (404, "group_not_found"),
@@ -297,10 +297,10 @@ async fn openapi() -> Response {
     admin::UpsertUser,
     admin::MintToken,
     admin::TokenMinted,
-    admin::Receiver,
-    admin::AdminSendMessage,
-    admin::SendMessage,
-    admin::MessageSent,
+    messages::Receiver,
+    messages::AdminSendMessage,
+    messages::SendMessage,
+    messages::MessageSent,
     rooms::RoomView,
     rooms::UpdateRoom,
     rooms::AdminUpdateRoom,

@@ -1,15 +1,16 @@
-//! [`AppState`]: what every handler shares (config, stores, token key, logic, limiter), cheap to clone.
+//! [`AppState`]: what every handler shares (config, stores, authentication, logic, limiters), cheap to
+//! clone. Extractors take only their part of it through `FromRef` ([`AuthState`], [`ClientIpConfig`]).
 
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use zhibo_auth::TokenKey;
+use axum::extract::FromRef;
 use zhibo_logic::Logic;
 use zhibo_store::leases::{LeaseTiming, LeasedIds, Pool};
 use zhibo_store::Stores;
 
+use crate::auth::AuthState;
 use crate::client_ip::{ClientIpConfig, Networks};
 use crate::rate_limit::{FailureBackoff, SlidingWindow};
 use crate::{ApiConfig, Deps};
@@ -21,7 +22,8 @@ pub(crate) struct AppState(Arc<Inner>);
 pub(crate) struct Inner {
     pub(crate) config: ApiConfig,
     pub(crate) stores: Stores,
-    pub(crate) key: Arc<TokenKey>,
+    /// Tokens, device checks, the admin secret and password hashing.
+    pub(crate) auth: AuthState,
     pub(crate) logic: Arc<Logic>,
     pub(crate) ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Device, user and group ids.
@@ -35,25 +37,12 @@ pub(crate) struct Inner {
     /// Device registrations per client address.
     pub(crate) device_limit: SlidingWindow,
     /// Where the client address comes from.
-    pub(crate) client_ip: ClientIpConfig,
-    /// HMAC tag of the admin secret; `None` when the admin API is disabled.
-    pub(crate) admin_tag: Option<Vec<u8>>,
-    /// Bounds concurrent argon2 verification (sign-in) to the number of cores, so a burst of sign-ins
-    /// queues instead of filling the blocking pool with memory-hungry hashes.
-    pub(crate) hashing: Semaphore,
-    /// A separate, smaller budget for sign-up hashing: a sign-up flood queues here and never holds a
-    /// permit a sign-in waits for.
-    pub(crate) sign_up_hashing: Semaphore,
-    /// The PHC string unknown users are verified against (see `auth::verify_password`), built at start
-    /// so the first unknown-user sign-in is not slower than the next (timing would reveal the user).
-    pub(crate) dummy_hash: String,
+    pub(crate) client_ip: Arc<ClientIpConfig>,
 }
 
 impl AppState {
     pub(crate) fn new(config: ApiConfig, deps: Deps) -> Self {
-        let admin_tag =
-            (!config.admin_secret.is_empty()).then(|| crate::auth::admin_tag(&config.admin_secret));
-        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let auth = AuthState::new(deps.key, deps.stores.devices.clone(), &config.admin_secret);
         // Entity ids need a node number of the pool of 32 that no other replica holds: leased.
         let ids = EntityIds(LeasedIds::start(
             deps.stores.leases.clone(),
@@ -73,21 +62,17 @@ impl AppState {
             ),
             sign_up_limit: SlidingWindow::new(config.sign_ups_per_hour, Duration::from_secs(3600)),
             device_limit: SlidingWindow::new(config.devices_per_hour, Duration::from_secs(3600)),
-            client_ip: ClientIpConfig {
+            client_ip: Arc::new(ClientIpConfig {
                 header: config.client_ip_header.to_ascii_lowercase(),
                 // Checked by `ApiConfig::validate`; an unchecked bad list trusts nobody.
                 proxies: Networks::parse(&config.trusted_proxies).unwrap_or_default(),
-            },
-            dummy_hash: crate::auth::dummy_hash(),
+            }),
             config,
             stores: deps.stores,
-            key: deps.key,
+            auth,
             logic: deps.logic,
             ready: deps.ready,
             ids,
-            admin_tag,
-            hashing: Semaphore::new(cores),
-            sign_up_hashing: Semaphore::new(cores.div_ceil(2)),
         }))
     }
 }
@@ -105,6 +90,18 @@ impl EntityIds {
     /// Gives the leased node number back (shutdown).
     pub(crate) async fn release(&self) {
         self.0.release().await;
+    }
+}
+
+impl FromRef<AppState> for AuthState {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<ClientIpConfig> {
+    fn from_ref(state: &AppState) -> Self {
+        state.client_ip.clone()
     }
 }
 

@@ -1,0 +1,350 @@
+//! 1:1 and group sends: validation, dedup, authorisation, seqs, the durable write, replay of a resend and
+//! live delivery to every device of every recipient.
+
+use bytes::Bytes;
+use prost::Message as _;
+use tracing::{warn, Instrument};
+use zhibo_bus::Subject;
+use zhibo_proto::bus::{user_event, Delivery, Origin, UserEvent};
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::{
+    ErrorCode, Message, Packet, ReceiverType, SendMessageInput, SendMessageOutput,
+};
+use zhibo_store::ids::now_ms;
+use zhibo_store::SendPlan;
+use zhibo_telemetry::metrics::KindLabel;
+
+use crate::error::send_err;
+use crate::{Logic, LogicError, Op};
+
+impl Logic {
+    /// Sends a message from `origin` (a device, or device 0 for a server-side send). Returns only after
+    /// the message is durable in every recipient's inbox.
+    ///
+    /// # Errors
+    /// [`LogicError`] with the code the client sees.
+    pub async fn send_message(
+        &self,
+        origin: &Origin,
+        input: &SendMessageInput,
+    ) -> Result<SendMessageOutput, LogicError> {
+        if input.receiver_type == ReceiverType::Room as i32 {
+            return self.send_room_message(origin, input).await;
+        }
+        if input.client_msg_id.is_empty()
+            || input.client_msg_id.len() > self.config.max_client_msg_id
+        {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "client_msg_id must be 1..={} bytes",
+                    self.config.max_client_msg_id
+                ),
+            ));
+        }
+        if input.content.len() > self.config.max_content {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                format!("content exceeds {} bytes", self.config.max_content),
+            ));
+        }
+        let sender = origin.user_id;
+        let dedup_key = dedup_device(origin);
+        if let Some(plan) = self
+            .stores
+            .messages
+            .get_dedup(dedup_key, &input.client_msg_id)
+            .await
+            .map_err(send_err)?
+        {
+            return self.replay(origin, input, plan).await;
+        }
+        let recipients = match ReceiverType::try_from(input.receiver_type) {
+            Ok(ReceiverType::User) => {
+                if self
+                    .stores
+                    .users
+                    .get_user(input.receiver_id)
+                    .await
+                    .map_err(send_err)?
+                    .is_none()
+                {
+                    return Err(LogicError::new(ErrorCode::NotFound, "no such user"));
+                }
+                if input.receiver_id != sender
+                    && !self.config.allow_strangers
+                    && origin.device_id != 0
+                    && self
+                        .stores
+                        .friends
+                        .get_friend(sender, input.receiver_id)
+                        .await
+                        .map_err(send_err)?
+                        .is_none()
+                {
+                    return Err(LogicError::new(
+                        ErrorCode::NotFriends,
+                        "you are not friends with this user",
+                    ));
+                }
+                if input.receiver_id == sender {
+                    vec![sender]
+                } else {
+                    vec![sender, input.receiver_id]
+                }
+            }
+            Ok(ReceiverType::Group) => {
+                if self
+                    .stores
+                    .groups
+                    .get_member(input.receiver_id, sender)
+                    .await
+                    .map_err(send_err)?
+                    .is_none()
+                {
+                    let code = if self
+                        .stores
+                        .groups
+                        .get_group(input.receiver_id)
+                        .await
+                        .map_err(send_err)?
+                        .is_none()
+                    {
+                        ErrorCode::NotFound
+                    } else {
+                        ErrorCode::NotGroupMember
+                    };
+                    return Err(LogicError::new(code, "you are not a member of this group"));
+                }
+                self.stores
+                    .groups
+                    .member_ids(input.receiver_id)
+                    .await
+                    .map_err(send_err)?
+            }
+            _ => {
+                return Err(LogicError::new(
+                    ErrorCode::InvalidArgument,
+                    "receiver_type must be USER, GROUP or ROOM",
+                ))
+            }
+        };
+        // Minted before the seqs, so a refusal (no node lease) wastes none.
+        let message_id = self.next_id(Op::Send).await?;
+        let seqs = self
+            .stores
+            .seq
+            .next(&recipients)
+            .instrument(tracing::info_span!("seq.allocate", n = recipients.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?;
+        let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
+        let plan = SendPlan {
+            message_id,
+            seq: recipients
+                .iter()
+                .find(|(u, _)| *u == sender)
+                .map_or(0, |(_, s)| *s),
+            server_time_ms: now_ms(),
+            recipients,
+        };
+        let entries = inbox_entries(&plan, &new_message(origin, input, &plan));
+        match self
+            .stores
+            .messages
+            .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
+            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?
+        {
+            // A racing resend stored its plan first: finish that one; our seqs stay unused.
+            Some(existing) => self.replay(origin, input, existing).await,
+            None => {
+                self.metrics.messages_sent.inc();
+                Ok(self.deliver(origin, &plan, entries, false).await)
+            }
+        }
+    }
+
+    /// Finishes a resend of a planned message: writes the plan's inbox entries again (idempotent), and
+    /// publishes them again (the first attempt may have died before publishing).
+    async fn replay(
+        &self,
+        origin: &Origin,
+        input: &SendMessageInput,
+        plan: SendPlan,
+    ) -> Result<SendMessageOutput, LogicError> {
+        let fresh = new_message(origin, input, &plan);
+        // A resend replays the plan from the message as first stored (the sender's own inbox entry), so a
+        // resend can never rewrite what recipients already have; one that differs is refused. Only when
+        // nothing was stored yet (a crash between plan and writes) does the resend's content go in.
+        let stored = self.stored_original(origin.user_id, &plan).await?;
+        let template = match stored {
+            Some(original) => {
+                let same = original.receiver_type == fresh.receiver_type
+                    && original.receiver_id == fresh.receiver_id
+                    && original.content_type == fresh.content_type
+                    && original.content == fresh.content;
+                if !same {
+                    return Err(LogicError::new(
+                        ErrorCode::InvalidArgument,
+                        "client_msg_id already used for a different message",
+                    ));
+                }
+                original
+            }
+            None => fresh,
+        };
+        let entries = inbox_entries(&plan, &template);
+        self.stores
+            .messages
+            .append_many(&entries)
+            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?;
+        // Nothing records whether the first attempt published its deliveries: a worker killed after the
+        // writes and before (or during) the publishes leaves a stored message no device was pushed. So a
+        // replay always publishes them again; a device that already had it drops the repeat by its seq
+        // and message_id (live delivery is at least once, see proto/README.md).
+        Ok(self.deliver(origin, &plan, entries, true).await)
+    }
+
+    /// Publishes stored inbox entries to their users' devices (all but the sending device).
+    async fn deliver(
+        &self,
+        origin: &Origin,
+        plan: &SendPlan,
+        entries: Vec<(i64, Message)>,
+        duplicate: bool,
+    ) -> SendMessageOutput {
+        let publish = tracing::info_span!("delivery.publish", n = entries.len());
+        let headers = zhibo_telemetry::trace::inject(&publish);
+        async {
+            for (user_id, message) in entries {
+                let exclude = if user_id == origin.user_id {
+                    origin.device_id
+                } else {
+                    0
+                };
+                let event = UserEvent {
+                    event: Some(user_event::Event::Delivery(Delivery {
+                        conn_id: 0,
+                        exclude_device_id: exclude,
+                        packets: vec![Packet::new(0, Body::Message(message))],
+                    })),
+                };
+                if let Err(e) = self
+                    .bus
+                    .publish(
+                        &Subject::user(user_id),
+                        headers.clone(),
+                        Bytes::from(event.encode_to_vec()),
+                    )
+                    .await
+                {
+                    // Stored already: the device gets it at its next sync.
+                    self.metrics
+                        .bus_errors
+                        .get_or_create(&KindLabel {
+                            kind: "publish_delivery",
+                        })
+                        .inc();
+                    warn!(user_id, error = %e, "live delivery failed");
+                } else {
+                    self.metrics.messages_delivered.inc();
+                }
+            }
+        }
+        .instrument(publish)
+        .await;
+        output(plan, duplicate)
+    }
+
+    /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
+    async fn stored_original(
+        &self,
+        sender: i64,
+        plan: &SendPlan,
+    ) -> Result<Option<Message>, LogicError> {
+        if plan.seq == 0 {
+            return Ok(None);
+        }
+        let found = self
+            .stores
+            .messages
+            .sync(sender, plan.seq - 1, 1)
+            .await
+            .map_err(send_err)?;
+        Ok(found
+            .into_iter()
+            .find(|m| m.seq == plan.seq && m.message_id == plan.message_id))
+    }
+}
+
+/// The device part of the dedup key: the sending device, or for a server-side send (device 0) the
+/// negated user id, so two users' server sends never share a `client_msg_id` space (device ids are > 0).
+fn dedup_device(origin: &Origin) -> i64 {
+    if origin.device_id == 0 {
+        -origin.user_id
+    } else {
+        origin.device_id
+    }
+}
+
+/// The message `input` becomes under `plan`, before a seq is set per inbox.
+fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendPlan) -> Message {
+    Message {
+        message_id: plan.message_id,
+        seq: 0,
+        sender_user_id: origin.user_id,
+        sender_device_id: origin.device_id,
+        receiver_type: input.receiver_type,
+        receiver_id: input.receiver_id,
+        client_msg_id: input.client_msg_id.clone(),
+        server_time_ms: plan.server_time_ms,
+        content_type: input.content_type,
+        content: input.content.clone(),
+    }
+}
+
+/// One inbox entry per recipient of `plan`: `template` at that recipient's seq. Only the sender's own
+/// copy names the sending device: device ids are the sender's business (they identify the install whose
+/// tokens a sign-out revokes), so other users get `sender_device_id` 0.
+fn inbox_entries(plan: &SendPlan, template: &Message) -> Vec<(i64, Message)> {
+    plan.recipients
+        .iter()
+        .map(|&(user_id, seq)| {
+            let sender_device_id = if user_id == template.sender_user_id {
+                template.sender_device_id
+            } else {
+                0
+            };
+            (
+                user_id,
+                Message {
+                    seq,
+                    sender_device_id,
+                    ..template.clone()
+                },
+            )
+        })
+        .collect()
+}
+
+fn output(plan: &SendPlan, duplicate: bool) -> SendMessageOutput {
+    SendMessageOutput {
+        message_id: plan.message_id,
+        seq: plan.seq,
+        server_time_ms: plan.server_time_ms,
+        duplicate,
+    }
+}

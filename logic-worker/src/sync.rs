@@ -1,0 +1,51 @@
+//! Sync pages (a user's inbox after a seq, bounded by count and by bytes so a page fits in one frame) and
+//! acks (how far a device has read).
+
+use prost::Message as _;
+use zhibo_proto::bus::Origin;
+use zhibo_proto::client::{SyncInput, SyncOutput};
+
+use crate::{Logic, LogicError, Op};
+
+impl Logic {
+    /// The messages of `user_id` after `input.seq`, oldest first, one page.
+    ///
+    /// # Errors
+    /// [`LogicError`] when the store fails.
+    pub async fn sync(&self, user_id: i64, input: &SyncInput) -> Result<SyncOutput, LogicError> {
+        let limit = match input.limit {
+            0 => self.config.sync_page,
+            n => n.min(self.config.max_sync_page),
+        } as usize;
+        let mut messages = self
+            .stores
+            .messages
+            .sync(user_id, input.seq, limit + 1)
+            .await
+            .map_err(|e| LogicError::store(Op::Sync, &e))?;
+        let mut has_more = messages.len() > limit;
+        messages.truncate(limit);
+        // The page must fit in one frame: stop before the byte budget (always at least one message).
+        let mut bytes = 0;
+        if let Some(over) = messages.iter().position(|m| {
+            bytes += m.encoded_len() + 8;
+            bytes > self.config.max_sync_bytes
+        }) {
+            messages.truncate(over.max(1));
+            has_more = true;
+        }
+        Ok(SyncOutput { messages, has_more })
+    }
+
+    /// Records that `origin`'s device has read up to `seq`; no answer is sent for an ack.
+    ///
+    /// # Errors
+    /// [`LogicError`] when the store fails.
+    pub(crate) async fn ack(&self, origin: &Origin, seq: u64) -> Result<(), LogicError> {
+        self.stores
+            .messages
+            .ack(origin.user_id, origin.device_id, seq)
+            .await
+            .map_err(|e| LogicError::store(Op::Ack, &e))
+    }
+}
