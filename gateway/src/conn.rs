@@ -25,8 +25,8 @@ use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
 use zhibo_telemetry::Metrics;
 
 use crate::frame::Frame;
-use crate::hub::{ConnHandle, Hub, Outbound};
-use crate::queue::{QueueReceiver, QueueSender};
+use crate::hub::{ConnHandle, Hub};
+use crate::queue::{Outbound, QueueReceiver, QueueSender};
 use crate::rooms::Viewer;
 use crate::session::{Action, Phase, Session, SessionConfig};
 

@@ -6,7 +6,7 @@
 //!   server-wide broadcast.
 //! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
-//! - [`queue`]: a connection's bounded IM queue, which holds no memory while empty.
+//! - [`queue`]: a connection's bounded IM queue (of [`queue::Outbound`]), which holds no memory while empty.
 //! - [`limits`]: before sign-in: the WebSocket `Origin` allow-list, unauthenticated connections per address.
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
@@ -312,7 +312,7 @@ async fn export_room_gauges(
     let mut exported = 0;
     loop {
         metrics.room_viewers.set(hub.rooms().total_viewers() as i64);
-        let dropped = hub.rooms().frames_dropped();
+        let dropped = hub.room_frames_dropped();
         drops.inc_by(dropped.saturating_sub(exported));
         exported = dropped;
         tokio::select! {

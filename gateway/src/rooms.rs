@@ -18,8 +18,6 @@
 //!   `SubscribeRoomOutput` without the ones the history already holds. Messages the history holds can
 //!   also still be in the batch window at `ready` (or on their way through the bus): for
 //!   [`SEEN_FOR`] after it, the viewer's frames leave out the ids its `recent` had. No gap, no repeat.
-//! - Broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice to every connection, through
-//!   the same room queues.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,9 +34,6 @@ use zhibo_bus::{Bus, Subject};
 use zhibo_proto::bus::{room_event, RoomEvent, RoomPresence};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Message, Packet, ReceiverType, RoomMessages, RoomNotice};
-
-use crate::hub::Outbound;
-use crate::queue::QueueSender;
 
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
@@ -139,7 +134,7 @@ impl std::fmt::Debug for RoomHub {
 pub struct JoinError(pub i64);
 
 /// A room frame: messages plus the count, encoded once.
-fn encode_frame(room_id: i64, messages: Vec<Message>, online_count: u64) -> Bytes {
+pub(crate) fn encode_frame(room_id: i64, messages: Vec<Message>, online_count: u64) -> Bytes {
     let packet = Packet::new(
         0,
         Body::RoomMessages(RoomMessages {
@@ -576,31 +571,6 @@ impl RoomHub {
         }
         online
     }
-
-    /// Fans a broadcast message out to `targets` (every connection's IM queue) as one frame of room 0,
-    /// dropped (and counted with the room frames) for a connection whose queue is half full.
-    pub fn broadcast<'a>(
-        &self,
-        message: Message,
-        targets: impl Iterator<Item = &'a QueueSender<Outbound>>,
-    ) {
-        let frame = encode_frame(0, vec![message], 0);
-        let mut dropped = 0;
-        for tx in targets {
-            // At most half the IM queue: a burst of broadcasts must never fill it and get a slow
-            // reader closed for an IM message that follows.
-            let room = (tx.capacity() / 2).max(1);
-            if tx
-                .try_send_below(Outbound::Encoded(Box::new(frame.clone())), room)
-                .is_err()
-            {
-                dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            self.dropped.fetch_add(dropped, Ordering::Relaxed);
-        }
-    }
 }
 
 async fn publish_notice(
@@ -802,30 +772,6 @@ mod tests {
         assert_eq!(ids(&fa), (1..=9).collect::<Vec<_>>());
         let fb = rb.recv().await.expect("b's frame");
         assert_eq!(ids(&fb), vec![9], "b got its recent again");
-    }
-
-    #[tokio::test]
-    async fn broadcasts_fill_at_most_half_an_im_queue() {
-        let hub = RoomHub::new("gw".into(), Arc::new(MemoryBus::new()), config());
-        let (tx, mut rx) = crate::queue::queue::<Outbound>(8);
-        for i in 0..10 {
-            let notice = Message {
-                message_id: i,
-                ..Message::default()
-            };
-            hub.broadcast(notice, std::iter::once(&tx));
-        }
-        assert_eq!(
-            hub.frames_dropped(),
-            6,
-            "4 of 10 broadcasts fit in half the queue"
-        );
-        for _ in 0..4 {
-            tx.try_send(Outbound::Packet(Box::default()))
-                .expect("the other half stays for IM");
-        }
-        let first = rx.recv().await;
-        assert!(matches!(first, Outbound::Encoded(_)), "{first:?}");
     }
 
     #[tokio::test]
