@@ -14,77 +14,20 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
-use zhibo_auth::TokenKey;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{Command, Origin};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ErrorCode, GoAway, Packet, RoomNotice, SubscribeRoomOutput};
 use zhibo_proto::codec::CodecError;
-use zhibo_store::{DeviceStore, Room, RoomStore};
+use zhibo_store::Room;
 use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
-use zhibo_telemetry::Metrics;
 
+use crate::context::GatewayContext;
 use crate::frame::Frame;
-use crate::hub::{ConnHandle, Hub};
+use crate::hub::ConnHandle;
 use crate::queue::{Outbound, QueueReceiver, QueueSender};
 use crate::rooms::Viewer;
-use crate::session::{Action, Phase, Session, SessionConfig};
-
-/// Everything a connection needs, shared by all connections of a gateway.
-pub struct Shared {
-    /// Registry and bus.
-    pub hub: Arc<Hub>,
-    /// Session limits.
-    pub session: Arc<SessionConfig>,
-    /// Token key.
-    pub key: Arc<TokenKey>,
-    /// Device records, for token revocation.
-    pub devices: Arc<dyn DeviceStore>,
-    /// Outbound queue length per connection.
-    pub outbound_queue: usize,
-    /// Room records and recent history, for joins.
-    pub rooms: Arc<dyn RoomStore>,
-    /// Room frames queued per connection before further ones are dropped for it.
-    pub room_queue: usize,
-    /// Recent room messages handed to a joining viewer.
-    pub room_recent: usize,
-    /// Largest frame written to a client, bytes.
-    pub max_frame: usize,
-    /// Cancelled when the gateway drains.
-    pub shutdown: CancellationToken,
-    /// Process metrics.
-    pub metrics: Arc<Metrics>,
-    /// Where clients should reconnect when this gateway drains, per transport (each may be empty).
-    pub reconnect_hints: ReconnectHints,
-}
-
-/// The `GoAway.reconnect_hint` of each transport: a client can only use an address of its own kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReconnectHints {
-    /// `host:port` of a TCP listener.
-    pub tcp: String,
-    /// A `ws://` or `wss://` URL.
-    pub ws: String,
-    /// `host:port` of a QUIC (UDP) listener.
-    pub quic: String,
-}
-
-impl ReconnectHints {
-    /// The hint for a connection over `transport` (`"tcp"`, `"ws"` or `"quic"`).
-    pub fn for_transport(&self, transport: &str) -> &str {
-        match transport {
-            "ws" => &self.ws,
-            "quic" => &self.quic,
-            _ => &self.tcp,
-        }
-    }
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("hub", &self.hub).finish()
-    }
-}
+use crate::session::{Action, Phase, Session};
 
 /// How long a draining connection waits for the replies of requests already forwarded.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -102,7 +45,7 @@ const WRITE_BATCH: usize = 64;
 /// A plain function over a boxed argument: an async fn keeps its arguments in its state for its whole
 /// life, beside the locals they are moved into, and this future is what every idle connection holds.
 pub fn drive<R, W>(
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     transport: &'static str,
     reader: R,
     writer: W,
@@ -113,11 +56,14 @@ where
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
-    run(shared, transport, Box::new((reader, writer, first)))
+    run(ctx, transport, Box::new((reader, writer, first)))
 }
 
-async fn run<R, W>(shared: Arc<Shared>, transport: &'static str, io: Box<(R, W, Option<Packet>)>)
-where
+async fn run<R, W>(
+    ctx: Arc<GatewayContext>,
+    transport: &'static str,
+    io: Box<(R, W, Option<Packet>)>,
+) where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
@@ -127,7 +73,7 @@ where
         let io = io;
         *io
     };
-    let metrics = shared.metrics.clone();
+    let metrics = ctx.metrics.clone();
     let counted = metrics.clone();
     let mut reader = reader.inspect(move |_| {
         counted.frames_in.inc();
@@ -138,14 +84,14 @@ where
         futures::future::ready(Ok::<_, W::Error>(f))
     });
     let label = TransportLabel { transport };
-    let conn_id = shared.hub.next_conn_id();
-    let (tx, mut rx) = crate::queue::queue(shared.outbound_queue);
+    let conn_id = ctx.hub.next_conn_id();
+    let (tx, mut rx) = crate::queue::queue(ctx.config.outbound_queue);
     // The room queue is created at the first join: most connections never watch a room, and tokio
     // allocates a queue's first block of slots (32 frames) up front.
     let mut room_tx: Option<mpsc::Sender<Bytes>> = None;
     let mut room_rx: Option<mpsc::Receiver<Bytes>> = None;
     let overflow = CancellationToken::new();
-    let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
+    let mut session = Session::new(ctx.session.clone(), ctx.key.clone(), Instant::now());
     let mut registered = false;
     // Requests forwarded whose reply has not been written yet, the drain deadline once draining, and
     // whether the GoAway was said (a drain that starts mid-write says it once the write is done).
@@ -158,14 +104,14 @@ where
             Some(a) => a,
             None => tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled(), if !said_goaway => {
+                _ = ctx.shutdown.cancelled(), if !said_goaway => {
                     // Drain: tell the client to go, stop reading, let the replies of requests already
                     // forwarded arrive (bounded by DRAIN_WAIT from the drain's start), then close.
                     said_goaway = true;
                     drain_until.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_WAIT);
                     let bye = Packet::new(0, Body::GoAway(GoAway {
                         reason: "gateway draining".into(),
-                        reconnect_hint: shared.reconnect_hints.for_transport(transport).to_owned(),
+                        reconnect_hint: ctx.reconnect_hints.for_transport(transport).to_owned(),
                         reconnect_after_ms: 100,
                     }));
                     let _ = tokio::time::timeout(LAST_WORDS, writer.send(bye.into())).await;
@@ -191,7 +137,7 @@ where
                         write_queued(&mut writer, first, &mut rx, &mut session),
                     );
                     let written =
-                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
+                        Box::pin(finish_write(write, &overflow, &ctx.shutdown, &mut drain_until))
                             .await
                             .and_then(|w| w.ok().flatten());
                     if overflow.is_cancelled() {
@@ -228,7 +174,7 @@ where
                         write_room(&mut writer, first, &mut room_rx),
                     );
                     let written =
-                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
+                        Box::pin(finish_write(write, &overflow, &ctx.shutdown, &mut drain_until))
                             .await
                             .is_some_and(|w| w.unwrap_or(false));
                     if overflow.is_cancelled() {
@@ -260,7 +206,7 @@ where
                         return Step::Close;
                     }
                     Action::Authenticate { request_id, claims } => {
-                        let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
+                        let result = authenticate(&ctx, conn_id, &claims, &tx, &overflow).await;
                         registered = result.is_ok();
                         match &result {
                             Ok(_) => {
@@ -294,7 +240,7 @@ where
                             origin: Some(Origin {
                                 user_id,
                                 device_id,
-                                gateway_id: shared.hub.gateway_id().to_owned(),
+                                gateway_id: ctx.hub.gateway_id().to_owned(),
                                 conn_id,
                             }),
                             packet: Some(packet),
@@ -302,7 +248,7 @@ where
                         // The trace of a command starts here and rides in the bus headers.
                         let span = tracing::info_span!("gateway.command", request_id = rid);
                         let headers = zhibo_telemetry::trace::inject(&span);
-                        let published = shared
+                        let published = ctx
                             .hub
                             .bus()
                             .publish(
@@ -338,7 +284,7 @@ where
                         let tx = match &room_tx {
                             Some(tx) => tx.clone(),
                             None => {
-                                let (tx, rx) = mpsc::channel(shared.room_queue);
+                                let (tx, rx) = mpsc::channel(ctx.config.room_queue);
                                 room_rx = Some(rx);
                                 room_tx.insert(tx).clone()
                             }
@@ -349,7 +295,7 @@ where
                             device_id,
                             tx,
                         };
-                        let (reply, notices) = match join_room(&shared, viewer, room_id).await {
+                        let (reply, notices) = match join_room(&ctx, viewer, room_id).await {
                             Ok((out, notices)) => (
                                 Packet::new(request_id, Body::SubscribeRoomOutput(out)),
                                 notices,
@@ -358,7 +304,7 @@ where
                                 // Session and room hub must agree: a failed (re)join leaves the
                                 // room in both, even when the connection was already a viewer.
                                 session.on_join_failed(room_id);
-                                shared.hub.rooms().leave(conn_id, room_id);
+                                ctx.hub.rooms().leave(conn_id, room_id);
                                 (Packet::error(request_id, code, text), false)
                             }
                         };
@@ -366,13 +312,13 @@ where
                             return Step::Close;
                         }
                         if notices {
-                            let rooms = shared.hub.rooms();
+                            let rooms = ctx.hub.rooms();
                             if let Err(e) = rooms.notice(room_id, user_id, RoomNotice::Join).await {
                                 debug!(room_id, error = %e, "join notice lost");
                             }
                         }
                     }
-                    Action::LeaveRoom { room_id } => shared.hub.rooms().leave(conn_id, room_id),
+                    Action::LeaveRoom { room_id } => ctx.hub.rooms().leave(conn_id, room_id),
                 }
             }
             Step::Next
@@ -392,7 +338,7 @@ where
     }
     if registered {
         metrics.connections.get_or_create(&label).dec();
-        shared.hub.unregister(conn_id);
+        ctx.hub.unregister(conn_id);
     }
     let _ = tokio::time::timeout(LAST_WORDS, writer.close()).await;
 }
@@ -561,12 +507,12 @@ where
 /// nothing falls between the two), the recent history. Returns the output and whether the room announces
 /// joins.
 async fn join_room(
-    shared: &Arc<Shared>,
+    ctx: &Arc<GatewayContext>,
     viewer: Viewer,
     room_id: i64,
 ) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
     let conn_id = viewer.conn_id;
-    let room = match shared.rooms.get_room(room_id).await {
+    let room = match ctx.rooms.get_room(room_id).await {
         Ok(r) => r.unwrap_or_else(|| Room::open(room_id)),
         Err(e) => {
             warn!(room_id, error = %e, "room lookup failed");
@@ -576,14 +522,14 @@ async fn join_room(
     if room.closed {
         return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
     }
-    let rooms = shared.hub.rooms();
+    let rooms = ctx.hub.rooms();
     if let Err(e) = rooms.join(viewer, room_id, room.join_notices).await {
         warn!(room_id, error = %e, "cannot join room");
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     }
-    let history = shared
+    let history = ctx
         .rooms
-        .recent(room_id, shared.room_recent)
+        .recent(room_id, ctx.config.room_recent)
         .await
         .unwrap_or_else(|e| {
             // Live traffic still works; only the late joiner's backlog is missing.
@@ -594,7 +540,7 @@ async fn join_room(
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     };
     // The answer must fit in one frame whatever the room's history holds: keep the newest that fit.
-    let budget = shared.max_frame.saturating_sub(1024);
+    let budget = ctx.config.max_frame.saturating_sub(1024);
     let mut bytes = 0;
     let keep = recent
         .iter()
@@ -616,13 +562,13 @@ async fn join_room(
 }
 
 async fn authenticate(
-    shared: &Arc<Shared>,
+    ctx: &Arc<GatewayContext>,
     conn_id: u64,
     claims: &zhibo_auth::Claims,
     tx: &QueueSender<Outbound>,
     overflow: &CancellationToken,
 ) -> Result<(i64, i64), (ErrorCode, String)> {
-    let device = shared
+    let device = ctx
         .devices
         .get_device(claims.device_id)
         .await
@@ -651,7 +597,7 @@ async fn authenticate(
         tx: tx.clone(),
         overflow: overflow.clone(),
     };
-    shared.hub.register(conn_id, handle).await.map_err(|e| {
+    ctx.hub.register(conn_id, handle).await.map_err(|e| {
         warn!(error = %e, "cannot register connection on the bus");
         (ErrorCode::Unavailable, "try again later".to_owned())
     })?;
@@ -661,6 +607,7 @@ async fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GatewayConfig;
 
     /// Every idle connection holds its task's future: keep it small (measured in docs/BENCHMARKS.md,
     /// section 1). Fails when a change makes the TCP connection task grow past the budget.
@@ -668,20 +615,27 @@ mod tests {
     async fn an_idle_tcp_connection_task_stays_small() {
         let backend = Arc::new(zhibo_store::embedded::EmbeddedBackend::temporary().expect("db"));
         let stores = backend.stores();
-        let shared = Arc::new(Shared {
-            hub: Hub::new("gw".into(), Arc::new(zhibo_bus::memory::MemoryBus::new())),
-            session: Arc::new(SessionConfig::default()),
-            key: Arc::new(TokenKey::new("secret")),
-            devices: stores.devices,
+        let config = Arc::new(GatewayConfig {
             outbound_queue: 16,
-            rooms: stores.rooms,
             room_queue: 16,
             room_recent: 10,
             max_frame: 64 * 1024,
-            shutdown: CancellationToken::new(),
-            metrics: Arc::new(Metrics::new()),
-            reconnect_hints: ReconnectHints::default(),
+            ..GatewayConfig::default()
         });
+        let deps = crate::Deps {
+            bus: Arc::new(zhibo_bus::memory::MemoryBus::new()),
+            devices: stores.devices,
+            rooms: stores.rooms,
+            key: Arc::new(zhibo_auth::TokenKey::new("secret")),
+            metrics: Arc::new(zhibo_telemetry::Metrics::new()),
+        };
+        let hub = crate::Hub::new("gw".into(), deps.bus.clone());
+        let ctx = Arc::new(GatewayContext::new(
+            config,
+            hub,
+            deps,
+            CancellationToken::new(),
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -697,7 +651,7 @@ mod tests {
         )
         .map(zhibo_proto::codec::PacketDecoder::flatten);
         let writer = crate::frame::lean_writer(w, 64 * 1024);
-        let task = drive(shared, "tcp", reader, writer, None);
+        let task = drive(ctx, "tcp", reader, writer, None);
         let size = std::mem::size_of_val(&task);
         // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out).
         assert!(size <= 1536, "the connection future grew to {size} bytes");

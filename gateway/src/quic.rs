@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketDecoder;
 
-use crate::conn::{drive, Shared};
+use crate::conn::drive;
+use crate::context::GatewayContext;
 use crate::limits::{until_signed_in, EdgeLimits};
 
 /// ALPN protocol id clients must offer.
@@ -125,14 +126,14 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> anyhow::Result<std::net::UdpSo
 /// Accepts QUIC connections until shutdown.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     loop {
         let incoming = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = ctx.shutdown.cancelled() => break,
             i = endpoint.accept() => i,
         };
         let Some(incoming) = incoming else { break };
@@ -142,7 +143,7 @@ pub async fn serve(
             incoming.refuse();
             continue;
         };
-        let shared = shared.clone();
+        let ctx = ctx.clone();
         let span = info_span!("conn", transport = "quic", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
         tracker.spawn(
             async move {
@@ -154,7 +155,7 @@ pub async fn serve(
                     }
                 };
                 let stream =
-                    tokio::time::timeout(shared.session.sign_in_timeout, conn.accept_bi()).await;
+                    tokio::time::timeout(ctx.session.sign_in_timeout, conn.accept_bi()).await;
                 let (send, recv) = match stream {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -170,7 +171,7 @@ pub async fn serve(
                     .map(PacketDecoder::flatten);
                 let writer =
                     until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
-                drive(shared, "quic", reader, writer, None).await;
+                drive(ctx, "quic", reader, writer, None).await;
                 // Give the peer a moment to read what was written last (an Error, a Kick) before the
                 // connection close discards unacknowledged stream data.
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;

@@ -50,15 +50,13 @@ pub struct RoomConfig {
     pub joining_buffer: usize,
 }
 
+/// Messages buffered for a joining viewer (not a configuration key).
+pub const JOINING_BUFFER: usize = 1024;
+
 impl Default for RoomConfig {
+    /// [`crate::GatewayConfig`]'s defaults: they are written there only.
     fn default() -> Self {
-        RoomConfig {
-            batch_window: Duration::from_millis(50),
-            batch_max: 256,
-            max_frame: zhibo_proto::codec::DEFAULT_MAX_FRAME,
-            presence_interval: Duration::from_secs(2),
-            joining_buffer: 1024,
-        }
+        crate::GatewayConfig::default().room_config()
     }
 }
 

@@ -10,26 +10,27 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketDecoder;
 
-use crate::conn::{drive, Shared};
+use crate::conn::drive;
+use crate::context::GatewayContext;
 use crate::limits::{until_signed_in, EdgeLimits, Unauthenticated};
 
 /// Accepts TCP connections until shutdown and runs `handle` for each on its own task, inside a `conn`
-/// span (shared by the TCP and WebSocket listeners). A connection beyond the address's cap of
+/// span (ctx by the TCP and WebSocket listeners). A connection beyond the address's cap of
 /// unauthenticated connections is closed at once.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     tracker: TaskTracker,
     transport: &'static str,
     handle: F,
 ) where
-    F: Fn(TcpStream, Arc<Shared>, Unauthenticated) -> Fut,
+    F: Fn(TcpStream, Arc<GatewayContext>, Unauthenticated) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = ctx.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -47,30 +48,30 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let span = info_span!("conn", transport, %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(handle(stream, shared.clone(), unauthenticated).instrument(span));
+        tracker.spawn(handle(stream, ctx.clone(), unauthenticated).instrument(span));
     }
 }
 
 /// Accepts TCP connections until shutdown, each driven on its own task.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     accept_loop(
         listener,
-        shared.clone(),
+        ctx.clone(),
         limits,
         tracker,
         "tcp",
-        move |stream, shared, unauthenticated| async move {
+        move |stream, ctx, unauthenticated| async move {
             let (r, w) = stream.into_split();
             let reader = FramedRead::with_capacity(r, PacketDecoder::new(max_frame), 512)
                 .map(PacketDecoder::flatten);
             let writer = until_signed_in(crate::frame::lean_writer(w, max_frame), unauthenticated);
-            drive(shared, "tcp", reader, writer, None).await;
+            drive(ctx, "tcp", reader, writer, None).await;
         },
     )
     .await;

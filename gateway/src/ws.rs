@@ -14,7 +14,8 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Packet, SignInInput};
 use zhibo_proto::codec::{decode_body, CodecError};
 
-use crate::conn::{drive, Shared};
+use crate::conn::drive;
+use crate::context::GatewayContext;
 use crate::frame::Frame;
 use crate::limits::{until_signed_in, EdgeLimits};
 
@@ -50,18 +51,18 @@ pub fn sign_in_from_query(query: &str) -> Packet {
 /// Accepts WebSocket connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     crate::tcp::accept_loop(
         listener,
-        shared,
+        ctx,
         limits,
         tracker,
         "ws",
-        move |stream, shared, unauthenticated| async move {
+        move |stream, ctx, unauthenticated| async move {
             let mut query = None;
             // The callback's signature (and its large error type) is tungstenite's.
             #[allow(clippy::result_large_err)]
@@ -94,7 +95,7 @@ pub async fn serve(
             };
             // Boxed: the handshake's state would otherwise size the whole connection task.
             let handshake = tokio::time::timeout(
-                shared.session.sign_in_timeout,
+                ctx.session.sign_in_timeout,
                 Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
                     stream,
                     callback,
@@ -140,7 +141,7 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(shared, "ws", reader, writer, Some(first)).await;
+            drive(ctx, "ws", reader, writer, Some(first)).await;
         },
     )
     .await;
