@@ -46,6 +46,7 @@ const WRITE_BATCH: usize = 64;
 /// life, beside the locals they are moved into, and this future is what every idle connection holds.
 pub fn drive<R, W>(
     ctx: Arc<GatewayContext>,
+    conn_id: u64,
     transport: &'static str,
     reader: R,
     writer: W,
@@ -56,20 +57,20 @@ where
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
-    run(ctx, transport, Box::new((reader, writer, first)))
+    run(ctx, transport, Box::new((conn_id, reader, writer, first)))
 }
 
 async fn run<R, W>(
     ctx: Arc<GatewayContext>,
     transport: &'static str,
-    io: Box<(R, W, Option<Packet>)>,
+    io: Box<(u64, R, W, Option<Packet>)>,
 ) where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
     // Moved out in a block of its own so the box is freed now, not when the connection ends.
-    let (reader, writer, first) = {
+    let (conn_id, reader, writer, first) = {
         let io = io;
         *io
     };
@@ -84,7 +85,6 @@ async fn run<R, W>(
         futures::future::ready(Ok::<_, W::Error>(f))
     });
     let label = TransportLabel { transport };
-    let conn_id = ctx.hub.next_conn_id();
     let (tx, mut rx) = crate::queue::queue(ctx.config.outbound_queue);
     // The room queue is created at the first join: most connections never watch a room, and tokio
     // allocates a queue's first block of slots (32 frames) up front.
@@ -651,7 +651,7 @@ mod tests {
         )
         .map(zhibo_proto::codec::PacketDecoder::flatten);
         let writer = crate::frame::lean_writer(w, 64 * 1024);
-        let task = drive(ctx, "tcp", reader, writer, None);
+        let task = drive(ctx, 1, "tcp", reader, writer, None);
         let size = std::mem::size_of_val(&task);
         // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out).
         assert!(size <= 1536, "the connection future grew to {size} bytes");

@@ -10,6 +10,7 @@
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
 //! - [`queue`]: a connection's bounded IM queue (of [`queue::Outbound`]), which holds no memory while empty.
 //! - [`limits`]: before sign-in: the WebSocket `Origin` allow-list, unauthenticated connections per address.
+//! - `listen`: the one accept loop of the three listeners (address cap, `conn_id`, `conn` span).
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
@@ -24,6 +25,7 @@ pub mod context;
 pub mod frame;
 pub mod hub;
 pub mod limits;
+mod listen;
 pub mod queue;
 pub mod quic;
 pub mod rooms;

@@ -18,6 +18,7 @@ use crate::conn::drive;
 use crate::context::GatewayContext;
 use crate::frame::Frame;
 use crate::limits::{until_signed_in, EdgeLimits};
+use crate::listen::{accept_loop, Accepted};
 
 /// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults. The read
 /// buffer is kept as long as the connection: 512 bytes like TCP's. tungstenite reads at most that much
@@ -56,13 +57,20 @@ pub async fn serve(
     max_frame: usize,
     tracker: TaskTracker,
 ) {
-    crate::tcp::accept_loop(
+    accept_loop(
         listener,
         ctx,
         limits,
         tracker,
         "ws",
-        move |stream, ctx, unauthenticated| async move {
+        move |a: Accepted<tokio::net::TcpStream>| async move {
+            let Accepted {
+                conn: stream,
+                ctx,
+                unauthenticated,
+                conn_id,
+            } = a;
+            let _ = stream.set_nodelay(true);
             let mut query = None;
             // The callback's signature (and its large error type) is tungstenite's.
             #[allow(clippy::result_large_err)]
@@ -141,7 +149,7 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(ctx, "ws", reader, writer, Some(first)).await;
+            drive(ctx, conn_id, "ws", reader, writer, Some(first)).await;
         },
     )
     .await;
