@@ -6,7 +6,8 @@
 //!   the bus; joins rooms (room record, hub, history).
 //! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy,
 //!   server-wide broadcast.
-//! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
+//! - [`room_state`]: one live room without I/O — batching, online count, late joiners (fake-clock tests).
+//! - [`rooms`]: live rooms' I/O — per-room subscription and task around a [`room_state::RoomState`].
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
 //! - [`queue`]: a connection's bounded IM queue (of [`queue::Outbound`]), which holds no memory while empty.
 //! - [`limits`]: before sign-in: the WebSocket `Origin` allow-list, unauthenticated connections per address.
@@ -28,6 +29,7 @@ pub mod limits;
 mod listen;
 pub mod queue;
 pub mod quic;
+pub mod room_state;
 pub mod rooms;
 pub mod session;
 pub mod tcp;
