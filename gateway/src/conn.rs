@@ -14,77 +14,20 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
-use zhibo_auth::TokenKey;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{Command, Origin};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ErrorCode, GoAway, Packet, RoomNotice, SubscribeRoomOutput};
 use zhibo_proto::codec::CodecError;
-use zhibo_store::{DeviceStore, Room, RoomStore};
+use zhibo_store::Room;
 use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
-use zhibo_telemetry::Metrics;
 
+use crate::context::GatewayContext;
 use crate::frame::Frame;
-use crate::hub::{ConnHandle, Hub, Outbound};
-use crate::queue::{QueueReceiver, QueueSender};
+use crate::hub::ConnHandle;
+use crate::queue::{Outbound, QueueReceiver, QueueSender};
 use crate::rooms::Viewer;
-use crate::session::{Action, Phase, Session, SessionConfig};
-
-/// Everything a connection needs, shared by all connections of a gateway.
-pub struct Shared {
-    /// Registry and bus.
-    pub hub: Arc<Hub>,
-    /// Session limits.
-    pub session: Arc<SessionConfig>,
-    /// Token key.
-    pub key: Arc<TokenKey>,
-    /// Device records, for token revocation.
-    pub devices: Arc<dyn DeviceStore>,
-    /// Outbound queue length per connection.
-    pub outbound_queue: usize,
-    /// Room records and recent history, for joins.
-    pub rooms: Arc<dyn RoomStore>,
-    /// Room frames queued per connection before further ones are dropped for it.
-    pub room_queue: usize,
-    /// Recent room messages handed to a joining viewer.
-    pub room_recent: usize,
-    /// Largest frame written to a client, bytes.
-    pub max_frame: usize,
-    /// Cancelled when the gateway drains.
-    pub shutdown: CancellationToken,
-    /// Process metrics.
-    pub metrics: Arc<Metrics>,
-    /// Where clients should reconnect when this gateway drains, per transport (each may be empty).
-    pub reconnect_hints: ReconnectHints,
-}
-
-/// The `GoAway.reconnect_hint` of each transport: a client can only use an address of its own kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReconnectHints {
-    /// `host:port` of a TCP listener.
-    pub tcp: String,
-    /// A `ws://` or `wss://` URL.
-    pub ws: String,
-    /// `host:port` of a QUIC (UDP) listener.
-    pub quic: String,
-}
-
-impl ReconnectHints {
-    /// The hint for a connection over `transport` (`"tcp"`, `"ws"` or `"quic"`).
-    pub fn for_transport(&self, transport: &str) -> &str {
-        match transport {
-            "ws" => &self.ws,
-            "quic" => &self.quic,
-            _ => &self.tcp,
-        }
-    }
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("hub", &self.hub).finish()
-    }
-}
+use crate::session::{Action, Phase, Session};
 
 /// How long a draining connection waits for the replies of requests already forwarded.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -99,10 +42,11 @@ const WRITE_BATCH: usize = 64;
 /// Runs a connection until it closes. `first` is a packet the transport already has (the WebSocket
 /// sign-in built from the URL).
 ///
-/// A plain function over a boxed argument: an async fn keeps its arguments in its state for its whole
-/// life, beside the locals they are moved into, and this future is what every idle connection holds.
+/// A plain function returning [`Connection::run`]: the future every idle connection holds is then the
+/// [`Connection`] and the state of its wait, nothing more (an async fn would also keep its arguments).
 pub fn drive<R, W>(
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
+    conn_id: u64,
     transport: &'static str,
     reader: R,
     writer: W,
@@ -113,288 +57,459 @@ where
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
-    run(shared, transport, Box::new((reader, writer, first)))
+    let counted = ctx.metrics.clone();
+    let reader = reader.inspect(move |_| {
+        counted.frames_in.inc();
+    });
+    let counted = ctx.metrics.clone();
+    let writer = writer.with(move |f: Frame| {
+        counted.frames_out.inc();
+        futures::future::ready(Ok::<_, W::Error>(f))
+    });
+    let (tx, rx) = crate::queue::queue(ctx.config.outbound_queue);
+    let mut session = Session::new(ctx.session.clone(), ctx.key.clone(), Instant::now());
+    let pending = first.map(|p| session.on_packet(p, Instant::now()));
+    Connection {
+        ctx,
+        conn_id,
+        transport,
+        reader,
+        writer,
+        session,
+        tx,
+        rx,
+        room_tx: None,
+        room_rx: None,
+        overflow: CancellationToken::new(),
+        registered: false,
+        in_flight: 0,
+        drain_until: None,
+        said_goaway: false,
+        pending,
+    }
+    .run()
 }
 
-async fn run<R, W>(shared: Arc<Shared>, transport: &'static str, io: Box<(R, W, Option<Packet>)>)
+/// One connection: its session, its socket halves and its queues. [`Connection::run`] waits for the
+/// next [`Event`], handles it, and runs the session's actions, until the connection closes.
+struct Connection<R, W> {
+    ctx: Arc<GatewayContext>,
+    conn_id: u64,
+    transport: &'static str,
+    reader: R,
+    writer: W,
+    session: Session,
+    /// The IM queue (the hub's side is in the registration).
+    tx: QueueSender<Outbound>,
+    rx: QueueReceiver<Outbound>,
+    /// The room queue, created at the first join: most connections never watch a room, and tokio
+    /// allocates a queue's first block of slots (32 frames) up front.
+    room_tx: Option<mpsc::Sender<Bytes>>,
+    room_rx: Option<mpsc::Receiver<Bytes>>,
+    /// Cancelled by the hub when the IM queue overflows.
+    overflow: CancellationToken,
+    /// Registered with the hub (signed in).
+    registered: bool,
+    /// Requests forwarded whose reply has not been written yet.
+    in_flight: usize,
+    /// The drain deadline, once draining.
+    drain_until: Option<tokio::time::Instant>,
+    /// Whether the GoAway was said (a drain that starts mid-write says it once the write is done).
+    said_goaway: bool,
+    /// Actions to run before waiting again (the WebSocket sign-in, a sign-in's outcome).
+    pending: Option<Vec<Action>>,
+}
+
+/// What woke a connection up.
+enum Event {
+    /// The gateway started draining.
+    Drain,
+    /// The drain deadline passed.
+    DrainDeadline,
+    /// The IM queue overflowed.
+    Overflow,
+    /// The first of the queued IM packets.
+    Queued(Outbound),
+    /// A packet (or the end, or a bad frame) from the client.
+    Read(Option<Result<Packet, CodecError>>),
+    /// The session's deadline passed.
+    Tick,
+    /// The first of the queued room frames (`None`: the queue closed).
+    Room(Option<Bytes>),
+}
+
+/// Whether the connection goes on after an event.
+enum Flow {
+    /// Wait for the next event.
+    Continue,
+    /// Run the session's actions.
+    Act(Vec<Action>),
+    /// Close the connection.
+    Close,
+}
+
+impl<R, W> Connection<R, W>
 where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
     W: Sink<Frame> + Unpin + Send,
     W::Error: Display + Send,
 {
-    // Moved out in a block of its own so the box is freed now, not when the connection ends.
-    let (reader, writer, first) = {
-        let io = io;
-        *io
-    };
-    let metrics = shared.metrics.clone();
-    let counted = metrics.clone();
-    let mut reader = reader.inspect(move |_| {
-        counted.frames_in.inc();
-    });
-    let counted = metrics.clone();
-    let mut writer = writer.with(move |f: Frame| {
-        counted.frames_out.inc();
-        futures::future::ready(Ok::<_, W::Error>(f))
-    });
-    let label = TransportLabel { transport };
-    let conn_id = shared.hub.next_conn_id();
-    let (tx, mut rx) = crate::queue::queue(shared.outbound_queue);
-    // The room queue is created at the first join: most connections never watch a room, and tokio
-    // allocates a queue's first block of slots (32 frames) up front.
-    let mut room_tx: Option<mpsc::Sender<Bytes>> = None;
-    let mut room_rx: Option<mpsc::Receiver<Bytes>> = None;
-    let overflow = CancellationToken::new();
-    let mut session = Session::new(shared.session.clone(), shared.key.clone(), Instant::now());
-    let mut registered = false;
-    // Requests forwarded whose reply has not been written yet, the drain deadline once draining, and
-    // whether the GoAway was said (a drain that starts mid-write says it once the write is done).
-    let mut in_flight: usize = 0;
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    let mut said_goaway = false;
-    let mut pending = first.map(|p| session.on_packet(p, Instant::now()));
-    'conn: loop {
-        let actions = match pending.take() {
-            Some(a) => a,
-            None => tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled(), if !said_goaway => {
-                    // Drain: tell the client to go, stop reading, let the replies of requests already
-                    // forwarded arrive (bounded by DRAIN_WAIT from the drain's start), then close.
-                    said_goaway = true;
-                    drain_until.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_WAIT);
-                    let bye = Packet::new(0, Body::GoAway(GoAway {
-                        reason: "gateway draining".into(),
-                        reconnect_hint: shared.reconnect_hints.for_transport(transport).to_owned(),
-                        reconnect_after_ms: 100,
-                    }));
-                    let _ = tokio::time::timeout(LAST_WORDS, writer.send(bye.into())).await;
-                    if in_flight == 0 {
-                        break 'conn;
+    /// Runs the connection until it closes, then cleans up.
+    ///
+    /// Not an async fn: that would keep `self` twice in the future (the argument, and the local it is
+    /// moved into); the async block uses its capture in place. Every handler that awaits is boxed:
+    /// inline, its state would be part of every idle connection's task (see
+    /// `an_idle_tcp_connection_task_stays_small`), for a state it is in only while handling.
+    fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            loop {
+                let actions = match self.pending.take() {
+                    Some(a) => Some(a),
+                    None => match self.wait().await {
+                        Event::Drain => Box::pin(self.on_drain()).await,
+                        Event::DrainDeadline => Flow::Close,
+                        Event::Overflow => {
+                            Box::pin(say_too_slow(&mut self.writer)).await;
+                            Flow::Close
+                        }
+                        Event::Queued(first) => Box::pin(self.on_queued(first)).await,
+                        Event::Read(frame) => self.on_read(frame),
+                        Event::Tick => Flow::Act(self.session.on_tick(Instant::now())),
+                        Event::Room(first) => Box::pin(self.on_room(first)).await,
                     }
-                    continue 'conn;
+                    .into_actions(),
+                };
+                let Some(actions) = actions else { break };
+                if actions.is_empty() {
+                    continue;
                 }
-                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)),
-                    if drain_until.is_some() => break 'conn,
-                _ = overflow.cancelled() => {
-                    say_too_slow(&mut writer).await;
-                    break 'conn;
-                }
-                first = rx.recv() => {
-                    // A reader that stopped reading blocks this write; the hub then cancels `overflow`
-                    // when the queue fills, which ends the write (the client is told why). A drain that
-                    // starts meanwhile lets the write finish within the drain deadline.
-                    // The write futures are boxed: inline they would enlarge every idle connection's
-                    // task by their size (~200 bytes), for a state it is in only while writing.
-                    let write = tokio::time::timeout(
-                        WRITE_TIMEOUT,
-                        write_queued(&mut writer, first, &mut rx, &mut session),
-                    );
-                    let written =
-                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
-                            .await
-                            .and_then(|w| w.ok().flatten());
-                    if overflow.is_cancelled() {
-                        say_too_slow(&mut writer).await;
-                        break 'conn;
-                    }
-                    let Some(replies) = written else { break 'conn };
-                    in_flight = in_flight.saturating_sub(replies);
-                    if said_goaway && in_flight == 0 {
-                        break 'conn;
-                    }
-                    continue 'conn;
-                }
-                frame = reader.next(), if drain_until.is_none() => match frame {
-                    None => break 'conn,
-                    Some(Ok(p)) => session.on_packet(p, Instant::now()),
-                    Some(Err(CodecError::Io(e))) => {
-                        debug!(error = %e, "read failed");
-                        break 'conn;
-                    }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "bad frame");
-                        session.on_bad_frame(&e)
-                    }
-                },
-                _ = tokio::time::sleep_until(session.deadline().into()) => session.on_tick(Instant::now()),
-                // Last: room traffic never delays IM, reads or deadlines.
-                frame = recv_room(&mut room_rx) => {
-                    let Some(first) = frame else { break 'conn };
-                    // Like IM writes: an IM overflow or the drain deadline ends a write the peer never
-                    // takes.
-                    let write = tokio::time::timeout(
-                        WRITE_TIMEOUT,
-                        write_room(&mut writer, first, &mut room_rx),
-                    );
-                    let written =
-                        Box::pin(finish_write(write, &overflow, &shared.shutdown, &mut drain_until))
-                            .await
-                            .is_some_and(|w| w.unwrap_or(false));
-                    if overflow.is_cancelled() {
-                        say_too_slow(&mut writer).await;
-                        break 'conn;
-                    }
-                    if !written {
-                        break 'conn;
-                    }
-                    continue 'conn;
-                }
-            },
-        };
-        if actions.is_empty() {
-            continue 'conn;
-        }
-        // Boxed: the actions' states (sign-in, publishing, joins) would otherwise be part of every idle
-        // connection's task; they live only while a packet is being handled.
-        let step = Box::pin(async {
-            for action in actions {
-                match action {
-                    Action::Send(p) => {
-                        if !send_in_time(&mut writer, p).await {
-                            return Step::Close;
-                        }
-                    }
-                    Action::Close(reason) => {
-                        info!(?reason, "closing connection");
-                        return Step::Close;
-                    }
-                    Action::Authenticate { request_id, claims } => {
-                        let result = authenticate(&shared, conn_id, &claims, &tx, &overflow).await;
-                        registered = result.is_ok();
-                        match &result {
-                            Ok(_) => {
-                                metrics.sign_ins.get_or_create(&label).inc();
-                                metrics.connections.get_or_create(&label).inc();
-                            }
-                            Err((code, _)) => {
-                                metrics
-                                    .sign_in_failures
-                                    .get_or_create(&KindLabel {
-                                        kind: code.as_str_name(),
-                                    })
-                                    .inc();
-                            }
-                        }
-                        if let Ok((user_id, device_id)) = result {
-                            tracing::Span::current().record("user_id", user_id);
-                            tracing::Span::current().record("device_id", device_id);
-                        }
-                        pending = Some(session.on_signed_in(request_id, result, Instant::now()));
-                        return Step::Next;
-                    }
-                    Action::Forward(packet) => {
-                        let Phase::Active { user_id, device_id } = session.phase() else {
-                            continue;
-                        };
-                        let rid = packet.request_id;
-                        let expects_reply =
-                            matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
-                        let cmd = Command {
-                            origin: Some(Origin {
-                                user_id,
-                                device_id,
-                                gateway_id: shared.hub.gateway_id().to_owned(),
-                                conn_id,
-                            }),
-                            packet: Some(packet),
-                        };
-                        // The trace of a command starts here and rides in the bus headers.
-                        let span = tracing::info_span!("gateway.command", request_id = rid);
-                        let headers = zhibo_telemetry::trace::inject(&span);
-                        let published = shared
-                            .hub
-                            .bus()
-                            .publish(
-                                &Subject::commands(),
-                                headers,
-                                Bytes::from(cmd.encode_to_vec()),
-                            )
-                            .instrument(span)
-                            .await;
-                        if let Err(e) = published {
-                            metrics
-                                .bus_errors
-                                .get_or_create(&KindLabel {
-                                    kind: "publish_command",
-                                })
-                                .inc();
-                            warn!(error = %e, "cannot publish command");
-                            let err = Packet::error(rid, ErrorCode::Unavailable, "try again later");
-                            if !send_in_time(&mut writer, err).await {
-                                return Step::Close;
-                            }
-                        } else if expects_reply {
-                            in_flight += 1;
-                        }
-                    }
-                    Action::JoinRoom {
-                        request_id,
-                        room_id,
-                    } => {
-                        let Phase::Active { user_id, device_id } = session.phase() else {
-                            continue;
-                        };
-                        let tx = match &room_tx {
-                            Some(tx) => tx.clone(),
-                            None => {
-                                let (tx, rx) = mpsc::channel(shared.room_queue);
-                                room_rx = Some(rx);
-                                room_tx.insert(tx).clone()
-                            }
-                        };
-                        let viewer = Viewer {
-                            conn_id,
-                            user_id,
-                            device_id,
-                            tx,
-                        };
-                        let (reply, notices) = match join_room(&shared, viewer, room_id).await {
-                            Ok((out, notices)) => (
-                                Packet::new(request_id, Body::SubscribeRoomOutput(out)),
-                                notices,
-                            ),
-                            Err((code, text)) => {
-                                // Session and room hub must agree: a failed (re)join leaves the
-                                // room in both, even when the connection was already a viewer.
-                                session.on_join_failed(room_id);
-                                shared.hub.rooms().leave(conn_id, room_id);
-                                (Packet::error(request_id, code, text), false)
-                            }
-                        };
-                        if !send_in_time(&mut writer, reply).await {
-                            return Step::Close;
-                        }
-                        if notices {
-                            let rooms = shared.hub.rooms();
-                            if let Err(e) = rooms.notice(room_id, user_id, RoomNotice::Join).await {
-                                debug!(room_id, error = %e, "join notice lost");
-                            }
-                        }
-                    }
-                    Action::LeaveRoom { room_id } => shared.hub.rooms().leave(conn_id, room_id),
+                if let Step::Close = Box::pin(self.act(actions)).await {
+                    break;
                 }
             }
-            Step::Next
-        })
-        .await;
-        if let Step::Close = step {
-            break 'conn;
+            Box::pin(self.finish()).await;
         }
     }
-    if overflow.is_cancelled() {
-        metrics
-            .queue_drops
-            .get_or_create(&KindLabel {
-                kind: "im_overflow_close",
-            })
-            .inc();
+
+    /// The next event; IM before reads and deadlines, room traffic last (it never delays them).
+    async fn wait(&mut self) -> Event {
+        let drain_at = self.drain_until;
+        tokio::select! {
+            biased;
+            _ = self.ctx.shutdown.cancelled(), if !self.said_goaway => Event::Drain,
+            _ = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)),
+                if drain_at.is_some() => Event::DrainDeadline,
+            _ = self.overflow.cancelled() => Event::Overflow,
+            first = self.rx.recv() => Event::Queued(first),
+            frame = self.reader.next(), if drain_at.is_none() => Event::Read(frame),
+            _ = tokio::time::sleep_until(self.session.deadline().into()) => Event::Tick,
+            frame = recv_room(&mut self.room_rx) => Event::Room(frame),
+        }
     }
-    if registered {
-        metrics.connections.get_or_create(&label).dec();
-        shared.hub.unregister(conn_id);
+
+    /// Drain: tell the client to go, stop reading, let the replies of requests already forwarded
+    /// arrive (bounded by [`DRAIN_WAIT`] from the drain's start), then close.
+    async fn on_drain(&mut self) -> Flow {
+        self.said_goaway = true;
+        self.drain_until
+            .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_WAIT);
+        let bye = Packet::new(
+            0,
+            Body::GoAway(GoAway {
+                reason: "gateway draining".into(),
+                reconnect_hint: self
+                    .ctx
+                    .reconnect_hints
+                    .for_transport(self.transport)
+                    .to_owned(),
+                reconnect_after_ms: 100,
+            }),
+        );
+        let _ = tokio::time::timeout(LAST_WORDS, self.writer.send(bye.into())).await;
+        if self.in_flight == 0 {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
     }
-    let _ = tokio::time::timeout(LAST_WORDS, writer.close()).await;
+
+    /// Writes queued IM packets. A reader that stopped reading blocks this write; the hub then cancels
+    /// `overflow` when the queue fills, which ends the write (the client is told why). A drain that
+    /// starts meanwhile lets the write finish within the drain deadline.
+    async fn on_queued(&mut self, first: Outbound) -> Flow {
+        let write = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            write_queued(&mut self.writer, first, &mut self.rx, &mut self.session),
+        );
+        let written = finish_write(
+            write,
+            &self.overflow,
+            &self.ctx.shutdown,
+            &mut self.drain_until,
+        )
+        .await
+        .and_then(|w| w.ok().flatten());
+        if self.overflow.is_cancelled() {
+            say_too_slow(&mut self.writer).await;
+            return Flow::Close;
+        }
+        let Some(replies) = written else {
+            return Flow::Close;
+        };
+        self.in_flight = self.in_flight.saturating_sub(replies);
+        if self.said_goaway && self.in_flight == 0 {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// A packet, the end of the stream or a bad frame from the client.
+    fn on_read(&mut self, frame: Option<Result<Packet, CodecError>>) -> Flow {
+        match frame {
+            None => Flow::Close,
+            Some(Ok(p)) => Flow::Act(self.session.on_packet(p, Instant::now())),
+            Some(Err(CodecError::Io(e))) => {
+                debug!(error = %e, "read failed");
+                Flow::Close
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "bad frame");
+                Flow::Act(self.session.on_bad_frame(&e))
+            }
+        }
+    }
+
+    /// Writes queued room frames. Like IM writes: an IM overflow or the drain deadline ends a write the
+    /// peer never takes.
+    async fn on_room(&mut self, first: Option<Bytes>) -> Flow {
+        let Some(first) = first else {
+            return Flow::Close;
+        };
+        let write = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            write_room(&mut self.writer, first, &mut self.room_rx),
+        );
+        let written = finish_write(
+            write,
+            &self.overflow,
+            &self.ctx.shutdown,
+            &mut self.drain_until,
+        )
+        .await
+        .is_some_and(|w| w.unwrap_or(false));
+        if self.overflow.is_cancelled() {
+            say_too_slow(&mut self.writer).await;
+            return Flow::Close;
+        }
+        if written {
+            Flow::Continue
+        } else {
+            Flow::Close
+        }
+    }
+
+    /// Runs the session's actions in order.
+    async fn act(&mut self, actions: Vec<Action>) -> Step {
+        for action in actions {
+            let step = match action {
+                Action::Send(p) => self.send(p).await,
+                Action::Close(reason) => {
+                    info!(?reason, "closing connection");
+                    Step::Close
+                }
+                Action::Authenticate { request_id, claims } => {
+                    // The session's answer comes next, before anything else is read.
+                    self.sign_in(request_id, &claims).await;
+                    return Step::Next;
+                }
+                Action::Forward(packet) => self.forward(packet).await,
+                Action::JoinRoom {
+                    request_id,
+                    room_id,
+                } => self.join(request_id, room_id).await,
+                Action::LeaveRoom { room_id } => {
+                    self.ctx.hub.rooms().leave(self.conn_id, room_id);
+                    Step::Next
+                }
+            };
+            if let Step::Close = step {
+                return Step::Close;
+            }
+        }
+        Step::Next
+    }
+
+    /// Sends one packet in time, or closes.
+    async fn send(&mut self, p: Packet) -> Step {
+        if send_in_time(&mut self.writer, p).await {
+            Step::Next
+        } else {
+            Step::Close
+        }
+    }
+
+    /// Checks the device, registers with the hub, and hands the outcome to the session.
+    async fn sign_in(&mut self, request_id: u64, claims: &zhibo_auth::Claims) {
+        let result = authenticate(&self.ctx, self.conn_id, claims, &self.tx, &self.overflow).await;
+        self.registered = result.is_ok();
+        let metrics = &self.ctx.metrics;
+        match &result {
+            Ok((user_id, device_id)) => {
+                let label = TransportLabel {
+                    transport: self.transport,
+                };
+                metrics.sign_ins.get_or_create(&label).inc();
+                metrics.connections.get_or_create(&label).inc();
+                tracing::Span::current().record("user_id", user_id);
+                tracing::Span::current().record("device_id", device_id);
+            }
+            Err((code, _)) => {
+                metrics
+                    .sign_in_failures
+                    .get_or_create(&KindLabel {
+                        kind: code.as_str_name(),
+                    })
+                    .inc();
+            }
+        }
+        self.pending = Some(
+            self.session
+                .on_signed_in(request_id, result, Instant::now()),
+        );
+    }
+
+    /// Publishes a command on the bus (answering an error when the bus refuses it).
+    async fn forward(&mut self, packet: Packet) -> Step {
+        let Phase::Active { user_id, device_id } = self.session.phase() else {
+            return Step::Next;
+        };
+        let rid = packet.request_id;
+        let expects_reply = matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
+        let cmd = Command {
+            origin: Some(Origin {
+                user_id,
+                device_id,
+                gateway_id: self.ctx.hub.gateway_id().to_owned(),
+                conn_id: self.conn_id,
+            }),
+            packet: Some(packet),
+        };
+        // The trace of a command starts here and rides in the bus headers.
+        let span = tracing::info_span!("gateway.command", request_id = rid);
+        let headers = zhibo_telemetry::trace::inject(&span);
+        let published = self
+            .ctx
+            .hub
+            .bus()
+            .publish(
+                &Subject::commands(),
+                headers,
+                Bytes::from(cmd.encode_to_vec()),
+            )
+            .instrument(span)
+            .await;
+        match published {
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .bus_errors
+                    .get_or_create(&KindLabel {
+                        kind: "publish_command",
+                    })
+                    .inc();
+                warn!(error = %e, "cannot publish command");
+                self.send(Packet::error(
+                    rid,
+                    ErrorCode::Unavailable,
+                    "try again later",
+                ))
+                .await
+            }
+            Ok(()) => {
+                if expects_reply {
+                    self.in_flight += 1;
+                }
+                Step::Next
+            }
+        }
+    }
+
+    /// Joins a live room and answers; announces the join when the room has notices on.
+    async fn join(&mut self, request_id: u64, room_id: i64) -> Step {
+        let Phase::Active { user_id, device_id } = self.session.phase() else {
+            return Step::Next;
+        };
+        let tx = match &self.room_tx {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(self.ctx.config.room_queue);
+                self.room_rx = Some(rx);
+                self.room_tx.insert(tx).clone()
+            }
+        };
+        let viewer = Viewer {
+            conn_id: self.conn_id,
+            user_id,
+            device_id,
+            tx,
+        };
+        let (reply, notices) = match join_room(&self.ctx, viewer, room_id).await {
+            Ok((out, notices)) => (
+                Packet::new(request_id, Body::SubscribeRoomOutput(out)),
+                notices,
+            ),
+            Err((code, text)) => {
+                // Session and room hub must agree: a failed (re)join leaves the room in both, even
+                // when the connection was already a viewer.
+                self.session.on_join_failed(room_id);
+                self.ctx.hub.rooms().leave(self.conn_id, room_id);
+                (Packet::error(request_id, code, text), false)
+            }
+        };
+        if let Step::Close = self.send(reply).await {
+            return Step::Close;
+        }
+        if notices {
+            let rooms = self.ctx.hub.rooms();
+            if let Err(e) = rooms.notice(room_id, user_id, RoomNotice::Join).await {
+                debug!(room_id, error = %e, "join notice lost");
+            }
+        }
+        Step::Next
+    }
+
+    /// Counts an overflow close, unregisters, and closes the socket (bounded).
+    async fn finish(mut self) {
+        let metrics = &self.ctx.metrics;
+        if self.overflow.is_cancelled() {
+            metrics
+                .queue_drops
+                .get_or_create(&KindLabel {
+                    kind: "im_overflow_close",
+                })
+                .inc();
+        }
+        if self.registered {
+            let label = TransportLabel {
+                transport: self.transport,
+            };
+            metrics.connections.get_or_create(&label).dec();
+            self.ctx.hub.unregister(self.conn_id);
+        }
+        let _ = tokio::time::timeout(LAST_WORDS, self.writer.close()).await;
+    }
+}
+
+impl Flow {
+    /// The actions to run, or `None` when the connection closes.
+    fn into_actions(self) -> Option<Vec<Action>> {
+        match self {
+            Flow::Continue => Some(Vec::new()),
+            Flow::Act(a) => Some(a),
+            Flow::Close => None,
+        }
+    }
 }
 
 /// What the connection loop does after handling a packet's actions.
@@ -561,12 +676,12 @@ where
 /// nothing falls between the two), the recent history. Returns the output and whether the room announces
 /// joins.
 async fn join_room(
-    shared: &Arc<Shared>,
+    ctx: &Arc<GatewayContext>,
     viewer: Viewer,
     room_id: i64,
 ) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
     let conn_id = viewer.conn_id;
-    let room = match shared.rooms.get_room(room_id).await {
+    let room = match ctx.rooms.get_room(room_id).await {
         Ok(r) => r.unwrap_or_else(|| Room::open(room_id)),
         Err(e) => {
             warn!(room_id, error = %e, "room lookup failed");
@@ -576,14 +691,14 @@ async fn join_room(
     if room.closed {
         return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
     }
-    let rooms = shared.hub.rooms();
+    let rooms = ctx.hub.rooms();
     if let Err(e) = rooms.join(viewer, room_id, room.join_notices).await {
         warn!(room_id, error = %e, "cannot join room");
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     }
-    let history = shared
+    let history = ctx
         .rooms
-        .recent(room_id, shared.room_recent)
+        .recent(room_id, ctx.config.room_recent)
         .await
         .unwrap_or_else(|e| {
             // Live traffic still works; only the late joiner's backlog is missing.
@@ -594,7 +709,7 @@ async fn join_room(
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     };
     // The answer must fit in one frame whatever the room's history holds: keep the newest that fit.
-    let budget = shared.max_frame.saturating_sub(1024);
+    let budget = ctx.config.max_frame.saturating_sub(1024);
     let mut bytes = 0;
     let keep = recent
         .iter()
@@ -616,13 +731,13 @@ async fn join_room(
 }
 
 async fn authenticate(
-    shared: &Arc<Shared>,
+    ctx: &Arc<GatewayContext>,
     conn_id: u64,
     claims: &zhibo_auth::Claims,
     tx: &QueueSender<Outbound>,
     overflow: &CancellationToken,
 ) -> Result<(i64, i64), (ErrorCode, String)> {
-    let device = shared
+    let device = ctx
         .devices
         .get_device(claims.device_id)
         .await
@@ -651,7 +766,7 @@ async fn authenticate(
         tx: tx.clone(),
         overflow: overflow.clone(),
     };
-    shared.hub.register(conn_id, handle).await.map_err(|e| {
+    ctx.hub.register(conn_id, handle).await.map_err(|e| {
         warn!(error = %e, "cannot register connection on the bus");
         (ErrorCode::Unavailable, "try again later".to_owned())
     })?;
@@ -661,6 +776,7 @@ async fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GatewayConfig;
 
     /// Every idle connection holds its task's future: keep it small (measured in docs/BENCHMARKS.md,
     /// section 1). Fails when a change makes the TCP connection task grow past the budget.
@@ -668,20 +784,27 @@ mod tests {
     async fn an_idle_tcp_connection_task_stays_small() {
         let backend = Arc::new(zhibo_store::embedded::EmbeddedBackend::temporary().expect("db"));
         let stores = backend.stores();
-        let shared = Arc::new(Shared {
-            hub: Hub::new("gw".into(), Arc::new(zhibo_bus::memory::MemoryBus::new())),
-            session: Arc::new(SessionConfig::default()),
-            key: Arc::new(TokenKey::new("secret")),
-            devices: stores.devices,
+        let config = Arc::new(GatewayConfig {
             outbound_queue: 16,
-            rooms: stores.rooms,
             room_queue: 16,
             room_recent: 10,
             max_frame: 64 * 1024,
-            shutdown: CancellationToken::new(),
-            metrics: Arc::new(Metrics::new()),
-            reconnect_hints: ReconnectHints::default(),
+            ..GatewayConfig::default()
         });
+        let deps = crate::Deps {
+            bus: Arc::new(zhibo_bus::memory::MemoryBus::new()),
+            devices: stores.devices,
+            rooms: stores.rooms,
+            key: Arc::new(zhibo_auth::TokenKey::new("secret")),
+            metrics: Arc::new(zhibo_telemetry::Metrics::new()),
+        };
+        let hub = crate::Hub::new("gw".into(), deps.bus.clone());
+        let ctx = Arc::new(GatewayContext::new(
+            config,
+            hub,
+            deps,
+            CancellationToken::new(),
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -697,9 +820,10 @@ mod tests {
         )
         .map(zhibo_proto::codec::PacketDecoder::flatten);
         let writer = crate::frame::lean_writer(w, 64 * 1024);
-        let task = drive(shared, "tcp", reader, writer, None);
+        let task = drive(ctx, 1, "tcp", reader, writer, None);
         let size = std::mem::size_of_val(&task);
-        // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out).
+        // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out);
+        // 1,488 as a `Connection` (the `conn_id` it keeps, the handlers boxed).
         assert!(size <= 1536, "the connection future grew to {size} bytes");
     }
 }

@@ -5,7 +5,9 @@
 //! - One subscription for this gateway (`zhibo.gw.<id>`) carrying replies addressed to a connection.
 //! - A DeviceOnline event on a user's subject kicks every other connection of that device, on any gateway.
 //!
-//! - Live rooms live in [`RoomHub`] (`rooms` module), owned here; `zhibo.broadcast` is served here too.
+//! - Live rooms live in [`RoomHub`] (`rooms` module), owned here.
+//! - Server-wide broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice, encoded once, to
+//!   every signed-in connection through its IM queue (at most half of it).
 //!
 //! Outbound policy: each connection has two bounded queues. IM traffic never waits and is never dropped
 //! silently: when a connection's IM queue is full, the connection is closed (its client reconnects and
@@ -26,10 +28,10 @@ use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
 use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{Kick, KickReason, Packet};
+use zhibo_proto::client::{Kick, KickReason, Message, Packet};
 
-use crate::queue::QueueSender;
-use crate::rooms::{RoomConfig, RoomHub};
+use crate::queue::{Outbound, QueueSender};
+use crate::rooms::{encode_frame, RoomConfig, RoomHub};
 
 /// A random first connection id, so a gateway restarted under the same id (a pod name) never reuses the
 /// connection ids of its previous life: a late reply for an old connection then reaches nobody.
@@ -44,21 +46,6 @@ fn first_conn_id() -> u64 {
     );
     // Leave room above so the counter never wraps in practice.
     (h.finish() >> 2).max(1)
-}
-
-/// What the hub asks a connection to write. Boxed: a queued item is small, and the queue's buffer is
-/// sized in items.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A packet to write.
-    Packet(Box<Packet>),
-    /// A reply to one of this connection's requests (counted to let in-flight requests finish on drain).
-    Reply(Box<Packet>),
-    /// Write this packet, then close (kick).
-    Close(Box<Packet>),
-    /// An encoded frame shared by many connections (a cluster-wide broadcast). Dropped, never closing
-    /// the connection, when the queue is full.
-    Encoded(Box<Bytes>),
 }
 
 /// The handle a connection registers with.
@@ -102,6 +89,7 @@ pub struct Hub {
     inner: Mutex<Inner>,
     next_conn: AtomicU64,
     overflow_closes: AtomicU64,
+    broadcasts_dropped: AtomicU64,
     rooms: Arc<RoomHub>,
 }
 
@@ -128,6 +116,7 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             next_conn: AtomicU64::new(first_conn_id()),
             overflow_closes: AtomicU64::new(0),
+            broadcasts_dropped: AtomicU64::new(0),
         })
     }
 
@@ -144,7 +133,7 @@ impl Hub {
     /// Room frames dropped for connections whose room queue was full, and broadcasts dropped for
     /// connections whose IM queue was half full.
     pub fn room_frames_dropped(&self) -> u64 {
-        self.rooms.frames_dropped()
+        self.rooms.frames_dropped() + self.broadcasts_dropped.load(Ordering::Relaxed)
     }
 
     /// This gateway's id.
@@ -222,9 +211,7 @@ impl Hub {
                         Ok(RoomEvent {
                             event: Some(room_event::Event::Message(msg)),
                         }) => {
-                            let inner = hub.lock();
-                            hub.rooms
-                                .broadcast(msg, inner.conns.values().map(|h| &h.tx));
+                            hub.broadcast(msg);
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "undecodable broadcast"),
@@ -450,6 +437,30 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// Fans a broadcast message out to every signed-in connection's IM queue as one frame of room 0,
+    /// dropped (and counted with the room frames) for a connection whose queue is half full.
+    pub fn broadcast(&self, message: Message) {
+        let frame = encode_frame(0, vec![message], 0);
+        let mut dropped = 0;
+        let inner = self.lock();
+        for h in inner.conns.values() {
+            // At most half the IM queue: a burst of broadcasts must never fill it and get a slow
+            // reader closed for an IM message that follows.
+            let room = (h.tx.capacity() / 2).max(1);
+            if h.tx
+                .try_send_below(Outbound::Encoded(Box::new(frame.clone())), room)
+                .is_err()
+            {
+                dropped += 1;
+            }
+        }
+        drop(inner);
+        if dropped > 0 {
+            self.broadcasts_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
     }
 
@@ -685,5 +696,229 @@ mod tests {
             (hub.connection_count(), hub.user_subscription_count()),
             (1, 1)
         );
+    }
+
+    /// A hub on the in-process bus (whose handlers run inside `publish`, so what a publish delivers
+    /// is queued when it returns) with connection `conn_id` of `user_id`/`device_id` registered.
+    async fn registered(
+        hub: &Arc<Hub>,
+        conn_id: u64,
+        user_id: i64,
+        device_id: i64,
+    ) -> QueueReceiver<Outbound> {
+        let (h, rx) = handle(user_id, device_id);
+        hub.register(conn_id, h).await.expect("registered");
+        rx
+    }
+
+    async fn publish_user(bus: &MemoryBus, user_id: i64, event: user_event::Event) {
+        let event = UserEvent { event: Some(event) };
+        bus.publish(
+            &Subject::user(user_id),
+            Vec::new(),
+            Bytes::from(event.encode_to_vec()),
+        )
+        .await
+        .expect("publish");
+    }
+
+    fn heartbeat() -> Packet {
+        Packet::new(0, Body::Heartbeat(Default::default()))
+    }
+
+    /// Registration subscribes once per user, counts connections, and the last unregistration drops
+    /// the user's subscription from the bus.
+    #[tokio::test]
+    async fn register_and_unregister_track_connections_and_user_subscriptions() {
+        let bus = MemoryBus::new();
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let _a = registered(&hub, 1, 7, 1).await;
+        let _b = registered(&hub, 2, 7, 2).await;
+        let _c = registered(&hub, 3, 8, 3).await;
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (3, 2)
+        );
+        assert_eq!(bus.subject_count(), 2, "one subscription per user");
+        hub.unregister(1);
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (2, 2)
+        );
+        hub.unregister(2);
+        hub.unregister(3);
+        hub.unregister(3);
+        assert_eq!(
+            (hub.connection_count(), hub.user_subscription_count()),
+            (0, 0)
+        );
+        assert_eq!(
+            bus.subject_count(),
+            0,
+            "unsubscribed with the last connection"
+        );
+    }
+
+    /// A user's delivery reaches each of the user's connections except the excluded device's, and no
+    /// other user's; a reply on the gateway subject reaches only the connection it names, as a reply.
+    #[tokio::test]
+    async fn deliveries_are_demultiplexed_by_user_device_and_connection() {
+        let bus = MemoryBus::new();
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let replies = hub.serve_replies().await.expect("replies");
+        let mut a = registered(&hub, 1, 7, 1).await;
+        let mut b = registered(&hub, 2, 7, 2).await;
+        let mut c = registered(&hub, 3, 8, 3).await;
+        publish_user(
+            &bus,
+            7,
+            user_event::Event::Delivery(Delivery {
+                packets: vec![heartbeat(), heartbeat()],
+                exclude_device_id: 2,
+                ..Default::default()
+            }),
+        )
+        .await;
+        for _ in 0..2 {
+            assert!(matches!(a.try_recv(), Some(Outbound::Packet(_))));
+        }
+        assert!(a.try_recv().is_none());
+        assert!(b.try_recv().is_none(), "the sending device is left out");
+        assert!(c.try_recv().is_none(), "another user's connection");
+        let reply = Delivery {
+            conn_id: 2,
+            packets: vec![heartbeat()],
+            ..Default::default()
+        };
+        bus.publish(
+            &Subject::gateway("gw"),
+            Vec::new(),
+            Bytes::from(reply.encode_to_vec()),
+        )
+        .await
+        .expect("publish");
+        let got = tokio::time::timeout(Duration::from_secs(5), b.recv())
+            .await
+            .expect("reply delivered");
+        assert!(matches!(got, Outbound::Reply(_)), "{got:?}");
+        assert!(a.try_recv().is_none() && c.try_recv().is_none());
+        replies.abort();
+    }
+
+    fn kick_reason(o: Option<Outbound>) -> KickReason {
+        match o {
+            Some(Outbound::Close(p)) => match p.body {
+                Some(Body::Kick(k)) => KickReason::try_from(k.reason).expect("reason"),
+                other => panic!("expected a kick, got {other:?}"),
+            },
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
+    /// A device signing in again kicks its older connection (not the new one, not the user's other
+    /// devices); signing a device out kicks its connections only.
+    #[tokio::test]
+    async fn kicks_reach_the_devices_older_and_signed_out_connections() {
+        let bus = MemoryBus::new();
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let mut old = registered(&hub, 1, 7, 1).await;
+        let mut other = registered(&hub, 2, 7, 2).await;
+        assert!(
+            old.try_recv().is_none(),
+            "its own DeviceOnline kicks nobody"
+        );
+        let mut new = registered(&hub, 3, 7, 1).await;
+        assert_eq!(kick_reason(old.try_recv()), KickReason::SignedInElsewhere);
+        assert!(new.try_recv().is_none() && other.try_recv().is_none());
+        // The same device signing in on another gateway.
+        publish_user(
+            &bus,
+            7,
+            user_event::Event::DeviceOnline(DeviceOnline {
+                user_id: 7,
+                device_id: 2,
+                gateway_id: "gw-2".into(),
+                conn_id: 3,
+            }),
+        )
+        .await;
+        assert_eq!(kick_reason(other.try_recv()), KickReason::SignedInElsewhere);
+        assert!(new.try_recv().is_none());
+        publish_user(
+            &bus,
+            7,
+            user_event::Event::DeviceSignedOut(zhibo_proto::bus::DeviceSignedOut {
+                user_id: 7,
+                device_id: 1,
+            }),
+        )
+        .await;
+        assert_eq!(kick_reason(new.try_recv()), KickReason::SignedOut);
+    }
+
+    /// A full IM queue closes its connection (counted), never blocks the others.
+    #[tokio::test]
+    async fn a_full_im_queue_closes_its_connection() {
+        let bus = MemoryBus::new();
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let (h, _rx) = {
+            let (tx, rx) = queue(2);
+            (
+                ConnHandle {
+                    user_id: 7,
+                    device_id: 1,
+                    tx,
+                    overflow: CancellationToken::new(),
+                },
+                rx,
+            )
+        };
+        let overflow = h.overflow.clone();
+        hub.register(1, h).await.expect("registered");
+        let mut roomy = registered(&hub, 2, 7, 2).await;
+        publish_user(
+            &bus,
+            7,
+            user_event::Event::Delivery(Delivery {
+                packets: vec![heartbeat(), heartbeat(), heartbeat()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(overflow.is_cancelled(), "the slow connection is closed");
+        assert_eq!(hub.overflow_closes(), 1);
+        let got: Vec<_> = std::iter::from_fn(|| roomy.try_recv()).collect();
+        assert_eq!(got.len(), 3, "the other connection got everything");
+    }
+
+    #[tokio::test]
+    async fn broadcasts_fill_at_most_half_an_im_queue() {
+        let hub = Hub::new("gw".into(), Arc::new(MemoryBus::new()));
+        let (tx, mut rx) = queue::<Outbound>(8);
+        let h = ConnHandle {
+            user_id: 7,
+            device_id: 1,
+            tx: tx.clone(),
+            overflow: CancellationToken::new(),
+        };
+        hub.register(1, h).await.expect("registered");
+        for i in 0..10 {
+            let notice = Message {
+                message_id: i,
+                ..Message::default()
+            };
+            hub.broadcast(notice);
+        }
+        assert_eq!(
+            hub.room_frames_dropped(),
+            6,
+            "4 of 10 broadcasts fit in half the queue"
+        );
+        for _ in 0..4 {
+            tx.try_send(Outbound::Packet(Box::default()))
+                .expect("the other half stays for IM");
+        }
+        let first = rx.recv().await;
+        assert!(matches!(first, Outbound::Encoded(_)), "{first:?}");
     }
 }

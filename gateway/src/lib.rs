@@ -1,13 +1,17 @@
 //! # Layout
 //! - [`session`]: the I/O-free connection state machine (sign-in, heartbeat deadline, rate limit).
+//! - [`config`]: [`GatewayConfig`] (every default in its `Default`) and the settings derived from it.
+//! - [`context`]: [`GatewayContext`], what every connection of the gateway shares.
 //! - [`conn`]: drives one session over any packet stream + [`frame::Frame`] sink; publishes commands to
 //!   the bus; joins rooms (room record, hub, history).
 //! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy,
 //!   server-wide broadcast.
-//! - [`rooms`]: live rooms — per-room subscription, batcher, shared encoded frames, online count.
+//! - [`room_state`]: one live room without I/O — batching, online count, late joiners (fake-clock tests).
+//! - [`rooms`]: live rooms' I/O — per-room subscription and task around a [`room_state::RoomState`].
 //! - [`frame`]: a packet or a shared pre-encoded one, and the TCP/QUIC encoder for both.
-//! - [`queue`]: a connection's bounded IM queue, which holds no memory while empty.
+//! - [`queue`]: a connection's bounded IM queue (of [`queue::Outbound`]), which holds no memory while empty.
 //! - [`limits`]: before sign-in: the WebSocket `Origin` allow-list, unauthenticated connections per address.
+//! - `listen`: the one accept loop of the three listeners (address cap, `conn_id`, `conn` span).
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
@@ -16,12 +20,16 @@
 //! encoded frame → every viewer's room queue → socket.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod conn;
+pub mod context;
 pub mod frame;
 pub mod hub;
 pub mod limits;
+mod listen;
 pub mod queue;
 pub mod quic;
+pub mod room_state;
 pub mod rooms;
 pub mod session;
 pub mod tcp;
@@ -31,7 +39,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,204 +47,11 @@ use zhibo_auth::TokenKey;
 use zhibo_bus::Bus;
 use zhibo_store::{DeviceStore, RoomStore};
 
-pub use conn::{ReconnectHints, Shared};
+pub use config::{random_gateway_id, GatewayConfig, ReconnectHints};
+pub use context::GatewayContext;
 pub use hub::Hub;
 pub use rooms::RoomConfig;
 pub use session::SessionConfig;
-
-/// Gateway configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GatewayConfig {
-    /// Unique id of this gateway in the cluster (letters, digits, `-`, `_`); random when empty.
-    pub gateway_id: String,
-    /// TCP listen address.
-    pub tcp_addr: SocketAddr,
-    /// WebSocket listen address.
-    pub ws_addr: SocketAddr,
-    /// QUIC (UDP) listen address.
-    pub quic_addr: SocketAddr,
-    /// PEM certificate chain for QUIC; a self-signed one is generated when unset.
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key for QUIC.
-    pub tls_key: Option<std::path::PathBuf>,
-    /// Largest frame accepted or sent, in bytes.
-    pub max_frame: usize,
-    /// Outbound packets queued per connection before it is closed as too slow.
-    pub outbound_queue: usize,
-    /// Heartbeat interval told to clients, seconds.
-    pub heartbeat_interval_secs: u64,
-    /// Silence after which a connection is closed, seconds.
-    pub heartbeat_timeout_secs: u64,
-    /// Commands per second per connection (sustained).
-    pub rate_per_sec: f64,
-    /// Command burst per connection.
-    pub rate_burst: f64,
-    /// Where TCP clients should reconnect when this gateway drains (`host:port`). Kept for backward
-    /// compatibility: the TCP hint when `reconnect_hint_tcp` is empty.
-    pub reconnect_hint: String,
-    /// Where TCP clients should reconnect when this gateway drains (`host:port`; empty: no hint).
-    pub reconnect_hint_tcp: String,
-    /// Where WebSocket clients should reconnect when this gateway drains (a `ws://` or `wss://` URL).
-    pub reconnect_hint_ws: String,
-    /// Where QUIC clients should reconnect when this gateway drains (`host:port` of a UDP listener).
-    pub reconnect_hint_quic: String,
-    /// Live rooms one connection may be in at once.
-    pub max_rooms_per_conn: usize,
-    /// Room messages per second per connection (sustained).
-    pub room_send_per_sec: f64,
-    /// Room message burst per connection.
-    pub room_send_burst: f64,
-    /// Room frames queued per connection; a slow connection loses further room frames (never IM).
-    pub room_queue: usize,
-    /// Longest a room message waits to be batched with others, milliseconds.
-    pub room_batch_ms: u64,
-    /// Most messages in one room frame.
-    pub room_batch_max: usize,
-    /// How often this gateway reports its viewer count of each room, milliseconds.
-    pub room_presence_ms: u64,
-    /// Recent room messages handed to a joining viewer.
-    pub room_recent: usize,
-    /// `Origin` values (`scheme://host[:port]`) a WebSocket handshake may carry; another one gets
-    /// HTTP 403. Empty = any (the dev default); set it when browsers connect.
-    pub ws_allowed_origins: Vec<String>,
-    /// Connections per client address (IPv6: per /64) that have not signed in yet, across TCP,
-    /// WebSocket and QUIC; further ones are closed at once. 0 = no cap. Behind a proxy that hides
-    /// client addresses every client shares one address: leave it 0 there.
-    pub max_unauthenticated_per_ip: usize,
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig {
-            gateway_id: String::new(),
-            tcp_addr: ([127, 0, 0, 1], 7001).into(),
-            ws_addr: ([127, 0, 0, 1], 7002).into(),
-            quic_addr: ([127, 0, 0, 1], 7003).into(),
-            tls_cert: None,
-            tls_key: None,
-            max_frame: zhibo_proto::codec::DEFAULT_MAX_FRAME,
-            outbound_queue: 1024,
-            heartbeat_interval_secs: 30,
-            heartbeat_timeout_secs: 100,
-            rate_per_sec: 50.0,
-            rate_burst: 100.0,
-            reconnect_hint: String::new(),
-            reconnect_hint_tcp: String::new(),
-            reconnect_hint_ws: String::new(),
-            reconnect_hint_quic: String::new(),
-            max_rooms_per_conn: 8,
-            room_send_per_sec: 5.0,
-            room_send_burst: 10.0,
-            room_queue: 64,
-            room_batch_ms: 50,
-            room_batch_max: 256,
-            room_presence_ms: 2000,
-            room_recent: 50,
-            ws_allowed_origins: Vec::new(),
-            max_unauthenticated_per_ip: 0,
-        }
-    }
-}
-
-impl GatewayConfig {
-    /// Checks values that would otherwise fail later.
-    ///
-    /// # Errors
-    /// A message naming the bad field.
-    pub fn validate(&self) -> Result<(), String> {
-        if !self.gateway_id.is_empty() && !zhibo_bus::subject::is_valid_token(&self.gateway_id) {
-            return Err(format!(
-                "gateway_id {:?}: use letters, digits, '-' and '_'",
-                self.gateway_id
-            ));
-        }
-        if self.max_frame < 64 || self.max_frame > 16 * 1024 * 1024 {
-            return Err("max_frame must be between 64 B and 16 MiB".into());
-        }
-        if self.outbound_queue == 0 {
-            return Err("outbound_queue must be at least 1".into());
-        }
-        if self.heartbeat_timeout_secs <= self.heartbeat_interval_secs {
-            return Err("heartbeat_timeout_secs must exceed heartbeat_interval_secs".into());
-        }
-        if self.rate_per_sec <= 0.0 || self.rate_burst < 1.0 {
-            return Err("rate_per_sec must be > 0 and rate_burst >= 1".into());
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err("set both tls_cert and tls_key, or neither".into());
-        }
-        if self.max_rooms_per_conn == 0 || self.room_queue == 0 || self.room_batch_max == 0 {
-            return Err(
-                "max_rooms_per_conn, room_queue and room_batch_max must be at least 1".into(),
-            );
-        }
-        if self.room_send_per_sec <= 0.0 || self.room_send_burst < 1.0 {
-            return Err("room_send_per_sec must be > 0 and room_send_burst >= 1".into());
-        }
-        let ws = &self.reconnect_hint_ws;
-        if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
-            return Err("reconnect_hint_ws must be a ws:// or wss:// URL".into());
-        }
-        if self.room_batch_ms > 1000 || self.room_presence_ms < 100 {
-            return Err(
-                "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
-            );
-        }
-        for origin in &self.ws_allowed_origins {
-            limits::check_origin(origin)?;
-        }
-        Ok(())
-    }
-
-    fn session(&self) -> SessionConfig {
-        SessionConfig {
-            heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
-            heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
-            rate_per_sec: self.rate_per_sec,
-            rate_burst: self.rate_burst,
-            max_rooms: self.max_rooms_per_conn,
-            room_send_per_sec: self.room_send_per_sec,
-            room_send_burst: self.room_send_burst,
-            ..SessionConfig::default()
-        }
-    }
-
-    /// The GoAway reconnect hint of each transport (`reconnect_hint` is the TCP one when
-    /// `reconnect_hint_tcp` is unset).
-    pub fn reconnect_hints(&self) -> ReconnectHints {
-        let tcp = if self.reconnect_hint_tcp.is_empty() {
-            &self.reconnect_hint
-        } else {
-            &self.reconnect_hint_tcp
-        };
-        ReconnectHints {
-            tcp: tcp.clone(),
-            ws: self.reconnect_hint_ws.clone(),
-            quic: self.reconnect_hint_quic.clone(),
-        }
-    }
-
-    /// The live-room settings of the hub.
-    pub fn room_config(&self) -> RoomConfig {
-        RoomConfig {
-            batch_window: Duration::from_millis(self.room_batch_ms),
-            batch_max: self.room_batch_max,
-            max_frame: self.max_frame,
-            presence_interval: Duration::from_millis(self.room_presence_ms),
-            ..RoomConfig::default()
-        }
-    }
-
-    /// The configured gateway id, or a random one when none is.
-    pub fn resolved_gateway_id(&self) -> String {
-        if self.gateway_id.is_empty() {
-            random_gateway_id()
-        } else {
-            self.gateway_id.clone()
-        }
-    }
-}
 
 /// The gateway's bound sockets, so tests can bind port 0 and read the real addresses.
 #[derive(Debug)]
@@ -312,7 +126,7 @@ async fn export_room_gauges(
     let mut exported = 0;
     loop {
         metrics.room_viewers.set(hub.rooms().total_viewers() as i64);
-        let dropped = hub.rooms().frames_dropped();
+        let dropped = hub.room_frames_dropped();
         drops.inc_by(dropped.saturating_sub(exported));
         exported = dropped;
         tokio::select! {
@@ -320,15 +134,6 @@ async fn export_room_gauges(
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
-}
-
-/// A random gateway id, for when none is configured.
-pub fn random_gateway_id() -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
-        .unwrap_or(0);
-    format!("gw-{:08x}{:04x}", n, std::process::id() & 0xffff)
 }
 
 /// Runs the gateway on `listeners` until `shutdown` is cancelled, then tells every client to go away and
@@ -367,24 +172,17 @@ pub async fn serve(
     async move {
         let replies = hub.serve_replies().await?;
         let broadcast = hub.serve_broadcast().await?;
-        let shared = Arc::new(Shared {
-            hub: hub.clone(),
-            session: Arc::new(config.session()),
-            key: deps.key,
-            devices: deps.devices,
-            outbound_queue: config.outbound_queue,
-            rooms: deps.rooms,
-            room_queue: config.room_queue,
-            room_recent: config.room_recent,
-            max_frame: config.max_frame,
-            shutdown: shutdown.clone(),
-            reconnect_hints: config.reconnect_hints(),
-            metrics: deps.metrics,
-        });
+        let config = Arc::new(config);
+        let ctx = Arc::new(GatewayContext::new(
+            config.clone(),
+            hub.clone(),
+            deps,
+            shutdown.clone(),
+        ));
         let tracker = TaskTracker::new();
         tokio::spawn(export_room_gauges(
             hub.clone(),
-            shared.metrics.clone(),
+            ctx.metrics.clone(),
             shutdown.clone(),
         ));
         let (tcp, ws, quic_addr) = listeners.addrs()?;
@@ -397,21 +195,21 @@ pub async fn serve(
         let accept = tokio::join!(
             tcp::serve(
                 listeners.tcp,
-                shared.clone(),
+                ctx.clone(),
                 limits.clone(),
                 max,
                 tracker.clone()
             ),
             ws::serve(
                 listeners.ws,
-                shared.clone(),
+                ctx.clone(),
                 limits.clone(),
                 max,
                 tracker.clone()
             ),
             quic::serve(
                 listeners.quic.clone(),
-                shared.clone(),
+                ctx.clone(),
                 limits,
                 max,
                 tracker.clone()
@@ -430,28 +228,4 @@ pub async fn serve(
     }
     .instrument(span)
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconnect_hints_per_transport_with_the_old_key_as_tcp() {
-        let mut c = GatewayConfig {
-            reconnect_hint: "old:7001".into(),
-            reconnect_hint_ws: "wss://gw.example/ws".into(),
-            reconnect_hint_quic: "gw.example:7003".into(),
-            ..GatewayConfig::default()
-        };
-        c.validate().expect("valid");
-        let h = c.reconnect_hints();
-        assert_eq!(h.for_transport("tcp"), "old:7001");
-        assert_eq!(h.for_transport("ws"), "wss://gw.example/ws");
-        assert_eq!(h.for_transport("quic"), "gw.example:7003");
-        c.reconnect_hint_tcp = "new:7001".into();
-        assert_eq!(c.reconnect_hints().tcp, "new:7001", "the new key wins");
-        c.reconnect_hint_ws = "gw.example:7002".into();
-        assert!(c.validate().is_err(), "a WebSocket hint must be a URL");
-    }
 }

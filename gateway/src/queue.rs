@@ -9,7 +9,24 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
+use zhibo_proto::client::Packet;
+
+/// What the hub asks a connection to write. Boxed: a queued item is small, and the queue's buffer is
+/// sized in items.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A packet to write.
+    Packet(Box<Packet>),
+    /// A reply to one of this connection's requests (counted to let in-flight requests finish on drain).
+    Reply(Box<Packet>),
+    /// Write this packet, then close (kick).
+    Close(Box<Packet>),
+    /// An encoded frame shared by many connections (a cluster-wide broadcast). Dropped, never closing
+    /// the connection, when the queue is full.
+    Encoded(Box<Bytes>),
+}
 
 /// Slots kept after a burst has drained; a larger buffer is released.
 const KEEP: usize = 16;
@@ -154,24 +171,26 @@ mod tests {
     #[tokio::test]
     async fn recv_wakes_on_a_send_from_another_task() {
         let (tx, mut rx) = queue(8);
-        let sender = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            tx.try_send("hello").expect("room");
-        });
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let mut recv = std::pin::pin!(rx.recv());
+        assert!(futures::poll!(&mut recv).is_pending(), "nothing queued yet");
+        tokio::spawn(async move { tx.try_send("hello") })
+            .await
+            .expect("sender")
+            .expect("room");
+        let got = tokio::time::timeout(Duration::from_secs(5), recv)
             .await
             .expect("woken by the send");
         assert_eq!(got, "hello");
-        sender.await.expect("sender");
     }
 
     #[tokio::test]
     async fn a_cancelled_recv_loses_nothing() {
         let (tx, mut rx) = queue(8);
         // Cancelled while waiting (as in a select! whose other branch won).
-        assert!(tokio::time::timeout(Duration::from_millis(10), rx.recv())
-            .await
-            .is_err());
+        {
+            let mut recv = std::pin::pin!(rx.recv());
+            assert!(futures::poll!(&mut recv).is_pending());
+        }
         tx.try_send(1).expect("room");
         tx.try_send(2).expect("room");
         assert_eq!(rx.recv().await, 1);

@@ -10,11 +10,13 @@ use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, warn};
 use zhibo_proto::codec::PacketDecoder;
 
-use crate::conn::{drive, Shared};
+use crate::conn::drive;
+use crate::context::GatewayContext;
 use crate::limits::{until_signed_in, EdgeLimits};
+use crate::listen::{accept_loop, Accepted};
 
 /// ALPN protocol id clients must offer.
 pub const ALPN: &[u8] = b"zhibo/1";
@@ -125,60 +127,55 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> anyhow::Result<std::net::UdpSo
 /// Accepts QUIC connections until shutdown.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            i = endpoint.accept() => i,
-        };
-        let Some(incoming) = incoming else { break };
-        let peer = incoming.remote_address();
-        let Some(unauthenticated) = limits.admit(peer.ip()) else {
-            debug!(transport = "quic", %peer, "too many connections from this address not signed in: refused");
-            incoming.refuse();
-            continue;
-        };
-        let shared = shared.clone();
-        let span = info_span!("conn", transport = "quic", %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(
-            async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        debug!(error = %e, "quic handshake failed");
-                        return;
-                    }
-                };
-                let stream =
-                    tokio::time::timeout(shared.session.sign_in_timeout, conn.accept_bi()).await;
-                let (send, recv) = match stream {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "no stream");
-                        return;
-                    }
-                    Err(_) => {
-                        conn.close(1u32.into(), b"no stream opened in time");
-                        return;
-                    }
-                };
-                let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
-                    .map(PacketDecoder::flatten);
-                let writer =
-                    until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
-                drive(shared, "quic", reader, writer, None).await;
-                // Give the peer a moment to read what was written last (an Error, a Kick) before the
-                // connection close discards unacknowledged stream data.
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                conn.close(0u32.into(), b"bye");
-            }
-            .instrument(span),
-        );
-    }
+    accept_loop(
+        endpoint,
+        ctx,
+        limits,
+        tracker,
+        "quic",
+        move |a: Accepted<quinn::Incoming>| async move {
+            let Accepted {
+                conn: incoming,
+                ctx,
+                unauthenticated,
+                conn_id,
+            } = a;
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "quic handshake failed");
+                    return;
+                }
+            };
+            let stream = tokio::time::timeout(ctx.session.sign_in_timeout, conn.accept_bi()).await;
+            let (send, recv) = match stream {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "no stream");
+                    return;
+                }
+                Err(_) => {
+                    conn.close(1u32.into(), b"no stream opened in time");
+                    return;
+                }
+            };
+            let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
+                .map(PacketDecoder::flatten);
+            let writer =
+                until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
+            drive(ctx, conn_id, "quic", reader, writer, None).await;
+            // Give the peer a moment to read what was written last (an Error, a Kick) before the
+            // connection close discards unacknowledged stream data.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            conn.close(0u32.into(), b"bye");
+        },
+    )
+    .await;
     // The endpoint stays open: connections drain (GoAway, pending replies) before `close` ends them.
 }
 

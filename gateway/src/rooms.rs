@@ -1,113 +1,47 @@
-//! Live rooms on one gateway: room id → local viewers + one bus subscription + one batcher.
+//! Live rooms on one gateway, the I/O around [`RoomState`]: room id → one bus subscription + one task.
 //!
 //! - The gateway subscribes to `zhibo.room.<id>` when the room's first local viewer joins and drops the
 //!   subscription with the last one. A logic worker publishes each room message once; every subscribed
 //!   gateway fans it out locally.
-//! - Batching: messages arriving within [`RoomConfig::batch_window`] (or until [`RoomConfig::batch_max`]
-//!   messages / a frame's worth of bytes) become one `RoomMessages` packet, encoded **once** and shared
-//!   as [`Bytes`] by every viewer's queue, so a delivery costs a refcount, not an encode or a syscall each.
+//! - The room's task feeds its [`RoomState`] (batching, online count, late joiners; see there) the
+//!   room subject's events and the state's deadlines, and publishes the presence reports it asks for:
+//!   every [`RoomConfig::presence_interval`] each subscribed gateway publishes its local viewer count on
+//!   the room subject (`RoomPresence`, with a time to live). No Redis, same code in embedded mode.
 //! - Slow viewers: each connection has a small room queue, separate from its IM queue. A frame that does
 //!   not fit is dropped for that viewer and counted ([`RoomHub::frames_dropped`]); IM traffic is never
 //!   affected.
-//! - Online count: every [`RoomConfig::presence_interval`] each subscribed gateway publishes its local
-//!   viewer count on the room subject (`RoomPresence`, with a time to live); each gateway sums its own
-//!   count and the latest unexpired reports of the others. No Redis, same code in embedded mode. When the
-//!   count changes and no messages are flowing, viewers get a `RoomMessages` with no messages.
-//! - Joining: a viewer is registered (and the subscription live) *before* the recent history is read;
-//!   until [`RoomHub::ready`], frames for it are buffered as messages instead, then merged into its
-//!   `SubscribeRoomOutput` without the ones the history already holds. Messages the history holds can
-//!   also still be in the batch window at `ready` (or on their way through the bus): for
-//!   [`SEEN_FOR`] after it, the viewer's frames leave out the ids its `recent` had. No gap, no repeat.
-//! - Broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice to every connection, through
-//!   the same room queues.
+//! - Joining: [`RoomHub::join`] registers the viewer and waits until the subscription is live, *before*
+//!   the caller reads the recent history; [`RoomHub::ready`] then merges what arrived meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, Subject};
 use zhibo_proto::bus::{room_event, RoomEvent, RoomPresence};
-use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{Message, Packet, ReceiverType, RoomMessages, RoomNotice};
+use zhibo_proto::client::{Message, ReceiverType, RoomNotice};
 
-use crate::hub::Outbound;
-use crate::queue::QueueSender;
+pub(crate) use crate::room_state::encode_frame;
+pub use crate::room_state::{RoomConfig, RoomOutput, RoomState, Viewer, JOINING_BUFFER, SEEN_FOR};
 
-/// Room fan-out settings of a gateway.
-#[derive(Debug, Clone)]
-pub struct RoomConfig {
-    /// Longest a room message waits to be batched with others.
-    pub batch_window: Duration,
-    /// Most messages in one `RoomMessages` frame.
-    pub batch_max: usize,
-    /// Largest encoded frame (the transports' maximum).
-    pub max_frame: usize,
-    /// How often each gateway reports its viewer count of a room.
-    pub presence_interval: Duration,
-    /// Messages buffered for a viewer between its registration and its SubscribeRoomOutput.
-    pub joining_buffer: usize,
+/// A room's state, shared by its task and the joins and leaves of its viewers.
+type SharedRoom = Arc<Mutex<RoomState>>;
+
+fn lock_room(room: &SharedRoom) -> MutexGuard<'_, RoomState> {
+    room.lock().unwrap_or_else(|p| p.into_inner())
 }
-
-impl Default for RoomConfig {
-    fn default() -> Self {
-        RoomConfig {
-            batch_window: Duration::from_millis(50),
-            batch_max: 256,
-            max_frame: zhibo_proto::codec::DEFAULT_MAX_FRAME,
-            presence_interval: Duration::from_secs(2),
-            joining_buffer: 1024,
-        }
-    }
-}
-
-/// A connection watching a room.
-#[derive(Debug, Clone)]
-pub struct Viewer {
-    /// The connection.
-    pub conn_id: u64,
-    /// Its user, for join/leave notices.
-    pub user_id: i64,
-    /// Its device.
-    pub device_id: i64,
-    /// Its room queue (encoded frames); full = the frame is dropped for it.
-    pub tx: mpsc::Sender<Bytes>,
-}
-
-struct ViewerEntry {
-    viewer: Viewer,
-    /// `Some` while joining: messages to hand over with the SubscribeRoomOutput.
-    joining: Option<Vec<Message>>,
-    /// After joining, for a while: ids the SubscribeRoomOutput had, left out of its frames.
-    seen: Option<(HashSet<u64>, Instant)>,
-}
-
-/// How long after its join a viewer's frames leave out what its `recent` had: longer than a batch
-/// window plus a bus hop, so a message read from the history and still on its way is not sent twice.
-pub const SEEN_FOR: Duration = Duration::from_secs(5);
 
 struct RoomEntry {
-    viewers: HashMap<u64, ViewerEntry>,
+    room: SharedRoom,
     /// Stops the room's task (subscription + batcher).
     stop: CancellationToken,
     /// `Some(true)` once subscribed, `Some(false)` if the subscription failed.
     ready: watch::Receiver<Option<bool>>,
-    /// Announce joins and leaves (the room's setting, as last read at a join).
-    join_notices: bool,
-    /// Viewers on other gateways, from their latest unexpired reports.
-    remote: u64,
-}
-
-impl RoomEntry {
-    fn online(&self) -> u64 {
-        self.viewers.len() as u64 + self.remote
-    }
 }
 
 #[derive(Default)]
@@ -116,7 +50,8 @@ struct State {
     conn_rooms: HashMap<u64, Vec<i64>>,
 }
 
-/// The live rooms of one gateway. Shared by its connections and the rooms' tasks.
+/// The live rooms of one gateway. Shared by its connections and the rooms' tasks. Locks: the registry
+/// first, then a room's state; a room's task takes only its room's.
 pub struct RoomHub {
     gateway_id: String,
     bus: Arc<dyn Bus>,
@@ -138,36 +73,6 @@ impl std::fmt::Debug for RoomHub {
 #[error("cannot subscribe to room {0}")]
 pub struct JoinError(pub i64);
 
-/// A room frame: messages plus the count, encoded once.
-fn encode_frame(room_id: i64, messages: Vec<Message>, online_count: u64) -> Bytes {
-    let packet = Packet::new(
-        0,
-        Body::RoomMessages(RoomMessages {
-            room_id,
-            messages,
-            online_count,
-        }),
-    );
-    Bytes::from(packet.encode_to_vec())
-}
-
-/// Messages waiting for the batch window.
-struct Batch {
-    messages: Vec<Message>,
-    bytes: usize,
-    due: Option<Instant>,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Batch {
-            messages: Vec::new(),
-            bytes: 0,
-            due: None,
-        }
-    }
-}
-
 impl RoomHub {
     /// Rooms of gateway `gateway_id` on `bus`.
     pub fn new(gateway_id: String, bus: Arc<dyn Bus>, config: RoomConfig) -> Arc<Self> {
@@ -180,8 +85,12 @@ impl RoomHub {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn room(&self, room_id: i64) -> Option<SharedRoom> {
+        self.lock().rooms.get(&room_id).map(|e| e.room.clone())
     }
 
     /// Rooms this gateway is subscribed to (has at least one viewer in).
@@ -191,15 +100,13 @@ impl RoomHub {
 
     /// Local viewers of `room_id`.
     pub fn viewer_count(&self, room_id: i64) -> usize {
-        self.lock()
-            .rooms
-            .get(&room_id)
-            .map_or(0, |r| r.viewers.len())
+        self.room(room_id)
+            .map_or(0, |r| lock_room(&r).viewer_count())
     }
 
     /// The room's approximate cluster-wide viewer count as this gateway sees it (0 when not subscribed).
     pub fn online_count(&self, room_id: i64) -> u64 {
-        self.lock().rooms.get(&room_id).map_or(0, RoomEntry::online)
+        self.room(room_id).map_or(0, |r| lock_room(&r).online())
     }
 
     /// Room frames dropped because a viewer's room queue was full.
@@ -209,7 +116,8 @@ impl RoomHub {
 
     /// Viewers on this gateway over all rooms (a connection in two rooms counts twice).
     pub fn total_viewers(&self) -> usize {
-        self.lock().rooms.values().map(|r| r.viewers.len()).sum()
+        let rooms: Vec<SharedRoom> = self.lock().rooms.values().map(|e| e.room.clone()).collect();
+        rooms.iter().map(|r| lock_room(r).viewer_count()).sum()
     }
 
     /// Registers `viewer` in `room_id` (subscribing if it is the room's first here) and waits until the
@@ -231,15 +139,7 @@ impl RoomHub {
                 .rooms
                 .entry(room_id)
                 .or_insert_with(|| self.start_room(room_id));
-            entry.join_notices = join_notices;
-            entry.viewers.insert(
-                conn_id,
-                ViewerEntry {
-                    viewer,
-                    joining: Some(Vec::new()),
-                    seen: None,
-                },
-            );
+            lock_room(&entry.room).add_viewer(viewer, join_notices);
             let ready = entry.ready.clone();
             let rooms = st.conn_rooms.entry(conn_id).or_default();
             if !rooms.contains(&room_id) {
@@ -259,35 +159,18 @@ impl RoomHub {
         }
     }
 
-    /// Ends the joining phase of `conn_id` in `room_id`: returns `recent` followed by the messages that
-    /// arrived since the viewer was registered and are not in `recent`, and the online count. From now on
-    /// the viewer gets frames. `None` if the viewer is not in the room.
+    /// Ends the joining phase of `conn_id` in `room_id` ([`RoomState::ready`]): `recent` followed by what
+    /// arrived since the viewer was registered and is not in `recent`, and the online count. `None` if the
+    /// viewer is not in the room.
     pub fn ready(
         &self,
         conn_id: u64,
         room_id: i64,
-        mut recent: Vec<Message>,
+        recent: Vec<Message>,
     ) -> Option<(Vec<Message>, u64)> {
-        let mut st = self.lock();
-        let entry = st.rooms.get_mut(&room_id)?;
-        let online = entry.online();
-        let v = entry.viewers.get_mut(&conn_id)?;
-        let buffered = v.joining.take()?;
-        let mut known: HashSet<u64> = recent
-            .iter()
-            .map(|m| m.message_id)
-            .filter(|id| *id != 0)
-            .collect();
-        recent.extend(
-            buffered
-                .into_iter()
-                .filter(|m| m.message_id == 0 || !known.contains(&m.message_id)),
-        );
-        known.extend(recent.iter().map(|m| m.message_id).filter(|id| *id != 0));
-        if !known.is_empty() {
-            v.seen = Some((known, Instant::now() + SEEN_FOR));
-        }
-        Some((recent, online))
+        let room = self.room(room_id)?;
+        let mut room = lock_room(&room);
+        room.ready(conn_id, recent, std::time::Instant::now())
     }
 
     /// Removes `conn_id` from `room_id`, unsubscribing with the room's last local viewer. Announces the
@@ -331,13 +214,16 @@ impl RoomHub {
     /// Returns the removed viewer and whether the room announces leaves.
     fn remove_viewer(st: &mut State, conn_id: u64, room_id: i64) -> Option<(Viewer, bool)> {
         let entry = st.rooms.get_mut(&room_id)?;
-        let removed = entry.viewers.remove(&conn_id)?;
-        let notices = entry.join_notices;
-        if entry.viewers.is_empty() {
+        let (removed, notices, empty) = {
+            let mut room = lock_room(&entry.room);
+            let removed = room.remove_viewer(conn_id)?;
+            (removed, room.join_notices(), room.is_empty())
+        };
+        if empty {
             entry.stop.cancel();
             st.rooms.remove(&room_id);
         }
-        Some((removed.viewer, notices))
+        Some((removed, notices))
     }
 
     /// Publishes a join or leave notice of a viewer to the room (message id 0, not kept in history). It
@@ -367,27 +253,30 @@ impl RoomHub {
         );
     }
 
-    /// Creates a room entry and starts its task: subscribe, then batch, fan out and report presence.
+    /// Creates a room entry and starts its task: subscribe, then feed the room's state.
     fn start_room(self: &Arc<Self>, room_id: i64) -> RoomEntry {
         let stop = CancellationToken::new();
         let (ready_tx, ready) = watch::channel(None);
+        let room = Arc::new(Mutex::new(RoomState::new(
+            room_id,
+            self.gateway_id.clone(),
+            self.config.clone(),
+            std::time::Instant::now(),
+        )));
         let hub = Arc::clone(self);
         tokio::spawn(
-            hub.run_room(room_id, stop.clone(), ready_tx)
+            hub.run_room(room_id, room.clone(), stop.clone(), ready_tx)
                 .instrument(tracing::debug_span!("room", room_id)),
         );
-        RoomEntry {
-            viewers: HashMap::new(),
-            stop,
-            ready,
-            join_notices: false,
-            remote: 0,
-        }
+        RoomEntry { room, stop, ready }
     }
 
+    /// The room's task: the bus subscription and the state's deadlines in, frames (through the state)
+    /// and presence reports out.
     async fn run_room(
         self: Arc<Self>,
         room_id: i64,
+        room: SharedRoom,
         stop: CancellationToken,
         ready: watch::Sender<Option<bool>>,
     ) {
@@ -402,76 +291,49 @@ impl RoomHub {
         };
         let _ = ready.send(Some(true));
         debug!(room_id, "room subscribed");
-        let mut batch = Batch::new();
-        // gateway id → (viewers, expiry)
-        let mut reports: HashMap<String, (u64, Instant)> = HashMap::new();
-        let mut presence = tokio::time::interval(self.config.presence_interval);
-        presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_online = None;
+        let ttl = lock_room(&room).presence_ttl();
         loop {
-            let due = batch.due;
-            tokio::select! {
+            let deadline = lock_room(&room).next_deadline();
+            let out = tokio::select! {
                 _ = stop.cancelled() => break,
                 m = sub.next() => {
                     let Some(m) = m else { break };
+                    let now = std::time::Instant::now();
                     match RoomEvent::decode(m.payload) {
                         Ok(RoomEvent { event: Some(room_event::Event::Message(msg)) }) => {
-                            let len = msg.encoded_len() + 8;
-                            // Keep the frame under the transport's maximum (with room for the header).
-                            if batch.bytes + len > self.config.max_frame.saturating_sub(64)
-                                && !batch.messages.is_empty()
-                            {
-                                last_online = Some(self.flush(room_id, &mut batch));
-                            }
-                            batch.bytes += len;
-                            batch.messages.push(msg);
-                            batch.due.get_or_insert_with(|| Instant::now() + self.config.batch_window);
-                            if batch.messages.len() >= self.config.batch_max {
-                                last_online = Some(self.flush(room_id, &mut batch));
-                            }
+                            lock_room(&room).on_message(msg, now)
                         }
                         Ok(RoomEvent { event: Some(room_event::Event::Presence(p)) }) => {
-                            if p.gateway_id != self.gateway_id {
-                                let ttl = Duration::from_millis(u64::from(p.ttl_ms));
-                                if p.viewers == 0 {
-                                    reports.remove(&p.gateway_id);
-                                } else {
-                                    reports.insert(p.gateway_id, (p.viewers, Instant::now() + ttl));
-                                }
-                                self.set_remote(room_id, &reports);
-                            }
+                            lock_room(&room).on_presence(p, now);
+                            RoomOutput::default()
                         }
-                        Ok(_) => {}
-                        Err(e) => warn!(room_id, error = %e, "undecodable room event"),
+                        Ok(_) => RoomOutput::default(),
+                        Err(e) => {
+                            warn!(room_id, error = %e, "undecodable room event");
+                            RoomOutput::default()
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    last_online = Some(self.flush(room_id, &mut batch));
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    lock_room(&room).on_tick(std::time::Instant::now())
                 }
-                _ = presence.tick() => {
-                    let now = Instant::now();
-                    reports.retain(|_, (_, expiry)| *expiry > now);
-                    let online = self.set_remote(room_id, &reports);
-                    self.publish_presence(room_id, self.viewer_count(room_id) as u64).await;
-                    // Tell viewers a changed count even when no message carries it.
-                    if batch.messages.is_empty() && last_online.is_some_and(|o| o != online) {
-                        last_online = Some(self.flush(room_id, &mut batch));
-                    } else if last_online.is_none() {
-                        last_online = Some(online);
-                    }
-                }
+            };
+            if out.dropped > 0 {
+                self.dropped.fetch_add(out.dropped, Ordering::Relaxed);
+            }
+            if let Some(viewers) = out.presence {
+                self.publish_presence(room_id, viewers, ttl).await;
             }
         }
         // Unsubscribe first: publishing to a subject we still subscribe to (and no longer read) could wait
         // on our own full buffer. Then others stop counting this gateway's viewers now rather than when
         // the report expires.
         drop(sub);
-        self.publish_presence(room_id, 0).await;
+        self.publish_presence(room_id, 0, ttl).await;
         debug!(room_id, "room unsubscribed");
     }
 
-    async fn publish_presence(&self, room_id: i64, viewers: u64) {
-        let ttl = self.config.presence_interval * 3;
+    async fn publish_presence(&self, room_id: i64, viewers: u64, ttl: std::time::Duration) {
         let event = RoomEvent {
             event: Some(room_event::Event::Presence(RoomPresence {
                 gateway_id: self.gateway_id.clone(),
@@ -489,116 +351,6 @@ impl RoomHub {
             .await
         {
             debug!(room_id, error = %e, "presence report lost");
-        }
-    }
-
-    /// Stores the other gateways' viewer sum; returns the room's online count.
-    fn set_remote(&self, room_id: i64, reports: &HashMap<String, (u64, Instant)>) -> u64 {
-        let remote = reports.values().map(|(n, _)| n).sum();
-        let mut st = self.lock();
-        match st.rooms.get_mut(&room_id) {
-            Some(entry) => {
-                entry.remote = remote;
-                entry.online()
-            }
-            None => 0,
-        }
-    }
-
-    /// Sends the batch (possibly empty: a count refresh) to every viewer as one shared frame. Returns the
-    /// online count it carried.
-    fn flush(&self, room_id: i64, batch: &mut Batch) -> u64 {
-        let messages = std::mem::take(&mut batch.messages);
-        batch.bytes = 0;
-        batch.due = None;
-        // Count and joining viewers under the lock; encode outside it; fan out under it again.
-        let (online, special) = {
-            let st = self.lock();
-            let Some(entry) = st.rooms.get(&room_id) else {
-                return 0;
-            };
-            let special = entry
-                .viewers
-                .values()
-                .any(|v| v.joining.is_some() || v.seen.is_some());
-            (entry.online(), special)
-        };
-        let copy = (special && !messages.is_empty()).then(|| messages.clone());
-        let frame = encode_frame(room_id, messages, online);
-        let now = Instant::now();
-        let mut st = self.lock();
-        let Some(entry) = st.rooms.get_mut(&room_id) else {
-            return online;
-        };
-        let mut dropped = 0;
-        for v in entry.viewers.values_mut() {
-            if v.seen.as_ref().is_some_and(|(_, until)| *until <= now) {
-                v.seen = None;
-            }
-            match &mut v.joining {
-                None => {
-                    // Just joined: leave out what its SubscribeRoomOutput had (rare: its own frame).
-                    let own = match (&v.seen, &copy) {
-                        (Some((seen, _)), Some(msgs))
-                            if msgs.iter().any(|m| seen.contains(&m.message_id)) =>
-                        {
-                            let rest: Vec<Message> = msgs
-                                .iter()
-                                .filter(|m| !seen.contains(&m.message_id))
-                                .cloned()
-                                .collect();
-                            if rest.is_empty() {
-                                continue;
-                            }
-                            Some(encode_frame(room_id, rest, online))
-                        }
-                        _ => None,
-                    };
-                    let f = own.unwrap_or_else(|| frame.clone());
-                    if v.viewer.tx.try_send(f).is_err() {
-                        dropped += 1;
-                    }
-                }
-                Some(buf) => {
-                    // Rare: a viewer that started joining between the two locks gets a decoded copy.
-                    let msgs = match &copy {
-                        Some(c) => c.clone(),
-                        None => decode_messages(&frame),
-                    };
-                    buf.extend(msgs);
-                    let over = buf.len().saturating_sub(self.config.joining_buffer);
-                    buf.drain(..over);
-                }
-            }
-        }
-        if dropped > 0 {
-            self.dropped.fetch_add(dropped, Ordering::Relaxed);
-        }
-        online
-    }
-
-    /// Fans a broadcast message out to `targets` (every connection's IM queue) as one frame of room 0,
-    /// dropped (and counted with the room frames) for a connection whose queue is half full.
-    pub fn broadcast<'a>(
-        &self,
-        message: Message,
-        targets: impl Iterator<Item = &'a QueueSender<Outbound>>,
-    ) {
-        let frame = encode_frame(0, vec![message], 0);
-        let mut dropped = 0;
-        for tx in targets {
-            // At most half the IM queue: a burst of broadcasts must never fill it and get a slow
-            // reader closed for an IM message that follows.
-            let room = (tx.capacity() / 2).max(1);
-            if tx
-                .try_send_below(Outbound::Encoded(Box::new(frame.clone())), room)
-                .is_err()
-            {
-                dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            self.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
     }
 }
@@ -627,23 +379,18 @@ async fn publish_notice(
     .await
 }
 
-fn decode_messages(frame: &Bytes) -> Vec<Message> {
-    match Packet::decode(frame.clone()) {
-        Ok(Packet {
-            body: Some(Body::RoomMessages(r)),
-            ..
-        }) => r.messages,
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use zhibo_bus::memory::MemoryBus;
+    use std::time::Duration;
 
-    fn viewer(conn_id: u64, cap: usize) -> (Viewer, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(cap);
+    use zhibo_bus::memory::MemoryBus;
+    use zhibo_proto::client::packet::Body;
+    use zhibo_proto::client::{Packet, RoomMessages};
+
+    use super::*;
+
+    fn viewer(conn_id: u64, cap: usize) -> (Viewer, tokio::sync::mpsc::Receiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(cap);
         (
             Viewer {
                 conn_id,
@@ -689,174 +436,63 @@ mod tests {
         }
     }
 
+    /// Waits (bounded) until `check` holds, polling.
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// The shell: one subscription per room with viewers, messages from the bus reach ready viewers
+    /// through the room's state, the subscription goes with the last viewer.
     #[tokio::test]
-    async fn batches_fan_out_once_and_unsubscribe_with_the_last_viewer() {
+    async fn bus_messages_reach_viewers_and_the_subscription_goes_with_the_last() {
         let bus = MemoryBus::new();
         let hub = RoomHub::new("gw".into(), Arc::new(bus.clone()), config());
         let (a, mut ra) = viewer(1, 8);
         let (b, mut rb) = viewer(2, 8);
         hub.join(a, 5, false).await.expect("join a");
         hub.join(b, 5, false).await.expect("join b");
-        assert_eq!(hub.subscription_count(), 1);
-        assert_eq!(bus.subject_count(), 1);
-        for (conn, history) in [(1, vec![]), (2, vec![])] {
-            let (recent, online) = hub.ready(conn, 5, history).expect("ready");
+        assert_eq!((hub.subscription_count(), bus.subject_count()), (1, 1));
+        assert_eq!((hub.viewer_count(5), hub.total_viewers()), (2, 2));
+        for conn in [1, 2] {
+            let (recent, online) = hub.ready(conn, 5, vec![]).expect("ready");
             assert!(recent.is_empty());
             assert_eq!(online, 2);
         }
         for id in 1..=5 {
             publish(&bus, 5, id).await;
         }
-        let fa = ra.recv().await.expect("frame");
-        let fb = rb.recv().await.expect("frame");
-        // One encoding shared by both viewers.
+        let wait = Duration::from_secs(5);
+        let fa = tokio::time::timeout(wait, ra.recv())
+            .await
+            .expect("in time")
+            .expect("frame");
+        let fb = tokio::time::timeout(wait, rb.recv())
+            .await
+            .expect("in time")
+            .expect("frame");
         assert_eq!(fa.as_ptr(), fb.as_ptr());
-        let f = frame_of(&fa);
-        assert_eq!(
-            f.messages.iter().map(|m| m.message_id).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5]
-        );
-        assert_eq!((f.room_id, f.online_count), (5, 2));
-
+        let ids: Vec<u64> = frame_of(&fa)
+            .messages
+            .iter()
+            .map(|m| m.message_id)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
         hub.leave(1, 5);
         assert_eq!(hub.subscription_count(), 1);
         hub.leave_all(2);
         assert_eq!(hub.subscription_count(), 0);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while bus.subject_count() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(bus.subject_count(), 0, "unsubscribed from the bus");
+        assert!(hub.ready(2, 5, vec![]).is_none());
+        eventually("the room's unsubscription", || bus.subject_count() == 0).await;
     }
 
-    #[tokio::test]
-    async fn joining_viewer_gets_the_gap_without_repeats() {
-        let bus = MemoryBus::new();
-        let hub = RoomHub::new("gw".into(), Arc::new(bus.clone()), config());
-        let (a, mut ra) = viewer(1, 8);
-        hub.join(a, 9, false).await.expect("join");
-        // Published while the history is being read: 2 is in the history, 3 is not.
-        publish(&bus, 9, 2).await;
-        publish(&bus, 9, 3).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let history = vec![
-            Message {
-                message_id: 1,
-                ..Message::default()
-            },
-            Message {
-                message_id: 2,
-                ..Message::default()
-            },
-        ];
-        let (recent, _) = hub.ready(1, 9, history).expect("ready");
-        assert_eq!(
-            recent.iter().map(|m| m.message_id).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-        assert!(ra.try_recv().is_err(), "nothing pushed while joining");
-        publish(&bus, 9, 4).await;
-        let f = frame_of(&ra.recv().await.expect("frame"));
-        assert_eq!(f.messages[0].message_id, 4);
-    }
-
-    /// Messages the history already holds but still waiting in the batch window when the viewer
-    /// becomes ready (or arriving just after) are not sent to it again; newer ones are.
-    #[tokio::test]
-    async fn a_viewer_ready_mid_window_gets_no_repeat_of_its_recent() {
-        let bus = MemoryBus::new();
-        let hub = RoomHub::new(
-            "gw".into(),
-            Arc::new(bus.clone()),
-            RoomConfig {
-                batch_window: Duration::from_millis(300),
-                ..config()
-            },
-        );
-        let (a, mut ra) = viewer(1, 8);
-        hub.join(a, 4, false).await.expect("join a");
-        hub.ready(1, 4, vec![]).expect("ready a");
-        // A burst waits in the batch window; b joins meanwhile and reads them from the history.
-        for id in 1..=8 {
-            publish(&bus, 4, id).await;
-        }
-        let (b, mut rb) = viewer(2, 8);
-        hub.join(b, 4, false).await.expect("join b");
-        let history: Vec<Message> = (1..=8)
-            .map(|message_id| Message {
-                message_id,
-                ..Message::default()
-            })
-            .collect();
-        let (recent, _) = hub.ready(2, 4, history).expect("ready b");
-        assert_eq!(recent.len(), 8);
-        publish(&bus, 4, 9).await;
-        let ids = |f: &Bytes| {
-            frame_of(f)
-                .messages
-                .iter()
-                .map(|m| m.message_id)
-                .collect::<Vec<_>>()
-        };
-        let fa = ra.recv().await.expect("a's frame");
-        assert_eq!(ids(&fa), (1..=9).collect::<Vec<_>>());
-        let fb = rb.recv().await.expect("b's frame");
-        assert_eq!(ids(&fb), vec![9], "b got its recent again");
-    }
-
-    #[tokio::test]
-    async fn broadcasts_fill_at_most_half_an_im_queue() {
-        let hub = RoomHub::new("gw".into(), Arc::new(MemoryBus::new()), config());
-        let (tx, mut rx) = crate::queue::queue::<Outbound>(8);
-        for i in 0..10 {
-            let notice = Message {
-                message_id: i,
-                ..Message::default()
-            };
-            hub.broadcast(notice, std::iter::once(&tx));
-        }
-        assert_eq!(
-            hub.frames_dropped(),
-            6,
-            "4 of 10 broadcasts fit in half the queue"
-        );
-        for _ in 0..4 {
-            tx.try_send(Outbound::Packet(Box::default()))
-                .expect("the other half stays for IM");
-        }
-        let first = rx.recv().await;
-        assert!(matches!(first, Outbound::Encoded(_)), "{first:?}");
-    }
-
-    #[tokio::test]
-    async fn full_room_queue_drops_frames_and_counts_them() {
-        let bus = MemoryBus::new();
-        let cfg = RoomConfig {
-            batch_max: 1,
-            ..config()
-        };
-        let hub = RoomHub::new("gw".into(), Arc::new(bus.clone()), cfg);
-        let (a, mut ra) = viewer(1, 2);
-        hub.join(a, 3, false).await.expect("join");
-        hub.ready(1, 3, vec![]).expect("ready");
-        for id in 1..=10 {
-            publish(&bus, 3, id).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while hub.frames_dropped() < 8 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(hub.frames_dropped(), 8);
-        assert_eq!(
-            frame_of(&ra.recv().await.expect("1")).messages[0].message_id,
-            1
-        );
-        assert_eq!(
-            frame_of(&ra.recv().await.expect("2")).messages[0].message_id,
-            2
-        );
-    }
-
+    /// Presence reports travel between gateways over the bus: each sees the sum, and a gateway whose
+    /// last viewer leaves stops being counted without waiting for expiry.
     #[tokio::test]
     async fn online_count_sums_the_gateways() {
         let bus = MemoryBus::new();
@@ -871,19 +507,64 @@ mod tests {
                 hub.ready(c, 7, vec![]).expect("ready");
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while (g1.online_count(7), g2.online_count(7)) != (5, 5) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        eventually("both gateways count 5", || {
+            (g1.online_count(7), g2.online_count(7)) == (5, 5)
+        })
+        .await;
+        for c in 3..=5 {
+            g2.leave_all(c);
         }
-        assert_eq!((g1.online_count(7), g2.online_count(7)), (5, 5));
-        // A gateway whose last viewer leaves stops being counted without waiting for expiry.
-        g2.leave_all(3);
-        g2.leave_all(4);
-        g2.leave_all(5);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while g1.online_count(7) != 2 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        eventually("g1 counts 2", || g1.online_count(7) == 2).await;
+    }
+
+    /// A room whose subscription the bus refuses fails the join and keeps no viewer.
+    #[tokio::test]
+    async fn a_refused_subscription_fails_the_join() {
+        let bus = zhibo_bus::memory::MemoryBus::new();
+        let hub = RoomHub::new("gw".into(), Arc::new(Refusing(bus)), config());
+        let (a, _ra) = viewer(1, 8);
+        assert!(hub.join(a, 5, false).await.is_err());
+        assert_eq!((hub.subscription_count(), hub.total_viewers()), (0, 0));
+    }
+
+    /// A bus that refuses every plain subscription.
+    struct Refusing(MemoryBus);
+
+    #[async_trait::async_trait]
+    impl Bus for Refusing {
+        async fn publish(
+            &self,
+            subject: &Subject,
+            headers: Vec<(String, String)>,
+            payload: Bytes,
+        ) -> zhibo_bus::Result<()> {
+            self.0.publish(subject, headers, payload).await
         }
-        assert_eq!(g1.online_count(7), 2);
+        async fn subscribe(&self, subject: &Subject) -> zhibo_bus::Result<zhibo_bus::Subscription> {
+            Err(zhibo_bus::Error::Subscribe {
+                subject: subject.to_string(),
+                message: "refused (test)".into(),
+            })
+        }
+        async fn subscribe_handler(
+            &self,
+            subject: &Subject,
+            handler: zhibo_bus::Handler,
+        ) -> zhibo_bus::Result<zhibo_bus::HandlerSubscription> {
+            self.0.subscribe_handler(subject, handler).await
+        }
+        async fn queue_subscribe(
+            &self,
+            subject: &Subject,
+            group: &str,
+        ) -> zhibo_bus::Result<zhibo_bus::Subscription> {
+            self.0.queue_subscribe(subject, group).await
+        }
+        async fn flush(&self) -> zhibo_bus::Result<()> {
+            self.0.flush().await
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
     }
 }

@@ -54,19 +54,16 @@ pub struct SessionConfig {
     pub room_send_burst: f64,
 }
 
+/// How long a new connection has to sign in (not a configuration key).
+pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refused commands in a row after which a flooding connection is closed (not a configuration key).
+pub const FLOOD_CLOSE_AFTER: u32 = 200;
+
 impl Default for SessionConfig {
+    /// [`crate::GatewayConfig`]'s defaults: they are written there only.
     fn default() -> Self {
-        SessionConfig {
-            heartbeat_interval: Duration::from_secs(30),
-            heartbeat_timeout: Duration::from_secs(100),
-            sign_in_timeout: Duration::from_secs(10),
-            rate_per_sec: 50.0,
-            rate_burst: 100.0,
-            flood_close_after: 200,
-            max_rooms: 8,
-            room_send_per_sec: 5.0,
-            room_send_burst: 10.0,
-        }
+        crate::GatewayConfig::default().session()
     }
 }
 

@@ -4,73 +4,38 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn, Instrument};
 use zhibo_proto::codec::PacketDecoder;
 
-use crate::conn::{drive, Shared};
-use crate::limits::{until_signed_in, EdgeLimits, Unauthenticated};
-
-/// Accepts TCP connections until shutdown and runs `handle` for each on its own task, inside a `conn`
-/// span (shared by the TCP and WebSocket listeners). A connection beyond the address's cap of
-/// unauthenticated connections is closed at once.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    limits: Arc<EdgeLimits>,
-    tracker: TaskTracker,
-    transport: &'static str,
-    handle: F,
-) where
-    F: Fn(TcpStream, Arc<Shared>, Unauthenticated) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off briefly instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(unauthenticated) = limits.admit(peer.ip()) else {
-            debug!(transport, %peer, "too many connections from this address not signed in: closed");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let span = info_span!("conn", transport, %peer, user_id = tracing::field::Empty, device_id = tracing::field::Empty);
-        tracker.spawn(handle(stream, shared.clone(), unauthenticated).instrument(span));
-    }
-}
+use crate::conn::drive;
+use crate::context::GatewayContext;
+use crate::limits::{until_signed_in, EdgeLimits};
+use crate::listen::{accept_loop, Accepted};
 
 /// Accepts TCP connections until shutdown, each driven on its own task.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
     accept_loop(
         listener,
-        shared.clone(),
+        ctx,
         limits,
         tracker,
         "tcp",
-        move |stream, shared, unauthenticated| async move {
-            let (r, w) = stream.into_split();
+        move |a: Accepted<_>| async move {
+            let _ = a.conn.set_nodelay(true);
+            let (r, w) = a.conn.into_split();
             let reader = FramedRead::with_capacity(r, PacketDecoder::new(max_frame), 512)
                 .map(PacketDecoder::flatten);
-            let writer = until_signed_in(crate::frame::lean_writer(w, max_frame), unauthenticated);
-            drive(shared, "tcp", reader, writer, None).await;
+            let writer =
+                until_signed_in(crate::frame::lean_writer(w, max_frame), a.unauthenticated);
+            drive(a.ctx, a.conn_id, "tcp", reader, writer, None).await;
         },
     )
     .await;

@@ -14,9 +14,11 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Packet, SignInInput};
 use zhibo_proto::codec::{decode_body, CodecError};
 
-use crate::conn::{drive, Shared};
+use crate::conn::drive;
+use crate::context::GatewayContext;
 use crate::frame::Frame;
 use crate::limits::{until_signed_in, EdgeLimits};
+use crate::listen::{accept_loop, Accepted};
 
 /// Small buffers: an idle WebSocket costs a few KB instead of ~135 KB with the defaults. The read
 /// buffer is kept as long as the connection: 512 bytes like TCP's. tungstenite reads at most that much
@@ -50,18 +52,25 @@ pub fn sign_in_from_query(query: &str) -> Packet {
 /// Accepts WebSocket connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<GatewayContext>,
     limits: Arc<EdgeLimits>,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
-    crate::tcp::accept_loop(
+    accept_loop(
         listener,
-        shared,
+        ctx,
         limits,
         tracker,
         "ws",
-        move |stream, shared, unauthenticated| async move {
+        move |a: Accepted<tokio::net::TcpStream>| async move {
+            let Accepted {
+                conn: stream,
+                ctx,
+                unauthenticated,
+                conn_id,
+            } = a;
+            let _ = stream.set_nodelay(true);
             let mut query = None;
             // The callback's signature (and its large error type) is tungstenite's.
             #[allow(clippy::result_large_err)]
@@ -94,7 +103,7 @@ pub async fn serve(
             };
             // Boxed: the handshake's state would otherwise size the whole connection task.
             let handshake = tokio::time::timeout(
-                shared.session.sign_in_timeout,
+                ctx.session.sign_in_timeout,
                 Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
                     stream,
                     callback,
@@ -140,7 +149,7 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(shared, "ws", reader, writer, Some(first)).await;
+            drive(ctx, conn_id, "ws", reader, writer, Some(first)).await;
         },
     )
     .await;
