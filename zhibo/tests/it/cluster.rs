@@ -379,6 +379,11 @@ impl Cluster {
     /// Starts `zhibo logic-worker` as a child process on this distributed cluster's servers and waits
     /// until it consumes commands. Killed when dropped.
     pub(crate) async fn spawn_worker_process(&self) -> WorkerProcess {
+        self.spawn_worker_process_with(&[]).await
+    }
+
+    /// [`Cluster::spawn_worker_process`] with more `ZHIBO_*` variables (overriding the cluster's).
+    pub(crate) async fn spawn_worker_process_with(&self, env: &[(&str, &str)]) -> WorkerProcess {
         use tokio::io::AsyncBufReadExt;
         let c = self.config.as_ref().expect("distributed cluster");
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"));
@@ -400,6 +405,7 @@ impl Cluster {
             .env("ZHIBO_LOG", "info")
             .env("ZHIBO_METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
