@@ -178,7 +178,9 @@ pub(crate) async fn http(
 fn base_config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
-        grace_secs: 2,
+        // An upper bound for `stop()`, which is quick when nothing is in flight: generous, so a loaded
+        // machine (two suites in parallel) does not fail a clean stop.
+        grace_secs: 10,
         ..Config::default()
     };
     c.bus.subject_prefix = subject_prefix().into();
@@ -412,17 +414,28 @@ impl Cluster {
             .expect("start zhibo logic-worker");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // Its output so far, to show why it did not get ready.
+        let mut output = Vec::new();
         let ready = async {
             while let Some(line) = lines.next_line().await.expect("read worker output") {
                 if line.contains("consuming commands") {
-                    return;
+                    return true;
                 }
+                output.push(line);
             }
-            panic!("logic-worker exited before consuming commands");
+            false
         };
-        tokio::time::timeout(READY_WAIT, ready)
-            .await
-            .expect("logic-worker ready in time");
+        match tokio::time::timeout(READY_WAIT, ready).await {
+            Ok(true) => {}
+            Ok(false) => panic!(
+                "logic-worker exited before consuming commands:\n{}",
+                output.join("\n")
+            ),
+            Err(_) => panic!(
+                "logic-worker not consuming commands within {READY_WAIT:?}:\n{}",
+                output.join("\n")
+            ),
+        }
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         WorkerProcess { child }

@@ -47,7 +47,7 @@ impl Drop for RoomCluster {
 fn config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
-        grace_secs: 2,
+        grace_secs: 10,
         ..Config::default()
     };
     c.bus.subject_prefix = subject_prefix().into();
