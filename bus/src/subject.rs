@@ -1,19 +1,82 @@
 //! Every NATS subject zhibo uses, built here and nowhere else.
 //!
-//! | subject                 | publisher                 | subscriber                                  |
-//! |-------------------------|---------------------------|---------------------------------------------|
-//! | `zhibo.cmd`             | gateway, user-api         | logic workers, queue group `logic`          |
-//! | `zhibo.user.<user_id>`  | logic worker, gateway     | each gateway holding a device of that user  |
-//! | `zhibo.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
-//! | `zhibo.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
-//! | `zhibo.broadcast`       | logic worker (user-api)   | every gateway                               |
+//! | subject                    | publisher                 | subscriber                                  |
+//! |----------------------------|---------------------------|---------------------------------------------|
+//! | `<prefix>.cmd`             | gateway, user-api         | logic workers, queue group `logic`          |
+//! | `<prefix>.user.<user_id>`  | logic worker, gateway     | each gateway holding a device of that user  |
+//! | `<prefix>.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
+//! | `<prefix>.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
+//! | `<prefix>.broadcast`       | logic worker (user-api)   | every gateway                               |
+//!
+//! `<prefix>` is the configuration's `bus.subject_prefix` (default [`DEFAULT_PREFIX`], `zhibo`), fixed
+//! once per process by [`set_prefix`] before the first subject is built: deployments (or test runs)
+//! sharing one NATS server with different prefixes never see each other's traffic.
 //!
 //! See docs/ARCHITECTURE.md for why deliveries go to per-user subjects.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 /// Queue group of the logic workers on [`Subject::commands`].
 pub const LOGIC_QUEUE_GROUP: &str = "logic";
+
+/// The subject prefix when none is configured.
+pub const DEFAULT_PREFIX: &str = "zhibo";
+
+/// The process's prefix: set by [`set_prefix`], or [`DEFAULT_PREFIX`] once a subject was built first.
+static PREFIX: OnceLock<String> = OnceLock::new();
+
+/// Why [`set_prefix`] refused a prefix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    /// Not one NATS token (see [`is_valid_token`]).
+    #[error("subject prefix {0:?} is not one token of ASCII letters, digits, '-' or '_'")]
+    Invalid(String),
+    /// The process already uses another prefix (set earlier, or the default once a subject was built).
+    #[error("subject prefix {wanted:?} refused: this process already uses {current:?}")]
+    AlreadySet {
+        /// The prefix in use.
+        current: String,
+        /// The prefix refused.
+        wanted: String,
+    },
+}
+
+/// Checks that `prefix` is usable as the subject prefix: one token (see [`is_valid_token`]).
+///
+/// # Errors
+/// [`PrefixError::Invalid`] otherwise.
+pub fn validate_prefix(prefix: &str) -> Result<(), PrefixError> {
+    if is_valid_token(prefix) {
+        Ok(())
+    } else {
+        Err(PrefixError::Invalid(prefix.to_owned()))
+    }
+}
+
+/// Fixes the prefix of every subject this process builds. Idempotent for the same prefix.
+///
+/// # Errors
+/// [`PrefixError::Invalid`] for a prefix that is not one token; [`PrefixError::AlreadySet`] when the
+/// process already uses another prefix (set before, or the default because a subject was built
+/// first): subjects never change under a running process.
+pub fn set_prefix(prefix: &str) -> Result<(), PrefixError> {
+    validate_prefix(prefix)?;
+    let current = PREFIX.get_or_init(|| prefix.to_owned());
+    if current == prefix {
+        Ok(())
+    } else {
+        Err(PrefixError::AlreadySet {
+            current: current.clone(),
+            wanted: prefix.to_owned(),
+        })
+    }
+}
+
+/// The process's subject prefix (fixing it to [`DEFAULT_PREFIX`] if [`set_prefix`] was not called).
+pub fn prefix() -> &'static str {
+    PREFIX.get_or_init(|| DEFAULT_PREFIX.to_owned())
+}
 
 /// A NATS subject name, built only by this module's constructors.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,28 +85,28 @@ pub struct Subject(String);
 impl Subject {
     /// Client commands (send, sync, ack...) from gateways and user-api to logic workers.
     pub fn commands() -> Self {
-        Subject("zhibo.cmd".to_owned())
+        Subject(format!("{}.cmd", prefix()))
     }
 
     /// Deliveries and presence events for every device of `user_id`.
     pub fn user(user_id: i64) -> Self {
-        Subject(format!("zhibo.user.{user_id}"))
+        Subject(format!("{}.user.{user_id}", prefix()))
     }
 
     /// Replies addressed to one gateway's connections.
     pub fn gateway(gateway_id: &str) -> Self {
-        Subject(format!("zhibo.gw.{gateway_id}"))
+        Subject(format!("{}.gw.{gateway_id}", prefix()))
     }
 
     /// Live room traffic: room messages (published once, by a logic worker) and the gateways' viewer
     /// counts. A gateway subscribes only while it has a viewer in the room.
     pub fn room(room_id: i64) -> Self {
-        Subject(format!("zhibo.room.{room_id}"))
+        Subject(format!("{}.room.{room_id}", prefix()))
     }
 
     /// Server-wide notices for every connected device (admin broadcast).
     pub fn broadcast() -> Self {
-        Subject("zhibo.broadcast".to_owned())
+        Subject(format!("{}.broadcast", prefix()))
     }
 
     /// The subject name.
@@ -81,5 +144,22 @@ mod tests {
         assert!(!is_valid_token("gw.1"));
         assert!(!is_valid_token("gw*"));
         assert!(!is_valid_token(""));
+    }
+
+    #[test]
+    fn the_prefix_is_one_token_and_fixed_once() {
+        // This test binary builds subjects with the default prefix (test above): it is fixed.
+        assert_eq!(Subject::commands().as_str(), "zhibo.cmd");
+        assert_eq!(set_prefix(DEFAULT_PREFIX), Ok(()));
+        assert!(matches!(
+            set_prefix("other"),
+            Err(PrefixError::AlreadySet { ref current, .. }) if current == "zhibo"
+        ));
+        assert_eq!(prefix(), "zhibo");
+        for bad in ["", "a.b", "a*", ">", "a b"] {
+            assert_eq!(validate_prefix(bad), Err(PrefixError::Invalid(bad.into())));
+            assert!(matches!(set_prefix(bad), Err(PrefixError::Invalid(_))));
+        }
+        assert_eq!(validate_prefix("e2e_123-x"), Ok(()));
     }
 }

@@ -53,9 +53,13 @@ impl Default for StoreConfig {
 
 /// Bus settings. Anything that can publish on the bus can act as any user: production NATS needs
 /// authentication (one of user/password, token, nkey seed, creds file) and, across hosts, TLS.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
+    /// First token of every NATS subject (`<prefix>.cmd`, `<prefix>.user.<id>`…): deployments sharing
+    /// one NATS server with different prefixes never see each other's traffic. One token: ASCII
+    /// letters, digits, `-`, `_`.
+    pub subject_prefix: String,
     /// NATS server URL(s), comma-separated; may carry `user:password@`; empty = in-process bus
     /// (embedded mode only).
     pub nats_url: String,
@@ -81,6 +85,24 @@ pub struct BusConfig {
     pub nats_tls_client_key: Option<PathBuf>,
 }
 
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            subject_prefix: zhibo_bus::subject::DEFAULT_PREFIX.into(),
+            nats_url: String::new(),
+            nats_user: String::new(),
+            nats_password: String::new(),
+            nats_token: String::new(),
+            nats_nkey_seed: String::new(),
+            nats_creds_file: None,
+            nats_tls_ca: None,
+            nats_tls_required: false,
+            nats_tls_client_cert: None,
+            nats_tls_client_key: None,
+        }
+    }
+}
+
 impl BusConfig {
     /// The NATS connection options.
     pub fn nats(&self) -> zhibo_bus::nats::NatsOptions {
@@ -102,7 +124,10 @@ impl BusConfig {
 impl std::fmt::Debug for BusConfig {
     /// Secrets are not shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.nats().fmt(f)
+        f.debug_struct("BusConfig")
+            .field("subject_prefix", &self.subject_prefix)
+            .field("nats", &self.nats())
+            .finish()
     }
 }
 
@@ -261,6 +286,8 @@ impl Config {
             .nats()
             .validate()
             .map_err(|e| format!("bus: {e}"))?;
+        zhibo_bus::subject::validate_prefix(&config.bus.subject_prefix)
+            .map_err(|e| format!("bus: {e}"))?;
         Ok(config)
     }
 }
@@ -336,5 +363,19 @@ mod tests {
         let e = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__GATEWAY_ID", "a.b")]))
             .expect_err("bad id");
         assert!(e.contains("gateway_id"), "{e}");
+        for bad in ["a.b", "", "zhibo.*", ">"] {
+            let e = Config::load_from(None, vars(&[("ZHIBO_BUS__SUBJECT_PREFIX", bad)]))
+                .expect_err("bad prefix");
+            assert!(e.contains("bus: subject prefix"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn subject_prefix_defaults_to_zhibo_and_is_configurable() {
+        let c = Config::load_from(None, vars(&[])).expect("defaults");
+        assert_eq!(c.bus.subject_prefix, "zhibo");
+        let c = Config::load_from(None, vars(&[("ZHIBO_BUS__SUBJECT_PREFIX", "staging-2")]))
+            .expect("prefix");
+        assert_eq!(c.bus.subject_prefix, "staging-2");
     }
 }

@@ -49,9 +49,14 @@ impl std::fmt::Debug for Backends {
 
 /// Connects the bus and the stores `config` names.
 ///
+/// Fixes the process's NATS subject prefix (`bus.subject_prefix`) on the first call.
+///
 /// # Errors
-/// When a server cannot be reached or the embedded file cannot be opened.
+/// When a server cannot be reached or the embedded file cannot be opened, or when the process already
+/// uses another subject prefix.
 pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
+    // Before the first subject is built: every role of this process uses the configured prefix.
+    zhibo_bus::subject::set_prefix(&config.bus.subject_prefix).context("bus.subject_prefix")?;
     let bus: Arc<dyn Bus> = if config.bus.nats_url.is_empty() {
         Arc::new(MemoryBus::new())
     } else {

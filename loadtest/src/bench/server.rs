@@ -232,6 +232,11 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
                 ),
                 ("ZHIBO_STORE__KEYSPACE".into(), args.keyspace.clone()),
                 ("ZHIBO_STORE__REDIS_URL".into(), args.redis_url.clone()),
+                // The spawned cluster is private: its own subjects, whoever else uses this NATS.
+                (
+                    "ZHIBO_BUS__SUBJECT_PREFIX".into(),
+                    format!("bench_{}", std::process::id()),
+                ),
             ]);
             let status = spawn("migrate", &common)?.wait().await?;
             if !status.success() {

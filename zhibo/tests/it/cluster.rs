@@ -1,6 +1,14 @@
 //! Test clusters: `embedded()` is one `zhibo dev`-like node; `distributed()` runs two gateways, two logic
 //! workers and a user-api, each with its own NATS connection, on a fresh Cassandra keyspace and Redis.
+//!
+//! Every node of this test process (and every `zhibo` process it starts on the shared NATS) uses the
+//! process's own subject prefix ([`subject_prefix`]): two test runs on one NATS never take each other's
+//! commands or see each other's rooms and broadcasts.
+//!
+//! Fixtures wait on conditions, never fixed sleeps: [`eventually`] polls with a deadline, and
+//! [`wait_until_serving`] waits for a command round trip through every gateway.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use zhibo::{Bound, Config, StoreKind};
 use zhibo_loadtest::client::{Client, Credentials, Transport};
 use zhibo_loadtest::http::Api;
+use zhibo_proto::client::packet::Body;
+use zhibo_proto::client::SyncInput;
 
 /// A `zhibo logic-worker` child process.
 pub(crate) struct WorkerProcess {
@@ -69,12 +79,111 @@ impl Drop for Cluster {
 pub(crate) const SECRET: &str = "e2e-token-secret-0123456789abcdef";
 pub(crate) const ADMIN: &str = "e2e-admin-secret";
 
+/// How long a fixture waits for a condition (a node serving, a process ready) before failing the test.
+pub(crate) const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// The NATS subject prefix of this test process: unique per process, so parallel test runs sharing
+/// one NATS server stay apart. Every configuration this suite builds uses it.
+pub(crate) fn subject_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| zhibo_testkit::unique_name("e2e"))
+}
+
+/// Polls `check` (every 20 ms) until it returns `Some`, and returns that; fails the test with `what`
+/// when `wait` passes first.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, wait: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {wait:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A new user with one registered device, signed in through `api`.
+pub(crate) async fn sign_up(api: &Api, name: &str) -> Credentials {
+    let device = api
+        .register_device("android")
+        .await
+        .expect("register device");
+    let username = format!(
+        "{name}_{}",
+        zhibo_testkit::unique_name("u")
+            .replace('_', "")
+            .chars()
+            .rev()
+            .take(12)
+            .collect::<String>()
+    );
+    api.sign_up_and_in(&username, "correct horse battery", device)
+        .await
+        .expect("sign up and in")
+}
+
+/// Waits until a command sent through each gateway (TCP addresses `gateways`) is answered by a logic
+/// worker: a `Sync` round trip proves the workers' queue subscription is live at the server (commands
+/// published before it are lost, as on any NATS core subject) and the gateway's own subscriptions too.
+pub(crate) async fn wait_until_serving(api: &Api, gateways: &[String]) {
+    let probe = sign_up(api, "probe").await;
+    for gw in gateways {
+        let mut client = Client::connect(Transport::Tcp, gw, &probe)
+            .await
+            .expect("connect the probe")
+            .0;
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            let sync = Body::Sync(SyncInput { seq: 0, limit: 1 });
+            let reply = client.request(sync, Duration::from_millis(500)).await;
+            if matches!(reply, Ok(ref p) if matches!(p.body, Some(Body::SyncOutput(_)))) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no logic worker answered through gateway {gw} within {READY_WAIT:?}: {reply:?}"
+            );
+        }
+    }
+}
+
+/// An HTTP request with a JSON body and one authentication header (`x-admin-secret` or
+/// `authorization`) to user-api at `base`; returns the status and the JSON answer (`Null` if none).
+pub(crate) async fn http(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    auth: (&str, &str),
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .header(auth.0, auth.1)
+        .json(&body)
+        .send()
+        .await
+        .expect("user-api answers");
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
 fn base_config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
-        grace_secs: 2,
+        // An upper bound for `stop()`, which is quick when nothing is in flight: generous, so a loaded
+        // machine (two suites in parallel) does not fail a clean stop.
+        grace_secs: 10,
         ..Config::default()
     };
+    c.bus.subject_prefix = subject_prefix().into();
     c.gateway.tcp_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.ws_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.quic_addr = "127.0.0.1:0".parse().expect("addr");
@@ -248,11 +357,14 @@ impl Cluster {
             bound,
             shutdown.clone(),
         )));
-        // Queue subscriptions reach the server asynchronously: give them a moment.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let base = format!("http://{api_addr}");
+        let api = Api::new(base.clone());
+        if workers > 0 {
+            let tcp: Vec<String> = gateways.iter().map(|g| g.tcp.to_string()).collect();
+            wait_until_serving(&api, &tcp).await;
+        }
         Cluster {
-            api: Api::new(base.clone()),
+            api,
             api_base: base,
             gateways,
             redis_url: Some(redis),
@@ -269,6 +381,11 @@ impl Cluster {
     /// Starts `zhibo logic-worker` as a child process on this distributed cluster's servers and waits
     /// until it consumes commands. Killed when dropped.
     pub(crate) async fn spawn_worker_process(&self) -> WorkerProcess {
+        self.spawn_worker_process_with(&[]).await
+    }
+
+    /// [`Cluster::spawn_worker_process`] with more `ZHIBO_*` variables (overriding the cluster's).
+    pub(crate) async fn spawn_worker_process_with(&self, env: &[(&str, &str)]) -> WorkerProcess {
         use tokio::io::AsyncBufReadExt;
         let c = self.config.as_ref().expect("distributed cluster");
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"));
@@ -280,6 +397,7 @@ impl Cluster {
             .arg("logic-worker")
             .env("ZHIBO_TOKEN_SECRET", SECRET)
             .env("ZHIBO_BUS__NATS_URL", &c.bus.nats_url)
+            .env("ZHIBO_BUS__SUBJECT_PREFIX", &c.bus.subject_prefix)
             .env("ZHIBO_BUS__NATS_USER", &c.bus.nats_user)
             .env("ZHIBO_BUS__NATS_PASSWORD", &c.bus.nats_password)
             .env("ZHIBO_STORE__KIND", "scylla")
@@ -289,23 +407,35 @@ impl Cluster {
             .env("ZHIBO_LOG", "info")
             .env("ZHIBO_METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start zhibo logic-worker");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // Its output so far, to show why it did not get ready.
+        let mut output = Vec::new();
         let ready = async {
             while let Some(line) = lines.next_line().await.expect("read worker output") {
                 if line.contains("consuming commands") {
-                    return;
+                    return true;
                 }
+                output.push(line);
             }
-            panic!("logic-worker exited before consuming commands");
+            false
         };
-        tokio::time::timeout(Duration::from_secs(30), ready)
-            .await
-            .expect("logic-worker ready in time");
+        match tokio::time::timeout(READY_WAIT, ready).await {
+            Ok(true) => {}
+            Ok(false) => panic!(
+                "logic-worker exited before consuming commands:\n{}",
+                output.join("\n")
+            ),
+            Err(_) => panic!(
+                "logic-worker not consuming commands within {READY_WAIT:?}:\n{}",
+                output.join("\n")
+            ),
+        }
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         WorkerProcess { child }
@@ -334,24 +464,7 @@ impl Cluster {
 
     /// A new user with one registered device, signed in.
     pub(crate) async fn user(&self, name: &str) -> Credentials {
-        let device = self
-            .api
-            .register_device("android")
-            .await
-            .expect("register device");
-        let username = format!(
-            "{name}_{}",
-            zhibo_testkit::unique_name("u")
-                .replace('_', "")
-                .chars()
-                .rev()
-                .take(12)
-                .collect::<String>()
-        );
-        self.api
-            .sign_up_and_in(&username, "correct horse battery", device)
-            .await
-            .expect("sign up and in")
+        sign_up(&self.api, name).await
     }
 
     /// Another device of the same user (`creds`' username is unknown here, so mint through the admin-free

@@ -177,7 +177,26 @@ async fn draining_a_gateway_under_load_loses_nothing() {
             .expect("send");
         waiting.insert(rid, id.clone());
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A heartbeat behind them: the gateway reads frames in order, so its answer means all ten sends were
+    // read and forwarded (ACKs that arrive first are kept).
+    let fence = a
+        .send(Body::Heartbeat(Default::default()))
+        .await
+        .expect("heartbeat");
+    loop {
+        let p = a
+            .recv(Duration::from_secs(10))
+            .await
+            .expect("heartbeat answered")
+            .expect("open");
+        if p.request_id == fence {
+            break;
+        }
+        if let Some(Body::SendMessageOutput(o)) = p.body {
+            let id = waiting.remove(&p.request_id).expect("an ACK of ours");
+            acked.insert(id, o);
+        }
+    }
     cluster.gateway_stops[0].cancel();
     // The draining gateway says GoAway, still writes the ACKs of the sends it had forwarded, then closes.
     let mut go_away = None;
@@ -243,7 +262,24 @@ async fn a_reader_that_stops_reading_is_closed_and_catches_up_by_sync() {
             .expect("encode");
         stuck.write_all(&buf).await.expect("sign in");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its sign-in answer: bob is online (his deliveries are routed to this connection) from here on.
+    let mut read = bytes::BytesMut::new();
+    let signed_in = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio_util::codec::Decoder;
+        let mut codec = zhibo_proto::codec::PacketCodec::default();
+        loop {
+            if let Some(p) = codec.decode(&mut read).expect("decode") {
+                return p;
+            }
+            assert_ne!(stuck.read_buf(&mut read).await.expect("read"), 0, "closed");
+        }
+    })
+    .await
+    .expect("sign-in answered");
+    assert!(
+        matches!(signed_in.body, Some(Body::SignInOutput(_))),
+        "{signed_in:?}"
+    );
     let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
     // ~600 × 30 KB = 18 MB: more than the loopback socket buffers hold.
     let big = "x".repeat(30 * 1024);

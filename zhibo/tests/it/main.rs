@@ -37,6 +37,7 @@ mod cli;
 mod cluster;
 mod faults;
 mod ids;
+mod isolation;
 mod loadtest_smoke;
 mod processes;
 mod reliability;

@@ -3,12 +3,13 @@
 //! These tests build their own cluster (same roles as `cluster.rs`) because they read each gateway's
 //! [`Hub`] counters (room subscriptions, dropped room frames) and, embedded, the in-process bus.
 
+use std::future::ready;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use zhibo::{Backends, Bound, Config, StoreKind};
@@ -22,7 +23,7 @@ use zhibo_proto::client::{
     SubscribeRoomInput, SubscribeRoomOutput, UnsubscribeRoomInput,
 };
 
-use crate::cluster::{ADMIN, SECRET};
+use crate::cluster::{eventually, subject_prefix, wait_until_serving, ADMIN, SECRET};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -46,9 +47,10 @@ impl Drop for RoomCluster {
 fn config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
-        grace_secs: 2,
+        grace_secs: 10,
         ..Config::default()
     };
+    c.bus.subject_prefix = subject_prefix().into();
     let any = "127.0.0.1:0".parse().expect("addr");
     (c.gateway.tcp_addr, c.gateway.ws_addr, c.gateway.quic_addr) = (any, any, any);
     c.gateway.rate_per_sec = 5000.0;
@@ -144,10 +146,17 @@ impl RoomCluster {
         let (tcp, hub, gw) = gateway(&config, &backends, &shutdown).await;
         let (base, node) = api_and_logic(&config, backends, &shutdown, true).await;
         let base = base.expect("api");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let api = Api::new(base.clone());
+        // Every subscription of the node is made once a command goes round; the probe's own (its
+        // user subject) goes with its connection.
+        wait_until_serving(&api, std::slice::from_ref(&tcp)).await;
+        eventually("the probe connection is gone", WAIT, || {
+            ready((hub.connection_count() == 0 && hub.user_subscription_count() == 0).then_some(()))
+        })
+        .await;
         let baseline = bus.subject_count();
         RoomCluster {
-            api: Api::new(base.clone()),
+            api,
             api_base: base,
             gateways: vec![(tcp, hub)],
             bus: Some((bus, baseline)),
@@ -183,10 +192,12 @@ impl RoomCluster {
             base = base.or(b);
             nodes.push(task);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let base = base.expect("api");
+        let api = Api::new(base.clone());
+        let tcp: Vec<String> = gateways.iter().map(|(tcp, _)| tcp.clone()).collect();
+        wait_until_serving(&api, &tcp).await;
         RoomCluster {
-            api: Api::new(base.clone()),
+            api,
             api_base: base,
             gateways,
             bus: None,
@@ -224,35 +235,15 @@ impl RoomCluster {
             .0
     }
 
-    /// A PUT/PATCH/POST with a JSON body over plain HTTP/1.1 (the test client has only POST/GET).
+    /// A user-api request with a JSON body and one authentication header.
     async fn http(
         &self,
-        method: &str,
+        method: Method,
         path: &str,
         auth: (&str, &str),
         body: Value,
     ) -> (u16, Value) {
-        let addr = self.api_base.trim_start_matches("http://");
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect api");
-        let body = body.to_string();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{}: {}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            auth.0,
-            auth.1,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).await.expect("read");
-        let status = resp[9..12].parse().expect("status");
-        let json = resp
-            .split_once("\r\n\r\n")
-            .and_then(|(_, b)| serde_json::from_str(b).ok())
-            .unwrap_or(Value::Null);
-        (status, json)
+        crate::cluster::http(&self.api_base, method, path, auth, body).await
     }
 }
 
@@ -303,6 +294,19 @@ async fn say(c: &mut Client, room_id: i64, text: &str) -> Result<u64, ErrorCode>
     }
 }
 
+/// The next RoomMessages frame of `room_id` (other packets, and frames of other rooms, are skipped: a
+/// broadcast, room 0, from a test running concurrently on the same bus reaches every connection).
+async fn next_frame_of(c: &mut Client, room_id: i64, wait: Duration) -> Option<RoomMessages> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let f = next_frame(c, left).await?;
+        if f.room_id == room_id {
+            return Some(f);
+        }
+    }
+}
+
 /// The next RoomMessages frame (other packets are skipped).
 async fn next_frame(c: &mut Client, wait: Duration) -> Option<RoomMessages> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -323,10 +327,9 @@ async fn next_frame(c: &mut Client, wait: Duration) -> Option<RoomMessages> {
 async fn collect(c: &mut Client, room_id: i64, n: usize) -> Vec<Message> {
     let mut got = Vec::new();
     while got.len() < n {
-        let f = next_frame(c, WAIT)
+        let f = next_frame_of(c, room_id, WAIT)
             .await
             .unwrap_or_else(|| panic!("only {} of {n} room messages arrived", got.len()));
-        assert_eq!(f.room_id, room_id);
         got.extend(f.messages.into_iter().filter(|m| m.content_type >= 0));
     }
     got
@@ -336,14 +339,6 @@ fn texts(ms: &[Message]) -> Vec<String> {
     ms.iter()
         .map(|m| String::from_utf8_lossy(&m.content).into_owned())
         .collect()
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn room_id() -> i64 {
@@ -420,8 +415,9 @@ async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
     ] {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let f = next_frame(
+            let f = next_frame_of(
                 c,
+                room,
                 deadline.saturating_duration_since(tokio::time::Instant::now()),
             )
             .await
@@ -434,14 +430,14 @@ async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
 
     // v1 leaves: no more room traffic for it; the others still get it.
     leave(&mut b, room).await;
-    while next_frame(&mut b, Duration::from_millis(300))
+    while next_frame_of(&mut b, room, Duration::from_millis(300))
         .await
         .is_some()
     {}
     say(&mut s, room, "after leave").await.expect("send");
     assert_eq!(texts(&collect(&mut a, room, 1).await), vec!["after leave"]);
     assert!(
-        next_frame(&mut b, Duration::from_millis(500))
+        next_frame_of(&mut b, room, Duration::from_millis(500))
             .await
             .is_none(),
         "a viewer that left gets nothing"
@@ -453,15 +449,15 @@ async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
     drop(s);
     for gw in 0..cluster.gateways.len() {
         let hub = cluster.hub(gw).clone();
-        eventually("gateway unsubscribes with its last viewer", || {
-            hub.room_subscription_count() == 0
+        eventually("gateway unsubscribes with its last viewer", WAIT, || {
+            ready((hub.room_subscription_count() == 0).then_some(()))
         })
         .await;
     }
     drop((a, b, stranger));
     if let Some((bus, baseline)) = &cluster.bus {
-        eventually("bus subjects back to the baseline", || {
-            bus.subject_count() == *baseline
+        eventually("bus subjects back to the baseline", WAIT, || {
+            ready((bus.subject_count() == *baseline).then_some(()))
         })
         .await;
     }
@@ -564,7 +560,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     let admin = ("x-admin-secret", ADMIN);
     let (status, v) = cluster
         .http(
-            "PUT",
+            Method::PUT,
             &format!("/v1/admin/rooms/{room}"),
             admin,
             json!({"owner_user_id": owner.user_id, "join_notices": true}),
@@ -579,7 +575,9 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     join(&mut w, room).await.expect("viewer joins");
     // The owner sees the viewer's join notice (after its own).
     let notice = loop {
-        let f = next_frame(&mut o, WAIT).await.expect("join notice");
+        let f = next_frame_of(&mut o, room, WAIT)
+            .await
+            .expect("join notice");
         if let Some(m) = f
             .messages
             .into_iter()
@@ -597,7 +595,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     let (b_name, b_value) = bearer(&viewer);
     let (status, _) = cluster
         .http(
-            "PATCH",
+            Method::PATCH,
             &format!("/v1/rooms/{room}"),
             (b_name, &b_value),
             json!({"muted": true}),
@@ -607,7 +605,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     let (b_name, b_value) = bearer(&owner);
     let (status, v) = cluster
         .http(
-            "PATCH",
+            Method::PATCH,
             &format!("/v1/rooms/{room}"),
             (b_name, &b_value),
             json!({"muted": true}),
@@ -622,7 +620,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     // A system notice reaches viewers even in a muted room.
     let (status, v) = cluster
         .http(
-            "POST",
+            Method::POST,
             &format!("/v1/admin/rooms/{room}/messages"),
             admin,
             json!({"content_type": 7, "content": "c3lzdGVt"}),
@@ -638,7 +636,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     let mut x = cluster.connect(0, &other).await;
     let (status, v) = cluster
         .http(
-            "POST",
+            Method::POST,
             "/v1/admin/broadcast",
             admin,
             json!({"content": "YnJvYWRjYXN0"}),
@@ -658,7 +656,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     // Closed: viewers are told, sends and joins are refused.
     let (status, _) = cluster
         .http(
-            "PATCH",
+            Method::PATCH,
             &format!("/v1/rooms/{room}"),
             (b_name, &b_value),
             json!({"closed": true}),
@@ -666,7 +664,9 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
         .await;
     assert_eq!(status, 200);
     let closed = loop {
-        let f = next_frame(&mut w, WAIT).await.expect("closed notice");
+        let f = next_frame_of(&mut w, room, WAIT)
+            .await
+            .expect("closed notice");
         if let Some(m) = f.messages.into_iter().find(|m| m.content_type < 0) {
             break m;
         }
@@ -682,7 +682,7 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     let room2 = room_id();
     cluster
         .http(
-            "PUT",
+            Method::PUT,
             &format!("/v1/admin/rooms/{room2}"),
             admin,
             json!({"join_notices": true}),
@@ -693,10 +693,10 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     leave(&mut x, room2).await;
     let mut kinds = Vec::new();
     while !kinds.contains(&(RoomNotice::Leave as i32)) {
-        let f = next_frame(&mut o, WAIT).await.expect("leave notice");
-        if f.room_id == room2 {
-            kinds.extend(f.messages.iter().map(|m| m.content_type));
-        }
+        let f = next_frame_of(&mut o, room2, WAIT)
+            .await
+            .expect("leave notice");
+        kinds.extend(f.messages.iter().map(|m| m.content_type));
     }
 
     // At most 8 rooms per connection.

@@ -8,7 +8,7 @@ use zhibo_loadtest::client::Transport;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ReceiverType, SendMessageInput};
 
-use crate::cluster::Cluster;
+use crate::cluster::{eventually, Cluster};
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -27,25 +27,21 @@ fn send(to: i64, id: &str) -> Body {
     })
 }
 
-/// Scrapes until `name` reads `want` (gauges move asynchronously), for up to 5 s; returns the last value.
-async fn settle(http: &reqwest::Client, ops: std::net::SocketAddr, name: &str, want: f64) -> f64 {
-    let mut value = f64::NAN;
-    for _ in 0..50 {
-        let text = http
-            .get(format!("http://{ops}/metrics"))
-            .send()
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text");
-        value = metric(&text, name);
-        if value == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    value
+/// Scrapes until `name` reads `want` (gauges move asynchronously; the room gauge is exported every 2 s),
+/// failing the test after 10 s.
+async fn settle(http: &reqwest::Client, ops: std::net::SocketAddr, name: &str, want: f64) {
+    eventually(
+        &format!("{name} reads {want}"),
+        Duration::from_secs(10),
+        || {
+            let scrape = http.get(format!("http://{ops}/metrics")).send();
+            async move {
+                let text = scrape.await.expect("scrape").text().await.expect("text");
+                (metric(&text, name) == want).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,15 +52,15 @@ async fn metrics_are_scraped_and_move() {
     let get = |path: &str| http.get(format!("http://{ops}{path}")).send();
     assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
     // Readiness follows a real store probe: wait for the first one.
-    let mut ready = false;
-    for _ in 0..50 {
-        if get("/readyz").await.expect("readyz").status() == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "ready once the bus and the store answer");
+    eventually(
+        "ready once the bus and the store answer",
+        Duration::from_secs(10),
+        || {
+            let probe = get("/readyz");
+            async move { (probe.await.expect("readyz").status() == 200).then_some(()) }
+        },
+    )
+    .await;
     let before = get("/metrics")
         .await
         .expect("scrape")
@@ -124,11 +120,11 @@ async fn metrics_are_scraped_and_move() {
         matches!(joined.body, Some(Body::SubscribeRoomOutput(_))),
         "{joined:?}"
     );
-    let viewers = settle(&http, ops, "zhibo_room_viewers", 1.0).await;
-    assert_eq!(viewers, 1.0, "the room viewer is counted");
+    // The room viewer is counted.
+    settle(&http, ops, "zhibo_room_viewers", 1.0).await;
     drop(b);
     // Disconnects are counted too.
-    let tcp = settle(&http, ops, r#"zhibo_connections{transport="tcp"}"#, 0.0).await;
-    assert_eq!(tcp, 0.0, "the tcp connection gauge returns to 0");
+    // The tcp connection gauge returns to 0.
+    settle(&http, ops, r#"zhibo_connections{transport="tcp"}"#, 0.0).await;
     cluster.stop().await;
 }
