@@ -160,6 +160,7 @@ where
     /// moved into); the async block uses its capture in place. Every handler that awaits is boxed:
     /// inline, its state would be part of every idle connection's task (see
     /// `an_idle_tcp_connection_task_stays_small`), for a state it is in only while handling.
+    #[allow(clippy::manual_async_fn)] // deliberate: see above
     fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
         async move {
             loop {
