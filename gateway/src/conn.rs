@@ -748,8 +748,21 @@ async fn authenticate(
         })?
         .ok_or((ErrorCode::Unauthenticated, "unknown device".to_owned()))?;
     // A device serves the one user it was bound to at its first sign-in (user-api): a token for
-    // another user on it is refused, as user-api refuses it.
-    if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+    // another user on it is refused, as user-api refuses it. A device not bound yet (registered before
+    // binding existed, or only ever used with tokens an app backend minted) is bound here to the first
+    // user whose valid token uses it: one conditional write, once per device.
+    let owner = match device.owner_user_id {
+        0 => ctx
+            .devices
+            .bind_device(claims.device_id, claims.user_id)
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "device binding failed");
+                (ErrorCode::Unavailable, "try again later".to_owned())
+            })?,
+        owner => owner,
+    };
+    if owner != claims.user_id {
         return Err((
             ErrorCode::Unauthenticated,
             "this device belongs to another user".to_owned(),

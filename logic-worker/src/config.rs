@@ -20,9 +20,10 @@ pub struct LogicConfig {
     pub max_client_msg_id: usize,
     /// Commands handled at once by one worker.
     pub concurrency: usize,
-    /// Node number for message ids (0–1023). Unset (the default): leased from the store's pool of 1024,
-    /// unique cluster-wide while held (see `zhibo_store::ids`). Set: the operator promises no other
-    /// process mints with this number, ever at the same time (no lease is taken).
+    /// Node number for message ids (512–1023). Unset (the default): leased from the store's pool
+    /// (0–511), unique cluster-wide while held (see `zhibo_store::ids`). Set: no lease is taken; numbers
+    /// from 512 up are never leased, so the operator only promises that no two configured workers share
+    /// one.
     pub node_id: Option<u64>,
     /// Largest room message content, bytes (danmaku are short; a frame batches many of them).
     pub max_room_content: usize,
@@ -64,12 +65,41 @@ impl LogicConfig {
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
-        if self.node_id.is_some_and(|n| n > 1023) {
-            return Err("node_id must be 0..=1023".into());
+        // 0..512 are leased (see `zhibo_store::Pool::Messages`): a configured number must be one no
+        // leasing process can hold.
+        if self.node_id.is_some_and(|n| !(512..=1023).contains(&n)) {
+            return Err("node_id must be 512..=1023 (0..=511 are leased automatically)".into());
         }
         if self.max_room_content > 60 * 1024 {
             return Err("max_room_content must be at most 60 KiB (one frame must hold it)".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configured node number comes from the half of the pool that is never leased, so a worker with
+    /// `node_id` set and a leasing process can never mint with the same number.
+    #[test]
+    fn a_configured_node_id_is_outside_the_leased_numbers() {
+        let leased = zhibo_store::leases::Pool::Messages.size();
+        for n in [0, 1, 5, u64::from(leased) - 1, 1024] {
+            let c = LogicConfig {
+                node_id: Some(n),
+                ..LogicConfig::default()
+            };
+            assert!(c.validate().is_err(), "node_id {n} accepted");
+        }
+        for n in [u64::from(leased), 1023] {
+            let c = LogicConfig {
+                node_id: Some(n),
+                ..LogicConfig::default()
+            };
+            assert_eq!(c.validate(), Ok(()), "node_id {n}");
+        }
+        assert_eq!(leased, 512);
     }
 }

@@ -212,7 +212,7 @@ mod tests {
             .await
             .expect("subscribe");
         let config = LogicConfig {
-            node_id: Some(1),
+            node_id: Some(512),
             ..LogicConfig::default()
         };
         let logic = Logic::new(stores.clone(), bus as Arc<dyn Bus>, config);

@@ -9,7 +9,7 @@
 //! Two generators with the same node number mint the same ids whenever their clocks meet, so a node
 //! number must have one minter at a time, cluster-wide. A configured number (`logic.node_id`) is the
 //! operator's promise of that. Otherwise each process *leases* one ([`crate::leases`]): one pool of
-//! 1024 numbers for message ids, one of 32 for entity ids, in the durable store (Cassandra; the embedded
+//! 512 numbers for message ids (the other 512 are for configured `logic.node_id`s), one of 32 for entity ids, in the durable store (Cassandra; the embedded
 //! store belongs to one process, which holds its file locked). Redis is not used: it is treated as
 //! volatile (it may be flushed), and a lost lease table would hand out numbers still in use.
 //!

@@ -118,8 +118,19 @@ where
             .await?
             .ok_or_else(|| ApiError::unauthorized("unauthenticated", "unknown device"))?;
         // A device serves its one owner: a token for another user on it (minted by an app backend) is
-        // refused, so nobody can act through, or sign out, a device that is not theirs.
-        if device.owner_user_id != 0 && device.owner_user_id != claims.user_id {
+        // refused, so nobody can act through, or sign out, a device that is not theirs. A device not bound
+        // yet (registered before binding existed, or only ever used with minted tokens) is bound to the
+        // first user whose valid token uses it: one conditional write, once per device.
+        let owner = match device.owner_user_id {
+            0 => {
+                state
+                    .devices
+                    .bind_device(claims.device_id, claims.user_id)
+                    .await?
+            }
+            owner => owner,
+        };
+        if owner != claims.user_id {
             return Err(ApiError::unauthorized(
                 "unauthenticated",
                 "this device belongs to another user",

@@ -14,7 +14,9 @@ use crate::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Pool {
-    /// Message ids: 10-bit node numbers (0..1024).
+    /// Message ids: 10-bit node numbers, of which the lower half (0..512) is leased; the upper half
+    /// (512..1024) is left to operators who configure `logic.node_id`, so a configured number can never
+    /// be handed to a leasing process.
     Messages,
     /// Entity ids (users, devices, groups): 5-bit node numbers (0..32).
     Entities,
@@ -24,7 +26,7 @@ impl Pool {
     /// How many node numbers the pool has.
     pub fn size(self) -> u32 {
         match self {
-            Pool::Messages => 1024,
+            Pool::Messages => 512,
             Pool::Entities => 32,
         }
     }

@@ -413,3 +413,40 @@ async fn unauthenticated_connections_are_capped_per_address_distributed() {
     unauthenticated_cap(&cluster).await;
     cluster.stop().await;
 }
+
+/// Issue 19 finding 1, for devices that were never bound at a password sign-in (registered before
+/// binding existed, or used only with tokens an app backend minted): the first connection with a valid
+/// token binds the device at the gateway, so another user can no longer take it over by signing in on
+/// it with a password (and then revoke its owner's tokens by signing out).
+async fn an_unbound_device_is_bound_by_its_first_connection(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let minted = cluster.second_device(&alice).await;
+    let mut c = cluster.connect(Transport::Tcp, 0, &minted).await;
+    let carol_name = format!("carol{}", minted.device_id % 1_000_000);
+    let carol = cluster
+        .api
+        .sign_up_and_in(&carol_name, "correct horse battery", minted.device_id)
+        .await;
+    let e = carol.expect_err("a device bound at the gateway cannot be taken over");
+    assert!(e.to_string().contains("device_taken"), "{e}");
+    // Alice's connection is untouched.
+    let p = c
+        .request(Body::Heartbeat(Default::default()), Duration::from_secs(10))
+        .await
+        .expect("heartbeat");
+    assert!(matches!(p.body, Some(Body::Heartbeat(_))), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbound_device_is_bound_by_its_first_connection_embedded() {
+    let cluster = Cluster::embedded().await;
+    an_unbound_device_is_bound_by_its_first_connection(&cluster).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbound_device_is_bound_by_its_first_connection_distributed() {
+    let cluster = Cluster::distributed().await;
+    an_unbound_device_is_bound_by_its_first_connection(&cluster).await;
+    cluster.stop().await;
+}
