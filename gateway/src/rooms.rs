@@ -289,6 +289,14 @@ impl RoomHub {
                 return;
             }
         };
+        // A NATS subscription takes effect at the server asynchronously: a round trip (flush) makes it
+        // effective before the join completes, so nothing published after the join (a message, another
+        // viewer's join notice from another gateway) can miss this gateway.
+        if let Err(e) = self.bus.flush().await {
+            warn!(room_id, error = %e, "room subscription not confirmed");
+            let _ = ready.send(Some(false));
+            return;
+        }
         let _ = ready.send(Some(true));
         debug!(room_id, "room subscribed");
         let ttl = lock_room(&room).presence_ttl();

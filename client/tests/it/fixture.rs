@@ -49,12 +49,20 @@ impl Drop for Cluster {
     }
 }
 
+fn subject_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| zhibo_testkit::unique_name("sdk"))
+}
+
 fn base_config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
-        grace_secs: 2,
+        // An upper bound for `stop()` on a loaded machine, not a wait.
+        grace_secs: 10,
         ..Config::default()
     };
+    // Its own subjects on the shared NATS: another test process's workers never take our commands.
+    c.bus.subject_prefix = subject_prefix().to_owned();
     c.gateway.tcp_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.ws_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.quic_addr = "127.0.0.1:0".parse().expect("addr");
