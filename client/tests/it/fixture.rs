@@ -9,6 +9,8 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use zhibo::{Bound, Config, StoreKind};
+use zhibo_client::proto::client::packet::Body;
+use zhibo_client::proto::client::SyncInput;
 use zhibo_client::{Api, Credentials, Transport};
 
 pub(crate) const SECRET: &str = "sdk-e2e-secret";
@@ -251,9 +253,7 @@ impl Cluster {
             bound,
             shutdown.clone(),
         )));
-        // Queue subscriptions reach the server asynchronously: give them a moment.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        Cluster {
+        let cluster = Cluster {
             api: Api::new(format!("http://{api_addr}")),
             gateways,
             config,
@@ -263,6 +263,34 @@ impl Cluster {
             nodes,
             embedded: false,
             _dir: None,
+        };
+        cluster.wait_until_serving().await;
+        cluster
+    }
+
+    /// Waits until a command sent through each gateway is answered by a logic worker: queue
+    /// subscriptions reach the NATS server asynchronously, and a command published before them is
+    /// lost. A `Sync` round trip proves them live (the same wait as zhibo's e2e fixture).
+    async fn wait_until_serving(&self) {
+        let probe = self.user("probe").await;
+        for gw in &self.gateways {
+            let addr = gw.tcp.to_string();
+            let mut client = zhibo_client::Client::connect(Transport::Tcp, &addr, &probe)
+                .await
+                .expect("connect the probe")
+                .0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let sync = Body::Sync(SyncInput { seq: 0, limit: 1 });
+                let reply = client.request(sync, Duration::from_millis(500)).await;
+                if matches!(reply, Ok(ref p) if matches!(p.body, Some(Body::SyncOutput(_)))) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no logic worker answered through gateway {addr}: {reply:?}"
+                );
+            }
         }
     }
 
