@@ -1,11 +1,11 @@
 //! The browser chat page (`web/static/`), embedded in the binary and served at `/` when
 //! [`ApiConfig::web_ui`](crate::ApiConfig::web_ui) is on (`zhibo dev` turns it on).
 //!
-//! Plain ES modules and a vendored protobuf.js: no build step, so `cargo build` needs no npm. The page
-//! parses the gateway's own `client.proto`, served here from `proto/` at `/proto/zhibo/v1/client.proto`,
-//! so the browser and the gateway cannot disagree on the wire format. `/config.json` tells the page where
-//! the gateway's WebSocket listens. None of this is under `/v1` or in the OpenAPI document: it is a
-//! development page, not API.
+//! Plain ES modules and a committed copy of the TypeScript SDK's browser build (`web/static/sdk/`,
+//! built from `clients/typescript`, which embeds the gateway's own `client.proto`): no build step here,
+//! so `cargo build` needs no npm; `web/test/run.sh` checks the copy equals a fresh build of the SDK.
+//! `/config.json` tells the page where the gateway's WebSocket listens. None of this is under `/v1` or in
+//! the OpenAPI document: it is a development page, not API.
 
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
@@ -35,27 +35,16 @@ const ASSETS: &[Asset] = &[
     ),
     ("/app.js", JS, include_bytes!("../../web/static/app.js")),
     ("/api.js", JS, include_bytes!("../../web/static/api.js")),
-    ("/wire.js", JS, include_bytes!("../../web/static/wire.js")),
+    // The SDK (clients/typescript, `npm run build`): it owns the WebSocket and the protocol.
     (
-        "/vendor/long.js",
+        "/sdk/zhibo-client.js",
         JS,
-        include_bytes!("../../web/static/vendor/long.js"),
+        include_bytes!("../../web/static/sdk/zhibo-client.js"),
     ),
     (
-        "/vendor/protobuf.min.js",
-        JS,
-        include_bytes!("../../web/static/vendor/protobuf.min.js"),
-    ),
-    (
-        "/vendor/LICENSES.txt",
+        "/sdk/LICENSES.txt",
         "text/plain; charset=utf-8",
-        include_bytes!("../../web/static/vendor/LICENSES.txt"),
-    ),
-    // The same file the gateway is compiled from.
-    (
-        "/proto/zhibo/v1/client.proto",
-        "text/plain; charset=utf-8",
-        include_bytes!("../../proto/proto/zhibo/v1/client.proto"),
+        include_bytes!("../../web/static/sdk/LICENSES.txt"),
     ),
 ];
 
@@ -91,9 +80,9 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(ws_url: &str) -> Router<S
 
 /// The page's Content-Security-Policy: scripts, styles and fetches from this origin only (the page has
 /// no inline script or style), the WebSocket of `ws_url` (or any `ws:`/`wss:` when the page derives it
-/// from its own host, on another port), no plugins, no framing. `'unsafe-eval'` because protobuf.js
-/// compiles its encoders with `Function` at load; no inline script can run, so nothing injected can
-/// reach it.
+/// from its own host, on another port), no plugins, no framing. `'unsafe-eval'` because protobuf.js (in
+/// the SDK) compiles its encoders with `Function` at load; no inline script can run, so nothing injected
+/// can reach it.
 fn csp(ws_url: &str) -> String {
     let ws = ws_url
         .split_once("://")
@@ -147,7 +136,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn serves_the_page_the_proto_and_the_config() {
+    async fn serves_the_page_the_sdk_and_the_config() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -199,9 +188,12 @@ mod tests {
                 "{policy}"
             );
         }
-        let (status, _, proto) = get("/proto/zhibo/v1/client.proto").await;
-        assert_eq!(status, 200);
-        assert!(proto.contains("message Packet"));
+        // The page imports the SDK's browser build, which carries the gateway's own client.proto.
+        let (_, _, app) = get("/app.js").await;
+        assert!(app.contains("from './sdk/zhibo-client.js'"), "{app}");
+        let (status, ct, sdk) = get("/sdk/zhibo-client.js").await;
+        assert_eq!((status, ct.as_str()), (200, JS));
+        assert!(sdk.contains("message Packet") && sdk.contains("LocalStorageSeqStore"));
         let (status, ct, config) = get("/config.json").await;
         assert_eq!((status, ct.as_str()), (200, "application/json"));
         assert_eq!(

@@ -1,18 +1,20 @@
-// The zhibo browser chat page: accounts, friends and groups over the user-api (api.js), messages and live
-// rooms over the gateway's WebSocket in protobuf (wire.js).
+// The zhibo browser chat page: accounts, friends and groups over the user-api (api.js); messages and live
+// rooms through the TypeScript SDK (clients/typescript, served as /sdk/zhibo-client.js), which owns the
+// WebSocket and the protocol's rules: sign-in, heartbeats, resume from the last contiguous seq (kept in
+// localStorage by the SDK's LocalStorageSeqStore), sync on a gap, resends with the same client_msg_id,
+// GoAway, Kick, back-off. The page never touches the socket or the protobuf.
 //
-// Messages are kept in localStorage per user and device, with the seq cursor of the last completed sync.
-// At every (re)connect the page asks for everything after that cursor (SyncInput, paged by has_more), so
-// what arrived while the page was closed shows up after a reload. Live pushes are shown at once but do
-// not move the cursor: only a sync does, so a message pushed out of order can never be skipped.
+// Messages the SDK hands over (each seq once) are kept in localStorage per user and device, for the
+// history after a reload; what arrived while the page was closed comes from the SDK's sync at connect.
+// The page exposes the SDK as `window.zhibo` ({sdk, client}) for the browser test and the console.
 
 import { api, ApiError } from './api.js';
-import { loadWire } from './wire.js';
+import * as sdk from './sdk/zhibo-client.js';
+
+const { Client, LocalStorageSeqStore, text } = sdk;
 
 const TEXT = 1; // content_type of a UTF-8 text message (the command-line client uses the same)
-const SYNC_PAGE = 500;
 const CACHE_LIMIT = 2000;
-const REQUEST_TIMEOUT_MS = 10000;
 const REFRESH_MS = 5000;
 const MAX_DANMAKU = 60;
 
@@ -28,26 +30,26 @@ const el = (tag, props = {}, ...children) => {
   e.append(...children);
   return e;
 };
-const utf8 = { enc: new TextEncoder(), dec: new TextDecoder() };
 
 const state = {
-  wire: null,
   wsUrl: '',
   deviceId: localStorage.getItem('zhibo.device_id') || '',
   session: JSON.parse(localStorage.getItem('zhibo.session') || 'null'),
-  conn: null,
+  client: null, // the SDK's Client of this session
   users: new Map(), // user id → {username, nickname}
   friends: [], // user ids
   groups: [], // {group_id, name}
   requests: [],
   invitations: [], // {group_id, name, inviter}
-  inbox: { cursor: '0', messages: [] }, // cursor: seq of the last completed sync
+  messages: [], // every message of the inbox, oldest first as they came
   byKey: new Map(), // message id, or `${device}/${client_msg_id}` for unacknowledged sends → message
+  acks: new Map(), // client_msg_id → the ACK the SDK resolved the send with (window.zhibo.acks)
   unread: new Map(), // conversation key → count
   current: null, // conversation key: 'user:<id>' | 'group:<id>'
   room: null, // {id, online}
   refreshTimer: 0,
 };
+window.zhibo = { sdk, client: null, acks: state.acks };
 
 // ---------------------------------------------------------------------------------------------- UI bits
 
@@ -165,7 +167,8 @@ function convOf(m) {
   return `user:${m.from === state.session.user_id ? m.to : m.from}`;
 }
 
-function fromWire(m) {
+/** An SDK message → the page's record (what the cache in localStorage holds). */
+function fromSdk(m) {
   return {
     id: m.messageId,
     seq: m.seq,
@@ -176,7 +179,7 @@ function fromWire(m) {
     cmid: m.clientMsgId,
     time: Number(m.serverTimeMs),
     ct: m.contentType,
-    text: m.contentType === TEXT ? utf8.dec.decode(m.content) : `[content type ${m.contentType}, ${m.content.length} bytes]`,
+    text: m.contentType === TEXT ? text(m) : `[content type ${m.contentType}, ${m.content.length} bytes]`,
   };
 }
 
@@ -187,7 +190,7 @@ function addMessage(m) {
   if (m.id && state.byKey.has(m.id)) return false;
   const pending = state.byKey.get(pendingKey(m));
   if (pending) {
-    // Our own send, confirmed by its reply or by a sync that overtook the reply.
+    // Our own send, confirmed by its ACK.
     Object.assign(pending, { id: m.id, seq: m.seq, time: m.time, state: '' });
     state.byKey.delete(pendingKey(m));
     state.byKey.set(m.id, pending);
@@ -195,35 +198,48 @@ function addMessage(m) {
   }
   if (m.id) state.byKey.set(m.id, m);
   else state.byKey.set(pendingKey(m), m);
-  state.inbox.messages.push(m);
+  state.messages.push(m);
   return true;
 }
 
 function sortKey(m) { return m.time || Number.MAX_SAFE_INTEGER; }
 
-let saveTimer = 0;
+// The SDK saves the seq in its LocalStorageSeqStore before it hands a message to the page; the page saves
+// the message at the end of the same task (a microtask: no reload can come in between), and a page of
+// synced messages is one save.
+let savePending = false;
 function saveInbox() {
-  clearTimeout(saveTimer);
-  saveTimer = setTimeout(() => {
-    const msgs = state.inbox.messages.filter((m) => m.id).slice(-CACHE_LIMIT);
-    localStorage.setItem(inboxKey(), JSON.stringify({ cursor: state.inbox.cursor, messages: msgs }));
-  }, 100);
+  if (savePending) return;
+  savePending = true;
+  queueMicrotask(() => {
+    savePending = false;
+    if (!state.session) return;
+    const msgs = state.messages.filter((m) => m.id).slice(-CACHE_LIMIT);
+    localStorage.setItem(inboxKey(), JSON.stringify({ messages: msgs }));
+  });
 }
 
 function inboxKey() { return `zhibo.inbox.${state.session.user_id}.${state.session.device_id}`; }
+/** The SDK's seq store key: the last seq up to which this device holds every message. */
+function seqKey() { return `zhibo.seq.${state.session.user_id}.${state.session.device_id}`; }
 
 function loadInbox() {
   const saved = JSON.parse(localStorage.getItem(inboxKey()) || 'null');
-  state.inbox = { cursor: '0', messages: [] };
+  state.messages = [];
   state.byKey.clear();
-  if (!saved) return;
-  state.inbox.cursor = saved.cursor;
-  for (const m of saved.messages) addMessage(m);
+  if (saved) for (const m of saved.messages) addMessage(m);
 }
 
-/** New messages arrived (live or by sync): render, count unread, learn names and groups. */
+// Messages the SDK handed over in this task (a synced page is one task), handled together at its end.
+let incoming = [];
+function receivedFromSdk(m) {
+  incoming.push(fromSdk(m));
+  if (incoming.length === 1) queueMicrotask(() => { const batch = incoming; incoming = []; received(batch).catch(report); });
+}
+
+/** New messages (pushed or synced, each seq once): store, render, count unread, learn names and groups. */
 async function received(messages) {
-  const fresh = messages.map(fromWire).filter(addMessage);
+  const fresh = messages.filter(addMessage);
   if (!fresh.length) return;
   for (const m of fresh) {
     const key = convOf(m);
@@ -241,7 +257,7 @@ async function received(messages) {
 function renderMessages() {
   const list = $('messages');
   if (!state.current) { list.replaceChildren(); return; }
-  const msgs = state.inbox.messages.filter((m) => convOf(m) === state.current)
+  const msgs = state.messages.filter((m) => convOf(m) === state.current)
     .sort((a, b) => sortKey(a) - sortKey(b));
   const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
   list.replaceChildren(...msgs.map((m) => el('li', {
@@ -265,54 +281,36 @@ function openConversation(key) {
   $('composer').elements.text.focus();
 }
 
-async function send(key, text) {
+/**
+ * Shows the message at once as pending and hands it to the SDK, which writes it now or after the next
+ * reconnection and resends it with the same client_msg_id until the server ACKs it: resolved once.
+ */
+async function send(key, body) {
   const [kind, id] = key.split(':');
+  const client = state.client;
   const m = {
     id: '', seq: '', from: state.session.user_id, device: state.session.device_id,
     type: kind === 'group' ? 'RECEIVER_TYPE_GROUP' : 'RECEIVER_TYPE_USER', to: id,
-    cmid: crypto.randomUUID(), time: 0, text, state: 'pending',
+    cmid: client.newClientMsgId(), time: 0, text: body, state: 'pending',
   };
   addMessage(m);
   renderMessages();
-  await deliver(m);
-}
-
-/** Sends (or resends, with the same client_msg_id: the server answers a resend with the first result). */
-async function deliver(m) {
   try {
-    const reply = await state.conn.request({
-      sendMessage: { receiverType: m.type, receiverId: m.to, clientMsgId: m.cmid, contentType: TEXT, content: utf8.enc.encode(m.text) },
-    });
-    const out = reply.sendMessageOutput;
-    addMessage({ ...m, id: out.messageId, seq: out.seq, time: Number(out.serverTimeMs) });
+    const ack = await client.send(kind === 'group' ? { group: id } : { user: id }, body, TEXT, m.cmid);
+    addMessage({ ...m, id: ack.messageId, seq: ack.seq, time: Number(ack.serverTimeMs) });
+    state.acks.set(m.cmid, ack);
     saveInbox();
   } catch (e) {
-    m.state = e.retry ? 'pending' : 'failed';
-    if (!e.retry) report(e);
+    m.state = 'failed';
+    if (e.code !== 'CLOSED') report(e);
   }
   renderMessages();
-}
-
-/** Everything after the cursor, page by page; then the cursor moves and the server gets an ack. */
-async function sync() {
-  let cursor = state.inbox.cursor;
-  for (;;) {
-    const { syncOutput } = await state.conn.request({ sync: { seq: cursor, limit: SYNC_PAGE } });
-    await received(syncOutput.messages);
-    if (syncOutput.messages.length) cursor = syncOutput.messages[syncOutput.messages.length - 1].seq;
-    if (!syncOutput.hasMore || !syncOutput.messages.length) break;
-  }
-  if (BigInt(cursor) > BigInt(state.inbox.cursor)) {
-    state.inbox.cursor = cursor;
-    saveInbox();
-    state.conn.send({ messageAck: { seq: cursor } });
-  }
 }
 
 // ---------------------------------------------------------------------------------------- live room
 
 const lanes = [];
-function danmaku(text, mine) {
+function danmaku(body, mine) {
   const stage = $('stage');
   if (stage.childElementCount >= MAX_DANMAKU) return; // like the server: room traffic may be dropped
   const laneCount = Math.max(1, Math.floor(stage.clientHeight / 28));
@@ -320,7 +318,7 @@ function danmaku(text, mine) {
   let lane = 0;
   for (let i = 0; i < laneCount; i++) if ((lanes[i] || 0) < (lanes[lane] || 0)) lane = i;
   lanes[lane] = now;
-  const item = el('span', { class: `danmaku${mine ? ' mine' : ''}`, textContent: text });
+  const item = el('span', { class: `danmaku${mine ? ' mine' : ''}`, textContent: body });
   item.style.top = `${lane * 28 + 4}px`;
   stage.append(item);
   const distance = stage.clientWidth + item.offsetWidth;
@@ -328,9 +326,9 @@ function danmaku(text, mine) {
     { duration: 6000 + Math.random() * 2000, easing: 'linear' }).onfinish = () => item.remove();
 }
 
-function roomLog(text, cls = '') {
+function roomLog(line, cls = '') {
   const log = $('room-log');
-  log.append(el('li', { class: cls, textContent: text }));
+  log.append(el('li', { class: cls, textContent: line }));
   while (log.childElementCount > 200) log.firstElementChild.remove();
   log.scrollTop = log.scrollHeight;
 }
@@ -338,9 +336,9 @@ function roomLog(text, cls = '') {
 const NOTICES = { '-1': 'joined', '-2': 'left', '-3': 'the room was closed' };
 
 function roomMessages(messages, live) {
-  const fresh = messages.map(fromWire).filter((m) => {
+  const fresh = messages.map(fromSdk).filter((m) => {
     // Our own danmaku was shown when the server accepted it; skip it if the room echoes it back.
-    // Room copies carry no device id (issue 19): the user and our own random client_msg_id are enough.
+    // Room copies carry no device id (issue 19): the user and our own client_msg_id are enough.
     if (m.from !== state.session.user_id || !ownDanmaku.has(m.cmid)) return true;
     ownDanmaku.delete(m.cmid);
     return false;
@@ -359,168 +357,97 @@ function roomMessages(messages, live) {
 
 const ownDanmaku = new Set();
 
-async function sendDanmaku(text) {
-  const cmid = crypto.randomUUID();
+async function sendDanmaku(body) {
+  const client = state.client;
+  const cmid = client.newClientMsgId();
   ownDanmaku.add(cmid);
-  await state.conn.request({
-    sendMessage: { receiverType: 'RECEIVER_TYPE_ROOM', receiverId: state.room.id, clientMsgId: cmid, contentType: TEXT, content: utf8.enc.encode(text) },
-  }).catch((e) => { ownDanmaku.delete(cmid); throw e; });
-  roomLog(`${nameOf(state.session.user_id)}: ${text}`, 'danmaku-line mine');
-  danmaku(text, true);
+  await client.sendRoom(state.room.id, body, TEXT, cmid).catch((e) => { ownDanmaku.delete(cmid); throw e; });
+  roomLog(`${nameOf(state.session.user_id)}: ${body}`, 'danmaku-line mine');
+  danmaku(body, true);
   if (ownDanmaku.size > 100) ownDanmaku.delete(ownDanmaku.values().next().value);
 }
 
 function showOnline(n) { $('room-online').textContent = String(n); }
 
+/** Joins through the SDK, which joins again after every reconnection until leaveRoom. */
 async function joinRoom(roomId) {
-  if (state.room && state.room.id !== roomId) await leaveRoom();
-  const { subscribeRoomOutput: out } = await state.conn.request({ subscribeRoom: { roomId } });
+  if (state.room && state.room.id !== roomId) leaveRoom();
+  const joined = await state.client.joinRoom(roomId);
   state.room = { id: roomId };
   $('room').hidden = false;
   $('room-id').textContent = roomId;
   $('room-log').replaceChildren();
-  showOnline(out.onlineCount);
-  roomMessages(out.recent, false);
+  showOnline(joined.onlineCount);
+  roomMessages(joined.recent, false);
 }
 
-async function leaveRoom() {
+function leaveRoom() {
   if (!state.room) return;
   const id = state.room.id;
   state.room = null;
   $('room').hidden = true;
   $('stage').replaceChildren();
-  if (state.conn && state.conn.open) state.conn.send({ unsubscribeRoom: { roomId: id } });
+  if (state.client) state.client.leaveRoom(id);
 }
 
 // ----------------------------------------------------------------------------------------- connection
 
-class RequestError extends Error {
-  constructor(code, message, retry = false) { super(`${code}: ${message}`); this.code = code; this.retry = retry; }
-}
+const FATAL_SIGN_IN = new Set(['ERROR_CODE_UNAUTHENTICATED', 'ERROR_CODE_TOKEN_EXPIRED']);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** One WebSocket session: sign-in by URL, heartbeats, request/reply by request_id, reconnect. */
-class Conn {
-  constructor() {
-    this.ws = null;
-    this.open = false;
-    this.nextId = 1;
-    this.pending = new Map();
-    this.heartbeat = 0;
-    this.backoff = 500;
-    this.stopped = false;
-    this.connect();
-  }
-
-  connect() {
-    const s = state.session;
-    const q = new URLSearchParams({ user_id: s.user_id, device_id: s.device_id, token: s.token });
-    setStatus('connecting');
-    const ws = new WebSocket(`${state.wsUrl}?${q}`);
-    ws.binaryType = 'arraybuffer';
-    this.ws = ws;
-    ws.onmessage = (ev) => {
-      if (typeof ev.data === 'string') return;
-      let p;
-      try { p = state.wire.decode(new Uint8Array(ev.data)); } catch (e) { console.error('bad packet', e); return; }
-      this.onPacket(p).catch(report);
-    };
-    ws.onclose = () => this.onClose(ws);
-  }
-
-  async onPacket(p) {
-    const waiter = p.requestId !== '0' && this.pending.get(p.requestId);
-    if (waiter) {
-      this.pending.delete(p.requestId);
-      clearTimeout(waiter.timer);
-      if (p.body === 'error') waiter.reject(new RequestError(p.error.code, p.error.message, p.error.code === 'ERROR_CODE_UNAVAILABLE'));
-      else waiter.resolve(p);
+/**
+ * The SDK client of this session: it owns the WebSocket (sign-in, heartbeats, resume from the stored
+ * seq, gap syncs, resends, GoAway, Kick, back-off). The page listens to its events and keeps trying the
+ * first connection (after that, reconnecting is the SDK's).
+ */
+async function connectClient() {
+  const s = state.session;
+  const client = new Client({
+    url: state.wsUrl,
+    userId: s.user_id,
+    deviceId: s.device_id,
+    token: s.token,
+    seqStore: new LocalStorageSeqStore(seqKey()),
+  }, globalThis.WebSocket);
+  state.client = client;
+  window.zhibo.client = client;
+  client.on('message', receivedFromSdk);
+  client.on('synced', () => setStatus('synced'));
+  client.on('state', (st) => {
+    if (st.state === 'connecting') setStatus('connecting');
+    else if (st.state === 'connected') setStatus('online');
+    else setStatus('offline');
+    if (st.state === 'closed' && st.error && FATAL_SIGN_IN.has(st.error.code) && client === state.client) {
+      toast(`${st.error.code}: ${st.error.message}; please sign in again`);
+      forgetSession();
+    }
+  });
+  client.on('room', (r) => {
+    if (state.room && (r.roomId === state.room.id || r.roomId === '0')) {
+      showOnline(r.onlineCount);
+      roomMessages(r.messages, true);
+    }
+  });
+  client.on('roomRejoined', (r) => { if (state.room && r.roomId === state.room.id) showOnline(r.onlineCount); });
+  client.on('kicked', (k) => {
+    toast(`signed out by the server: ${k.reason} ${k.text}`);
+    if (k.reason === 'KICK_REASON_SIGNED_OUT' && client === state.client) forgetSession();
+  });
+  client.on('serverError', (e) => toast(`${e.code}: ${e.message}`));
+  for (let delay = 500; client === state.client; delay = Math.min(delay * 2, 15000)) {
+    try {
+      await client.start();
       return;
-    }
-    switch (p.body) {
-      case 'signInOutput': return this.onSignedIn(p.signInOutput);
-      case 'message': return received([p.message]);
-      case 'roomMessages': {
-        const r = p.roomMessages;
-        if (state.room && (r.roomId === state.room.id || r.roomId === '0')) {
-          showOnline(r.onlineCount);
-          roomMessages(r.messages, true);
-        }
+    } catch (e) {
+      if (client !== state.client) return;
+      if (FATAL_SIGN_IN.has(e.code)) {
+        toast(`${e.code}: ${e.message}; please sign in again`);
+        forgetSession();
         return;
       }
-      case 'kick':
-        this.stopped = true;
-        toast(`signed out by the server: ${p.kick.reason} ${p.kick.text}`);
-        if (p.kick.reason === 'KICK_REASON_SIGNED_OUT') forgetSession();
-        return;
-      case 'goAway':
-        this.reconnectAfter = Math.max(p.goAway.reconnectAfterMs, 100);
-        return;
-      case 'error': {
-        const { code, message } = p.error;
-        if (code === 'ERROR_CODE_UNAUTHENTICATED' || code === 'ERROR_CODE_TOKEN_EXPIRED') {
-          this.stopped = true;
-          toast(`${code}: ${message}; please sign in again`);
-          forgetSession();
-          return;
-        }
-        toast(`${code}: ${message}`);
-        return;
-      }
-      default:
-        return;
+      setStatus('offline');
+      await sleep(delay);
     }
-  }
-
-  async onSignedIn(out) {
-    this.open = true;
-    this.backoff = 500;
-    setStatus('online');
-    clearInterval(this.heartbeat);
-    const every = Math.max(1000, out.heartbeatIntervalMs || 30000);
-    this.heartbeat = setInterval(() => this.request({ heartbeat: {} }).catch(() => {}), every);
-    // Unacknowledged sends first (same client_msg_id: exactly once), then what we missed, then the room.
-    for (const m of state.inbox.messages.filter((m) => m.state === 'pending')) deliver(m);
-    await sync();
-    if (state.room) await joinRoom(state.room.id).catch(report);
-    setStatus('synced');
-  }
-
-  onClose(ws) {
-    if (ws !== this.ws) return;
-    this.open = false;
-    clearInterval(this.heartbeat);
-    for (const w of this.pending.values()) { clearTimeout(w.timer); w.reject(new RequestError('closed', 'connection closed', true)); }
-    this.pending.clear();
-    setStatus('offline');
-    if (this.stopped) return;
-    const delay = this.reconnectAfter || this.backoff;
-    this.reconnectAfter = 0;
-    this.backoff = Math.min(this.backoff * 2, 15000);
-    setTimeout(() => { if (!this.stopped) this.connect(); }, delay);
-  }
-
-  send(body) {
-    if (!this.open) throw new RequestError('closed', 'not connected', true);
-    this.ws.send(state.wire.encode({ requestId: '0', ...body }));
-  }
-
-  request(body) {
-    if (!this.open) return Promise.reject(new RequestError('closed', 'not connected', true));
-    const requestId = String(this.nextId++);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(requestId);
-        reject(new RequestError('timeout', 'no reply', true));
-      }, REQUEST_TIMEOUT_MS);
-      this.pending.set(requestId, { resolve, reject, timer });
-      this.ws.send(state.wire.encode({ requestId, ...body }));
-    });
-  }
-
-  close() {
-    this.stopped = true;
-    clearInterval(this.heartbeat);
-    if (this.ws) this.ws.close();
   }
 }
 
@@ -552,8 +479,11 @@ async function signIn(username, password) {
 }
 
 function forgetSession() {
-  if (state.conn) state.conn.close();
-  state.conn = null;
+  const client = state.client;
+  state.client = null;
+  window.zhibo.client = null;
+  if (client) client.close();
+  leaveRoom();
   clearInterval(state.refreshTimer);
   state.session = null;
   localStorage.removeItem('zhibo.session');
@@ -582,7 +512,7 @@ async function enter() {
   await refreshLists();
   clearInterval(state.refreshTimer);
   state.refreshTimer = setInterval(() => { if (!document.hidden) refreshLists().catch(() => {}); }, REFRESH_MS);
-  state.conn = new Conn();
+  connectClient().catch(report);
 }
 
 function wireForms() {
@@ -601,7 +531,10 @@ function wireForms() {
   });
   $('sign-out').addEventListener('click', () => {
     const token = state.session && state.session.token;
-    localStorage.removeItem(inboxKey());
+    if (state.session) {
+      localStorage.removeItem(inboxKey());
+      localStorage.removeItem(seqKey());
+    }
     forgetSession();
     if (token) api('DELETE', '/v1/sessions', { token }).catch(() => {});
   });
@@ -640,7 +573,7 @@ function wireForms() {
     ev.preventDefault();
     joinRoom(String(ev.target.elements.room_id.value)).catch(report);
   });
-  $('room-leave').addEventListener('click', () => leaveRoom().catch(report));
+  $('room-leave').addEventListener('click', () => leaveRoom());
   $('room-composer').addEventListener('submit', (ev) => {
     ev.preventDefault();
     const input = ev.target.elements.text;
@@ -653,8 +586,7 @@ function wireForms() {
 
 async function main() {
   wireForms();
-  const [wire, config] = await Promise.all([loadWire(), api('GET', '/config.json')]);
-  state.wire = wire;
+  const config = await api('GET', '/config.json');
   state.wsUrl = config.ws_url || `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.hostname}:7002/ws`;
   $('device-id').textContent = state.deviceId || '(registered at sign-in)';
   if (state.session && state.session.expires_at * 1000 > Date.now()) {

@@ -6,7 +6,8 @@
 #   web/test/run.sh                 # the test (scripts/test runs it after cargo test)
 #   web/test/run.sh --screenshot    # the same, and on success writes docs/screenshot-chat.png
 #
-# Installs what is missing (idempotent): Debian's chromium, the pinned npm packages (npm ci). Uses
+# Installs what is missing (idempotent): Debian's chromium, the pinned npm packages (npm ci, here and in
+# clients/typescript, whose build must equal the committed web/static/sdk/zhibo-client.js). Uses
 # target/debug/zhibo, building it first (a no-op after `cargo test`); ZHIBO_TEST_BIN=path uses another binary.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,15 +36,18 @@ if ! cmp -s package-lock.json node_modules/.installed-lock.json 2>/dev/null; the
 	npm ci --no-audit --no-fund --loglevel=error
 	cp package-lock.json node_modules/.installed-lock.json
 fi
-# The page serves copies of the pinned packages (cargo build needs no npm): they must be the same bytes.
-for pair in "protobufjs/dist/protobuf.min.js protobuf.min.js" "long/umd/index.js long.js"; do
-	read -r src dst <<<"$pair"
-	if ! cmp -s "node_modules/$src" "../static/vendor/$dst"; then
-		echo "web test: web/static/vendor/$dst differs from node_modules/$src (pinned in package.json):" >&2
-		echo "  cp web/test/node_modules/$src web/static/vendor/$dst" >&2
-		exit 1
-	fi
-done
+# The page serves a committed copy of the SDK's browser build (cargo build needs no npm): it must be the bytes
+# a fresh build of clients/typescript gives (same sources, same client.proto, same pinned packages).
+sdk=$root/clients/typescript
+if ! cmp -s "$sdk/package-lock.json" "$sdk/node_modules/.installed-lock.json" 2>/dev/null; then
+	(cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock.json)
+fi
+(cd "$sdk" && npm run --silent build)
+if ! cmp -s "$sdk/dist/browser/zhibo-client.js" "$root/web/static/sdk/zhibo-client.js"; then
+	echo "web test: web/static/sdk/zhibo-client.js differs from a fresh build of clients/typescript:" >&2
+	echo "  (cd clients/typescript && npm run build) && cp clients/typescript/dist/browser/zhibo-client.js web/static/sdk/" >&2
+	exit 1
+fi
 
 cd "$root"
 bin=${ZHIBO_TEST_BIN:-}

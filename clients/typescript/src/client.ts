@@ -258,13 +258,13 @@ export class Client {
     if (this.#isOpen()) this.#write('0', { unsubscribeRoom: { roomId: room } });
   }
 
-  /** A room message (not stored, not resent). */
-  async sendRoom(roomId: string | number, content: string | Uint8Array, contentType = 1): Promise<Ack> {
+  /** A room message (not stored, not resent); `clientMsgId` lets the app recognise the room's echo. */
+  async sendRoom(roomId: string | number, content: string | Uint8Array, contentType = 1, clientMsgId?: string): Promise<Ack> {
     const p = await this.request({
       sendMessage: {
         receiverType: 'RECEIVER_TYPE_ROOM',
         receiverId: String(roomId),
-        clientMsgId: this.newClientMsgId(),
+        clientMsgId: clientMsgId ?? this.newClientMsgId(),
         contentType,
         content: typeof content === 'string' ? new TextEncoder().encode(content) : content,
       },
