@@ -51,8 +51,24 @@ async function waitForServer() {
   }
 }
 
+// Before the page's scripts: every WebSocket the page opens is recorded, so the test can drop one as a
+// network cut would, and can make new ones fail (closed while connecting) to hold a reconnection back.
+function recordSockets() {
+  const Native = window.WebSocket;
+  const rec = { sockets: [], refuse: false };
+  window.__ws = rec;
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) {
+      super(url, protocols);
+      rec.sockets.push(this);
+      if (rec.refuse) this.close();
+    }
+  };
+}
+
 async function openPage(browser, who) {
   const context = await browser.newContext({ viewport: VIEWPORT });
+  await context.addInitScript(recordSockets);
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   page.on('console', (m) => logs.push(`[${who} console.${m.type()}] ${m.text()}`));
@@ -71,6 +87,17 @@ async function signUp(page, user) {
 }
 
 const synced = (page) => page.locator('#conn-status[data-state=synced]').waitFor();
+const status = (page, state) => page.locator(`#conn-status[data-state=${state}]`).waitFor();
+const socketCount = (page) => page.evaluate(() => window.__ws.sockets.length);
+/** Signed in and synced again on a socket opened after the first `before` ones. */
+const resynced = (page, before) => page.waitForFunction((n) => window.__ws.sockets.length > n
+  && window.__ws.sockets.at(-1).readyState === WebSocket.OPEN
+  && document.getElementById('conn-status').dataset.state === 'synced', before);
+/** The texts of the open conversation, oldest first. */
+const texts = (page) => page.locator('#messages .msg .text').allTextContents();
+function sameList(got, want, what) {
+  if (JSON.stringify(got) !== JSON.stringify(want)) throw new Error(`${what}: ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
+}
 const peer = (page, name) => page.locator('.peers li', { hasText: name });
 const message = (page, text) => page.locator('#messages .msg .text', { hasText: text });
 
@@ -104,6 +131,26 @@ async function main() {
 
     await step('sign up two users in two browsers (device registered, token, WebSocket signed in, synced)', async () => {
       await Promise.all([signUp(a, alice), signUp(b, bob)]);
+    });
+
+    await step('the page runs the SDK: its Client owns the one WebSocket, no hand-written protocol is loaded', async () => {
+      for (const p of [a, b]) {
+        const got = await p.evaluate(() => {
+          const { sdk, client } = window.zhibo;
+          const scripts = performance.getEntriesByType('resource').map((r) => new URL(r.name).pathname).filter((n) => n.endsWith('.js'));
+          return {
+            isClient: client instanceof sdk.Client,
+            url: client.url,
+            sockets: window.__ws.sockets.map((s) => s.url.split('?')[0]),
+            open: window.__ws.sockets.filter((s) => s.readyState === WebSocket.OPEN).length,
+            scripts: scripts.sort(),
+            seqStore: typeof sdk.LocalStorageSeqStore,
+          };
+        });
+        if (!got.isClient) throw new Error('window.zhibo.client is not an SDK Client');
+        if (got.open !== 1 || got.sockets.some((u) => u !== got.url)) throw new Error(`sockets: ${JSON.stringify(got)}`);
+        sameList(got.scripts, ['/api.js', '/app.js', '/sdk/zhibo-client.js'], 'scripts loaded');
+      }
     });
 
     await step('alice asks bob to be friends; bob agrees; both see each other in Friends', async () => {
@@ -154,10 +201,14 @@ async function main() {
         await message(b2, text).waitFor();
       }
       // Oldest first, each once.
-      const texts = await b2.locator('#messages .msg .text').allTextContents();
-      if (JSON.stringify(texts) !== JSON.stringify(['hello bob, this is alice', 'hi alice! 你好', 'sent while you were away'])) {
-        throw new Error(`bob's history: ${JSON.stringify(texts)}`);
-      }
+      sameList(await texts(b2), ['hello bob, this is alice', 'hi alice! 你好', 'sent while you were away'], "bob's history");
+      // The SDK's LocalStorageSeqStore holds the seq the client resumed from and has reached since.
+      const seq = await b2.evaluate(() => {
+        const c = window.zhibo.client;
+        const key = Object.keys(localStorage).find((k) => k.startsWith('zhibo.seq.'));
+        return { stored: key && localStorage.getItem(key), last: c.lastSeq };
+      });
+      if (!(Number(seq.stored) >= 3 && seq.stored === seq.last)) throw new Error(`seq store: ${JSON.stringify(seq)}`);
     });
 
     await step('alice creates a group with bob; a group message reaches bob', async () => {
@@ -194,6 +245,52 @@ async function main() {
       await b2.locator('#room-composer [name=text]').fill('bob says 加油!');
       await b2.locator('#room-composer button').click();
       await a.locator('#stage .danmaku', { hasText: 'bob says' }).waitFor();
+    });
+
+    await step('alice\'s socket drops and reconnecting fails for a while: bob\'s messages and alice\'s send meanwhile arrive once each, in order', async () => {
+      const b2 = pages.bob;
+      for (const p of [a, b2]) await peer(p, '# weekend').click();
+      const before = await socketCount(a);
+      await a.evaluate(() => { window.__ws.refuse = true; window.__ws.sockets.at(-1).close(); });
+      await status(a, 'offline');
+      await say(b2, 'bob while alice is offline 1');
+      await say(b2, 'bob while alice is offline 2');
+      // Alice writes while offline: pending in the SDK, sent when it is connected again.
+      await a.locator('#composer [name=text]').fill('alice wrote this offline');
+      await a.locator('#composer button').click();
+      await a.locator('#messages .msg.pending', { hasText: 'alice wrote this offline' }).waitFor();
+      await a.waitForFunction((n) => window.__ws.sockets.length > n, before); // a refused attempt
+      await a.evaluate(() => { window.__ws.refuse = false; });
+      await resynced(a, before);
+      await a.locator('#messages .msg:not(.pending)', { hasText: 'alice wrote this offline' }).waitFor();
+      await message(b2, 'alice wrote this offline').waitFor();
+      const want = ['group hello from alice', 'bob here too', 'bob while alice is offline 1', 'bob while alice is offline 2', 'alice wrote this offline'];
+      sameList(await texts(a), want, "alice's group chat");
+      sameList(await texts(b2), want, "bob's group chat");
+    });
+
+    await step('a send in flight when the socket drops is resent by the SDK and ACKed once: one message on both pages', async () => {
+      const b2 = pages.bob;
+      const before = await socketCount(a);
+      await a.locator('#composer [name=text]').fill('in flight across a reconnect');
+      // The click writes the send to the socket (SDK), and the socket closes before its ACK can arrive.
+      await a.evaluate(() => { document.querySelector('#composer button').click(); window.__ws.sockets.at(-1).close(); });
+      await resynced(a, before);
+      await a.locator('#messages .msg:not(.pending)', { hasText: 'in flight across a reconnect' }).waitFor();
+      await message(b2, 'in flight across a reconnect').waitFor();
+      const ack = await a.evaluate(() => [...window.zhibo.acks.values()].at(-1));
+      const ids = await Promise.all([a, b2].map((p) => p.locator('#messages .msg', { hasText: 'in flight across a reconnect' })
+        .evaluateAll((els) => els.map((e) => e.dataset.messageId))));
+      sameList(ids, [[ack.messageId], [ack.messageId]], 'message ids on alice\'s and bob\'s pages');
+      console.log(`# ACK after the reconnect: message ${ack.messageId}, duplicate=${ack.duplicate} (true: the server had the first copy)`);
+      // Each once, and the rooms still work: the SDK joined room 7 again on the new socket.
+      await b2.locator('#room-composer [name=text]').fill('still here after your reconnect');
+      await b2.locator('#room-composer button').click();
+      await a.locator('#room-log li', { hasText: 'still here after your reconnect' }).waitFor();
+      for (const p of [a, b2]) await peer(p, p === a ? bob.username : alice.username).click();
+      await a.locator('#room-composer [name=text]').fill('前方高能 666');
+      await a.locator('#room-composer button').click();
+      await b2.locator('#stage .danmaku', { hasText: '前方高能 666' }).waitFor();
     });
 
     if (SCREENSHOT) {
