@@ -6,7 +6,8 @@
 //
 // Messages the SDK hands over (each seq once) are kept in localStorage per user and device, for the
 // history after a reload; what arrived while the page was closed comes from the SDK's sync at connect.
-// The page exposes the SDK as `window.zhibo` ({sdk, client}) for the browser test and the console.
+// The page exposes `window.zhibo` ({sdk, client, acks}: the SDK module, the session's Client, each send's
+// ACK by client_msg_id) for the browser test and the console.
 
 import { api, ApiError } from './api.js';
 import * as sdk from './sdk/zhibo-client.js';
