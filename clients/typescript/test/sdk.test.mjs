@@ -217,6 +217,11 @@ test('rooms: join, send, and joined again after a reconnection', async () => {
   await waitFor(() => b.rejoined >= 1, 'rejoined');
   await a.client.sendRoom(room, 'after');
   await waitFor(() => roomTexts().includes('after'), 'room message after the reconnection');
+  // The app may choose the client_msg_id (the browser page does, to recognise its own danmaku's echo).
+  await a.client.sendRoom(room, 'mine', 1, 'page-chosen-id-1');
+  await waitFor(() => roomTexts().includes('mine'), 'room message with the app\'s id');
+  const mine = b.rooms.flatMap((r) => r.messages).find((m) => m.contentType >= 0 && new TextDecoder().decode(m.content) === 'mine');
+  assert.equal(mine.clientMsgId, 'page-chosen-id-1');
   a.client.close();
   b.client.close();
 });
