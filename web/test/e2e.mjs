@@ -245,6 +245,9 @@ async function main() {
       await b2.locator('#room-composer [name=text]').fill('bob says 加油!');
       await b2.locator('#room-composer button').click();
       await a.locator('#stage .danmaku', { hasText: 'bob says' }).waitFor();
+      // Bob's danmaku came after alice's, so any echo of alice's own has arrived too: each shown once.
+      sameList(await a.locator('#room-log li.danmaku-line').allTextContents(),
+        [`${alice.username}: 前方高能 666`, `${alice.username}: hello room`, `${bob.username}: bob says 加油!`], "alice's room log");
     });
 
     await step('alice\'s socket drops and reconnecting fails for a while: bob\'s messages and alice\'s send meanwhile arrive once each, in order', async () => {
