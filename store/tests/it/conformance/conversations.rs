@@ -734,6 +734,58 @@ pub(crate) async fn history_paging(s: &Stores) {
     );
 }
 
+/// A group of the maximum size (2,000): one send records 2,000 copies (its record holds 2,000 copies:
+/// ~32 KB in one cell), "who read" reads 2,000 positions, a recall tombstones 2,000 copies.
+pub(crate) async fn large_group(s: &Stores) {
+    const MEMBERS: usize = 2_000;
+    let g = id();
+    let gc = ConversationId::group(g);
+    let members: Vec<i64> = (0..MEMBERS).map(|_| id()).collect();
+    let sender = members[0];
+    let copies = send(s, 1, &template(sender, g, true, 1), &members).await;
+    assert_eq!(copies.len(), MEMBERS);
+    futures::stream::iter(members.iter().step_by(2))
+        .for_each_concurrent(64, |&m| async move {
+            s.conversations
+                .mark_read(m, gc, 1, 1_000)
+                .await
+                .expect("read");
+        })
+        .await;
+    let readers = s.conversations.group_readers(g, 1).await.expect("readers");
+    assert_eq!(readers.len(), MEMBERS / 2, "every other member read it");
+    let last = members[MEMBERS - 1];
+    assert_eq!(row(s, last, gc).await.unread(), 1);
+    let done = s
+        .conversations
+        .recall(
+            ConversationKey::Group(g),
+            1,
+            RecallRequest {
+                by_user_id: sender,
+                may_recall_others: false,
+                now_ms: T0 + 1,
+                window_ms: WINDOW_MS,
+            },
+        )
+        .await
+        .expect("recall in a 2,000-member group");
+    assert_eq!(done.recipients, copies);
+    let copy = s
+        .messages
+        .sync(last, copies[MEMBERS - 1].1 - 1, 1)
+        .await
+        .expect("sync");
+    assert_eq!(
+        copy[0].content_type, CONTENT_TYPE_RECALLED,
+        "the last member's copy too"
+    );
+    assert_eq!(
+        row(s, last, gc).await.last_message.map(|m| m.content_type),
+        Some(CONTENT_TYPE_RECALLED)
+    );
+}
+
 /// Every conversation check.
 pub(crate) async fn run_all(s: &Stores) {
     direct(s).await;
@@ -742,4 +794,5 @@ pub(crate) async fn run_all(s: &Stores) {
     delete_and_settings(s).await;
     list(s).await;
     history_paging(s).await;
+    large_group(s).await;
 }
