@@ -418,7 +418,9 @@ pub trait ConversationStore: Send + Sync {
         version: u64,
     ) -> Result<()>;
 
-    /// Raises the version of rows to the given one (e.g. the inbox seq of a recall notice), blind.
+    /// Raises the version of rows to the given one (e.g. the inbox seq of a recall notice), blind:
+    /// a missing row is created (with no message), so callers touch only rows that exist, such as a
+    /// recall's recipients.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
@@ -466,4 +468,146 @@ pub trait ConversationStore: Send + Sync {
         conv_seq: u64,
         version: u64,
     ) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(
+        user_id: i64,
+        conversation: ConversationId,
+        time: Option<i64>,
+        version: u64,
+    ) -> Conversation {
+        Conversation {
+            user_id,
+            conversation,
+            last_seq: 1,
+            last_message: time.map(|t| Message {
+                server_time_ms: t,
+                ..Default::default()
+            }),
+            read_seq: 0,
+            peer_read_seq: 0,
+            muted: false,
+            pinned: false,
+            version,
+        }
+    }
+
+    #[test]
+    fn keys_are_shared_by_both_parties() {
+        let m = Message {
+            sender_user_id: 9,
+            receiver_type: ReceiverType::User as i32,
+            receiver_id: 4,
+            ..Default::default()
+        };
+        let key = ConversationKey::of_message(&m).expect("1:1");
+        assert_eq!(key, ConversationKey::Direct { low: 4, high: 9 });
+        assert_eq!(key.seen_by(9), ConversationId::direct(4));
+        assert_eq!(key.seen_by(4), ConversationId::direct(9));
+        assert_eq!(ConversationId::direct(9).key(4), key);
+        assert_eq!(key.parts(), (1, 4, 9));
+        let g = Message {
+            receiver_type: ReceiverType::Group as i32,
+            receiver_id: 7,
+            ..m.clone()
+        };
+        let key = ConversationKey::of_message(&g).expect("group");
+        assert_eq!(
+            (key.seen_by(9), key.parts()),
+            (ConversationId::group(7), (2, 7, 0))
+        );
+        let room = Message {
+            receiver_type: ReceiverType::Room as i32,
+            ..m
+        };
+        assert_eq!(ConversationKey::of_message(&room), None);
+        assert_eq!(ConversationKind::from_i32(3), None);
+    }
+
+    #[test]
+    fn list_pages_break_ties_without_gaps_and_filter_by_version() {
+        // Three rows with the same activity time, one newer, one without a message.
+        let rows = vec![
+            conv(1, ConversationId::direct(3), Some(100), 5),
+            conv(1, ConversationId::group(2), Some(100), 6),
+            conv(1, ConversationId::direct(2), Some(100), 7),
+            conv(1, ConversationId::direct(8), Some(200), 8),
+            conv(1, ConversationId::group(9), None, 9),
+        ];
+        let want = [
+            ConversationId::direct(8),
+            ConversationId::direct(2),
+            ConversationId::direct(3),
+            ConversationId::group(2),
+            ConversationId::group(9),
+        ];
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let page = list_page(
+                rows.clone(),
+                &ListQuery {
+                    changed_after: 0,
+                    after,
+                    limit: 2,
+                },
+            );
+            got.extend(page.iter().map(|c| c.conversation));
+            match page.last() {
+                Some(last) if page.len() == 2 => {
+                    after = Some(ListCursor {
+                        last_activity_ms: last.last_activity_ms(),
+                        conversation: last.conversation,
+                    })
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(got, want);
+        let changed = list_page(
+            rows,
+            &ListQuery {
+                changed_after: 6,
+                after: None,
+                limit: 10,
+            },
+        );
+        let changed: Vec<u64> = changed.iter().map(|c| c.version).collect();
+        assert_eq!(changed, [8, 7, 9]);
+    }
+
+    #[test]
+    fn recall_rules() {
+        let req = |by, admin, now| RecallRequest {
+            by_user_id: by,
+            may_recall_others: admin,
+            now_ms: now,
+            window_ms: 100,
+        };
+        let kind = |r: Result<()>| r.err().map(|e| e.kind);
+        assert_eq!(
+            kind(check_recall(false, 1, 1_000, &req(1, false, 1_100))),
+            None
+        );
+        assert_eq!(
+            kind(check_recall(false, 1, 1_000, &req(1, false, 1_101))),
+            Some(ErrorKind::TooLate)
+        );
+        assert_eq!(
+            kind(check_recall(false, 1, 1_000, &req(2, false, 1_000))),
+            Some(ErrorKind::NotAllowed)
+        );
+        assert_eq!(
+            kind(check_recall(false, 1, 1_000, &req(2, true, 9_999))),
+            None
+        );
+        assert_eq!(
+            kind(check_recall(true, 1, 1_000, &req(1, true, 1_000))),
+            Some(ErrorKind::AlreadyRecalled)
+        );
+    }
 }
