@@ -4,7 +4,8 @@
 //! - `traits/<domain>.rs`: its trait and the records only it uses ([`DeviceStore`], [`UserStore`],
 //!   [`FriendStore`], [`GroupStore`], [`MessageStore`] with [`SendPlan`] and [`SeqAllocator`],
 //!   [`RoomStore`] with [`Room`], [`GroupInviteStore`] with [`GroupInvite`], [`NodeLeases`] with
-//!   [`Lease`] and [`leases::Pool`]), all re-exported here; what logic-worker, gateway and user-api
+//!   [`Lease`] and [`leases::Pool`], [`ConversationStore`] with [`Conversation`] and its queries), all
+//!   re-exported here; what logic-worker, gateway and user-api
 //!   call, always as `Arc<dyn Trait>` inside [`Stores`];
 //! - `scylla/<domain>.rs`: the ScyllaDB/Cassandra implementation, owning its prepared statements (a
 //!   `Statements` struct prepared once), its row types and its trait impl ([`scylla`]; `scylla/mod.rs`
@@ -31,6 +32,11 @@ mod traits;
 use std::sync::Arc;
 
 pub use model::*;
+pub use traits::conversations::{
+    sort_for_list, Conversation, ConversationId, ConversationKey, ConversationKind,
+    ConversationSettings, ConversationStore, HistoryEntry, HistoryPage, ListCursor, ListQuery,
+    RecallRequest, Recalled, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
+};
 pub use traits::devices::DeviceStore;
 pub use traits::friends::FriendStore;
 pub use traits::groups::{check_transfer, GroupStore};
@@ -66,6 +72,33 @@ pub enum ErrorKind {
     Unavailable,
     /// Stored data could not be decoded.
     Corrupt,
+    /// The user is not in the conversation (has no row of it).
+    NotMember,
+    /// A position beyond what exists (e.g. a read position past the conversation's last message).
+    OutOfRange,
+    /// Not this user's to do (e.g. recalling someone else's message without being a group admin).
+    NotAllowed,
+    /// Too late (e.g. a recall past its window).
+    TooLate,
+    /// The message was recalled already.
+    AlreadyRecalled,
+}
+
+impl ErrorKind {
+    /// A refusal of bad input (a taken key, a missing record, a conversation rule), as opposed to a
+    /// failure: the operation changed nothing and retrying it unchanged gets the same answer.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Conflict
+                | ErrorKind::NotFound
+                | ErrorKind::NotMember
+                | ErrorKind::OutOfRange
+                | ErrorKind::NotAllowed
+                | ErrorKind::TooLate
+                | ErrorKind::AlreadyRecalled
+        )
+    }
 }
 
 impl Error {
@@ -163,4 +196,6 @@ pub struct Stores {
     pub rooms: Arc<dyn RoomStore>,
     /// Node-number leases for id generation.
     pub leases: Arc<dyn NodeLeases>,
+    /// Conversation rows, history index, read receipts, recall.
+    pub conversations: Arc<dyn ConversationStore>,
 }

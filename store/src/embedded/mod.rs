@@ -21,6 +21,10 @@
 //! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`invites.rs`) |
 //! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
 //! | `node_leases`     | (pool, node number)          | (owner, expires at ms, high-water ms)  |
+//! | `conversations`   | (user, kind, peer/group)     | one user's conversation row as JSON (`conversations.rs`) |
+//! | `conversation_index` | (user, kind, peer/group, conv seq) | inbox seq (per-conversation history) |
+//! | `conversation_messages` | (kind, a, b, conv seq) | the message's record as JSON (recall)  |
+//! | `group_reads`     | (group, user)                | read position (group read receipts)    |
 //!
 //! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
 //! Dedup records older than [`DEDUP_RETENTION_MS`] read as absent; each new record removes a few expired
@@ -38,7 +42,7 @@
 //!
 //! # Layout
 //! One file per domain (`devices`, `users`, `friends`, `groups`, `messages` with the seq counters,
-//! `rooms`, `invites`, `leases`) holding its trait impl; this file holds the tables, [`EmbeddedBackend`]
+//! `rooms`, `invites`, `leases`, `conversations`) holding its trait impl; this file holds the tables, [`EmbeddedBackend`]
 //! and the transaction helpers, `writer.rs` the writer thread.
 //!
 //! # Threads and durability
@@ -49,6 +53,7 @@
 //! one fsync covers every write that arrived meanwhile, which is what makes the `dev` throughput
 //! possible without giving up durability.
 
+mod conversations;
 mod devices;
 mod friends;
 mod groups;
@@ -94,6 +99,17 @@ const SEQ: TableDefinition<i64, u64> = TableDefinition::new("seq");
 /// (pool, node) -> (owner, expires at ms, high-water ms); see [`leases`].
 const NODE_LEASES: TableDefinition<(&str, u32), (&str, i64, i64)> =
     TableDefinition::new("node_leases");
+/// (user, kind, peer or group) -> one user's conversation row as JSON (`conversations.rs`).
+const CONVERSATIONS: TableDefinition<(i64, i32, i64), &[u8]> =
+    TableDefinition::new("conversations");
+/// (user, kind, peer or group, conversation seq) -> inbox seq: one user's history of one conversation.
+const CONVERSATION_INDEX: TableDefinition<(i64, i32, i64, u64), u64> =
+    TableDefinition::new("conversation_index");
+/// (kind, a, b, conversation seq) -> the message's record as JSON (sender, time, copies, recalled).
+const CONVERSATION_MESSAGES: TableDefinition<(i32, i64, i64, u64), &[u8]> =
+    TableDefinition::new("conversation_messages");
+/// (group, user) -> read position: the group's read receipts.
+const GROUP_READS: TableDefinition<(i64, i64), u64> = TableDefinition::new("group_reads");
 
 /// Layout version stored in `meta`; bumped when a table's key or value encoding changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -119,6 +135,10 @@ struct Tables<'tx> {
     dedup_by_time: Table<'tx, (i64, i64, &'static str), ()>,
     acks: Table<'tx, (i64, i64), u64>,
     node_leases: Table<'tx, (&'static str, u32), (&'static str, i64, i64)>,
+    conversations: Table<'tx, (i64, i32, i64), &'static [u8]>,
+    conversation_index: Table<'tx, (i64, i32, i64, u64), u64>,
+    conversation_messages: Table<'tx, (i32, i64, i64, u64), &'static [u8]>,
+    group_reads: Table<'tx, (i64, i64), u64>,
     /// Dedup records written in this batch, which sizes the expiry work of [`Tables::housekeeping`].
     dedup_written: usize,
     /// The latest time a dedup record of this batch was written at: the clock for expiry.
@@ -142,6 +162,10 @@ impl<'tx> Tables<'tx> {
             dedup_by_time: tx.open_table(DEDUP_BY_TIME).db()?,
             acks: tx.open_table(ACKS).db()?,
             node_leases: tx.open_table(NODE_LEASES).db()?,
+            conversations: tx.open_table(CONVERSATIONS).db()?,
+            conversation_index: tx.open_table(CONVERSATION_INDEX).db()?,
+            conversation_messages: tx.open_table(CONVERSATION_MESSAGES).db()?,
+            group_reads: tx.open_table(GROUP_READS).db()?,
             dedup_written: 0,
             dedup_now: i64::MIN,
         })
@@ -238,6 +262,7 @@ impl EmbeddedBackend {
             messages: self.clone(),
             rooms: Arc::new(EmbeddedRooms::new(self.db.clone())),
             leases: self.clone(),
+            conversations: self.clone(),
             seq: self,
         }
     }

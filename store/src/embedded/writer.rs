@@ -45,8 +45,7 @@ where
 {
     fn apply(&mut self, tables: &mut Tables<'_>) -> bool {
         let out = (self.op)(tables);
-        let poisoned =
-            matches!(&out, Err(e) if !matches!(e.kind, ErrorKind::Conflict | ErrorKind::NotFound));
+        let poisoned = matches!(&out, Err(e) if !e.kind.is_refusal());
         self.out = Some(out);
         poisoned
     }

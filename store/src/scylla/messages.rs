@@ -27,7 +27,7 @@ const BATCH_MAX_STATEMENTS: usize = 32;
 
 /// Columns of an inbox entry after its partition key `user_id`, in the order of [`MessageRow`] and of
 /// [`inbox_values`] (which binds `user_id` first).
-const MESSAGE_COLUMNS: &str =
+pub(super) const MESSAGE_COLUMNS: &str =
     "seq, message_id, sender_user_id, sender_device_id, receiver_type, receiver_id, \
      client_msg_id, server_time_ms, content_type, content";
 
@@ -106,7 +106,7 @@ fn inbox_values(user_id: i64, m: &Message) -> InboxValues<'_> {
 }
 
 #[derive(DeserializeRow)]
-struct MessageRow {
+pub(super) struct MessageRow {
     seq: i64,
     message_id: i64,
     sender_user_id: i64,

@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_security",
         cql: include_str!("../../../sql/0004_security.cql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_conversations",
+        cql: include_str!("../../../sql/0007_conversations.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

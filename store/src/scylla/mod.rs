@@ -15,10 +15,11 @@
 //!
 //! # Layout
 //! One file per domain (`devices`, `users`, `friends`, `groups`, `messages`, `rooms`, `invites`,
-//! `leases`), each owning its `Statements` (prepared once in [`ScyllaBackend::new`]), its row types and
+//! `leases`, `conversations`), each owning its `Statements` (prepared once in [`ScyllaBackend::new`]), its row types and
 //! its trait impl, so a CQL column list sits next to the tuple that binds it. This file holds the
 //! session, the query helpers and the error mapping; `migrate.rs` the migrations.
 
+mod conversations;
 mod devices;
 mod friends;
 mod groups;
@@ -110,6 +111,7 @@ pub struct ScyllaBackend {
     rooms: rooms::Statements,
     leases: leases::Statements,
     invites: invites::Statements,
+    conversations: conversations::Statements,
     /// Room messages pushed by this process, to trim each room's history now and then (see `rooms.rs`).
     recent_pushes: std::sync::atomic::AtomicU64,
 }
@@ -158,6 +160,7 @@ impl ScyllaBackend {
             rooms: rooms::Statements::prepare(&session).await?,
             leases: leases::Statements::prepare(&session).await?,
             invites: invites::Statements::prepare(&session).await?,
+            conversations: conversations::Statements::prepare(&session).await?,
             session,
             recent_pushes: std::sync::atomic::AtomicU64::new(0),
         })
@@ -178,6 +181,7 @@ impl ScyllaBackend {
             group_invites: self.clone(),
             messages: self.clone(),
             leases: self.clone(),
+            conversations: self.clone(),
             rooms: self,
             seq,
         }

@@ -1,6 +1,7 @@
 //! The domain traits, one file per domain (the same names as `scylla/` and `embedded/`); the crate root
 //! re-exports every trait and record.
 
+pub(crate) mod conversations;
 pub(crate) mod devices;
 pub(crate) mod friends;
 pub(crate) mod groups;

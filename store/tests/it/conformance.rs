@@ -3,6 +3,8 @@
 //! Each check uses fresh ids from a process-wide, time-based generator, so the suite can run many times
 //! against the same persistent database and concurrently against several backends in one process.
 
+mod conversations;
+
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -31,6 +33,7 @@ pub(crate) async fn run_all(stores: Stores) {
     node_leases(&stores).await;
     rooms(&stores).await;
     room_history(&stores).await;
+    conversations::run_all(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.

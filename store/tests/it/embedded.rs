@@ -165,3 +165,112 @@ async fn send_path_throughput() {
     let disk = EmbeddedBackend::open(dir.path().join("bench.redb")).expect("open");
     run("on disk", Arc::new(disk).stores()).await;
 }
+
+/// Latency of the two conversation reads the issue sets targets for (#13: the list of a user with 1,000
+/// conversations ≤ 10 ms, a history page of 50 ≤ 5 ms), on a file on disk: p50 / p99 / max over 200
+/// calls each. Run with
+/// `cargo test --release -p zhibo-store --test it embedded::conversation_read_latency -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement, not a check"]
+async fn conversation_read_latency() {
+    use std::time::{Duration, Instant};
+
+    use futures::StreamExt as _;
+    use zhibo_proto::client::ReceiverType;
+    use zhibo_store::{ConversationId, HistoryPage, ListQuery, Stores};
+
+    const CONVERSATIONS: i64 = 1_000;
+    const HISTORY: u64 = 1_000;
+    const CALLS: usize = 200;
+    let me: i64 = 1;
+
+    /// Stores message `conv_seq` from `from` to `to` as the send path would (inbox copies, record).
+    async fn send(s: &Stores, from: i64, to: i64, conv_seq: u64) {
+        let seqs = s.seq.next(&[from, to]).await.expect("seq");
+        let m = Message {
+            message_id: conv_seq,
+            seq: seqs[0],
+            sender_user_id: from,
+            receiver_type: ReceiverType::User as i32,
+            receiver_id: to,
+            client_msg_id: format!("{from}-{to}-{conv_seq}"),
+            server_time_ms: 1_700_000_000_000 + conv_seq as i64,
+            content_type: 1,
+            content: Bytes::from(format!("a short chat message number {conv_seq}")),
+            ..Default::default()
+        };
+        let mut copy = m.clone();
+        copy.seq = seqs[1];
+        s.messages
+            .append_many(&[(from, m.clone()), (to, copy)])
+            .await
+            .expect("append");
+        s.conversations
+            .record_message(conv_seq, &m, &[(from, seqs[0]), (to, seqs[1])])
+            .await
+            .expect("record");
+    }
+
+    fn report(label: &str, mut took: Vec<Duration>) {
+        took.sort_unstable();
+        let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        println!(
+            "{label}: p50 {:?}, p99 {:?}, max {:?} ({} calls)",
+            at(0.5),
+            at(0.99),
+            took[took.len() - 1],
+            took.len()
+        );
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = EmbeddedBackend::open(dir.path().join("conv.redb")).expect("open");
+    let s = Arc::new(backend).stores();
+    // 1,000 peers, one message each (peer 2's conversation gets the long history below).
+    futures::stream::iter(2..2 + CONVERSATIONS)
+        .for_each_concurrent(64, |peer| {
+            let s = s.clone();
+            async move { send(&s, peer, me, 1).await }
+        })
+        .await;
+    futures::stream::iter(2..=HISTORY)
+        .for_each_concurrent(64, |conv_seq| {
+            let s = s.clone();
+            async move { send(&s, 2, me, conv_seq).await }
+        })
+        .await;
+
+    let query = ListQuery {
+        changed_after: 0,
+        after: None,
+        limit: CONVERSATIONS as usize,
+    };
+    let mut took = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        let started = Instant::now();
+        let list = s.conversations.list(me, query).await.expect("list");
+        took.push(started.elapsed());
+        assert_eq!(list.len(), CONVERSATIONS as usize);
+    }
+    report("list of 1,000 conversations", took);
+
+    let mut took = Vec::with_capacity(CALLS);
+    for call in 0..CALLS {
+        // Pages from all over the history, "load earlier" from a random-ish message.
+        let before = HISTORY - (call as u64 * 37) % (HISTORY - 50);
+        let started = Instant::now();
+        let page = s
+            .conversations
+            .history(
+                me,
+                ConversationId::direct(2),
+                HistoryPage::Before(before),
+                50,
+            )
+            .await
+            .expect("history");
+        took.push(started.elapsed());
+        assert_eq!(page.len(), 50);
+    }
+    report("history page of 50", took);
+}
