@@ -43,8 +43,8 @@ use zhibo_telemetry::Metrics;
 pub use config::LogicConfig;
 pub use consumer::run;
 pub use error::{LogicError, Op};
-pub use push::PushHook;
 use ids::MessageIds;
+pub use push::PushHook;
 
 /// The message pipeline.
 pub struct Logic {

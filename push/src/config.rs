@@ -123,7 +123,9 @@ impl PushConfig {
             return Err("push.backoff_max_ms must be at least push.backoff_initial_ms".into());
         }
         if self.stream_max_age_secs == 0 || self.stream_max_bytes <= 0 {
-            return Err("push.stream_max_age_secs and push.stream_max_bytes must be positive".into());
+            return Err(
+                "push.stream_max_age_secs and push.stream_max_bytes must be positive".into(),
+            );
         }
         if self.presence_ttl_secs < 3 {
             return Err("push.presence_ttl_secs must be at least 3".into());
@@ -140,7 +142,11 @@ impl PushConfig {
             .min(self.backoff_max_ms);
         let jitter: f64 = rand::random::<f64>() + 0.5;
         // `base` ≤ backoff_max_ms: the product fits.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
         Duration::from_millis(((base as f64) * jitter) as u64)
     }
 

@@ -209,7 +209,10 @@ pub struct MemorySink {
 
 impl MemorySink {
     /// A sink and the queue's receiving end, for [`crate::relay::run_memory`].
-    pub fn new(config: &PushConfig, metrics: PushMetrics) -> (Arc<Self>, mpsc::Receiver<PushEvent>) {
+    pub fn new(
+        config: &PushConfig,
+        metrics: PushMetrics,
+    ) -> (Arc<Self>, mpsc::Receiver<PushEvent>) {
         let (tx, rx) = mpsc::channel(config.publish_queue);
         (Arc::new(MemorySink { tx, metrics }), rx)
     }

@@ -94,7 +94,11 @@ impl PushMetrics {
             self.publish_failures.clone(),
         );
         r.register("delivered", "Push events delivered", self.delivered.clone());
-        r.register("retried", "Push delivery attempts to retry", self.retried.clone());
+        r.register(
+            "retried",
+            "Push delivery attempts to retry",
+            self.retried.clone(),
+        );
         r.register(
             "dead_lettered",
             "Push events given up on after the last attempt",

@@ -332,11 +332,8 @@ pub async fn run(
     };
     // Embedded mode: the relay runs in this process, over the pipelines' queue.
     let memory_relay_task = memory_relay.map(|events| {
-        let (push_config, push_metrics, stop) = (
-            config.push.clone(),
-            metrics.push.clone(),
-            shutdown.clone(),
-        );
+        let (push_config, push_metrics, stop) =
+            (config.push.clone(), metrics.push.clone(), shutdown.clone());
         spawn_role(shutdown.clone(), async move {
             zhibo_push::relay::run_memory(events, push_config, push_metrics, stop)
                 .await
@@ -425,7 +422,10 @@ pub async fn run(
     }
     if let Some(sink) = &jetstream_sink {
         // Every send is answered: hand the stream what the pipelines queued.
-        if tokio::time::timeout_at(deadline, sink.flush()).await.is_err() {
+        if tokio::time::timeout_at(deadline, sink.flush())
+            .await
+            .is_err()
+        {
             warn!("push events still unpublished at the end of the grace period are lost");
         }
     }

@@ -91,7 +91,7 @@ async fn gateway(
         key: Arc::new(zhibo_auth::TokenKey::new(SECRET)),
         metrics: Arc::new(zhibo_telemetry::Metrics::new()),
         presence: None,
-        };
+    };
     let task = tokio::spawn(zhibo_gateway::serve(
         hub.clone(),
         config.gateway.clone(),
