@@ -91,6 +91,16 @@ pub fn verify(
 mod tests {
     use super::*;
 
+    /// The format receivers implement (README example): the value below was computed independently,
+    /// with Python's `hmac.new(key, b"1700000000." + body, hashlib.sha256).hexdigest()`.
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        assert_eq!(
+            sign(b"0123456789abcdef", 1_700_000_000, br#"{"type":"push"}"#),
+            "v1=7dff155af7204cddb9c4ce6773c118936a1785cc71e573e69cbf758bd523b3b7"
+        );
+    }
+
     #[test]
     fn a_signature_verifies_and_any_change_fails() {
         let sig = sign(b"k", 1000, b"{\"a\":1}");
