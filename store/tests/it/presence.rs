@@ -35,9 +35,11 @@ async fn connect_and_leave(p: &dyn Presence) {
     p.disconnected("gw-a", 1);
     assert_eq!(p.online(&[1]).await.expect("read"), [true]);
     p.disconnected("gw-b", 1);
-    until("offline after the last gateway", Duration::from_secs(5), async || {
-        p.online(&[1]).await.expect("read") == [false]
-    })
+    until(
+        "offline after the last gateway",
+        Duration::from_secs(5),
+        async || p.online(&[1]).await.expect("read") == [false],
+    )
     .await;
     assert_eq!(p.online(&[]).await.expect("read"), Vec::<bool>::new());
 }
@@ -68,9 +70,11 @@ async fn a_dead_gateways_users_go_offline_after_the_ttl() {
     live.connected("gw-live", 8).await;
     assert_eq!(live.online(&[7, 8]).await.expect("read"), [true, true]);
     drop(dead);
-    until("the dead gateway's user offline", Duration::from_secs(10), async || {
-        live.online(&[7]).await.expect("read") == [false]
-    })
+    until(
+        "the dead gateway's user offline",
+        Duration::from_secs(10),
+        async || live.online(&[7]).await.expect("read") == [false],
+    )
     .await;
     // Refreshed every TTL/3: the live gateway's user is still online well past one TTL.
     assert_eq!(live.online(&[8]).await.expect("read"), [true]);

@@ -615,3 +615,68 @@ async fn spawn_relay_process(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     crate::cluster::WorkerProcess { child }
 }
+
+/// `zhibo push-relay` (and `zhibo dev` with push on) refuse a configuration they cannot deliver with:
+/// exit 64 before connecting, naming the field, never printing the secret.
+#[tokio::test]
+async fn push_relay_refuses_a_bad_configuration() {
+    let nats = zhibo_testkit::nats_url();
+    let cases: [(&str, Vec<(&str, &str)>, &str); 4] = [
+        (
+            "push-relay",
+            vec![("ZHIBO_PUSH__SECRET", PUSH_SECRET)],
+            "push.url",
+        ),
+        (
+            "push-relay",
+            vec![
+                ("ZHIBO_PUSH__URL", "ftp://app.example.com/push"),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "push.url",
+        ),
+        (
+            "push-relay",
+            vec![
+                ("ZHIBO_PUSH__URL", "https://app.example.com/push"),
+                ("ZHIBO_PUSH__SECRET", "987654321"),
+            ],
+            "push.secret",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_PUSH__ENABLED", "true"),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "push.url",
+        ),
+    ];
+    for (role, env, field) in cases {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_zhibo"));
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("ZHIBO_")) {
+            command.env_remove(name);
+        }
+        if role != "dev" {
+            // Embedded mode is `dev` without NATS.
+            command.env("ZHIBO_BUS__NATS_URL", &nats);
+        }
+        command
+            .arg(role)
+            .env("ZHIBO_METRICS_ADDR", "")
+            .envs(env.iter().copied())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(WAIT, command.output())
+            .await
+            .expect("exited in time")
+            .expect("ran");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(64), "{role} {env:?}: {text}");
+        assert!(text.contains(field), "{role} {env:?}: {text}");
+        assert!(!text.contains("987654321"), "printed the secret: {text}");
+    }
+}
