@@ -621,7 +621,9 @@ async fn spawn_relay_process(
 #[tokio::test]
 async fn push_relay_refuses_a_bad_configuration() {
     let nats = zhibo_testkit::nats_url();
-    let cases: [(&str, Vec<(&str, &str)>, &str); 4] = [
+    /// (role, variables, the field the refusal names)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 4] = [
         (
             "push-relay",
             vec![("ZHIBO_PUSH__SECRET", PUSH_SECRET)],
