@@ -663,8 +663,14 @@ async fn push_relay_refuses_a_bad_configuration() {
             // Embedded mode is `dev` without NATS.
             command.env("ZHIBO_BUS__NATS_URL", &nats);
         }
+        // Should a case start after all, it binds nothing shared and writes no file.
         command
             .arg(role)
+            .env("ZHIBO_STORE__PATH", "")
+            .env("ZHIBO_API_ADDR", "127.0.0.1:0")
+            .env("ZHIBO_GATEWAY__TCP_ADDR", "127.0.0.1:0")
+            .env("ZHIBO_GATEWAY__WS_ADDR", "127.0.0.1:0")
+            .env("ZHIBO_GATEWAY__QUIC_ADDR", "127.0.0.1:0")
             .env("ZHIBO_METRICS_ADDR", "")
             .envs(env.iter().copied())
             .kill_on_drop(true);
