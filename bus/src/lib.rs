@@ -182,4 +182,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus is connected (readiness).
     fn is_connected(&self) -> bool;
+
+    /// The NATS connection under this bus, for JetStream (push events); `None` for the in-process bus.
+    fn nats_client(&self) -> Option<async_nats::Client> {
+        None
+    }
 }

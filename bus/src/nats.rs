@@ -372,6 +372,10 @@ impl Bus for NatsBus {
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    fn nats_client(&self) -> Option<async_nats::Client> {
+        Some(self.client.clone())
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! | `<prefix>.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
 //! | `<prefix>.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
 //! | `<prefix>.broadcast`       | logic worker (user-api)   | every gateway                               |
+//! | `<prefix>.push.event`      | logic worker (JetStream)  | push-relay (durable pull consumer)          |
+//! | `<prefix>.push.dead`       | push-relay (JetStream)    | operators (events given up after N attempts)|
+//!
+//! The two `push` subjects are the JetStream stream [`push_stream`] (`<PREFIX>_push`).
 //!
 //! `<prefix>` is the configuration's `bus.subject_prefix` (default [`DEFAULT_PREFIX`], `zhibo`), fixed
 //! once per process by [`set_prefix`] before the first subject is built: deployments (or test runs)
@@ -109,6 +113,17 @@ impl Subject {
         Subject(format!("{}.broadcast", prefix()))
     }
 
+    /// Offline push events (JSON), one per offline recipient per stored message; captured by the
+    /// JetStream stream [`push_stream`] and delivered by `zhibo push-relay`.
+    pub fn push_events() -> Self {
+        Subject(format!("{}.push.event", prefix()))
+    }
+
+    /// Push events the relay gave up on after its last attempt (same stream, not consumed).
+    pub fn push_dead_letters() -> Self {
+        Subject(format!("{}.push.dead", prefix()))
+    }
+
     /// The subject name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -120,6 +135,16 @@ impl fmt::Display for Subject {
         f.write_str(&self.0)
     }
 }
+
+/// The JetStream stream holding [`Subject::push_events`] and [`Subject::push_dead_letters`]:
+/// `<PREFIX>_push` (stream names cannot contain `.`; the prefix is one token, so this is unique per
+/// prefix up to letter case).
+pub fn push_stream() -> String {
+    format!("{}_push", prefix().to_ascii_uppercase())
+}
+
+/// The durable consumer of [`push_stream`] shared by every push-relay replica.
+pub const PUSH_CONSUMER: &str = "push-relay";
 
 /// Whether `id` is usable inside a subject token (a gateway id): non-empty, ASCII alphanumerics, `-`, `_`.
 pub fn is_valid_token(id: &str) -> bool {
@@ -140,6 +165,9 @@ mod tests {
         assert_eq!(Subject::gateway("gw-1").as_str(), "zhibo.gw.gw-1");
         assert_ne!(Subject::user(7), Subject::room(7));
         assert_eq!(Subject::broadcast().as_str(), "zhibo.broadcast");
+        assert_eq!(Subject::push_events().as_str(), "zhibo.push.event");
+        assert_eq!(Subject::push_dead_letters().as_str(), "zhibo.push.dead");
+        assert_eq!(push_stream(), "ZHIBO_push");
         assert!(is_valid_token("gw_1-a"));
         assert!(!is_valid_token("gw.1"));
         assert!(!is_valid_token("gw*"));

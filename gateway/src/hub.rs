@@ -82,6 +82,9 @@ struct Inner {
     users: HashMap<i64, UserEntry>,
 }
 
+/// How long a sign-in waits for its presence write (offline push) before going on without it.
+const PRESENCE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Registry and bus demultiplexer of one gateway.
 pub struct Hub {
     gateway_id: String,
@@ -91,6 +94,8 @@ pub struct Hub {
     overflow_closes: AtomicU64,
     broadcasts_dropped: AtomicU64,
     rooms: Arc<RoomHub>,
+    /// Where the users of this gateway are reported online (only with push enabled).
+    presence: std::sync::OnceLock<Arc<dyn zhibo_store::Presence>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -117,7 +122,14 @@ impl Hub {
             next_conn: AtomicU64::new(first_conn_id()),
             overflow_closes: AtomicU64::new(0),
             broadcasts_dropped: AtomicU64::new(0),
+            presence: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports each user's first and last connection on this gateway to `presence` (offline push).
+    /// Set once, before serving.
+    pub fn set_presence(&self, presence: Arc<dyn zhibo_store::Presence>) {
+        let _ = self.presence.set(presence);
     }
 
     /// The live rooms of this gateway.
@@ -325,6 +337,19 @@ impl Hub {
             Ok(s) => self.bus.flush().await.map(|()| s),
             Err(e) => Err(e),
         };
+        if subscribed.is_ok() {
+            if let Some(presence) = self.presence.get() {
+                // Recorded before the sign-in completes, so a message sent after it sees the user
+                // online; bounded, since a presence failure only costs a redundant push.
+                let connected = presence.connected(&self.gateway_id, user_id);
+                if tokio::time::timeout(PRESENCE_WRITE_WAIT, connected)
+                    .await
+                    .is_err()
+                {
+                    warn!(user_id, "presence write timed out");
+                }
+            }
+        }
         let mut inner = self.lock();
         let result = match subscribed {
             Ok(sub) => {
@@ -365,6 +390,9 @@ impl Hub {
                 let sub = inner.users.remove(&handle.user_id).map(|e| e.sub);
                 drop(inner);
                 drop(sub);
+                if let Some(presence) = self.presence.get() {
+                    presence.disconnected(&self.gateway_id, handle.user_id);
+                }
             }
         }
     }

@@ -111,6 +111,8 @@ pub struct Deps {
     pub key: Arc<TokenKey>,
     /// Process metrics.
     pub metrics: Arc<zhibo_telemetry::Metrics>,
+    /// Where users' first and last connections are reported (offline push); `None` = not tracked.
+    pub presence: Option<Arc<dyn zhibo_store::Presence>>,
 }
 
 /// Copies the room hub's viewer count and dropped-frame count into the metrics every 2 s.
@@ -168,6 +170,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    if let Some(presence) = &deps.presence {
+        hub.set_presence(presence.clone());
+    }
     let span = tracing::info_span!("gateway", gateway_id = %hub.gateway_id());
     async move {
         let replies = hub.serve_replies().await?;

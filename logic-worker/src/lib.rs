@@ -9,6 +9,8 @@
 //!   - `consumer`: [`run`] consumes `zhibo.cmd` in the `logic` queue group with bounded concurrency and
 //!     finishes in-flight commands on shutdown; [`Logic::handle`] dispatches one command.
 //!   - `ids`: message ids from a configured or leased node number.
+//!   - `push`: [`PushHook`] — after a 1:1 or group message is stored, one push event per offline
+//!     recipient (one pipelined presence read), handed to the push sink without waiting.
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
 //! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
@@ -27,6 +29,7 @@ mod consumer;
 mod error;
 mod events;
 mod ids;
+mod push;
 mod room;
 mod send;
 mod sync;
@@ -41,6 +44,7 @@ pub use config::LogicConfig;
 pub use consumer::run;
 pub use error::{LogicError, Op};
 use ids::MessageIds;
+pub use push::PushHook;
 
 /// The message pipeline.
 pub struct Logic {
@@ -49,6 +53,7 @@ pub struct Logic {
     ids: MessageIds,
     config: LogicConfig,
     metrics: Arc<Metrics>,
+    push: Option<PushHook>,
 }
 
 impl std::fmt::Debug for Logic {
@@ -71,12 +76,19 @@ impl Logic {
             ids,
             config,
             metrics: Arc::new(Metrics::new()),
+            push: None,
         }
     }
 
     /// Records into the process's `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Emits offline push events for stored 1:1 and group messages.
+    pub fn with_push(mut self, push: PushHook) -> Self {
+        self.push = Some(push);
         self
     }
 }

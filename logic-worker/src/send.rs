@@ -226,6 +226,8 @@ impl Logic {
         entries: Vec<(i64, Message)>,
         duplicate: bool,
     ) -> SendMessageOutput {
+        // Before the ACK: a sender who saw the ACK can count on the events being queued.
+        self.push_offline(origin.user_id, &entries).await;
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {

@@ -25,6 +25,7 @@ pub mod embedded;
 pub mod ids;
 pub mod leases;
 pub mod model;
+pub mod presence;
 pub mod redis_seq;
 pub mod scylla;
 mod traits;
@@ -43,6 +44,7 @@ pub use traits::groups::{check_transfer, GroupStore};
 pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
 pub use traits::messages::{MessageStore, SendPlan, SeqAllocator};
+pub use traits::presence::Presence;
 pub use traits::rooms::{Room, RoomStore};
 pub use traits::users::UserStore;
 

@@ -49,6 +49,67 @@ pub struct Metrics {
     pub room_viewers: Gauge,
     /// Packets dropped or connections closed because an outbound queue was full, by kind.
     pub queue_drops: Family<KindLabel, Counter>,
+    /// Offline push events and webhooks (logic worker: published; push-relay: delivered).
+    pub push: PushMetrics,
+}
+
+/// Push metrics: the publishing side (logic workers) and the delivering side (push-relay).
+#[derive(Debug, Clone)]
+pub struct PushMetrics {
+    /// Push events handed to the stream (or the embedded queue).
+    pub published: Counter,
+    /// Push events not published, by kind (`queue_full`, `publish`, `presence`: presence unreadable,
+    /// everyone treated as offline).
+    pub publish_failures: Family<KindLabel, Counter>,
+    /// Events delivered (2xx from the target).
+    pub delivered: Counter,
+    /// Failed attempts that will be retried.
+    pub retried: Counter,
+    /// Events given up on after the last attempt (sent to the dead-letter subject).
+    pub dead_lettered: Counter,
+    /// Time of one delivery attempt (HTTP request to answer), seconds.
+    pub delivery_seconds: Histogram,
+}
+
+impl Default for PushMetrics {
+    fn default() -> Self {
+        PushMetrics {
+            published: Counter::default(),
+            publish_failures: Family::default(),
+            delivered: Counter::default(),
+            retried: Counter::default(),
+            dead_lettered: Counter::default(),
+            delivery_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        }
+    }
+}
+
+impl PushMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("push");
+        r.register("published", "Push events published", self.published.clone());
+        r.register(
+            "publish_failures",
+            "Push events not published, by kind",
+            self.publish_failures.clone(),
+        );
+        r.register("delivered", "Push events delivered", self.delivered.clone());
+        r.register(
+            "retried",
+            "Push delivery attempts to retry",
+            self.retried.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Push events given up on after the last attempt",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "delivery_seconds",
+            "Push delivery attempt latency",
+            self.delivery_seconds.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -74,6 +135,7 @@ impl Metrics {
             store_errors: Counter::default(),
             room_viewers: Gauge::default(),
             queue_drops: Family::default(),
+            push: PushMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +182,7 @@ impl Metrics {
             "Outbound queue overflows",
             m.queue_drops.clone(),
         );
+        m.push.register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -167,6 +167,8 @@ pub struct Config {
     pub logic: zhibo_logic::LogicConfig,
     /// user-api.
     pub api: zhibo_user_api::ApiConfig,
+    /// Offline push events (logic workers, user-api) and their delivery (push-relay).
+    pub push: zhibo_push::PushConfig,
 }
 
 impl Default for Config {
@@ -182,6 +184,7 @@ impl Default for Config {
             gateway: zhibo_gateway::GatewayConfig::default(),
             logic: zhibo_logic::LogicConfig::default(),
             api: zhibo_user_api::ApiConfig::default(),
+            push: zhibo_push::PushConfig::default(),
         }
     }
 }
@@ -288,6 +291,12 @@ impl Config {
             .map_err(|e| format!("bus: {e}"))?;
         zhibo_bus::subject::validate_prefix(&config.bus.subject_prefix)
             .map_err(|e| format!("bus: {e}"))?;
+        // Embedded mode delivers in-process, so enabling push there needs the target as well.
+        let embedded_push = config.push.enabled && config.bus.nats_url.is_empty();
+        config
+            .push
+            .validate(embedded_push)
+            .map_err(|e| format!("push: {e}"))?;
         Ok(config)
     }
 }

@@ -4,6 +4,10 @@
 //! - [`connect`]: builds the bus (NATS, or in-process) and the stores (Scylla + Redis seqs, or embedded).
 //! - [`run`]: runs any set of roles (gateway, logic worker, user-api) on one bus and set of stores,
 //!   with ordered graceful shutdown. `zhibo dev` runs all three on the in-process bus and embedded store.
+//! - [`run_push_relay`]: `zhibo push-relay`, the JetStream push-event relay (`zhibo_push::relay`).
+//!   With `push.enabled`, [`run`] also wires offline push: presence for gateways and pipelines
+//!   (in-process in embedded mode, Redis otherwise), the push-event sink of the pipelines, and in
+//!   embedded mode the in-process relay.
 //! - [`chat`]: `zhibo chat`, the terminal client, on the `zhibo-client` SDK.
 #![warn(missing_docs)]
 
@@ -164,6 +168,114 @@ fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetr
     Arc::new(move || bus.is_connected() && store_ok.load(Ordering::Relaxed))
 }
 
+/// What `push.enabled` adds to a process.
+struct PushParts {
+    /// Who is online: written by the gateway, read by the pipelines.
+    presence: Arc<dyn zhibo_store::Presence>,
+    /// What the pipelines emit through (with pipelines only).
+    hook: Option<zhibo_logic::PushHook>,
+    /// The JetStream publisher, flushed at shutdown (distributed).
+    jetstream: Option<Arc<zhibo_push::sink::JetStreamSink>>,
+    /// The in-process relay's queue (embedded).
+    memory: Option<tokio::sync::mpsc::Receiver<zhibo_push::PushEvent>>,
+}
+
+/// Presence (in-process on the in-process bus, else Redis) and, for `pipelines`, the push sink
+/// (JetStream on NATS, else the in-process relay's queue).
+async fn push_parts(
+    config: &Config,
+    backends: &Backends,
+    metrics: &Metrics,
+    pipelines: bool,
+) -> anyhow::Result<PushParts> {
+    let nats = backends.bus.nats_client();
+    let presence: Arc<dyn zhibo_store::Presence> = if nats.is_none() {
+        Arc::new(zhibo_store::presence::MemoryPresence::new())
+    } else {
+        zhibo_store::presence::RedisPresence::connect(
+            &config.store.redis_url,
+            &config.bus.subject_prefix,
+            Duration::from_secs(config.push.presence_ttl_secs),
+        )
+        .await
+        .context("connecting to Redis for presence (push.enabled)")?
+    };
+    let mut parts = PushParts {
+        presence: presence.clone(),
+        hook: None,
+        jetstream: None,
+        memory: None,
+    };
+    if !pipelines {
+        return Ok(parts);
+    }
+    let sink: Arc<dyn zhibo_push::sink::PushSink> = match nats {
+        Some(client) => {
+            let sink =
+                zhibo_push::sink::JetStreamSink::start(client, &config.push, metrics.push.clone())
+                    .await
+                    .context("push event stream")?;
+            parts.jetstream = Some(sink.clone());
+            sink
+        }
+        None => {
+            let (sink, events) =
+                zhibo_push::sink::MemorySink::new(&config.push, metrics.push.clone());
+            parts.memory = Some(events);
+            sink
+        }
+    };
+    parts.hook = Some(zhibo_logic::PushHook {
+        presence,
+        sink,
+        preview: config.push.preview,
+        preview_max_chars: config.push.preview_max_chars,
+    });
+    Ok(parts)
+}
+
+/// Runs `zhibo push-relay` until `shutdown`: connects to NATS (`bus`), ensures the push stream and
+/// the durable consumer, and delivers events to `push.url` (see `zhibo_push::relay`). Serves the ops
+/// endpoint on `ops` (ready while NATS is connected).
+///
+/// # Errors
+/// When NATS cannot be reached or JetStream refuses the stream or the consumer.
+pub async fn run_push_relay(
+    config: Config,
+    ops: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    zhibo_bus::subject::set_prefix(&config.bus.subject_prefix).context("bus.subject_prefix")?;
+    let bus = NatsBus::connect_with(&config.bus.nats(), "zhibo-push-relay")
+        .await
+        .context("connecting to NATS")?;
+    let metrics = Arc::new(Metrics::new());
+    let probe = bus.clone();
+    let ready: zhibo_telemetry::http::Readiness = Arc::new(move || probe.is_connected());
+    let ops_task = ops.map(|listener| {
+        spawn_role(
+            shutdown.clone(),
+            zhibo_telemetry::http::serve(listener, metrics.clone(), ready, shutdown.clone()),
+        )
+    });
+    let relayed = zhibo_push::relay::run(
+        bus.client().clone(),
+        config.push.clone(),
+        metrics.push.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("push relay");
+    shutdown.cancel();
+    if let Some(t) = ops_task {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(config.grace_secs);
+        if let Some(r) = bounded(deadline, "ops endpoint", t, &mut Vec::new()).await {
+            r?;
+        }
+    }
+    relayed
+}
+
 /// The sockets of the roles a process runs; `None` = that role is off.
 #[derive(Debug, Default)]
 pub struct Bound {
@@ -194,17 +306,39 @@ pub async fn run(
     let grace = Duration::from_secs(config.grace_secs);
     let metrics = Arc::new(Metrics::new());
     let ready = readiness(&backends, shutdown.clone());
+    let pipelines = bound.logic || bound.api.is_some();
+    let push = if config.push.enabled && (pipelines || bound.gateway.is_some()) {
+        Some(push_parts(&config, &backends, &metrics, pipelines).await?)
+    } else {
+        None
+    };
     // Only roles that mint message ids (logic worker, user-api's server-side sends) hold a pipeline and
     // with it a node lease; a gateway holds none.
-    let logic = (bound.logic || bound.api.is_some()).then(|| {
-        Arc::new(
-            zhibo_logic::Logic::new(
-                backends.stores.clone(),
-                backends.bus.clone(),
-                config.logic.clone(),
-            )
-            .with_metrics(metrics.clone()),
+    let logic = pipelines.then(|| {
+        let logic = zhibo_logic::Logic::new(
+            backends.stores.clone(),
+            backends.bus.clone(),
+            config.logic.clone(),
         )
+        .with_metrics(metrics.clone());
+        Arc::new(match push.as_ref().and_then(|p| p.hook.clone()) {
+            Some(hook) => logic.with_push(hook),
+            None => logic,
+        })
+    });
+    let (presence, jetstream_sink, memory_relay) = match push {
+        Some(p) => (Some(p.presence), p.jetstream, p.memory),
+        None => (None, None, None),
+    };
+    // Embedded mode: the relay runs in this process, over the pipelines' queue.
+    let memory_relay_task = memory_relay.map(|events| {
+        let (push_config, push_metrics, stop) =
+            (config.push.clone(), metrics.push.clone(), shutdown.clone());
+        spawn_role(shutdown.clone(), async move {
+            zhibo_push::relay::run_memory(events, push_config, push_metrics, stop)
+                .await
+                .context("push relay")
+        })
     });
     let ops_task = bound.ops.map(|listener| {
         spawn_role(
@@ -232,6 +366,7 @@ pub async fn run(
             rooms: backends.stores.rooms.clone(),
             key: key.clone(),
             metrics: metrics.clone(),
+            presence: presence.clone(),
         };
         spawn_role(
             shutdown.clone(),
@@ -278,6 +413,20 @@ pub async fn run(
         // In-flight commands get what is left of the grace period, no more.
         if let Some(r) = bounded(deadline, "logic worker", t, &mut abandoned).await {
             r?;
+        }
+    }
+    if let Some(t) = memory_relay_task {
+        if let Some(r) = bounded(deadline, "push relay", t, &mut abandoned).await {
+            r?;
+        }
+    }
+    if let Some(sink) = &jetstream_sink {
+        // Every send is answered: hand the stream what the pipelines queued.
+        if tokio::time::timeout_at(deadline, sink.flush())
+            .await
+            .is_err()
+        {
+            warn!("push events still unpublished at the end of the grace period are lost");
         }
     }
     if let Some(t) = ops_task {

@@ -38,6 +38,8 @@ enum Role {
     UserApi,
     /// Applies the CQL migrations to the configured keyspace and exits.
     Migrate,
+    /// Delivers offline push events from JetStream to `push.url` (signed POSTs, retries, dead letters).
+    PushRelay,
 }
 
 impl Role {
@@ -48,6 +50,7 @@ impl Role {
             Role::LogicWorker => "zhibo-logic-worker",
             Role::UserApi => "zhibo-user-api",
             Role::Migrate => "zhibo-migrate",
+            Role::PushRelay => "zhibo-push-relay",
         }
     }
 }
@@ -78,7 +81,12 @@ fn main() -> ExitCode {
     if role == Role::Dev && config.token_secret.is_empty() {
         config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
     }
-    if role != Role::Migrate {
+    if role == Role::PushRelay {
+        if let Err(e) = config.push.validate(true) {
+            eprintln!("zhibo: bad configuration: push: {e}");
+            return ExitCode::from(64);
+        }
+    } else if role != Role::Migrate {
         if let Err(e) = zhibo::security::check_token_secret(&config, role == Role::Dev) {
             eprintln!("zhibo: bad configuration: {e}");
             return ExitCode::from(64);
@@ -128,6 +136,26 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             config.store.keyspace
         );
         return Ok(());
+    }
+    if role == Role::PushRelay {
+        let ops = if config.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(
+                tokio::net::TcpListener::bind(&config.metrics_addr)
+                    .await
+                    .with_context(|| {
+                        format!("binding the ops endpoint on {}", config.metrics_addr)
+                    })?,
+            )
+        };
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signal.cancel();
+        });
+        return zhibo::run_push_relay(config, ops, shutdown).await;
     }
     let backends = zhibo::connect(&config, role.service_name()).await?;
     let mut bound = Bound::default();

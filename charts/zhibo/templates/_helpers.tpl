@@ -151,6 +151,13 @@ Call with (dict "root" $ "role" .Values.gateway).
     secretKeyRef:
       name: {{ include "zhibo.secretName" .root }}
       key: token-secret
+{{- if .root.Values.push.enabled }}
+- name: ZHIBO_PUSH__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "zhibo.secretName" .root) .root.Values.push.existingSecret }}
+      key: {{ ternary .root.Values.push.existingSecretKey "push-secret" (ne .root.Values.push.existingSecret "") }}
+{{- end }}
 {{- with .role.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -8,5 +8,6 @@ pub(crate) mod groups;
 pub(crate) mod invites;
 pub(crate) mod leases;
 pub(crate) mod messages;
+pub(crate) mod presence;
 pub(crate) mod rooms;
 pub(crate) mod users;

@@ -3,5 +3,6 @@
 mod conformance;
 mod embedded;
 mod leases;
+mod presence;
 mod redis_seq;
 mod scylla;

@@ -40,6 +40,7 @@ mod ids;
 mod isolation;
 mod loadtest_smoke;
 mod processes;
+mod push;
 mod reliability;
 mod replay;
 mod rooms;

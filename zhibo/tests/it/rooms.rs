@@ -90,6 +90,7 @@ async fn gateway(
         rooms: backends.stores.rooms.clone(),
         key: Arc::new(zhibo_auth::TokenKey::new(SECRET)),
         metrics: Arc::new(zhibo_telemetry::Metrics::new()),
+        presence: None,
     };
     let task = tokio::spawn(zhibo_gateway::serve(
         hub.clone(),

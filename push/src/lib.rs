@@ -1,0 +1,36 @@
+//! # Layout
+//! - [`event`]: [`PushEvent`], the JSON an app backend receives per offline recipient of a message.
+//! - [`sign`]: the HMAC-SHA256 signature headers, [`sign::sign`] and [`sign::verify`] (the README's
+//!   example receiver does the same).
+//! - [`config`]: [`PushConfig`] (`[push]`), its checks and the retry backoff.
+//! - [`sink`]: [`sink::PushSink`], where logic workers hand events without waiting: the JetStream
+//!   publisher ([`sink::JetStreamSink`], stream `<PREFIX>_push` created or updated at start) and the
+//!   embedded queue ([`sink::MemorySink`]).
+//! - [`relay`]: `zhibo push-relay` — [`relay::run`] (durable JetStream pull consumer) and
+//!   [`relay::run_memory`] (embedded), both POSTing through one [`relay::Deliverer`].
+//!
+//! Flow: logic worker (stored message, recipients offline per `Presence`) → sink → stream
+//! `<prefix>.push.event` → push-relay → signed POST to `push.url` (ack on 2xx, nak with backoff,
+//! `<prefix>.push.dead` after `push.max_attempts`).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod event;
+pub mod relay;
+pub mod sign;
+pub mod sink;
+
+pub use config::PushConfig;
+pub use event::PushEvent;
+
+/// A push failure at start (the relay's or publisher's setup).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// JetStream refused (not enabled, stream or consumer conflict).
+    #[error("jetstream: {0}")]
+    JetStream(String),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(String),
+}

@@ -1,0 +1,89 @@
+//! Presence against a real Redis: a user is online while a gateway vouches for them, offline after the
+//! last connection leaves, and offline once a dead gateway's entry outlives its TTL; the in-process
+//! presence answers the same.
+//!
+//! Each test uses its own key prefix, so tests share one Redis.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use zhibo_store::presence::{MemoryPresence, RedisPresence};
+use zhibo_store::Presence;
+
+/// Polls `check` every 20 ms until it holds; fails after `wait`.
+async fn until(what: &str, wait: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn redis(ttl: Duration) -> Arc<RedisPresence> {
+    let url = zhibo_testkit::require_redis().await;
+    RedisPresence::connect(&url, &zhibo_testkit::unique_name("presence"), ttl)
+        .await
+        .expect("connect presence")
+}
+
+async fn connect_and_leave(p: &dyn Presence) {
+    assert_eq!(p.online(&[1, 2]).await.expect("read"), [false, false]);
+    p.connected("gw-a", 1).await;
+    p.connected("gw-b", 1).await;
+    assert_eq!(p.online(&[1, 2]).await.expect("read"), [true, false]);
+    // Still on gw-b.
+    p.disconnected("gw-a", 1);
+    assert_eq!(p.online(&[1]).await.expect("read"), [true]);
+    p.disconnected("gw-b", 1);
+    until(
+        "offline after the last gateway",
+        Duration::from_secs(5),
+        async || p.online(&[1]).await.expect("read") == [false],
+    )
+    .await;
+    assert_eq!(p.online(&[]).await.expect("read"), Vec::<bool>::new());
+}
+
+#[tokio::test]
+async fn redis_presence_follows_connections() {
+    let p = redis(Duration::from_secs(60)).await;
+    connect_and_leave(p.as_ref()).await;
+}
+
+#[tokio::test]
+async fn memory_presence_follows_connections() {
+    connect_and_leave(&MemoryPresence::new()).await;
+}
+
+/// A gateway that dies without cleaning up (here: its presence dropped, so it stops refreshing)
+/// vouches for its users for at most the TTL; a live one keeps them online past it.
+#[tokio::test]
+async fn a_dead_gateways_users_go_offline_after_the_ttl() {
+    let ttl = Duration::from_secs(3);
+    let live = redis(ttl).await;
+    let url = zhibo_testkit::require_redis().await;
+    // The same prefix as `live`, another process's view.
+    let dead = RedisPresence::connect(&url, live_prefix(&live), ttl)
+        .await
+        .expect("connect");
+    dead.connected("gw-dead", 7).await;
+    live.connected("gw-live", 8).await;
+    assert_eq!(live.online(&[7, 8]).await.expect("read"), [true, true]);
+    drop(dead);
+    until(
+        "the dead gateway's user offline",
+        Duration::from_secs(10),
+        async || live.online(&[7]).await.expect("read") == [false],
+    )
+    .await;
+    // Refreshed every TTL/3: the live gateway's user is still online well past one TTL.
+    assert_eq!(live.online(&[8]).await.expect("read"), [true]);
+}
+
+/// `RedisPresence::key` is `<prefix>:presence:<user>`: recover the prefix.
+fn live_prefix(p: &RedisPresence) -> &str {
+    let key = p.key(0);
+    let end = key.len() - ":presence:0".len();
+    // Leaked once per test: a &str with the presence's lifetime is all the API needs.
+    Box::leak(key[..end].to_owned().into_boxed_str())
+}
