@@ -3,10 +3,15 @@
 //! (`rooms` module) feeds it bus events and deadlines with the current time and does what it returns;
 //! tests drive it on a fake clock.
 //!
-//! - Batching: messages arriving within [`RoomConfig::batch_window`] (or until
-//!   [`RoomConfig::batch_max`] messages / a frame's worth of bytes) become one `RoomMessages` packet,
-//!   encoded **once** and shared as [`Bytes`] by every viewer's room queue. A frame that does not fit
-//!   a viewer's queue is dropped for it and counted.
+//! - Batching (adaptive): a message that arrives when the room's last frame is older than the room's
+//!   current window goes out at once (a quiet room never waits); one arriving sooner waits for the end
+//!   of that window (or until [`RoomConfig::batch_max`] messages / a frame's worth of bytes), and the
+//!   window's messages become one `RoomMessages` packet, encoded **once** and shared as [`Bytes`] by
+//!   every viewer's room queue. The window grows with the room's load — its message rate (a decaying
+//!   average over [`RATE_TAU`]) times its local viewers — reaching [`RoomConfig::batch_window`] at
+//!   [`RoomConfig::batch_load`] deliveries per second: a busy, crowded room trades a little latency for
+//!   far fewer frame writes, a small or slow one keeps the latency of a single hop. A frame that does
+//!   not fit a viewer's queue is dropped for it and counted.
 //! - Online count: every [`RoomConfig::presence_interval`] the room reports its local viewer count
 //!   ([`RoomOutput::presence`]); the count is the local viewers plus the latest unexpired reports of
 //!   the other gateways. When it changes and no messages are flowing, viewers get a `RoomMessages` with
@@ -29,8 +34,12 @@ use zhibo_proto::client::{Message, Packet, RoomMessages};
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
 pub struct RoomConfig {
-    /// Longest a room message waits to be batched with others.
+    /// Longest a room message waits to be batched with others: the window of a room whose load is
+    /// [`RoomConfig::batch_load`] or more.
     pub batch_window: Duration,
+    /// Deliveries per second (message rate × local viewers) at which the window reaches
+    /// `batch_window`; a lighter room's window is proportionally shorter.
+    pub batch_load: f64,
     /// Most messages in one `RoomMessages` frame.
     pub batch_max: usize,
     /// Largest encoded frame (the transports' maximum).
@@ -54,6 +63,10 @@ impl Default for RoomConfig {
 /// How long after its join a viewer's frames leave out what its `recent` had: longer than a batch
 /// window plus a bus hop, so a message read from the history and still on its way is not sent twice.
 pub const SEEN_FOR: Duration = Duration::from_secs(5);
+
+/// Time constant of a room's message rate estimate: a burst raises it within a fraction of this, and
+/// it decays by a factor e per `RATE_TAU` of silence.
+pub const RATE_TAU: Duration = Duration::from_secs(1);
 
 /// A connection watching a room.
 #[derive(Debug, Clone)]
@@ -115,6 +128,11 @@ pub struct RoomState {
     batch: Vec<Message>,
     batch_bytes: usize,
     batch_due: Option<Instant>,
+    /// When the last frame with messages went out (the batch window runs from there).
+    last_flush: Option<Instant>,
+    /// The room's message rate (per second, decaying average) as of `rate_at`.
+    rate: f64,
+    rate_at: Instant,
     /// The online count the last frame carried (`None` before the first presence tick).
     last_online: Option<u64>,
     next_presence: Instant,
@@ -146,6 +164,9 @@ impl RoomState {
             batch: Vec::new(),
             batch_bytes: 0,
             batch_due: None,
+            last_flush: None,
+            rate: 0.0,
+            rate_at: now,
             last_online: None,
             next_presence: now,
         }
@@ -219,9 +240,26 @@ impl RoomState {
         Some((recent, online))
     }
 
-    /// A room message from the bus: batched, and the batch sent when it is full.
+    /// The room's message rate (per second) at `now`: a decaying average over [`RATE_TAU`].
+    pub fn rate(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate * (-dt / RATE_TAU.as_secs_f64()).exp()
+    }
+
+    /// The batch window at `now`: [`RoomConfig::batch_window`] scaled by the room's load (message rate ×
+    /// local viewers) over [`RoomConfig::batch_load`], at most the full window.
+    pub fn window(&self, now: Instant) -> Duration {
+        let load = self.rate(now) * self.viewers.len() as f64;
+        let share = (load / self.config.batch_load).clamp(0.0, 1.0);
+        self.config.batch_window.mul_f64(share)
+    }
+
+    /// A room message from the bus: sent at once when the room's last frame is older than its window
+    /// (a quiet room), else batched until that window ends; the batch also goes when it is full.
     pub fn on_message(&mut self, message: Message, now: Instant) -> RoomOutput {
         let mut out = RoomOutput::default();
+        self.rate = self.rate(now) + 1.0 / RATE_TAU.as_secs_f64();
+        self.rate_at = now;
         let len = message.encoded_len() + 8;
         // Keep the frame under the transport's maximum (with room for the header).
         if self.batch_bytes + len > self.config.max_frame.saturating_sub(64)
@@ -231,9 +269,14 @@ impl RoomState {
         }
         self.batch_bytes += len;
         self.batch.push(message);
-        self.batch_due
-            .get_or_insert_with(|| now + self.config.batch_window);
-        if self.batch.len() >= self.config.batch_max {
+        if self.batch_due.is_none() {
+            let due = match self.last_flush {
+                Some(last) => last + self.window(now),
+                None => now,
+            };
+            self.batch_due = Some(due);
+        }
+        if self.batch.len() >= self.config.batch_max || self.batch_due.is_some_and(|d| d <= now) {
             out.dropped += self.flush(now);
         }
         out
@@ -297,6 +340,9 @@ impl RoomState {
         let messages = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.batch_due = None;
+        if !messages.is_empty() {
+            self.last_flush = Some(now);
+        }
         let online = self.online();
         self.last_online = Some(online);
         let room_id = self.room_id;
@@ -358,6 +404,8 @@ mod tests {
     fn config() -> RoomConfig {
         RoomConfig {
             batch_window: WINDOW,
+            // Any traffic makes the window full: these tests are about what a window holds.
+            batch_load: f64::MIN_POSITIVE,
             batch_max: 100,
             presence_interval: PRESENCE,
             ..RoomConfig::default()
@@ -414,7 +462,11 @@ mod tests {
     fn a_batch_waits_for_its_window_then_goes_out_once_encoded() {
         let t0 = Instant::now();
         let (mut r, mut rxs) = room(t0, 2, 8);
-        for id in 1..=5 {
+        // The first message of a quiet room goes at once; the ones right behind it wait.
+        r.on_message(msg(1), t0);
+        assert_eq!(ids(&rxs[0].try_recv().expect("a's first")), vec![1]);
+        assert_eq!(ids(&rxs[1].try_recv().expect("b's first")), vec![1]);
+        for id in 2..=5 {
             assert_eq!(r.on_message(msg(id), t0), RoomOutput::default());
         }
         assert_eq!(r.next_deadline(), t0 + WINDOW);
@@ -424,7 +476,7 @@ mod tests {
         let fa = rxs[0].try_recv().expect("a's frame");
         let fb = rxs[1].try_recv().expect("b's frame");
         assert_eq!(fa.as_ptr(), fb.as_ptr(), "one encoding shared by both");
-        assert_eq!(ids(&fa), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ids(&fa), vec![2, 3, 4, 5]);
         let f = frame_of(&fa);
         assert_eq!((f.room_id, f.online_count), (5, 2));
         assert_eq!(r.next_deadline(), t0 + PRESENCE, "nothing batched");
@@ -445,10 +497,11 @@ mod tests {
         let (v, mut rx) = viewer(1, 8);
         r.add_viewer(v, false);
         r.ready(1, vec![], t0);
-        for id in 1..=4 {
+        for id in 1..=5 {
             r.on_message(msg(id), t0);
         }
-        assert_eq!(ids(&rx.try_recv().expect("full batch")), vec![1, 2, 3]);
+        assert_eq!(ids(&rx.try_recv().expect("at once")), vec![1]);
+        assert_eq!(ids(&rx.try_recv().expect("full batch")), vec![2, 3, 4]);
         assert!(rx.try_recv().is_err());
         // A frame's worth of bytes goes out before the next message would overflow it.
         let mut r = RoomState::new(
@@ -467,12 +520,162 @@ mod tests {
             content: Bytes::from(vec![b'x'; 400]),
             ..msg(id)
         };
-        for id in 1..=3 {
+        for id in 1..=4 {
             r.on_message(big(id), t0);
         }
-        let first = rx.try_recv().expect("flushed before overflowing");
-        assert!(first.len() <= 1024, "{} bytes", first.len());
-        assert_eq!(ids(&first), vec![1, 2]);
+        assert_eq!(ids(&rx.try_recv().expect("at once")), vec![1]);
+        let second = rx.try_recv().expect("flushed before overflowing");
+        assert!(second.len() <= 1024, "{} bytes", second.len());
+        assert_eq!(ids(&second), vec![2, 3]);
+    }
+
+    /// A quiet room (light load) never makes a message wait, even with a long configured window: each
+    /// message after a gap goes out in the call that brought it.
+    #[test]
+    fn a_quiet_room_flushes_at_once() {
+        let t0 = Instant::now();
+        let config = RoomConfig {
+            batch_window: Duration::from_secs(1),
+            batch_load: 200_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = Vec::new();
+        for c in 1..=50 {
+            let (v, rx) = viewer(c, 8);
+            r.add_viewer(v, false);
+            r.ready(c, vec![], t0);
+            rxs.push(rx);
+        }
+        r.on_tick(t0);
+        // One message every 100 ms (10/s × 50 viewers = 500 deliveries/s): a window of ~2.5 ms.
+        for i in 0..20u64 {
+            let t = t0 + Duration::from_millis(100 * i);
+            assert!(r.next_deadline() > t, "nothing pending");
+            r.on_message(msg(i + 1), t);
+            for rx in &mut rxs {
+                assert_eq!(ids(&rx.try_recv().expect("sent at once")), vec![i + 1]);
+            }
+            assert!(r.window(t) < Duration::from_millis(5), "{:?}", r.window(t));
+        }
+    }
+
+    /// A storm in a crowded room: messages are batched, each waits at most the configured window,
+    /// and once the rate has built up frames go out once per full window.
+    #[test]
+    fn a_storm_batches_up_to_the_max_window() {
+        let t0 = Instant::now();
+        let window = Duration::from_millis(50);
+        let config = RoomConfig {
+            batch_window: window,
+            batch_max: 10_000,
+            batch_load: 10_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = Vec::new();
+        for c in 1..=100 {
+            let (v, rx) = viewer(c, 1024);
+            r.add_viewer(v, false);
+            r.ready(c, vec![], t0);
+            rxs.push(rx);
+        }
+        r.on_tick(t0);
+        // 1000 messages/s for 2 s, 100 viewers: 100k deliveries/s, ten times the full-window load.
+        let mut sent_at = HashMap::new();
+        let mut frames = Vec::new(); // (time, ids)
+        let step = Duration::from_millis(1);
+        let mut drain = |t: Instant, rxs: &mut Vec<mpsc::Receiver<Bytes>>| {
+            let first = rxs[0].try_recv().ok().map(|f| ids(&f));
+            for rx in rxs.iter_mut().skip(1) {
+                assert_eq!(rx.try_recv().ok().map(|f| ids(&f)), first, "same frames");
+            }
+            if let Some(ids) = first {
+                frames.push((t, ids));
+            }
+        };
+        for i in 0..2000u64 {
+            let t = t0 + step * i as u32;
+            if r.next_deadline() <= t {
+                r.on_tick(t);
+                drain(t, &mut rxs);
+            }
+            sent_at.insert(i + 1, t);
+            r.on_message(msg(i + 1), t);
+            drain(t, &mut rxs);
+        }
+        // The last batch goes at its window's end.
+        let end = r.next_deadline();
+        assert!(
+            end <= t0 + Duration::from_secs(2) + window,
+            "last batch pending"
+        );
+        r.on_tick(end);
+        drain(end, &mut rxs);
+        let got: Vec<u64> = frames.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        assert_eq!(
+            got,
+            (1..=2000).collect::<Vec<_>>(),
+            "every message, in order"
+        );
+        for (t, ids) in &frames {
+            for id in ids {
+                assert!(*t - sent_at[id] <= window, "message {id} waited too long");
+            }
+        }
+        // Once the rate is known (a tenth of a second at 1000/s), one frame per full window.
+        let steady: Vec<Instant> = frames
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| *t >= t0 + Duration::from_millis(200) && *t < end)
+            .collect();
+        for pair in steady.windows(2) {
+            assert_eq!(pair[1] - pair[0], window, "frames one full window apart");
+        }
+        assert!(
+            frames.len() <= 2000 / 50 + 15,
+            "{} frames for 2000 messages",
+            frames.len()
+        );
+        assert_eq!(r.window(t0 + Duration::from_millis(1999)), window);
+    }
+
+    /// The window grows with the rate and with the audience, up to the configured maximum.
+    #[test]
+    fn the_window_grows_with_rate_and_audience() {
+        let t0 = Instant::now();
+        let config = RoomConfig {
+            batch_window: Duration::from_millis(50),
+            batch_load: 100_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let window_at = |viewers: u64, per_sec: u32| {
+            let mut r = RoomState::new(5, "gw".into(), config.clone(), t0);
+            let mut rxs = Vec::new();
+            for c in 1..=viewers {
+                let (v, rx) = viewer(c, 1);
+                r.add_viewer(v, false);
+                rxs.push(rx);
+            }
+            // Three seconds at `per_sec`: the decaying average has settled.
+            let gap = Duration::from_secs(1) / per_sec;
+            let mut t = t0;
+            for id in 0..3 * u64::from(per_sec) {
+                t = t0 + gap * id as u32;
+                r.on_message(msg(id + 1), t);
+            }
+            r.window(t)
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (small, crowded) = (window_at(100, 50), window_at(1000, 50));
+        let fast = window_at(100, 500);
+        assert!(ms(small) > 1.5 && ms(small) < 4.0, "{small:?}");
+        assert!(ms(crowded) > 8.0 * ms(small), "{crowded:?} vs {small:?}");
+        assert!(ms(fast) > 8.0 * ms(small), "{fast:?} vs {small:?}");
+        assert_eq!(window_at(1000, 500), Duration::from_millis(50), "capped");
     }
 
     #[test]
@@ -511,6 +714,7 @@ mod tests {
         for id in 1..=8 {
             r.on_message(msg(id), t0);
         }
+        assert_eq!(ids(&rxs[0].try_recv().expect("at once")), vec![1]);
         let (b, mut rb) = viewer(2, 8);
         r.add_viewer(b, false);
         let history: Vec<Message> = (1..=8).map(msg).collect();
@@ -520,7 +724,7 @@ mod tests {
         r.on_tick(t0 + WINDOW);
         assert_eq!(
             ids(&rxs[0].try_recv().expect("a")),
-            (1..=9).collect::<Vec<_>>()
+            (2..=9).collect::<Vec<_>>()
         );
         assert_eq!(
             ids(&rb.try_recv().expect("b")),

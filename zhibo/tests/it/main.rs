@@ -42,6 +42,7 @@ mod loadtest_smoke;
 mod processes;
 mod reliability;
 mod replay;
+mod room_shaping;
 mod rooms;
 mod scenarios;
 mod security;
