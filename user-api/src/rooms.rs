@@ -220,6 +220,7 @@ pub(crate) async fn admin_room_message(
         client_msg_id: String::new(),
         content_type: req.content_type,
         content: decode(&req.content)?,
+        ..Default::default()
     };
     let out = st
         .logic

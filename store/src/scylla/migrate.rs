@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_security",
         cql: include_str!("../../../sql/0004_security.cql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_room_shaping",
+        cql: include_str!("../../../sql/0005_room_shaping.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

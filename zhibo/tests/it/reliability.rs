@@ -217,6 +217,7 @@ async fn flood(sender: &mut Client, to: i64, n: usize, size: usize, tag: &str) {
                     client_msg_id: format!("{tag}{i}"),
                     content_type: 1,
                     content: body.clone(),
+                    ..Default::default()
                 }))
                 .await
                 .expect("send");
