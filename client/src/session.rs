@@ -244,6 +244,7 @@ impl Session {
             client_msg_id: self.new_client_msg_id(),
             content_type,
             content: content.into(),
+            ..Default::default()
         })
     }
 
@@ -297,6 +298,7 @@ impl Session {
                 client_msg_id: self.new_client_msg_id(),
                 content_type,
                 content: content.into(),
+                ..Default::default()
             }))
             .await?;
         match p.body {

@@ -56,8 +56,13 @@ pub struct GatewayConfig {
     pub room_send_burst: f64,
     /// Room frames queued per connection; a slow connection loses further room frames (never IM).
     pub room_queue: usize,
-    /// Longest a room message waits to be batched with others, milliseconds.
+    /// Longest a room message waits to be batched with others, milliseconds: the window of a room at or
+    /// above `room_batch_load`. A quieter room waits less, and the first message after an idle gap not at
+    /// all (adaptive batching, see `room_state`).
     pub room_batch_ms: u64,
+    /// Deliveries per second (a room's message rate × its viewers on this gateway) at which the room's
+    /// batch window reaches `room_batch_ms`; below it the window shrinks in proportion.
+    pub room_batch_load: f64,
     /// Most messages in one room frame.
     pub room_batch_max: usize,
     /// How often this gateway reports its viewer count of each room, milliseconds.
@@ -97,6 +102,7 @@ impl Default for GatewayConfig {
             room_send_burst: 10.0,
             room_queue: 64,
             room_batch_ms: 50,
+            room_batch_load: 200_000.0,
             room_batch_max: 256,
             room_presence_ms: 2000,
             room_recent: 50,
@@ -131,6 +137,7 @@ impl std::fmt::Debug for GatewayConfig {
             room_send_burst,
             room_queue,
             room_batch_ms,
+            room_batch_load,
             room_batch_max,
             room_presence_ms,
             room_recent,
@@ -159,6 +166,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("room_send_burst", room_send_burst)
             .field("room_queue", room_queue)
             .field("room_batch_ms", room_batch_ms)
+            .field("room_batch_load", room_batch_load)
             .field("room_batch_max", room_batch_max)
             .field("room_presence_ms", room_presence_ms)
             .field("room_recent", room_recent)
@@ -207,6 +215,9 @@ impl GatewayConfig {
         if !(ws.is_empty() || ws.starts_with("ws://") || ws.starts_with("wss://")) {
             return Err("reconnect_hint_ws must be a ws:// or wss:// URL".into());
         }
+        if !(self.room_batch_load.is_finite() && self.room_batch_load > 0.0) {
+            return Err("room_batch_load must be > 0".into());
+        }
         if self.room_batch_ms > 1000 || self.room_presence_ms < 100 {
             return Err(
                 "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
@@ -252,6 +263,7 @@ impl GatewayConfig {
     pub fn room_config(&self) -> RoomConfig {
         RoomConfig {
             batch_window: Duration::from_millis(self.room_batch_ms),
+            batch_load: self.room_batch_load,
             batch_max: self.room_batch_max,
             max_frame: self.max_frame,
             presence_interval: Duration::from_millis(self.room_presence_ms),

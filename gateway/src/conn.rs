@@ -682,7 +682,19 @@ async fn join_room(
     room_id: i64,
 ) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
     let conn_id = viewer.conn_id;
-    let room = match ctx.rooms.get_room(room_id).await {
+    let (room, shaping) = tokio::join!(
+        ctx.rooms.get_room(room_id),
+        ctx.rooms.get_room_shaping(room_id)
+    );
+    // Shaping only thins a busy room's chat: without it the viewer is shown all chat.
+    let chat_per_sec = shaping.map_or_else(
+        |e| {
+            warn!(room_id, error = %e, "room shaping lookup failed");
+            0
+        },
+        |s| s.map_or(0, |s| s.chat_per_sec),
+    );
+    let room = match room {
         Ok(r) => r.unwrap_or_else(|| Room::open(room_id)),
         Err(e) => {
             warn!(room_id, error = %e, "room lookup failed");
@@ -693,7 +705,10 @@ async fn join_room(
         return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
     }
     let rooms = ctx.hub.rooms();
-    if let Err(e) = rooms.join(viewer, room_id, room.join_notices).await {
+    if let Err(e) = rooms
+        .join(viewer, room_id, room.join_notices, chat_per_sec)
+        .await
+    {
         warn!(room_id, error = %e, "cannot join room");
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     }

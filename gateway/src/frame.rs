@@ -101,6 +101,7 @@ mod tests {
                 room_id: 3,
                 messages: vec![],
                 online_count: 9,
+                ..RoomMessages::default()
             }),
         );
         let mut enc = FrameEncoder::new(1024);

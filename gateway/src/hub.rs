@@ -222,6 +222,7 @@ impl Hub {
                     match RoomEvent::decode(m.payload) {
                         Ok(RoomEvent {
                             event: Some(room_event::Event::Message(msg)),
+                            ..
                         }) => {
                             hub.broadcast(msg);
                         }

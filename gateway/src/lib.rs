@@ -115,7 +115,8 @@ pub struct Deps {
     pub presence: Option<Arc<dyn zhibo_store::Presence>>,
 }
 
-/// Copies the room hub's viewer count and dropped-frame count into the metrics every 2 s.
+/// Copies the room hub's viewer count, dropped-frame count and shaping counts (sampled and dropped per
+/// class, likes merged) into the metrics every 2 s.
 async fn export_room_gauges(
     hub: Arc<Hub>,
     metrics: Arc<zhibo_telemetry::Metrics>,
@@ -125,12 +126,26 @@ async fn export_room_gauges(
         .queue_drops
         .get_or_create(&zhibo_telemetry::metrics::KindLabel { kind: "room_frame" })
         .clone();
+    let kind = |kind| zhibo_telemetry::metrics::KindLabel { kind };
+    let sampled_chat = metrics.room_sampled.get_or_create(&kind("chat")).clone();
+    let [dropped_high, dropped_chat, dropped_like] =
+        ["high", "chat", "like"].map(|k| metrics.room_dropped.get_or_create(&kind(k)).clone());
     let mut exported = 0;
+    let mut shaped = crate::rooms::ShapeCounts::default();
     loop {
         metrics.room_viewers.set(hub.rooms().total_viewers() as i64);
         let dropped = hub.room_frames_dropped();
         drops.inc_by(dropped.saturating_sub(exported));
         exported = dropped;
+        let now = hub.rooms().shape_counts();
+        sampled_chat.inc_by(now.chat_sampled.saturating_sub(shaped.chat_sampled));
+        dropped_high.inc_by(now.high_dropped.saturating_sub(shaped.high_dropped));
+        dropped_chat.inc_by(now.chat_dropped.saturating_sub(shaped.chat_dropped));
+        dropped_like.inc_by(now.like_dropped.saturating_sub(shaped.like_dropped));
+        metrics
+            .room_likes_merged
+            .inc_by(now.likes_merged.saturating_sub(shaped.likes_merged));
+        shaped = now;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -3,10 +3,15 @@
 //! (`rooms` module) feeds it bus events and deadlines with the current time and does what it returns;
 //! tests drive it on a fake clock.
 //!
-//! - Batching: messages arriving within [`RoomConfig::batch_window`] (or until
-//!   [`RoomConfig::batch_max`] messages / a frame's worth of bytes) become one `RoomMessages` packet,
-//!   encoded **once** and shared as [`Bytes`] by every viewer's room queue. A frame that does not fit
-//!   a viewer's queue is dropped for it and counted.
+//! - Batching (adaptive): a message that arrives when the room's last frame is older than the room's
+//!   current window goes out at once (a quiet room never waits); one arriving sooner waits for the end
+//!   of that window (or until [`RoomConfig::batch_max`] messages / a frame's worth of bytes), and the
+//!   window's messages become one `RoomMessages` packet, encoded **once** and shared as [`Bytes`] by
+//!   every viewer's room queue. The window grows with the room's load — its message rate (a decaying
+//!   average over [`RATE_TAU`]) times its local viewers — reaching [`RoomConfig::batch_window`] at
+//!   [`RoomConfig::batch_load`] deliveries per second: a busy, crowded room trades a little latency for
+//!   far fewer frame writes, a small or slow one keeps the latency of a single hop. A frame that does
+//!   not fit a viewer's queue is dropped for it and counted.
 //! - Online count: every [`RoomConfig::presence_interval`] the room reports its local viewer count
 //!   ([`RoomOutput::presence`]); the count is the local viewers plus the latest unexpired reports of
 //!   the other gateways. When it changes and no messages are flowing, viewers get a `RoomMessages` with
@@ -24,13 +29,17 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use zhibo_proto::bus::RoomPresence;
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{Message, Packet, RoomMessages};
+use zhibo_proto::client::{Message, Packet, RoomClass, RoomMessages};
 
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
 pub struct RoomConfig {
-    /// Longest a room message waits to be batched with others.
+    /// Longest a room message waits to be batched with others: the window of a room whose load is
+    /// [`RoomConfig::batch_load`] or more.
     pub batch_window: Duration,
+    /// Deliveries per second (message rate × local viewers) at which the window reaches
+    /// `batch_window`; a lighter room's window is proportionally shorter.
+    pub batch_load: f64,
     /// Most messages in one `RoomMessages` frame.
     pub batch_max: usize,
     /// Largest encoded frame (the transports' maximum).
@@ -55,6 +64,10 @@ impl Default for RoomConfig {
 /// window plus a bus hop, so a message read from the history and still on its way is not sent twice.
 pub const SEEN_FOR: Duration = Duration::from_secs(5);
 
+/// Time constant of a room's message rate estimate: a burst raises it within a fraction of this, and
+/// it decays by a factor e per `RATE_TAU` of silence.
+pub const RATE_TAU: Duration = Duration::from_secs(1);
+
 /// A connection watching a room.
 #[derive(Debug, Clone)]
 pub struct Viewer {
@@ -78,16 +91,60 @@ struct ViewerEntry {
 
 /// A room frame: messages plus the count, encoded once.
 pub(crate) fn encode_frame(room_id: i64, messages: Vec<Message>, online_count: u64) -> Bytes {
+    encode_shaped(room_id, messages, online_count, 0, 0)
+}
+
+/// A room frame with the window's merged likes and the number of chat messages left out of it.
+fn encode_shaped(
+    room_id: i64,
+    messages: Vec<Message>,
+    online_count: u64,
+    likes: u64,
+    chat_skipped: u64,
+) -> Bytes {
     let packet = Packet::new(
         0,
         Body::RoomMessages(RoomMessages {
             room_id,
             messages,
             online_count,
+            likes,
+            chat_skipped,
         }),
     );
     Bytes::from(packet.encode_to_vec())
 }
+
+/// Per-class counts of what shaping did (issue 17), added up by the room hub and exported as metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeCounts {
+    /// Chat messages left out of a window's frame by sampling above the display rate (once per room
+    /// per gateway, whatever the audience).
+    pub chat_sampled: u64,
+    /// Per-viewer deliveries not made because the viewer was slow: chat shed from its frame, or a
+    /// whole frame its full queue refused (counted per message of that frame), by class.
+    pub chat_dropped: u64,
+    /// See `chat_dropped`.
+    pub high_dropped: u64,
+    /// Likes in frames a full queue refused.
+    pub like_dropped: u64,
+    /// Likes merged into frame counts.
+    pub likes_merged: u64,
+}
+
+impl ShapeCounts {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &ShapeCounts) {
+        self.chat_sampled += other.chat_sampled;
+        self.chat_dropped += other.chat_dropped;
+        self.high_dropped += other.high_dropped;
+        self.like_dropped += other.like_dropped;
+        self.likes_merged += other.likes_merged;
+    }
+}
+
+/// A display rate's burst: a viewer may see this many seconds' worth of chat at once after a lull.
+pub const CHAT_BURST: Duration = Duration::from_millis(500);
 
 /// What the room's task must do after an event.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -96,6 +153,8 @@ pub struct RoomOutput {
     pub dropped: u64,
     /// Publish this gateway's viewer count of the room (a presence report).
     pub presence: Option<u64>,
+    /// What shaping did.
+    pub shaped: ShapeCounts,
 }
 
 /// One live room on one gateway. No I/O: time comes in as `now`, frames go to the viewers' queues
@@ -111,10 +170,24 @@ pub struct RoomState {
     reports: HashMap<String, (u64, Instant)>,
     /// Viewers on other gateways, from their latest reports.
     remote: u64,
-    /// Messages waiting for the batch window, their encoded size, and when the window ends.
-    batch: Vec<Message>,
+    /// Messages waiting for the batch window (likes only counted), their encoded size, and when the
+    /// window ends.
+    batch: Vec<(RoomClass, Message)>,
+    batch_likes: u64,
     batch_bytes: usize,
+    /// Chat a viewer is shown per second (0 = all; the room's setting, as last read at a join), and
+    /// the room's chat budget (a token bucket: tokens as of `chat_at`).
+    chat_per_sec: u32,
+    chat_tokens: f64,
+    chat_at: Instant,
+    /// Sampling's random state (xorshift; no I/O, reproducible in tests).
+    rng: u64,
     batch_due: Option<Instant>,
+    /// When the last frame with messages went out (the batch window runs from there).
+    last_flush: Option<Instant>,
+    /// The room's message rate (per second, decaying average) as of `rate_at`.
+    rate: f64,
+    rate_at: Instant,
     /// The online count the last frame carried (`None` before the first presence tick).
     last_online: Option<u64>,
     next_presence: Instant,
@@ -144,8 +217,16 @@ impl RoomState {
             reports: HashMap::new(),
             remote: 0,
             batch: Vec::new(),
+            batch_likes: 0,
             batch_bytes: 0,
+            chat_per_sec: 0,
+            chat_tokens: 0.0,
+            chat_at: now,
+            rng: (room_id as u64) ^ 0x9e37_79b9_7f4a_7c15 | 1,
             batch_due: None,
+            last_flush: None,
+            rate: 0.0,
+            rate_at: now,
             last_online: None,
             next_presence: now,
         }
@@ -185,6 +266,20 @@ impl RoomState {
         );
     }
 
+    /// Records the room's per-viewer chat display rate as read for a join (0 = show all chat).
+    pub fn set_chat_per_sec(&mut self, chat_per_sec: u32, now: Instant) {
+        if chat_per_sec != self.chat_per_sec {
+            self.chat_per_sec = chat_per_sec;
+            self.chat_tokens = self.chat_capacity();
+            self.chat_at = now;
+        }
+    }
+
+    /// The chat budget's most tokens: [`CHAT_BURST`] worth, at least one message.
+    fn chat_capacity(&self) -> f64 {
+        (f64::from(self.chat_per_sec) * CHAT_BURST.as_secs_f64()).max(1.0)
+    }
+
     /// Removes a viewer; `None` if it was not in the room.
     pub fn remove_viewer(&mut self, conn_id: u64) -> Option<Viewer> {
         self.viewers.remove(&conn_id).map(|v| v.viewer)
@@ -219,22 +314,54 @@ impl RoomState {
         Some((recent, online))
     }
 
-    /// A room message from the bus: batched, and the batch sent when it is full.
+    /// The room's message rate (per second) at `now`: a decaying average over [`RATE_TAU`].
+    pub fn rate(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.rate_at).as_secs_f64();
+        self.rate * (-dt / RATE_TAU.as_secs_f64()).exp()
+    }
+
+    /// The batch window at `now`: [`RoomConfig::batch_window`] scaled by the room's load (message rate ×
+    /// local viewers) over [`RoomConfig::batch_load`], at most the full window.
+    pub fn window(&self, now: Instant) -> Duration {
+        let load = self.rate(now) * self.viewers.len() as f64;
+        let share = (load / self.config.batch_load).clamp(0.0, 1.0);
+        self.config.batch_window.mul_f64(share)
+    }
+
+    /// A chat message from the bus: see [`RoomState::on_classed`].
     pub fn on_message(&mut self, message: Message, now: Instant) -> RoomOutput {
+        self.on_classed(message, RoomClass::Chat, now)
+    }
+
+    /// A room message of `class` from the bus: sent at once when the room's last frame is older than
+    /// its window (a quiet room), else batched until that window ends; the batch also goes when it is
+    /// full. A like is only counted into the window's frame.
+    pub fn on_classed(&mut self, message: Message, class: RoomClass, now: Instant) -> RoomOutput {
         let mut out = RoomOutput::default();
-        let len = message.encoded_len() + 8;
-        // Keep the frame under the transport's maximum (with room for the header).
-        if self.batch_bytes + len > self.config.max_frame.saturating_sub(64)
-            && !self.batch.is_empty()
-        {
-            out.dropped += self.flush(now);
+        self.rate = self.rate(now) + 1.0 / RATE_TAU.as_secs_f64();
+        self.rate_at = now;
+        if class == RoomClass::Like {
+            self.batch_likes += 1;
+        } else {
+            let len = message.encoded_len() + 8;
+            // Keep the frame under the transport's maximum (with room for the header).
+            if self.batch_bytes + len > self.config.max_frame.saturating_sub(64)
+                && !self.batch.is_empty()
+            {
+                self.flush(now, &mut out);
+            }
+            self.batch_bytes += len;
+            self.batch.push((class, message));
         }
-        self.batch_bytes += len;
-        self.batch.push(message);
-        self.batch_due
-            .get_or_insert_with(|| now + self.config.batch_window);
-        if self.batch.len() >= self.config.batch_max {
-            out.dropped += self.flush(now);
+        if self.batch_due.is_none() {
+            let due = match self.last_flush {
+                Some(last) => last + self.window(now),
+                None => now,
+            };
+            self.batch_due = Some(due);
+        }
+        if self.batch.len() >= self.config.batch_max || self.batch_due.is_some_and(|d| d <= now) {
+            self.flush(now, &mut out);
         }
         out
     }
@@ -259,7 +386,7 @@ impl RoomState {
     pub fn on_tick(&mut self, now: Instant) -> RoomOutput {
         let mut out = RoomOutput::default();
         if self.batch_due.is_some_and(|due| due <= now) {
-            out.dropped += self.flush(now);
+            self.flush(now, &mut out);
         }
         if self.next_presence <= now {
             self.next_presence = now + self.config.presence_interval;
@@ -268,8 +395,11 @@ impl RoomState {
             let online = self.online();
             out.presence = Some(self.viewers.len() as u64);
             // Tell viewers a changed count even when no message carries it.
-            if self.batch.is_empty() && self.last_online.is_some_and(|o| o != online) {
-                out.dropped += self.flush(now);
+            if self.batch.is_empty()
+                && self.batch_likes == 0
+                && self.last_online.is_some_and(|o| o != online)
+            {
+                self.flush(now, &mut out);
             } else if self.last_online.is_none() {
                 self.last_online = Some(online);
             }
@@ -291,60 +421,208 @@ impl RoomState {
         self.config.presence_interval * 3
     }
 
-    /// Sends the batch (possibly empty: a count refresh) to every viewer as one shared frame; returns
-    /// the frames dropped for full queues.
-    fn flush(&mut self, now: Instant) -> u64 {
-        let messages = std::mem::take(&mut self.batch);
+    /// The next pseudo-random number (xorshift64).
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// Which of the batch's messages every viewer is shown: all high ones, and chat within the room's
+    /// budget (the display rate, [`CHAT_BURST`] deep), chosen fairly: senders in random order, one
+    /// message of each per round, so a flooding sender cannot crowd out the others.
+    fn sample(&mut self, batch: &[(RoomClass, Message)], now: Instant) -> Vec<bool> {
+        let chat: Vec<usize> = (0..batch.len())
+            .filter(|i| batch[*i].0 == RoomClass::Chat)
+            .collect();
+        let mut keep: Vec<bool> = batch.iter().map(|(c, _)| *c != RoomClass::Chat).collect();
+        if self.chat_per_sec == 0 {
+            chat.iter().for_each(|i| keep[*i] = true);
+            return keep;
+        }
+        let elapsed = now.saturating_duration_since(self.chat_at).as_secs_f64();
+        self.chat_at = now;
+        self.chat_tokens =
+            (self.chat_tokens + elapsed * f64::from(self.chat_per_sec)).min(self.chat_capacity());
+        let budget = (self.chat_tokens.floor() as usize).min(chat.len());
+        self.chat_tokens -= budget as f64;
+        if budget == chat.len() {
+            chat.iter().for_each(|i| keep[*i] = true);
+            return keep;
+        }
+        // Senders in order of first appearance, each with its chat indices.
+        let mut senders: Vec<(i64, Vec<usize>)> = Vec::new();
+        for &i in &chat {
+            let who = batch[i].1.sender_user_id;
+            match senders.iter_mut().find(|(s, _)| *s == who) {
+                Some((_, mine)) => mine.push(i),
+                None => senders.push((who, vec![i])),
+            }
+        }
+        // Shuffle the senders and each sender's messages (Fisher-Yates).
+        for k in (1..senders.len()).rev() {
+            let j = (self.next_random() % (k as u64 + 1)) as usize;
+            senders.swap(k, j);
+        }
+        for (_, mine) in &mut senders {
+            for k in (1..mine.len()).rev() {
+                let j = (self.next_random() % (k as u64 + 1)) as usize;
+                mine.swap(k, j);
+            }
+        }
+        let mut left = budget;
+        let mut round = 0;
+        while left > 0 {
+            for (_, mine) in &senders {
+                if left == 0 {
+                    break;
+                }
+                if let Some(&i) = mine.get(round) {
+                    keep[i] = true;
+                    left -= 1;
+                }
+            }
+            round += 1;
+        }
+        keep
+    }
+
+    /// Sends the batch (possibly empty: a count refresh) to every viewer, shaped (issue 17): one shared
+    /// frame of the high messages and the sampled chat (with the window's likes as a count); a viewer
+    /// whose own chat was sampled away gets it added in a frame of its own; a slow viewer (its room
+    /// queue at least three quarters full) gets the frame without chat, and a full queue refuses the
+    /// frame. Adds what it dropped and shaped to `out`.
+    fn flush(&mut self, now: Instant, out: &mut RoomOutput) {
+        let batch = std::mem::take(&mut self.batch);
+        let likes = std::mem::take(&mut self.batch_likes);
         self.batch_bytes = 0;
         self.batch_due = None;
+        if !batch.is_empty() || likes > 0 {
+            self.last_flush = Some(now);
+        }
         let online = self.online();
         self.last_online = Some(online);
         let room_id = self.room_id;
-        let special = self
-            .viewers
-            .values()
-            .any(|v| v.joining.is_some() || v.seen.is_some());
-        let copy = (special && !messages.is_empty()).then(|| messages.clone());
-        let frame = encode_frame(room_id, messages, online);
-        let mut dropped = 0;
+        let keep = self.sample(&batch, now);
+        let is_chat = |i: usize| batch[i].0 == RoomClass::Chat;
+        let chat_total = (0..batch.len()).filter(|i| is_chat(*i)).count() as u64;
+        let chat_kept = (0..batch.len()).filter(|i| is_chat(*i) && keep[*i]).count() as u64;
+        let high_total = batch.len() as u64 - chat_total;
+        out.shaped.chat_sampled += chat_total - chat_kept;
+        out.shaped.likes_merged += likes;
+        // Senders whose chat was sampled away (they still see their own).
+        let sampled_senders: HashSet<i64> = (0..batch.len())
+            .filter(|i| is_chat(*i) && !keep[*i])
+            .map(|i| batch[i].1.sender_user_id)
+            .collect();
+        let shared: Vec<Message> = (0..batch.len())
+            .filter(|i| keep[*i])
+            .map(|i| batch[i].1.clone())
+            .collect();
+        let frame = encode_shaped(
+            room_id,
+            shared.clone(),
+            online,
+            likes,
+            chat_total - chat_kept,
+        );
+        // The frame for a slow viewer: no chat at all (built when first needed).
+        let mut without_chat: Option<Option<Bytes>> = None;
+        let high_only = |batch: &[(RoomClass, Message)]| {
+            (high_total > 0 || likes > 0).then(|| {
+                let high: Vec<Message> = batch
+                    .iter()
+                    .filter(|(c, _)| *c != RoomClass::Chat)
+                    .map(|(_, m)| m.clone())
+                    .collect();
+                encode_shaped(room_id, high, online, likes, chat_total)
+            })
+        };
         for v in self.viewers.values_mut() {
             if v.seen.as_ref().is_some_and(|(_, until)| *until <= now) {
                 v.seen = None;
             }
-            match &mut v.joining {
-                None => {
-                    // Just joined: leave out what its SubscribeRoomOutput had (rare: its own frame).
-                    let own = match (&v.seen, &copy) {
-                        (Some((seen, _)), Some(msgs))
-                            if msgs.iter().any(|m| seen.contains(&m.message_id)) =>
-                        {
-                            let rest: Vec<Message> = msgs
-                                .iter()
-                                .filter(|m| !seen.contains(&m.message_id))
-                                .cloned()
-                                .collect();
-                            if rest.is_empty() {
-                                continue;
-                            }
-                            Some(encode_frame(room_id, rest, online))
+            let user_id = v.viewer.user_id;
+            let own_sampled = sampled_senders.contains(&user_id);
+            let seen_hit = v.seen.as_ref().is_some_and(|(seen, _)| {
+                shared.iter().any(|m| seen.contains(&m.message_id))
+                    || (own_sampled
+                        && batch.iter().any(|(_, m)| {
+                            m.sender_user_id == user_id && seen.contains(&m.message_id)
+                        }))
+            });
+            // What this viewer is shown, when it differs from the shared frame.
+            let personal = (own_sampled || seen_hit || v.joining.is_some()).then(|| {
+                let seen = v.seen.as_ref().map(|(s, _)| s);
+                (0..batch.len())
+                    .filter(|i| keep[*i] || (is_chat(*i) && batch[*i].1.sender_user_id == user_id))
+                    .map(|i| &batch[i].1)
+                    .filter(|m| !seen.is_some_and(|s| s.contains(&m.message_id)))
+                    .cloned()
+                    .collect::<Vec<Message>>()
+            });
+            if let Some(buf) = &mut v.joining {
+                if let Some(msgs) = personal {
+                    buf.extend(msgs);
+                    let over = buf.len().saturating_sub(self.config.joining_buffer);
+                    buf.drain(..over);
+                }
+                continue;
+            }
+            let tx = &v.viewer.tx;
+            let reserve = (tx.max_capacity() / 4).max(1);
+            let slow = chat_kept > 0 || own_sampled;
+            let slow = slow && tx.capacity() <= reserve;
+            let (f, chat_in, high_in, likes_in) = if slow {
+                let shown = personal.as_ref().map_or(chat_kept, |msgs| {
+                    msgs.len() as u64 - (high_total.min(msgs.len() as u64))
+                });
+                out.shaped.chat_dropped += shown;
+                match without_chat.get_or_insert_with(|| high_only(&batch)) {
+                    Some(f) => (f.clone(), 0, high_total, likes),
+                    None => {
+                        // Nothing but chat: the whole frame is dropped for it.
+                        out.dropped += 1;
+                        continue;
+                    }
+                }
+            } else {
+                match personal {
+                    Some(msgs) => {
+                        if msgs.is_empty() && likes == 0 && !batch.is_empty() {
+                            // Everything was in its SubscribeRoomOutput already.
+                            continue;
                         }
-                        _ => None,
-                    };
-                    let f = own.unwrap_or_else(|| frame.clone());
-                    if v.viewer.tx.try_send(f).is_err() {
-                        dropped += 1;
+                        let high_in = msgs
+                            .iter()
+                            .filter(|m| {
+                                batch.iter().any(|(c, b)| {
+                                    *c != RoomClass::Chat && b.message_id == m.message_id
+                                })
+                            })
+                            .count() as u64;
+                        let chat_in = msgs.len() as u64 - high_in;
+                        let skipped = chat_total.saturating_sub(chat_in);
+                        (
+                            encode_shaped(room_id, msgs, online, likes, skipped),
+                            chat_in,
+                            high_in,
+                            likes,
+                        )
                     }
+                    None => (frame.clone(), chat_kept, high_total, likes),
                 }
-                Some(buf) => {
-                    if let Some(msgs) = &copy {
-                        buf.extend(msgs.iter().cloned());
-                        let over = buf.len().saturating_sub(self.config.joining_buffer);
-                        buf.drain(..over);
-                    }
-                }
+            };
+            if tx.try_send(f).is_err() {
+                out.dropped += 1;
+                out.shaped.chat_dropped += chat_in;
+                out.shaped.high_dropped += high_in;
+                out.shaped.like_dropped += likes_in;
             }
         }
-        dropped
     }
 }
 
@@ -358,6 +636,8 @@ mod tests {
     fn config() -> RoomConfig {
         RoomConfig {
             batch_window: WINDOW,
+            // Any traffic makes the window full: these tests are about what a window holds.
+            batch_load: f64::MIN_POSITIVE,
             batch_max: 100,
             presence_interval: PRESENCE,
             ..RoomConfig::default()
@@ -414,7 +694,11 @@ mod tests {
     fn a_batch_waits_for_its_window_then_goes_out_once_encoded() {
         let t0 = Instant::now();
         let (mut r, mut rxs) = room(t0, 2, 8);
-        for id in 1..=5 {
+        // The first message of a quiet room goes at once; the ones right behind it wait.
+        r.on_message(msg(1), t0);
+        assert_eq!(ids(&rxs[0].try_recv().expect("a's first")), vec![1]);
+        assert_eq!(ids(&rxs[1].try_recv().expect("b's first")), vec![1]);
+        for id in 2..=5 {
             assert_eq!(r.on_message(msg(id), t0), RoomOutput::default());
         }
         assert_eq!(r.next_deadline(), t0 + WINDOW);
@@ -424,7 +708,7 @@ mod tests {
         let fa = rxs[0].try_recv().expect("a's frame");
         let fb = rxs[1].try_recv().expect("b's frame");
         assert_eq!(fa.as_ptr(), fb.as_ptr(), "one encoding shared by both");
-        assert_eq!(ids(&fa), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ids(&fa), vec![2, 3, 4, 5]);
         let f = frame_of(&fa);
         assert_eq!((f.room_id, f.online_count), (5, 2));
         assert_eq!(r.next_deadline(), t0 + PRESENCE, "nothing batched");
@@ -445,10 +729,11 @@ mod tests {
         let (v, mut rx) = viewer(1, 8);
         r.add_viewer(v, false);
         r.ready(1, vec![], t0);
-        for id in 1..=4 {
+        for id in 1..=5 {
             r.on_message(msg(id), t0);
         }
-        assert_eq!(ids(&rx.try_recv().expect("full batch")), vec![1, 2, 3]);
+        assert_eq!(ids(&rx.try_recv().expect("at once")), vec![1]);
+        assert_eq!(ids(&rx.try_recv().expect("full batch")), vec![2, 3, 4]);
         assert!(rx.try_recv().is_err());
         // A frame's worth of bytes goes out before the next message would overflow it.
         let mut r = RoomState::new(
@@ -467,12 +752,162 @@ mod tests {
             content: Bytes::from(vec![b'x'; 400]),
             ..msg(id)
         };
-        for id in 1..=3 {
+        for id in 1..=4 {
             r.on_message(big(id), t0);
         }
-        let first = rx.try_recv().expect("flushed before overflowing");
-        assert!(first.len() <= 1024, "{} bytes", first.len());
-        assert_eq!(ids(&first), vec![1, 2]);
+        assert_eq!(ids(&rx.try_recv().expect("at once")), vec![1]);
+        let second = rx.try_recv().expect("flushed before overflowing");
+        assert!(second.len() <= 1024, "{} bytes", second.len());
+        assert_eq!(ids(&second), vec![2, 3]);
+    }
+
+    /// A quiet room (light load) never makes a message wait, even with a long configured window: each
+    /// message after a gap goes out in the call that brought it.
+    #[test]
+    fn a_quiet_room_flushes_at_once() {
+        let t0 = Instant::now();
+        let config = RoomConfig {
+            batch_window: Duration::from_secs(1),
+            batch_load: 200_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = Vec::new();
+        for c in 1..=50 {
+            let (v, rx) = viewer(c, 8);
+            r.add_viewer(v, false);
+            r.ready(c, vec![], t0);
+            rxs.push(rx);
+        }
+        r.on_tick(t0);
+        // One message every 100 ms (10/s × 50 viewers = 500 deliveries/s): a window of ~2.5 ms.
+        for i in 0..20u64 {
+            let t = t0 + Duration::from_millis(100 * i);
+            assert!(r.next_deadline() > t, "nothing pending");
+            r.on_message(msg(i + 1), t);
+            for rx in &mut rxs {
+                assert_eq!(ids(&rx.try_recv().expect("sent at once")), vec![i + 1]);
+            }
+            assert!(r.window(t) < Duration::from_millis(5), "{:?}", r.window(t));
+        }
+    }
+
+    /// A storm in a crowded room: messages are batched, each waits at most the configured window,
+    /// and once the rate has built up frames go out once per full window.
+    #[test]
+    fn a_storm_batches_up_to_the_max_window() {
+        let t0 = Instant::now();
+        let window = Duration::from_millis(50);
+        let config = RoomConfig {
+            batch_window: window,
+            batch_max: 10_000,
+            batch_load: 10_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = Vec::new();
+        for c in 1..=100 {
+            let (v, rx) = viewer(c, 1024);
+            r.add_viewer(v, false);
+            r.ready(c, vec![], t0);
+            rxs.push(rx);
+        }
+        r.on_tick(t0);
+        // 1000 messages/s for 2 s, 100 viewers: 100k deliveries/s, ten times the full-window load.
+        let mut sent_at = HashMap::new();
+        let mut frames = Vec::new(); // (time, ids)
+        let step = Duration::from_millis(1);
+        let mut drain = |t: Instant, rxs: &mut Vec<mpsc::Receiver<Bytes>>| {
+            let first = rxs[0].try_recv().ok().map(|f| ids(&f));
+            for rx in rxs.iter_mut().skip(1) {
+                assert_eq!(rx.try_recv().ok().map(|f| ids(&f)), first, "same frames");
+            }
+            if let Some(ids) = first {
+                frames.push((t, ids));
+            }
+        };
+        for i in 0..2000u64 {
+            let t = t0 + step * i as u32;
+            if r.next_deadline() <= t {
+                r.on_tick(t);
+                drain(t, &mut rxs);
+            }
+            sent_at.insert(i + 1, t);
+            r.on_message(msg(i + 1), t);
+            drain(t, &mut rxs);
+        }
+        // The last batch goes at its window's end.
+        let end = r.next_deadline();
+        assert!(
+            end <= t0 + Duration::from_secs(2) + window,
+            "last batch pending"
+        );
+        r.on_tick(end);
+        drain(end, &mut rxs);
+        let got: Vec<u64> = frames.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        assert_eq!(
+            got,
+            (1..=2000).collect::<Vec<_>>(),
+            "every message, in order"
+        );
+        for (t, ids) in &frames {
+            for id in ids {
+                assert!(*t - sent_at[id] <= window, "message {id} waited too long");
+            }
+        }
+        // Once the rate is known (a tenth of a second at 1000/s), one frame per full window.
+        let steady: Vec<Instant> = frames
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| *t >= t0 + Duration::from_millis(200) && *t < end)
+            .collect();
+        for pair in steady.windows(2) {
+            assert_eq!(pair[1] - pair[0], window, "frames one full window apart");
+        }
+        assert!(
+            frames.len() <= 2000 / 50 + 15,
+            "{} frames for 2000 messages",
+            frames.len()
+        );
+        assert_eq!(r.window(t0 + Duration::from_millis(1999)), window);
+    }
+
+    /// The window grows with the rate and with the audience, up to the configured maximum.
+    #[test]
+    fn the_window_grows_with_rate_and_audience() {
+        let t0 = Instant::now();
+        let config = RoomConfig {
+            batch_window: Duration::from_millis(50),
+            batch_load: 100_000.0,
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let window_at = |viewers: u64, per_sec: u32| {
+            let mut r = RoomState::new(5, "gw".into(), config.clone(), t0);
+            let mut rxs = Vec::new();
+            for c in 1..=viewers {
+                let (v, rx) = viewer(c, 1);
+                r.add_viewer(v, false);
+                rxs.push(rx);
+            }
+            // Three seconds at `per_sec`: the decaying average has settled.
+            let gap = Duration::from_secs(1) / per_sec;
+            let mut t = t0;
+            for id in 0..3 * u64::from(per_sec) {
+                t = t0 + gap * id as u32;
+                r.on_message(msg(id + 1), t);
+            }
+            r.window(t)
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (small, crowded) = (window_at(100, 50), window_at(1000, 50));
+        let fast = window_at(100, 500);
+        assert!(ms(small) > 1.5 && ms(small) < 4.0, "{small:?}");
+        assert!(ms(crowded) > 8.0 * ms(small), "{crowded:?} vs {small:?}");
+        assert!(ms(fast) > 8.0 * ms(small), "{fast:?} vs {small:?}");
+        assert_eq!(window_at(1000, 500), Duration::from_millis(50), "capped");
     }
 
     #[test]
@@ -511,6 +946,7 @@ mod tests {
         for id in 1..=8 {
             r.on_message(msg(id), t0);
         }
+        assert_eq!(ids(&rxs[0].try_recv().expect("at once")), vec![1]);
         let (b, mut rb) = viewer(2, 8);
         r.add_viewer(b, false);
         let history: Vec<Message> = (1..=8).map(msg).collect();
@@ -520,7 +956,7 @@ mod tests {
         r.on_tick(t0 + WINDOW);
         assert_eq!(
             ids(&rxs[0].try_recv().expect("a")),
-            (1..=9).collect::<Vec<_>>()
+            (2..=9).collect::<Vec<_>>()
         );
         assert_eq!(
             ids(&rb.try_recv().expect("b")),
@@ -577,13 +1013,16 @@ mod tests {
             },
             t0,
         );
-        let (a, mut ra) = viewer(1, 2);
+        // A queue of 4 takes chat until a quarter of it is left (kept for gifts): 3 frames.
+        let (a, mut ra) = viewer(1, 4);
         r.add_viewer(a, false);
         r.ready(1, vec![], t0);
         let dropped: u64 = (1..=10).map(|id| r.on_message(msg(id), t0).dropped).sum();
-        assert_eq!(dropped, 8);
-        assert_eq!(ids(&ra.try_recv().expect("1")), vec![1]);
-        assert_eq!(ids(&ra.try_recv().expect("2")), vec![2]);
+        assert_eq!(dropped, 7);
+        for id in 1..=3 {
+            assert_eq!(ids(&ra.try_recv().expect("frame")), vec![id]);
+        }
+        assert!(ra.try_recv().is_err());
     }
 
     fn report(gateway_id: &str, viewers: u64, ttl: Duration) -> RoomPresence {
@@ -629,5 +1068,255 @@ mod tests {
         let f = frame_of(&rxs[0].try_recv().expect("count refresh"));
         assert!(f.messages.is_empty());
         assert_eq!(f.online_count, 3);
+    }
+
+    fn from(id: u64, sender: i64) -> Message {
+        Message {
+            sender_user_id: sender,
+            ..msg(id)
+        }
+    }
+
+    /// A room whose window is always the full `WINDOW` (any traffic), showing `chat_per_sec` chat, with
+    /// viewers of user ids `users` (queues of `cap` frames), past its first presence tick.
+    fn shaped_room(
+        t0: Instant,
+        chat_per_sec: u32,
+        users: &[i64],
+        cap: usize,
+    ) -> (RoomState, Vec<mpsc::Receiver<Bytes>>) {
+        let config = RoomConfig {
+            presence_interval: Duration::from_secs(3600),
+            batch_max: 10_000,
+            ..config()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = Vec::new();
+        for (c, user) in users.iter().enumerate() {
+            let (mut v, rx) = viewer(c as u64 + 1, cap);
+            v.user_id = *user;
+            r.add_viewer(v, false);
+            r.set_chat_per_sec(chat_per_sec, t0);
+            r.ready(c as u64 + 1, vec![], t0).expect("ready");
+            rxs.push(rx);
+        }
+        r.on_tick(t0);
+        (r, rxs)
+    }
+
+    /// Issue 17: a chat storm (2000 msgs/s from 50 senders, one of them sending half of it) with a
+    /// gift every 100 ms, in a room showing 20 chat msgs/s: every viewer gets every gift and all of its
+    /// own chat, at most the display rate of the rest (plus one burst), and a fair sample: nearly every
+    /// sender is seen, the flooder gets no more than its share of senders.
+    #[test]
+    fn a_chat_storm_is_sampled_fairly_and_gifts_and_own_messages_always_arrive() {
+        let t0 = Instant::now();
+        let rate = 20;
+        let users = [1, 2, 3];
+        let (mut r, mut rxs) = shaped_room(t0, rate, &users, 100_000);
+        let (mut gifts, mut own) = (Vec::new(), Vec::new());
+        let secs = 3;
+        let mut id = 0;
+        let mut shaped = ShapeCounts::default();
+        for step in 0..secs * 2000u32 {
+            let t = t0 + Duration::from_micros(500) * step;
+            if r.next_deadline() <= t {
+                shaped.add(&r.on_tick(t).shaped);
+            }
+            id += 1;
+            let out = if step % 200 == 0 {
+                gifts.push(id);
+                r.on_classed(from(id, 0), RoomClass::High, t)
+            } else if step % 100 == 50 {
+                own.push(id);
+                r.on_message(from(id, 1), t)
+            } else {
+                let sender = if step % 2 == 0 {
+                    100
+                } else {
+                    100 + i64::from(step % 97) % 50
+                };
+                r.on_message(from(id, sender), t)
+            };
+            shaped.add(&out.shaped);
+        }
+        let end = r.next_deadline();
+        shaped.add(&r.on_tick(end).shaped);
+        let chat_sent = u64::from(secs * 2000) - gifts.len() as u64;
+        let mut shown_total = 0;
+        for (rx, user) in rxs.iter_mut().zip(users) {
+            let mut got: Vec<Message> = Vec::new();
+            let mut skipped = 0;
+            while let Ok(f) = rx.try_recv() {
+                let f = frame_of(&f);
+                skipped += f.chat_skipped;
+                got.extend(f.messages);
+            }
+            let ids: HashSet<u64> = got.iter().map(|m| m.message_id).collect();
+            assert!(
+                gifts.iter().all(|g| ids.contains(g)),
+                "user {user}: a gift is missing"
+            );
+            if user == 1 {
+                assert!(own.iter().all(|o| ids.contains(o)), "own chat missing");
+            }
+            let others: Vec<&Message> = got
+                .iter()
+                .filter(|m| m.sender_user_id != 0 && m.sender_user_id != user)
+                .collect();
+            // The budget: `rate` a second over the storm and its last window, plus one burst.
+            let most = f64::from(rate) * (f64::from(secs) + WINDOW.as_secs_f64())
+                + f64::from(rate) * CHAT_BURST.as_secs_f64();
+            assert!(
+                others.len() as f64 <= most,
+                "user {user}: {} chat",
+                others.len()
+            );
+            assert!(
+                others.len() as f64 >= 0.8 * f64::from(rate * secs),
+                "{}",
+                others.len()
+            );
+            let senders: HashSet<i64> = others.iter().map(|m| m.sender_user_id).collect();
+            assert!(
+                senders.len() >= 30,
+                "only {} of 51 senders seen",
+                senders.len()
+            );
+            let flooder = others.iter().filter(|m| m.sender_user_id == 100).count();
+            assert!(
+                flooder * 5 < others.len(),
+                "the flooder (half the storm) got {flooder} of {}",
+                others.len()
+            );
+            let chat_got = got.len() as u64 - gifts.len() as u64;
+            assert_eq!(
+                chat_got + skipped,
+                chat_sent,
+                "user {user}: skipped counts add up"
+            );
+            shown_total = others.len();
+        }
+        assert!(shaped.chat_sampled > chat_sent - 200, "{shaped:?}");
+        assert_eq!((shaped.chat_dropped, shaped.high_dropped), (0, 0));
+        assert!(shown_total > 0);
+    }
+
+    /// Without a display rate every chat message is shown.
+    #[test]
+    fn no_display_rate_shows_all_chat() {
+        let t0 = Instant::now();
+        let (mut r, mut rxs) = shaped_room(t0, 0, &[1], 10_000);
+        for i in 0..1000u32 {
+            r.on_message(
+                from(u64::from(i) + 1, 7),
+                t0 + Duration::from_millis(u64::from(i)),
+            );
+        }
+        r.on_tick(r.next_deadline());
+        let mut n = 0;
+        while let Ok(f) = rxs[0].try_recv() {
+            n += frame_of(&f).messages.len();
+        }
+        assert_eq!(n, 1000);
+    }
+
+    /// Likes are merged into one count per frame, never sent as messages.
+    #[test]
+    fn likes_are_merged_into_counts() {
+        let t0 = Instant::now();
+        let (mut r, mut rxs) = shaped_room(t0, 0, &[1], 16);
+        r.on_message(msg(1), t0);
+        let first = frame_of(&rxs[0].try_recv().expect("at once"));
+        assert_eq!((first.messages.len(), first.likes), (1, 0));
+        let mut merged = 0;
+        for i in 0..10 {
+            merged += r
+                .on_classed(from(100 + i, 9), RoomClass::Like, t0)
+                .shaped
+                .likes_merged;
+        }
+        r.on_classed(from(200, 0), RoomClass::High, t0);
+        merged += r.on_tick(t0 + WINDOW).shaped.likes_merged;
+        let f = frame_of(&rxs[0].try_recv().expect("window's frame"));
+        assert_eq!(f.likes, 10);
+        assert_eq!(merged, 10);
+        assert_eq!(
+            f.messages.iter().map(|m| m.message_id).collect::<Vec<_>>(),
+            vec![200],
+            "no like as a message"
+        );
+        assert!(rxs[0].try_recv().is_err());
+    }
+
+    /// A slow viewer sheds chat first: once its room queue is three quarters full its frames carry
+    /// only the high messages (and likes); gifts are dropped only when the queue is full. A fast viewer
+    /// in the same room gets everything.
+    #[test]
+    fn a_slow_viewer_sheds_chat_before_gifts() {
+        let t0 = Instant::now();
+        let (mut r, mut rxs) = shaped_room(t0, 0, &[1], 8);
+        let (mut fast, mut fast_rx) = viewer(99, 1000);
+        fast.user_id = 99;
+        r.add_viewer(fast, false);
+        r.ready(99, vec![], t0).expect("ready");
+        let mut shaped = ShapeCounts::default();
+        let mut gifts = Vec::new();
+        // Twelve windows of 5 chat + 1 gift; the slow viewer reads nothing meanwhile.
+        for w in 0..12u32 {
+            let t = t0 + WINDOW * (w + 1);
+            for k in 0..5 {
+                let id = u64::from(w * 10 + k + 1);
+                shaped.add(&r.on_message(from(id, 7), t).shaped);
+            }
+            let gift = u64::from(w * 10 + 9);
+            gifts.push(gift);
+            shaped.add(&r.on_classed(from(gift, 0), RoomClass::High, t).shaped);
+            shaped.add(&r.on_tick(t + WINDOW).shaped);
+        }
+        let mut frames = Vec::new();
+        while let Ok(f) = rxs[0].try_recv() {
+            frames.push(frame_of(&f));
+        }
+        assert_eq!(frames.len(), 8, "the queue filled up");
+        let with_chat = frames
+            .iter()
+            .take_while(|f| f.messages.iter().any(|m| m.sender_user_id == 7))
+            .count();
+        assert!(with_chat <= 6, "chat kept flowing into a slow queue");
+        for f in &frames[with_chat..] {
+            assert!(
+                f.messages.iter().all(|m| m.sender_user_id == 0) && !f.messages.is_empty(),
+                "after the shedding point, gifts only: {f:?}"
+            );
+            assert!(f.chat_skipped > 0);
+        }
+        // Gifts went on arriving after chat stopped.
+        let got_gifts = frames
+            .iter()
+            .flat_map(|f| f.messages.iter())
+            .filter(|m| m.sender_user_id == 0)
+            .count();
+        // The first frame was the first chat message alone (a quiet room's first goes at once).
+        assert_eq!(got_gifts, frames.len() - 1);
+        assert!(
+            shaped.chat_dropped > 0 && shaped.high_dropped > 0,
+            "{shaped:?}"
+        );
+        assert!(
+            shaped.chat_dropped >= 5 * (12 - with_chat as u64),
+            "chat shed before any gift: {shaped:?}"
+        );
+        assert_eq!(
+            shaped.high_dropped,
+            12 - got_gifts as u64,
+            "only gifts that found the queue full"
+        );
+        let mut fast_n = 0;
+        while let Ok(f) = fast_rx.try_recv() {
+            fast_n += frame_of(&f).messages.len();
+        }
+        assert_eq!(fast_n, 12 * 6, "the fast viewer got everything");
+        assert_eq!(gifts.len(), 12);
     }
 }

@@ -24,10 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, Subject};
 use zhibo_proto::bus::{room_event, RoomEvent, RoomPresence};
-use zhibo_proto::client::{Message, ReceiverType, RoomNotice};
+use zhibo_proto::client::{Message, ReceiverType, RoomClass, RoomNotice};
 
 pub(crate) use crate::room_state::encode_frame;
-pub use crate::room_state::{RoomConfig, RoomOutput, RoomState, Viewer, JOINING_BUFFER, SEEN_FOR};
+pub use crate::room_state::{
+    RoomConfig, RoomOutput, RoomState, ShapeCounts, Viewer, JOINING_BUFFER, SEEN_FOR,
+};
 
 /// A room's state, shared by its task and the joins and leaves of its viewers.
 type SharedRoom = Arc<Mutex<RoomState>>;
@@ -58,6 +60,8 @@ pub struct RoomHub {
     config: RoomConfig,
     state: Mutex<State>,
     dropped: AtomicU64,
+    /// What shaping did, over every room (issue 17).
+    shaped: Mutex<ShapeCounts>,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -82,6 +86,7 @@ impl RoomHub {
             config,
             state: Mutex::new(State::default()),
             dropped: AtomicU64::new(0),
+            shaped: Mutex::new(ShapeCounts::default()),
         })
     }
 
@@ -114,6 +119,12 @@ impl RoomHub {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// What shaping did over every room so far: chat sampled away, per-class deliveries dropped for
+    /// slow viewers, likes merged.
+    pub fn shape_counts(&self) -> ShapeCounts {
+        *self.shaped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Viewers on this gateway over all rooms (a connection in two rooms counts twice).
     pub fn total_viewers(&self) -> usize {
         let rooms: Vec<SharedRoom> = self.lock().rooms.values().map(|e| e.room.clone()).collect();
@@ -121,7 +132,8 @@ impl RoomHub {
     }
 
     /// Registers `viewer` in `room_id` (subscribing if it is the room's first here) and waits until the
-    /// subscription is live. The viewer gets no frames until [`RoomHub::ready`]: what arrives meanwhile is
+    /// subscription is live. `join_notices` and `chat_per_sec` are the room's settings as read for this
+    /// join (the room keeps the latest read). The viewer gets no frames until [`RoomHub::ready`]: what arrives meanwhile is
     /// kept for its SubscribeRoomOutput.
     ///
     /// # Errors
@@ -131,6 +143,7 @@ impl RoomHub {
         viewer: Viewer,
         room_id: i64,
         join_notices: bool,
+        chat_per_sec: u32,
     ) -> Result<(), JoinError> {
         let conn_id = viewer.conn_id;
         let mut ready = {
@@ -139,7 +152,11 @@ impl RoomHub {
                 .rooms
                 .entry(room_id)
                 .or_insert_with(|| self.start_room(room_id));
-            lock_room(&entry.room).add_viewer(viewer, join_notices);
+            {
+                let mut room = lock_room(&entry.room);
+                room.add_viewer(viewer, join_notices);
+                room.set_chat_per_sec(chat_per_sec, std::time::Instant::now());
+            }
             let ready = entry.ready.clone();
             let rooms = st.conn_rooms.entry(conn_id).or_default();
             if !rooms.contains(&room_id) {
@@ -308,10 +325,12 @@ impl RoomHub {
                     let Some(m) = m else { break };
                     let now = std::time::Instant::now();
                     match RoomEvent::decode(m.payload) {
-                        Ok(RoomEvent { event: Some(room_event::Event::Message(msg)) }) => {
-                            lock_room(&room).on_message(msg, now)
+                        Ok(RoomEvent { event: Some(room_event::Event::Message(msg)), class }) => {
+                            // An unknown class (a newer publisher) is treated as chat.
+                            let class = RoomClass::try_from(class).unwrap_or(RoomClass::Chat);
+                            lock_room(&room).on_classed(msg, class, now)
                         }
-                        Ok(RoomEvent { event: Some(room_event::Event::Presence(p)) }) => {
+                        Ok(RoomEvent { event: Some(room_event::Event::Presence(p)), .. }) => {
                             lock_room(&room).on_presence(p, now);
                             RoomOutput::default()
                         }
@@ -328,6 +347,12 @@ impl RoomHub {
             };
             if out.dropped > 0 {
                 self.dropped.fetch_add(out.dropped, Ordering::Relaxed);
+            }
+            if out.shaped != ShapeCounts::default() {
+                self.shaped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(&out.shaped);
             }
             if let Some(viewers) = out.presence {
                 self.publish_presence(room_id, viewers, ttl).await;
@@ -348,6 +373,7 @@ impl RoomHub {
                 viewers,
                 ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
             })),
+            ..RoomEvent::default()
         };
         if let Err(e) = self
             .bus
@@ -378,6 +404,8 @@ async fn publish_notice(
             content_type: notice as i32,
             ..Message::default()
         })),
+        // Join and leave notices are chat: sampled like it in a busy room.
+        class: RoomClass::Chat as i32,
     };
     bus.publish(
         &Subject::room(room_id),
@@ -425,6 +453,7 @@ mod tests {
                 content: Bytes::from(format!("m{id}")),
                 ..Message::default()
             })),
+            ..RoomEvent::default()
         };
         bus.publish(
             &Subject::room(room_id),
@@ -438,6 +467,7 @@ mod tests {
     fn config() -> RoomConfig {
         RoomConfig {
             batch_window: Duration::from_millis(30),
+            batch_load: f64::MIN_POSITIVE,
             batch_max: 100,
             presence_interval: Duration::from_millis(100),
             ..RoomConfig::default()
@@ -463,8 +493,8 @@ mod tests {
         let hub = RoomHub::new("gw".into(), Arc::new(bus.clone()), config());
         let (a, mut ra) = viewer(1, 8);
         let (b, mut rb) = viewer(2, 8);
-        hub.join(a, 5, false).await.expect("join a");
-        hub.join(b, 5, false).await.expect("join b");
+        hub.join(a, 5, false, 0).await.expect("join a");
+        hub.join(b, 5, false, 0).await.expect("join b");
         assert_eq!((hub.subscription_count(), bus.subject_count()), (1, 1));
         assert_eq!((hub.viewer_count(5), hub.total_viewers()), (2, 2));
         for conn in [1, 2] {
@@ -475,21 +505,22 @@ mod tests {
         for id in 1..=5 {
             publish(&bus, 5, id).await;
         }
+        // The first goes at once (a quiet room), the rest in the window behind it: the same frames,
+        // encoded once, reach both.
         let wait = Duration::from_secs(5);
-        let fa = tokio::time::timeout(wait, ra.recv())
-            .await
-            .expect("in time")
-            .expect("frame");
-        let fb = tokio::time::timeout(wait, rb.recv())
-            .await
-            .expect("in time")
-            .expect("frame");
-        assert_eq!(fa.as_ptr(), fb.as_ptr());
-        let ids: Vec<u64> = frame_of(&fa)
-            .messages
-            .iter()
-            .map(|m| m.message_id)
-            .collect();
+        let mut ids = Vec::new();
+        while ids.len() < 5 {
+            let fa = tokio::time::timeout(wait, ra.recv())
+                .await
+                .expect("in time")
+                .expect("frame");
+            let fb = tokio::time::timeout(wait, rb.recv())
+                .await
+                .expect("in time")
+                .expect("frame");
+            assert_eq!(fa.as_ptr(), fb.as_ptr());
+            ids.extend(frame_of(&fa).messages.iter().map(|m| m.message_id));
+        }
         assert_eq!(ids, vec![1, 2, 3, 4, 5]);
         hub.leave(1, 5);
         assert_eq!(hub.subscription_count(), 1);
@@ -511,7 +542,7 @@ mod tests {
             for c in conns {
                 let (v, rx) = viewer(c, 8);
                 queues.push(rx);
-                hub.join(v, 7, false).await.expect("join");
+                hub.join(v, 7, false, 0).await.expect("join");
                 hub.ready(c, 7, vec![]).expect("ready");
             }
         }
@@ -531,7 +562,7 @@ mod tests {
         let bus = zhibo_bus::memory::MemoryBus::new();
         let hub = RoomHub::new("gw".into(), Arc::new(Refusing(bus)), config());
         let (a, _ra) = viewer(1, 8);
-        assert!(hub.join(a, 5, false).await.is_err());
+        assert!(hub.join(a, 5, false, 0).await.is_err());
         assert_eq!((hub.subscription_count(), hub.total_viewers()), (0, 0));
     }
 

@@ -7,7 +7,7 @@ use tracing::warn;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{room_event, Origin, RoomEvent};
 use zhibo_proto::client::{
-    ErrorCode, Message, ReceiverType, RoomNotice, SendMessageInput, SendMessageOutput,
+    ErrorCode, Message, ReceiverType, RoomClass, RoomNotice, SendMessageInput, SendMessageOutput,
 };
 use zhibo_store::ids::now_ms;
 
@@ -56,6 +56,12 @@ impl Logic {
                 "negative content types are reserved for room notices",
             ));
         }
+        let Ok(class) = RoomClass::try_from(input.room_class) else {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "unknown room_class",
+            ));
+        };
         let server_side = origin.device_id == 0;
         if !server_side {
             if let Some(room) = self
@@ -86,12 +92,16 @@ impl Logic {
             content_type: input.content_type,
             content: input.content.clone(),
         };
-        if let Err(e) = self
-            .stores
-            .rooms
-            .push_recent(input.receiver_id, &message, self.config.room_recent)
-            .await
-        {
+        // Likes are counters, not chat a late joiner reads.
+        let remembered = if class == RoomClass::Like {
+            Ok(())
+        } else {
+            self.stores
+                .rooms
+                .push_recent(input.receiver_id, &message, self.config.room_recent)
+                .await
+        };
+        if let Err(e) = remembered {
             // History is a convenience for late joiners; live viewers still get the message.
             warn!(room_id = input.receiver_id, error = %e, "room history write failed");
         }
@@ -101,7 +111,7 @@ impl Logic {
             server_time_ms: message.server_time_ms,
             duplicate: false,
         };
-        self.publish_room(&Subject::room(input.receiver_id), message)
+        self.publish_room(&Subject::room(input.receiver_id), message, class)
             .await?;
         Ok(out)
     }
@@ -119,7 +129,9 @@ impl Logic {
             content_type: notice as i32,
             ..Message::default()
         };
-        self.publish_room(&Subject::room(room_id), message).await
+        // A notice (e.g. the room closed) is never sampled away.
+        self.publish_room(&Subject::room(room_id), message, RoomClass::High)
+            .await
     }
 
     /// Sends a notice from `sender_user_id` (0 = the system) to every connected device of the cluster,
@@ -158,13 +170,20 @@ impl Logic {
             server_time_ms: message.server_time_ms,
             duplicate: false,
         };
-        self.publish_room(&Subject::broadcast(), message).await?;
+        self.publish_room(&Subject::broadcast(), message, RoomClass::High)
+            .await?;
         Ok(out)
     }
 
-    async fn publish_room(&self, subject: &Subject, message: Message) -> Result<(), LogicError> {
+    async fn publish_room(
+        &self,
+        subject: &Subject,
+        message: Message,
+        class: RoomClass,
+    ) -> Result<(), LogicError> {
         let event = RoomEvent {
             event: Some(room_event::Event::Message(message)),
+            class: class as i32,
         };
         self.bus
             .publish(subject, Vec::new(), Bytes::from(event.encode_to_vec()))
@@ -243,6 +262,7 @@ mod tests {
                 client_msg_id: String::new(),
                 content_type: 1,
                 content: Bytes::copy_from_slice(text),
+                ..Default::default()
             };
             self.send_input(user_id, device_id, &input).await
         }
@@ -327,6 +347,7 @@ mod tests {
                 client_msg_id: String::new(),
                 content_type: -1,
                 content: Bytes::from_static(b"fake notice"),
+                ..Default::default()
             };
             let refused = f.send_input(user, device, &input).await;
             assert_eq!(code(refused), ErrorCode::InvalidArgument, "user {user}");
@@ -377,5 +398,47 @@ mod tests {
         let recent = f.stores.rooms.recent(ROOM, 10).await.expect("recent");
         assert_eq!(recent.len(), 1, "kept for late joiners");
         assert_eq!(recent[0].message_id, id);
+    }
+
+    /// Issue 17: the class of a room send travels with it to the gateways; a send without one is chat;
+    /// likes are not kept for late joiners; an unknown class is refused.
+    #[tokio::test]
+    async fn a_room_send_carries_its_class() {
+        use zhibo_proto::client::RoomClass;
+        let mut f = fixture().await;
+        let send = |class: i32, text: &'static [u8]| SendMessageInput {
+            receiver_type: ReceiverType::Room as i32,
+            receiver_id: ROOM,
+            content_type: 1,
+            content: Bytes::from_static(text),
+            room_class: class,
+            ..Default::default()
+        };
+        let next_class = async |f: &mut Fixture| {
+            let m = tokio::time::timeout(Duration::from_secs(5), f.viewers.next())
+                .await
+                .expect("in time")
+                .expect("open");
+            let e = RoomEvent::decode(m.payload).expect("room event");
+            let Some(room_event::Event::Message(msg)) = e.event else {
+                panic!("expected a message");
+            };
+            (msg.content, RoomClass::try_from(e.class).expect("class"))
+        };
+        for (class, text) in [
+            (RoomClass::Chat, &b"chat"[..]),
+            (RoomClass::High, b"gift"),
+            (RoomClass::Like, b"like"),
+        ] {
+            let input = send(class as i32, text);
+            f.send_input(VIEWER, 30, &input).await.expect("sent");
+            assert_eq!(next_class(&mut f).await, (Bytes::from_static(text), class));
+        }
+        let recent = f.stores.rooms.recent(ROOM, 10).await.expect("recent");
+        let kept: Vec<&[u8]> = recent.iter().map(|m| m.content.as_ref()).collect();
+        assert_eq!(kept, [&b"chat"[..], b"gift"], "likes are not history");
+        let refused = f.send_input(VIEWER, 30, &send(7, b"odd")).await;
+        assert_eq!(code(refused), ErrorCode::InvalidArgument);
+        f.assert_nothing_published().await;
     }
 }

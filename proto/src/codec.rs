@@ -225,6 +225,7 @@ mod tests {
                 client_msg_id: "c-2".into(),
                 content_type: 1,
                 content: Bytes::from_static(b"hi"),
+                ..Default::default()
             }),
             Body::SendMessageOutput(SendMessageOutput {
                 message_id: 42,
@@ -243,6 +244,8 @@ mod tests {
                 room_id: 11,
                 messages: vec![msg],
                 online_count: 3,
+                likes: 4,
+                chat_skipped: 5,
             }),
             Body::Kick(Kick {
                 reason: KickReason::SignedInElsewhere as i32,

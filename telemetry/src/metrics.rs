@@ -49,6 +49,13 @@ pub struct Metrics {
     pub room_viewers: Gauge,
     /// Packets dropped or connections closed because an outbound queue was full, by kind.
     pub queue_drops: Family<KindLabel, Counter>,
+    /// Live-room messages left out of frames by sampling above a room's display rate, by class
+    /// (`chat`; once per room per gateway).
+    pub room_sampled: Family<KindLabel, Counter>,
+    /// Live-room message deliveries dropped for slow viewers, by class (`high`, `chat`, `like`).
+    pub room_dropped: Family<KindLabel, Counter>,
+    /// Live-room likes merged into frame counts.
+    pub room_likes_merged: Counter,
     /// Offline push events and webhooks (logic worker: published; push-relay: delivered).
     pub push: PushMetrics,
 }
@@ -136,6 +143,9 @@ impl Metrics {
             room_viewers: Gauge::default(),
             queue_drops: Family::default(),
             push: PushMetrics::default(),
+            room_sampled: Family::default(),
+            room_dropped: Family::default(),
+            room_likes_merged: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +193,21 @@ impl Metrics {
             m.queue_drops.clone(),
         );
         m.push.register(&mut registry);
+        registry.register(
+            "room_sampled",
+            "Live-room messages sampled away above a room's display rate, by class",
+            m.room_sampled.clone(),
+        );
+        registry.register(
+            "room_dropped",
+            "Live-room deliveries dropped for slow viewers, by class",
+            m.room_dropped.clone(),
+        );
+        registry.register(
+            "room_likes_merged",
+            "Live-room likes merged into frame counts",
+            m.room_likes_merged.clone(),
+        );
         Metrics { registry, ..m }
     }
 

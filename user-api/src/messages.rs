@@ -119,6 +119,7 @@ async fn send(
         client_msg_id: req.client_msg_id,
         content_type: req.content_type,
         content: content.into(),
+        ..Default::default()
     };
     let out = st
         .logic

@@ -9,9 +9,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zhibo_proto::bus::Origin;
-use zhibo_proto::client::{ReceiverType, RoomNotice, SendMessageInput};
+use zhibo_proto::client::{ReceiverType, RoomClass, RoomNotice, SendMessageInput};
 use zhibo_store::ids::now_ms;
-use zhibo_store::Room;
+use zhibo_store::{Room, RoomShaping};
 
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiJson, ApiPath};
@@ -78,6 +78,38 @@ pub(crate) struct AdminUpdateRoom {
     join_notices: Option<bool>,
 }
 
+/// How gateways shape a busy room's chat for each viewer (issue 17).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RoomShapingView {
+    room_id: i64,
+    /// Chat messages per second a viewer is shown at most (0 = all). Above it each viewer gets a fair
+    /// sample (every sender keeps a chance; its own messages always); gifts and system messages
+    /// (`ROOM_CLASS_HIGH`) are never sampled. Applies to viewers joining after the change.
+    chat_per_sec: u32,
+    updated_at_ms: i64,
+}
+
+impl From<RoomShaping> for RoomShapingView {
+    fn from(s: RoomShaping) -> Self {
+        RoomShapingView {
+            room_id: s.room_id,
+            chat_per_sec: s.chat_per_sec,
+            updated_at_ms: s.updated_at_ms,
+        }
+    }
+}
+
+/// A room's shaping settings.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateRoomShaping {
+    /// Chat messages per second a viewer is shown at most, 0..=10000 (0 = all).
+    chat_per_sec: u32,
+}
+
+/// The most chat per second a room may be set to show (beyond it, shaping means nothing to a reader).
+const MAX_CHAT_PER_SEC: u32 = 10_000;
+
 /// A server-side room message or broadcast (not stored in any inbox; seq 0).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +122,18 @@ pub(crate) struct ServerNotice {
     content_type: i32,
     /// The message bytes, standard base64 (with padding).
     content: String,
+    /// Room messages only: `high` (default: a system message is never sampled), `chat` or `like`.
+    #[serde(default)]
+    class: Option<ClassName>,
+}
+
+/// A room message's priority class (`zhibo.v1.RoomClass`).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ClassName {
+    High,
+    Chat,
+    Like,
 }
 
 /// A published room message or broadcast.
@@ -158,6 +202,74 @@ pub(crate) async fn update_room(
     Ok(ApiJson(save(&st, room, was_closed).await?))
 }
 
+pub(crate) async fn get_room_shaping(
+    State(st): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<ApiJson<RoomShapingView>, ApiError> {
+    let id = room_id(id)?;
+    let shaping = st.stores.rooms.get_room_shaping(id).await?;
+    Ok(ApiJson(
+        shaping
+            .unwrap_or(RoomShaping {
+                room_id: id,
+                ..RoomShaping::default()
+            })
+            .into(),
+    ))
+}
+
+async fn save_shaping(
+    st: &AppState,
+    id: i64,
+    req: UpdateRoomShaping,
+) -> Result<RoomShapingView, ApiError> {
+    if req.chat_per_sec > MAX_CHAT_PER_SEC {
+        return Err(ApiError::invalid(format!(
+            "chat_per_sec: at most {MAX_CHAT_PER_SEC}"
+        )));
+    }
+    let shaping = RoomShaping {
+        room_id: id,
+        chat_per_sec: req.chat_per_sec,
+        updated_at_ms: now_ms(),
+    };
+    st.stores.rooms.put_room_shaping(&shaping).await?;
+    Ok(shaping.into())
+}
+
+pub(crate) async fn update_room_shaping(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UpdateRoomShaping>,
+) -> Result<ApiJson<RoomShapingView>, ApiError> {
+    let id = room_id(id)?;
+    let room = st
+        .stores
+        .rooms
+        .get_room(id)
+        .await?
+        .ok_or_else(room_not_found)?;
+    if !room.is_manager(caller.user_id) {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only the room's owner and admins may change it",
+        ));
+    }
+    Ok(ApiJson(save_shaping(&st, id, req).await?))
+}
+
+pub(crate) async fn admin_update_room_shaping(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UpdateRoomShaping>,
+) -> Result<ApiJson<RoomShapingView>, ApiError> {
+    let id = room_id(id)?;
+    Ok(ApiJson(save_shaping(&st, id, req).await?))
+}
+
 pub(crate) async fn admin_update_room(
     State(st): State<AppState>,
     _admin: Admin,
@@ -220,6 +332,11 @@ pub(crate) async fn admin_room_message(
         client_msg_id: String::new(),
         content_type: req.content_type,
         content: decode(&req.content)?,
+        room_class: match req.class.unwrap_or(ClassName::High) {
+            ClassName::High => RoomClass::High,
+            ClassName::Chat => RoomClass::Chat,
+            ClassName::Like => RoomClass::Like,
+        } as i32,
     };
     let out = st
         .logic

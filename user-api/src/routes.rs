@@ -226,8 +226,12 @@ pub(crate) fn table() -> Vec<RouteSpec> {
         route!(PUT "/v1/admin/rooms/{room_id}" => rooms::admin_update_room,
             doc("Set a live room's owner, admins, closed, muted and join notices", Admin)
                 .body("AdminUpdateRoom").ok(200, "RoomView")),
+        route!(PUT "/v1/admin/rooms/{room_id}/shaping" => rooms::admin_update_room_shaping,
+            doc("Set a live room's per-viewer chat display rate (0 = all chat)", Admin)
+                .body("UpdateRoomShaping").ok(200, "RoomShapingView")),
         route!(POST "/v1/admin/rooms/{room_id}/messages" => rooms::admin_room_message,
-            doc("Send a system notice to a live room (also when closed or muted)", Admin)
+            doc("Send a system notice to a live room (also when closed or muted; class `high` unless \
+                set)", Admin)
                 .body("ServerNotice").ok(200, "NoticeSent").errors(&[(503, "unavailable")])),
         route!(POST "/v1/admin/broadcast" => rooms::admin_broadcast,
             doc("Send a notice to every connected device (room 0; not stored)", Admin)
@@ -238,6 +242,13 @@ pub(crate) fn table() -> Vec<RouteSpec> {
         route!(PATCH "/v1/rooms/{room_id}" => rooms::update_room,
             doc("Close, reopen, mute or unmute a live room, or toggle join notices (owner and admins)", Bearer)
                 .body("UpdateRoom").ok(200, "RoomView")
+                .errors(&[(403, "forbidden"), (404, "room_not_found")])),
+        route!(GET "/v1/rooms/{room_id}/shaping" => rooms::get_room_shaping,
+            doc("A live room's shaping settings (per-viewer chat display rate)", Bearer)
+                .ok(200, "RoomShapingView")),
+        route!(PUT "/v1/rooms/{room_id}/shaping" => rooms::update_room_shaping,
+            doc("Set a live room's per-viewer chat display rate (owner and admins; 0 = all chat)", Bearer)
+                .body("UpdateRoomShaping").ok(200, "RoomShapingView")
                 .errors(&[(403, "forbidden"), (404, "room_not_found")])),
     ]
 }
@@ -306,6 +317,9 @@ async fn openapi() -> Response {
     rooms::AdminUpdateRoom,
     rooms::ServerNotice,
     rooms::NoticeSent,
+    rooms::RoomShapingView,
+    rooms::UpdateRoomShaping,
+    rooms::ClassName,
     friends::CreateFriendRequest,
     friends::FriendRequestView,
     friends::FriendRequestList,

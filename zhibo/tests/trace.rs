@@ -28,6 +28,7 @@ fn send(to: i64, id: &str) -> Body {
         client_msg_id: id.into(),
         content_type: 1,
         content: Bytes::from_static(b"observed"),
+        ..Default::default()
     })
 }
 

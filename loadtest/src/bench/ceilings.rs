@@ -32,6 +32,7 @@ pub fn command_size(payload: usize) -> usize {
             client_msg_id: "b123456".into(),
             content_type: 1,
             content: vec![b'z'; payload.max(8)].into(),
+            ..Default::default()
         }),
     );
     zhibo_proto::codec::encode_body(&p).len() + 32

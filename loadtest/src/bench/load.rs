@@ -318,6 +318,7 @@ pub async fn open_loop(
                     client_msg_id: format!("b{n}"),
                     content_type: 1,
                     content: timed_content(intended, payload),
+                    ..Default::default()
                 }))
                 .await?;
             conn.pending

@@ -441,6 +441,7 @@ async fn fill_inbox(
             client_msg_id: format!("fill{to_user}-{i}"),
             content_type: 1,
             content: load::timed_content(load::now_ns(), args.payload),
+            ..Default::default()
         }))
         .await?;
         if i % 64 == 63 {
@@ -614,6 +615,7 @@ pub async fn reconnect(
                 client_msg_id: format!("storm{i}-{k}"),
                 content_type: 1,
                 content: load::timed_content(load::now_ns(), args.payload),
+                ..Default::default()
             }))
             .await?;
         }

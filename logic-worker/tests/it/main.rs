@@ -41,6 +41,7 @@ fn input(to: i64, id: &str, text: &str) -> SendMessageInput {
         client_msg_id: id.into(),
         content_type: 1,
         content: Bytes::from(text.to_owned()),
+        ..Default::default()
     }
 }
 
@@ -200,6 +201,7 @@ async fn pipelines_started_together_never_share_message_ids() {
                     client_msg_id: format!("{i}-{n}"),
                     content_type: 1,
                     content: Bytes::from_static(b"x"),
+                    ..Default::default()
                 };
                 ids.push(
                     logic

@@ -15,9 +15,11 @@ use redb::{Database, TableDefinition, TableError};
 use zhibo_proto::client::Message;
 
 use crate::ids::now_ms;
-use crate::{Error, ErrorKind, Result, Room, RoomStore};
+use crate::{Error, ErrorKind, Result, Room, RoomShaping, RoomStore};
 
 const ROOMS: TableDefinition<i64, &[u8]> = TableDefinition::new("rooms");
+/// Room id → [`RoomShaping`] as JSON (Scylla: `sql/0005_room_shaping.cql`).
+const ROOM_SHAPING: TableDefinition<i64, &[u8]> = TableDefinition::new("room_shaping");
 
 /// A room's history is forgotten this long after its last message (like Scylla's TTL).
 const RECENT_RETENTION_MS: i64 = 24 * 3600 * 1000;
@@ -122,5 +124,43 @@ impl RoomStore for EmbeddedRooms {
                 .collect(),
             _ => Vec::new(),
         })
+    }
+
+    async fn put_room_shaping(&self, shaping: &RoomShaping) -> Result<()> {
+        let db = self.db.clone();
+        let json = serde_json::to_vec(shaping)
+            .map_err(|e| Error::wrap(ErrorKind::Corrupt, "encoding room shaping", e))?;
+        let room_id = shaping.room_id;
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(ROOM_SHAPING).map_err(unavailable)?;
+                t.insert(room_id, json.as_slice()).map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn get_room_shaping(&self, room_id: i64) -> Result<Option<RoomShaping>> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let table = match tx.open_table(ROOM_SHAPING) {
+                Ok(t) => t,
+                // No shaping was ever written.
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            };
+            match table.get(room_id).map_err(unavailable)? {
+                None => Ok(None),
+                Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(|e| {
+                    Error::wrap(ErrorKind::Corrupt, format!("room shaping {room_id}"), e)
+                }),
+            }
+        })
+        .await
+        .map_err(unavailable)?
     }
 }

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         cql: include_str!("../../../sql/0004_security.cql"),
     },
     Migration {
+        version: 5,
+        name: "0005_room_shaping",
+        cql: include_str!("../../../sql/0005_room_shaping.cql"),
+    },
+    Migration {
         version: 7,
         name: "0007_conversations",
         cql: include_str!("../../../sql/0007_conversations.cql"),

@@ -9,7 +9,7 @@ use scylla::DeserializeRow;
 use zhibo_proto::client::Message;
 
 use super::{cql_limit, from_cql, to_cql, ScyllaBackend};
-use crate::{Result, Room, RoomStore};
+use crate::{Result, Room, RoomShaping, RoomStore};
 
 /// A room's history is trimmed to its `keep` newest rows about once per this many pushes, so a busy
 /// room's partition stays small instead of growing for the whole day its rows live.
@@ -23,6 +23,8 @@ pub(super) struct Statements {
     recent: PreparedStatement,
     recent_ids: PreparedStatement,
     trim_recent: PreparedStatement,
+    put_shaping: PreparedStatement,
+    get_shaping: PreparedStatement,
 }
 
 impl Statements {
@@ -50,6 +52,10 @@ impl Statements {
             recent_ids: p("SELECT message_id FROM room_recent WHERE room_id = ? LIMIT ?".into()).await?,
             // One range tombstone drops everything older than the kept head.
             trim_recent: p("DELETE FROM room_recent WHERE room_id = ? AND message_id < ?".into()).await?,
+            put_shaping: p("INSERT INTO room_shaping (room_id, chat_per_sec, updated_at_ms) VALUES (?, ?, ?)".into())
+                .await?,
+            get_shaping: p("SELECT room_id, chat_per_sec, updated_at_ms FROM room_shaping WHERE room_id = ?".into())
+                .await?,
         })
     }
 }
@@ -75,6 +81,23 @@ impl From<RoomRow> for Room {
             closed: r.closed.unwrap_or(false),
             muted: r.muted.unwrap_or(false),
             join_notices: r.join_notices.unwrap_or(false),
+            updated_at_ms: r.updated_at_ms.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(DeserializeRow)]
+struct ShapingRow {
+    room_id: i64,
+    chat_per_sec: Option<i32>,
+    updated_at_ms: Option<i64>,
+}
+
+impl From<ShapingRow> for RoomShaping {
+    fn from(r: ShapingRow) -> Self {
+        RoomShaping {
+            room_id: r.room_id,
+            chat_per_sec: r.chat_per_sec.map_or(0, |n| u32::try_from(n).unwrap_or(0)),
             updated_at_ms: r.updated_at_ms.unwrap_or(0),
         }
     }
@@ -174,5 +197,20 @@ impl RoomStore for ScyllaBackend {
                 content: r.content.unwrap_or_default(),
             })
             .collect())
+    }
+
+    async fn put_room_shaping(&self, shaping: &RoomShaping) -> Result<()> {
+        let chat_per_sec = i32::try_from(shaping.chat_per_sec).unwrap_or(i32::MAX);
+        let values = (shaping.room_id, chat_per_sec, shaping.updated_at_ms);
+        self.exec("put_room_shaping", &self.rooms.put_shaping, values)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_room_shaping(&self, room_id: i64) -> Result<Option<RoomShaping>> {
+        let row: Option<ShapingRow> = self
+            .one("get_room_shaping", &self.rooms.get_shaping, (room_id,))
+            .await?;
+        Ok(row.map(RoomShaping::from))
     }
 }

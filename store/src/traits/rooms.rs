@@ -68,4 +68,26 @@ pub trait RoomStore: Send + Sync {
     /// # Errors
     /// [`crate::ErrorKind::Unavailable`] on backend failure.
     async fn recent(&self, room_id: i64, limit: usize) -> Result<Vec<Message>>;
+    /// Creates or replaces a room's shaping settings.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn put_room_shaping(&self, shaping: &RoomShaping) -> Result<()>;
+    /// The room's shaping settings, if any were ever written.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn get_room_shaping(&self, room_id: i64) -> Result<Option<RoomShaping>>;
+}
+
+/// How gateways shape a busy room's traffic for each viewer (issue 17), written by user-api and read by
+/// gateways at each join. A room without settings shows all chat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomShaping {
+    /// The room.
+    pub room_id: i64,
+    /// Chat messages per second a viewer is shown at most (0 = all); above it a fair sample.
+    pub chat_per_sec: u32,
+    /// Last change.
+    pub updated_at_ms: i64,
 }

@@ -12,7 +12,7 @@ use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
     Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role, Room,
-    SendPlan, Stores, User,
+    RoomShaping, SendPlan, Stores, User,
 };
 
 /// Runs every check against `stores`; panics with a message naming the broken behaviour.
@@ -34,6 +34,7 @@ pub(crate) async fn run_all(stores: Stores) {
     rooms(&stores).await;
     room_history(&stores).await;
     conversations::run_all(&stores).await;
+    room_shaping(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.
@@ -1323,6 +1324,57 @@ async fn rooms(s: &Stores) {
         s.rooms.get_room(id()).await.expect("get_room other"),
         None,
         "records are per room"
+    );
+}
+
+/// A room's shaping settings (issue 17): none until written, then as last written, per room.
+async fn room_shaping(s: &Stores) {
+    let room_id = id();
+    assert_eq!(
+        s.rooms
+            .get_room_shaping(room_id)
+            .await
+            .expect("get_room_shaping unknown"),
+        None,
+        "a room never shaped has no settings (it shows all chat)"
+    );
+    let shaping = RoomShaping {
+        room_id,
+        chat_per_sec: 40,
+        updated_at_ms: 1_700_000_000_000,
+    };
+    s.rooms
+        .put_room_shaping(&shaping)
+        .await
+        .expect("put_room_shaping");
+    assert_eq!(
+        s.rooms.get_room_shaping(room_id).await.expect("get"),
+        Some(shaping.clone()),
+        "settings read back as written"
+    );
+    let unlimited = RoomShaping {
+        chat_per_sec: 0,
+        updated_at_ms: 1_700_000_001_000,
+        ..shaping
+    };
+    s.rooms
+        .put_room_shaping(&unlimited)
+        .await
+        .expect("put_room_shaping again");
+    assert_eq!(
+        s.rooms.get_room_shaping(room_id).await.expect("get"),
+        Some(unlimited),
+        "writing replaces the settings"
+    );
+    assert_eq!(
+        s.rooms.get_room_shaping(id()).await.expect("get other"),
+        None,
+        "settings are per room"
+    );
+    assert_eq!(
+        s.rooms.get_room(room_id).await.expect("get_room"),
+        None,
+        "shaping a room writes no room record"
     );
 }
 

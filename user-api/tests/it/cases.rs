@@ -1615,3 +1615,71 @@ pub(crate) async fn case_group_add_policy(stores: Stores) {
         .await
         .err(403, "not_friends");
 }
+
+/// Issue 17: a room's chat display rate — readable by any signed-in user (0 until set), set by the app
+/// backend or the room's owner and admins (others: 403; a room without a record: 404), bounded.
+pub(crate) async fn case_room_shaping(stores: Stores) {
+    let s = start(stores).await;
+    let owner = s.user().await;
+    let viewer = s.user().await;
+    let room = crate::server::unique_user_id();
+    let path = format!("/v1/rooms/{room}/shaping");
+    let shaping = s.get(&path, As::Token(&viewer.token)).await.ok(200);
+    assert_eq!(shaping["chat_per_sec"].as_u64(), Some(0), "unset: all chat");
+    s.call(
+        Method::PUT,
+        &path,
+        As::Token(&owner.token),
+        Some(json!({"chat_per_sec": 40})),
+    )
+    .await
+    .err(404, "room_not_found");
+    let admin_path = format!("/v1/admin/rooms/{room}");
+    s.call(
+        Method::PUT,
+        &admin_path,
+        ADMIN,
+        Some(json!({"owner_user_id": owner.user_id})),
+    )
+    .await
+    .ok(200);
+    s.call(
+        Method::PUT,
+        &path,
+        As::Token(&viewer.token),
+        Some(json!({"chat_per_sec": 1})),
+    )
+    .await
+    .err(403, "forbidden");
+    let set = s
+        .call(
+            Method::PUT,
+            &path,
+            As::Token(&owner.token),
+            Some(json!({"chat_per_sec": 40})),
+        )
+        .await
+        .ok(200);
+    assert_eq!(set["chat_per_sec"].as_u64(), Some(40));
+    let read = s.get(&path, As::Token(&viewer.token)).await.ok(200);
+    assert_eq!(read["chat_per_sec"].as_u64(), Some(40));
+    let by_admin = format!("/v1/admin/rooms/{room}/shaping");
+    s.call(
+        Method::PUT,
+        &by_admin,
+        ADMIN,
+        Some(json!({"chat_per_sec": 100_001})),
+    )
+    .await
+    .err(400, "invalid_argument");
+    let set = s
+        .call(
+            Method::PUT,
+            &by_admin,
+            ADMIN,
+            Some(json!({"chat_per_sec": 0})),
+        )
+        .await
+        .ok(200);
+    assert_eq!(set["chat_per_sec"].as_u64(), Some(0));
+}

@@ -53,6 +53,7 @@ cases!(
     case_device_bound_to_its_user,
     case_sign_up_and_device_limits,
     case_group_add_policy,
+    case_room_shaping,
 );
 
 fn embedded_stores() -> Stores {

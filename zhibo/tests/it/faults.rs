@@ -50,6 +50,7 @@ where
                     client_msg_id: id.clone(),
                     content_type: 1,
                     content: Bytes::from(format!("body of {id}")),
+                    ..Default::default()
                 }))
                 .await
                 .expect("send");
@@ -172,6 +173,7 @@ async fn draining_a_gateway_under_load_loses_nothing() {
                 client_msg_id: id.clone(),
                 content_type: 1,
                 content: Bytes::from(format!("body of {id}")),
+                ..Default::default()
             }))
             .await
             .expect("send");
@@ -294,6 +296,7 @@ async fn a_reader_that_stops_reading_is_closed_and_catches_up_by_sync() {
                 client_msg_id: id.clone(),
                 content_type: 1,
                 content: Bytes::from(big.clone()),
+                ..Default::default()
             }))
             .await
             .expect("send");

@@ -25,6 +25,7 @@ async fn send_many(mut client: Client, user_id: i64, tag: String, n: usize) -> V
                     client_msg_id: format!("{tag}-{next}"),
                     content_type: 1,
                     content: Bytes::from_static(b"id?"),
+                    ..Default::default()
                 }))
                 .await
                 .expect("send");

@@ -24,6 +24,7 @@ async fn send_many(client: &mut Client, to: i64, n: usize, tag: &str) -> Vec<Err
                     client_msg_id: format!("{tag}{i}"),
                     content_type: 1,
                     content: Bytes::from_static(b"hello"),
+                    ..Default::default()
                 }),
                 WAIT,
             )

@@ -43,6 +43,7 @@ mod processes;
 mod push;
 mod reliability;
 mod replay;
+mod room_shaping;
 mod rooms;
 mod scenarios;
 mod security;

@@ -76,6 +76,7 @@ async fn resend_after_a_crash_before_publish_pushes_the_stored_message(cluster: 
                 client_msg_id: "crashed-1".into(),
                 content_type: 1,
                 content: Bytes::from_static(b"stored, never pushed"),
+                ..Default::default()
             }),
             WAIT,
         )

@@ -277,6 +277,7 @@ fn room_msg(room_id: i64, content_type: i32, body: impl Into<Bytes>) -> Body {
         client_msg_id: String::new(),
         content_type,
         content: body.into(),
+        ..Default::default()
     })
 }
 
@@ -521,6 +522,7 @@ async fn slow_viewer_drops_room_traffic_not_im(cluster: &RoomCluster) {
                     client_msg_id: format!("im{i}"),
                     content_type: 1,
                     content: Bytes::from(format!("im {i}")),
+                    ..Default::default()
                 }),
                 WAIT,
             )

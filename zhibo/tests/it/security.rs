@@ -167,6 +167,7 @@ async fn a_cluster_runs_on_a_nats_server_with_authentication() {
         client_msg_id: "auth-1".into(),
         content_type: 1,
         content: Bytes::from_static(b"over an authenticated bus"),
+        ..Default::default()
     });
     let reply = a
         .request(send, Duration::from_secs(15))
