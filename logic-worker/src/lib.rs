@@ -9,9 +9,11 @@
 //!   - `consumer`: [`run`] consumes `zhibo.cmd` in the `logic` queue group with bounded concurrency and
 //!     finishes in-flight commands on shutdown; [`Logic::handle`] dispatches one command.
 //!   - `ids`: message ids from a configured or leased node number.
+//!   - `hook`: the optional before-send hook (an HTTP call to the app backend: allow, reject, replace).
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
-//! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
+//! Send path: dedup lookup → authorise → before-send hook (only when configured for the receiver type)
+//! → seqs for every recipient (sender included) → dedup plan written
 //! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
 //! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
 //! every recipient but the sending device. A resend (same `client_msg_id`) rewrites the same entries and
@@ -26,6 +28,7 @@ mod config;
 mod consumer;
 mod error;
 mod events;
+mod hook;
 mod ids;
 mod room;
 mod send;
@@ -40,6 +43,8 @@ use zhibo_telemetry::Metrics;
 pub use config::LogicConfig;
 pub use consumer::run;
 pub use error::{LogicError, Op};
+use hook::BeforeSendHook;
+pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};
 use ids::MessageIds;
 
 /// The message pipeline.
@@ -49,12 +54,15 @@ pub struct Logic {
     ids: MessageIds,
     config: LogicConfig,
     metrics: Arc<Metrics>,
+    /// `None` when no hook is configured: the send path then does no hook work at all.
+    before_send: Option<BeforeSendHook>,
 }
 
 impl std::fmt::Debug for Logic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Logic")
             .field("config", &self.config)
+            .field("before_send", &self.before_send.is_some())
             .finish()
     }
 }
@@ -71,7 +79,17 @@ impl Logic {
             ids,
             config,
             metrics: Arc::new(Metrics::new()),
+            before_send: None,
         }
+    }
+
+    /// Calls the hooks `config` configures (none when its URLs are empty).
+    ///
+    /// # Errors
+    /// When the hook configuration is invalid or its HTTP client cannot be built.
+    pub fn with_hooks(mut self, config: &HooksConfig) -> Result<Self, String> {
+        self.before_send = BeforeSendHook::new(config)?;
+        Ok(self)
     }
 
     /// Records into the process's `metrics` instead of a private registry.

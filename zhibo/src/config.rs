@@ -167,6 +167,8 @@ pub struct Config {
     pub logic: zhibo_logic::LogicConfig,
     /// user-api.
     pub api: zhibo_user_api::ApiConfig,
+    /// Hooks into the app backend (the before-send hook), called by logic workers.
+    pub hooks: zhibo_logic::HooksConfig,
 }
 
 impl Default for Config {
@@ -182,6 +184,7 @@ impl Default for Config {
             gateway: zhibo_gateway::GatewayConfig::default(),
             logic: zhibo_logic::LogicConfig::default(),
             api: zhibo_user_api::ApiConfig::default(),
+            hooks: zhibo_logic::HooksConfig::default(),
         }
     }
 }
@@ -281,6 +284,7 @@ impl Config {
             ));
         }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
+        config.hooks.validate().map_err(|e| format!("hooks: {e}"))?;
         config
             .bus
             .nats()
@@ -368,6 +372,40 @@ mod tests {
                 .expect_err("bad prefix");
             assert!(e.contains("bus: subject prefix"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_before_send_hook_is_configured_from_env() {
+        let c = Config::load_from(None, vars(&[])).expect("defaults");
+        assert!(c.hooks.before_send.url.is_empty(), "off by default");
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_HOOKS__SECRET", "0123456789abcdef0123"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__URL", "http://backend:8080/check"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__TIMEOUT_MS", "250"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__FAILURE_POLICY", "closed"),
+            ]),
+        )
+        .expect("hook");
+        assert_eq!(c.hooks.before_send.timeout_ms, 250);
+        assert_eq!(
+            c.hooks.before_send.failure_policy,
+            zhibo_logic::FailurePolicy::Closed
+        );
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+        let e = Config::load_from(
+            None,
+            vars(&[("ZHIBO_HOOKS__BEFORE_SEND__URL", "http://backend:8080/check")]),
+        )
+        .expect_err("no secret");
+        assert!(e.contains("hooks: secret"), "{e}");
+        let e = Config::load_from(
+            None,
+            vars(&[("ZHIBO_HOOKS__BEFORE_SEND__FAILURE_POLICY", "maybe")]),
+        )
+        .expect_err("bad policy");
+        assert!(e.contains("maybe"), "{e}");
     }
 
     #[test]

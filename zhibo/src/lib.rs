@@ -196,16 +196,19 @@ pub async fn run(
     let ready = readiness(&backends, shutdown.clone());
     // Only roles that mint message ids (logic worker, user-api's server-side sends) hold a pipeline and
     // with it a node lease; a gateway holds none.
-    let logic = (bound.logic || bound.api.is_some()).then(|| {
-        Arc::new(
+    let logic = match bound.logic || bound.api.is_some() {
+        true => Some(Arc::new(
             zhibo_logic::Logic::new(
                 backends.stores.clone(),
                 backends.bus.clone(),
                 config.logic.clone(),
             )
-            .with_metrics(metrics.clone()),
-        )
-    });
+            .with_metrics(metrics.clone())
+            .with_hooks(&config.hooks)
+            .map_err(|e| anyhow::anyhow!("hooks: {e}"))?,
+        )),
+        false => None,
+    };
     let ops_task = bound.ops.map(|listener| {
         spawn_role(
             shutdown.clone(),
