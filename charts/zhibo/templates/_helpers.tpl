@@ -151,6 +151,13 @@ Call with (dict "root" $ "role" .Values.gateway).
     secretKeyRef:
       name: {{ include "zhibo.secretName" .root }}
       key: token-secret
+{{- if .root.Values.hooks.beforeSend.url }}
+- name: ZHIBO_HOOKS__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "zhibo.secretName" .root }}
+      key: hook-secret
+{{- end }}
 {{- with .role.extraEnv }}
 {{ toYaml . }}
 {{- end }}
