@@ -125,7 +125,6 @@ impl HooksConfig {
 }
 
 /// The configured before-send hook: one pooled HTTP client, shared by every send of the process.
-#[derive(Debug)]
 pub(crate) struct BeforeSendHook {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -133,6 +132,18 @@ pub(crate) struct BeforeSendHook {
     policy: FailurePolicy,
     receivers: Vec<HookReceiver>,
     key: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for BeforeSendHook {
+    /// The key is not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BeforeSendHook")
+            .field("url", &self.url.as_str())
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .field("receivers", &self.receivers)
+            .finish()
+    }
 }
 
 /// What the backend decided for a send that goes ahead.
@@ -424,6 +435,24 @@ mod tests {
         assert_eq!(a, format!("v1={hex}"));
         assert_ne!(a, sign(key.clone(), 1_700_000_001, b"{\"x\":1}"));
         assert_ne!(a, sign(key, 1_700_000_000, b"{\"x\":2}"));
+    }
+
+    /// Only the configured receiver types are checked; no URL means no hook at all.
+    #[test]
+    fn the_hook_applies_to_its_receiver_types_only() {
+        let mut c = HooksConfig {
+            secret: "0123456789abcdef".into(),
+            ..HooksConfig::default()
+        };
+        assert!(BeforeSendHook::new(&c).expect("valid").is_none());
+        c.before_send.url = "http://127.0.0.1:9/check".into();
+        c.before_send.receivers = vec![HookReceiver::Group];
+        let hook = BeforeSendHook::new(&c).expect("valid").expect("configured");
+        assert!(hook.applies(ReceiverType::Group as i32));
+        assert!(!hook.applies(ReceiverType::User as i32));
+        assert!(!hook.applies(ReceiverType::Room as i32));
+        assert!(!hook.applies(99));
+        assert!(!format!("{hook:?}").contains("0123456789abcdef"));
     }
 
     #[test]
