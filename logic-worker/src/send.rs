@@ -213,7 +213,15 @@ impl Logic {
                 }
                 original
             }
-            None => fresh,
+            // The first attempt's hook answer is not stored: ask again, so a replacement is not lost and
+            // a rejection still holds (the plan's seqs then stay unused, a gap in numbering only).
+            None => match self.hook_for(origin, input.receiver_type) {
+                Some(hook) => match hook.check(origin, input, self.config.max_content).await? {
+                    Verdict::AsSent => fresh,
+                    Verdict::Replace(content) => Message { content, ..fresh },
+                },
+                None => fresh,
+            },
         };
         let replaced = (template.content != input.content).then(|| template.content.clone());
         let entries = inbox_entries(&plan, &template);

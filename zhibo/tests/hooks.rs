@@ -467,6 +467,55 @@ async fn allow_reject_and_replace(h: &Hooked) {
     assert_eq!(contents, [REDACTED]);
 }
 
+/// The crash window of a send (its plan stored, no inbox entry yet: see tests/it/replay.rs) closed by a
+/// resend: the hook is asked again, so a replacement is not lost and a rejection still holds.
+async fn a_resend_after_a_crash_is_asked_again(h: &Hooked) {
+    let alice = h.cluster.user("alice").await;
+    let bob = h.cluster.user("bob").await;
+    let mut a = h.cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut b = h.cluster.connect(Transport::Tcp, 1, &bob).await;
+    let stores = &h.cluster.stores;
+    for (n, (id, content)) in [("crash-swap", "replace: darn"), ("crash-bad", "reject: x")]
+        .into_iter()
+        .enumerate()
+    {
+        let seqs = stores
+            .seq
+            .next(&[alice.user_id, bob.user_id])
+            .await
+            .expect("seqs");
+        let plan = zhibo_store::SendPlan {
+            message_id: 0x600d_0000_0000_0000 ^ (alice.user_id as u64) << 2 ^ n as u64,
+            seq: seqs[0],
+            server_time_ms: 1_000,
+            recipients: vec![(alice.user_id, seqs[0]), (bob.user_id, seqs[1])],
+        };
+        assert!(stores
+            .messages
+            .put_dedup_if_absent(alice.device_id, id, &plan)
+            .await
+            .expect("plan stored as the worker would")
+            .is_none());
+        let answer = send(&mut a, ReceiverType::User, bob.user_id, id, content).await;
+        assert_eq!(h.backend.calls_for(id).len(), 1, "{id}: asked again");
+        if n == 0 {
+            let out = answer.expect("completed");
+            assert!(out.duplicate && out.content_replaced, "{out:?}");
+            assert_eq!(out.message_id, plan.message_id);
+            let m = next_message(&mut b).await;
+            assert_eq!(
+                (m.message_id, String::from_utf8_lossy(&m.content).as_ref()),
+                (plan.message_id, REDACTED)
+            );
+        } else {
+            let e = answer.expect_err("still rejected");
+            assert_eq!(code(&e), ErrorCode::HookRejected, "{e:?}");
+        }
+    }
+    assert_eq!(stored(h, bob.user_id).await, [REDACTED]);
+    assert_quiet(&mut b).await;
+}
+
 /// A number that differs between test runs, for a fresh room id.
 fn rand_suffix() -> u16 {
     let nanos = std::time::SystemTime::now()
@@ -559,8 +608,16 @@ async fn unconfigured_calls_nothing(h: &Hooked) {
 mod open {
     use super::{FailurePolicy, Hooked};
     hooked!(Open, Some(FailurePolicy::Open));
-    both_modes!(super::Open, 2, allow_reject_and_replace, failures_fail_open);
-    use super::{allow_reject_and_replace, failures_fail_open};
+    both_modes!(
+        super::Open,
+        2,
+        allow_reject_and_replace,
+        failures_fail_open,
+        a_resend_after_a_crash_is_asked_again
+    );
+    use super::{
+        a_resend_after_a_crash_is_asked_again, allow_reject_and_replace, failures_fail_open,
+    };
 }
 
 mod closed {
