@@ -822,11 +822,19 @@ impl Driver {
             if let Some(s) = key.and_then(|k| self.sends.remove(&k)) {
                 self.tracker.observe(m.seq);
                 self.persist();
+                // A before-send hook may have replaced the content: say so, as the server's answer would.
+                let replaced = m.content != s.input.content;
                 let _ = s.reply.send(Ok(SendMessageOutput {
                     message_id: m.message_id,
                     seq: m.seq,
                     server_time_ms: m.server_time_ms,
                     duplicate: true,
+                    content_replaced: replaced,
+                    content: if replaced {
+                        m.content.clone()
+                    } else {
+                        Default::default()
+                    },
                 }));
                 return;
             }

@@ -44,7 +44,7 @@ impl Logic {
         };
         let packet = match reply {
             Ok(body) => Packet::new(rid, body),
-            Err(e) => Packet::error(rid, e.code, e.message),
+            Err(e) => e.packet(rid),
         };
         self.reply(&origin, packet).await;
     }

@@ -11,6 +11,8 @@ pub struct LogicError {
     pub code: ErrorCode,
     /// Text for the client.
     pub message: String,
+    /// With [`ErrorCode::HookRejected`]: the app backend's own code (0 otherwise).
+    pub hook_code: i32,
 }
 
 impl LogicError {
@@ -18,7 +20,21 @@ impl LogicError {
         LogicError {
             code,
             message: message.into(),
+            hook_code: 0,
         }
+    }
+
+    /// The Error packet answering `request_id` with this error.
+    pub fn packet(self, request_id: u64) -> zhibo_proto::client::Packet {
+        use zhibo_proto::client::{packet::Body, Error, Packet};
+        Packet::new(
+            request_id,
+            Body::Error(Error {
+                code: self.code as i32,
+                message: self.message,
+                hook_code: self.hook_code,
+            }),
+        )
     }
 }
 

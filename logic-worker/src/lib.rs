@@ -11,9 +11,11 @@
 //!   - `ids`: message ids from a configured or leased node number.
 //!   - `push`: [`PushHook`] — after a 1:1 or group message is stored, one push event per offline
 //!     recipient (one pipelined presence read), handed to the push sink without waiting.
+//!   - `hook`: the optional before-send hook (an HTTP call to the app backend: allow, reject, replace).
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
-//! Send path: dedup lookup → authorise → seqs for every recipient (sender included) → dedup plan written
+//! Send path: dedup lookup → authorise → before-send hook (only when configured for the receiver type)
+//! → seqs for every recipient (sender included) → dedup plan written
 //! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
 //! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
 //! every recipient but the sending device. A resend (same `client_msg_id`) rewrites the same entries and
@@ -28,6 +30,7 @@ mod config;
 mod consumer;
 mod error;
 mod events;
+mod hook;
 mod ids;
 mod push;
 mod room;
@@ -43,6 +46,8 @@ use zhibo_telemetry::Metrics;
 pub use config::LogicConfig;
 pub use consumer::run;
 pub use error::{LogicError, Op};
+use hook::BeforeSendHook;
+pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};
 use ids::MessageIds;
 pub use push::PushHook;
 
@@ -54,12 +59,15 @@ pub struct Logic {
     config: LogicConfig,
     metrics: Arc<Metrics>,
     push: Option<PushHook>,
+    /// `None` when no hook is configured: the send path then does no hook work at all.
+    before_send: Option<BeforeSendHook>,
 }
 
 impl std::fmt::Debug for Logic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Logic")
             .field("config", &self.config)
+            .field("before_send", &self.before_send.is_some())
             .finish()
     }
 }
@@ -77,7 +85,17 @@ impl Logic {
             config,
             metrics: Arc::new(Metrics::new()),
             push: None,
+            before_send: None,
         }
+    }
+
+    /// Calls the hooks `config` configures (none when its URLs are empty).
+    ///
+    /// # Errors
+    /// When the hook configuration is invalid or its HTTP client cannot be built.
+    pub fn with_hooks(mut self, config: &HooksConfig) -> Result<Self, String> {
+        self.before_send = BeforeSendHook::new(config)?;
+        Ok(self)
     }
 
     /// Records into the process's `metrics` instead of a private registry.

@@ -11,6 +11,7 @@ use zhibo_proto::client::{
 };
 use zhibo_store::ids::now_ms;
 
+use crate::hook::Verdict;
 use crate::{Logic, LogicError, Op};
 
 impl Logic {
@@ -79,6 +80,16 @@ impl Logic {
                 }
             }
         }
+        let replaced = match self.hook_for(origin, input.receiver_type) {
+            Some(hook) => match hook
+                .check(origin, input, self.config.max_room_content)
+                .await?
+            {
+                Verdict::AsSent => None,
+                Verdict::Replace(content) => Some(content),
+            },
+            None => None,
+        };
         let message = Message {
             message_id: self.next_id(Op::RoomSend).await?,
             seq: 0,
@@ -90,7 +101,7 @@ impl Logic {
             client_msg_id: input.client_msg_id.clone(),
             server_time_ms: now_ms(),
             content_type: input.content_type,
-            content: input.content.clone(),
+            content: replaced.clone().unwrap_or_else(|| input.content.clone()),
         };
         // Likes are counters, not chat a late joiner reads.
         let remembered = if class == RoomClass::Like {
@@ -110,6 +121,8 @@ impl Logic {
             seq: 0,
             server_time_ms: message.server_time_ms,
             duplicate: false,
+            content_replaced: replaced.is_some(),
+            content: replaced.unwrap_or_default(),
         };
         self.publish_room(&Subject::room(input.receiver_id), message, class)
             .await?;
@@ -169,6 +182,8 @@ impl Logic {
             seq: 0,
             server_time_ms: message.server_time_ms,
             duplicate: false,
+            content_replaced: false,
+            content: Bytes::new(),
         };
         self.publish_room(&Subject::broadcast(), message, RoomClass::High)
             .await?;

@@ -15,6 +15,7 @@ use zhibo_store::SendPlan;
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::error::send_err;
+use crate::hook::{BeforeSendHook, Verdict};
 use crate::{Logic, LogicError, Op};
 
 impl Logic {
@@ -129,6 +130,15 @@ impl Logic {
                 ))
             }
         };
+        // After authorisation (the backend is only asked about sends zhibo would accept), before any id or
+        // seq: a rejected message leaves nothing behind, so its resend is asked again.
+        let replaced = match self.hook_for(origin, input.receiver_type) {
+            Some(hook) => match hook.check(origin, input, self.config.max_content).await? {
+                Verdict::AsSent => None,
+                Verdict::Replace(content) => Some(content),
+            },
+            None => None,
+        };
         // Minted before the seqs, so a refusal (no node lease) wastes none.
         let message_id = self.next_id(Op::Send).await?;
         let seqs = self
@@ -151,7 +161,8 @@ impl Logic {
             server_time_ms: now_ms(),
             recipients,
         };
-        let entries = inbox_entries(&plan, &new_message(origin, input, &plan));
+        let content = replaced.as_ref().unwrap_or(&input.content);
+        let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
         match self
             .stores
             .messages
@@ -167,7 +178,7 @@ impl Logic {
             Some(existing) => self.replay(origin, input, existing).await,
             None => {
                 self.metrics.messages_sent.inc();
-                Ok(self.deliver(origin, &plan, entries, false).await)
+                Ok(self.deliver(origin, &plan, entries, false, replaced).await)
             }
         }
     }
@@ -180,17 +191,20 @@ impl Logic {
         input: &SendMessageInput,
         plan: SendPlan,
     ) -> Result<SendMessageOutput, LogicError> {
-        let fresh = new_message(origin, input, &plan);
+        let fresh = new_message(origin, input, &input.content, &plan);
         // A resend replays the plan from the message as first stored (the sender's own inbox entry), so a
         // resend can never rewrite what recipients already have; one that differs is refused. Only when
         // nothing was stored yet (a crash between plan and writes) does the resend's content go in.
         let stored = self.stored_original(origin.user_id, &plan).await?;
         let template = match stored {
             Some(original) => {
+                // A before-send hook may have replaced the stored content: then only the rest is compared
+                // (a resend carries the content as the client wrote it).
                 let same = original.receiver_type == fresh.receiver_type
                     && original.receiver_id == fresh.receiver_id
                     && original.content_type == fresh.content_type
-                    && original.content == fresh.content;
+                    && (original.content == fresh.content
+                        || self.hook_for(origin, input.receiver_type).is_some());
                 if !same {
                     return Err(LogicError::new(
                         ErrorCode::InvalidArgument,
@@ -199,8 +213,17 @@ impl Logic {
                 }
                 original
             }
-            None => fresh,
+            // The first attempt's hook answer is not stored: ask again, so a replacement is not lost and
+            // a rejection still holds (the plan's seqs then stay unused, a gap in numbering only).
+            None => match self.hook_for(origin, input.receiver_type) {
+                Some(hook) => match hook.check(origin, input, self.config.max_content).await? {
+                    Verdict::AsSent => fresh,
+                    Verdict::Replace(content) => Message { content, ..fresh },
+                },
+                None => fresh,
+            },
         };
+        let replaced = (template.content != input.content).then(|| template.content.clone());
         let entries = inbox_entries(&plan, &template);
         self.stores
             .messages
@@ -215,7 +238,15 @@ impl Logic {
         // writes and before (or during) the publishes leaves a stored message no device was pushed. So a
         // replay always publishes them again; a device that already had it drops the repeat by its seq
         // and message_id (live delivery is at least once, see proto/README.md).
-        Ok(self.deliver(origin, &plan, entries, true).await)
+        Ok(self.deliver(origin, &plan, entries, true, replaced).await)
+    }
+
+    /// The before-send hook for a send from `origin` to `receiver_type`, if one is configured for it.
+    /// Server-side sends (device 0) come from the app backend itself and are not checked.
+    pub(crate) fn hook_for(&self, origin: &Origin, receiver_type: i32) -> Option<&BeforeSendHook> {
+        self.before_send
+            .as_ref()
+            .filter(|h| origin.device_id != 0 && h.applies(receiver_type))
     }
 
     /// Publishes stored inbox entries to their users' devices (all but the sending device).
@@ -225,6 +256,7 @@ impl Logic {
         plan: &SendPlan,
         entries: Vec<(i64, Message)>,
         duplicate: bool,
+        replaced: Option<Bytes>,
     ) -> SendMessageOutput {
         // Before the ACK: a sender who saw the ACK can count on the events being queued.
         self.push_offline(origin.user_id, &entries).await;
@@ -268,7 +300,7 @@ impl Logic {
         }
         .instrument(publish)
         .await;
-        output(plan, duplicate)
+        output(plan, duplicate, replaced)
     }
 
     /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
@@ -302,8 +334,14 @@ fn dedup_device(origin: &Origin) -> i64 {
     }
 }
 
-/// The message `input` becomes under `plan`, before a seq is set per inbox.
-fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendPlan) -> Message {
+/// The message `input` becomes under `plan` with `content` (the input's, or the hook's replacement),
+/// before a seq is set per inbox.
+fn new_message(
+    origin: &Origin,
+    input: &SendMessageInput,
+    content: &Bytes,
+    plan: &SendPlan,
+) -> Message {
     Message {
         message_id: plan.message_id,
         seq: 0,
@@ -314,7 +352,7 @@ fn new_message(origin: &Origin, input: &SendMessageInput, plan: &SendPlan) -> Me
         client_msg_id: input.client_msg_id.clone(),
         server_time_ms: plan.server_time_ms,
         content_type: input.content_type,
-        content: input.content.clone(),
+        content: content.clone(),
     }
 }
 
@@ -342,11 +380,14 @@ fn inbox_entries(plan: &SendPlan, template: &Message) -> Vec<(i64, Message)> {
         .collect()
 }
 
-fn output(plan: &SendPlan, duplicate: bool) -> SendMessageOutput {
+/// The sender's answer; `replaced` = the stored content when the before-send hook replaced it.
+fn output(plan: &SendPlan, duplicate: bool, replaced: Option<Bytes>) -> SendMessageOutput {
     SendMessageOutput {
         message_id: plan.message_id,
         seq: plan.seq,
         server_time_ms: plan.server_time_ms,
         duplicate,
+        content_replaced: replaced.is_some(),
+        content: replaced.unwrap_or_default(),
     }
 }

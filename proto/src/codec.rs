@@ -232,6 +232,8 @@ mod tests {
                 seq: 8,
                 server_time_ms: 5,
                 duplicate: true,
+                content_replaced: true,
+                content: Bytes::from_static(b"h*"),
             }),
             Body::SubscribeRoom(SubscribeRoomInput { room_id: 11 }),
             Body::SubscribeRoomOutput(SubscribeRoomOutput {
@@ -259,6 +261,12 @@ mod tests {
             Body::Error(Error {
                 code: ErrorCode::RateLimited as i32,
                 message: "slow down".into(),
+                hook_code: 0,
+            }),
+            Body::Error(Error {
+                code: ErrorCode::HookRejected as i32,
+                message: "no links".into(),
+                hook_code: 4001,
             }),
         ];
         bodies

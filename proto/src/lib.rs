@@ -50,6 +50,7 @@ impl Packet {
             Body::Error(client::Error {
                 code: code as i32,
                 message: message.into(),
+                hook_code: 0,
             }),
         )
     }

@@ -163,6 +163,7 @@ mod tests {
         let e = LogicError {
             code,
             message: "detail".into(),
+            hook_code: 0,
         };
         let response = logic_error(e, receiver).into_response();
         let status = response.status();

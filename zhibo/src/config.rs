@@ -169,6 +169,8 @@ pub struct Config {
     pub api: zhibo_user_api::ApiConfig,
     /// Offline push events (logic workers, user-api) and their delivery (push-relay).
     pub push: zhibo_push::PushConfig,
+    /// Hooks into the app backend (the before-send hook), called by logic workers.
+    pub hooks: zhibo_logic::HooksConfig,
 }
 
 impl Default for Config {
@@ -185,6 +187,7 @@ impl Default for Config {
             logic: zhibo_logic::LogicConfig::default(),
             api: zhibo_user_api::ApiConfig::default(),
             push: zhibo_push::PushConfig::default(),
+            hooks: zhibo_logic::HooksConfig::default(),
         }
     }
 }
@@ -284,6 +287,7 @@ impl Config {
             ));
         }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
+        config.hooks.validate().map_err(|e| format!("hooks: {e}"))?;
         config
             .bus
             .nats()
@@ -377,6 +381,40 @@ mod tests {
                 .expect_err("bad prefix");
             assert!(e.contains("bus: subject prefix"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_before_send_hook_is_configured_from_env() {
+        let c = Config::load_from(None, vars(&[])).expect("defaults");
+        assert!(c.hooks.before_send.url.is_empty(), "off by default");
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_HOOKS__SECRET", "0123456789abcdef0123"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__URL", "http://backend:8080/check"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__TIMEOUT_MS", "250"),
+                ("ZHIBO_HOOKS__BEFORE_SEND__FAILURE_POLICY", "closed"),
+            ]),
+        )
+        .expect("hook");
+        assert_eq!(c.hooks.before_send.timeout_ms, 250);
+        assert_eq!(
+            c.hooks.before_send.failure_policy,
+            zhibo_logic::FailurePolicy::Closed
+        );
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+        let e = Config::load_from(
+            None,
+            vars(&[("ZHIBO_HOOKS__BEFORE_SEND__URL", "http://backend:8080/check")]),
+        )
+        .expect_err("no secret");
+        assert!(e.contains("hooks: secret"), "{e}");
+        let e = Config::load_from(
+            None,
+            vars(&[("ZHIBO_HOOKS__BEFORE_SEND__FAILURE_POLICY", "maybe")]),
+        )
+        .expect_err("bad policy");
+        assert!(e.contains("maybe"), "{e}");
     }
 
     #[test]

@@ -314,18 +314,23 @@ pub async fn run(
     };
     // Only roles that mint message ids (logic worker, user-api's server-side sends) hold a pipeline and
     // with it a node lease; a gateway holds none.
-    let logic = pipelines.then(|| {
-        let logic = zhibo_logic::Logic::new(
-            backends.stores.clone(),
-            backends.bus.clone(),
-            config.logic.clone(),
-        )
-        .with_metrics(metrics.clone());
-        Arc::new(match push.as_ref().and_then(|p| p.hook.clone()) {
-            Some(hook) => logic.with_push(hook),
-            None => logic,
-        })
-    });
+    let logic = match pipelines {
+        true => {
+            let logic = zhibo_logic::Logic::new(
+                backends.stores.clone(),
+                backends.bus.clone(),
+                config.logic.clone(),
+            )
+            .with_metrics(metrics.clone())
+            .with_hooks(&config.hooks)
+            .map_err(|e| anyhow::anyhow!("hooks: {e}"))?;
+            Some(Arc::new(match push.as_ref().and_then(|p| p.hook.clone()) {
+                Some(hook) => logic.with_push(hook),
+                None => logic,
+            }))
+        }
+        false => None,
+    };
     let (presence, jetstream_sink, memory_relay) = match push {
         Some(p) => (Some(p.presence), p.jetstream, p.memory),
         None => (None, None, None),

@@ -158,6 +158,13 @@ Call with (dict "root" $ "role" .Values.gateway).
       name: {{ default (include "zhibo.secretName" .root) .root.Values.push.existingSecret }}
       key: {{ ternary .root.Values.push.existingSecretKey "push-secret" (ne .root.Values.push.existingSecret "") }}
 {{- end }}
+{{- if .root.Values.hooks.beforeSend.url }}
+- name: ZHIBO_HOOKS__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "zhibo.secretName" .root }}
+      key: hook-secret
+{{- end }}
 {{- with .role.extraEnv }}
 {{ toYaml . }}
 {{- end }}
