@@ -49,7 +49,7 @@ impl std::fmt::Debug for HooksConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BeforeSendConfig {
-    /// The app backend's URL (`http://`); empty = no hook.
+    /// The app backend's URL (`http://` or `https://`, rustls with the webpki roots); empty = no hook.
     pub url: String,
     /// How long a send waits for the answer, milliseconds.
     pub timeout_ms: u64,
@@ -104,10 +104,8 @@ impl HooksConfig {
         }
         let url =
             reqwest::Url::parse(&b.url).map_err(|e| format!("before_send.url {:?}: {e}", b.url))?;
-        // The HTTP client is built without TLS: a backend reached over HTTPS goes through a local proxy
-        // or sidecar (refused here rather than failing every send).
-        if url.scheme() != "http" {
-            return Err("before_send.url must be http:// (no TLS client is built in)".into());
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("before_send.url must be an http:// or https:// URL".into());
         }
         if self.secret.len() < 16 {
             return Err("secret must be at least 16 bytes when a hook is configured".into());
@@ -464,7 +462,9 @@ mod tests {
         c.secret = "0123456789abcdef".into();
         assert_eq!(c.validate(), Ok(()));
         c.before_send.url = "https://backend.example/check".into();
-        assert!(c.validate().expect_err("https").contains("http://"));
+        assert_eq!(c.validate(), Ok(()), "https (rustls) is accepted");
+        c.before_send.url = "ftp://backend.example/check".into();
+        assert!(c.validate().expect_err("ftp").contains("http://"));
         c.before_send.url = "http://127.0.0.1:9/check".into();
         c.before_send.timeout_ms = 0;
         assert!(c.validate().expect_err("timeout").contains("timeout_ms"));
