@@ -37,7 +37,7 @@ pub use traits::groups::{check_transfer, GroupStore};
 pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
 pub use traits::messages::{MessageStore, SendPlan, SeqAllocator};
-pub use traits::rooms::{Room, RoomStore};
+pub use traits::rooms::{Room, RoomBan, RoomPin, RoomStore};
 pub use traits::users::UserStore;
 
 /// What a storage call can fail with. Callers branch on [`ErrorKind`]; the driver error that caused it,

@@ -1,5 +1,6 @@
 //! [`RoomStore`] for the embedded backend: room records in the redb file (table `rooms`: room id →
-//! [`Room`] as JSON), recent history in memory.
+//! [`Room`] as JSON), bans (table `room_bans`: (room id, user id) → [`RoomBan`] as JSON) and pins (table
+//! `room_pins`: room id → [`RoomPin`] as JSON) in the redb file too, recent history in memory.
 //!
 //! Embedded mode is one process, so the one in-memory ring per room is shared by the logic worker that
 //! writes it and the gateway that reads it; it is lost on restart, which is acceptable for chat that
@@ -15,9 +16,11 @@ use redb::{Database, TableDefinition, TableError};
 use zhibo_proto::client::Message;
 
 use crate::ids::now_ms;
-use crate::{Error, ErrorKind, Result, Room, RoomStore};
+use crate::{Error, ErrorKind, Result, Room, RoomBan, RoomPin, RoomStore};
 
 const ROOMS: TableDefinition<i64, &[u8]> = TableDefinition::new("rooms");
+const BANS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("room_bans");
+const PINS: TableDefinition<i64, &[u8]> = TableDefinition::new("room_pins");
 
 /// A room's history is forgotten this long after its last message (like Scylla's TTL).
 const RECENT_RETENTION_MS: i64 = 24 * 3600 * 1000;
@@ -55,6 +58,48 @@ impl EmbeddedRooms {
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::backend(e)
+}
+
+fn encode(what: &str, v: &impl serde::Serialize) -> Result<Vec<u8>> {
+    serde_json::to_vec(v)
+        .map_err(|e| Error::wrap(ErrorKind::Corrupt, format!("encoding {what}"), e))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: String, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::wrap(ErrorKind::Corrupt, what, e))
+}
+
+impl EmbeddedRooms {
+    /// Runs `f` on a write transaction and commits it (room moderation changes rarely: one durable
+    /// transaction each, like room records).
+    async fn write<F>(&self, f: F) -> Result<()>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write().map_err(unavailable)?;
+            f(&tx).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// Runs `f` on a read transaction; `None` from `f` means the table was never created.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(unavailable)?;
+            f(&tx)
+        })
+        .await
+        .map_err(unavailable)?
+    }
 }
 
 #[async_trait]
@@ -122,5 +167,95 @@ impl RoomStore for EmbeddedRooms {
                 .collect(),
             _ => Vec::new(),
         })
+    }
+
+    async fn ban(&self, ban: &RoomBan) -> Result<()> {
+        let json = encode("room ban", ban)?;
+        let key = (ban.room_id, ban.user_id);
+        self.write(move |tx| {
+            tx.open_table(BANS)?.insert(key, json.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unban(&self, room_id: i64, user_id: i64) -> Result<()> {
+        self.write(move |tx| {
+            tx.open_table(BANS)?.remove((room_id, user_id))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_ban(&self, room_id: i64, user_id: i64) -> Result<Option<RoomBan>> {
+        self.read(move |tx| {
+            let table = match tx.open_table(BANS) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            };
+            match table.get((room_id, user_id)).map_err(unavailable)? {
+                None => Ok(None),
+                Some(v) => decode(format!("room ban {room_id}/{user_id}"), v.value()).map(Some),
+            }
+        })
+        .await
+    }
+
+    async fn bans(&self, room_id: i64, after_user_id: i64, limit: usize) -> Result<Vec<RoomBan>> {
+        if limit == 0 || after_user_id == i64::MAX {
+            return Ok(Vec::new());
+        }
+        self.read(move |tx| {
+            let table = match tx.open_table(BANS) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(unavailable(e)),
+            };
+            let mut out = Vec::new();
+            for row in table
+                .range((room_id, after_user_id + 1)..=(room_id, i64::MAX))
+                .map_err(unavailable)?
+                .take(limit)
+            {
+                let (_, v) = row.map_err(unavailable)?;
+                out.push(decode(format!("room ban in {room_id}"), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_pin(&self, pin: &RoomPin) -> Result<()> {
+        let json = encode("room pin", pin)?;
+        let room_id = pin.room_id;
+        self.write(move |tx| {
+            tx.open_table(PINS)?.insert(room_id, json.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn clear_pin(&self, room_id: i64) -> Result<()> {
+        self.write(move |tx| {
+            tx.open_table(PINS)?.remove(room_id)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pin(&self, room_id: i64) -> Result<Option<RoomPin>> {
+        self.read(move |tx| {
+            let table = match tx.open_table(PINS) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            };
+            match table.get(room_id).map_err(unavailable)? {
+                None => Ok(None),
+                Some(v) => decode(format!("room pin {room_id}"), v.value()).map(Some),
+            }
+        })
+        .await
     }
 }

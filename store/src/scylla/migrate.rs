@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_security",
         cql: include_str!("../../../sql/0004_security.cql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_room_moderation",
+        cql: include_str!("../../../sql/0006_room_moderation.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

@@ -42,6 +42,32 @@ impl Room {
     }
 }
 
+/// A user banned from a live room: joins and sends are refused until the ban is lifted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBan {
+    /// The room.
+    pub room_id: i64,
+    /// The banned user.
+    pub user_id: i64,
+    /// Who banned them (0 = the app backend).
+    pub banned_by: i64,
+    /// When.
+    pub banned_at_ms: i64,
+}
+
+/// A live room's pinned announcement (at most one per room), shown to each viewer on join.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPin {
+    /// The room.
+    pub room_id: i64,
+    /// The announcement bytes, application-defined.
+    pub content: Vec<u8>,
+    /// Who pinned it (0 = the app backend).
+    pub pinned_by: i64,
+    /// When.
+    pub pinned_at_ms: i64,
+}
+
 /// Room records and each room's recent messages.
 #[async_trait]
 pub trait RoomStore: Send + Sync {
@@ -68,4 +94,40 @@ pub trait RoomStore: Send + Sync {
     /// # Errors
     /// [`crate::ErrorKind::Unavailable`] on backend failure.
     async fn recent(&self, room_id: i64, limit: usize) -> Result<Vec<Message>>;
+
+    /// Bans `ban.user_id` from `ban.room_id`, replacing an earlier ban of the same user there.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn ban(&self, ban: &RoomBan) -> Result<()>;
+    /// Lifts a ban; lifting one that does not exist is not an error.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn unban(&self, room_id: i64, user_id: i64) -> Result<()>;
+    /// The user's ban in the room, if banned.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn get_ban(&self, room_id: i64, user_id: i64) -> Result<Option<RoomBan>>;
+    /// The room's bans with `user_id > after_user_id`, ascending by user id, at most `limit`.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn bans(&self, room_id: i64, after_user_id: i64, limit: usize) -> Result<Vec<RoomBan>>;
+    /// Sets the room's pinned announcement, replacing any earlier one.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn set_pin(&self, pin: &RoomPin) -> Result<()>;
+    /// Removes the room's pinned announcement (none is not an error).
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn clear_pin(&self, room_id: i64) -> Result<()>;
+    /// The room's pinned announcement, if any.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn pin(&self, room_id: i64) -> Result<Option<RoomPin>>;
 }
