@@ -5,6 +5,8 @@
 //!     resend, deliver to every device.
 //!   - `sync`: sync pages and acks.
 //!   - `room`: room sends (size, reserved types, closed, muted), room notices, server-wide broadcasts.
+//!   - `moderation`: room bans (stored, then the user's connections are removed from the room on every
+//!     gateway), the pinned announcement, the viewer list (a fan-in over the gateways with viewers).
 //!   - `events`: bus events other than messages (a signed-out device is kicked).
 //!   - `consumer`: [`run`] consumes `zhibo.cmd` in the `logic` queue group with bounded concurrency and
 //!     finishes in-flight commands on shutdown; [`Logic::handle`] dispatches one command.
@@ -18,7 +20,7 @@
 //! publishes them again: live delivery is at least once, clients drop repeats by seq / message id.
 //!
 //! Room send path (no seq, no inbox, no dedup): size and reserved-type checks → the room's record (closed,
-//! muted) → recent history write (best effort, *before* the publish so a joiner's history read and its
+//! muted) and the sender's ban, read concurrently → recent history write (best effort, *before* the publish so a joiner's history read and its
 //! live subscription leave no gap) → one publish on `zhibo.room.<id>` → SendMessageOutput with seq 0.
 #![warn(missing_docs)]
 
@@ -27,6 +29,7 @@ mod consumer;
 mod error;
 mod events;
 mod ids;
+mod moderation;
 mod room;
 mod send;
 mod sync;
@@ -41,6 +44,7 @@ pub use config::LogicConfig;
 pub use consumer::run;
 pub use error::{LogicError, Op};
 use ids::MessageIds;
+pub use moderation::{ListedViewer, ViewerList, MAX_VIEWERS, VIEWERS_WAIT};
 
 /// The message pipeline.
 pub struct Logic {

@@ -68,6 +68,22 @@ pub struct RoomPin {
     pub pinned_at_ms: i64,
 }
 
+impl RoomPin {
+    /// The pin as viewers see it (live and in SubscribeRoomOutput): a `ROOM_NOTICE_PINNED` notice
+    /// (message id 0) from the user who pinned it.
+    pub fn to_message(&self) -> Message {
+        Message {
+            sender_user_id: self.pinned_by,
+            receiver_type: zhibo_proto::client::ReceiverType::Room as i32,
+            receiver_id: self.room_id,
+            server_time_ms: self.pinned_at_ms,
+            content_type: zhibo_proto::client::RoomNotice::Pinned as i32,
+            content: self.content.clone().into(),
+            ..Message::default()
+        }
+    }
+}
+
 /// Room records and each room's recent messages.
 #[async_trait]
 pub trait RoomStore: Send + Sync {
