@@ -370,6 +370,8 @@ impl RoomHub {
         let ttl = lock_room(&room).presence_ttl();
         // Other gateways with viewers of the room (from their presence reports), for viewer lists.
         let mut peers: HashMap<String, std::time::Instant> = HashMap::new();
+        // Until a presence interval has passed since subscribing, `peers` may miss gateways.
+        let peers_known_at = std::time::Instant::now() + self.config.presence_interval;
         loop {
             let deadline = lock_room(&room).next_deadline();
             let out = tokio::select! {
@@ -393,7 +395,8 @@ impl RoomHub {
                         }
                         Ok(RoomEvent { event: Some(room_event::Event::ViewersQuery(q)) }) => {
                             peers.retain(|_, until| *until > now);
-                            self.answer_viewers(room_id, &q, peers.keys()).await;
+                            let known = now >= peers_known_at;
+                            self.answer_viewers(room_id, &q, peers.keys(), known).await;
                             RoomOutput::default()
                         }
                         Ok(_) => RoomOutput::default(),
@@ -428,6 +431,7 @@ impl RoomHub {
         room_id: i64,
         q: &RoomViewersQuery,
         peers: impl Iterator<Item = &String>,
+        peers_known: bool,
     ) {
         if !zhibo_bus::subject::is_valid_token(&q.query_id) {
             debug!(room_id, "viewers query with a bad id ignored");
@@ -446,11 +450,13 @@ impl RoomHub {
         };
         let mut gateway_ids: Vec<String> = peers.cloned().collect();
         gateway_ids.push(self.gateway_id.clone());
+
         let reply = RoomViewersReply {
             gateway_id: self.gateway_id.clone(),
             viewers,
             gateway_ids,
             local_viewers,
+            peers_known,
         };
         if let Err(e) = self
             .bus

@@ -20,7 +20,8 @@ use crate::{Logic, LogicError, Op};
 
 /// How long a viewer list waits for the gateways' answers at most. A room with viewers is answered as
 /// soon as every gateway known to have viewers has replied (one bus round trip); a room without viewers
-/// anywhere gets no reply and costs the whole wait.
+/// anywhere gets no reply and costs the whole wait, and so does a room one of whose gateways subscribed
+/// less than a presence interval ago (it may not have heard of every other gateway yet).
 pub const VIEWERS_WAIT: Duration = Duration::from_millis(500);
 
 /// The most viewers a list returns.
@@ -199,10 +200,13 @@ impl Logic {
 
         let mut expected: HashSet<String> = HashSet::new();
         let mut answered: HashSet<String> = HashSet::new();
+        // A gateway that subscribed to the room moments ago may not know every other one yet: then
+        // only the deadline ends the wait.
+        let mut unsure = false;
         let mut connections = 0;
         let mut earliest: HashMap<i64, i64> = HashMap::new();
         let deadline = tokio::time::Instant::now() + VIEWERS_WAIT;
-        while answered.is_empty() || !expected.is_subset(&answered) {
+        while unsure || answered.is_empty() || !expected.is_subset(&answered) {
             let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else {
                 break;
             };
@@ -213,6 +217,7 @@ impl Logic {
             if !answered.insert(r.gateway_id.clone()) {
                 continue;
             }
+            unsure |= !r.peers_known;
             expected.extend(r.gateway_ids);
             connections += r.local_viewers;
             for v in r.viewers {
