@@ -74,12 +74,12 @@ impl EmbeddedRooms {
     /// transaction each, like room records).
     async fn write<F>(&self, f: F) -> Result<()>
     where
-        F: FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error> + Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<()> + Send + 'static,
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_write().map_err(unavailable)?;
-            f(&tx).map_err(unavailable)?;
+            f(&tx)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -173,7 +173,10 @@ impl RoomStore for EmbeddedRooms {
         let json = encode("room ban", ban)?;
         let key = (ban.room_id, ban.user_id);
         self.write(move |tx| {
-            tx.open_table(BANS)?.insert(key, json.as_slice())?;
+            tx.open_table(BANS)
+                .map_err(unavailable)?
+                .insert(key, json.as_slice())
+                .map_err(unavailable)?;
             Ok(())
         })
         .await
@@ -181,7 +184,10 @@ impl RoomStore for EmbeddedRooms {
 
     async fn unban(&self, room_id: i64, user_id: i64) -> Result<()> {
         self.write(move |tx| {
-            tx.open_table(BANS)?.remove((room_id, user_id))?;
+            tx.open_table(BANS)
+                .map_err(unavailable)?
+                .remove((room_id, user_id))
+                .map_err(unavailable)?;
             Ok(())
         })
         .await
@@ -230,7 +236,10 @@ impl RoomStore for EmbeddedRooms {
         let json = encode("room pin", pin)?;
         let room_id = pin.room_id;
         self.write(move |tx| {
-            tx.open_table(PINS)?.insert(room_id, json.as_slice())?;
+            tx.open_table(PINS)
+                .map_err(unavailable)?
+                .insert(room_id, json.as_slice())
+                .map_err(unavailable)?;
             Ok(())
         })
         .await
@@ -238,7 +247,10 @@ impl RoomStore for EmbeddedRooms {
 
     async fn clear_pin(&self, room_id: i64) -> Result<()> {
         self.write(move |tx| {
-            tx.open_table(PINS)?.remove(room_id)?;
+            tx.open_table(PINS)
+                .map_err(unavailable)?
+                .remove(room_id)
+                .map_err(unavailable)?;
             Ok(())
         })
         .await
