@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
+        // A whole Message inline would make SubscribeRoomOutput the largest `Packet` body, and every
+        // packet (and every idle connection's future, which holds one) larger.
+        .boxed(".zhibo.v1.SubscribeRoomOutput.pinned")
         .compile_fds(descriptors)?;
     Ok(())
 }

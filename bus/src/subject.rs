@@ -124,6 +124,13 @@ impl Subject {
         Subject(format!("{}.push.dead", prefix()))
     }
 
+    /// Answers to one room-viewers query (`RoomViewersQuery`): the asker subscribes before publishing the
+    /// query on the room subject, each gateway with viewers of the room replies here. `query_id` must be
+    /// a valid token ([`is_valid_token`]).
+    pub fn room_viewers_reply(query_id: &str) -> Self {
+        Subject(format!("{}.roomviewers.{query_id}", prefix()))
+    }
+
     /// The subject name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -168,6 +175,10 @@ mod tests {
         assert_eq!(Subject::push_events().as_str(), "zhibo.push.event");
         assert_eq!(Subject::push_dead_letters().as_str(), "zhibo.push.dead");
         assert_eq!(push_stream(), "ZHIBO_push");
+        assert_eq!(
+            Subject::room_viewers_reply("q-1").as_str(),
+            "zhibo.roomviewers.q-1"
+        );
         assert!(is_valid_token("gw_1-a"));
         assert!(!is_valid_token("gw.1"));
         assert!(!is_valid_token("gw*"));

@@ -238,9 +238,16 @@ where
     /// `overflow` when the queue fills, which ends the write (the client is told why). A drain that
     /// starts meanwhile lets the write finish within the drain deadline.
     async fn on_queued(&mut self, first: Outbound) -> Flow {
+        let mut kicked = Vec::new();
         let write = tokio::time::timeout(
             WRITE_TIMEOUT,
-            write_queued(&mut self.writer, first, &mut self.rx, &mut self.session),
+            write_queued(
+                &mut self.writer,
+                first,
+                &mut self.rx,
+                &mut self.session,
+                &mut kicked,
+            ),
         );
         let written = finish_write(
             write,
@@ -250,6 +257,11 @@ where
         )
         .await
         .and_then(|w| w.ok().flatten());
+        // Rooms this connection was removed from (banned): the hub removed it already, unless a join was
+        // in progress then; leaving again covers that.
+        for room_id in kicked {
+            self.ctx.hub.rooms().leave(self.conn_id, room_id);
+        }
         if self.overflow.is_cancelled() {
             say_too_slow(&mut self.writer).await;
             return Flow::Close;
@@ -586,6 +598,7 @@ async fn write_queued<W>(
     first: Outbound,
     rx: &mut QueueReceiver<Outbound>,
     session: &mut Session,
+    kicked: &mut Vec<i64>,
 ) -> Option<usize>
 where
     W: Sink<Frame> + Unpin,
@@ -596,7 +609,18 @@ where
     let mut replies = 0;
     while let Some(o) = next.take() {
         let p = match o {
-            Outbound::Packet(p) => Frame::from(*p),
+            Outbound::Packet(p) => {
+                if let Some(Body::RoomKicked(k)) = &p.body {
+                    // Only a connection in (or joining) the room is told; the session forgets it.
+                    if !session.in_room(k.room_id) {
+                        next = if n < WRITE_BATCH { rx.try_recv() } else { None };
+                        continue;
+                    }
+                    session.on_room_kicked(k.room_id);
+                    kicked.push(k.room_id);
+                }
+                Frame::from(*p)
+            }
             Outbound::Reply(p) => {
                 replies += 1;
                 if let Some(Body::SyncOutput(page)) = &p.body {
@@ -673,8 +697,8 @@ where
     }
 }
 
-/// Joins a live room: the room's record (closed?), the hub (subscribed before the history is read, so
-/// nothing falls between the two), the recent history. Returns the output and whether the room announces
+/// Joins a live room: the room's record (closed?) and the user's ban, the hub (subscribed before the history is read, so
+/// nothing falls between the two), the recent history and the pinned announcement. Returns the output and whether the room announces
 /// joins.
 async fn join_room(
     ctx: &Arc<GatewayContext>,
@@ -682,8 +706,9 @@ async fn join_room(
     room_id: i64,
 ) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
     let conn_id = viewer.conn_id;
-    let (room, shaping) = tokio::join!(
+    let (room, ban, shaping) = tokio::join!(
         ctx.rooms.get_room(room_id),
+        ctx.rooms.get_ban(room_id, viewer.user_id),
         ctx.rooms.get_room_shaping(room_id)
     );
     // Shaping only thins a busy room's chat: without it the viewer is shown all chat.
@@ -694,13 +719,19 @@ async fn join_room(
         },
         |s| s.map_or(0, |s| s.chat_per_sec),
     );
-    let room = match room {
-        Ok(r) => r.unwrap_or_else(|| Room::open(room_id)),
-        Err(e) => {
+    let (room, ban) = match (room, ban) {
+        (Ok(r), Ok(b)) => (r.unwrap_or_else(|| Room::open(room_id)), b),
+        (Err(e), _) | (_, Err(e)) => {
             warn!(room_id, error = %e, "room lookup failed");
             return Err((ErrorCode::Unavailable, "try again later".to_owned()));
         }
     };
+    if ban.is_some() {
+        return Err((
+            ErrorCode::RoomBanned,
+            "you are banned from this room".to_owned(),
+        ));
+    }
     if room.closed {
         return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
     }
@@ -712,20 +743,30 @@ async fn join_room(
         warn!(room_id, error = %e, "cannot join room");
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     }
-    let history = ctx
-        .rooms
-        .recent(room_id, ctx.config.room_recent)
-        .await
+    // Both read after the subscription is live: a pin changed meanwhile also arrives as a notice.
+    let (history, pin) = tokio::join!(
+        ctx.rooms.recent(room_id, ctx.config.room_recent),
+        ctx.rooms.pin(room_id)
+    );
+    let history = history.unwrap_or_else(|e| {
+        // Live traffic still works; only the late joiner's backlog is missing.
+        warn!(room_id, error = %e, "room history read failed");
+        Vec::new()
+    });
+    let pinned = pin
         .unwrap_or_else(|e| {
-            // Live traffic still works; only the late joiner's backlog is missing.
-            warn!(room_id, error = %e, "room history read failed");
-            Vec::new()
-        });
+            warn!(room_id, error = %e, "room pin read failed");
+            None
+        })
+        .map(|p| Box::new(p.to_message()));
     let Some((mut recent, online_count)) = rooms.ready(conn_id, room_id, history) else {
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     };
     // The answer must fit in one frame whatever the room's history holds: keep the newest that fit.
-    let budget = ctx.config.max_frame.saturating_sub(1024);
+    let budget = ctx
+        .config
+        .max_frame
+        .saturating_sub(1024 + pinned.as_ref().map_or(0, |p| p.encoded_len()));
     let mut bytes = 0;
     let keep = recent
         .iter()
@@ -741,6 +782,7 @@ async fn join_room(
             room_id,
             online_count,
             recent,
+            pinned,
         },
         room.join_notices,
     ))

@@ -4,6 +4,8 @@
 //!   user's local connections and dropped with the last of them. Deliveries on it are demultiplexed here.
 //! - One subscription for this gateway (`zhibo.gw.<id>`) carrying replies addressed to a connection.
 //! - A DeviceOnline event on a user's subject kicks every other connection of that device, on any gateway.
+//! - A RoomBanned event on a user's subject removes each of the user's connections from that room and tells
+//!   it (RoomKicked, through its IM queue).
 //!
 //! - Live rooms live in [`RoomHub`] (`rooms` module), owned here.
 //! - Server-wide broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice, encoded once, to
@@ -28,7 +30,7 @@ use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
 use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{Kick, KickReason, Message, Packet};
+use zhibo_proto::client::{ErrorCode, Kick, KickReason, Message, Packet, RoomKicked};
 
 use crate::queue::{Outbound, QueueSender};
 use crate::rooms::{encode_frame, RoomConfig, RoomHub};
@@ -439,6 +441,27 @@ impl Hub {
                             h.overflow.cancel();
                         }
                     }
+                }
+            }
+            user_event::Event::RoomBanned(b) => {
+                // Every connection of the user: out of the room here at once, and told through its IM
+                // queue; the connection forgets the room (and leaves it again, for a join that was in
+                // progress) when it writes the notice, or drops the notice if it was not in the room.
+                let kicked = Packet::new(
+                    0,
+                    Body::RoomKicked(RoomKicked {
+                        room_id: b.room_id,
+                        code: ErrorCode::RoomBanned as i32,
+                        text: "you were banned from this room".into(),
+                    }),
+                );
+                for conn_id in &entry.conns {
+                    let Some(h) = inner.conns.get(conn_id) else {
+                        continue;
+                    };
+                    debug!(conn_id, room_id = b.room_id, "removing from room: banned");
+                    self.rooms.leave(*conn_id, b.room_id);
+                    self.push(*conn_id, h, std::slice::from_ref(&kicked), false);
                 }
             }
             user_event::Event::DeviceOnline(o) => {

@@ -90,7 +90,8 @@ pub fn endpoint(
         // unreliable datagrams. Together with the windows above: ~1.5 KB less per connection.
         .crypto_buffer_size(8 * 1024)
         .datagram_receive_buffer_size(None)
-        .datagram_send_buffer_size(0);
+        .datagram_send_buffer_size(0)
+        .ack_frequency_config(Some(ack_frequency()));
     server.transport_config(Arc::new(transport));
     let socket = udp_socket(addr, SOCKET_BUFFER)?;
     let runtime = quinn::default_runtime()
@@ -101,6 +102,24 @@ pub fn endpoint(
         socket,
         runtime,
     )?)
+}
+
+/// Asks clients to acknowledge less often (the QUIC ACK frequency extension; clients that do not
+/// support it, by not sending `min_ack_delay`, keep acknowledging every other packet).
+///
+/// Room fan-out is almost all server → client: every room frame written to a viewer is one or more
+/// packets encrypted for that viewer alone, and by default the viewer answers every second packet with
+/// an ACK packet the server must receive, decrypt and process, which is a large part of a QUIC
+/// delivery's server CPU. Acknowledging after 10 ack-eliciting packets (or the peer's max ACK delay,
+/// 25 ms by default, whichever comes first) cuts those inbound packets by up to 5×. The price: loss is
+/// detected and congestion windows grow from coarser feedback, which a chat stream (small, bursty, far
+/// below the path's capacity) barely notices; out-of-order packets are still acknowledged at once
+/// (reordering threshold 2, quinn's recommendation for its default packet threshold of 3).
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(10))
+        .reordering_threshold(quinn::VarInt::from_u32(2));
+    ack
 }
 
 /// Receive and send buffer asked for the endpoint's one UDP socket. Every client's packets queue in it:
@@ -190,6 +209,80 @@ pub async fn close(endpoint: quinn::Endpoint) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The endpoint asks a client that supports it (quinn advertises `min_ack_delay`) to acknowledge
+    /// less often: the client receives an ACK_FREQUENCY frame once the handshake is done, and then
+    /// sends fewer ACKs than one per two packets while the server streams to it.
+    #[tokio::test]
+    async fn clients_are_asked_to_acknowledge_less_often() {
+        let identity = TlsIdentity::self_signed().expect("identity");
+        let cert = identity.chain[0].clone();
+        let server = endpoint(
+            "127.0.0.1:0".parse().expect("addr"),
+            identity,
+            Duration::from_secs(10),
+        )
+        .expect("endpoint");
+        let addr = server.local_addr().expect("addr");
+        let serving = tokio::spawn(async move {
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("handshake");
+            let (mut send, _recv) = conn.accept_bi().await.expect("stream");
+            // A room's worth of frames: 300 writes of ~1 KB, each likely its own packet.
+            for _ in 0..300 {
+                send.write_all(&[7u8; 1000]).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            send.finish().expect("finish");
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+        ));
+        let mut client =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        client.set_default_client_config(config);
+        let conn = client
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(b"hi").await.expect("open the stream");
+        let got = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(got.len(), 300 * 1000);
+        let stats = conn.stats();
+        assert!(
+            stats.frame_rx.ack_frequency >= 1,
+            "the server sent no ACK_FREQUENCY: {stats:?}"
+        );
+        assert!(
+            stats.frame_tx.acks * 3 < stats.udp_rx.datagrams,
+            "the client still acknowledges about every other packet: {} ACKs for {} datagrams",
+            stats.frame_tx.acks,
+            stats.udp_rx.datagrams
+        );
+        conn.close(0u32.into(), b"done");
+        serving.await.expect("server task");
+    }
 
     /// The QUIC socket asks for more than the kernel's default receive buffer, so handshake bursts
     /// are not dropped. Checked on every host: the kernel grants `min(asked, rmem_max)`, and Linux

@@ -12,8 +12,11 @@
 //!   affected.
 //! - Joining: [`RoomHub::join`] registers the viewer and waits until the subscription is live, *before*
 //!   the caller reads the recent history; [`RoomHub::ready`] then merges what arrived meanwhile.
+//! - Viewer lists (moderation): the hub keeps each room's local viewers in join order ([`Members`]) and
+//!   answers a `RoomViewersQuery` on the room subject with its first `limit` (managers first) and the
+//!   gateways it knows to have viewers (from their presence reports), so the asker knows whom to wait for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,7 +26,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 use zhibo_bus::{Bus, Subject};
-use zhibo_proto::bus::{room_event, RoomEvent, RoomPresence};
+use zhibo_proto::bus::{
+    room_event, RoomEvent, RoomPresence, RoomViewer, RoomViewersQuery, RoomViewersReply,
+};
 use zhibo_proto::client::{Message, ReceiverType, RoomClass, RoomNotice};
 
 pub(crate) use crate::room_state::encode_frame;
@@ -38,8 +43,64 @@ fn lock_room(room: &SharedRoom) -> MutexGuard<'_, RoomState> {
     room.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A room's local viewers in join order, for viewer lists: connection → join number, join number →
+/// (connection, user, join time in ms).
+#[derive(Default)]
+struct Members {
+    by_conn: HashMap<u64, u64>,
+    order: BTreeMap<u64, (u64, i64, i64)>,
+    next: u64,
+}
+
+impl Members {
+    fn add(&mut self, conn_id: u64, user_id: i64) {
+        if self.by_conn.contains_key(&conn_id) {
+            return;
+        }
+        self.next += 1;
+        self.by_conn.insert(conn_id, self.next);
+        self.order
+            .insert(self.next, (conn_id, user_id, zhibo_store::ids::now_ms()));
+    }
+
+    fn remove(&mut self, conn_id: u64) {
+        if let Some(n) = self.by_conn.remove(&conn_id) {
+            self.order.remove(&n);
+        }
+    }
+
+    /// The first `limit` viewers: the managers' connections first (a scan of every local viewer), then
+    /// the others by join time.
+    fn top(&self, limit: usize, managers: &[i64]) -> Vec<RoomViewer> {
+        let viewer = |&(_, user_id, joined_at_ms): &(u64, i64, i64)| RoomViewer {
+            user_id,
+            joined_at_ms,
+        };
+        let mut out: Vec<RoomViewer> = if managers.is_empty() {
+            Vec::new()
+        } else {
+            self.order
+                .values()
+                .filter(|m| managers.contains(&m.1))
+                .take(limit)
+                .map(viewer)
+                .collect()
+        };
+        let rest = self
+            .order
+            .values()
+            .filter(|m| !managers.contains(&m.1))
+            .take(limit.saturating_sub(out.len()))
+            .map(viewer);
+        out.extend(rest);
+        out
+    }
+}
+
 struct RoomEntry {
     room: SharedRoom,
+    /// The local viewers in join order (viewer lists).
+    members: Members,
     /// Stops the room's task (subscription + batcher).
     stop: CancellationToken,
     /// `Some(true)` once subscribed, `Some(false)` if the subscription failed.
@@ -152,6 +213,7 @@ impl RoomHub {
                 .rooms
                 .entry(room_id)
                 .or_insert_with(|| self.start_room(room_id));
+            entry.members.add(conn_id, viewer.user_id);
             {
                 let mut room = lock_room(&entry.room);
                 room.add_viewer(viewer, join_notices);
@@ -231,6 +293,7 @@ impl RoomHub {
     /// Returns the removed viewer and whether the room announces leaves.
     fn remove_viewer(st: &mut State, conn_id: u64, room_id: i64) -> Option<(Viewer, bool)> {
         let entry = st.rooms.get_mut(&room_id)?;
+        entry.members.remove(conn_id);
         let (removed, notices, empty) = {
             let mut room = lock_room(&entry.room);
             let removed = room.remove_viewer(conn_id)?;
@@ -285,7 +348,12 @@ impl RoomHub {
             hub.run_room(room_id, room.clone(), stop.clone(), ready_tx)
                 .instrument(tracing::debug_span!("room", room_id)),
         );
-        RoomEntry { room, stop, ready }
+        RoomEntry {
+            room,
+            members: Members::default(),
+            stop,
+            ready,
+        }
     }
 
     /// The room's task: the bus subscription and the state's deadlines in, frames (through the state)
@@ -317,6 +385,10 @@ impl RoomHub {
         let _ = ready.send(Some(true));
         debug!(room_id, "room subscribed");
         let ttl = lock_room(&room).presence_ttl();
+        // Other gateways with viewers of the room (from their presence reports), for viewer lists.
+        let mut peers: HashMap<String, std::time::Instant> = HashMap::new();
+        // Until a presence interval has passed since subscribing, `peers` may miss gateways.
+        let peers_known_at = std::time::Instant::now() + self.config.presence_interval;
         loop {
             let deadline = lock_room(&room).next_deadline();
             let out = tokio::select! {
@@ -331,7 +403,19 @@ impl RoomHub {
                             lock_room(&room).on_classed(msg, class, now)
                         }
                         Ok(RoomEvent { event: Some(room_event::Event::Presence(p)), .. }) => {
+                            if p.viewers == 0 {
+                                peers.remove(&p.gateway_id);
+                            } else if p.gateway_id != self.gateway_id {
+                                let ttl = std::time::Duration::from_millis(p.ttl_ms.into());
+                                peers.insert(p.gateway_id.clone(), now + ttl);
+                            }
                             lock_room(&room).on_presence(p, now);
+                            RoomOutput::default()
+                        }
+                        Ok(RoomEvent { event: Some(room_event::Event::ViewersQuery(q)), .. }) => {
+                            peers.retain(|_, until| *until > now);
+                            let known = now >= peers_known_at;
+                            self.answer_viewers(room_id, &q, peers.keys(), known).await;
                             RoomOutput::default()
                         }
                         Ok(_) => RoomOutput::default(),
@@ -364,6 +448,52 @@ impl RoomHub {
         drop(sub);
         self.publish_presence(room_id, 0, ttl).await;
         debug!(room_id, "room unsubscribed");
+    }
+
+    /// Answers a viewer-list query with this gateway's first `q.limit` viewers of the room.
+    async fn answer_viewers(
+        &self,
+        room_id: i64,
+        q: &RoomViewersQuery,
+        peers: impl Iterator<Item = &String>,
+        peers_known: bool,
+    ) {
+        if !zhibo_bus::subject::is_valid_token(&q.query_id) {
+            debug!(room_id, "viewers query with a bad id ignored");
+            return;
+        }
+        let limit = usize::try_from(q.limit).unwrap_or(usize::MAX);
+        let (viewers, local_viewers) = {
+            let st = self.lock();
+            match st.rooms.get(&room_id) {
+                Some(e) => (
+                    e.members.top(limit, &q.manager_user_ids),
+                    e.members.by_conn.len() as u64,
+                ),
+                None => return,
+            }
+        };
+        let mut gateway_ids: Vec<String> = peers.cloned().collect();
+        gateway_ids.push(self.gateway_id.clone());
+
+        let reply = RoomViewersReply {
+            gateway_id: self.gateway_id.clone(),
+            viewers,
+            gateway_ids,
+            local_viewers,
+            peers_known,
+        };
+        if let Err(e) = self
+            .bus
+            .publish(
+                &Subject::room_viewers_reply(&q.query_id),
+                Vec::new(),
+                Bytes::from(reply.encode_to_vec()),
+            )
+            .await
+        {
+            debug!(room_id, error = %e, "viewers reply lost");
+        }
     }
 
     async fn publish_presence(&self, room_id: i64, viewers: u64, ttl: std::time::Duration) {

@@ -176,6 +176,10 @@ pub struct Session {
     commands: Bucket,
     room_sends: Bucket,
     refused_in_a_row: u32,
+    /// Rooms joined (or joining), by id; a room this connection was removed from by a ban is kept as its
+    /// negated id (room ids are > 0) until the next join or leave of it, so a send to it is refused with
+    /// `ROOM_BANNED` without another field on every idle connection. Those do not count against
+    /// `max_rooms`.
     rooms: Vec<i64>,
     /// The `seq` a free continuation of the last sync page starts from (that page had more after it);
     /// 0 when none (a page's last seq is at least 1). Not an `Option`: every idle connection holds it.
@@ -208,8 +212,23 @@ impl Session {
     }
 
     /// The live rooms this connection is in (or joining).
-    pub fn rooms(&self) -> &[i64] {
-        &self.rooms
+    pub fn rooms(&self) -> Vec<i64> {
+        self.rooms.iter().copied().filter(|r| *r > 0).collect()
+    }
+
+    /// Whether this connection is in (or joining) `room_id`.
+    pub fn in_room(&self, room_id: i64) -> bool {
+        room_id > 0 && self.rooms.contains(&room_id)
+    }
+
+    /// The connection was removed from `room_id` by a ban (the hub took it out of the room): it is no
+    /// longer in it, and a send to it is refused with `ROOM_BANNED` until it joins again.
+    pub fn on_room_kicked(&mut self, room_id: i64) {
+        for r in &mut self.rooms {
+            if *r == room_id {
+                *r = -room_id;
+            }
+        }
     }
 
     /// A [`Action::JoinRoom`] failed (closed room, bus down): the connection is not in the room.
@@ -395,10 +414,14 @@ impl Session {
         match &packet.body {
             Some(Body::SubscribeRoom(s)) => {
                 let room_id = s.room_id;
+                if room_id > 0 {
+                    // A join ends a kick's memory: the join itself checks the ban again.
+                    self.rooms.retain(|r| *r != -room_id);
+                }
                 if room_id <= 0 {
                     out.push(refuse(ErrorCode::InvalidArgument, "room ids are > 0"));
                 } else if !self.rooms.contains(&room_id)
-                    && self.rooms.len() >= self.config.max_rooms
+                    && self.rooms.iter().filter(|r| **r > 0).count() >= self.config.max_rooms
                 {
                     out.push(refuse(
                         ErrorCode::TooManyRooms,
@@ -415,11 +438,16 @@ impl Session {
                 }
             }
             Some(Body::UnsubscribeRoom(u)) => {
-                self.rooms.retain(|r| *r != u.room_id);
+                self.rooms.retain(|r| *r != u.room_id && *r != -u.room_id);
                 out.push(Action::LeaveRoom { room_id: u.room_id });
             }
             Some(Body::SendMessage(m)) if m.receiver_type == ReceiverType::Room as i32 => {
-                if !self.rooms.contains(&m.receiver_id) {
+                if m.receiver_id > 0 && self.rooms.contains(&-m.receiver_id) {
+                    out.push(refuse(
+                        ErrorCode::RoomBanned,
+                        "you were banned from this room",
+                    ));
+                } else if !self.in_room(m.receiver_id) {
                     out.push(refuse(
                         ErrorCode::InvalidArgument,
                         "join the room before sending to it",
@@ -864,6 +892,52 @@ mod tests {
         )
     }
 
+    /// A ban's kick: the room's seat is freed, sends to it are refused with ROOM_BANNED (not "join
+    /// first"), and a new join (checked again by the gateway) or a leave ends that.
+    #[test]
+    fn a_kicked_room_refuses_sends_with_room_banned_until_joined_again() {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            max_rooms: 1,
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(Arc::new(cfg), key.clone(), t0);
+        signed_in(&mut s, &key, t0);
+        assert!(matches!(
+            s.on_packet(join(1, 5), t0)[..],
+            [Action::JoinRoom { room_id: 5, .. }]
+        ));
+        s.on_room_kicked(5);
+        assert!(!s.in_room(5));
+        assert!(s.rooms().is_empty());
+        let acts = s.on_packet(room_send(2, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RoomBanned));
+        // The seat is free: another room may be joined.
+        assert!(matches!(
+            s.on_packet(join(3, 6), t0)[..],
+            [Action::JoinRoom { room_id: 6, .. }]
+        ));
+        s.on_join_failed(6);
+        // Joining the room again forgets the kick (the gateway checks the ban again).
+        assert!(matches!(
+            s.on_packet(join(4, 5), t0)[..],
+            [Action::JoinRoom { room_id: 5, .. }]
+        ));
+        assert!(s.in_room(5));
+        s.on_room_kicked(5);
+        let leave = Packet::new(
+            5,
+            Body::UnsubscribeRoom(zhibo_proto::client::UnsubscribeRoomInput { room_id: 5 }),
+        );
+        assert!(matches!(
+            s.on_packet(leave, t0)[..],
+            [Action::LeaveRoom { room_id: 5 }]
+        ));
+        let acts = s.on_packet(room_send(6, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+    }
+
     #[test]
     fn rooms_are_capped_and_sends_need_a_join() {
         let key = Arc::new(TokenKey::new("k"));
@@ -901,7 +975,7 @@ mod tests {
             s.on_packet(join(7, 7), t0)[..],
             [Action::JoinRoom { room_id: 7, .. }]
         ));
-        assert_eq!(s.rooms(), &[5, 7]);
+        assert_eq!(s.rooms(), vec![5, 7]);
 
         // Room sends: burst 2, then 1/s; IM commands are unaffected by the room bucket.
         assert!(matches!(

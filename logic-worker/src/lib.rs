@@ -5,6 +5,8 @@
 //!     resend, deliver to every device.
 //!   - `sync`: sync pages and acks.
 //!   - `room`: room sends (size, reserved types, closed, muted), room notices, server-wide broadcasts.
+//!   - `moderation`: room bans (stored, then the user's connections are removed from the room on every
+//!     gateway), the pinned announcement, the viewer list (a fan-in over the gateways with viewers).
 //!   - `events`: bus events other than messages (a signed-out device is kicked).
 //!   - `consumer`: [`run`] consumes `zhibo.cmd` in the `logic` queue group with bounded concurrency and
 //!     finishes in-flight commands on shutdown; [`Logic::handle`] dispatches one command.
@@ -22,7 +24,7 @@
 //! publishes them again: live delivery is at least once, clients drop repeats by seq / message id.
 //!
 //! Room send path (no seq, no inbox, no dedup): size and reserved-type checks → the room's record (closed,
-//! muted) → recent history write (best effort, *before* the publish so a joiner's history read and its
+//! muted) and the sender's ban, read concurrently → recent history write (best effort, *before* the publish so a joiner's history read and its
 //! live subscription leave no gap) → one publish on `zhibo.room.<id>` → SendMessageOutput with seq 0.
 #![warn(missing_docs)]
 
@@ -33,6 +35,7 @@ mod events;
 mod hook;
 mod ids;
 mod push;
+mod moderation;
 mod room;
 mod send;
 mod sync;
@@ -50,6 +53,7 @@ use hook::BeforeSendHook;
 pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};
 use ids::MessageIds;
 pub use push::PushHook;
+pub use moderation::{ListedViewer, ViewerList, MAX_VIEWERS, VIEWERS_WAIT};
 
 /// The message pipeline.
 pub struct Logic {

@@ -1,4 +1,4 @@
-//! Room traffic: room sends (size, reserved types, closed and muted rooms, recent history), notices zhibo
+//! Room traffic: room sends (size, reserved types, bans, closed and muted rooms, recent history), notices zhibo
 //! generates, and server-wide broadcasts.
 
 use bytes::Bytes;
@@ -20,8 +20,8 @@ impl Logic {
     /// Room messages have seq 0, no inbox and no dedup (`client_msg_id` is optional and only echoed).
     ///
     /// # Errors
-    /// [`LogicError`] with `INVALID_ARGUMENT` (size, reserved content type, room id), `ROOM_CLOSED`,
-    /// `MUTED`, or `UNAVAILABLE` when the room record cannot be read or the publish fails.
+    /// [`LogicError`] with `INVALID_ARGUMENT` (size, reserved content type, room id), `ROOM_BANNED`,
+    /// `ROOM_CLOSED`, `MUTED`, or `UNAVAILABLE` when the room record cannot be read or the publish fails.
     pub async fn send_room_message(
         &self,
         origin: &Origin,
@@ -65,13 +65,20 @@ impl Logic {
         };
         let server_side = origin.device_id == 0;
         if !server_side {
-            if let Some(room) = self
-                .stores
-                .rooms
-                .get_room(input.receiver_id)
-                .await
-                .map_err(|e| LogicError::store(Op::RoomSend, &e))?
-            {
+            // The record and the sender's ban are read concurrently: one round trip of latency.
+            let rooms = &self.stores.rooms;
+            let (room, ban) = tokio::join!(
+                rooms.get_room(input.receiver_id),
+                rooms.get_ban(input.receiver_id, origin.user_id)
+            );
+            let store = |e: zhibo_store::Error| LogicError::store(Op::RoomSend, &e);
+            if ban.map_err(store)?.is_some() {
+                return Err(LogicError::new(
+                    ErrorCode::RoomBanned,
+                    "you are banned from this room",
+                ));
+            }
+            if let Some(room) = room.map_err(store)? {
                 if room.closed {
                     return Err(LogicError::new(ErrorCode::RoomClosed, "the room is closed"));
                 }
@@ -190,7 +197,7 @@ impl Logic {
         Ok(out)
     }
 
-    async fn publish_room(
+    pub(crate) async fn publish_room(
         &self,
         subject: &Subject,
         message: Message,

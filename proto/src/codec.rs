@@ -240,8 +240,14 @@ mod tests {
                 room_id: 11,
                 online_count: 3,
                 recent: vec![msg.clone()],
+                pinned: Some(Box::new(msg.clone())),
             }),
             Body::UnsubscribeRoom(UnsubscribeRoomInput { room_id: 11 }),
+            Body::RoomKicked(crate::client::RoomKicked {
+                room_id: 11,
+                code: crate::client::ErrorCode::RoomBanned as i32,
+                text: "banned".into(),
+            }),
             Body::RoomMessages(RoomMessages {
                 room_id: 11,
                 messages: vec![msg],

@@ -75,6 +75,7 @@ impl Packet {
             Some(Body::Kick(_)) => "kick",
             Some(Body::GoAway(_)) => "go_away",
             Some(Body::Error(_)) => "error",
+            Some(Body::RoomKicked(_)) => "room_kicked",
         }
     }
 }

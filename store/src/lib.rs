@@ -45,7 +45,7 @@ pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
 pub use traits::messages::{MessageStore, SendPlan, SeqAllocator};
 pub use traits::presence::Presence;
-pub use traits::rooms::{Room, RoomShaping, RoomStore};
+pub use traits::rooms::{Room, RoomBan, RoomPin, RoomShaping, RoomStore};
 pub use traits::users::UserStore;
 
 /// What a storage call can fail with. Callers branch on [`ErrorKind`]; the driver error that caused it,

@@ -7,7 +7,8 @@
 //! a handler in `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups`, `messages` (user and
 //! admin sends through `zhibo_logic::Logic`, with the one `LogicError` → `ApiError` mapping), `admin`
 //! (bring-your-own-auth users, token minting) or `rooms` (live-room settings, owner/admin close and
-//! mute, room notices, broadcasts) → the stores in `zhibo_store::Stores`.
+//! mute, room notices, broadcasts), `room_moderation` (bans, the pinned announcement, the viewer list)
+//! → the stores in `zhibo_store::Stores`.
 //! `state` holds what handlers share; `rate_limit` the limiters (sign-in backoff, sign-ups and devices
 //! per address) and `client_ip` the address they key on; `validate` the field checks.
 //! Every failure is one `ApiError` with a stable code: `{"error": {"code", "message"}}`.
@@ -23,6 +24,7 @@ mod friends;
 mod groups;
 mod messages;
 mod rate_limit;
+mod room_moderation;
 mod rooms;
 mod routes;
 mod state;

@@ -14,7 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::{accounts, admin, error, friends, groups, messages, rooms};
+use crate::{accounts, admin, error, friends, groups, messages, room_moderation, rooms};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +250,48 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Set a live room's per-viewer chat display rate (owner and admins; 0 = all chat)", Bearer)
                 .body("UpdateRoomShaping").ok(200, "RoomShapingView")
                 .errors(&[(403, "forbidden"), (404, "room_not_found")])),
+        // Live-room moderation: owner and admins (bearer), or the app backend (admin secret).
+        route!(PUT "/v1/rooms/{room_id}/bans/{user_id}" => room_moderation::ban,
+            doc("Ban a user from a live room: their connections leave it on every gateway (RoomKicked), \
+                joins and sends are refused with ROOM_BANNED (owner and admins)", Bearer)
+                .ok(200, "RoomBanView").errors(&[(403, "forbidden"), (403, "cannot_ban_manager"),
+                    (503, "unavailable")])),
+        route!(DELETE "/v1/rooms/{room_id}/bans/{user_id}" => room_moderation::unban,
+            doc("Lift a ban (owner and admins)", Bearer).no_content().errors(&[(403, "forbidden")])),
+        route!(GET "/v1/rooms/{room_id}/bans" => room_moderation::list_bans,
+            doc("A page of a live room's bans, by user id (owner and admins)", Bearer).ok(200, "RoomBanList")
+                .errors(&[(403, "forbidden")])
+                .query(&[("after", "integer", false, "Return bans of user ids above this (default 0)"),
+                    ("limit", "integer", false, "Page size, 1 to 500 (default 100)")])),
+        route!(PUT "/v1/rooms/{room_id}/pin" => room_moderation::pin,
+            doc("Set a live room's pinned announcement: returned on join, pushed to viewers now \
+                (ROOM_NOTICE_PINNED) (owner and admins)", Bearer)
+                .body("SetPin").ok(200, "PinView").errors(&[(403, "forbidden"), (503, "unavailable")])),
+        route!(DELETE "/v1/rooms/{room_id}/pin" => room_moderation::unpin,
+            doc("Remove a live room's pinned announcement (viewers get ROOM_NOTICE_UNPINNED) (owner and \
+                admins)", Bearer).no_content().errors(&[(403, "forbidden"), (503, "unavailable")])),
+        route!(GET "/v1/rooms/{room_id}/pin" => room_moderation::get_pin,
+            doc("A live room's pinned announcement", Bearer).ok(200, "PinView")
+                .errors(&[(404, "pin_not_found")])),
+        route!(GET "/v1/rooms/{room_id}/viewers" => room_moderation::list_viewers,
+            doc("A live room's top viewers across the cluster: owner and admins first, then by join time \
+                (asks every gateway with viewers; up to 0.5 s for an empty room)", Bearer)
+                .ok(200, "ViewerListView").errors(&[(503, "unavailable")])
+                .query(&[("limit", "integer", false, "How many, 1 to 500 (default 100)")])),
+        route!(PUT "/v1/admin/rooms/{room_id}/bans/{user_id}" => room_moderation::admin_ban,
+            doc("Ban a user from a live room (as for owners; banned_by 0)", Admin).ok(200, "RoomBanView")
+                .errors(&[(403, "cannot_ban_manager"), (503, "unavailable")])),
+        route!(DELETE "/v1/admin/rooms/{room_id}/bans/{user_id}" => room_moderation::admin_unban,
+            doc("Lift a ban", Admin).no_content()),
+        route!(PUT "/v1/admin/rooms/{room_id}/pin" => room_moderation::admin_pin,
+            doc("Set a live room's pinned announcement (pinned_by 0)", Admin).body("SetPin").ok(200, "PinView")
+                .errors(&[(503, "unavailable")])),
+        route!(DELETE "/v1/admin/rooms/{room_id}/pin" => room_moderation::admin_unpin,
+            doc("Remove a live room's pinned announcement", Admin).no_content().errors(&[(503, "unavailable")])),
+        route!(GET "/v1/admin/rooms/{room_id}/viewers" => room_moderation::admin_list_viewers,
+            doc("A live room's top viewers (as for users)", Admin).ok(200, "ViewerListView")
+                .errors(&[(503, "unavailable")])
+                .query(&[("limit", "integer", false, "How many, 1 to 500 (default 100)")])),
     ]
 }
 
@@ -320,6 +362,12 @@ async fn openapi() -> Response {
     rooms::RoomShapingView,
     rooms::UpdateRoomShaping,
     rooms::ClassName,
+    room_moderation::RoomBanView,
+    room_moderation::RoomBanList,
+    room_moderation::SetPin,
+    room_moderation::PinView,
+    room_moderation::ViewerView,
+    room_moderation::ViewerListView,
     friends::CreateFriendRequest,
     friends::FriendRequestView,
     friends::FriendRequestList,

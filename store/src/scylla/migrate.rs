@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         cql: include_str!("../../../sql/0005_room_shaping.cql"),
     },
     Migration {
+        version: 6,
+        name: "0006_room_moderation",
+        cql: include_str!("../../../sql/0006_room_moderation.cql"),
+    },
+    Migration {
         version: 7,
         name: "0007_conversations",
         cql: include_str!("../../../sql/0007_conversations.cql"),

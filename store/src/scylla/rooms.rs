@@ -1,5 +1,6 @@
 //! [`RoomStore`] on Scylla: tables `rooms` (one row per room) and `room_recent` (partition: the room,
-//! newest message first, a day's TTL, trimmed to the kept head every [`TRIM_EVERY`] pushes).
+//! newest message first, a day's TTL, trimmed to the kept head every [`TRIM_EVERY`] pushes); moderation
+//! in `room_bans` (partition: the room, one row per banned user) and `room_pins` (one row per room).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -9,7 +10,7 @@ use scylla::DeserializeRow;
 use zhibo_proto::client::Message;
 
 use super::{cql_limit, from_cql, to_cql, ScyllaBackend};
-use crate::{Result, Room, RoomShaping, RoomStore};
+use crate::{Result, Room, RoomBan, RoomPin, RoomShaping, RoomStore};
 
 /// A room's history is trimmed to its `keep` newest rows about once per this many pushes, so a busy
 /// room's partition stays small instead of growing for the whole day its rows live.
@@ -25,6 +26,13 @@ pub(super) struct Statements {
     trim_recent: PreparedStatement,
     put_shaping: PreparedStatement,
     get_shaping: PreparedStatement,
+    ban: PreparedStatement,
+    unban: PreparedStatement,
+    get_ban: PreparedStatement,
+    bans: PreparedStatement,
+    set_pin: PreparedStatement,
+    clear_pin: PreparedStatement,
+    pin: PreparedStatement,
 }
 
 impl Statements {
@@ -55,6 +63,23 @@ impl Statements {
             put_shaping: p("INSERT INTO room_shaping (room_id, chat_per_sec, updated_at_ms) VALUES (?, ?, ?)".into())
                 .await?,
             get_shaping: p("SELECT room_id, chat_per_sec, updated_at_ms FROM room_shaping WHERE room_id = ?".into())
+                .await?,
+            ban: p("INSERT INTO room_bans (room_id, user_id, banned_by, banned_at_ms) VALUES (?, ?, ?, ?)".into())
+                .await?,
+            unban: p("DELETE FROM room_bans WHERE room_id = ? AND user_id = ?".into()).await?,
+            get_ban: p("SELECT room_id, user_id, banned_by, banned_at_ms FROM room_bans \
+                 WHERE room_id = ? AND user_id = ?"
+                .into())
+            .await?,
+            bans: p("SELECT room_id, user_id, banned_by, banned_at_ms FROM room_bans \
+                 WHERE room_id = ? AND user_id > ? LIMIT ?"
+                .into())
+            .await?,
+            set_pin: p("INSERT INTO room_pins (room_id, content, pinned_by, pinned_at_ms) VALUES (?, ?, ?, ?)"
+                .into())
+            .await?,
+            clear_pin: p("DELETE FROM room_pins WHERE room_id = ?".into()).await?,
+            pin: p("SELECT room_id, content, pinned_by, pinned_at_ms FROM room_pins WHERE room_id = ?".into())
                 .await?,
         })
     }
@@ -101,6 +126,33 @@ impl From<ShapingRow> for RoomShaping {
             updated_at_ms: r.updated_at_ms.unwrap_or(0),
         }
     }
+}
+
+#[derive(DeserializeRow)]
+struct BanRow {
+    room_id: i64,
+    user_id: i64,
+    banned_by: Option<i64>,
+    banned_at_ms: Option<i64>,
+}
+
+impl From<BanRow> for RoomBan {
+    fn from(r: BanRow) -> Self {
+        RoomBan {
+            room_id: r.room_id,
+            user_id: r.user_id,
+            banned_by: r.banned_by.unwrap_or(0),
+            banned_at_ms: r.banned_at_ms.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(DeserializeRow)]
+struct PinRow {
+    room_id: i64,
+    content: Option<Vec<u8>>,
+    pinned_by: Option<i64>,
+    pinned_at_ms: Option<i64>,
 }
 
 #[derive(DeserializeRow)]
@@ -207,10 +259,70 @@ impl RoomStore for ScyllaBackend {
         Ok(())
     }
 
+    async fn ban(&self, ban: &RoomBan) -> Result<()> {
+        let values = (ban.room_id, ban.user_id, ban.banned_by, ban.banned_at_ms);
+        self.exec("ban", &self.rooms.ban, values).await?;
+        Ok(())
+    }
+
+    async fn unban(&self, room_id: i64, user_id: i64) -> Result<()> {
+        self.exec("unban", &self.rooms.unban, (room_id, user_id))
+            .await?;
+        Ok(())
+    }
+
     async fn get_room_shaping(&self, room_id: i64) -> Result<Option<RoomShaping>> {
         let row: Option<ShapingRow> = self
             .one("get_room_shaping", &self.rooms.get_shaping, (room_id,))
             .await?;
         Ok(row.map(RoomShaping::from))
+    }
+
+    async fn get_ban(&self, room_id: i64, user_id: i64) -> Result<Option<RoomBan>> {
+        let row: Option<BanRow> = self
+            .one("get_ban", &self.rooms.get_ban, (room_id, user_id))
+            .await?;
+        Ok(row.map(RoomBan::from))
+    }
+
+    async fn bans(&self, room_id: i64, after_user_id: i64, limit: usize) -> Result<Vec<RoomBan>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<BanRow> = self
+            .all(
+                "bans",
+                &self.rooms.bans,
+                (room_id, after_user_id, cql_limit(limit)),
+            )
+            .await?;
+        Ok(rows.into_iter().map(RoomBan::from).collect())
+    }
+
+    async fn set_pin(&self, pin: &RoomPin) -> Result<()> {
+        let values = (
+            pin.room_id,
+            pin.content.as_slice(),
+            pin.pinned_by,
+            pin.pinned_at_ms,
+        );
+        self.exec("set_pin", &self.rooms.set_pin, values).await?;
+        Ok(())
+    }
+
+    async fn clear_pin(&self, room_id: i64) -> Result<()> {
+        self.exec("clear_pin", &self.rooms.clear_pin, (room_id,))
+            .await?;
+        Ok(())
+    }
+
+    async fn pin(&self, room_id: i64) -> Result<Option<RoomPin>> {
+        let row: Option<PinRow> = self.one("pin", &self.rooms.pin, (room_id,)).await?;
+        Ok(row.map(|r| RoomPin {
+            room_id: r.room_id,
+            content: r.content.unwrap_or_default(),
+            pinned_by: r.pinned_by.unwrap_or(0),
+            pinned_at_ms: r.pinned_at_ms.unwrap_or(0),
+        }))
     }
 }

@@ -42,6 +42,48 @@ impl Room {
     }
 }
 
+/// A user banned from a live room: joins and sends are refused until the ban is lifted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBan {
+    /// The room.
+    pub room_id: i64,
+    /// The banned user.
+    pub user_id: i64,
+    /// Who banned them (0 = the app backend).
+    pub banned_by: i64,
+    /// When.
+    pub banned_at_ms: i64,
+}
+
+/// A live room's pinned announcement (at most one per room), shown to each viewer on join.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPin {
+    /// The room.
+    pub room_id: i64,
+    /// The announcement bytes, application-defined.
+    pub content: Vec<u8>,
+    /// Who pinned it (0 = the app backend).
+    pub pinned_by: i64,
+    /// When.
+    pub pinned_at_ms: i64,
+}
+
+impl RoomPin {
+    /// The pin as viewers see it (live and in SubscribeRoomOutput): a `ROOM_NOTICE_PINNED` notice
+    /// (message id 0) from the user who pinned it.
+    pub fn to_message(&self) -> Message {
+        Message {
+            sender_user_id: self.pinned_by,
+            receiver_type: zhibo_proto::client::ReceiverType::Room as i32,
+            receiver_id: self.room_id,
+            server_time_ms: self.pinned_at_ms,
+            content_type: zhibo_proto::client::RoomNotice::Pinned as i32,
+            content: self.content.clone().into(),
+            ..Message::default()
+        }
+    }
+}
+
 /// Room records and each room's recent messages.
 #[async_trait]
 pub trait RoomStore: Send + Sync {
@@ -78,6 +120,42 @@ pub trait RoomStore: Send + Sync {
     /// # Errors
     /// [`crate::ErrorKind::Unavailable`] on backend failure.
     async fn get_room_shaping(&self, room_id: i64) -> Result<Option<RoomShaping>>;
+
+    /// Bans `ban.user_id` from `ban.room_id`, replacing an earlier ban of the same user there.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn ban(&self, ban: &RoomBan) -> Result<()>;
+    /// Lifts a ban; lifting one that does not exist is not an error.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn unban(&self, room_id: i64, user_id: i64) -> Result<()>;
+    /// The user's ban in the room, if banned.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn get_ban(&self, room_id: i64, user_id: i64) -> Result<Option<RoomBan>>;
+    /// The room's bans with `user_id > after_user_id`, ascending by user id, at most `limit`.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn bans(&self, room_id: i64, after_user_id: i64, limit: usize) -> Result<Vec<RoomBan>>;
+    /// Sets the room's pinned announcement, replacing any earlier one.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn set_pin(&self, pin: &RoomPin) -> Result<()>;
+    /// Removes the room's pinned announcement (none is not an error).
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn clear_pin(&self, room_id: i64) -> Result<()>;
+    /// The room's pinned announcement, if any.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Unavailable`] on backend failure.
+    async fn pin(&self, room_id: i64) -> Result<Option<RoomPin>>;
 }
 
 /// How gateways shape a busy room's traffic for each viewer (issue 17), written by user-api and read by

@@ -12,7 +12,7 @@ use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::ids::{now_ms, IdGen};
 use zhibo_store::{
     Device, ErrorKind, Friend, FriendRequest, Group, GroupInvite, GroupMember, Profile, Role, Room,
-    RoomShaping, SendPlan, Stores, User,
+    RoomBan, RoomPin, RoomShaping, SendPlan, Stores, User,
 };
 
 /// Runs every check against `stores`; panics with a message naming the broken behaviour.
@@ -35,6 +35,7 @@ pub(crate) async fn run_all(stores: Stores) {
     room_history(&stores).await;
     conversations::run_all(&stores).await;
     room_shaping(&stores).await;
+    room_moderation(&stores).await;
 }
 
 /// A fresh entity id, unique in this process and across runs.
@@ -1450,4 +1451,95 @@ async fn room_history(s: &Stores) {
         "the history of {pushed} pushes with keep {keep} is trimmed, not kept whole: {} entries",
         ids.len()
     );
+}
+
+/// Bans per (room, user), listed by user id; one pin per room, replaced and cleared.
+async fn room_moderation(s: &Stores) {
+    let (room_id, other_room) = (id(), id());
+    let (a, b, c) = (id(), id(), id());
+    assert_eq!(s.rooms.get_ban(room_id, a).await.expect("get_ban"), None);
+    assert!(s.rooms.bans(room_id, 0, 10).await.expect("bans").is_empty());
+    let ban = |user_id: i64, at: i64| RoomBan {
+        room_id,
+        user_id,
+        banned_by: 7,
+        banned_at_ms: at,
+    };
+    for (u, at) in [(c, 3), (a, 1), (b, 2)] {
+        s.rooms.ban(&ban(u, at)).await.expect("ban");
+    }
+    assert_eq!(
+        s.rooms.get_ban(room_id, b).await.expect("get_ban"),
+        Some(ban(b, 2)),
+        "a ban reads back as written"
+    );
+    assert_eq!(
+        s.rooms.get_ban(other_room, b).await.expect("get_ban other"),
+        None,
+        "bans are per room"
+    );
+    // Banning again replaces the ban.
+    s.rooms.ban(&ban(b, 5)).await.expect("ban again");
+    assert_eq!(
+        s.rooms.get_ban(room_id, b).await.expect("get_ban"),
+        Some(ban(b, 5))
+    );
+    let all = s.rooms.bans(room_id, 0, 10).await.expect("bans");
+    assert_eq!(
+        all.iter().map(|x| x.user_id).collect::<Vec<_>>(),
+        vec![a, b, c],
+        "bans are listed by ascending user id"
+    );
+    let page = s.rooms.bans(room_id, a, 1).await.expect("bans page");
+    assert_eq!(page, vec![ban(b, 5)], "paged after a user id, limited");
+    assert!(s
+        .rooms
+        .bans(room_id, c, 10)
+        .await
+        .expect("bans end")
+        .is_empty());
+    s.rooms.unban(room_id, b).await.expect("unban");
+    s.rooms
+        .unban(room_id, b)
+        .await
+        .expect("unban twice is fine");
+    assert_eq!(s.rooms.get_ban(room_id, b).await.expect("get_ban"), None);
+    assert_eq!(
+        s.rooms
+            .bans(room_id, 0, 10)
+            .await
+            .expect("bans")
+            .iter()
+            .map(|x| x.user_id)
+            .collect::<Vec<_>>(),
+        vec![a, c]
+    );
+
+    assert_eq!(s.rooms.pin(room_id).await.expect("pin none"), None);
+    let pin = RoomPin {
+        room_id,
+        content: b"welcome".to_vec(),
+        pinned_by: a,
+        pinned_at_ms: 10,
+    };
+    s.rooms.set_pin(&pin).await.expect("set_pin");
+    assert_eq!(s.rooms.pin(room_id).await.expect("pin"), Some(pin.clone()));
+    assert_eq!(s.rooms.pin(other_room).await.expect("pin other"), None);
+    let newer = RoomPin {
+        content: b"new rules".to_vec(),
+        pinned_at_ms: 11,
+        ..pin
+    };
+    s.rooms.set_pin(&newer).await.expect("set_pin again");
+    assert_eq!(
+        s.rooms.pin(room_id).await.expect("pin"),
+        Some(newer),
+        "a pin replaces the last"
+    );
+    s.rooms.clear_pin(room_id).await.expect("clear_pin");
+    s.rooms
+        .clear_pin(room_id)
+        .await
+        .expect("clear_pin twice is fine");
+    assert_eq!(s.rooms.pin(room_id).await.expect("pin cleared"), None);
 }

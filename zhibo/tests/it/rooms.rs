@@ -720,3 +720,5 @@ both_modes!(
     slow_viewer_drops_room_traffic_not_im,
     moderation_notices_and_broadcast,
 );
+
+mod moderation;
