@@ -12,7 +12,7 @@ use zhibo_bus::Subject;
 use zhibo_proto::bus::{
     room_event, user_event, RoomBanned, RoomEvent, RoomViewersQuery, RoomViewersReply, UserEvent,
 };
-use zhibo_proto::client::{ErrorCode, Message, ReceiverType, RoomNotice};
+use zhibo_proto::client::{ErrorCode, Message, ReceiverType, RoomClass, RoomNotice};
 use zhibo_store::ids::now_ms;
 use zhibo_store::{RoomBan, RoomPin};
 
@@ -147,7 +147,9 @@ impl Logic {
                 (m, None)
             }
         };
-        self.publish_room(&Subject::room(room_id), notice).await?;
+        // A notice is high priority: never sampled away, never shed before chat.
+        self.publish_room(&Subject::room(room_id), notice, RoomClass::High)
+            .await?;
         Ok(pin)
     }
 
@@ -188,6 +190,7 @@ impl Logic {
                 limit,
                 manager_user_ids,
             })),
+            ..RoomEvent::default()
         };
         self.bus
             .publish(

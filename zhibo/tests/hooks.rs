@@ -232,6 +232,7 @@ fn text(receiver_type: ReceiverType, to: i64, id: &str, content: &str) -> Body {
         client_msg_id: id.into(),
         content_type: 1,
         content: Bytes::from(content.to_owned()),
+        ..Default::default()
     })
 }
 

@@ -233,6 +233,7 @@ async fn send(c: &mut Client, receiver_type: ReceiverType, to: i64, id: &str) ->
         client_msg_id: id.into(),
         content_type: 1,
         content: Bytes::from(format!("text of {id}")),
+        ..Default::default()
     });
     match c.request(body, WAIT).await.expect("reply").body {
         Some(Body::SendMessageOutput(o)) => o,
