@@ -279,7 +279,16 @@ impl NatsBus {
         if let (Some(cert), Some(key)) = (&options.tls_client_cert, &options.tls_client_key) {
             connect = connect.add_client_certificate(cert.clone(), key.clone());
         }
-        let client = connect.connect(url.as_str()).await.map_err(|e| fail(&e))?;
+        // Every listed server is a seed: the client connects to one of them and, when it is lost,
+        // reconnects to another (and to servers the cluster announces), resubscribing.
+        let servers = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::parse::<async_nats::ServerAddr>)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| fail(&e))?;
+        let client = connect.connect(servers).await.map_err(|e| fail(&e))?;
         Ok(NatsBus { client })
     }
 
