@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Real-infrastructure harness for the zhibo tests: NATS (JetStream), Redis and Cassandra 5.0
-# on loopback, on non-default ports so a system service never collides with them.
+# Real-infrastructure harness for the zhibo tests: NATS (JetStream), Redis, a 3-master Redis Cluster
+# and Cassandra 5.0 on loopback, on non-default ports so a system service never collides with them.
 #
 #   scripts/infra.sh up      install what is missing, start what is not already answering, wait until ready
-#   scripts/infra.sh down    stop the servers this harness started (all, or the ones named: nats redis cassandra)
+#   scripts/infra.sh down    stop the servers this harness started (all, or the ones named: nats redis
+#                            redis-cluster cassandra)
 #   scripts/infra.sh status  what is answering, and who started it
 #   scripts/infra.sh env     `export ...` lines for the tests; use with eval "$(scripts/infra.sh env)"
 #
@@ -29,6 +30,8 @@ readonly HOST=127.0.0.1
 readonly NATS_PORT=14222
 readonly NATS_MONITOR_PORT=18222
 readonly REDIS_PORT=16379
+# Redis Cluster: three masters, no replicas; each also listens on its port + 10000 (cluster bus).
+readonly REDIS_CLUSTER_PORTS=(17001 17002 17003)
 readonly CQL_PORT=19042
 readonly CASSANDRA_STORAGE_PORT=17000 # also set in scripts/cassandra/cassandra.yaml
 readonly CASSANDRA_JMX_PORT=17199     # bound to localhost only
@@ -39,7 +42,7 @@ readonly CASSANDRA_HOME="$INFRA_DIR/cassandra"
 readonly CASSANDRA_LIB="$CASSANDRA_HOME/lib-$CASSANDRA_VERSION"
 
 # Start order: Cassandra first, it takes longest.
-readonly SERVICES=(cassandra nats redis)
+readonly SERVICES=(cassandra nats redis redis-cluster)
 
 log() { printf 'infra: %s\n' "$*" >&2; }
 die() {
@@ -77,6 +80,14 @@ redis_ok() {
 	[[ $line == +PONG* ]]
 }
 
+# True if every master of the Redis Cluster answers and reports the cluster as ok (all slots served).
+redis_cluster_ok() {
+	local port
+	for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+		redis-cli -h "$HOST" -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+	done
+}
+
 # Reads exactly $2 bytes from fd $1 (within 5 s) and prints them as hex.
 read_hex() {
 	timeout 5 dd bs=1 count="$2" status=none <&"$1" 2>/dev/null | od -An -v -tx1 | tr -d ' \n'
@@ -111,6 +122,7 @@ probe() {
 	case $1 in
 	nats) nats_ok ;;
 	redis) redis_ok ;;
+	redis-cluster) redis_cluster_ok ;;
 	cassandra) cql_ok ;;
 	esac
 }
@@ -119,6 +131,7 @@ port_of() {
 	case $1 in
 	nats) echo "$NATS_PORT" ;;
 	redis) echo "$REDIS_PORT" ;;
+	redis-cluster) echo "${REDIS_CLUSTER_PORTS[0]}" ;;
 	cassandra) echo "$CQL_PORT" ;;
 	esac
 }
@@ -133,7 +146,7 @@ log_file() { echo "$RUN_DIR/$1.log"; }
 cmd_pattern() {
 	case $1 in
 	nats) echo nats-server ;;
-	redis) echo redis-server ;;
+	redis | redis-cluster) echo redis-server ;;
 	cassandra) echo org.apache.cassandra.service.CassandraDaemon ;;
 	esac
 }
@@ -189,6 +202,7 @@ ensure_packages() {
 	local missing=()
 	command -v nats-server >/dev/null || missing+=(nats-server)
 	command -v redis-server >/dev/null || missing+=(redis-server)
+	command -v redis-cli >/dev/null || missing+=(redis-tools)
 	command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 	command -v mvn >/dev/null || missing+=(maven)
 	((${#missing[@]} == 0)) || apt_install "${missing[@]}"
@@ -245,6 +259,42 @@ start_redis() {
 		</dev/null >>"$(log_file redis)" 2>&1 9>&- || {
 		show_log_tail redis
 		die "redis-server failed to start"
+	}
+}
+
+# Three cluster-enabled redis-servers, joined into one cluster (16384 slots over three masters).
+# The first node's pid file is the service's (redis-cluster.pid); the others have redis-cluster-2/3.pid.
+start_redis-cluster() {
+	local i port pidfile nodes=()
+	rm -rf "$INFRA_DIR/redis-cluster"
+	: >"$(log_file redis-cluster)"
+	for i in 0 1 2; do
+		port=${REDIS_CLUSTER_PORTS[$i]}
+		require_free_port $((port + 10000)) "Redis Cluster bus"
+		mkdir -p "$INFRA_DIR/redis-cluster/$port"
+		pidfile=$(pid_file redis-cluster)
+		((i == 0)) || pidfile=$RUN_DIR/redis-cluster-$((i + 1)).pid
+		redis-server --bind "$HOST" --port "$port" --protected-mode yes \
+			--cluster-enabled yes --cluster-config-file "$INFRA_DIR/redis-cluster/$port/nodes.conf" \
+			--save '' --appendonly no --dir "$INFRA_DIR/redis-cluster/$port" \
+			--daemonize yes --pidfile "$pidfile" --logfile "$(log_file redis-cluster)" \
+			</dev/null >>"$(log_file redis-cluster)" 2>&1 9>&- || {
+			show_log_tail redis-cluster
+			die "redis-server (cluster node $port) failed to start"
+		}
+		nodes+=("$HOST:$port")
+	done
+	local deadline=$((SECONDS + TIMEOUT))
+	for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+		until redis-cli -h "$HOST" -p "$port" ping 2>/dev/null | grep -q PONG; do
+			((SECONDS < deadline)) || die "Redis Cluster node $port did not answer within ${TIMEOUT}s"
+			sleep 0.1
+		done
+	done
+	redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+		>>"$(log_file redis-cluster)" 2>&1 || {
+		show_log_tail redis-cluster
+		die "redis-cli --cluster create failed"
 	}
 }
 
@@ -424,7 +474,7 @@ cmd_up() {
 			to_wait+=("$svc")
 		fi
 	done
-	for svc in nats redis cassandra; do # quickest first
+	for svc in nats redis redis-cluster cassandra; do # quickest first
 		[[ " ${to_wait[*]} " == *" $svc "* ]] || continue
 		wait_ready "$svc" "${started_at[$svc]}"
 	done
@@ -433,6 +483,21 @@ cmd_up() {
 # Stops the harness-started server $1: SIGTERM, then SIGKILL after a grace period.
 stop_one() {
 	local svc=$1 pid grace
+	if [[ $svc == redis-cluster ]]; then
+		# Its second and third nodes first (pid files checked like the service's own).
+		local n f
+		for n in 2 3; do
+			f=$RUN_DIR/redis-cluster-$n.pid
+			[[ -f $f ]] || continue
+			pid=$(<"$f")
+			if [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] &&
+				tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- redis-server; then
+				log "redis-cluster: stopping node pid $pid"
+				kill -TERM "$pid" 2>/dev/null || true
+			fi
+			rm -f "$f"
+		done
+	fi
 	if ! pid=$(harness_pid "$svc"); then
 		if probe "$svc"; then
 			log "$svc: not started by the harness; leaving it running"
@@ -475,12 +540,12 @@ cmd_down() {
 	((${#targets[@]})) || targets=("${SERVICES[@]}")
 	for svc in "${targets[@]}"; do
 		case $svc in
-		nats | redis | cassandra) ;;
+		nats | redis | redis-cluster | cassandra) ;;
 		*) die "unknown server '$svc' (expected: ${SERVICES[*]})" ;;
 		esac
 	done
 	# Cassandra first: it takes longest, and its exit writes the CDS archive.
-	for svc in cassandra nats redis; do
+	for svc in cassandra nats redis redis-cluster; do
 		[[ " ${targets[*]} " == *" $svc "* ]] && stop_one "$svc"
 	done
 	return 0
@@ -496,11 +561,11 @@ cmd_status() {
 			rc=1
 		fi
 		if pid=$(harness_pid "$svc" 2>/dev/null); then
-			printf '%-10s %-5s %s:%-6s started by harness, pid %s\n' "$svc" "$state" "$HOST" "$(port_of "$svc")" "$pid"
+			printf '%-14s %-5s %s:%-6s started by harness, pid %s\n' "$svc" "$state" "$HOST" "$(port_of "$svc")" "$pid"
 		elif [[ $state == up ]]; then
-			printf '%-10s %-5s %s:%-6s external (not managed by the harness)\n' "$svc" "$state" "$HOST" "$(port_of "$svc")"
+			printf '%-14s %-5s %s:%-6s external (not managed by the harness)\n' "$svc" "$state" "$HOST" "$(port_of "$svc")"
 		else
-			printf '%-10s %-5s %s:%s\n' "$svc" "$state" "$HOST" "$(port_of "$svc")"
+			printf '%-14s %-5s %s:%s\n' "$svc" "$state" "$HOST" "$(port_of "$svc")"
 		fi
 	done
 	return "$rc"
@@ -509,6 +574,12 @@ cmd_status() {
 cmd_env() {
 	echo "export ZHIBO_TEST_NATS_URL=nats://$HOST:$NATS_PORT"
 	echo "export ZHIBO_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT"
+	local port urls=()
+	for port in "${REDIS_CLUSTER_PORTS[@]}"; do urls+=("redis://$HOST:$port"); done
+	echo "export ZHIBO_TEST_REDIS_CLUSTER_URLS=$(
+		IFS=,
+		echo "${urls[*]}"
+	)"
 	echo "export ZHIBO_TEST_CQL_NODE=$HOST:$CQL_PORT"
 }
 

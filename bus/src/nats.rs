@@ -32,6 +32,9 @@ pub struct NatsOptions {
     pub tls_client_cert: Option<PathBuf>,
     /// PEM private key of `tls_client_cert`.
     pub tls_client_key: Option<PathBuf>,
+    /// Try the servers of `url` in the listed order (e.g. the NATS node on the same host first)
+    /// instead of a random one, on connect and on every reconnect.
+    pub servers_in_order: bool,
 }
 
 impl std::fmt::Debug for NatsOptions {
@@ -44,6 +47,7 @@ impl std::fmt::Debug for NatsOptions {
             .field("tls_ca", &self.tls_ca)
             .field("tls_required", &self.tls_required)
             .field("tls_client_cert", &self.tls_client_cert)
+            .field("servers_in_order", &self.servers_in_order)
             .finish_non_exhaustive()
     }
 }
@@ -279,7 +283,19 @@ impl NatsBus {
         if let (Some(cert), Some(key)) = (&options.tls_client_cert, &options.tls_client_key) {
             connect = connect.add_client_certificate(cert.clone(), key.clone());
         }
-        let client = connect.connect(url.as_str()).await.map_err(|e| fail(&e))?;
+        if options.servers_in_order {
+            connect = connect.retain_servers_order();
+        }
+        // Every listed server is a seed: the client connects to one of them and, when it is lost,
+        // reconnects to another (and to servers the cluster announces), resubscribing.
+        let servers = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::parse::<async_nats::ServerAddr>)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| fail(&e))?;
+        let client = connect.connect(servers).await.map_err(|e| fail(&e))?;
         Ok(NatsBus { client })
     }
 

@@ -18,7 +18,18 @@
 //! loss and not yet written could be handed out again. The window is one in-flight send of a user's
 //! very first messages, at the instant Redis loses its data.
 //!
-//! Requires a non-cluster Redis (standalone or sentinel): one script call touches many keys.
+//! # Redis Cluster
+//! The same allocator runs on a Redis Cluster (Redis 7 or later) when the URL is
+//! `redis-cluster://host:port?node=host:port&node=host:port` (any reachable masters as seeds; the
+//! rest are discovered). A fan-out's keys are grouped by the master that owns their hash slot, and
+//! each master gets one script call for its whole group, all groups concurrently: a 2,000-member
+//! group is one call per master, not 2,000. The cluster script is flagged `allow-cross-slot-keys`
+//! and takes its keys as arguments (Redis refuses declared keys from several slots in one call);
+//! it checks every key before it increments any, so a key that is not local to the node (a slot
+//! moved since the client read the topology) fails the call before anything changed: the client
+//! then refreshes its view of the cluster and retries once. Recovery is per key (`SET NX` routed by
+//! slot), so a master that loses its keys (flushed, restarted empty) is recovered exactly like a
+//! standalone Redis; the other masters are not touched.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,9 +37,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{
-    Builder, ClientLike as _, Config, KeysInterface as _, LuaInterface as _, Pool, ReconnectPolicy,
-    SetOptions, Value,
+    Builder, Client, ClientLike as _, ClusterInterface as _, Config, KeysInterface as _,
+    LuaInterface as _, Pool, ReconnectPolicy, SetOptions, Value,
 };
+use fred::types::cluster::ClusterRouting;
+use fred::types::config::Server;
+use fred::types::{ClusterHash, CustomCommand};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{Error, ErrorKind, MessageStore, Result, SeqAllocator};
@@ -66,6 +80,25 @@ end
 return out
 ";
 
+/// [`INCR_EXISTING`] for one node of a Redis Cluster: the keys come as `ARGV` (they may span
+/// slots, which Redis refuses for declared keys) and must all be local to the node. The first loop
+/// only reads, so a non-local key fails the call before any counter moved.
+const INCR_EXISTING_CLUSTER: &str = r"#!lua flags=allow-cross-slot-keys
+local exists = {}
+for i, key in ipairs(ARGV) do
+  exists[i] = redis.call('EXISTS', key)
+end
+local out = {}
+for i, key in ipairs(ARGV) do
+  if exists[i] == 1 then
+    out[i] = redis.call('INCR', key)
+  else
+    out[i] = false
+  end
+end
+return out
+";
+
 /// The Redis key of `user_id`'s seq counter. The only place the key format lives.
 pub fn seq_key(user_id: i64) -> String {
     format!("zhibo:seq:{user_id}")
@@ -74,8 +107,12 @@ pub fn seq_key(user_id: i64) -> String {
 /// The Redis-backed [`SeqAllocator`], recovering lost counters from a [`MessageStore`].
 pub struct RedisSeq {
     pool: Pool,
-    /// SHA1 of [`INCR_EXISTING`], as returned by `SCRIPT LOAD`.
+    /// The allocation script: [`INCR_EXISTING_CLUSTER`] on a cluster, else [`INCR_EXISTING`].
+    script: &'static str,
+    /// SHA1 of `script`, as returned by `SCRIPT LOAD`.
     script_sha: String,
+    /// Whether `pool` talks to a Redis Cluster.
+    clustered: bool,
     messages: Arc<dyn MessageStore>,
 }
 
@@ -83,8 +120,21 @@ impl std::fmt::Debug for RedisSeq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSeq")
             .field("script_sha", &self.script_sha)
+            .field("clustered", &self.clustered)
             .finish_non_exhaustive()
     }
+}
+
+/// `SCRIPT LOAD` of `script` on the cluster node `node`; returns its SHA1.
+async fn load_on(client: &Client, node: &Server, script: &'static str) -> Result<String> {
+    client
+        .with_cluster_node(node.clone())
+        .custom(
+            CustomCommand::new_static("SCRIPT", ClusterHash::Random, false),
+            vec!["LOAD", script],
+        )
+        .await
+        .map_err(|e| redis_error("script load", e))
 }
 
 /// A Redis failure while doing `what`, the client's error kept as the source.
@@ -98,8 +148,9 @@ fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error {
 }
 
 impl RedisSeq {
-    /// Connects to the Redis at `url` (`redis://host:port/db`) and loads the allocation script.
-    /// `messages` is read only to recover lost counters.
+    /// Connects to the Redis at `url` (`redis://host:port/db`, or
+    /// `redis-cluster://host:port?node=host:port...` for a Redis Cluster) and loads the allocation
+    /// script. `messages` is read only to recover lost counters.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] when the URL is invalid or Redis cannot be reached.
@@ -122,14 +173,38 @@ impl RedisSeq {
     /// # Errors
     /// [`ErrorKind::Unavailable`] when the script cannot be loaded.
     pub async fn with_pool(pool: Pool, messages: Arc<dyn MessageStore>) -> Result<Self> {
-        let script_sha: String = pool
-            .next()
-            .script_load(INCR_EXISTING)
-            .await
-            .map_err(|e| redis_error("script load", e))?;
+        let clustered = pool.next().is_clustered();
+        let script = if clustered {
+            INCR_EXISTING_CLUSTER
+        } else {
+            INCR_EXISTING
+        };
+        let client = pool.next();
+        let script_sha: String = if clustered {
+            // Every master needs the script; one that joins later loads it on its first NOSCRIPT.
+            let masters = client
+                .cached_cluster_state()
+                .map(|state| state.unique_primary_nodes())
+                .unwrap_or_default();
+            if masters.is_empty() {
+                return Err(redis_failure("cluster", "no master node known"));
+            }
+            let mut sha = String::new();
+            for master in &masters {
+                sha = load_on(client, master, script).await?;
+            }
+            sha
+        } else {
+            client
+                .script_load(script)
+                .await
+                .map_err(|e| redis_error("script load", e))?
+        };
         Ok(RedisSeq {
             pool,
+            script,
             script_sha,
+            clustered,
             messages,
         })
     }
@@ -137,31 +212,93 @@ impl RedisSeq {
     /// Runs [`INCR_EXISTING`] over `keys` (in chunks, concurrently): the new value of each key, or
     /// `None` where the key is missing.
     async fn incr_existing(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
+        if self.clustered {
+            return match self.incr_existing_per_node(keys).await {
+                // A slot moved (or a master failed over) since this client read the topology: the
+                // script failed before changing anything. Refresh the topology and retry once.
+                Err(e) if e.kind == ErrorKind::Unavailable => {
+                    tracing::warn!(error = %e, "redis cluster call failed; refreshing the topology and retrying");
+                    self.pool
+                        .next()
+                        .sync_cluster()
+                        .await
+                        .map_err(|e| redis_error("cluster sync", e))?;
+                    self.incr_existing_per_node(keys).await
+                }
+                other => other,
+            };
+        }
         let chunks = futures::future::try_join_all(
             keys.chunks(KEYS_PER_SCRIPT)
-                .map(|chunk| self.incr_existing_chunk(chunk)),
+                .map(|chunk| self.incr_existing_chunk(chunk, None)),
         )
         .await?;
         Ok(chunks.into_iter().flatten().collect())
     }
 
-    async fn incr_existing_chunk(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
-        let keys = keys.to_vec();
-        let reply: Value = match self
-            .pool
-            .evalsha(self.script_sha.as_str(), keys.clone(), ())
-            .await
+    /// [`Self::incr_existing`] on a cluster: keys grouped by the master owning their slot, one
+    /// script call per master (per [`KEYS_PER_SCRIPT`] keys), all concurrently.
+    async fn incr_existing_per_node(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
+        let client = self.pool.next();
+        let state = client
+            .cached_cluster_state()
+            .ok_or_else(|| redis_failure("cluster", "topology unknown"))?;
+        let mut groups: Vec<(Server, Vec<usize>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let slot = ClusterRouting::hash_key(key.as_bytes());
+            let server = state
+                .get_server(slot)
+                .ok_or_else(|| redis_failure("cluster", format!("no master for slot {slot}")))?;
+            match groups.iter_mut().find(|(s, _)| s == server) {
+                Some((_, indices)) => indices.push(i),
+                None => groups.push((server.clone(), vec![i])),
+            }
+        }
+        let calls = groups.iter().flat_map(|(server, indices)| {
+            indices
+                .chunks(KEYS_PER_SCRIPT)
+                .map(move |chunk| async move {
+                    let chunk_keys: Vec<String> = chunk.iter().map(|&i| keys[i].clone()).collect();
+                    let seqs = self
+                        .incr_existing_chunk(&chunk_keys, Some(server.clone()))
+                        .await?;
+                    Ok::<_, Error>(chunk.iter().copied().zip(seqs).collect::<Vec<_>>())
+                })
+        });
+        let mut out = vec![None; keys.len()];
+        for (i, seq) in futures::future::try_join_all(calls)
+            .await?
+            .into_iter()
+            .flatten()
         {
+            out[i] = seq;
+        }
+        Ok(out)
+    }
+
+    /// One script call over `keys`: on the default connection, or on the cluster master `node`
+    /// (keys as arguments, see [`INCR_EXISTING_CLUSTER`]).
+    async fn incr_existing_chunk(
+        &self,
+        keys: &[String],
+        node: Option<Server>,
+    ) -> Result<Vec<Option<u64>>> {
+        let reply = match self.evalsha(keys, node.as_ref()).await {
             // A restarted or SCRIPT FLUSHed Redis has forgotten the script: load it and retry.
             Err(e) if e.details().contains("NOSCRIPT") => {
-                let _: String = self
-                    .pool
-                    .next()
-                    .script_load(INCR_EXISTING)
-                    .await
-                    .map_err(|e| redis_error("script load", e))?;
-                self.pool
-                    .evalsha(self.script_sha.as_str(), keys.clone(), ())
+                let client = self.pool.next();
+                match &node {
+                    Some(node) => {
+                        load_on(client, node, self.script).await?;
+                    }
+                    None => {
+                        let _: String = client
+                            .script_load(self.script)
+                            .await
+                            .map_err(|e| redis_error("script load", e))?;
+                    }
+                }
+                self.evalsha(keys, node.as_ref())
                     .await
                     .map_err(|e| redis_error("evalsha", e))?
             }
@@ -197,6 +334,34 @@ impl RedisSeq {
                 )),
             })
             .collect()
+    }
+
+    /// EVALSHA of the allocation script over `keys`, on `node` when given.
+    async fn evalsha(
+        &self,
+        keys: &[String],
+        node: Option<&Server>,
+    ) -> std::result::Result<Value, fred::error::Error> {
+        let sha = self.script_sha.as_str();
+        match node {
+            Some(node) => {
+                // fred's `LuaInterface` is not implemented for `WithOptions`: a custom command
+                // keeps the node option.
+                let mut args: Vec<Value> = Vec::with_capacity(keys.len() + 2);
+                args.push(sha.into());
+                args.push(0.into());
+                args.extend(keys.iter().map(|k| Value::from(k.as_str())));
+                self.pool
+                    .next()
+                    .with_cluster_node(node.clone())
+                    .custom(
+                        CustomCommand::new_static("EVALSHA", ClusterHash::Random, false),
+                        args,
+                    )
+                    .await
+            }
+            None => self.pool.evalsha(sha, keys.to_vec(), ()).await,
+        }
     }
 
     /// Seeds `user_id`'s missing counter from the message store (see the module docs).

@@ -1,10 +1,13 @@
 //! Prometheus metrics (prometheus-client), one [`Metrics`] per process, shared as `Arc<Metrics>`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// A label set with one `transport` label.
@@ -211,12 +214,46 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Adds a counter family `name{kind}` whose values `read` returns at each scrape: counters kept
+    /// by a library that does not depend on this crate (e.g. the store's CQL operations).
+    #[must_use]
+    pub fn with_counter_source(
+        mut self,
+        name: &'static str,
+        help: &'static str,
+        read: fn() -> Vec<(&'static str, u64)>,
+    ) -> Self {
+        self.registry
+            .register_collector(Box::new(CounterSource { name, help, read }));
+        self
+    }
+
     /// The text exposition format, for `/metrics`.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// See [`Metrics::with_counter_source`].
+#[derive(Debug)]
+struct CounterSource {
+    name: &'static str,
+    help: &'static str,
+    read: fn() -> Vec<(&'static str, u64)>,
+}
+
+impl Collector for CounterSource {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family =
+            encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
+        for (kind, value) in (self.read)() {
+            let labels = KindLabel { kind };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -239,5 +276,21 @@ mod tests {
         );
         assert!(text.contains("zhibo_messages_sent_total 3"), "{text}");
         assert!(text.contains("zhibo_send_ack_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn a_counter_source_is_read_at_each_scrape() {
+        let m = Metrics::new().with_counter_source("cql_operations", "CQL operations", || {
+            vec![("read", 3), ("lwt", 1)]
+        });
+        let text = m.render();
+        assert!(
+            text.contains(r#"zhibo_cql_operations_total{kind="read"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"zhibo_cql_operations_total{kind="lwt"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! Test fixtures for the real servers that integration tests run against.
 //!
 //! # Layout
-//! - Addresses: [`nats_url`], [`redis_url`], [`cql_node`] read the `ZHIBO_TEST_*` variables that
+//! - Addresses: [`nats_url`], [`redis_url`], [`redis_cluster_urls`], [`cql_node`] read the
+//!   `ZHIBO_TEST_*` variables that
 //!   `scripts/infra.sh env` prints, defaulting to the harness's loopback ports.
-//! - Presence: [`require_tcp`] (and the [`require_nats`], [`require_redis`], [`require_cql`]
+//! - Presence: [`require_tcp`] (and the [`require_nats`], [`require_redis`],
+//!   [`require_redis_cluster`], [`require_cql`]
 //!   shorthands) panic loudly when a server is missing. A test never skips because a server is
 //!   missing: a skipped test looks exactly like a passing one in CI.
 //! - Isolation: [`unique_name`] gives each test its own keyspace, subject or key prefix, so tests
@@ -25,6 +27,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const NATS_URL_VAR: &str = "ZHIBO_TEST_NATS_URL";
 /// Environment variable holding the Redis URL.
 pub const REDIS_URL_VAR: &str = "ZHIBO_TEST_REDIS_URL";
+/// Environment variable holding the masters of the test Redis Cluster: comma-separated
+/// `redis://host:port` URLs.
+pub const REDIS_CLUSTER_URLS_VAR: &str = "ZHIBO_TEST_REDIS_CLUSTER_URLS";
 /// Environment variable holding the Cassandra `host:port` (CQL native protocol).
 pub const CQL_NODE_VAR: &str = "ZHIBO_TEST_CQL_NODE";
 
@@ -41,6 +46,45 @@ pub fn nats_url() -> String {
 /// `redis://127.0.0.1:16379`.
 pub fn redis_url() -> String {
     env_or(REDIS_URL_VAR, "redis://127.0.0.1:16379")
+}
+
+/// URLs of the test Redis Cluster's masters: `$ZHIBO_TEST_REDIS_CLUSTER_URLS` (comma-separated), or
+/// the harness's three masters on ports 17001-17003.
+pub fn redis_cluster_urls() -> Vec<String> {
+    env_or(
+        REDIS_CLUSTER_URLS_VAR,
+        "redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003",
+    )
+    .split(',')
+    .map(|u| u.trim().to_owned())
+    .filter(|u| !u.is_empty())
+    .collect()
+}
+
+/// The `redis-cluster://` URL (first master, the others as `node=` seeds) that zhibo's
+/// `store.redis_url` takes for a Redis Cluster made of the masters `urls`.
+pub fn redis_cluster_url(urls: &[String]) -> String {
+    let nodes: Vec<&str> = urls.iter().map(|u| host_port(u)).collect();
+    let (first, rest) = nodes.split_first().expect("at least one cluster node");
+    let seeds: Vec<String> = rest.iter().map(|n| format!("node={n}")).collect();
+    if seeds.is_empty() {
+        format!("redis-cluster://{first}")
+    } else {
+        format!("redis-cluster://{first}?{}", seeds.join("&"))
+    }
+}
+
+/// [`require_tcp`] on every master of [`redis_cluster_urls`]; returns the masters' URLs.
+///
+/// # Panics
+///
+/// Panics if a master is not reachable.
+pub async fn require_redis_cluster() -> Vec<String> {
+    let urls = redis_cluster_urls();
+    for url in &urls {
+        require_tcp(url, "Redis Cluster master").await;
+    }
+    urls
 }
 
 /// `host:port` of the test Cassandra node's CQL port: `$ZHIBO_TEST_CQL_NODE`, or the harness's
@@ -150,6 +194,16 @@ pub fn unique_name(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_cluster_url_names_every_master() {
+        let urls = ["redis://127.0.0.1:1", "redis://127.0.0.1:2", "127.0.0.1:3"].map(String::from);
+        assert_eq!(
+            redis_cluster_url(&urls),
+            "redis-cluster://127.0.0.1:1?node=127.0.0.1:2&node=127.0.0.1:3"
+        );
+        assert_eq!(redis_cluster_url(&urls[..1]), "redis-cluster://127.0.0.1:1");
+    }
 
     #[test]
     fn host_port_accepts_urls_and_bare_addresses() {

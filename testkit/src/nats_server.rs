@@ -1,5 +1,5 @@
-//! A private `nats-server` started by a test with its own configuration (authentication, TLS), on a
-//! port the server picks, stopped when dropped.
+//! A private `nats-server` started by a test with its own configuration (authentication, TLS, a
+//! cluster of several), on a port the server picks, stopped when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +10,25 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     child: Child,
     port: u16,
+    route_port: Option<u16>,
+    monitor_port: Option<u16>,
     dir: std::path::PathBuf,
+}
+
+/// What the server's log says while it starts.
+enum Startup {
+    Client(u16),
+    Route(u16),
+    Monitor(u16),
+    Failed(String),
+}
+
+/// The port at the end of `line` if it contains `marker` (`... on 127.0.0.1:4222`).
+fn port_after(line: &str, marker: &str) -> Option<u16> {
+    line.split(marker)
+        .nth(1)
+        .and_then(|a| a.trim().rsplit(':').next())
+        .and_then(|p| p.parse::<u16>().ok())
 }
 
 impl NatsServer {
@@ -21,6 +39,20 @@ impl NatsServer {
     /// # Panics
     /// When `nats-server` is not installed or does not start within 10 s: tests never skip.
     pub fn start(config: &str) -> NatsServer {
+        Self::start_inner(config, false)
+    }
+
+    /// Starts one node of a NATS cluster: `config` must have a `cluster { listen: "127.0.0.1:-1" ... }`
+    /// block (with `routes` to nodes started before); waits until the node also listens for routes
+    /// ([`NatsServer::route_port`]). Add `http: "127.0.0.1:-1"` for [`NatsServer::monitor_port`].
+    ///
+    /// # Panics
+    /// As [`NatsServer::start`].
+    pub fn start_cluster_node(config: &str) -> NatsServer {
+        Self::start_inner(config, true)
+    }
+
+    fn start_inner(config: &str, want_route: bool) -> NatsServer {
         let dir = std::env::temp_dir().join(crate::unique_name("natsd"));
         std::fs::create_dir_all(&dir).expect("nats-server directory");
         let path = dir.join("nats.conf");
@@ -38,42 +70,71 @@ impl NatsServer {
             });
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the log until the listening line, then keeps draining it so the server never blocks.
+        // Reads the log, reporting the ports it names, and keeps draining it so the server never
+        // blocks.
         std::thread::spawn(move || {
-            let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(port) = line
-                        .split("Listening for client connections on ")
-                        .nth(1)
-                        .and_then(|a| a.trim().rsplit(':').next())
-                        .and_then(|p| p.parse::<u16>().ok())
-                    {
-                        sent = tx.send(Ok(port)).is_ok();
-                    } else if line.contains("[FTL]") || line.contains("[ERR]") {
-                        sent = tx.send(Err(line)).is_ok();
-                    }
-                }
+                let event = if let Some(p) =
+                    port_after(&line, "Listening for client connections on ")
+                {
+                    Startup::Client(p)
+                } else if let Some(p) = port_after(&line, "Listening for route connections on ") {
+                    Startup::Route(p)
+                } else if let Some(p) = port_after(&line, "Starting http monitor on ") {
+                    Startup::Monitor(p)
+                } else if line.contains("[FTL]") || line.contains("[ERR]") {
+                    Startup::Failed(line)
+                } else {
+                    continue;
+                };
+                // The receiver is gone once the server is up: keep draining.
+                let _ = tx.send(event);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        let port = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Ok(port)) => port,
-            Ok(Err(line)) => {
-                let _ = child.kill();
-                panic!("nats-server refused its configuration: {line}");
+        let (mut port, mut route_port, mut monitor_port) = (None, None, None);
+        while port.is_none() || (want_route && route_port.is_none()) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Startup::Client(p)) => port = Some(p),
+                Ok(Startup::Route(p)) => route_port = Some(p),
+                Ok(Startup::Monitor(p)) => monitor_port = Some(p),
+                // An error once clients are served (a route to a node still starting) is not fatal.
+                Ok(Startup::Failed(_)) if port.is_some() => {}
+                Ok(Startup::Failed(line)) => {
+                    let _ = child.kill();
+                    panic!("nats-server refused its configuration: {line}");
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("nats-server did not start listening within 10 s");
+                }
             }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("nats-server did not start listening within 10 s");
-            }
-        };
-        NatsServer { child, port, dir }
+        }
+        let port = port.expect("client port");
+        NatsServer {
+            child,
+            port,
+            route_port,
+            monitor_port,
+            dir,
+        }
     }
 
     /// The client port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The route (cluster) port on 127.0.0.1, for a node started with
+    /// [`NatsServer::start_cluster_node`].
+    pub fn route_port(&self) -> Option<u16> {
+        self.route_port
+    }
+
+    /// The HTTP monitoring port on 127.0.0.1, if the configuration enabled it before the client
+    /// port was reported (`http: "127.0.0.1:-1"`).
+    pub fn monitor_port(&self) -> Option<u16> {
+        self.monitor_port
     }
 
     /// `nats://127.0.0.1:<port>`.

@@ -83,6 +83,10 @@ pub struct BusConfig {
     pub nats_tls_client_cert: Option<PathBuf>,
     /// PEM key of `nats_tls_client_cert`.
     pub nats_tls_client_key: Option<PathBuf>,
+    /// Try the servers of `nats_url` in the listed order (e.g. the NATS node on the same host
+    /// first) instead of a random one, on connect and on every reconnect. Default: random, which
+    /// spreads a fleet over the cluster.
+    pub nats_servers_in_order: bool,
 }
 
 impl Default for BusConfig {
@@ -99,6 +103,7 @@ impl Default for BusConfig {
             nats_tls_required: false,
             nats_tls_client_cert: None,
             nats_tls_client_key: None,
+            nats_servers_in_order: false,
         }
     }
 }
@@ -117,6 +122,7 @@ impl BusConfig {
             tls_required: self.nats_tls_required,
             tls_client_cert: self.nats_tls_client_cert.clone(),
             tls_client_key: self.nats_tls_client_key.clone(),
+            servers_in_order: self.nats_servers_in_order,
         }
     }
 }

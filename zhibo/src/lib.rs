@@ -304,7 +304,11 @@ pub async fn run(
     anyhow::ensure!(!config.token_secret.is_empty(), "token_secret is required");
     let key = Arc::new(TokenKey::new(&config.token_secret));
     let grace = Duration::from_secs(config.grace_secs);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_counter_source(
+        "cql_operations",
+        "CQL statements executed by this process's store, by kind (read, write, lwt, batch)",
+        zhibo_store::scylla::cql_ops_by_kind,
+    ));
     let ready = readiness(&backends, shutdown.clone());
     let pipelines = bound.logic || bound.api.is_some();
     let push = if config.push.enabled && (pipelines || bound.gateway.is_some()) {

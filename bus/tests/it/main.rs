@@ -221,6 +221,20 @@ async fn nats_connect_error_is_clear() {
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }
 
+/// `nats_url` is a comma-separated list of seeds: a dead first server does not stop the connection.
+#[tokio::test]
+async fn nats_url_takes_a_list_of_servers() {
+    let url = zhibo_testkit::require_nats().await;
+    let bus = NatsBus::connect(&format!("nats://127.0.0.1:1, {url}"), "zhibo-bus-test")
+        .await
+        .expect("connect through the second server of the list");
+    round_trip(&bus).await;
+    let err = NatsBus::connect("nats://127.0.0.1:1,nats://[bad", "x")
+        .await
+        .expect_err("a malformed URL in the list");
+    assert!(err.to_string().contains("invalid"), "{err}");
+}
+
 #[tokio::test]
 async fn memory_bus_drops_for_a_full_subscriber_instead_of_waiting() {
     let bus = MemoryBus::new();

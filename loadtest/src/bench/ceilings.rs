@@ -6,6 +6,12 @@
 //! - NATS request/reply round trip (sequential): the floor of a distributed send → ACK.
 //! - Redis INCR (one connection, pipelined 256 deep): the seq allocator's ceiling.
 //! - Loopback WebSocket echo (tokio-tungstenite both ends): pipelined rate and sequential round trip.
+//! - CQL on the node a distributed cluster uses (scylla driver, [`CQL_CONCURRENCY`] in flight, as a
+//!   logic worker keeps): plain inserts, lightweight-transaction inserts and point reads per second,
+//!   in a scratch keyspace dropped afterwards. A 1:1 send costs [`INSERTS_PER_ONE_TO_ONE`] inbox
+//!   inserts, so `acked_per_s / (cql_insert_per_s / 2)` says how close the send path is to what its
+//!   writes alone would allow (the `zhibo_cql_operations_total{kind}` metric of the logic workers
+//!   counts what a send really costs).
 
 use std::time::{Duration, Instant};
 
@@ -38,10 +44,16 @@ pub fn command_size(payload: usize) -> usize {
     zhibo_proto::codec::encode_body(&p).len() + 32
 }
 
+/// CQL statements kept in flight by the CQL ceiling (a logic worker's write concurrency order).
+pub const CQL_CONCURRENCY: usize = 64;
+
+/// Inbox inserts of one 1:1 message (the sender's copy and the receiver's).
+pub const INSERTS_PER_ONE_TO_ONE: f64 = 2.0;
+
 /// Measures every ceiling, `args.ceiling_secs` each.
 ///
 /// # Errors
-/// When NATS or Redis cannot be reached.
+/// When NATS, Redis or the CQL node cannot be reached.
 pub async fn measure(args: &BenchArgs) -> anyhow::Result<Ceilings> {
     let secs = Duration::from_secs_f64(args.ceiling_secs.max(0.2));
     let size = command_size(args.payload);
@@ -57,7 +69,16 @@ pub async fn measure(args: &BenchArgs) -> anyhow::Result<Ceilings> {
         "    WebSocket echo: {ws_echo_per_s:.0}/s pipelined; {}",
         ws_echo_latency.line()
     );
+    let (cql_insert_per_s, cql_lwt_per_s, cql_read_per_s) =
+        cql(&args.cql_node, args.payload, secs).await?;
+    eprintln!(
+        "    CQL ({CQL_CONCURRENCY} in flight): {cql_insert_per_s:.0} inserts/s, \
+         {cql_lwt_per_s:.0} LWT inserts/s, {cql_read_per_s:.0} point reads/s"
+    );
     Ok(Ceilings {
+        cql_insert_per_s,
+        cql_lwt_per_s,
+        cql_read_per_s,
         nats_pubsub_per_s,
         nats_request_latency,
         redis_incr_per_s,
@@ -81,6 +102,16 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
         if c.ws_echo_per_s > 0.0 {
             r.push(("acked_per_s / ws_echo_per_s", v / c.ws_echo_per_s));
         }
+    }
+    if let (Some(v), true, "one-to-one") = (
+        get("max_acked_per_s"),
+        c.cql_insert_per_s > 0.0,
+        report.scenario.as_str(),
+    ) {
+        r.push((
+            "acked_per_s / (cql_insert_per_s / inserts_per_message)",
+            v / (c.cql_insert_per_s / INSERTS_PER_ONE_TO_ONE),
+        ));
     }
     if let Some(v) = get("max_delivered_per_s") {
         if c.nats_pubsub_per_s > 0.0 {
@@ -198,6 +229,102 @@ async fn redis_incr(url: &str, secs: Duration) -> anyhow::Result<f64> {
     s.write_all(del.as_bytes()).await?;
     let _ = s.read(&mut buf).await?;
     Ok(rate)
+}
+
+/// Plain inserts, LWT inserts and point reads per second against `node`, each for `secs` with
+/// [`CQL_CONCURRENCY`] statements in flight, in a scratch keyspace dropped afterwards.
+async fn cql(node: &str, payload: usize, secs: Duration) -> anyhow::Result<(f64, f64, f64)> {
+    use scylla::client::session_builder::SessionBuilder;
+    let session = SessionBuilder::new()
+        .known_node(node)
+        .connection_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .with_context(|| format!("CQL node at {node}"))?;
+    let keyspace = format!("zhibo_ceiling_{}", rand::random::<u32>());
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE {keyspace} WITH replication = \
+                 {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+            ),
+            (),
+        )
+        .await?;
+    let outcome = async {
+        session
+            .query_unpaged(
+                format!("CREATE TABLE {keyspace}.t (k bigint PRIMARY KEY, v blob)"),
+                (),
+            )
+            .await?;
+        session.await_schema_agreement().await?;
+        let insert = session
+            .prepare(format!("INSERT INTO {keyspace}.t (k, v) VALUES (?, ?)"))
+            .await?;
+        let lwt = session
+            .prepare(format!(
+                "INSERT INTO {keyspace}.t (k, v) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await?;
+        let read = session
+            .prepare(format!("SELECT v FROM {keyspace}.t WHERE k = ?"))
+            .await?;
+        let value = vec![b'z'; payload];
+        let (inserts, inserted) = cql_rate(secs, 0, |k| {
+            let (s, st, v) = (&session, &insert, value.clone());
+            async move { s.execute_unpaged(st, (k, v)).await.map(drop) }
+        })
+        .await?;
+        // LWT keys above the plain ones: every LWT inserts a new row (the costly path).
+        let (lwts, _) = cql_rate(secs, inserted, |k| {
+            let (s, st, v) = (&session, &lwt, value.clone());
+            async move { s.execute_unpaged(st, (k, v)).await.map(drop) }
+        })
+        .await?;
+        let written = inserted.max(1);
+        let (reads, _) = cql_rate(secs, 0, |k| {
+            let (s, st) = (&session, &read);
+            async move { s.execute_unpaged(st, (k % written,)).await.map(drop) }
+        })
+        .await?;
+        anyhow::Ok((inserts, lwts, reads))
+    }
+    .await;
+    let dropped = session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+        .await;
+    let rates = outcome?;
+    dropped.context("drop the ceiling's scratch keyspace")?;
+    Ok(rates)
+}
+
+/// Runs `op(first_key + i)` for i = 0, 1, … with [`CQL_CONCURRENCY`] in flight until `secs` pass;
+/// returns the rate per second and the number of operations done.
+async fn cql_rate<F, Fut, E>(secs: Duration, first_key: i64, op: F) -> anyhow::Result<(f64, i64)>
+where
+    F: Fn(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let start = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut next = first_key;
+    let mut done = 0i64;
+    loop {
+        while in_flight.len() < CQL_CONCURRENCY && start.elapsed() < secs {
+            in_flight.push(op(next));
+            next += 1;
+        }
+        match in_flight.next().await {
+            Some(result) => {
+                result?;
+                done += 1;
+            }
+            None => break,
+        }
+    }
+    Ok((done as f64 / start.elapsed().as_secs_f64(), done))
 }
 
 async fn ws_echo(size: usize, secs: Duration) -> anyhow::Result<(f64, Latency)> {

@@ -70,6 +70,15 @@ pub struct Ceilings {
     pub ws_echo_latency: Latency,
     /// Payload size used, bytes.
     pub payload_bytes: usize,
+    /// CQL plain inserts per second at concurrency [`super::ceilings::CQL_CONCURRENCY`], same node.
+    #[serde(default)]
+    pub cql_insert_per_s: f64,
+    /// CQL lightweight-transaction inserts (`IF NOT EXISTS`) per second, same concurrency.
+    #[serde(default)]
+    pub cql_lwt_per_s: f64,
+    /// CQL point reads (by primary key) per second, same concurrency.
+    #[serde(default)]
+    pub cql_read_per_s: f64,
 }
 
 /// Everything one scenario run measured.

@@ -200,6 +200,7 @@ impl GroupStore for ScyllaBackend {
             ),
             (m.user_id, m.group_id),
         );
+        super::count_batch();
         self.session
             .batch(&batch, values)
             .await
@@ -243,6 +244,7 @@ impl GroupStore for ScyllaBackend {
             member(new_owner),
             member(old_owner),
         );
+        super::count_batch();
         self.session
             .batch(&batch, values)
             .await
@@ -261,6 +263,7 @@ impl GroupStore for ScyllaBackend {
         let mut batch = Batch::new(BatchType::Logged);
         batch.append_statement(self.groups.delete_member.clone());
         batch.append_statement(self.groups.delete_user_group.clone());
+        super::count_batch();
         self.session
             .batch(&batch, ((group_id, user_id), (user_id, group_id)))
             .await

@@ -30,6 +30,7 @@ mod migrate;
 mod rooms;
 mod users;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,85 @@ use scylla::value::{CqlValue, Row};
 pub use migrate::{migrate, statements, Migration, MIGRATIONS};
 
 use crate::{Error, ErrorKind, Result, SeqAllocator, Stores};
+
+/// CQL operations executed by this process's Scylla backends, by kind: a cheap relaxed atomic per
+/// statement, exported as the `zhibo_cql_operations_total{kind}` metric and read by the load tool to
+/// print CQL operations per message. Process-wide (every backend of the process adds to it).
+#[derive(Debug, Default)]
+pub struct CqlOps {
+    read: AtomicU64,
+    write: AtomicU64,
+    lwt: AtomicU64,
+    batch: AtomicU64,
+}
+
+/// The counters of this process.
+pub static CQL_OPS: CqlOps = CqlOps {
+    read: AtomicU64::new(0),
+    write: AtomicU64::new(0),
+    lwt: AtomicU64::new(0),
+    batch: AtomicU64::new(0),
+};
+
+/// What a CQL statement is, for [`CqlOps`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CqlOp {
+    Read,
+    Write,
+    Lwt,
+    Batch,
+}
+
+impl CqlOp {
+    /// A prepared statement's kind from its text: `SELECT` reads, a conditional (`IF ...`) write is
+    /// a lightweight transaction, anything else a plain write.
+    fn of(cql: &str) -> CqlOp {
+        let cql = cql.trim_start();
+        if cql
+            .get(..6)
+            .is_some_and(|w| w.eq_ignore_ascii_case("select"))
+        {
+            CqlOp::Read
+        } else if cql.to_ascii_uppercase().contains(" IF ") {
+            CqlOp::Lwt
+        } else {
+            CqlOp::Write
+        }
+    }
+}
+
+impl CqlOps {
+    fn count(&self, op: CqlOp) {
+        let counter = match op {
+            CqlOp::Read => &self.read,
+            CqlOp::Write => &self.write,
+            CqlOp::Lwt => &self.lwt,
+            CqlOp::Batch => &self.batch,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(kind, count)` for `read`, `write`, `lwt` and `batch` (single-partition batches of plain
+    /// writes, and the conditional batches of node leases).
+    pub fn by_kind(&self) -> [(&'static str, u64); 4] {
+        [
+            ("read", self.read.load(Ordering::Relaxed)),
+            ("write", self.write.load(Ordering::Relaxed)),
+            ("lwt", self.lwt.load(Ordering::Relaxed)),
+            ("batch", self.batch.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// [`CQL_OPS`]`.by_kind()`, as a plain function (for a metrics collector).
+pub fn cql_ops_by_kind() -> Vec<(&'static str, u64)> {
+    CQL_OPS.by_kind().to_vec()
+}
+
+/// Counts one batch in [`CQL_OPS`] (the batch call sites of the domain files).
+fn count_batch() {
+    CQL_OPS.count(CqlOp::Batch);
+}
 
 /// How many writes (or single-partition batches) one call keeps in flight.
 const WRITE_CONCURRENCY: usize = 128;
@@ -193,6 +273,7 @@ impl ScyllaBackend {
         st: &PreparedStatement,
         values: impl SerializeRow,
     ) -> Result<QueryResult> {
+        CQL_OPS.count(CqlOp::of(st.get_statement()));
         self.session
             .execute_unpaged(st, values)
             .await
@@ -227,6 +308,7 @@ impl ScyllaBackend {
     where
         R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + 'static,
     {
+        CQL_OPS.count(CqlOp::Read);
         self.session
             .execute_iter(st.clone(), values)
             .await
@@ -286,4 +368,33 @@ fn from_cql(v: i64) -> u64 {
 
 fn cql_limit(limit: usize) -> i32 {
     i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_counted_by_kind() {
+        assert_eq!(CqlOp::of("SELECT a FROM t WHERE k = ?"), CqlOp::Read);
+        assert_eq!(CqlOp::of("  select a from t"), CqlOp::Read);
+        assert_eq!(CqlOp::of("INSERT INTO t (k) VALUES (?)"), CqlOp::Write);
+        assert_eq!(
+            CqlOp::of("INSERT INTO t (k) VALUES (?) IF NOT EXISTS"),
+            CqlOp::Lwt
+        );
+        assert_eq!(
+            CqlOp::of("UPDATE t SET a = ? WHERE k = ? if a < ?"),
+            CqlOp::Lwt
+        );
+        assert_eq!(CqlOp::of("DELETE FROM t WHERE k = ?"), CqlOp::Write);
+        let ops = CqlOps::default();
+        ops.count(CqlOp::Lwt);
+        ops.count(CqlOp::Batch);
+        ops.count(CqlOp::Batch);
+        assert_eq!(
+            ops.by_kind(),
+            [("read", 0), ("write", 0), ("lwt", 1), ("batch", 2)]
+        );
+    }
 }

@@ -1,9 +1,12 @@
-//! The Redis seq allocator against a real Redis: seqs strictly increase, a 2,000-member fan-out is
-//! allocated in one call, and after Redis loses its keys (and its scripts) allocation resumes above
-//! every stored seq without overwriting a stored message.
+//! The Redis seq allocator against a real Redis and a real 3-master Redis Cluster (every test runs
+//! on both, see [`on_both`]): seqs strictly increase, a 2,000-member fan-out is allocated in one
+//! call (one per master on a cluster), and after Redis loses its keys (and its scripts) allocation
+//! resumes above every stored seq without overwriting a stored message. On the cluster, one master
+//! losing everything (FLUSHALL) recovers its users while the other masters' users carry on.
 //!
 //! Tests use fresh user ids and delete only their own keys, so they can share one Redis with
-//! other tests.
+//! other tests (the FLUSHALL test flushes a master of the test cluster, whose only other users are
+//! these tests' fresh users: it checks only its own users and re-seeds nothing).
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -26,18 +29,106 @@ fn user_id() -> i64 {
         .next_i64()
 }
 
-/// The allocator under test over `messages`, plus a plain client for poking at Redis.
-async fn allocator(messages: Arc<dyn MessageStore>) -> (RedisSeq, Client) {
-    let url = zhibo_testkit::require_redis().await;
-    let seq = RedisSeq::connect(&url, messages)
-        .await
-        .expect("connect RedisSeq");
-    let client = Builder::from_config(Config::from_url(&url).expect("url"))
+/// Which Redis a test runs against.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// One Redis server.
+    Standalone,
+    /// The 3-master Redis Cluster of the harness.
+    Cluster,
+}
+
+/// A plain client on the Redis under test, for poking at it behind the allocator's back.
+struct Redis {
+    /// Routes each key to its master on a cluster.
+    client: Client,
+    /// One client per server (the single server, or each master).
+    servers: Vec<Client>,
+}
+
+async fn client(url: &str) -> Client {
+    let client = Builder::from_config(Config::from_url(url).expect("url"))
         .build()
         .expect("client");
     client.init().await.expect("connect client");
-    (seq, client)
+    client
 }
+
+impl Redis {
+    /// Deletes `keys` one by one (they may live on different masters).
+    async fn del(&self, keys: &[String]) {
+        for key in keys {
+            let _: i64 = self.client.del(key.as_str()).await.expect("del");
+        }
+    }
+
+    /// Forgets the loaded scripts on every server, as a restart would.
+    async fn script_flush(&self) {
+        for server in &self.servers {
+            server.script_flush(false).await.expect("script flush");
+        }
+    }
+}
+
+/// The allocator under test over `messages`, plus a plain client for poking at Redis.
+async fn allocator(target: Target, messages: Arc<dyn MessageStore>) -> (RedisSeq, Redis) {
+    let (url, servers) = match target {
+        Target::Standalone => {
+            let url = zhibo_testkit::require_redis().await;
+            (url.clone(), vec![url])
+        }
+        Target::Cluster => {
+            let masters = zhibo_testkit::require_redis_cluster().await;
+            (zhibo_testkit::redis_cluster_url(&masters), masters)
+        }
+    };
+    let seq = RedisSeq::connect(&url, messages)
+        .await
+        .expect("connect RedisSeq");
+    let mut clients = Vec::new();
+    for server in &servers {
+        clients.push(client(server).await);
+    }
+    let redis = Redis {
+        client: client(&url).await,
+        servers: clients,
+    };
+    (seq, redis)
+}
+
+/// Held shared by every cluster test, exclusively by the one that flushes a master: a FLUSHALL
+/// must not pull counters from under a test that expects them to count 1, 2, 3.
+static CLUSTER_FLUSH: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Runs each listed test against one Redis (`standalone::name`) and the Redis Cluster
+/// (`cluster::name`).
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Target::Standalone).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let _shared = super::CLUSTER_FLUSH.read().await;
+                    super::$name(super::Target::Cluster).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    seqs_strictly_increase_per_user,
+    fan_out_of_2000_users_in_one_call,
+    allocation_resumes_above_stored_seqs_after_redis_loses_its_keys,
+);
 
 fn store() -> Arc<EmbeddedBackend> {
     Arc::new(EmbeddedBackend::temporary().expect("in-memory store"))
@@ -56,9 +147,8 @@ fn message(user: i64, seq: u64, body: &str) -> Message {
     }
 }
 
-#[tokio::test]
-async fn seqs_strictly_increase_per_user() {
-    let (seq, _client) = allocator(store()).await;
+async fn seqs_strictly_increase_per_user(target: Target) {
+    let (seq, _redis) = allocator(target, store()).await;
     let (a, b) = (user_id(), user_id());
     let mut last = 0;
     for _ in 0..100 {
@@ -85,9 +175,8 @@ async fn seqs_strictly_increase_per_user() {
     );
 }
 
-#[tokio::test]
-async fn fan_out_of_2000_users_in_one_call() {
-    let (seq, _client) = allocator(store()).await;
+async fn fan_out_of_2000_users_in_one_call(target: Target) {
+    let (seq, _redis) = allocator(target, store()).await;
     let users: Vec<i64> = (0..2_000).map(|_| user_id()).collect();
     let started = Instant::now();
     let first = seq.next(&users).await.expect("first fan-out");
@@ -102,10 +191,9 @@ async fn fan_out_of_2000_users_in_one_call() {
     );
 }
 
-#[tokio::test]
-async fn allocation_resumes_above_stored_seqs_after_redis_loses_its_keys() {
+async fn allocation_resumes_above_stored_seqs_after_redis_loses_its_keys(target: Target) {
     let messages = store();
-    let (seq, client) = allocator(messages.clone()).await;
+    let (seq, redis) = allocator(target, messages.clone()).await;
     let (busy, empty, group_member) = (user_id(), user_id(), user_id());
 
     // Normal traffic: seqs allocated, messages stored at them.
@@ -132,8 +220,8 @@ async fn allocation_resumes_above_stored_seqs_after_redis_loses_its_keys() {
         .iter()
         .map(|&u| seq_key(u))
         .collect();
-    let _: i64 = client.del(keys).await.expect("del");
-    client.script_flush(false).await.expect("script flush");
+    redis.del(&keys).await;
+    redis.script_flush().await;
     assert_eq!(
         seq.current(busy).await.expect("current"),
         busy_max,
@@ -182,6 +270,72 @@ async fn allocation_resumes_above_stored_seqs_after_redis_loses_its_keys() {
     }
     // And allocation simply continues from the recovered counter.
     assert_eq!(seq.next(&[busy]).await.expect("next")[0], after[0] + 1);
+}
+
+/// One master of the cluster loses every key (FLUSHALL) mid-run: its users' counters restart above
+/// their stored seqs (with the margin), the other masters' users advance by exactly one, and no
+/// stored message is overwritten.
+#[tokio::test]
+async fn cluster_master_flushall_mid_run() {
+    let _exclusive = CLUSTER_FLUSH.write().await;
+    let messages = store();
+    let (seq, redis) = allocator(Target::Cluster, messages.clone()).await;
+    // Enough users that every master owns some (60 random slots miss one of 3 masters with
+    // probability (2/3)^60).
+    let users: Vec<i64> = (0..60).map(|_| user_id()).collect();
+    for round in 1..=3u64 {
+        let seqs = seq.next(&users).await.expect("next");
+        assert_eq!(
+            seqs,
+            vec![round; users.len()],
+            "one call across every master"
+        );
+        let rows: Vec<(i64, Message)> = users
+            .iter()
+            .zip(&seqs)
+            .map(|(&u, &s)| (u, message(u, s, &format!("old {round}"))))
+            .collect();
+        messages.append_many(&rows).await.expect("append");
+    }
+
+    let _: () = redis.servers[0].flushall(false).await.expect("flushall");
+
+    let after = seq
+        .next(&users)
+        .await
+        .expect("next after one master lost its keys");
+    let recovered = 3 + RECOVERY_MARGIN + 1;
+    let flushed = after.iter().filter(|&&s| s == recovered).count();
+    let kept = after.iter().filter(|&&s| s == 4).count();
+    assert_eq!(
+        flushed + kept,
+        users.len(),
+        "every user either recovered above its stored seqs or carried on: {after:?}"
+    );
+    assert!(
+        flushed > 0,
+        "the flushed master owned some users: {after:?}"
+    );
+    assert!(kept > 0, "the other masters kept theirs: {after:?}");
+
+    let rows: Vec<(i64, Message)> = users
+        .iter()
+        .zip(&after)
+        .map(|(&u, &s)| (u, message(u, s, "new")))
+        .collect();
+    messages
+        .append_many(&rows)
+        .await
+        .expect("append after the flush");
+    for &user in &users {
+        let inbox = messages.sync(user, 0, 100).await.expect("sync");
+        let bodies: Vec<&[u8]> = inbox.iter().map(|m| m.content.as_ref()).collect();
+        assert_eq!(bodies, vec![&b"old 1"[..], b"old 2", b"old 3", b"new"]);
+        assert!(inbox.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+    // Allocation goes on from wherever each counter stands.
+    let next = seq.next(&users).await.expect("next");
+    assert!(next.iter().zip(&after).all(|(n, a)| *n == a + 1));
 }
 
 /// A client failure keeps fred's error as the source of the store error.

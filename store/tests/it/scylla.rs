@@ -325,3 +325,62 @@ async fn edges(store: &ScyllaBackend) {
     );
     assert_eq!(store.get_dedup(1, "m1").await.expect("get"), Some(first));
 }
+
+/// Every statement is counted by kind in `CQL_OPS` (the `zhibo_cql_operations_total` metric): a read,
+/// a plain write, a lightweight transaction and a batch each move their own counter. Other tests of
+/// this binary run concurrently in the same process, so each counter is checked to have grown.
+#[tokio::test]
+async fn cql_operations_are_counted_by_kind() {
+    with_keyspace(session().await, |session, keyspace| async move {
+        backend::migrate(&session, &keyspace, 1)
+            .await
+            .expect("migrate");
+        let store = ScyllaBackend::new(session, &keyspace)
+            .await
+            .expect("prepare");
+        let count = |kind: &str| {
+            backend::CQL_OPS
+                .by_kind()
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|&(_, n)| n)
+                .expect("kind")
+        };
+        let message = |seq: u64| Message {
+            message_id: seq,
+            seq,
+            sender_user_id: 7,
+            receiver_type: 1,
+            receiver_id: 7,
+            content: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        let before = ["read", "write", "lwt", "batch"].map(count);
+        store.max_seq(7).await.expect("read");
+        store.append(7, &message(1)).await.expect("write");
+        let plan = SendPlan {
+            message_id: 9,
+            seq: 1,
+            server_time_ms: 1,
+            recipients: vec![(7, 1)],
+        };
+        store
+            .put_dedup_if_absent(7, "counted", &plan)
+            .await
+            .expect("lwt");
+        store
+            .append_many(&[(7, message(2)), (7, message(3))])
+            .await
+            .expect("batch");
+        let after = ["read", "write", "lwt", "batch"].map(count);
+        for (i, kind) in ["read", "write", "lwt", "batch"].iter().enumerate() {
+            assert!(
+                after[i] > before[i],
+                "{kind}: {} -> {}",
+                before[i],
+                after[i]
+            );
+        }
+    })
+    .await;
+}

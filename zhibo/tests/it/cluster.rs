@@ -51,6 +51,17 @@ impl GatewayAddrs {
     }
 }
 
+/// A node of a distributed [`Cluster`], for per-node configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Node {
+    /// Gateway `i` (0 or 1).
+    Gateway(usize),
+    /// An in-process logic worker.
+    Worker,
+    /// The user-api node.
+    Api,
+}
+
 pub(crate) struct Cluster {
     pub(crate) api: Api,
     pub(crate) api_base: String,
@@ -289,21 +300,31 @@ impl Cluster {
     }
 
     /// [`Cluster::distributed_with`] with a configuration tweak applied to every node (e.g. another NATS
-    /// server, smaller queues).
+    /// server or Redis, smaller queues).
     pub(crate) async fn distributed_tweaked(
         workers: usize,
         tweak: impl FnOnce(&mut Config),
+    ) -> Cluster {
+        Self::distributed_per_node(workers, tweak, |_, _| {}).await
+    }
+
+    /// [`Cluster::distributed_tweaked`], then `per_node` applied to each node's own copy of the
+    /// configuration (e.g. each gateway on another NATS server of a cluster).
+    pub(crate) async fn distributed_per_node(
+        workers: usize,
+        tweak: impl FnOnce(&mut Config),
+        per_node: impl Fn(Node, &mut Config),
     ) -> Cluster {
         let nats = zhibo_testkit::require_nats().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();
         config.bus.nats_url = nats;
+        config.store.redis_url = redis;
         tweak(&mut config);
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![cql];
         config.store.keyspace = shared_keyspace(&config).await;
-        config.store.redis_url = redis.clone();
         let shutdown = CancellationToken::new();
         let mut nodes = Vec::new();
         let mut gateways = Vec::new();
@@ -311,6 +332,7 @@ impl Cluster {
         for i in 0..2 {
             let mut c = config.clone();
             c.gateway.gateway_id = format!("gw-{}-{i}", std::process::id());
+            per_node(Node::Gateway(i), &mut c);
             let backends = zhibo::connect(&c, "e2e-gateway")
                 .await
                 .expect("gateway backends");
@@ -325,7 +347,9 @@ impl Cluster {
             nodes.push(tokio::spawn(zhibo::run(c, backends, bound, stop)));
         }
         for _ in 0..workers {
-            let backends = zhibo::connect(&config, "e2e-logic")
+            let mut c = config.clone();
+            per_node(Node::Worker, &mut c);
+            let backends = zhibo::connect(&c, "e2e-logic")
                 .await
                 .expect("logic backends");
             let bound = Bound {
@@ -333,13 +357,15 @@ impl Cluster {
                 ..Bound::default()
             };
             nodes.push(tokio::spawn(zhibo::run(
-                config.clone(),
+                c,
                 backends,
                 bound,
                 shutdown.clone(),
             )));
         }
-        let backends = zhibo::connect(&config, "e2e-api")
+        let mut api_config = config.clone();
+        per_node(Node::Api, &mut api_config);
+        let backends = zhibo::connect(&api_config, "e2e-api")
             .await
             .expect("api backends");
         let stores = backends.stores.clone();
@@ -352,7 +378,7 @@ impl Cluster {
             ..Bound::default()
         };
         nodes.push(tokio::spawn(zhibo::run(
-            config.clone(),
+            api_config,
             backends,
             bound,
             shutdown.clone(),
@@ -367,7 +393,7 @@ impl Cluster {
             api,
             api_base: base,
             gateways,
-            redis_url: Some(redis),
+            redis_url: Some(config.store.redis_url.clone()),
             ops_addr: None,
             config: Some(config),
             gateway_stops,

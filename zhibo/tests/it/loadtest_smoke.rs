@@ -144,3 +144,23 @@ async fn loadtest_fails_fast_when_a_spawned_process_exits() {
         "{e:#}"
     );
 }
+
+/// `bench ceilings` measures the CQL ceiling too (plain inserts, LWT inserts, point reads on the test
+/// node, in a scratch keyspace it drops): every figure comes back positive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceilings_include_cql() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut a = BenchArgs::new(Scenario::Ceilings);
+    a.nats_url = zhibo_testkit::require_nats().await;
+    a.redis_url = zhibo_testkit::require_redis().await;
+    a.cql_node = zhibo_testkit::require_cql().await;
+    a.out = out.path().to_path_buf();
+    a.no_write = true;
+    a.ceiling_secs = 0.2;
+    let r = run_scenario(a).await.expect("ceilings");
+    let c = r.ceilings.expect("ceilings measured");
+    assert!(
+        c.cql_insert_per_s > 0.0 && c.cql_lwt_per_s > 0.0 && c.cql_read_per_s > 0.0,
+        "{c:?}"
+    );
+}

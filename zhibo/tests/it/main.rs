@@ -35,6 +35,7 @@ macro_rules! both_modes {
 mod bad_input;
 mod cli;
 mod cluster;
+mod clustered_infra;
 mod faults;
 mod ids;
 mod isolation;
