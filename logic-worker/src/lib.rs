@@ -34,8 +34,8 @@ mod error;
 mod events;
 mod hook;
 mod ids;
-mod push;
 mod moderation;
+mod push;
 mod room;
 mod send;
 mod sync;
@@ -52,8 +52,8 @@ pub use error::{LogicError, Op};
 use hook::BeforeSendHook;
 pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};
 use ids::MessageIds;
-pub use push::PushHook;
 pub use moderation::{ListedViewer, ViewerList, MAX_VIEWERS, VIEWERS_WAIT};
+pub use push::PushHook;
 
 /// The message pipeline.
 pub struct Logic {

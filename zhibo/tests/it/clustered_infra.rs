@@ -26,6 +26,7 @@ fn text(receiver_type: ReceiverType, receiver_id: i64, client_msg_id: &str, body
         client_msg_id: client_msg_id.into(),
         content_type: 1,
         content: Bytes::from(body.to_owned()),
+        ..Default::default()
     })
 }
 
