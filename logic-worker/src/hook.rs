@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tracing::warn;
 use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{ErrorCode, ReceiverType, SendMessageInput};
@@ -129,7 +127,8 @@ pub(crate) struct BeforeSendHook {
     timeout: Duration,
     policy: FailurePolicy,
     receivers: Vec<HookReceiver>,
-    key: Hmac<Sha256>,
+    /// The HMAC key (`hooks.secret`); never shown by `Debug`.
+    secret: Vec<u8>,
 }
 
 impl std::fmt::Debug for BeforeSendHook {
@@ -217,15 +216,13 @@ impl BeforeSendHook {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("hook HTTP client: {e}"))?;
-        let key = Hmac::<Sha256>::new_from_slice(config.secret.as_bytes())
-            .map_err(|e| format!("hook secret: {e}"))?;
         Ok(Some(BeforeSendHook {
             client,
             url,
             timeout,
             policy: b.failure_policy,
             receivers: b.receivers.clone(),
-            key,
+            secret: config.secret.as_bytes().to_vec(),
         }))
     }
 
@@ -305,7 +302,12 @@ impl BeforeSendHook {
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let signature = sign(self.key.clone(), timestamp, &body);
+        // The push relay's signature scheme (`v1=` HMAC-SHA256 over `timestamp.body`), shared code.
+        let signature = zhibo_push::sign::sign(
+            &self.secret,
+            i64::try_from(timestamp).unwrap_or(i64::MAX),
+            &body,
+        );
         let response = self
             .client
             .post(self.url.clone())
@@ -367,21 +369,6 @@ fn decide(body: &[u8], max_content: usize) -> Result<Decision, String> {
     })
 }
 
-/// `v1=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
-fn sign(mut mac: Hmac<Sha256>, timestamp: u64, body: &[u8]) -> String {
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let tag = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(3 + tag.len() * 2);
-    out.push_str("v1=");
-    for b in tag {
-        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,22 +404,6 @@ mod tests {
             Ok(Decision::Reject { text, .. }) => assert!(text.len() <= MAX_REJECT_TEXT),
             other => panic!("{other:?}"),
         }
-    }
-
-    /// The signature is HMAC-SHA256 over `timestamp.body`, checked against a computation over the joined
-    /// string.
-    #[test]
-    fn the_signature_covers_timestamp_and_body() {
-        let key = Hmac::<Sha256>::new_from_slice(b"0123456789abcdef").expect("key");
-        let a = sign(key.clone(), 1_700_000_000, b"{\"x\":1}");
-        assert!(a.starts_with("v1=") && a.len() == 3 + 64, "{a}");
-        let mut mac = key.clone();
-        mac.update(b"1700000000.{\"x\":1}");
-        let expected = mac.finalize().into_bytes();
-        let hex: String = expected.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(a, format!("v1={hex}"));
-        assert_ne!(a, sign(key.clone(), 1_700_000_001, b"{\"x\":1}"));
-        assert_ne!(a, sign(key, 1_700_000_000, b"{\"x\":2}"));
     }
 
     /// Only the configured receiver types are checked; no URL means no hook at all.

@@ -291,9 +291,10 @@ async function main() {
       await b2.locator('#room-composer button').click();
       await a.locator('#room-log li', { hasText: 'still here after your reconnect' }).waitFor();
       for (const p of [a, b2]) await peer(p, p === a ? bob.username : alice.username).click();
-      await a.locator('#room-composer [name=text]').fill('前方高能 666');
+      // A text of its own: step 9's danmaku may still be crossing the stage (6-8 s).
+      await a.locator('#room-composer [name=text]').fill('再来一波 666');
       await a.locator('#room-composer button').click();
-      await b2.locator('#stage .danmaku', { hasText: '前方高能 666' }).waitFor();
+      await b2.locator('#stage .danmaku', { hasText: '再来一波 666' }).waitFor();
     });
 
     if (SCREENSHOT) {
