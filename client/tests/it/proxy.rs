@@ -72,7 +72,9 @@ impl Proxy {
             while let Some(Ok(p)) = from_server.next().await {
                 let pass = {
                     let mut s = self.state.lock().expect("lock");
-                    if s.mute {
+                    // A cut connection passes nothing more, even before the select below sees the cut:
+                    // `cut` also unmutes, and a packet muted until then must not slip through.
+                    if s.mute || cut.is_cancelled() {
                         false
                     } else if s.drop_pushes > 0 && matches!(p.body, Some(Body::Message(_))) {
                         s.drop_pushes -= 1;
