@@ -15,33 +15,9 @@
 #[allow(dead_code)]
 mod cluster;
 
-/// `both_modes!` of tests/it (a copy: that one lives in the other test binary's root).
-macro_rules! both_modes {
-    ($fixture:path, $threads:literal, $($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
-                async fn $name() {
-                    use $fixture as Fixture;
-                    let fixture = Fixture::embedded().await;
-                    super::$name(&fixture).await;
-                    fixture.stop().await;
-                }
-            )*
-        }
-        mod distributed {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
-                async fn $name() {
-                    use $fixture as Fixture;
-                    let fixture = Fixture::distributed().await;
-                    super::$name(&fixture).await;
-                    fixture.stop().await;
-                }
-            )*
-        }
-    };
-}
+#[macro_use]
+#[path = "it/both_modes.rs"]
+mod both_modes;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
