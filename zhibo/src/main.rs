@@ -149,12 +149,7 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
                     })?,
             )
         };
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signal.cancel();
-        });
+        let shutdown = shutdown_on_signal();
         return zhibo::run_push_relay(config, ops, shutdown).await;
     }
     let backends = zhibo::connect(&config, role.service_name()).await?;
@@ -181,6 +176,8 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding the ops endpoint on {}", config.metrics_addr))?,
         );
     }
+    // Registered before the banner: a supervisor may send SIGTERM as soon as it reads it.
+    let shutdown = shutdown_on_signal();
     if role == Role::Dev {
         let (tcp, ws, quic) = bound
             .gateway
@@ -213,33 +210,34 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
             println!("  web page   http://{}/", config.api_addr);
         }
     }
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signal.cancel();
-    });
     zhibo::run(config, backends, bound, shutdown).await
 }
 
-async fn wait_for_signal() {
+/// A token cancelled at SIGTERM or Ctrl-C. The SIGTERM handler is registered before this returns, so a
+/// signal sent right after the caller announces readiness is not lost to the default action.
+fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        match term {
+            Some(mut term) => {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
                 }
             }
-            Err(_) => {
+            None => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        signal.cancel();
+    });
+    shutdown
 }
