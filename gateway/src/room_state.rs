@@ -311,6 +311,9 @@ impl RoomState {
         if !known.is_empty() {
             v.seen = Some((known, now + SEEN_FOR));
         }
+        // The count this viewer was told is the baseline of the next presence tick when none was
+        // recorded yet: a first tick that runs after a second viewer joined must still tell the first.
+        self.last_online.get_or_insert(online);
         Some((recent, online))
     }
 
@@ -675,17 +678,32 @@ mod tests {
         frame_of(b).messages.iter().map(|m| m.message_id).collect()
     }
 
+    /// Adds all `viewers` before readying any, so each is told the full count (and the first presence
+    /// tick has no changed count to tell).
+    fn join_all(
+        r: &mut RoomState,
+        viewers: Vec<(Viewer, mpsc::Receiver<Bytes>)>,
+        t0: Instant,
+    ) -> Vec<mpsc::Receiver<Bytes>> {
+        let n = viewers.len() as u64;
+        let mut rxs = Vec::new();
+        let mut conns = Vec::new();
+        for (v, rx) in viewers {
+            conns.push(v.conn_id);
+            r.add_viewer(v, false);
+            rxs.push(rx);
+        }
+        for c in conns {
+            assert_eq!(r.ready(c, vec![], t0).expect("ready").1, n);
+        }
+        rxs
+    }
+
     /// A room at `t0` past its first presence tick (so only the batch window is pending), with
     /// `viewers` ready viewers whose queues hold `cap` frames.
     fn room(t0: Instant, viewers: u64, cap: usize) -> (RoomState, Vec<mpsc::Receiver<Bytes>>) {
         let mut r = RoomState::new(5, "gw".into(), config(), t0);
-        let mut rxs = Vec::new();
-        for c in 1..=viewers {
-            let (v, rx) = viewer(c, cap);
-            r.add_viewer(v, false);
-            r.ready(c, vec![], t0).expect("ready");
-            rxs.push(rx);
-        }
+        let rxs = join_all(&mut r, (1..=viewers).map(|c| viewer(c, cap)).collect(), t0);
         assert_eq!(r.on_tick(t0).presence, Some(viewers));
         (r, rxs)
     }
@@ -773,13 +791,7 @@ mod tests {
             ..RoomConfig::default()
         };
         let mut r = RoomState::new(5, "gw".into(), config, t0);
-        let mut rxs = Vec::new();
-        for c in 1..=50 {
-            let (v, rx) = viewer(c, 8);
-            r.add_viewer(v, false);
-            r.ready(c, vec![], t0);
-            rxs.push(rx);
-        }
+        let mut rxs = join_all(&mut r, (1..=50).map(|c| viewer(c, 8)).collect(), t0);
         r.on_tick(t0);
         // One message every 100 ms (10/s × 50 viewers = 500 deliveries/s): a window of ~2.5 ms.
         for i in 0..20u64 {
@@ -807,13 +819,7 @@ mod tests {
             ..RoomConfig::default()
         };
         let mut r = RoomState::new(5, "gw".into(), config, t0);
-        let mut rxs = Vec::new();
-        for c in 1..=100 {
-            let (v, rx) = viewer(c, 1024);
-            r.add_viewer(v, false);
-            r.ready(c, vec![], t0);
-            rxs.push(rx);
-        }
+        let mut rxs = join_all(&mut r, (1..=100).map(|c| viewer(c, 1024)).collect(), t0);
         r.on_tick(t0);
         // 1000 messages/s for 2 s, 100 viewers: 100k deliveries/s, ten times the full-window load.
         let mut sent_at = HashMap::new();
@@ -1070,6 +1076,24 @@ mod tests {
         assert_eq!(f.online_count, 3);
     }
 
+    /// A viewer told one count in its `SubscribeRoomOutput` learns the new one even when the room's
+    /// first presence tick only runs after the second viewer joined (the CLI test saw this race).
+    #[test]
+    fn a_first_tick_after_a_second_join_tells_the_first_viewer() {
+        let t0 = Instant::now();
+        let mut r = RoomState::new(5, "gw".into(), config(), t0);
+        let (a, mut rx_a) = viewer(1, 8);
+        r.add_viewer(a, false);
+        assert_eq!(r.ready(1, vec![], t0).expect("ready").1, 1);
+        let (b, _rx_b) = viewer(2, 8);
+        r.add_viewer(b, false);
+        assert_eq!(r.ready(2, vec![], t0).expect("ready").1, 2);
+        assert_eq!(r.on_tick(t0).presence, Some(2));
+        let f = frame_of(&rx_a.try_recv().expect("count refresh"));
+        assert!(f.messages.is_empty());
+        assert_eq!(f.online_count, 2);
+    }
+
     fn from(id: u64, sender: i64) -> Message {
         Message {
             sender_user_id: sender,
@@ -1091,15 +1115,13 @@ mod tests {
             ..config()
         };
         let mut r = RoomState::new(5, "gw".into(), config, t0);
-        let mut rxs = Vec::new();
-        for (c, user) in users.iter().enumerate() {
+        r.set_chat_per_sec(chat_per_sec, t0);
+        let viewers = users.iter().enumerate().map(|(c, user)| {
             let (mut v, rx) = viewer(c as u64 + 1, cap);
             v.user_id = *user;
-            r.add_viewer(v, false);
-            r.set_chat_per_sec(chat_per_sec, t0);
-            r.ready(c as u64 + 1, vec![], t0).expect("ready");
-            rxs.push(rx);
-        }
+            (v, rx)
+        });
+        let rxs = join_all(&mut r, viewers.collect(), t0);
         r.on_tick(t0);
         (r, rxs)
     }
