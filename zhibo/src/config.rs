@@ -177,6 +177,9 @@ pub struct Config {
     pub push: zhibo_push::PushConfig,
     /// Hooks into the app backend (the before-send hook), called by logic workers.
     pub hooks: zhibo_logic::HooksConfig,
+    /// Event webhooks (user online/offline, message stored, group membership), delivered like push
+    /// events (signed with `push.secret`, by push-relay or in embedded mode in-process).
+    pub webhooks: zhibo_push::WebhooksConfig,
 }
 
 impl Default for Config {
@@ -194,6 +197,7 @@ impl Default for Config {
             api: zhibo_user_api::ApiConfig::default(),
             push: zhibo_push::PushConfig::default(),
             hooks: zhibo_logic::HooksConfig::default(),
+            webhooks: zhibo_push::WebhooksConfig::default(),
         }
     }
 }
@@ -307,6 +311,15 @@ impl Config {
             .push
             .validate(embedded_push)
             .map_err(|e| format!("push: {e}"))?;
+        config
+            .webhooks
+            .validate()
+            .map_err(|e| format!("webhooks: {e}"))?;
+        if !config.webhooks.url.is_empty() && config.push.secret.len() < 16 {
+            return Err(
+                "push: push.secret must be at least 16 bytes (it signs webhooks too)".into(),
+            );
+        }
         Ok(config)
     }
 }
