@@ -403,6 +403,35 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_are_configured_from_env_and_off_by_default() {
+        let c = Config::load_from(None, vars(&[])).expect("defaults");
+        assert!(!c.webhooks.enabled(), "off by default");
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_PUSH__SECRET", "0123456789abcdef0123"),
+                ("ZHIBO_WEBHOOKS__URL", "https://backend/events"),
+                (
+                    "ZHIBO_WEBHOOKS__EVENTS",
+                    r#"["user.online","message.stored"]"#,
+                ),
+            ]),
+        )
+        .expect("webhooks");
+        assert!(c.webhooks.wants(zhibo_push::EventType::UserOnline));
+        assert!(!c.webhooks.wants(zhibo_push::EventType::UserOffline));
+        let e = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_WEBHOOKS__URL", "https://backend/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.online"]"#),
+            ]),
+        )
+        .expect_err("no secret");
+        assert!(e.contains("push.secret"), "{e}");
+    }
+
+    #[test]
     fn the_before_send_hook_is_configured_from_env() {
         let c = Config::load_from(None, vars(&[])).expect("defaults");
         assert!(c.hooks.before_send.url.is_empty(), "off by default");

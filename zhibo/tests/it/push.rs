@@ -904,7 +904,7 @@ async fn push_relay_refuses_a_bad_configuration() {
     let nats = zhibo_testkit::nats_url();
     /// (role, variables, the field the refusal names)
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 7] = [
         (
             "push-relay",
             vec![("ZHIBO_PUSH__SECRET", PUSH_SECRET)],
@@ -933,6 +933,32 @@ async fn push_relay_refuses_a_bad_configuration() {
                 ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
             ],
             "push.url",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.online"]"#),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "webhooks.url",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_WEBHOOKS__URL", "https://app.example.com/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.typing"]"#),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "user.typing",
+        ),
+        (
+            "push-relay",
+            vec![
+                ("ZHIBO_WEBHOOKS__URL", "https://app.example.com/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["message.stored"]"#),
+                ("ZHIBO_PUSH__SECRET", "987654321"),
+            ],
+            "push.secret",
         ),
     ];
     for (role, env, field) in cases {
