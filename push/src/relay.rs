@@ -310,11 +310,14 @@ async fn handle(
 const OUTBOX_PAGE: usize = 256;
 
 /// Runs the embedded relay until `shutdown`: delivers what the store's `outbox` holds — first what a
-/// previous run left, then each new entry when `wake` is notified (by [`crate::sink::OutboxSink`]) —
-/// with the same attempts, backoff and concurrency limit as [`run`], and removes each entry once
-/// delivered. An entry given up on after `max_attempts` is logged, counted as dead-lettered and
-/// removed. At shutdown, entries not delivered yet stay in the outbox for the next start; one
-/// delivered but not yet removed is delivered again then (at least once, same key).
+/// previous run left, then new entries as `wake` is notified (by [`crate::sink::OutboxSink`], with
+/// `notify_waiters`) — with the same attempts, backoff and concurrency limit as [`run`], and removes
+/// each entry once delivered. One delivery loop per topic, each with its own cursor and
+/// `push.concurrency` permits (as [`run`]'s consumers), so a failing webhook target never holds up
+/// push events. An entry given up on after `max_attempts` is logged, counted as dead-lettered and
+/// removed; one whose topic has no configured target (or none known) is logged and removed. At
+/// shutdown, entries not delivered yet stay in the outbox for the next start; one delivered but not
+/// yet removed is delivered again then (at least once, same key).
 ///
 /// # Errors
 /// [`Error::Http`] when the HTTP client cannot be built.
@@ -327,12 +330,40 @@ pub async fn run_outbox(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let targets = Targets::new(&config, &webhooks, &metrics)?;
+    let config = Arc::new(config);
+    info!(url = %config.url, "push-relay (embedded outbox) delivering");
+    let loops = [Topic::Push, Topic::Webhook].map(|topic| {
+        outbox_loop(
+            topic,
+            targets.of(topic).cloned(),
+            outbox.clone(),
+            wake.clone(),
+            config.clone(),
+            shutdown.clone(),
+        )
+    });
+    futures::future::join_all(loops).await;
+    Ok(())
+}
+
+/// Delivers the outbox entries of `topic` (the push loop also takes entries of unknown topics, to
+/// drop them) to `deliverer` (`None`: dropped) until `shutdown`.
+async fn outbox_loop(
+    topic: Topic,
+    deliverer: Option<Deliverer>,
+    outbox: Arc<dyn OutboxStore>,
+    wake: Arc<Notify>,
+    config: Arc<PushConfig>,
+    shutdown: CancellationToken,
+) {
+    let mine = |e: &OutboxEntry| match Topic::parse(&e.event.topic) {
+        Some(t) => t == topic,
+        None => topic == Topic::Push,
+    };
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
-    let config = Arc::new(config);
     let mut cursor = 0;
     let mut page = std::collections::VecDeque::new();
-    info!(url = %config.url, "push-relay (embedded outbox) delivering");
     'relay: loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -342,17 +373,19 @@ pub async fn run_outbox(
             if let Some(entry) = page.pop_front() {
                 break entry;
             }
+            // Registered before the read: a wake-up sent during it is not missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             match outbox.pending(cursor, OUTBOX_PAGE).await {
                 Ok(entries) if !entries.is_empty() => {
                     cursor = entries.last().map_or(cursor, |e| e.id);
-                    page.extend(entries);
-                    continue;
+                    page.extend(entries.into_iter().filter(|e| mine(e)));
                 }
                 Ok(_) => {
-                    // A wake-up sent since the read is kept (`notify_one`), so none is missed.
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'relay,
-                        _ = wake.notified() => {}
+                        _ = woken => {}
                     }
                 }
                 Err(e) => {
@@ -364,8 +397,8 @@ pub async fn run_outbox(
                 }
             }
         };
-        let (targets, config, stop, outbox) = (
-            targets.clone(),
+        let (deliverer, config, stop, outbox) = (
+            deliverer.clone(),
             config.clone(),
             shutdown.clone(),
             outbox.clone(),
@@ -373,7 +406,7 @@ pub async fn run_outbox(
         tracker.spawn(
             async move {
                 let key = entry.event.key.clone();
-                let done = match Topic::parse(&entry.event.topic).and_then(|t| targets.of(t)) {
+                let done = match &deliverer {
                     Some(deliverer) => {
                         deliver_with_retries(&key, &entry.event.body, deliverer, &config, &stop)
                             .await
@@ -385,17 +418,16 @@ pub async fn run_outbox(
                 };
                 if done {
                     if let Err(e) = outbox.remove(entry.id).await {
-                        warn!(key, error = %e, "delivered push event not removed from the outbox; it is sent again after a restart");
+                        warn!(key, error = %e, "delivered event not removed from the outbox; it is sent again after a restart");
                     }
                 }
                 drop(permit);
             }
-            .instrument(tracing::info_span!("push.deliver")),
+            .instrument(tracing::info_span!("push.deliver", topic = topic.as_str())),
         );
     }
     tracker.close();
     tracker.wait().await;
-    Ok(())
 }
 
 /// Attempts `body` until delivered (true), given up after `max_attempts` (true: counted as

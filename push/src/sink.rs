@@ -309,7 +309,8 @@ impl PushSink for OutboxSink {
         match self.outbox.enqueue(&events).await {
             Ok(_) => {
                 self.metrics.published.inc_by(n);
-                self.wake.notify_one();
+                // Every delivery loop (one per topic) reads on.
+                self.wake.notify_waiters();
             }
             Err(e) => {
                 warn!(error = %e, "push events not written to the outbox");
