@@ -34,7 +34,7 @@ pub(crate) static JETSTREAM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_
 
 /// A request the receiver accepted: verified signature, event parsed.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     event: PushEvent,
     body: Bytes,
     timestamp: String,
@@ -276,7 +276,11 @@ impl Receiver {
     }
 
     /// Waits until every key of `keys` was accepted for `user_id`; returns the accepted events.
-    async fn wait_for_keys(&self, user_id: i64, keys: &HashSet<String>) -> Vec<Received> {
+    pub(crate) async fn wait_for_keys(
+        &self,
+        user_id: i64,
+        keys: &HashSet<String>,
+    ) -> Vec<Received> {
         eventually("every push event accepted", WAIT, || {
             let got = self.events_for(user_id);
             let seen: HashSet<String> = got

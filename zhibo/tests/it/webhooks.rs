@@ -177,3 +177,34 @@ async fn distributed_webhook_events_reach_the_app_backend() {
     webhook_events_reach_the_app_backend(&cluster, &receiver).await;
     cluster.stop().await;
 }
+
+/// Embedded: the webhook target unreachable (its events retried forever) does not hold up push events,
+/// even with one request in flight at a time: each topic has its own delivery loop and permits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_failing_webhook_target_does_not_hold_up_push_events() {
+    let receiver = Receiver::start().await;
+    // A port nobody listens on: every webhook attempt is refused.
+    let unreachable = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}/webhook", l.local_addr().expect("addr"))
+    };
+    let cluster = embedded(&receiver, |c| {
+        c.push.concurrency = 1;
+        c.webhooks.url = unreachable;
+        c.webhooks.events = vec!["message.stored".into()];
+    })
+    .await;
+    let a = cluster.user("xa").await;
+    let b = cluster.user("xb").await;
+    cluster.befriend(&a, &b).await;
+    let mut ca = cluster.connect(Transport::Tcp, 0, &a).await;
+    let mut expected = HashSet::new();
+    for i in 0..3 {
+        let out = send(&mut ca, ReceiverType::User, b.user_id, &format!("x-{i}")).await;
+        expected.insert(crate::push::key(&out, b.user_id));
+    }
+    let got = receiver.wait_for_keys(b.user_id, &expected).await;
+    assert_eq!(got.len(), expected.len());
+    assert!(receiver.webhooks().is_empty());
+    cluster.stop().await;
+}
