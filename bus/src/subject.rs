@@ -9,8 +9,9 @@
 //! | `<prefix>.broadcast`       | logic worker (user-api)   | every gateway                               |
 //! | `<prefix>.push.event`      | logic worker (JetStream)  | push-relay (durable pull consumer)          |
 //! | `<prefix>.push.dead`       | push-relay (JetStream)    | operators (events given up after N attempts)|
+//! | `<prefix>.push.webhook`    | logic, gateway, user-api (JetStream) | push-relay (durable pull consumer) |
 //!
-//! The two `push` subjects are the JetStream stream [`push_stream`] (`<PREFIX>_push`).
+//! The three `push` subjects are the JetStream stream [`push_stream`] (`<PREFIX>_push`).
 //!
 //! `<prefix>` is the configuration's `bus.subject_prefix` (default [`DEFAULT_PREFIX`], `zhibo`), fixed
 //! once per process by [`set_prefix`] before the first subject is built: deployments (or test runs)
@@ -124,6 +125,12 @@ impl Subject {
         Subject(format!("{}.push.dead", prefix()))
     }
 
+    /// Webhook events (JSON, `webhooks.events`), in the same stream [`push_stream`]; delivered to
+    /// `webhooks.url` by `zhibo push-relay` (its own durable consumer [`WEBHOOK_CONSUMER`]).
+    pub fn webhook_events() -> Self {
+        Subject(format!("{}.push.webhook", prefix()))
+    }
+
     /// Answers to one room-viewers query (`RoomViewersQuery`): the asker subscribes before publishing the
     /// query on the room subject, each gateway with viewers of the room replies here. `query_id` must be
     /// a valid token ([`is_valid_token`]).
@@ -143,7 +150,8 @@ impl fmt::Display for Subject {
     }
 }
 
-/// The JetStream stream holding [`Subject::push_events`] and [`Subject::push_dead_letters`]:
+/// The JetStream stream holding [`Subject::push_events`], [`Subject::push_dead_letters`] and
+/// [`Subject::webhook_events`]:
 /// `<PREFIX>_push` (stream names cannot contain `.`; the prefix is one token, so this is unique per
 /// prefix up to letter case).
 pub fn push_stream() -> String {
@@ -152,6 +160,9 @@ pub fn push_stream() -> String {
 
 /// The durable consumer of [`push_stream`] shared by every push-relay replica.
 pub const PUSH_CONSUMER: &str = "push-relay";
+
+/// The durable consumer of [`Subject::webhook_events`] in [`push_stream`], shared by every push-relay.
+pub const WEBHOOK_CONSUMER: &str = "webhook-relay";
 
 /// Whether `id` is usable inside a subject token (a gateway id): non-empty, ASCII alphanumerics, `-`, `_`.
 pub fn is_valid_token(id: &str) -> bool {
@@ -174,6 +185,7 @@ mod tests {
         assert_eq!(Subject::broadcast().as_str(), "zhibo.broadcast");
         assert_eq!(Subject::push_events().as_str(), "zhibo.push.event");
         assert_eq!(Subject::push_dead_letters().as_str(), "zhibo.push.dead");
+        assert_eq!(Subject::webhook_events().as_str(), "zhibo.push.webhook");
         assert_eq!(push_stream(), "ZHIBO_push");
         assert_eq!(
             Subject::room_viewers_reply("q-1").as_str(),

@@ -13,6 +13,7 @@
 //!   - `ids`: message ids from a configured or leased node number.
 //!   - `push`: [`PushHook`] — after a 1:1 or group message is stored, one push event per offline
 //!     recipient (one pipelined presence read), handed to the push sink without waiting.
+//!   - `webhooks`: the `message.stored` event webhook (when configured), before the ACK.
 //!   - `hook`: the optional before-send hook (an HTTP call to the app backend: allow, reject, replace).
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
@@ -39,6 +40,7 @@ mod push;
 mod room;
 mod send;
 mod sync;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -54,6 +56,7 @@ pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};
 use ids::MessageIds;
 pub use moderation::{ListedViewer, ViewerList, MAX_VIEWERS, VIEWERS_WAIT};
 pub use push::PushHook;
+pub use webhooks::MembershipChange;
 
 /// The message pipeline.
 pub struct Logic {
@@ -63,6 +66,8 @@ pub struct Logic {
     config: LogicConfig,
     metrics: Arc<Metrics>,
     push: Option<PushHook>,
+    /// `None` when no webhook event type is configured: then no webhook work at all.
+    webhooks: Option<zhibo_push::Webhooks>,
     /// `None` when no hook is configured: the send path then does no hook work at all.
     before_send: Option<BeforeSendHook>,
 }
@@ -89,6 +94,7 @@ impl Logic {
             config,
             metrics: Arc::new(Metrics::new()),
             push: None,
+            webhooks: None,
             before_send: None,
         }
     }
@@ -105,6 +111,12 @@ impl Logic {
     /// Records into the process's `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Emits the configured event webhooks (`message.stored` here; user-api the group events).
+    pub fn with_webhooks(mut self, webhooks: zhibo_push::Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
         self
     }
 

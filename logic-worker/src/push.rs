@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 use zhibo_proto::client::{Message, ReceiverType};
-use zhibo_push::sink::PushSink;
+use zhibo_push::sink::{Outgoing, PushSink};
 use zhibo_push::PushEvent;
 use zhibo_store::Presence;
 use zhibo_telemetry::metrics::KindLabel;
@@ -17,7 +17,7 @@ use crate::Logic;
 pub struct PushHook {
     /// Who is online (gateways write it).
     pub presence: Arc<dyn Presence>,
-    /// Where events go (JetStream, or the embedded relay's queue).
+    /// Where events go (JetStream, or the embedded store's outbox).
     pub sink: Arc<dyn PushSink>,
     /// Put the start of text content in events.
     pub preview: bool,
@@ -36,7 +36,8 @@ impl std::fmt::Debug for PushHook {
 impl Logic {
     /// Emits push events for the offline recipients among `entries` (stored inbox entries; the sender's
     /// own entry is skipped). One pipelined presence read for all of them; if it fails, everyone is
-    /// treated as offline (a push too many rather than a message never notified).
+    /// treated as offline (a push too many rather than a message never notified). Returns once the sink
+    /// has them: queued for JetStream, or durable in the embedded outbox.
     pub(crate) async fn push_offline(&self, sender: i64, entries: &[(i64, Message)]) {
         let Some(push) = &self.push else { return };
         let targets: Vec<&(i64, Message)> = entries.iter().filter(|(u, _)| *u != sender).collect();
@@ -56,6 +57,7 @@ impl Logic {
                 vec![false; users.len()]
             }
         };
+        let mut events = Vec::new();
         for ((user, message), online) in targets.into_iter().zip(online) {
             if online {
                 continue;
@@ -73,7 +75,13 @@ impl Logic {
                 push.preview_max_chars,
                 message.server_time_ms,
             );
-            push.sink.publish(&event);
+            match Outgoing::push(&event) {
+                Ok(e) => events.push(e),
+                Err(e) => warn!(error = %e, "push event not encodable"),
+            }
+        }
+        if !events.is_empty() {
+            push.sink.publish(events).await;
         }
     }
 }

@@ -260,6 +260,9 @@ impl Logic {
     ) -> SendMessageOutput {
         // Before the ACK: a sender who saw the ACK can count on the events being queued.
         self.push_offline(origin.user_id, &entries).await;
+        if let Some((_, template)) = entries.first() {
+            self.webhook_message_stored(origin, plan, template).await;
+        }
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {

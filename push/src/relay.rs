@@ -1,6 +1,6 @@
 //! The push-relay: takes push events from the JetStream stream ([`run`], a durable pull consumer
-//! shared by every replica) or from the embedded queue ([`run_memory`]) and POSTs each, signed, to the
-//! configured URL, with retries, a dead-letter subject and a concurrency limit.
+//! shared by every replica) or from the embedded store's outbox ([`run_outbox`]) and POSTs each,
+//! signed, to the configured URL, with retries, a dead-letter subject and a concurrency limit.
 //!
 //! JetStream: an event is acked only after a 2xx; otherwise it is nak'ed with the backoff delay
 //! (exponential with jitter), and the server redelivers it then. The attempt number is the server's
@@ -15,16 +15,17 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use serde::Deserialize;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument as _};
-use zhibo_bus::subject::{Subject, PUSH_CONSUMER};
+use zhibo_bus::subject::{Subject, PUSH_CONSUMER, WEBHOOK_CONSUMER};
+use zhibo_store::{OutboxEntry, OutboxStore};
 use zhibo_telemetry::metrics::PushMetrics;
 
 use crate::sign::{sign, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use crate::sink::ensure_stream;
-use crate::{Error, PushConfig, PushEvent};
+use crate::sink::{ensure_stream, Topic};
+use crate::{Error, PushConfig, WebhooksConfig};
 
 /// Makes one signed POST of an event: the delivery attempt shared by both relays.
 #[derive(Debug, Clone)]
@@ -41,13 +42,21 @@ impl Deliverer {
     /// # Errors
     /// [`Error::Http`] when the HTTP client cannot be built.
     pub fn new(config: &PushConfig, metrics: PushMetrics) -> Result<Self, Error> {
+        Self::to(&config.url, config, metrics)
+    }
+
+    /// A deliverer to `url` with `config`'s secret and timeout (webhooks: `webhooks.url`).
+    ///
+    /// # Errors
+    /// [`Error::Http`] when the HTTP client cannot be built.
+    pub fn to(url: &str, config: &PushConfig, metrics: PushMetrics) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .timeout(config.timeout())
             .build()
             .map_err(|e| Error::Http(e.to_string()))?;
         Ok(Deliverer {
             http,
-            url: config.url.clone(),
+            url: url.to_owned(),
             secret: config.secret.as_bytes().into(),
             metrics,
         })
@@ -89,28 +98,97 @@ struct KeyOnly {
     idempotency_key: String,
 }
 
-/// Runs the JetStream relay on `client` until `shutdown`: ensures the stream and the durable consumer,
+/// Where each topic's events go: push events to `push.url`, webhook events to `webhooks.url`; a
+/// topic whose URL is empty is not delivered.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    push: Option<Deliverer>,
+    webhook: Option<Deliverer>,
+}
+
+impl Targets {
+    /// The targets `config` and `webhooks` configure.
+    ///
+    /// # Errors
+    /// [`Error::Http`] when an HTTP client cannot be built.
+    pub fn new(
+        config: &PushConfig,
+        webhooks: &WebhooksConfig,
+        metrics: &PushMetrics,
+    ) -> Result<Self, Error> {
+        let push = (!config.url.is_empty())
+            .then(|| Deliverer::new(config, metrics.clone()))
+            .transpose()?;
+        let webhook = (webhooks.enabled() && !webhooks.url.is_empty())
+            .then(|| Deliverer::to(&webhooks.url, config, metrics.clone()))
+            .transpose()?;
+        Ok(Targets { push, webhook })
+    }
+
+    fn of(&self, topic: Topic) -> Option<&Deliverer> {
+        match topic {
+            Topic::Push => self.push.as_ref(),
+            Topic::Webhook => self.webhook.as_ref(),
+        }
+    }
+}
+
+/// Runs the JetStream relay on `client` until `shutdown`: ensures the stream and a durable consumer
+/// per configured target (push events: [`PUSH_CONSUMER`]; webhook events: [`WEBHOOK_CONSUMER`]),
 /// then delivers. On shutdown it stops taking events and finishes the attempts in flight (each bounded
 /// by `config.timeout_ms`); what it had not acked is redelivered to the next relay.
 ///
 /// # Errors
-/// [`Error::JetStream`] when the stream or the consumer cannot be set up; [`Error::Http`] when the HTTP
+/// [`Error::JetStream`] when the stream or a consumer cannot be set up; [`Error::Http`] when the HTTP
 /// client cannot be built.
 pub async fn run(
     client: async_nats::Client,
     config: PushConfig,
+    webhooks: WebhooksConfig,
     metrics: PushMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let js = jetstream::new(client);
     let stream = ensure_stream(&js, &config).await?;
+    let targets = Targets::new(&config, &webhooks, &metrics)?;
+    let config = Arc::new(config);
+    let mut consumers = Vec::new();
+    for (topic, name) in [
+        (Topic::Push, PUSH_CONSUMER),
+        (Topic::Webhook, WEBHOOK_CONSUMER),
+    ] {
+        let Some(deliverer) = targets.of(topic) else {
+            continue;
+        };
+        let messages = consume(&stream, name, topic, &config).await?;
+        info!(url = %deliverer.url, consumer = name, "push-relay consuming");
+        consumers.push(deliver_stream(
+            messages,
+            deliverer.clone(),
+            js.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+    }
+    futures::future::join_all(consumers).await;
+    info!("push-relay stopped");
+    Ok(())
+}
+
+/// The durable consumer `name` of `topic`'s subject, as a message stream.
+async fn consume(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    topic: Topic,
+    config: &PushConfig,
+) -> Result<pull::Stream, Error> {
     let max_ack_pending = i64::try_from(config.concurrency.saturating_mul(4)).unwrap_or(i64::MAX);
     let consumer = stream
         .get_or_create_consumer::<pull::Config>(
-            PUSH_CONSUMER,
+            name,
             pull::Config {
-                durable_name: Some(PUSH_CONSUMER.into()),
-                filter_subject: Subject::push_events().to_string(),
+                durable_name: Some(name.into()),
+                filter_subject: topic.subject().to_string(),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: config.timeout() + Duration::from_secs(5),
                 max_ack_pending,
@@ -118,16 +196,23 @@ pub async fn run(
             },
         )
         .await
-        .map_err(|e| Error::JetStream(format!("consumer {PUSH_CONSUMER}: {e}")))?;
-    let mut messages = consumer
+        .map_err(|e| Error::JetStream(format!("consumer {name}: {e}")))?;
+    consumer
         .messages()
         .await
-        .map_err(|e| Error::JetStream(format!("consume: {e}")))?;
-    let deliverer = Deliverer::new(&config, metrics.clone())?;
+        .map_err(|e| Error::JetStream(format!("consume {name}: {e}")))
+}
+
+/// Delivers a consumer's messages until `shutdown`, at most `config.concurrency` at once.
+async fn deliver_stream(
+    mut messages: pull::Stream,
+    deliverer: Deliverer,
+    js: jetstream::Context,
+    config: Arc<PushConfig>,
+    shutdown: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
-    let config = Arc::new(config);
-    info!(url = %config.url, "push-relay consuming");
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -156,8 +241,6 @@ pub async fn run(
     }
     tracker.close();
     tracker.wait().await;
-    info!("push-relay stopped");
-    Ok(())
 }
 
 /// One delivery attempt of a stream message, then ack, nak with backoff, or dead-letter.
@@ -223,79 +306,160 @@ async fn handle(
     }
 }
 
-/// Runs the embedded relay until `shutdown`: the same delivery, retries (with the same backoff) and
-/// limit over the in-process queue. Events given up on are logged and counted as dead-lettered. What
-/// is queued or being retried at shutdown is lost (embedded mode keeps no outbox).
+/// Entries read from the outbox at once.
+const OUTBOX_PAGE: usize = 256;
+
+/// Runs the embedded relay until `shutdown`: delivers what the store's `outbox` holds — first what a
+/// previous run left, then new entries as `wake` is notified (by [`crate::sink::OutboxSink`], with
+/// `notify_waiters`) — with the same attempts, backoff and concurrency limit as [`run`], and removes
+/// each entry once delivered. One delivery loop per topic, each with its own cursor and
+/// `push.concurrency` permits (as [`run`]'s consumers), so a failing webhook target never holds up
+/// push events. An entry given up on after `max_attempts` is logged, counted as dead-lettered and
+/// removed; one whose topic has no configured target (or none known) is logged and removed. At
+/// shutdown, entries not delivered yet stay in the outbox for the next start; one delivered but not
+/// yet removed is delivered again then (at least once, same key).
 ///
 /// # Errors
 /// [`Error::Http`] when the HTTP client cannot be built.
-pub async fn run_memory(
-    mut events: mpsc::Receiver<PushEvent>,
+pub async fn run_outbox(
+    outbox: Arc<dyn OutboxStore>,
+    wake: Arc<Notify>,
     config: PushConfig,
+    webhooks: WebhooksConfig,
     metrics: PushMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let deliverer = Deliverer::new(&config, metrics)?;
+    let targets = Targets::new(&config, &webhooks, &metrics)?;
+    let config = Arc::new(config);
+    info!(url = %config.url, "push-relay (embedded outbox) delivering");
+    let loops = [Topic::Push, Topic::Webhook].map(|topic| {
+        outbox_loop(
+            topic,
+            targets.of(topic).cloned(),
+            outbox.clone(),
+            wake.clone(),
+            config.clone(),
+            shutdown.clone(),
+        )
+    });
+    futures::future::join_all(loops).await;
+    Ok(())
+}
+
+/// Delivers the outbox entries of `topic` (the push loop also takes entries of unknown topics, to
+/// drop them) to `deliverer` (`None`: dropped) until `shutdown`.
+async fn outbox_loop(
+    topic: Topic,
+    deliverer: Option<Deliverer>,
+    outbox: Arc<dyn OutboxStore>,
+    wake: Arc<Notify>,
+    config: Arc<PushConfig>,
+    shutdown: CancellationToken,
+) {
+    let mine = |e: &OutboxEntry| match Topic::parse(&e.event.topic) {
+        Some(t) => t == topic,
+        None => topic == Topic::Push,
+    };
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let tracker = TaskTracker::new();
-    let config = Arc::new(config);
-    info!(url = %config.url, "push-relay (embedded) delivering");
-    loop {
+    let mut cursor = 0;
+    let mut page = std::collections::VecDeque::new();
+    'relay: loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => p.unwrap_or_else(|_| unreachable!("never closed")),
         };
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            e = events.recv() => e,
+        let entry: OutboxEntry = loop {
+            if let Some(entry) = page.pop_front() {
+                break entry;
+            }
+            // Registered before the read: a wake-up sent during it is not missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match outbox.pending(cursor, OUTBOX_PAGE).await {
+                Ok(entries) if !entries.is_empty() => {
+                    cursor = entries.last().map_or(cursor, |e| e.id);
+                    page.extend(entries.into_iter().filter(|e| mine(e)));
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'relay,
+                        _ = woken => {}
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "push outbox unreadable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'relay,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
         };
-        let Some(event) = event else { break };
-        let (deliverer, config, stop) = (deliverer.clone(), config.clone(), shutdown.clone());
+        let (deliverer, config, stop, outbox) = (
+            deliverer.clone(),
+            config.clone(),
+            shutdown.clone(),
+            outbox.clone(),
+        );
         tracker.spawn(
             async move {
-                deliver_with_retries(&event, &deliverer, &config, &stop).await;
+                let key = entry.event.key.clone();
+                let done = match &deliverer {
+                    Some(deliverer) => {
+                        deliver_with_retries(&key, &entry.event.body, deliverer, &config, &stop)
+                            .await
+                    }
+                    None => {
+                        warn!(key, topic = entry.event.topic, "outbox entry with no configured target; dropped");
+                        true
+                    }
+                };
+                if done {
+                    if let Err(e) = outbox.remove(entry.id).await {
+                        warn!(key, error = %e, "delivered event not removed from the outbox; it is sent again after a restart");
+                    }
+                }
                 drop(permit);
             }
-            .instrument(tracing::info_span!("push.deliver")),
+            .instrument(tracing::info_span!("push.deliver", topic = topic.as_str())),
         );
     }
     tracker.close();
     tracker.wait().await;
-    Ok(())
 }
 
+/// Attempts `body` until delivered (true), given up after `max_attempts` (true: counted as
+/// dead-lettered) or stopped (false: left for the next start).
 async fn deliver_with_retries(
-    event: &PushEvent,
+    key: &str,
+    body: &Bytes,
     deliverer: &Deliverer,
     config: &PushConfig,
     stop: &CancellationToken,
-) {
-    let body = match serde_json::to_vec(event) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            warn!(error = %e, "push event not encodable");
-            return;
-        }
-    };
-    let key = &event.idempotency_key;
+) -> bool {
     let metrics = &deliverer.metrics;
     for attempt in 1..=config.max_attempts {
-        let e = match deliverer.attempt(key, &body).await {
+        let e = match deliverer.attempt(key, body).await {
             Ok(()) => {
                 metrics.delivered.inc();
-                return;
+                return true;
             }
             Err(e) => e,
         };
         if attempt == config.max_attempts {
             warn!(key, attempt, error = %e, "push event dead-lettered");
             metrics.dead_lettered.inc();
-            return;
+            return true;
         }
+        let delay = config.backoff(attempt);
+        info!(key, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "push delivery failed");
         metrics.retried.inc();
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(config.backoff(attempt)) => {}
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
+    false
 }

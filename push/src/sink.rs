@@ -1,6 +1,7 @@
-//! Publishing push events without ever holding up a send: [`PushSink`] queues an event and returns;
-//! [`JetStreamSink`] publishes the queue to the JetStream stream, [`MemorySink`] hands it to the
-//! in-process relay (embedded mode).
+//! Handing events ([`Outgoing`]: push events, webhook events) to the relay: [`PushSink`].
+//! [`JetStreamSink`] queues them for the JetStream stream and returns at once (distributed);
+//! [`OutboxSink`] writes them to the embedded store's durable outbox and returns once they are on
+//! disk, then wakes the in-process relay ([`crate::relay::run_outbox`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use futures::StreamExt as _;
 use tokio::sync::{mpsc, Notify};
 use tracing::{warn, Instrument as _};
 use zhibo_bus::subject::{push_stream, Subject};
+use zhibo_store::{OutboxEvent, OutboxStore};
 use zhibo_telemetry::metrics::{KindLabel, PushMetrics};
 
 use crate::{Error, PushConfig, PushEvent};
@@ -20,10 +22,74 @@ use crate::{Error, PushConfig, PushEvent};
 /// Acks awaited at once by one publisher task.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Where a logic worker hands push events.
+/// Which target an event goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Topic {
+    /// An offline push event, POSTed to `push.url`.
+    Push,
+    /// A webhook event, POSTed to `webhooks.url`.
+    Webhook,
+}
+
+impl Topic {
+    /// The name stored in the outbox.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::Push => "push",
+            Topic::Webhook => "webhook",
+        }
+    }
+
+    /// The topic named `name` in the outbox.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "push" => Some(Topic::Push),
+            "webhook" => Some(Topic::Webhook),
+            _ => None,
+        }
+    }
+
+    /// The stream subject of the topic's events.
+    pub fn subject(self) -> Subject {
+        match self {
+            Topic::Push => Subject::push_events(),
+            Topic::Webhook => Subject::webhook_events(),
+        }
+    }
+}
+
+/// One event for the relay: its target, idempotency key and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Where it goes.
+    pub topic: Topic,
+    /// The same on every attempt and redelivery.
+    pub key: String,
+    /// The JSON POSTed.
+    pub body: Bytes,
+}
+
+impl Outgoing {
+    /// A push event, encoded.
+    ///
+    /// # Errors
+    /// When the event cannot be encoded (never, for a [`PushEvent`]).
+    pub fn push(event: &PushEvent) -> Result<Self, serde_json::Error> {
+        Ok(Outgoing {
+            topic: Topic::Push,
+            key: event.idempotency_key.clone(),
+            body: Bytes::from(serde_json::to_vec(event)?),
+        })
+    }
+}
+
+/// Where logic workers (and, for webhooks, gateways and user-api) hand events.
+#[async_trait::async_trait]
 pub trait PushSink: Send + Sync + 'static {
-    /// Queues `event` for delivery; never waits. What the queue cannot hold is dropped and counted.
-    fn publish(&self, event: &PushEvent);
+    /// Hands `events` over for delivery. [`JetStreamSink`] queues them and never waits (what the
+    /// queue cannot hold is dropped and counted); [`OutboxSink`] returns once they are durable.
+    async fn publish(&self, events: Vec<Outgoing>);
 }
 
 /// Creates the push stream, or updates its limits to `config`'s (every role that publishes or
@@ -40,6 +106,7 @@ pub async fn ensure_stream(
         subjects: vec![
             Subject::push_events().to_string(),
             Subject::push_dead_letters().to_string(),
+            Subject::webhook_events().to_string(),
         ],
         max_age: Duration::from_secs(config.stream_max_age_secs),
         max_bytes: config.stream_max_bytes,
@@ -61,7 +128,7 @@ pub async fn ensure_stream(
 /// Each event's idempotency key is its `Nats-Msg-Id`, so a resend's repeat inside the stream's
 /// duplicate window (2 min) is stored once.
 pub struct JetStreamSink {
-    tx: mpsc::Sender<(String, Bytes)>,
+    tx: mpsc::Sender<Outgoing>,
     metrics: PushMetrics,
     /// Events queued and not yet acknowledged (or failed).
     pending: Arc<AtomicUsize>,
@@ -116,26 +183,18 @@ impl JetStreamSink {
     }
 }
 
+#[async_trait::async_trait]
 impl PushSink for JetStreamSink {
-    fn publish(&self, event: &PushEvent) {
-        let body = match serde_json::to_vec(event) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
-                warn!(error = %e, "push event not encodable");
-                return;
+    async fn publish(&self, events: Vec<Outgoing>) {
+        for event in events {
+            self.pending.fetch_add(1, Ordering::AcqRel);
+            if self.tx.try_send(event).is_err() {
+                settle(&self.pending, &self.settled);
+                self.metrics
+                    .publish_failures
+                    .get_or_create(&KindLabel { kind: "queue_full" })
+                    .inc();
             }
-        };
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        if self
-            .tx
-            .try_send((event.idempotency_key.clone(), body))
-            .is_err()
-        {
-            settle(&self.pending, &self.settled);
-            self.metrics
-                .publish_failures
-                .get_or_create(&KindLabel { kind: "queue_full" })
-                .inc();
         }
     }
 }
@@ -148,12 +207,15 @@ fn settle(pending: &AtomicUsize, settled: &Notify) {
 
 async fn publish_loop(
     js: jetstream::Context,
-    mut rx: mpsc::Receiver<(String, Bytes)>,
+    mut rx: mpsc::Receiver<Outgoing>,
     metrics: PushMetrics,
     pending: Arc<AtomicUsize>,
     settled: Arc<Notify>,
 ) {
-    let subject = Subject::push_events().to_string();
+    let (push_subject, webhook_subject) = (
+        Subject::push_events().to_string(),
+        Subject::webhook_events().to_string(),
+    );
     let mut acks = FuturesUnordered::new();
     let failed = |kind: &'static str| {
         metrics
@@ -164,9 +226,13 @@ async fn publish_loop(
     loop {
         tokio::select! {
             next = rx.recv(), if acks.len() < MAX_IN_FLIGHT => {
-                let Some((key, body)) = next else { break };
+                let Some(Outgoing { topic, key, body }) = next else { break };
                 let publish = Publish::build().payload(body).message_id(&key);
-                match js.send_publish(subject.clone(), publish).await {
+                let subject = match topic {
+                    Topic::Push => push_subject.clone(),
+                    Topic::Webhook => webhook_subject.clone(),
+                };
+                match js.send_publish(subject, publish).await {
                     Ok(ack) => acks.push(std::future::IntoFuture::into_future(ack)),
                     Err(e) => {
                         warn!(key, error = %e, "push event publish failed");
@@ -199,34 +265,60 @@ async fn publish_loop(
     }
 }
 
-/// Embedded mode: events go to the in-process relay ([`crate::relay::run_memory`]) through a bounded
-/// queue. Lost at a restart (documented in docs/ARCHITECTURE.md).
-#[derive(Debug)]
-pub struct MemorySink {
-    tx: mpsc::Sender<PushEvent>,
+/// Embedded mode: events are written to the store's durable outbox (before the send they are about is
+/// acknowledged), then the in-process relay ([`crate::relay::run_outbox`]) is woken. An event the
+/// outbox refused (a store failure) is dropped and counted (`publish_failures{kind="outbox"}`).
+pub struct OutboxSink {
+    outbox: Arc<dyn OutboxStore>,
+    wake: Arc<Notify>,
     metrics: PushMetrics,
 }
 
-impl MemorySink {
-    /// A sink and the queue's receiving end, for [`crate::relay::run_memory`].
-    pub fn new(
-        config: &PushConfig,
-        metrics: PushMetrics,
-    ) -> (Arc<Self>, mpsc::Receiver<PushEvent>) {
-        let (tx, rx) = mpsc::channel(config.publish_queue);
-        (Arc::new(MemorySink { tx, metrics }), rx)
+impl std::fmt::Debug for OutboxSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxSink").finish_non_exhaustive()
     }
 }
 
-impl PushSink for MemorySink {
-    fn publish(&self, event: &PushEvent) {
-        if self.tx.try_send(event.clone()).is_ok() {
-            self.metrics.published.inc();
-        } else {
-            self.metrics
-                .publish_failures
-                .get_or_create(&KindLabel { kind: "queue_full" })
-                .inc();
+impl OutboxSink {
+    /// A sink writing to `outbox` and waking `wake` (the relay's) after each write.
+    pub fn new(outbox: Arc<dyn OutboxStore>, wake: Arc<Notify>, metrics: PushMetrics) -> Arc<Self> {
+        Arc::new(OutboxSink {
+            outbox,
+            wake,
+            metrics,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl PushSink for OutboxSink {
+    async fn publish(&self, events: Vec<Outgoing>) {
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len() as u64;
+        let events: Vec<OutboxEvent> = events
+            .into_iter()
+            .map(|e| OutboxEvent {
+                topic: e.topic.as_str().to_owned(),
+                key: e.key,
+                body: e.body,
+            })
+            .collect();
+        match self.outbox.enqueue(&events).await {
+            Ok(_) => {
+                self.metrics.published.inc_by(n);
+                // Every delivery loop (one per topic) reads on.
+                self.wake.notify_waiters();
+            }
+            Err(e) => {
+                warn!(error = %e, "push events not written to the outbox");
+                self.metrics
+                    .publish_failures
+                    .get_or_create(&KindLabel { kind: "outbox" })
+                    .inc_by(n);
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //! - `traits/<domain>.rs`: its trait and the records only it uses ([`DeviceStore`], [`UserStore`],
 //!   [`FriendStore`], [`GroupStore`], [`MessageStore`] with [`SendPlan`] and [`SeqAllocator`],
 //!   [`RoomStore`] with [`Room`], [`GroupInviteStore`] with [`GroupInvite`], [`NodeLeases`] with
-//!   [`Lease`] and [`leases::Pool`], [`ConversationStore`] with [`Conversation`] and its queries), all
+//!   [`Lease`] and [`leases::Pool`], [`ConversationStore`] with [`Conversation`] and its queries,
+//!   [`OutboxStore`] with [`OutboxEvent`] (embedded only: JetStream is the outbox when distributed)), all
 //!   re-exported here; what logic-worker, gateway and user-api
 //!   call, always as `Arc<dyn Trait>` inside [`Stores`];
 //! - `scylla/<domain>.rs`: the ScyllaDB/Cassandra implementation, owning its prepared statements (a
@@ -44,7 +45,8 @@ pub use traits::groups::{check_transfer, GroupStore};
 pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
 pub use traits::messages::{MessageStore, SendPlan, SeqAllocator};
-pub use traits::presence::Presence;
+pub use traits::outbox::{OutboxEntry, OutboxEvent, OutboxStore};
+pub use traits::presence::{Presence, PresenceListener};
 pub use traits::rooms::{Room, RoomBan, RoomPin, RoomShaping, RoomStore};
 pub use traits::users::UserStore;
 

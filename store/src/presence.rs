@@ -10,13 +10,20 @@
 //! key itself expires after `2 × ttl` without refreshes. The reader sends one `HVALS` per recipient in
 //! one pipeline and calls a user online when any value is in the future.
 //!
+//! Transitions ([`Presence::watch`], for the `user.online` / `user.offline` webhooks): with a listener
+//! set, the write of a user's first connection on a gateway reads the hash back in the same pipeline,
+//! and the user came online when no other gateway's entry is live; after the delete of a user's last
+//! connection on a gateway, the hash is read, and the user went offline when no entry is live. Two
+//! gateways changing one user's presence in the same instant can both (or neither) see the transition:
+//! best effort, as presence itself.
+//!
 //! Failure modes: a stale "online" (a gateway killed without cleanup) suppresses pushes for at most
 //! `ttl`; Redis unreachable → the reader fails and the caller treats everyone as offline (push, at least
 //! once). Timestamps are compared across hosts: clock skew between gateways and workers shifts the TTL
 //! by the skew.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,13 +34,21 @@ use fred::prelude::{
 use tracing::warn;
 
 use crate::ids::now_ms;
-use crate::{Error, ErrorKind, Presence, Result};
+use crate::{Error, ErrorKind, Presence, PresenceListener, Result};
 
 /// Presence of the users of this process's gateways (embedded mode: one process holds every
-/// connection, so this is exact).
-#[derive(Debug, Default)]
+/// connection, so this is exact, transitions included).
+#[derive(Default)]
 pub struct MemoryPresence {
-    online: Mutex<HashSet<(String, i64)>>,
+    /// Per online user, the gateways vouching for them.
+    online: Mutex<HashMap<i64, HashSet<String>>>,
+    listener: OnceLock<PresenceListener>,
+}
+
+impl std::fmt::Debug for MemoryPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPresence").finish_non_exhaustive()
+    }
 }
 
 impl MemoryPresence {
@@ -42,7 +57,7 @@ impl MemoryPresence {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, HashSet<String>>> {
         self.online
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -52,19 +67,43 @@ impl MemoryPresence {
 #[async_trait]
 impl Presence for MemoryPresence {
     async fn connected(&self, gateway_id: &str, user_id: i64) {
-        self.lock().insert((gateway_id.to_owned(), user_id));
+        let first = {
+            let mut online = self.lock();
+            let gateways = online.entry(user_id).or_default();
+            gateways.insert(gateway_id.to_owned()) && gateways.len() == 1
+        };
+        if first {
+            if let Some(listener) = self.listener.get() {
+                listener(user_id, true);
+            }
+        }
     }
 
     fn disconnected(&self, gateway_id: &str, user_id: i64) {
-        self.lock().remove(&(gateway_id.to_owned(), user_id));
+        let last = {
+            let mut online = self.lock();
+            let emptied = online
+                .get_mut(&user_id)
+                .is_some_and(|gateways| gateways.remove(gateway_id) && gateways.is_empty());
+            if emptied {
+                online.remove(&user_id);
+            }
+            emptied
+        };
+        if last {
+            if let Some(listener) = self.listener.get() {
+                listener(user_id, false);
+            }
+        }
     }
 
     async fn online(&self, users: &[i64]) -> Result<Vec<bool>> {
         let online = self.lock();
-        Ok(users
-            .iter()
-            .map(|u| online.iter().any(|(_, o)| o == u))
-            .collect())
+        Ok(users.iter().map(|u| online.contains_key(u)).collect())
+    }
+
+    fn watch(&self, listener: PresenceListener) {
+        let _ = self.listener.set(listener);
     }
 }
 
@@ -77,6 +116,8 @@ pub struct RedisPresence {
     local: Mutex<HashSet<(String, i64)>>,
     /// Itself, for the tasks of [`Presence::disconnected`].
     me: Weak<RedisPresence>,
+    /// Told of transitions ([`Presence::watch`]).
+    listener: OnceLock<PresenceListener>,
 }
 
 impl std::fmt::Debug for RedisPresence {
@@ -118,6 +159,7 @@ impl RedisPresence {
             ttl,
             local: Mutex::new(HashSet::new()),
             me: me.clone(),
+            listener: OnceLock::new(),
         });
         tokio::spawn(refresh_loop(Arc::downgrade(&presence), ttl / 3));
         Ok(presence)
@@ -136,6 +178,19 @@ impl RedisPresence {
 
     fn ttl_ms(&self) -> i64 {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Whether any gateway's entry of `user_id` is live, other than `except`'s.
+    async fn live_elsewhere(&self, user_id: i64, except: Option<&str>) -> Result<bool> {
+        let entries: HashMap<String, i64> = self
+            .pool
+            .hgetall(self.key(user_id))
+            .await
+            .map_err(|e| redis_error("hgetall", e))?;
+        let now = now_ms();
+        Ok(entries
+            .iter()
+            .any(|(gateway, until)| *until > now && Some(gateway.as_str()) != except))
     }
 
     /// Writes the given (gateway, user) pairs as online until now + ttl, in one pipeline.
@@ -185,8 +240,21 @@ impl Presence for RedisPresence {
     async fn connected(&self, gateway_id: &str, user_id: i64) {
         let pair = (gateway_id.to_owned(), user_id);
         self.lock().insert(pair.clone());
+        let Some(listener) = self.listener.get() else {
+            if let Err(e) = self.write(&[pair]).await {
+                warn!(user_id, error = %e, "presence write failed");
+            }
+            return;
+        };
+        // Read before the write: nobody else live means this connection makes the user online.
+        let elsewhere = self.live_elsewhere(user_id, Some(gateway_id)).await;
         if let Err(e) = self.write(&[pair]).await {
             warn!(user_id, error = %e, "presence write failed");
+        }
+        match elsewhere {
+            Ok(false) => listener(user_id, true),
+            Ok(true) => {}
+            Err(e) => warn!(user_id, error = %e, "presence read failed; no user.online event"),
         }
     }
 
@@ -205,6 +273,16 @@ impl Presence for RedisPresence {
             if me.lock().contains(&pair) {
                 if let Err(e) = me.write(&[pair]).await {
                     warn!(user_id, error = %e, "presence write failed");
+                }
+                return;
+            }
+            if let Some(listener) = me.listener.get() {
+                match me.live_elsewhere(user_id, None).await {
+                    Ok(false) => listener(user_id, false),
+                    Ok(true) => {}
+                    Err(e) => {
+                        warn!(user_id, error = %e, "presence read failed; no user.offline event");
+                    }
                 }
             }
         });
@@ -231,5 +309,9 @@ impl Presence for RedisPresence {
                     .map_err(|e| redis_error("hvals", e))
             })
             .collect()
+    }
+
+    fn watch(&self, listener: PresenceListener) {
+        let _ = self.listener.set(listener);
     }
 }

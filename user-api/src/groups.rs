@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use zhibo_logic::MembershipChange;
 use zhibo_store::ids::now_ms;
 use zhibo_store::{Group, GroupInvite, GroupMember, Role};
 
@@ -176,11 +177,14 @@ async fn existing_users(st: &AppState, ids: &[i64], except: i64) -> Result<Vec<i
         .await
 }
 
+/// Writes `user_ids` as members, then emits their `group.member_joined` webhook events (when
+/// configured), `by_user_id` having added them (or themselves, accepting an invitation).
 async fn put_members(
     st: &AppState,
     group_id: i64,
     user_ids: &[i64],
     now: i64,
+    by_user_id: i64,
 ) -> Result<(), ApiError> {
     futures::stream::iter(user_ids.iter().copied())
         .map(|user_id| {
@@ -200,6 +204,13 @@ async fn put_members(
         .buffer_unordered(FAN_OUT)
         .try_collect::<Vec<()>>()
         .await?;
+    if st.logic.webhooks().is_some() {
+        for &user_id in user_ids {
+            st.logic
+                .group_membership_changed(MembershipChange::Joined, group_id, user_id, by_user_id)
+                .await;
+        }
+    }
     Ok(())
 }
 
@@ -341,7 +352,7 @@ pub(crate) async fn create_group(
             joined_at_ms: now,
         })
         .await?;
-    put_members(&st, group.group_id, &members, now).await?;
+    put_members(&st, group.group_id, &members, now, caller.user_id).await?;
     put_invites(&st, group.group_id, caller.user_id, &invited, now).await?;
     Ok((
         StatusCode::CREATED,
@@ -481,7 +492,7 @@ pub(crate) async fn add_members(
         return Err(too_large(max));
     }
     let now = now_ms();
-    put_members(&st, group_id, &added, now).await?;
+    put_members(&st, group_id, &added, now, caller.user_id).await?;
     put_invites(&st, group_id, caller.user_id, &invited, now).await?;
     Ok(ApiJson(MembersAdded { added, invited }))
 }
@@ -512,6 +523,9 @@ pub(crate) async fn remove_member(
         return Err(forbidden("the owner"));
     }
     st.stores.groups.delete_member(group_id, user_id).await?;
+    st.logic
+        .group_membership_changed(MembershipChange::Kicked, group_id, user_id, caller.user_id)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -597,6 +611,14 @@ pub(crate) async fn leave_group(
         .groups
         .delete_member(group_id, caller.user_id)
         .await?;
+    st.logic
+        .group_membership_changed(
+            MembershipChange::Left,
+            group_id,
+            caller.user_id,
+            caller.user_id,
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -724,7 +746,7 @@ pub(crate) async fn accept_invitation(
         if st.stores.groups.member_ids(group_id).await?.len() + 1 > max {
             return Err(too_large(max));
         }
-        put_members(&st, group_id, &[caller.user_id], now_ms()).await?;
+        put_members(&st, group_id, &[caller.user_id], now_ms(), caller.user_id).await?;
     }
     invites.delete_invite(group_id, caller.user_id).await?;
     Ok(ApiJson(group.into()))

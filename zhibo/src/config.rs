@@ -177,6 +177,9 @@ pub struct Config {
     pub push: zhibo_push::PushConfig,
     /// Hooks into the app backend (the before-send hook), called by logic workers.
     pub hooks: zhibo_logic::HooksConfig,
+    /// Event webhooks (user online/offline, message stored, group membership), delivered like push
+    /// events (signed with `push.secret`, by push-relay or in embedded mode in-process).
+    pub webhooks: zhibo_push::WebhooksConfig,
 }
 
 impl Default for Config {
@@ -194,6 +197,7 @@ impl Default for Config {
             api: zhibo_user_api::ApiConfig::default(),
             push: zhibo_push::PushConfig::default(),
             hooks: zhibo_logic::HooksConfig::default(),
+            webhooks: zhibo_push::WebhooksConfig::default(),
         }
     }
 }
@@ -307,6 +311,15 @@ impl Config {
             .push
             .validate(embedded_push)
             .map_err(|e| format!("push: {e}"))?;
+        config
+            .webhooks
+            .validate()
+            .map_err(|e| format!("webhooks: {e}"))?;
+        if !config.webhooks.url.is_empty() && config.push.secret.len() < 16 {
+            return Err(
+                "push: push.secret must be at least 16 bytes (it signs webhooks too)".into(),
+            );
+        }
         Ok(config)
     }
 }
@@ -387,6 +400,35 @@ mod tests {
                 .expect_err("bad prefix");
             assert!(e.contains("bus: subject prefix"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn webhooks_are_configured_from_env_and_off_by_default() {
+        let c = Config::load_from(None, vars(&[])).expect("defaults");
+        assert!(!c.webhooks.enabled(), "off by default");
+        let c = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_PUSH__SECRET", "0123456789abcdef0123"),
+                ("ZHIBO_WEBHOOKS__URL", "https://backend/events"),
+                (
+                    "ZHIBO_WEBHOOKS__EVENTS",
+                    r#"["user.online","message.stored"]"#,
+                ),
+            ]),
+        )
+        .expect("webhooks");
+        assert!(c.webhooks.wants(zhibo_push::EventType::UserOnline));
+        assert!(!c.webhooks.wants(zhibo_push::EventType::UserOffline));
+        let e = Config::load_from(
+            None,
+            vars(&[
+                ("ZHIBO_WEBHOOKS__URL", "https://backend/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.online"]"#),
+            ]),
+        )
+        .expect_err("no secret");
+        assert!(e.contains("push.secret"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - [`run_push_relay`]: `zhibo push-relay`, the JetStream push-event relay (`zhibo_push::relay`).
 //!   With `push.enabled`, [`run`] also wires offline push: presence for gateways and pipelines
 //!   (in-process in embedded mode, Redis otherwise), the push-event sink of the pipelines, and in
-//!   embedded mode the in-process relay.
+//!   embedded mode the in-process relay over the embedded store's durable outbox.
 //! - [`chat`]: `zhibo chat`, the terminal client, on the `zhibo-client` SDK.
 #![warn(missing_docs)]
 
@@ -43,6 +43,9 @@ pub struct Backends {
     pub bus: Arc<dyn Bus>,
     /// Stores.
     pub stores: Stores,
+    /// The embedded store's outbox (embedded store only): where push events wait for the in-process
+    /// relay when there is no JetStream.
+    pub outbox: Option<Arc<dyn zhibo_store::OutboxStore>>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -70,6 +73,7 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
                 .context("connecting to NATS")?,
         )
     };
+    let mut outbox = None;
     let stores = match config.store.kind {
         StoreKind::Embedded => {
             let backend = if config.store.path.is_empty() {
@@ -83,7 +87,9 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
                 EmbeddedBackend::open(path)
             }
             .context("opening the embedded store")?;
-            Arc::new(backend).stores()
+            let backend = Arc::new(backend);
+            outbox = Some(backend.outbox());
+            backend.stores()
         }
         StoreKind::Scylla => {
             let backend = zhibo_store::scylla::connect(
@@ -101,7 +107,11 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
             backend.stores(Arc::new(seq))
         }
     };
-    Ok(Backends { bus, stores })
+    Ok(Backends {
+        bus,
+        stores,
+        outbox,
+    })
 }
 
 /// Spawns a role; if it fails (e.g. a subscription refused at start), the whole process shuts down and
@@ -168,45 +178,64 @@ fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetr
     Arc::new(move || bus.is_connected() && store_ok.load(Ordering::Relaxed))
 }
 
-/// What `push.enabled` adds to a process.
-struct PushParts {
-    /// Who is online: written by the gateway, read by the pipelines.
-    presence: Arc<dyn zhibo_store::Presence>,
-    /// What the pipelines emit through (with pipelines only).
+/// What `push.enabled` and `webhooks.events` add to a process.
+struct EventParts {
+    /// Who is online: written by the gateway, read by the pipelines (push), watched for the
+    /// `user.online` / `user.offline` webhooks.
+    presence: Option<Arc<dyn zhibo_store::Presence>>,
+    /// What the pipelines emit push events through (with pipelines and push only).
     hook: Option<zhibo_logic::PushHook>,
+    /// The webhook emitter (when any event type is configured and this process emits some).
+    webhooks: Option<zhibo_push::Webhooks>,
     /// The JetStream publisher, flushed at shutdown (distributed).
     jetstream: Option<Arc<zhibo_push::sink::JetStreamSink>>,
-    /// The in-process relay's queue (embedded).
-    memory: Option<tokio::sync::mpsc::Receiver<zhibo_push::PushEvent>>,
+    /// The in-process relay's outbox and its wake-up (embedded).
+    outbox: Option<(Arc<dyn zhibo_store::OutboxStore>, Arc<tokio::sync::Notify>)>,
 }
 
-/// Presence (in-process on the in-process bus, else Redis) and, for `pipelines`, the push sink
-/// (JetStream on NATS, else the in-process relay's queue).
-async fn push_parts(
+/// Whether `config` asks for the `user.online` / `user.offline` webhooks (which gateways emit).
+fn presence_webhooks(config: &Config) -> bool {
+    config.webhooks.wants(zhibo_push::EventType::UserOnline)
+        || config.webhooks.wants(zhibo_push::EventType::UserOffline)
+}
+
+/// Presence (in-process on the in-process bus, else Redis) when push or the presence webhooks need
+/// it; the event sink (JetStream on NATS, else the embedded store's outbox, delivered by the
+/// in-process relay) when this process emits events: `pipelines` (push events, `message.stored`, the
+/// group events) or a `gateway` (`user.online` / `user.offline`).
+async fn event_parts(
     config: &Config,
     backends: &Backends,
     metrics: &Metrics,
     pipelines: bool,
-) -> anyhow::Result<PushParts> {
+    gateway: bool,
+) -> anyhow::Result<EventParts> {
     let nats = backends.bus.nats_client();
-    let presence: Arc<dyn zhibo_store::Presence> = if nats.is_none() {
-        Arc::new(zhibo_store::presence::MemoryPresence::new())
+    let watch = gateway && presence_webhooks(config);
+    let presence: Option<Arc<dyn zhibo_store::Presence>> = if config.push.enabled || watch {
+        Some(if nats.is_none() {
+            Arc::new(zhibo_store::presence::MemoryPresence::new())
+        } else {
+            zhibo_store::presence::RedisPresence::connect(
+                &config.store.redis_url,
+                &config.bus.subject_prefix,
+                Duration::from_secs(config.push.presence_ttl_secs),
+            )
+            .await
+            .context("connecting to Redis for presence (push.enabled or the user.online/offline webhooks)")?
+        })
     } else {
-        zhibo_store::presence::RedisPresence::connect(
-            &config.store.redis_url,
-            &config.bus.subject_prefix,
-            Duration::from_secs(config.push.presence_ttl_secs),
-        )
-        .await
-        .context("connecting to Redis for presence (push.enabled)")?
+        None
     };
-    let mut parts = PushParts {
+    let mut parts = EventParts {
         presence: presence.clone(),
         hook: None,
+        webhooks: None,
         jetstream: None,
-        memory: None,
+        outbox: None,
     };
-    if !pipelines {
+    let emits = (pipelines && (config.push.enabled || config.webhooks.enabled())) || watch;
+    if !emits {
         return Ok(parts);
     }
     let sink: Arc<dyn zhibo_push::sink::PushSink> = match nats {
@@ -219,18 +248,43 @@ async fn push_parts(
             sink
         }
         None => {
-            let (sink, events) =
-                zhibo_push::sink::MemorySink::new(&config.push, metrics.push.clone());
-            parts.memory = Some(events);
-            sink
+            let outbox = backends.outbox.clone().context(
+                "push or webhooks without NATS need the embedded store (store.kind = \"embedded\"): its outbox keeps the events",
+            )?;
+            let wake = Arc::new(tokio::sync::Notify::new());
+            parts.outbox = Some((outbox.clone(), wake.clone()));
+            zhibo_push::sink::OutboxSink::new(outbox, wake, metrics.push.clone())
         }
     };
-    parts.hook = Some(zhibo_logic::PushHook {
-        presence,
-        sink,
-        preview: config.push.preview,
-        preview_max_chars: config.push.preview_max_chars,
-    });
+    parts.webhooks = zhibo_push::Webhooks::new(&config.webhooks, sink.clone());
+    if let (true, Some(presence), Some(webhooks)) = (watch, &presence, &parts.webhooks) {
+        let webhooks = webhooks.clone();
+        presence.watch(Arc::new(move |user_id, online| {
+            let t = if online {
+                zhibo_push::EventType::UserOnline
+            } else {
+                zhibo_push::EventType::UserOffline
+            };
+            if !webhooks.wants(t) {
+                return;
+            }
+            let webhooks = webhooks.clone();
+            tokio::spawn(async move {
+                let about = format!("{user_id}:{}", zhibo_push::webhook::occurrence());
+                webhooks
+                    .emit(t, &about, serde_json::json!({ "user_id": user_id }))
+                    .await;
+            });
+        }));
+    }
+    if let (true, true, Some(presence)) = (pipelines, config.push.enabled, presence) {
+        parts.hook = Some(zhibo_logic::PushHook {
+            presence,
+            sink,
+            preview: config.push.preview,
+            preview_max_chars: config.push.preview_max_chars,
+        });
+    }
     Ok(parts)
 }
 
@@ -261,6 +315,7 @@ pub async fn run_push_relay(
     let relayed = zhibo_push::relay::run(
         bus.client().clone(),
         config.push.clone(),
+        config.webhooks.clone(),
         metrics.push.clone(),
         shutdown.clone(),
     )
@@ -311,8 +366,9 @@ pub async fn run(
     ));
     let ready = readiness(&backends, shutdown.clone());
     let pipelines = bound.logic || bound.api.is_some();
-    let push = if config.push.enabled && (pipelines || bound.gateway.is_some()) {
-        Some(push_parts(&config, &backends, &metrics, pipelines).await?)
+    let gateway = bound.gateway.is_some();
+    let push = if (config.push.enabled || config.webhooks.enabled()) && (pipelines || gateway) {
+        Some(event_parts(&config, &backends, &metrics, pipelines, gateway).await?)
     } else {
         None
     };
@@ -328,23 +384,35 @@ pub async fn run(
             .with_metrics(metrics.clone())
             .with_hooks(&config.hooks)
             .map_err(|e| anyhow::anyhow!("hooks: {e}"))?;
-            Some(Arc::new(match push.as_ref().and_then(|p| p.hook.clone()) {
+            let logic = match push.as_ref().and_then(|p| p.hook.clone()) {
                 Some(hook) => logic.with_push(hook),
                 None => logic,
-            }))
+            };
+            Some(Arc::new(
+                match push.as_ref().and_then(|p| p.webhooks.clone()) {
+                    Some(webhooks) => logic.with_webhooks(webhooks),
+                    None => logic,
+                },
+            ))
         }
         false => None,
     };
-    let (presence, jetstream_sink, memory_relay) = match push {
-        Some(p) => (Some(p.presence), p.jetstream, p.memory),
+    let (presence, jetstream_sink, outbox_relay) = match push {
+        Some(p) => (p.presence, p.jetstream, p.outbox),
         None => (None, None, None),
     };
-    // Embedded mode: the relay runs in this process, over the pipelines' queue.
-    let memory_relay_task = memory_relay.map(|events| {
-        let (push_config, push_metrics, stop) =
-            (config.push.clone(), metrics.push.clone(), shutdown.clone());
+    // Embedded mode: the relay runs in this process, over the store's outbox (resuming what the last
+    // run left). It stops with the logic workers, after the last send has written its events.
+    let relay_stop = CancellationToken::new();
+    let outbox_relay_task = outbox_relay.map(|(outbox, wake)| {
+        let (push_config, webhooks, push_metrics, stop) = (
+            config.push.clone(),
+            config.webhooks.clone(),
+            metrics.push.clone(),
+            relay_stop.clone(),
+        );
         spawn_role(shutdown.clone(), async move {
-            zhibo_push::relay::run_memory(events, push_config, push_metrics, stop)
+            zhibo_push::relay::run_outbox(outbox, wake, push_config, webhooks, push_metrics, stop)
                 .await
                 .context("push relay")
         })
@@ -424,7 +492,8 @@ pub async fn run(
             r?;
         }
     }
-    if let Some(t) = memory_relay_task {
+    relay_stop.cancel();
+    if let Some(t) = outbox_relay_task {
         if let Some(r) = bounded(deadline, "push relay", t, &mut abandoned).await {
             r?;
         }

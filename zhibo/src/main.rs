@@ -82,7 +82,9 @@ fn main() -> ExitCode {
         config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
     }
     if role == Role::PushRelay {
-        if let Err(e) = config.push.validate(true) {
+        // A relay delivers push events unless it is configured for webhooks only.
+        let delivers_push = !config.push.url.is_empty() || !config.webhooks.enabled();
+        if let Err(e) = config.push.validate(delivers_push) {
             eprintln!("zhibo: bad configuration: push: {e}");
             return ExitCode::from(64);
         }

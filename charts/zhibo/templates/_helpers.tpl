@@ -151,7 +151,7 @@ Call with (dict "root" $ "role" .Values.gateway).
     secretKeyRef:
       name: {{ include "zhibo.secretName" .root }}
       key: token-secret
-{{- if .root.Values.push.enabled }}
+{{- if include "zhibo.eventsOn" .root }}
 - name: ZHIBO_PUSH__SECRET
   valueFrom:
     secretKeyRef:
@@ -436,4 +436,11 @@ spec:
       port: {{ .root.Values.metricsPort }}
       targetPort: metrics
       protocol: TCP
+{{- end }}
+
+{{/*
+"true" when push events or event webhooks are on (the push secret, the push-relay Deployment); "" otherwise.
+*/}}
+{{- define "zhibo.eventsOn" -}}
+{{- if or .Values.push.enabled .Values.webhooks.events -}}true{{- end -}}
 {{- end }}

@@ -25,6 +25,7 @@
 //! | `conversation_index` | (user, kind, peer/group, conv seq) | inbox seq (per-conversation history) |
 //! | `conversation_messages` | (kind, a, b, conv seq) | the message's record as JSON (recall)  |
 //! | `group_reads`     | (group, user)                | read position (group read receipts)    |
+//! | `outbox`          | id (ascending)               | (topic, idempotency key, body): events for the in-process relay (`outbox.rs`) |
 //!
 //! Composite keys are tuples, so "everything of one user/group" is a contiguous key range.
 //! Dedup records older than [`DEDUP_RETENTION_MS`] read as absent; each new record removes a few expired
@@ -60,6 +61,7 @@ mod groups;
 mod invites;
 mod leases;
 mod messages;
+mod outbox;
 mod rooms;
 mod users;
 mod writer;
@@ -110,6 +112,10 @@ const CONVERSATION_MESSAGES: TableDefinition<(i32, i64, i64, u64), &[u8]> =
     TableDefinition::new("conversation_messages");
 /// (group, user) -> read position: the group's read receipts.
 const GROUP_READS: TableDefinition<(i64, i64), u64> = TableDefinition::new("group_reads");
+/// id -> (topic, idempotency key, body): events waiting for the in-process relay (`outbox.rs`).
+const OUTBOX: TableDefinition<u64, OutboxValue> = TableDefinition::new("outbox");
+/// A row of [`OUTBOX`]: (topic, idempotency key, body).
+type OutboxValue = (&'static str, &'static str, &'static [u8]);
 
 /// Layout version stored in `meta`; bumped when a table's key or value encoding changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -122,6 +128,10 @@ const DEDUP_PRUNE_PER_PUT: usize = 4;
 /// Every table of one write transaction, opened once per batch rather than once per write: opening
 /// a table costs about as much as a small insert.
 struct Tables<'tx> {
+    /// The transaction, for tables opened only by the jobs that use them ([`Tables::outbox`]).
+    tx: &'tx WriteTransaction,
+    /// Opened on first use: most batches never touch it.
+    outbox: Option<Table<'tx, u64, OutboxValue>>,
     devices: Table<'tx, i64, &'static [u8]>,
     users: Table<'tx, i64, &'static [u8]>,
     usernames: Table<'tx, &'static str, i64>,
@@ -149,6 +159,8 @@ impl<'tx> Tables<'tx> {
     /// Opens (creating if missing) every table in `tx`.
     fn open(tx: &'tx WriteTransaction) -> Result<Self> {
         Ok(Tables {
+            tx,
+            outbox: None,
             devices: tx.open_table(DEVICES).db()?,
             users: tx.open_table(USERS).db()?,
             usernames: tx.open_table(USERNAMES).db()?,
@@ -169,6 +181,17 @@ impl<'tx> Tables<'tx> {
             dedup_written: 0,
             dedup_now: i64::MIN,
         })
+    }
+
+    /// The outbox table, opened in this transaction on first use.
+    fn outbox(&mut self) -> Result<&mut Table<'tx, u64, OutboxValue>> {
+        if self.outbox.is_none() {
+            self.outbox = Some(self.tx.open_table(OUTBOX).db()?);
+        }
+        Ok(self
+            .outbox
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("opened above")))
     }
 
     /// End-of-batch upkeep: removes up to [`DEDUP_PRUNE_PER_PUT`] expired dedup records per record
@@ -214,6 +237,8 @@ pub struct EmbeddedBackend {
     db: Arc<Database>,
     /// Last seq handed out per user since the database was opened (see [`crate::SeqAllocator`] in `messages.rs`).
     seqs: Mutex<HashMap<i64, u64>>,
+    /// The highest outbox id handed out since the database was opened (`outbox.rs`).
+    outbox_high: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -249,6 +274,11 @@ impl EmbeddedBackend {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(Error::backend)?;
         Self::init(db)
+    }
+
+    /// The outbox of the in-process relay (not part of [`Stores`]: only embedded mode has one).
+    pub fn outbox(self: &Arc<Self>) -> Arc<dyn crate::OutboxStore> {
+        self.clone()
     }
 
     /// Every store as a trait object backed by this database, seq allocation included.
@@ -294,6 +324,7 @@ impl EmbeddedBackend {
             Tables::open(&tx)?;
             // Read as a floor only (see Seqs), but it must exist for read transactions.
             tx.open_table(SEQ).map_err(Error::backend)?;
+            tx.open_table(OUTBOX).map_err(Error::backend)?;
         }
         tx.commit().map_err(Error::backend)?;
         let db = Arc::new(db);
@@ -301,6 +332,7 @@ impl EmbeddedBackend {
             writer: Writer::start(db.clone())?,
             db,
             seqs: Mutex::new(HashMap::new()),
+            outbox_high: Arc::default(),
         })
     }
 

@@ -8,6 +8,7 @@ pub(crate) mod groups;
 pub(crate) mod invites;
 pub(crate) mod leases;
 pub(crate) mod messages;
+pub(crate) mod outbox;
 pub(crate) mod presence;
 pub(crate) mod rooms;
 pub(crate) mod users;

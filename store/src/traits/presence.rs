@@ -4,6 +4,11 @@ use async_trait::async_trait;
 
 use crate::Result;
 
+/// Told of a user's presence changes ([`Presence::watch`]): `(user_id, online)`, `true` when the user's
+/// first device anywhere connected, `false` when their last one is gone. Called on the presence
+/// caller's task: it must not block (hand the work to a task).
+pub type PresenceListener = std::sync::Arc<dyn Fn(i64, bool) + Send + Sync>;
+
 /// Online users, written by gateways and read by logic workers on the send path.
 ///
 /// A gateway reports a user once when the user's first connection on it is registered and once when
@@ -23,4 +28,9 @@ pub trait Presence: Send + Sync + 'static {
     /// [`crate::ErrorKind::Unavailable`] when presence cannot be read (callers treat everyone as
     /// offline: a push too many rather than one too few).
     async fn online(&self, users: &[i64]) -> Result<Vec<bool>>;
+
+    /// Calls `listener` on each user's online/offline transition (event webhooks). Set once, before
+    /// the first connection; unset, [`Presence::connected`] and [`Presence::disconnected`] do no
+    /// extra work.
+    fn watch(&self, listener: PresenceListener);
 }

@@ -4,6 +4,7 @@
 //! against the same persistent database and concurrently against several backends in one process.
 
 mod conversations;
+pub(crate) mod outbox;
 
 use std::sync::OnceLock;
 

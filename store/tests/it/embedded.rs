@@ -21,15 +21,17 @@ fn message(seq: u64) -> Message {
 
 #[tokio::test]
 async fn conformance_in_memory() {
-    let backend = EmbeddedBackend::temporary().expect("in-memory database");
-    conformance::run_all(Arc::new(backend).stores()).await;
+    let backend = Arc::new(EmbeddedBackend::temporary().expect("in-memory database"));
+    conformance::outbox::run_all(backend.outbox().as_ref()).await;
+    conformance::run_all(backend.stores()).await;
 }
 
 #[tokio::test]
 async fn conformance_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let backend = EmbeddedBackend::open(dir.path().join("zhibo.redb")).expect("open");
-    conformance::run_all(Arc::new(backend).stores()).await;
+    let backend = Arc::new(EmbeddedBackend::open(dir.path().join("zhibo.redb")).expect("open"));
+    conformance::outbox::run_all(backend.outbox().as_ref()).await;
+    conformance::run_all(backend.stores()).await;
 }
 
 #[tokio::test]
@@ -38,6 +40,40 @@ async fn conformance_twice_on_one_database() {
     let path = dir.path().join("zhibo.redb");
     conformance::run_all(Arc::new(EmbeddedBackend::open(&path).expect("open")).stores()).await;
     conformance::run_all(Arc::new(EmbeddedBackend::open(&path).expect("reopen")).stores()).await;
+}
+
+/// What a stop leaves in the outbox is there after a reopen, in order, for the relay to resume.
+#[tokio::test]
+async fn outbox_entries_survive_a_reopen() {
+    use zhibo_store::OutboxEvent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zhibo.redb");
+    let event = |n: u32| OutboxEvent {
+        topic: "push".into(),
+        key: format!("m{n}:7"),
+        body: Bytes::from(format!("{{\"n\":{n}}}")),
+    };
+    let backend = Arc::new(EmbeddedBackend::open(&path).expect("open"));
+    let ids = backend
+        .outbox()
+        .enqueue(&[event(1), event(2), event(3)])
+        .await
+        .expect("enqueue");
+    backend.outbox().remove(ids[0]).await.expect("delivered");
+    drop(backend);
+
+    let backend = Arc::new(EmbeddedBackend::open(&path).expect("reopen"));
+    let left = backend.outbox().pending(0, 10).await.expect("pending");
+    assert_eq!(
+        left.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        [event(2), event(3)]
+    );
+    let more = backend
+        .outbox()
+        .enqueue(&[event(4)])
+        .await
+        .expect("enqueue");
+    assert!(more[0] > left[1].id, "new entries come after what was left");
 }
 
 #[tokio::test]

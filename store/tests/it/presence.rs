@@ -87,3 +87,48 @@ fn live_prefix(p: &RedisPresence) -> &str {
     // Leaked once per test: a &str with the presence's lifetime is all the API needs.
     Box::leak(key[..end].to_owned().into_boxed_str())
 }
+
+/// A watched presence reports a user's first device anywhere (online) and their last one gone
+/// (offline), not each gateway's: the `user.online` / `user.offline` webhooks.
+async fn transitions(p: &dyn Presence) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    p.watch(Arc::new(move |user, online| {
+        record.lock().expect("lock").push((user, online));
+    }));
+    let seen = || seen.lock().expect("lock").clone();
+    p.connected("gw-a", 1).await;
+    assert_eq!(seen(), [(1, true)]);
+    p.connected("gw-b", 1).await;
+    p.connected("gw-a", 2).await;
+    assert_eq!(
+        seen(),
+        [(1, true), (2, true)],
+        "a second gateway is no transition"
+    );
+    p.disconnected("gw-a", 1);
+    p.disconnected("gw-b", 1);
+    until("user 1 offline once", Duration::from_secs(5), async || {
+        seen().contains(&(1, false))
+    })
+    .await;
+    // Redis: the two deletes run as concurrent tasks, and both may read the hash after both landed
+    // (best effort, documented): repeats of the same transition only.
+    let seen = seen();
+    assert_eq!(seen[..3], [(1, true), (2, true), (1, false)]);
+    assert!(
+        seen[3..].iter().all(|e| *e == (1, false)),
+        "offline only when the last gateway let go: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn memory_presence_reports_transitions() {
+    transitions(&MemoryPresence::new()).await;
+}
+
+#[tokio::test]
+async fn redis_presence_reports_transitions() {
+    let p = redis(Duration::from_secs(60)).await;
+    transitions(p.as_ref()).await;
+}

@@ -250,11 +250,27 @@ impl Cluster {
     /// [`Cluster::embedded`] with a configuration tweak.
     pub(crate) async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("zhibo.redb");
+        let mut cluster = Self::embedded_at(&path, tweak).await;
+        cluster._dir = Some(dir);
+        cluster
+    }
+
+    /// [`Cluster::embedded_with`] on the store file at `path`, which outlives the node: a node started
+    /// again on it after [`Cluster::stop`] finds what the last one stored (waiting, with a deadline,
+    /// until the stopped node's last tasks have released the file).
+    pub(crate) async fn embedded_at(
+        path: &std::path::Path,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Cluster {
         let mut config = base_config();
         tweak(&mut config);
         config.store.kind = StoreKind::Embedded;
-        config.store.path = dir.path().join("zhibo.redb").display().to_string();
-        let backends = zhibo::connect(&config, "e2e").await.expect("backends");
+        config.store.path = path.display().to_string();
+        let backends = eventually("the embedded store file opens", READY_WAIT, || async {
+            zhibo::connect(&config, "e2e").await.ok()
+        })
+        .await;
         let (listeners, addrs) = bind_gateway(&config).await;
         let api = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -285,7 +301,7 @@ impl Cluster {
             stores,
             shutdown,
             nodes: vec![node],
-            _dir: Some(dir),
+            _dir: None,
         }
     }
 

@@ -22,3 +22,4 @@ mod rooms;
 mod scenarios;
 mod security;
 mod telemetry;
+mod webhooks;

@@ -19,21 +19,22 @@ use zhibo_loadtest::client::{Client, Transport};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ReceiverType, SendMessageInput, SendMessageOutput};
 use zhibo_push::sign::{verify, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use zhibo_push::webhook::WebhookEvent;
 use zhibo_push::PushEvent;
 
 use crate::cluster::{eventually, Cluster, READY_WAIT, SECRET};
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// The HMAC key shared by the relay and the test receiver.
-const PUSH_SECRET: &str = "e2e-push-secret-0123456789";
+pub(crate) const PUSH_SECRET: &str = "e2e-push-secret-0123456789";
 
 /// One distributed push test at a time (see the module documentation).
-static JETSTREAM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static JETSTREAM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A request the receiver accepted: verified signature, event parsed.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     event: PushEvent,
     body: Bytes,
     timestamp: String,
@@ -49,20 +50,87 @@ struct ReceiverState {
     refuse_users: Mutex<HashSet<i64>>,
     /// Requests whose signature did not verify.
     bad_signatures: Mutex<u32>,
+    /// Webhook events accepted on `/webhook` (signature verified), in arrival order.
+    webhooks: Mutex<Vec<WebhookEvent>>,
 }
 
 /// A local app backend on port 0: verifies each request's signature, answers 503 for the users it is
-/// told to refuse, records the rest.
-struct Receiver {
-    url: String,
+/// told to refuse, records the rest. It can also go away altogether ([`Receiver::go_down`]: its port
+/// refuses connections) and come back on the same port ([`Receiver::come_up`]).
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    addr: std::net::SocketAddr,
     state: Arc<ReceiverState>,
-    stop: CancellationToken,
+    /// The running server: its stop token and task (`None` while down).
+    server: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.stop.cancel();
+        if let Some((stop, _)) = &self.server {
+            stop.cancel();
+        }
     }
+}
+
+/// Serves the receiver's routes on `listener` until the returned token is cancelled.
+fn serve_receiver(
+    listener: tokio::net::TcpListener,
+    state: Arc<ReceiverState>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new()
+        .route("/push", axum::routing::post(receive))
+        .route("/webhook", axum::routing::post(receive_webhook))
+        .with_state(state);
+    let stop = CancellationToken::new();
+    let until = stop.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(until.cancelled_owned())
+            .await
+            .expect("receiver");
+    });
+    (stop, task)
+}
+
+/// `/webhook`: verifies the signature and the key header, records the event.
+async fn receive_webhook(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    if verify(
+        PUSH_SECRET.as_bytes(),
+        &header(TIMESTAMP_HEADER),
+        &header(SIGNATURE_HEADER),
+        &body,
+        now,
+        300,
+    )
+    .is_err()
+    {
+        *state.bad_signatures.lock().expect("lock") += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let Ok(event) = serde_json::from_slice::<WebhookEvent>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if header(IDEMPOTENCY_HEADER) != event.idempotency_key {
+        return StatusCode::BAD_REQUEST;
+    }
+    state.webhooks.lock().expect("lock").push(event);
+    StatusCode::OK
 }
 
 async fn receive(
@@ -125,24 +193,45 @@ async fn receive(
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
-        let url = format!("http://{}/push", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr");
+        let url = format!("http://{addr}/push");
         let state = Arc::new(ReceiverState::default());
-        let app = axum::Router::new()
-            .route("/push", axum::routing::post(receive))
-            .with_state(state.clone());
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(until.cancelled_owned())
-                .await
-                .expect("receiver");
-        });
-        Receiver { url, state, stop }
+        let server = Some(serve_receiver(listener, state.clone()));
+        Receiver {
+            url,
+            addr,
+            state,
+            server,
+        }
+    }
+
+    /// Stops serving and closes the listener (and every connection): until [`Receiver::come_up`],
+    /// connecting to its port is refused.
+    async fn go_down(&mut self) {
+        let (stop, task) = self.server.take().expect("receiver is up");
+        stop.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("receiver stops in time")
+            .expect("receiver task");
+        assert!(
+            tokio::net::TcpStream::connect(self.addr).await.is_err(),
+            "the receiver's port still accepts connections"
+        );
+    }
+
+    /// Listens again on the same port.
+    async fn come_up(&mut self) {
+        assert!(self.server.is_none(), "receiver is up already");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket.bind(self.addr).expect("rebind the receiver's port");
+        let listener = socket.listen(1024).expect("listen");
+        self.server = Some(serve_receiver(listener, self.state.clone()));
     }
 
     fn refuse(&self, user_id: i64, refuse: bool) {
@@ -152,6 +241,16 @@ impl Receiver {
         } else {
             users.remove(&user_id);
         }
+    }
+
+    /// The webhook events accepted so far.
+    pub(crate) fn webhooks(&self) -> Vec<WebhookEvent> {
+        self.state.webhooks.lock().expect("lock").clone()
+    }
+
+    /// Requests refused for a bad signature.
+    pub(crate) fn bad_signatures(&self) -> u32 {
+        *self.state.bad_signatures.lock().expect("lock")
     }
 
     /// Accepted events for `user_id`, in arrival order.
@@ -177,7 +276,11 @@ impl Receiver {
     }
 
     /// Waits until every key of `keys` was accepted for `user_id`; returns the accepted events.
-    async fn wait_for_keys(&self, user_id: i64, keys: &HashSet<String>) -> Vec<Received> {
+    pub(crate) async fn wait_for_keys(
+        &self,
+        user_id: i64,
+        keys: &HashSet<String>,
+    ) -> Vec<Received> {
         eventually("every push event accepted", WAIT, || {
             let got = self.events_for(user_id);
             let seen: HashSet<String> = got
@@ -191,7 +294,7 @@ impl Receiver {
 }
 
 /// Push on, to `url`, with short retries for tests.
-fn push_config(c: &mut Config, url: &str) {
+pub(crate) fn push_config(c: &mut Config, url: &str) {
     c.push.enabled = true;
     c.push.url = url.into();
     c.push.secret = PUSH_SECRET.into();
@@ -202,21 +305,42 @@ fn push_config(c: &mut Config, url: &str) {
 }
 
 /// A relay task (distributed clusters only; the embedded node runs its own).
-struct Relay {
+pub(crate) struct Relay {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Relay {
-    fn start(cluster: &Cluster, tweak: impl FnOnce(&mut Config)) -> Option<Relay> {
+    pub(crate) fn start(cluster: &Cluster, tweak: impl FnOnce(&mut Config)) -> Option<Relay> {
+        Self::start_with_ops(cluster, tweak, None)
+    }
+
+    fn start_with_ops(
+        cluster: &Cluster,
+        tweak: impl FnOnce(&mut Config),
+        ops: Option<tokio::net::TcpListener>,
+    ) -> Option<Relay> {
         let mut config = cluster.config.clone()?;
         tweak(&mut config);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(zhibo::run_push_relay(config, None, stop.clone()));
+        let task = tokio::spawn(zhibo::run_push_relay(config, ops, stop.clone()));
         Some(Relay { stop, task })
     }
 
-    async fn stop(self) {
+    /// A relay with its ops endpoint (distributed), else none; and the address of the ops endpoint
+    /// whose `/metrics` count the relay's attempts (the relay's own, or the embedded node's).
+    async fn start_observed(cluster: &Cluster) -> (Option<Relay>, std::net::SocketAddr) {
+        if cluster.config.is_none() {
+            return (None, cluster.ops_addr.expect("embedded ops endpoint"));
+        }
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay ops");
+        let addr = ops.local_addr().expect("addr");
+        (Self::start_with_ops(cluster, |_| {}, Some(ops)), addr)
+    }
+
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -226,7 +350,12 @@ impl Relay {
     }
 }
 
-async fn send(c: &mut Client, receiver_type: ReceiverType, to: i64, id: &str) -> SendMessageOutput {
+pub(crate) async fn send(
+    c: &mut Client,
+    receiver_type: ReceiverType,
+    to: i64,
+    id: &str,
+) -> SendMessageOutput {
     let body = Body::SendMessage(SendMessageInput {
         receiver_type: receiver_type as i32,
         receiver_id: to,
@@ -241,11 +370,11 @@ async fn send(c: &mut Client, receiver_type: ReceiverType, to: i64, id: &str) ->
     }
 }
 
-fn key(out: &SendMessageOutput, user_id: i64) -> String {
+pub(crate) fn key(out: &SendMessageOutput, user_id: i64) -> String {
     format!("{}:{user_id}", out.message_id)
 }
 
-async fn embedded(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> Cluster {
+pub(crate) async fn embedded(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> Cluster {
     let url = receiver.url.clone();
     Cluster::embedded_with(move |c| {
         push_config(c, &url);
@@ -254,7 +383,7 @@ async fn embedded(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> Clust
     .await
 }
 
-async fn distributed(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> Cluster {
+pub(crate) async fn distributed(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> Cluster {
     let url = receiver.url.clone();
     Cluster::distributed_tweaked(2, move |c| {
         push_config(c, &url);
@@ -359,6 +488,10 @@ async fn offline_recipient_gets_one_event_per_message(cluster: &Cluster, receive
         Err(zhibo_push::sign::VerifyError::Mismatch)
     );
     assert_eq!(*receiver.state.bad_signatures.lock().expect("lock"), 0);
+    assert!(
+        receiver.webhooks().is_empty(),
+        "webhook events sent while webhooks are off"
+    );
     if let Some(relay) = relay {
         relay.stop().await;
     }
@@ -399,6 +532,82 @@ async fn receiver_down_then_up_gets_every_event(cluster: &Cluster, receiver: &Re
     }
 }
 
+/// A `zhibo_push_*` counter read from `/metrics` at `ops`.
+pub(crate) async fn scrape(ops: std::net::SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How long the app backend stays unreachable.
+const DOWNTIME: Duration = Duration::from_secs(10);
+
+/// The app backend is really gone for 10 s — its port refuses connections — while messages to an
+/// offline user are sent; the relay's failed attempts are observed on its `/metrics`; then the backend
+/// listens again on the same port and receives every event. A key may arrive more than once only as a
+/// retry of the same event (at least once, the key identifies it).
+async fn receiver_unreachable_for_10s_then_back_gets_every_event(
+    cluster: &Cluster,
+    receiver: &mut Receiver,
+) {
+    let (relay, ops) = Relay::start_observed(cluster).await;
+    let a = cluster.user("ua").await;
+    let b = cluster.user("ub").await;
+    cluster.befriend(&a, &b).await;
+    let mut ca = cluster.connect(Transport::Tcp, 0, &a).await;
+    let retried_before = scrape(ops, "zhibo_push_retried_total").await;
+
+    receiver.go_down().await;
+    let down_at = tokio::time::Instant::now();
+    let mut expected = HashSet::new();
+    for i in 0..5 {
+        let out = send(&mut ca, ReceiverType::User, b.user_id, &format!("u-{i}")).await;
+        expected.insert(key(&out, b.user_id));
+    }
+    // The relay is trying and failing (connection refused), not idle.
+    eventually("the relay failed at least 2 attempts", WAIT, || async {
+        (scrape(ops, "zhibo_push_retried_total").await - retried_before >= 2.0).then_some(())
+    })
+    .await;
+    // Down for the whole downtime (a duration under test, not a synchronisation): retries go on.
+    tokio::time::sleep_until(down_at + DOWNTIME).await;
+    let failed = scrape(ops, "zhibo_push_retried_total").await - retried_before;
+    assert!(
+        failed >= expected.len() as f64,
+        "each event was retried while the receiver was down: {failed} failed attempts"
+    );
+    assert!(receiver.events_for(b.user_id).is_empty());
+
+    receiver.come_up().await;
+    let got = receiver.wait_for_keys(b.user_id, &expected).await;
+    let mut by_key: HashMap<&str, Vec<&Received>> = HashMap::new();
+    for r in &got {
+        by_key
+            .entry(r.event.idempotency_key.as_str())
+            .or_default()
+            .push(r);
+    }
+    let keys: HashSet<String> = by_key.keys().map(|k| (*k).to_owned()).collect();
+    assert_eq!(keys, expected, "exactly the events of the messages sent");
+    for (k, copies) in &by_key {
+        // A repeat is a redelivery of the same event (same body), which the key lets the app drop.
+        assert!(
+            copies.iter().all(|r| r.event == copies[0].event),
+            "two different events under one key {k}"
+        );
+    }
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
+}
+
 mod embedded_mode {
     use super::*;
 
@@ -416,6 +625,72 @@ mod embedded_mode {
         let cluster = embedded(&receiver, |_| {}).await;
         receiver_down_then_up_gets_every_event(&cluster, &receiver).await;
         cluster.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn push_receiver_unreachable_for_10s_then_back_gets_every_event() {
+        let mut receiver = Receiver::start().await;
+        let cluster = embedded(&receiver, |_| {}).await;
+        receiver_unreachable_for_10s_then_back_gets_every_event(&cluster, &mut receiver).await;
+        cluster.stop().await;
+    }
+
+    /// The embedded node keeps push events in its store's outbox: sent while the app backend is
+    /// unreachable, the node stopped (graceful) and started again on the same data with the backend
+    /// up, each event arrives exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn push_events_survive_a_restart_of_the_embedded_node() {
+        let mut receiver = Receiver::start().await;
+        let url = receiver.url.clone();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("zhibo.redb");
+        receiver.go_down().await;
+        let cluster = Cluster::embedded_at(&path, |c| push_config(c, &url)).await;
+        let ops = cluster.ops_addr.expect("ops endpoint");
+        let a = cluster.user("sa").await;
+        let b = cluster.user("sb").await;
+        cluster.befriend(&a, &b).await;
+        let mut ca = cluster.connect(Transport::Tcp, 0, &a).await;
+        let mut expected = HashSet::new();
+        for i in 0..3 {
+            let out = send(&mut ca, ReceiverType::User, b.user_id, &format!("s-{i}")).await;
+            expected.insert(key(&out, b.user_id));
+        }
+        // The node is trying to deliver them (and failing: nobody listens).
+        eventually("the relay failed an attempt", WAIT, || async {
+            (scrape(ops, "zhibo_push_retried_total").await >= 1.0).then_some(())
+        })
+        .await;
+        drop(ca);
+        cluster.stop().await;
+
+        receiver.come_up().await;
+        let cluster = Cluster::embedded_at(&path, |c| push_config(c, &url)).await;
+        let got = receiver.wait_for_keys(b.user_id, &expected).await;
+        let keys: Vec<&str> = got
+            .iter()
+            .map(|r| r.event.idempotency_key.as_str())
+            .collect();
+        assert_eq!(got.len(), expected.len(), "each event once: {keys:?}");
+        // Delivered events leave the outbox: a further restart delivers nothing again.
+        eventually("the outbox is empty", WAIT, || async {
+            (scrape(cluster.ops_addr.expect("ops"), "zhibo_push_delivered_total").await
+                >= expected.len() as f64)
+                .then_some(())
+        })
+        .await;
+        cluster.stop().await;
+        let backend = eventually("the store file opens", WAIT, || {
+            std::future::ready(zhibo_store::embedded::EmbeddedBackend::open(&path).ok())
+        })
+        .await;
+        let left = zhibo_store::OutboxStore::pending(&backend, 0, 10)
+            .await
+            .expect("read the outbox");
+        assert!(
+            left.is_empty(),
+            "delivered events left in the outbox: {left:?}"
+        );
     }
 
     /// `push.preview = false`: events carry no content.
@@ -455,6 +730,15 @@ mod distributed_mode {
         let receiver = Receiver::start().await;
         let cluster = distributed(&receiver, |_| {}).await;
         receiver_down_then_up_gets_every_event(&cluster, &receiver).await;
+        cluster.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn push_receiver_unreachable_for_10s_then_back_gets_every_event() {
+        let _one = JETSTREAM.lock().await;
+        let mut receiver = Receiver::start().await;
+        let cluster = distributed(&receiver, |_| {}).await;
+        receiver_unreachable_for_10s_then_back_gets_every_event(&cluster, &mut receiver).await;
         cluster.stop().await;
     }
 
@@ -624,7 +908,7 @@ async fn push_relay_refuses_a_bad_configuration() {
     let nats = zhibo_testkit::nats_url();
     /// (role, variables, the field the refusal names)
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 7] = [
         (
             "push-relay",
             vec![("ZHIBO_PUSH__SECRET", PUSH_SECRET)],
@@ -653,6 +937,32 @@ async fn push_relay_refuses_a_bad_configuration() {
                 ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
             ],
             "push.url",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.online"]"#),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "webhooks.url",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_WEBHOOKS__URL", "https://app.example.com/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.typing"]"#),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "user.typing",
+        ),
+        (
+            "push-relay",
+            vec![
+                ("ZHIBO_WEBHOOKS__URL", "https://app.example.com/events"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["message.stored"]"#),
+                ("ZHIBO_PUSH__SECRET", "987654321"),
+            ],
+            "push.secret",
         ),
     ];
     for (role, env, field) in cases {

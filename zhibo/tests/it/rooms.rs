@@ -142,6 +142,7 @@ impl RoomCluster {
         let backends = Backends {
             bus: Arc::new(bus.clone()),
             stores: backend.stores(),
+            outbox: None,
         };
         let shutdown = CancellationToken::new();
         let (tcp, hub, gw) = gateway(&config, &backends, &shutdown).await;
