@@ -60,6 +60,13 @@ pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Refused commands in a row after which a flooding connection is closed (not a configuration key).
 pub const FLOOD_CLOSE_AFTER: u32 = 200;
 
+/// Sustained `TypingInput`s per second per connection (not a configuration key): a client repeats
+/// "typing" every few seconds while the user types; more is refused with `RATE_LIMITED`.
+pub const TYPING_PER_SEC: f64 = 1.0;
+
+/// Burst of `TypingInput`s above [`TYPING_PER_SEC`].
+pub const TYPING_BURST: f64 = 3.0;
+
 impl Default for SessionConfig {
     /// [`crate::GatewayConfig`]'s defaults: they are written there only.
     fn default() -> Self {
@@ -175,6 +182,7 @@ pub struct Session {
     deadline: Instant,
     commands: Bucket,
     room_sends: Bucket,
+    typing: Bucket,
     refused_in_a_row: u32,
     /// Rooms joined (or joining), by id; a room this connection was removed from by a ban is kept as its
     /// negated id (room ids are > 0) until the next join or leave of it, so a send to it is refused with
@@ -201,6 +209,7 @@ impl Session {
         Session {
             commands: Bucket::new(config.rate_per_sec, config.rate_burst, now),
             room_sends: Bucket::new(config.room_send_per_sec, config.room_send_burst, now),
+            typing: Bucket::new(TYPING_PER_SEC, TYPING_BURST, now),
             config,
             key,
             phase: Phase::AwaitingSignIn,
@@ -359,7 +368,15 @@ impl Session {
             | Body::Sync(_)
             | Body::MessageAck(_)
             | Body::SubscribeRoom(_)
-            | Body::UnsubscribeRoom(_) => {}
+            | Body::UnsubscribeRoom(_)
+            | Body::ConversationList(_)
+            | Body::History(_)
+            | Body::MarkRead(_)
+            | Body::Recall(_)
+            | Body::DeleteForMe(_)
+            | Body::ConversationSettings(_)
+            | Body::GroupReaders(_)
+            | Body::TypingInput(_) => {}
             Body::SignIn(_) => {
                 out.push(Action::Send(Packet::error(
                     rid,
@@ -459,6 +476,16 @@ impl Session {
                     ));
                 } else {
                     out.push(Action::Forward(packet));
+                }
+            }
+            Some(Body::TypingInput(_)) => {
+                if self.typing.take(now) {
+                    out.push(Action::Forward(packet));
+                } else {
+                    out.push(refuse(
+                        ErrorCode::RateLimited,
+                        "too many typing notices; at most 1 per second",
+                    ));
                 }
             }
             _ => out.push(Action::Forward(packet)),

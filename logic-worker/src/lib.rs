@@ -4,6 +4,9 @@
 //!   - `send`: 1:1 and group sends — authorise, dedup, allocate seqs, persist (write diffusion), replay a
 //!     resend, deliver to every device.
 //!   - `sync`: sync pages and acks.
+//!   - `conversations`: conversation list, history, mark read, group readers, recall, delete-for-me,
+//!     mute/pin, typing (issue #13), shared by the packets and user-api's HTTP routes; live notices go
+//!     through `send`'s `deliver_to_user`.
 //!   - `room`: room sends (size, reserved types, closed, muted), room notices, server-wide broadcasts.
 //!   - `moderation`: room bans (stored, then the user's connections are removed from the room on every
 //!     gateway), the pinned announcement, the viewer list (a fan-in over the gateways with viewers).
@@ -30,6 +33,7 @@
 
 mod config;
 mod consumer;
+mod conversations;
 mod error;
 mod events;
 mod hook;
@@ -48,6 +52,10 @@ use zhibo_telemetry::Metrics;
 
 pub use config::LogicConfig;
 pub use consumer::run;
+pub use conversations::{
+    conversation_id, conversation_ref, to_wire, HISTORY_PAGE, LIST_PAGE, MAX_HISTORY_PAGE,
+    MAX_LIST_PAGE,
+};
 pub use error::{LogicError, Op};
 use hook::BeforeSendHook;
 pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};

@@ -214,6 +214,9 @@ pub struct EmbeddedBackend {
     db: Arc<Database>,
     /// Last seq handed out per user since the database was opened (see [`crate::SeqAllocator`] in `messages.rs`).
     seqs: Mutex<HashMap<i64, u64>>,
+    /// Last conversation seq handed out per conversation since the database was opened (resumed from
+    /// the largest recorded one, `conversation_messages`).
+    conv_seqs: Mutex<HashMap<crate::ConversationKey, u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -301,6 +304,7 @@ impl EmbeddedBackend {
             writer: Writer::start(db.clone())?,
             db,
             seqs: Mutex::new(HashMap::new()),
+            conv_seqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -334,6 +338,12 @@ impl EmbeddedBackend {
 
     fn counters(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conv_counters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
+        self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Raises the counters of users already counted to the seqs just stored (appends with seqs that
@@ -528,6 +538,7 @@ mod tests {
             seq: 1,
             server_time_ms: 0,
             recipients: vec![(7, 1)],
+            conv_seq: 0,
         };
         let put = |device: i64, id: &'static str, r: SendPlan, now: i64| {
             let bytes = to_json(&r).expect("json");
