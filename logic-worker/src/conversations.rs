@@ -15,7 +15,7 @@ use zhibo_proto::client::{
     self as pb, ConversationListInput, ConversationListOutput, ConversationRef,
     ConversationSettingsInput, ConversationUpdate, DeleteForMeInput, ErrorCode, GroupReadersInput,
     GroupReadersOutput, HistoryInput, HistoryOutput, MarkReadInput, Packet, ReadReceipt,
-    ReceiverType, RecallInput, Recalled, TypingInput,
+    RecallInput, Recalled, ReceiverType, TypingInput,
 };
 use zhibo_store::ids::now_ms;
 use zhibo_store::{
@@ -227,9 +227,9 @@ impl Logic {
             .next(&[user_id])
             .await
             .map_err(|e| LogicError::store(Op::Conversation, &e))?;
-        seqs.first().copied().ok_or_else(|| {
-            LogicError::new(ErrorCode::Internal, "no seq allocated for the version")
-        })
+        seqs.first()
+            .copied()
+            .ok_or_else(|| LogicError::new(ErrorCode::Internal, "no seq allocated for the version"))
     }
 
     /// `user_id`'s row, or `NOT_IN_CONVERSATION`.

@@ -93,7 +93,10 @@ impl Logic {
                 } else {
                     vec![sender, input.receiver_id]
                 };
-                (recipients, ConversationKey::direct(sender, input.receiver_id))
+                (
+                    recipients,
+                    ConversationKey::direct(sender, input.receiver_id),
+                )
             }
             Ok(ReceiverType::Group) => {
                 if self

@@ -45,7 +45,9 @@ use fred::types::config::Server;
 use fred::types::{ClusterHash, CustomCommand};
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use crate::{ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SeqAllocator};
+use crate::{
+    ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SeqAllocator,
+};
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
 /// allocated from the lost counter but whose inbox writes had not landed when `max_seq` was read
@@ -451,7 +453,9 @@ impl RedisSeq {
                 seq.ok_or_else(|| {
                     redis_failure(
                         "next",
-                        format!("counter {counter:?} vanished {RECOVERY_ROUNDS} times during recovery"),
+                        format!(
+                            "counter {counter:?} vanished {RECOVERY_ROUNDS} times during recovery"
+                        ),
                     )
                 })
             })

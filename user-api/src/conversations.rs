@@ -12,7 +12,7 @@ use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{
     self as pb, ConversationListInput, ConversationRef, ConversationSettingsInput,
     ConversationUpdate, DeleteForMeInput, ErrorCode, GroupReadersInput, HistoryInput,
-    MarkReadInput, ReceiverType, RecallInput,
+    MarkReadInput, RecallInput, ReceiverType,
 };
 
 use crate::auth::Caller;

@@ -340,9 +340,7 @@ impl EmbeddedBackend {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn conv_counters(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
+    fn conv_counters(&self) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
         self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 

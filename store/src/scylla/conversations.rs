@@ -470,8 +470,7 @@ impl ConversationStore for ScyllaBackend {
             .try_for_each_concurrent(WRITE_CONCURRENCY, |&(user_id, inbox_seq)| async move {
                 let mut copy = copy_for(message, user_id, inbox_seq);
                 copy.conv_seq = conv_seq;
-                self.record_copy(key, conv_seq, &copy, user_id, false)
-                    .await
+                self.record_copy(key, conv_seq, &copy, user_id, false).await
             })
             .await
     }

@@ -378,9 +378,16 @@ async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_stor
         .await
         .expect("record");
     redis.del(&[conversation_seq_key(key)]).await;
-    let (inbox, conv_seq) = seq.next_in_conversation(&[a, b], key).await.expect("recover");
+    let (inbox, conv_seq) = seq
+        .next_in_conversation(&[a, b], key)
+        .await
+        .expect("recover");
     assert_eq!(inbox, vec![4, 4], "user counters untouched");
-    assert_eq!(conv_seq, 3 + RECOVERY_MARGIN + 1, "resumed above the recorded seq");
+    assert_eq!(
+        conv_seq,
+        3 + RECOVERY_MARGIN + 1,
+        "resumed above the recorded seq"
+    );
     // An allocator without a conversation store refuses to guess a lost counter's floor.
     let (bare, _) = allocator(target, backend.clone()).await;
     redis.del(&[conversation_seq_key(key)]).await;

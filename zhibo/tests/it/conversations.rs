@@ -11,8 +11,8 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
     Conversation, ConversationListInput, ConversationListOutput, ConversationRef,
     ConversationSettingsInput, ConversationUpdate, DeleteForMeInput, ErrorCode, GroupReadersInput,
-    HistoryInput, HistoryOutput, MarkReadInput, Message, Packet, ReceiverType, RecallInput,
-    Recalled, SendMessageInput, SendMessageOutput, SyncInput, TypingInput,
+    HistoryInput, HistoryOutput, MarkReadInput, Message, Packet, RecallInput, Recalled,
+    ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, TypingInput,
 };
 
 use crate::cluster::{eventually, http, Cluster};
@@ -168,7 +168,7 @@ async fn next_update(c: &mut Client) -> ConversationUpdate {
 
 async fn next_recalled(c: &mut Client) -> Recalled {
     next_push(c, "Recalled", |p| match &p.body {
-        Some(Body::Recalled(r)) => Some(r.clone()),
+        Some(Body::Recalled(r)) => Some(*r),
         _ => None,
     })
     .await
@@ -229,7 +229,14 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
     let mut b = cluster.connect(Transport::Quic, 1, &bob).await;
     let mut c = cluster.connect(Transport::Tcp, 0, &carol).await;
     for i in 1..=3 {
-        send(&mut b, ReceiverType::User, alice.user_id, &format!("b{i}"), "hi").await;
+        send(
+            &mut b,
+            ReceiverType::User,
+            alice.user_id,
+            &format!("b{i}"),
+            "hi",
+        )
+        .await;
     }
     send(&mut c, ReceiverType::User, alice.user_id, "c1", "yo").await;
     // Every delivered copy carries its conversation seq.
@@ -264,12 +271,9 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
     let read = mark_read(&mut a1, peer(bob.user_id), 2).await;
     assert_eq!((read.read_seq, read.unread), (2, 1));
     let pushed = next_update(&mut a2).await.conversation.expect("row");
-    assert_eq!(
-        (pushed.conversation, pushed.unread),
-        (peer(bob.user_id), 1)
-    );
+    assert_eq!((pushed.conversation, pushed.unread), (peer(bob.user_id), 1));
     let receipt = next_push(&mut b, "ReadReceipt", |p| match &p.body {
-        Some(Body::ReadReceipt(r)) => Some(r.clone()),
+        Some(Body::ReadReceipt(r)) => Some(*r),
         _ => None,
     })
     .await;
@@ -279,10 +283,17 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
     );
     // List sync: only the changed row.
     let changed = list(&mut a2, version).await;
-    let rows: Vec<_> = changed.conversations.iter().map(|r| r.conversation).collect();
+    let rows: Vec<_> = changed
+        .conversations
+        .iter()
+        .map(|r| r.conversation)
+        .collect();
     assert_eq!(rows, [peer(bob.user_id)]);
     assert!(changed.version > version);
-    assert!(list(&mut a2, changed.version).await.conversations.is_empty());
+    assert!(list(&mut a2, changed.version)
+        .await
+        .conversations
+        .is_empty());
 
     // Bad input: beyond the last message, a conversation alice is not in, a bad reference.
     let beyond = Body::MarkRead(MarkReadInput {
@@ -294,7 +305,10 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
         conversation: peer(i64::from(i32::MAX)),
         read_seq: 1,
     });
-    assert_eq!(refused(&mut a1, stranger).await, ErrorCode::NotInConversation);
+    assert_eq!(
+        refused(&mut a1, stranger).await,
+        ErrorCode::NotInConversation
+    );
     let bad = Body::MarkRead(MarkReadInput {
         conversation: Some(ConversationRef {
             r#type: ReceiverType::Room as i32,
@@ -346,7 +360,7 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
     assert_eq!(m.message_id, out.message_id);
     mark_read(&mut b, peer(alice.user_id), m.conv_seq).await;
     let receipt = next_push(&mut a, "ReadReceipt", |p| match &p.body {
-        Some(Body::ReadReceipt(r)) => Some(r.clone()),
+        Some(Body::ReadReceipt(r)) => Some(*r),
         _ => None,
     })
     .await;
@@ -378,10 +392,13 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
         other => panic!("expected GroupReadersOutput, got {other:?}"),
     };
     // The sender has read their own message; nobody else yet.
-    assert_eq!(who(ask(&mut a, readers(gm.conv_seq)).await), [alice.user_id]);
+    assert_eq!(
+        who(ask(&mut a, readers(gm.conv_seq)).await),
+        [alice.user_id]
+    );
     mark_read(&mut b, group(gid), gm.conv_seq).await;
     let receipt = next_push(&mut a, "group ReadReceipt", |p| match &p.body {
-        Some(Body::ReadReceipt(r)) => Some(r.clone()),
+        Some(Body::ReadReceipt(r)) => Some(*r),
         _ => None,
     })
     .await;
@@ -441,10 +458,18 @@ async fn recall_live_by_sync_and_refusals(cluster: &Cluster) {
     );
     let live = next_recalled(&mut b).await;
     assert_eq!(
-        (live.conversation, live.message_id, live.seq, live.recalled_by),
+        (
+            live.conversation,
+            live.message_id,
+            live.seq,
+            live.recalled_by
+        ),
         (peer(alice.user_id), gone.message_id, m.seq, alice.user_id)
     );
-    assert_eq!(refused(&mut a, recall(m.conv_seq)).await, ErrorCode::AlreadyRecalled);
+    assert_eq!(
+        refused(&mut a, recall(m.conv_seq)).await,
+        ErrorCode::AlreadyRecalled
+    );
 
     // By sync: bob's second device was offline.
     let mut b2 = cluster.connect(Transport::Ws, 0, &bob2).await;
@@ -499,17 +524,26 @@ async fn recall_live_by_sync_and_refusals(cluster: &Cluster) {
         conversation: group(gid),
         conv_seq: gm.conv_seq,
     });
-    assert_eq!(refused(&mut b, grecall.clone()).await, ErrorCode::NotAllowed);
+    assert_eq!(
+        refused(&mut b, grecall.clone()).await,
+        ErrorCode::NotAllowed
+    );
     ask(&mut a, grecall).await;
     let live = next_recalled(&mut c).await;
-    assert_eq!((live.conversation, live.recalled_by), (group(gid), alice.user_id));
+    assert_eq!(
+        (live.conversation, live.recalled_by),
+        (group(gid), alice.user_id)
+    );
     let dave = cluster.user("dave").await;
     let mut d = cluster.connect(Transport::Tcp, 0, &dave).await;
     let outsider = Body::Recall(RecallInput {
         conversation: group(gid),
         conv_seq: gm.conv_seq,
     });
-    assert_eq!(refused(&mut d, outsider).await, ErrorCode::NotInConversation);
+    assert_eq!(
+        refused(&mut d, outsider).await,
+        ErrorCode::NotInConversation
+    );
 }
 
 /// A cluster whose recall window is one second.
@@ -560,28 +594,26 @@ async fn history_pages_across_1000_messages(cluster: &Cluster) {
     let bob = cluster.user("bob").await;
     cluster.befriend(&alice, &bob).await;
     let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
-    // Pipelined sends, then every ACK: quicker than 1,000 round trips one by one.
+    // One by one; a send refused by the connection's rate limit (200/s) is sent again.
     const N: u64 = 1_000;
     for i in 0..N {
-        let input = Body::SendMessage(SendMessageInput {
-            receiver_type: ReceiverType::User as i32,
-            receiver_id: bob.user_id,
-            client_msg_id: format!("h{i}"),
-            content_type: 1,
-            content: Bytes::from(format!("m{i}")),
-            ..Default::default()
-        });
-        a.send(input).await.expect("send");
-        if i % 50 == 49 {
-            // Keep under the gateway's rate limit and the worker's concurrency.
-            let mut acks = 0;
-            while acks < 50 {
-                let p = a.recv(WAIT).await.expect("ack").expect("open");
-                match p.body {
-                    Some(Body::SendMessageOutput(_)) => acks += 1,
-                    Some(Body::Heartbeat(_)) => {}
-                    other => panic!("expected an ACK, got {other:?}"),
+        let input = || {
+            Body::SendMessage(SendMessageInput {
+                receiver_type: ReceiverType::User as i32,
+                receiver_id: bob.user_id,
+                client_msg_id: format!("h{i}"),
+                content_type: 1,
+                content: Bytes::from(format!("m{i}")),
+                ..Default::default()
+            })
+        };
+        loop {
+            match a.request(input(), WAIT).await.expect("reply").body {
+                Some(Body::SendMessageOutput(_)) => break,
+                Some(Body::Error(e)) if e.code == ErrorCode::RateLimited as i32 => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                other => panic!("expected an ACK, got {other:?}"),
             }
         }
     }
@@ -591,13 +623,16 @@ async fn history_pages_across_1000_messages(cluster: &Cluster) {
     loop {
         let page = history(&mut b, peer(alice.user_id), before, 0, 50).await;
         assert!(page.messages.len() <= 50);
-        got.extend(page.messages.iter().map(|m| m.conv_seq));
+        for m in &page.messages {
+            // Sent one by one: conversation seq n is the n-th message.
+            assert_eq!(text(m), format!("m{}", m.conv_seq - 1));
+            got.push(m.conv_seq);
+        }
         match page.messages.last() {
             Some(last) if page.has_more => before = last.conv_seq,
             _ => break,
         }
     }
-    // Sends are concurrent, so conv seq order is not send order; the set is every seq once.
     let want: Vec<u64> = (1..=N).rev().collect();
     assert_eq!(got, want, "backwards: no gap, no repeat");
 
@@ -641,11 +676,14 @@ async fn typing_reaches_online_devices_only(cluster: &Cluster) {
     };
     a.send(typing()).await.expect("typing");
     let t = next_push(&mut b, "Typing", |p| match &p.body {
-        Some(Body::Typing(t)) => Some(t.clone()),
+        Some(Body::Typing(t)) => Some(*t),
         _ => None,
     })
     .await;
-    assert_eq!((t.conversation, t.user_id), (peer(alice.user_id), alice.user_id));
+    assert_eq!(
+        (t.conversation, t.user_id),
+        (peer(alice.user_id), alice.user_id)
+    );
     // Bob's second device connects afterwards: nothing was stored for it.
     let mut b2 = cluster.connect(Transport::Quic, 0, &bob2).await;
     let synced = match ask(&mut b2, Body::Sync(SyncInput { seq: 0, limit: 0 })).await {
@@ -657,8 +695,7 @@ async fn typing_reaches_online_devices_only(cluster: &Cluster) {
     // A flood: the burst passes, then RATE_LIMITED.
     let mut limited = false;
     for _ in 0..10 {
-        let id = a.send(typing()).await.expect("typing");
-        let _ = id;
+        a.send(typing()).await.expect("typing");
     }
     let until = tokio::time::Instant::now() + WAIT;
     while tokio::time::Instant::now() < until {
@@ -745,10 +782,28 @@ async fn http_routes(cluster: &Cluster) {
     assert_eq!(rows[0]["unread"], json!(2));
     assert_eq!(rows[0]["last_message"]["content"], json!("c2Vjb25k"));
     let conv = format!("/v1/conversations/user/{}", alice.user_id);
-    let (status, body) = http(base, post.clone(), &format!("{conv}/read"), auth, json!({"read_seq": 1})).await;
+    let (status, body) = http(
+        base,
+        post.clone(),
+        &format!("{conv}/read"),
+        auth,
+        json!({"read_seq": 1}),
+    )
+    .await;
     assert_eq!((status, body["unread"].clone()), (200, json!(1)), "{body}");
-    let (status, body) = http(base, post.clone(), &format!("{conv}/read"), auth, json!({"read_seq": 9})).await;
-    assert_eq!((status, body["error"]["code"].clone()), (409, json!("out_of_range")), "{body}");
+    let (status, body) = http(
+        base,
+        post.clone(),
+        &format!("{conv}/read"),
+        auth,
+        json!({"read_seq": 9}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("out_of_range")),
+        "{body}"
+    );
     let (status, body) = http(
         base,
         post.clone(),
@@ -757,7 +812,11 @@ async fn http_routes(cluster: &Cluster) {
         json!({"read_seq": 1}),
     )
     .await;
-    assert_eq!((status, body["error"]["code"].clone()), (404, json!("not_in_conversation")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("not_in_conversation")),
+        "{body}"
+    );
     let (status, body) = http(
         base,
         post.clone(),
@@ -775,23 +834,85 @@ async fn http_routes(cluster: &Cluster) {
         json!({"muted": true, "pinned": false}),
     )
     .await;
-    assert_eq!((status, body["muted"].clone()), (200, json!(true)), "{body}");
+    assert_eq!(
+        (status, body["muted"].clone()),
+        (200, json!(true)),
+        "{body}"
+    );
     // Bob may not recall alice's message; alice may.
-    let (status, body) = http(base, post.clone(), &format!("{conv}/messages/1/recall"), auth, json!(null)).await;
-    assert_eq!((status, body["error"]["code"].clone()), (403, json!("not_allowed")), "{body}");
+    let (status, body) = http(
+        base,
+        post.clone(),
+        &format!("{conv}/messages/1/recall"),
+        auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("not_allowed")),
+        "{body}"
+    );
     let alice_bearer = format!("Bearer {}", alice.token);
     let alice_auth = ("authorization", alice_bearer.as_str());
     let to_bob = format!("/v1/conversations/user/{}", bob.user_id);
-    let (status, body) = http(base, post.clone(), &format!("{to_bob}/messages/1/recall"), alice_auth, json!(null)).await;
+    let (status, body) = http(
+        base,
+        post.clone(),
+        &format!("{to_bob}/messages/1/recall"),
+        alice_auth,
+        json!(null),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["message_id"], json!(out.message_id.to_string()));
-    let (status, body) = http(base, post.clone(), &format!("{to_bob}/messages/1/recall"), alice_auth, json!(null)).await;
-    assert_eq!((status, body["error"]["code"].clone()), (409, json!("already_recalled")), "{body}");
-    let (status, body) = http(base, post, &format!("{to_bob}/messages/77/recall"), alice_auth, json!(null)).await;
-    assert_eq!((status, body["error"]["code"].clone()), (404, json!("not_found")), "{body}");
-    let (status, body) = http(base, reqwest::Method::DELETE, &format!("{conv}/messages/2"), auth, json!(null)).await;
-    assert_eq!((status, body["deleted_conv_seq"].clone()), (200, json!(2)), "{body}");
-    let (status, body) = http(base, get.clone(), &format!("{conv}/messages"), auth, json!(null)).await;
+    let (status, body) = http(
+        base,
+        post.clone(),
+        &format!("{to_bob}/messages/1/recall"),
+        alice_auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("already_recalled")),
+        "{body}"
+    );
+    let (status, body) = http(
+        base,
+        post,
+        &format!("{to_bob}/messages/77/recall"),
+        alice_auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("not_found")),
+        "{body}"
+    );
+    let (status, body) = http(
+        base,
+        reqwest::Method::DELETE,
+        &format!("{conv}/messages/2"),
+        auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!(
+        (status, body["deleted_conv_seq"].clone()),
+        (200, json!(2)),
+        "{body}"
+    );
+    let (status, body) = http(
+        base,
+        get.clone(),
+        &format!("{conv}/messages"),
+        auth,
+        json!(null),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let messages = body["messages"].as_array().expect("messages");
     assert_eq!(messages.len(), 1, "{body}");
@@ -806,8 +927,19 @@ async fn http_routes(cluster: &Cluster) {
         json!(null),
     )
     .await;
-    assert_eq!((status, body["user_ids"].clone()), (200, json!([alice.user_id])), "{body}");
-    let (status, _) = http(base, get, "/v1/conversations", ("authorization", "Bearer nope"), json!(null)).await;
+    assert_eq!(
+        (status, body["user_ids"].clone()),
+        (200, json!([alice.user_id])),
+        "{body}"
+    );
+    let (status, _) = http(
+        base,
+        get,
+        "/v1/conversations",
+        ("authorization", "Bearer nope"),
+        json!(null),
+    )
+    .await;
     assert_eq!(status, 401);
 }
 

@@ -868,15 +868,27 @@ pub(crate) async fn send_path(s: &Stores) {
         2
     );
     let rb = row(s, b, ConversationId::direct(a)).await;
-    assert_eq!((rb.last_seq, rb.unread(), rb.peer_read_seq), (2, 2, 2), "{rb:?}");
+    assert_eq!(
+        (rb.last_seq, rb.unread(), rb.peer_read_seq),
+        (2, 2, 2),
+        "{rb:?}"
+    );
     let ra = row(s, a, ConversationId::direct(b)).await;
     assert_eq!((ra.read_seq, ra.unread()), (2, 0), "{ra:?}");
     // Synced copies and history entries carry the conversation seq.
     let synced = s.messages.sync(b, 0, 10).await.expect("sync");
-    assert_eq!(synced.iter().map(|m| m.conv_seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        synced.iter().map(|m| m.conv_seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
     let page = s
         .conversations
-        .history(b, ConversationId::direct(a), HistoryPage::Before(u64::MAX), 10)
+        .history(
+            b,
+            ConversationId::direct(a),
+            HistoryPage::Before(u64::MAX),
+            10,
+        )
         .await
         .expect("history");
     assert_eq!(
