@@ -182,7 +182,8 @@ pub struct Session {
     deadline: Instant,
     commands: Bucket,
     room_sends: Bucket,
-    typing: Bucket,
+    /// Created at the first `TypingInput`: an idle connection (most of them) pays one pointer.
+    typing: Option<Box<Bucket>>,
     refused_in_a_row: u32,
     /// Rooms joined (or joining), by id; a room this connection was removed from by a ban is kept as its
     /// negated id (room ids are > 0) until the next join or leave of it, so a send to it is refused with
@@ -209,7 +210,7 @@ impl Session {
         Session {
             commands: Bucket::new(config.rate_per_sec, config.rate_burst, now),
             room_sends: Bucket::new(config.room_send_per_sec, config.room_send_burst, now),
-            typing: Bucket::new(TYPING_PER_SEC, TYPING_BURST, now),
+            typing: None,
             config,
             key,
             phase: Phase::AwaitingSignIn,
@@ -479,7 +480,10 @@ impl Session {
                 }
             }
             Some(Body::TypingInput(_)) => {
-                if self.typing.take(now) {
+                let typing = self.typing.get_or_insert_with(|| {
+                    Box::new(Bucket::new(TYPING_PER_SEC, TYPING_BURST, now))
+                });
+                if typing.take(now) {
                     out.push(Action::Forward(packet));
                 } else {
                     out.push(refuse(
@@ -742,6 +746,44 @@ mod tests {
         let acts = s.on_tick(t1 + Duration::from_secs(100));
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::HeartbeatTimeout));
         assert_eq!(acts[1], Action::Close(CloseReason::HeartbeatTimeout));
+    }
+
+    /// Typing has its own small bucket (1/s, burst 3) on top of the command bucket; conversation
+    /// requests are forwarded like any command.
+    #[test]
+    fn typing_is_rate_limited_on_its_own_bucket() {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let mut s = Session::new(Arc::new(SessionConfig::default()), key.clone(), t0);
+        signed_in(&mut s, &key, t0);
+        let typing = |i| {
+            Packet::new(
+                i,
+                Body::TypingInput(zhibo_proto::client::TypingInput::default()),
+            )
+        };
+        for i in 0..3 {
+            assert!(matches!(
+                s.on_packet(typing(i), t0)[..],
+                [Action::Forward(_)]
+            ));
+        }
+        let acts = s.on_packet(typing(3), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
+        // Other commands are not affected.
+        let list = Packet::new(
+            4,
+            Body::ConversationList(zhibo_proto::client::ConversationListInput::default()),
+        );
+        assert_eq!(s.on_packet(list.clone(), t0), vec![Action::Forward(list)]);
+        assert!(matches!(
+            s.on_packet(typing(5), t0 + Duration::from_secs(1))[..],
+            [Action::Forward(_)]
+        ));
+        // A server push is never accepted from a client.
+        let push = Packet::new(6, Body::Typing(zhibo_proto::client::Typing::default()));
+        let acts = s.on_packet(push, t0 + Duration::from_secs(1));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::UnexpectedPacket));
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub fn to_wire(c: &Conversation) -> pb::Conversation {
         last_seq: c.last_seq,
         last_message: c.last_message.clone().map(|mut m| {
             m.conv_seq = c.last_seq;
-            m
+            Box::new(m)
         }),
         read_seq: c.read_seq,
         peer_read_seq: c.peer_read_seq,
@@ -325,7 +325,7 @@ impl Logic {
             .announce(
                 origin,
                 ConversationUpdate {
-                    conversation: Some(to_wire(&row)),
+                    conversation: Some(Box::new(to_wire(&row))),
                     deleted_conv_seq: 0,
                 },
             )
@@ -480,7 +480,7 @@ impl Logic {
             .announce(
                 origin,
                 ConversationUpdate {
-                    conversation: Some(to_wire(&row)),
+                    conversation: Some(Box::new(to_wire(&row))),
                     deleted_conv_seq: input.conv_seq,
                 },
             )
@@ -518,7 +518,7 @@ impl Logic {
             .announce(
                 origin,
                 ConversationUpdate {
-                    conversation: Some(to_wire(&row)),
+                    conversation: Some(Box::new(to_wire(&row))),
                     deleted_conv_seq: 0,
                 },
             )

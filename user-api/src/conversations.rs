@@ -127,7 +127,7 @@ impl From<pb::Conversation> for ConversationView {
             r#type: receiver(r.r#type),
             id: r.id,
             last_seq: c.last_seq,
-            last_message: c.last_message.map(MessageView::from),
+            last_message: c.last_message.map(|m| MessageView::from(*m)),
             read_seq: c.read_seq,
             peer_read_seq: c.peer_read_seq,
             unread: c.unread,
@@ -162,7 +162,7 @@ pub(crate) struct ConversationChanged {
 impl From<ConversationUpdate> for ConversationChanged {
     fn from(u: ConversationUpdate) -> Self {
         ConversationChanged {
-            conversation: u.conversation.unwrap_or_default().into(),
+            conversation: (*u.conversation.unwrap_or_default()).into(),
             deleted_conv_seq: u.deleted_conv_seq,
         }
     }

@@ -107,7 +107,7 @@ async fn mark_read(c: &mut Client, with: Option<ConversationRef>, read_seq: u64)
         Body::ConversationUpdate(ConversationUpdate {
             conversation: Some(row),
             ..
-        }) => row,
+        }) => *row,
         other => panic!("expected ConversationUpdate, got {other:?}"),
     }
 }
