@@ -419,6 +419,43 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
         ErrorCode::NotInConversation
     );
     assert_eq!(row(&mut c, group(gid)).await.unread, 1);
+
+    // A member who joins later starts read up to the group's last message: nothing unread, and
+    // the group is in their list before anyone writes again.
+    add_to_group(cluster, &alice, gid, &dave).await;
+    let joined = row(&mut d, group(gid)).await;
+    assert_eq!(
+        (joined.last_seq, joined.read_seq, joined.unread),
+        (gm.conv_seq, gm.conv_seq, 0)
+    );
+    assert!(who(ask(&mut d, readers(gm.conv_seq)).await).contains(&bob.user_id));
+}
+
+/// `owner` adds `user` to group `gid` (invited: they are not friends; the user accepts).
+async fn add_to_group(
+    cluster: &Cluster,
+    owner: &zhibo_loadtest::client::Credentials,
+    gid: i64,
+    user: &zhibo_loadtest::client::Credentials,
+) {
+    cluster
+        .api
+        .post(
+            &format!("/v1/groups/{gid}/members"),
+            Some(&owner.token),
+            json!({"user_ids": [user.user_id]}),
+        )
+        .await
+        .expect("add member");
+    cluster
+        .api
+        .post(
+            &format!("/v1/groups/invitations/{gid}/accept"),
+            Some(&user.token),
+            json!({}),
+        )
+        .await
+        .expect("accept");
 }
 
 /// Recall: every device of both parties gets `Recalled` live, a device offline then finds the tombstone
