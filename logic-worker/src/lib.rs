@@ -20,9 +20,9 @@
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
 //! Send path: dedup lookup → authorise → before-send hook (only when configured for the receiver type)
-//! → seqs for every recipient (sender included) → dedup plan written
-//! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
-//! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
+//! → seqs for every recipient (sender included) and the conversation seq, in one allocator call → dedup
+//! plan written (insert-if-absent) → inbox entries and their conversation rows written (durable; one
+//! transaction with the plan where the backend can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
 //! every recipient but the sending device. A resend (same `client_msg_id`) rewrites the same entries and
 //! publishes them again: live delivery is at least once, clients drop repeats by seq / message id.
 //!
