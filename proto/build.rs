@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A whole Message inline would make SubscribeRoomOutput the largest `Packet` body, and every
         // packet (and every idle connection's future, which holds one) larger.
         .boxed(".zhibo.v1.SubscribeRoomOutput.pinned")
+        // Likewise the conversation row (and its last message) in ConversationUpdate.
+        .boxed(".zhibo.v1.ConversationUpdate.conversation")
+        .boxed(".zhibo.v1.Conversation.last_message")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -398,7 +398,21 @@ where
             return Step::Next;
         };
         let rid = packet.request_id;
-        let expects_reply = matches!(packet.body, Some(Body::SendMessage(_) | Body::Sync(_)));
+        // Requests always answered (a reply or an error); acks and typing are answered only on error.
+        let expects_reply = matches!(
+            packet.body,
+            Some(
+                Body::SendMessage(_)
+                    | Body::Sync(_)
+                    | Body::ConversationList(_)
+                    | Body::History(_)
+                    | Body::MarkRead(_)
+                    | Body::Recall(_)
+                    | Body::DeleteForMe(_)
+                    | Body::ConversationSettings(_)
+                    | Body::GroupReaders(_)
+            )
+        );
         let cmd = Command {
             origin: Some(Origin {
                 user_id,

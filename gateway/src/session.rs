@@ -60,6 +60,13 @@ pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Refused commands in a row after which a flooding connection is closed (not a configuration key).
 pub const FLOOD_CLOSE_AFTER: u32 = 200;
 
+/// Sustained `TypingInput`s per second per connection (not a configuration key): a client repeats
+/// "typing" every few seconds while the user types; more is refused with `RATE_LIMITED`.
+pub const TYPING_PER_SEC: f64 = 1.0;
+
+/// Burst of `TypingInput`s above [`TYPING_PER_SEC`].
+pub const TYPING_BURST: f64 = 3.0;
+
 impl Default for SessionConfig {
     /// [`crate::GatewayConfig`]'s defaults: they are written there only.
     fn default() -> Self {
@@ -175,6 +182,8 @@ pub struct Session {
     deadline: Instant,
     commands: Bucket,
     room_sends: Bucket,
+    /// Created at the first `TypingInput`: an idle connection (most of them) pays one pointer.
+    typing: Option<Box<Bucket>>,
     refused_in_a_row: u32,
     /// Rooms joined (or joining), by id; a room this connection was removed from by a ban is kept as its
     /// negated id (room ids are > 0) until the next join or leave of it, so a send to it is refused with
@@ -201,6 +210,7 @@ impl Session {
         Session {
             commands: Bucket::new(config.rate_per_sec, config.rate_burst, now),
             room_sends: Bucket::new(config.room_send_per_sec, config.room_send_burst, now),
+            typing: None,
             config,
             key,
             phase: Phase::AwaitingSignIn,
@@ -359,7 +369,15 @@ impl Session {
             | Body::Sync(_)
             | Body::MessageAck(_)
             | Body::SubscribeRoom(_)
-            | Body::UnsubscribeRoom(_) => {}
+            | Body::UnsubscribeRoom(_)
+            | Body::ConversationList(_)
+            | Body::History(_)
+            | Body::MarkRead(_)
+            | Body::Recall(_)
+            | Body::DeleteForMe(_)
+            | Body::ConversationSettings(_)
+            | Body::GroupReaders(_)
+            | Body::TypingInput(_) => {}
             Body::SignIn(_) => {
                 out.push(Action::Send(Packet::error(
                     rid,
@@ -459,6 +477,19 @@ impl Session {
                     ));
                 } else {
                     out.push(Action::Forward(packet));
+                }
+            }
+            Some(Body::TypingInput(_)) => {
+                let typing = self.typing.get_or_insert_with(|| {
+                    Box::new(Bucket::new(TYPING_PER_SEC, TYPING_BURST, now))
+                });
+                if typing.take(now) {
+                    out.push(Action::Forward(packet));
+                } else {
+                    out.push(refuse(
+                        ErrorCode::RateLimited,
+                        "too many typing notices; at most 1 per second",
+                    ));
                 }
             }
             _ => out.push(Action::Forward(packet)),
@@ -715,6 +746,44 @@ mod tests {
         let acts = s.on_tick(t1 + Duration::from_secs(100));
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::HeartbeatTimeout));
         assert_eq!(acts[1], Action::Close(CloseReason::HeartbeatTimeout));
+    }
+
+    /// Typing has its own small bucket (1/s, burst 3) on top of the command bucket; conversation
+    /// requests are forwarded like any command.
+    #[test]
+    fn typing_is_rate_limited_on_its_own_bucket() {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let mut s = Session::new(Arc::new(SessionConfig::default()), key.clone(), t0);
+        signed_in(&mut s, &key, t0);
+        let typing = |i| {
+            Packet::new(
+                i,
+                Body::TypingInput(zhibo_proto::client::TypingInput::default()),
+            )
+        };
+        for i in 0..3 {
+            assert!(matches!(
+                s.on_packet(typing(i), t0)[..],
+                [Action::Forward(_)]
+            ));
+        }
+        let acts = s.on_packet(typing(3), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
+        // Other commands are not affected.
+        let list = Packet::new(
+            4,
+            Body::ConversationList(zhibo_proto::client::ConversationListInput::default()),
+        );
+        assert_eq!(s.on_packet(list.clone(), t0), vec![Action::Forward(list)]);
+        assert!(matches!(
+            s.on_packet(typing(5), t0 + Duration::from_secs(1))[..],
+            [Action::Forward(_)]
+        ));
+        // A server push is never accepted from a client.
+        let push = Packet::new(6, Body::Typing(zhibo_proto::client::Typing::default()));
+        let acts = s.on_packet(push, t0 + Duration::from_secs(1));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::UnexpectedPacket));
     }
 
     #[test]

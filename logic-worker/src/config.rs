@@ -29,6 +29,9 @@ pub struct LogicConfig {
     pub max_room_content: usize,
     /// Room messages kept per room for late joiners.
     pub room_recent: usize,
+    /// How long after sending it a user may recall their own 1:1 or group message, seconds (group
+    /// owners and admins may recall any message, without a window).
+    pub recall_window_secs: u64,
 }
 
 impl Default for LogicConfig {
@@ -44,6 +47,7 @@ impl Default for LogicConfig {
             node_id: None,
             max_room_content: 4096,
             room_recent: 50,
+            recall_window_secs: 120,
         }
     }
 }

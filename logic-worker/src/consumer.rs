@@ -37,6 +37,36 @@ impl Logic {
                 Ok(()) => return,
                 Err(e) => Err(e),
             },
+            Some(Body::ConversationList(input)) => self
+                .conversation_list(origin.user_id, &input)
+                .await
+                .map(Body::ConversationListOutput),
+            Some(Body::History(input)) => self
+                .history(origin.user_id, &input)
+                .await
+                .map(Body::HistoryOutput),
+            Some(Body::MarkRead(input)) => self
+                .mark_read(&origin, &input)
+                .await
+                .map(Body::ConversationUpdate),
+            Some(Body::Recall(input)) => self.recall(&origin, &input).await.map(Body::Recalled),
+            Some(Body::DeleteForMe(input)) => self
+                .delete_for_me(&origin, &input)
+                .await
+                .map(Body::ConversationUpdate),
+            Some(Body::ConversationSettings(input)) => self
+                .conversation_settings(&origin, &input)
+                .await
+                .map(Body::ConversationUpdate),
+            Some(Body::GroupReaders(input)) => self
+                .group_readers(origin.user_id, &input)
+                .await
+                .map(Body::GroupReadersOutput),
+            // No answer but an error: typing is fire and forget.
+            Some(Body::TypingInput(input)) => match self.typing(&origin, &input).await {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             _ => Err(LogicError::new(
                 ErrorCode::UnexpectedPacket,
                 format!("unexpected {}", packet.kind()),

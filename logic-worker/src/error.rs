@@ -50,6 +50,8 @@ pub enum Op {
     Ack,
     /// A room send (no dedup: a retry may publish twice).
     RoomSend,
+    /// A conversation request (list, history, read, recall, settings...): safe to retry.
+    Conversation,
 }
 
 impl LogicError {
@@ -66,7 +68,7 @@ impl LogicError {
                     Op::Send => "storage unavailable; retry with the same client_msg_id",
                     Op::Sync => "storage unavailable; retry the sync",
                     Op::Ack => "storage unavailable; retry the ack",
-                    Op::RoomSend => "storage unavailable; retry",
+                    Op::RoomSend | Op::Conversation => "storage unavailable; retry",
                 };
                 LogicError::new(ErrorCode::Unavailable, text)
             }

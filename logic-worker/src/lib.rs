@@ -4,6 +4,9 @@
 //!   - `send`: 1:1 and group sends — authorise, dedup, allocate seqs, persist (write diffusion), replay a
 //!     resend, deliver to every device.
 //!   - `sync`: sync pages and acks.
+//!   - `conversations`: conversation list, history, mark read, group readers, recall, delete-for-me,
+//!     mute/pin, typing (issue #13), shared by the packets and user-api's HTTP routes; live notices go
+//!     through `send`'s `deliver_to_user`.
 //!   - `room`: room sends (size, reserved types, closed, muted), room notices, server-wide broadcasts.
 //!   - `moderation`: room bans (stored, then the user's connections are removed from the room on every
 //!     gateway), the pinned announcement, the viewer list (a fan-in over the gateways with viewers).
@@ -18,9 +21,9 @@
 //! - `config`: [`LogicConfig`]; `error`: [`LogicError`], [`Op`] and the store-error mapping.
 //!
 //! Send path: dedup lookup → authorise → before-send hook (only when configured for the receiver type)
-//! → seqs for every recipient (sender included) → dedup plan written
-//! (insert-if-absent) → inbox entries written (durable; one transaction with the plan where the backend
-//! can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
+//! → seqs for every recipient (sender included) and the conversation seq, in one allocator call → dedup
+//! plan written (insert-if-absent) → inbox entries and their conversation rows written (durable; one
+//! transaction with the plan where the backend can, see `MessageStore::record_send`) → SendMessageOutput to the sender → Message to every device of
 //! every recipient but the sending device. A resend (same `client_msg_id`) rewrites the same entries and
 //! publishes them again: live delivery is at least once, clients drop repeats by seq / message id.
 //!
@@ -31,6 +34,7 @@
 
 mod config;
 mod consumer;
+mod conversations;
 mod error;
 mod events;
 mod hook;
@@ -50,6 +54,10 @@ use zhibo_telemetry::Metrics;
 
 pub use config::LogicConfig;
 pub use consumer::run;
+pub use conversations::{
+    conversation_id, conversation_ref, to_wire, HISTORY_PAGE, LIST_PAGE, MAX_HISTORY_PAGE,
+    MAX_LIST_PAGE,
+};
 pub use error::{LogicError, Op};
 use hook::BeforeSendHook;
 pub use hook::{BeforeSendConfig, FailurePolicy, HookReceiver, HooksConfig};

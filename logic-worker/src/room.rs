@@ -109,6 +109,7 @@ impl Logic {
             server_time_ms: now_ms(),
             content_type: input.content_type,
             content: replaced.clone().unwrap_or_else(|| input.content.clone()),
+            conv_seq: 0,
         };
         // Likes are counters, not chat a late joiner reads.
         let remembered = if class == RoomClass::Like {

@@ -11,7 +11,7 @@ use zhibo_proto::client::{
     ErrorCode, Message, Packet, ReceiverType, SendMessageInput, SendMessageOutput,
 };
 use zhibo_store::ids::now_ms;
-use zhibo_store::SendPlan;
+use zhibo_store::{ConversationKey, SendPlan};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::error::send_err;
@@ -60,7 +60,7 @@ impl Logic {
         {
             return self.replay(origin, input, plan).await;
         }
-        let recipients = match ReceiverType::try_from(input.receiver_type) {
+        let (recipients, conversation) = match ReceiverType::try_from(input.receiver_type) {
             Ok(ReceiverType::User) => {
                 if self
                     .stores
@@ -88,11 +88,15 @@ impl Logic {
                         "you are not friends with this user",
                     ));
                 }
-                if input.receiver_id == sender {
+                let recipients = if input.receiver_id == sender {
                     vec![sender]
                 } else {
                     vec![sender, input.receiver_id]
-                }
+                };
+                (
+                    recipients,
+                    ConversationKey::direct(sender, input.receiver_id),
+                )
             }
             Ok(ReceiverType::Group) => {
                 if self
@@ -117,11 +121,13 @@ impl Logic {
                     };
                     return Err(LogicError::new(code, "you are not a member of this group"));
                 }
-                self.stores
+                let members = self
+                    .stores
                     .groups
                     .member_ids(input.receiver_id)
                     .await
-                    .map_err(send_err)?
+                    .map_err(send_err)?;
+                (members, ConversationKey::Group(input.receiver_id))
             }
             _ => {
                 return Err(LogicError::new(
@@ -141,10 +147,11 @@ impl Logic {
         };
         // Minted before the seqs, so a refusal (no node lease) wastes none.
         let message_id = self.next_id(Op::Send).await?;
-        let seqs = self
+        // The inbox seqs and the conversation seq in one allocator call (one Redis script call).
+        let (seqs, conv_seq) = self
             .stores
             .seq
-            .next(&recipients)
+            .next_in_conversation(&recipients, conversation)
             .instrument(tracing::info_span!("seq.allocate", n = recipients.len()))
             .await
             .inspect_err(|_| {
@@ -160,6 +167,7 @@ impl Logic {
                 .map_or(0, |(_, s)| *s),
             server_time_ms: now_ms(),
             recipients,
+            conv_seq,
         };
         let content = replaced.as_ref().unwrap_or(&input.content);
         let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
@@ -234,6 +242,18 @@ impl Logic {
                 self.metrics.store_errors.inc();
             })
             .map_err(send_err)?;
+        // The conversation rows too (idempotent): the first attempt may have stopped before them.
+        // A replay is rare, so its separate round trips do not matter.
+        if plan.conv_seq > 0 {
+            self.stores
+                .conversations
+                .record_message(plan.conv_seq, &template, &plan.recipients)
+                .await
+                .inspect_err(|_| {
+                    self.metrics.store_errors.inc();
+                })
+                .map_err(send_err)?;
+        }
         // Nothing records whether the first attempt published its deliveries: a worker killed after the
         // writes and before (or during) the publishes leaves a stored message no device was pushed. So a
         // replay always publishes them again; a device that already had it drops the repeat by its seq
@@ -272,31 +292,16 @@ impl Logic {
                 } else {
                     0
                 };
-                let event = UserEvent {
-                    event: Some(user_event::Event::Delivery(Delivery {
-                        conn_id: 0,
-                        exclude_device_id: exclude,
-                        packets: vec![Packet::new(0, Body::Message(message))],
-                    })),
-                };
-                if let Err(e) = self
-                    .bus
-                    .publish(
-                        &Subject::user(user_id),
+                // Stored already: a device that misses it gets it at its next sync.
+                if self
+                    .deliver_to_user(
+                        user_id,
+                        exclude,
+                        Packet::new(0, Body::Message(message)),
                         headers.clone(),
-                        Bytes::from(event.encode_to_vec()),
                     )
                     .await
                 {
-                    // Stored already: the device gets it at its next sync.
-                    self.metrics
-                        .bus_errors
-                        .get_or_create(&KindLabel {
-                            kind: "publish_delivery",
-                        })
-                        .inc();
-                    warn!(user_id, error = %e, "live delivery failed");
-                } else {
                     self.metrics.messages_delivered.inc();
                 }
             }
@@ -304,6 +309,46 @@ impl Logic {
         .instrument(publish)
         .await;
         output(plan, duplicate, replaced)
+    }
+
+    /// Publishes `packet` to every connected device of `user_id` but `exclude_device_id` (0: none),
+    /// through the user's subject: the one way the worker delivers to a user (messages, and the
+    /// conversation notices of `conversations.rs`). `false` when the bus refused it (logged, counted).
+    pub(crate) async fn deliver_to_user(
+        &self,
+        user_id: i64,
+        exclude_device_id: i64,
+        packet: Packet,
+        headers: Vec<(String, String)>,
+    ) -> bool {
+        let event = UserEvent {
+            event: Some(user_event::Event::Delivery(Delivery {
+                conn_id: 0,
+                exclude_device_id,
+                packets: vec![packet],
+            })),
+        };
+        match self
+            .bus
+            .publish(
+                &Subject::user(user_id),
+                headers,
+                Bytes::from(event.encode_to_vec()),
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics
+                    .bus_errors
+                    .get_or_create(&KindLabel {
+                        kind: "publish_delivery",
+                    })
+                    .inc();
+                warn!(user_id, error = %e, "live delivery failed");
+                false
+            }
+        }
     }
 
     /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
@@ -356,6 +401,7 @@ fn new_message(
         server_time_ms: plan.server_time_ms,
         content_type: input.content_type,
         content: content.clone(),
+        conv_seq: plan.conv_seq,
     }
 }
 

@@ -199,6 +199,7 @@ mod tests {
             server_time_ms: 1_700_000_000_000,
             content_type: 1,
             content: Bytes::from_static("你好 zhibo".as_bytes()),
+            conv_seq: 0,
         };
         let bodies = vec![
             Body::SignIn(SignInInput {

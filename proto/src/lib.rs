@@ -76,6 +76,21 @@ impl Packet {
             Some(Body::GoAway(_)) => "go_away",
             Some(Body::Error(_)) => "error",
             Some(Body::RoomKicked(_)) => "room_kicked",
+            Some(Body::ConversationList(_)) => "conversation_list",
+            Some(Body::ConversationListOutput(_)) => "conversation_list_output",
+            Some(Body::History(_)) => "history",
+            Some(Body::HistoryOutput(_)) => "history_output",
+            Some(Body::MarkRead(_)) => "mark_read",
+            Some(Body::Recall(_)) => "recall",
+            Some(Body::DeleteForMe(_)) => "delete_for_me",
+            Some(Body::ConversationSettings(_)) => "conversation_settings",
+            Some(Body::GroupReaders(_)) => "group_readers",
+            Some(Body::GroupReadersOutput(_)) => "group_readers_output",
+            Some(Body::TypingInput(_)) => "typing_input",
+            Some(Body::Typing(_)) => "typing",
+            Some(Body::ConversationUpdate(_)) => "conversation_update",
+            Some(Body::ReadReceipt(_)) => "read_receipt",
+            Some(Body::Recalled(_)) => "recalled",
         }
     }
 }

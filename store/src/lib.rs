@@ -16,7 +16,7 @@
 //!
 //! Records shared by several domains are in [`model`]; this file holds [`Error`] and [`Stores`].
 //! Outside the rule: [`redis_seq`], the Redis (fred) [`SeqAllocator`] with recovery from the message
-//! store; [`ids`], cluster-unique id generation, and [`leases`], the [`leases::LeasedIds`] generator
+//! store (and of conversation counters from the conversation store); [`ids`], cluster-unique id generation, and [`leases`], the [`leases::LeasedIds`] generator
 //! that mints under a node-number lease.
 //!
 //! One conformance suite (`tests/it/conformance.rs`) runs against every backend.

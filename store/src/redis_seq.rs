@@ -45,7 +45,9 @@ use fred::types::config::Server;
 use fred::types::{ClusterHash, CustomCommand};
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use crate::{Error, ErrorKind, MessageStore, Result, SeqAllocator};
+use crate::{
+    ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SeqAllocator,
+};
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
 /// allocated from the lost counter but whose inbox writes had not landed when `max_seq` was read
@@ -104,6 +106,13 @@ pub fn seq_key(user_id: i64) -> String {
     format!("zhibo:seq:{user_id}")
 }
 
+/// The Redis key of a conversation's conversation-seq counter (`zhibo:cseq:<kind>:<a>:<b>`, the parts
+/// of [`ConversationKey::parts`]). Like [`seq_key`], no hash tag: conversations spread over every slot.
+pub fn conversation_seq_key(key: ConversationKey) -> String {
+    let (kind, a, b) = key.parts();
+    format!("zhibo:cseq:{kind}:{a}:{b}")
+}
+
 /// The Redis-backed [`SeqAllocator`], recovering lost counters from a [`MessageStore`].
 pub struct RedisSeq {
     pool: Pool,
@@ -114,6 +123,8 @@ pub struct RedisSeq {
     /// Whether `pool` talks to a Redis Cluster.
     clustered: bool,
     messages: Arc<dyn MessageStore>,
+    /// Read only to recover lost conversation counters ([`Self::with_conversations`]).
+    conversations: Option<Arc<dyn ConversationStore>>,
 }
 
 impl std::fmt::Debug for RedisSeq {
@@ -206,7 +217,17 @@ impl RedisSeq {
             script_sha,
             clustered,
             messages,
+            conversations: None,
         })
+    }
+
+    /// Recovers lost conversation counters from `conversations`
+    /// ([`ConversationStore::last_conversation_seq`]); without it,
+    /// [`SeqAllocator::next_in_conversation`] refuses to recover one.
+    #[must_use]
+    pub fn with_conversations(mut self, conversations: Arc<dyn ConversationStore>) -> Self {
+        self.conversations = Some(conversations);
+        self
     }
 
     /// Runs [`INCR_EXISTING`] over `keys` (in chunks, concurrently): the new value of each key, or
@@ -364,9 +385,24 @@ impl RedisSeq {
         }
     }
 
-    /// Seeds `user_id`'s missing counter from the message store (see the module docs).
-    async fn recover(&self, user_id: i64) -> Result<()> {
-        let max = self.messages.max_seq(user_id).await?;
+    /// Seeds a missing counter: a user's from the message store, a conversation's from the
+    /// conversation store (see the module docs).
+    async fn recover(&self, counter: Counter) -> Result<()> {
+        let (max, key) = match counter {
+            Counter::User(user_id) => (self.messages.max_seq(user_id).await?, seq_key(user_id)),
+            Counter::Conversation(key) => {
+                let Some(conversations) = &self.conversations else {
+                    return Err(redis_failure(
+                        "recover",
+                        "no conversation store to recover a conversation counter from",
+                    ));
+                };
+                (
+                    conversations.last_conversation_seq(key).await?,
+                    conversation_seq_key(key),
+                )
+            }
+        };
         let floor = if max > 0 {
             max.saturating_add(RECOVERY_MARGIN)
         } else {
@@ -377,32 +413,31 @@ impl RedisSeq {
         // NX: another allocator may have recovered (and started allocating from) it already.
         let _: Value = self
             .pool
-            .set(seq_key(user_id), floor, None, Some(SetOptions::NX), false)
+            .set(key, floor, None, Some(SetOptions::NX), false)
             .await
             .map_err(|e| redis_error("set", e))?;
         tracing::warn!(
-            user_id,
+            counter = ?counter,
             stored_max_seq = max,
             floor,
             "recovered a missing seq counter"
         );
         Ok(())
     }
-}
 
-#[async_trait]
-impl SeqAllocator for RedisSeq {
-    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
-        let keys: Vec<String> = user_ids.iter().map(|&u| seq_key(u)).collect();
+    /// One allocation over `counters` (users' and conversations' counters in one script call per
+    /// master), recovering missing ones.
+    async fn allocate(&self, counters: &[Counter]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = counters.iter().map(Counter::key).collect();
         let mut seqs = self.incr_existing(&keys).await?;
         for _ in 0..RECOVERY_ROUNDS {
             let missing: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].is_none()).collect();
             if missing.is_empty() {
                 break;
             }
-            let users: BTreeSet<i64> = missing.iter().map(|&i| user_ids[i]).collect();
-            futures::stream::iter(users)
-                .map(|user_id| self.recover(user_id))
+            let lost: BTreeSet<Counter> = missing.iter().map(|&i| counters[i]).collect();
+            futures::stream::iter(lost)
+                .map(|counter| self.recover(counter))
                 .buffer_unordered(RECOVERY_CONCURRENCY)
                 .try_collect::<Vec<()>>()
                 .await?;
@@ -413,16 +448,58 @@ impl SeqAllocator for RedisSeq {
             }
         }
         seqs.into_iter()
-            .zip(user_ids)
-            .map(|(seq, user_id)| {
+            .zip(counters)
+            .map(|(seq, counter)| {
                 seq.ok_or_else(|| {
                     redis_failure(
                         "next",
-                        format!("seq counter of user {user_id} vanished {RECOVERY_ROUNDS} times during recovery"),
+                        format!(
+                            "counter {counter:?} vanished {RECOVERY_ROUNDS} times during recovery"
+                        ),
                     )
                 })
             })
             .collect()
+    }
+}
+
+/// A counter [`RedisSeq`] allocates from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Counter {
+    /// A user's inbox seq.
+    User(i64),
+    /// A conversation's conversation seq.
+    Conversation(ConversationKey),
+}
+
+impl Counter {
+    fn key(&self) -> String {
+        match *self {
+            Counter::User(u) => seq_key(u),
+            Counter::Conversation(c) => conversation_seq_key(c),
+        }
+    }
+}
+
+#[async_trait]
+impl SeqAllocator for RedisSeq {
+    async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
+        let counters: Vec<Counter> = user_ids.iter().map(|&u| Counter::User(u)).collect();
+        self.allocate(&counters).await
+    }
+
+    async fn next_in_conversation(
+        &self,
+        user_ids: &[i64],
+        conversation: ConversationKey,
+    ) -> Result<(Vec<u64>, u64)> {
+        let mut counters: Vec<Counter> = user_ids.iter().map(|&u| Counter::User(u)).collect();
+        counters.push(Counter::Conversation(conversation));
+        let mut seqs = self.allocate(&counters).await?;
+        let conv_seq = seqs
+            .pop()
+            .ok_or_else(|| redis_failure("next", "no conversation seq allocated"))?;
+        Ok((seqs, conv_seq))
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {
@@ -446,6 +523,14 @@ mod tests {
 
     #[test]
     fn key_format() {
+        assert_eq!(
+            conversation_seq_key(ConversationKey::direct(9, 4)),
+            "zhibo:cseq:1:4:9"
+        );
+        assert_eq!(
+            conversation_seq_key(ConversationKey::Group(7)),
+            "zhibo:cseq:2:7:0"
+        );
         assert_eq!(seq_key(42), "zhibo:seq:42");
         assert_eq!(seq_key(-1), "zhibo:seq:-1");
     }

@@ -9,6 +9,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zhibo_logic::MembershipChange;
+use zhibo_proto::client::ReceiverType;
 use zhibo_store::ids::now_ms;
 use zhibo_store::{Group, GroupInvite, GroupMember, Role};
 
@@ -198,7 +199,8 @@ async fn put_members(
                         remark: String::new(),
                         joined_at_ms: now,
                     })
-                    .await
+                    .await?;
+                join_conversation(st, group_id, user_id).await
             }
         })
         .buffer_unordered(FAN_OUT)
@@ -212,6 +214,15 @@ async fn put_members(
         }
     }
     Ok(())
+}
+
+/// Gives a new member their row of the group's conversation, read up to its current last message
+/// (older messages are not in their inbox and must not count as unread).
+async fn join_conversation(st: &AppState, group_id: i64, user_id: i64) -> Result<(), ApiError> {
+    st.logic
+        .join_group_conversation(user_id, group_id)
+        .await
+        .map_err(|e| crate::messages::logic_error(e, ReceiverType::Group))
 }
 
 /// Splits `users` (existing users, not members yet) into those `adder` may add directly and those who get
@@ -352,6 +363,7 @@ pub(crate) async fn create_group(
             joined_at_ms: now,
         })
         .await?;
+    join_conversation(&st, group.group_id, caller.user_id).await?;
     put_members(&st, group.group_id, &members, now, caller.user_id).await?;
     put_invites(&st, group.group_id, caller.user_id, &invited, now).await?;
     Ok((

@@ -7,7 +7,9 @@
 //! a handler in `accounts` (devices, sign-up/in/out, profiles), `friends`, `groups`, `messages` (user and
 //! admin sends through `zhibo_logic::Logic`, with the one `LogicError` → `ApiError` mapping), `admin`
 //! (bring-your-own-auth users, token minting) or `rooms` (live-room settings, owner/admin close and
-//! mute, room notices, broadcasts), `room_moderation` (bans, the pinned announcement, the viewer list)
+//! mute, room notices, broadcasts), `room_moderation` (bans, the pinned announcement, the viewer list),
+//! `conversations` (list, history, read, mute/pin, recall, delete-for-me, group readers through
+//! `zhibo_logic::Logic`'s conversation calls, the same as the client packets)
 //! → the stores in `zhibo_store::Stores`.
 //! `state` holds what handlers share; `rate_limit` the limiters (sign-in backoff, sign-ups and devices
 //! per address) and `client_ip` the address they key on; `validate` the field checks.
@@ -19,6 +21,7 @@ mod accounts;
 mod admin;
 mod auth;
 mod client_ip;
+mod conversations;
 mod error;
 mod friends;
 mod groups;

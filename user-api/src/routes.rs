@@ -14,7 +14,9 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::{accounts, admin, error, friends, groups, messages, room_moderation, rooms};
+use crate::{
+    accounts, admin, conversations, error, friends, groups, messages, room_moderation, rooms,
+};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +147,43 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Send a message as the caller's device", Bearer).body("SendMessage").ok(200, "MessageSent")
                 .errors(&[(403, "not_friends"), (403, "not_group_member"), (404, "user_not_found"),
                     (404, "group_not_found"), (503, "unavailable")])),
+        // Conversations (the same calls as the client packets; live notices to devices included).
+        route!(GET "/v1/conversations" => conversations::list_conversations,
+            doc("The caller's conversations, newest activity first, with unread counts and read \
+                positions; `changed_after` returns only rows changed since (list sync)", Bearer)
+                .ok(200, "ConversationList")
+                .query(&[("changed_after", "integer", false, "Only rows with a larger version (default 0: all)"),
+                    ("cursor", "string", false, "`next_cursor` of the previous page"),
+                    ("limit", "integer", false, "Page size, 1 to 500 (default 100)")])),
+        route!(GET "/v1/conversations/{type}/{id}/messages" => conversations::history,
+            doc("A page of a conversation's history (`type` user or group): `before` a conversation seq \
+                (newest first; none = the latest page) or `after` one (oldest first)", Bearer)
+                .ok(200, "HistoryPage").errors(&[(404, "not_in_conversation")])
+                .query(&[("before", "integer", false, "Messages below this conversation seq"),
+                    ("after", "integer", false, "Messages above this conversation seq"),
+                    ("limit", "integer", false, "Page size, 1 to 200 (default 50)")])),
+        route!(POST "/v1/conversations/{type}/{id}/read" => conversations::mark_read,
+            doc("Mark a conversation read up to a conversation seq: the caller's other devices get \
+                ConversationUpdate, a 1:1 peer ReadReceipt", Bearer)
+                .body("MarkRead").ok(200, "ConversationChanged")
+                .errors(&[(404, "not_in_conversation"), (409, "out_of_range")])),
+        route!(PUT "/v1/conversations/{type}/{id}/settings" => conversations::update_settings,
+            doc("Mute / pin a conversation (synced to the caller's other devices)", Bearer)
+                .body("UpdateConversationSettings").ok(200, "ConversationChanged")
+                .errors(&[(404, "not_in_conversation")])),
+        route!(POST "/v1/conversations/{type}/{id}/messages/{conv_seq}/recall" => conversations::recall,
+            doc("Recall a message (its sender within `logic.recall_window_secs`, or a group's owner/admin): \
+                every copy becomes a tombstone, every device gets Recalled", Bearer)
+                .ok(200, "RecalledView")
+                .errors(&[(403, "not_allowed"), (403, "too_late"), (404, "not_found"),
+                    (404, "not_in_conversation"), (409, "already_recalled")])),
+        route!(DELETE "/v1/conversations/{type}/{id}/messages/{conv_seq}" => conversations::delete_for_me,
+            doc("Delete a message for the caller only (their devices get ConversationUpdate)", Bearer)
+                .ok(200, "ConversationChanged").errors(&[(404, "not_found"), (404, "not_in_conversation")])),
+        route!(GET "/v1/groups/{group_id}/messages/{conv_seq}/readers" => conversations::group_readers,
+            doc("Which current members have read a group message (members only; one read of at most \
+                the group's size)", Bearer)
+                .ok(200, "GroupReaders").errors(&[(404, "not_in_conversation")])),
         // Friends.
         route!(POST "/v1/friends/requests" => friends::create_request,
             doc("Ask a user to be friends", Bearer).body("CreateFriendRequest").ok(201, "FriendRequestView")
@@ -354,6 +393,15 @@ async fn openapi() -> Response {
     messages::AdminSendMessage,
     messages::SendMessage,
     messages::MessageSent,
+    conversations::MessageView,
+    conversations::ConversationView,
+    conversations::ConversationList,
+    conversations::ConversationChanged,
+    conversations::HistoryPage,
+    conversations::MarkRead,
+    conversations::UpdateConversationSettings,
+    conversations::RecalledView,
+    conversations::GroupReaders,
     rooms::RoomView,
     rooms::UpdateRoom,
     rooms::AdminUpdateRoom,
@@ -463,9 +511,12 @@ pub(crate) fn openapi_value() -> Value {
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| {
-                json!({ "name": name, "in": "path", "required": true,
-                        "schema": { "type": "integer", "format": "int64" } })
+            .map(|name| match name {
+                // A conversation's type: `user` or `group`.
+                "type" => json!({ "name": name, "in": "path", "required": true,
+                        "schema": { "type": "string", "enum": ["user", "group"] } }),
+                _ => json!({ "name": name, "in": "path", "required": true,
+                        "schema": { "type": "integer", "format": "int64" } }),
             })
             .collect();
         parameters.extend(d.query.iter().map(|(name, ty, required, description)| {

@@ -103,7 +103,8 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
             let seq =
                 zhibo_store::redis_seq::RedisSeq::connect(&config.store.redis_url, backend.clone())
                     .await
-                    .context("connecting to Redis")?;
+                    .context("connecting to Redis")?
+                    .with_conversations(backend.clone());
             backend.stores(Arc::new(seq))
         }
     };

@@ -466,6 +466,7 @@ async fn a_resend_after_a_crash_is_asked_again(h: &Hooked) {
             seq: seqs[0],
             server_time_ms: 1_000,
             recipients: vec![(alice.user_id, seqs[0]), (bob.user_id, seqs[1])],
+            conv_seq: 0,
         };
         assert!(stores
             .messages

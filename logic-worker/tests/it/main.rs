@@ -64,6 +64,7 @@ async fn a_plan_written_before_a_crash_is_completed_by_the_resend() {
         seq: seqs[0],
         server_time_ms: 5,
         recipients: vec![(1, seqs[0]), (2, seqs[1])],
+        conv_seq: 0,
     };
     assert!(stores
         .messages

@@ -135,24 +135,43 @@ fn tombstone_last(row: &mut Row, conv_seq: u64, content_type: i32) -> Result<()>
     Ok(())
 }
 
-#[async_trait]
-impl ConversationStore for EmbeddedBackend {
-    async fn record_message(
-        &self,
-        conv_seq: u64,
-        message: &Message,
-        recipients: &[(i64, u64)],
-    ) -> Result<()> {
+/// The sender's copy among a send's inbox entries (the first entry when the sender has none): the
+/// template [`Prepared`] derives every copy from.
+pub(super) fn sender_copy(entries: &[(i64, Message)]) -> Option<&Message> {
+    entries
+        .iter()
+        .find(|(u, m)| *u == m.sender_user_id)
+        .or(entries.first())
+        .map(|(_, m)| m)
+}
+
+/// A message's conversation writes, encoded on the caller's task so the writer thread only compares
+/// and inserts: by [`ConversationStore::record_message`] and inside `record_send`'s transaction.
+pub(super) struct Prepared {
+    key: ConversationKey,
+    conv_seq: u64,
+    sender: i64,
+    copies: Vec<(i64, u64, Vec<u8>)>,
+    record: Vec<u8>,
+}
+
+impl Prepared {
+    /// The writes recording `message` (the sender's copy) at `conv_seq` for `recipients`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when `message` is not a 1:1 or group message.
+    pub(super) fn new(conv_seq: u64, message: &Message, recipients: &[(i64, u64)]) -> Result<Self> {
         let key = ConversationKey::of_message(message).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 "not a 1:1 or group message: no conversation",
             )
         })?;
-        // Encoded here, on the caller's task, so the writer thread only compares and inserts.
-        let copies: Vec<(i64, u64, Vec<u8>)> = recipients
+        let mut message = message.clone();
+        message.conv_seq = conv_seq;
+        let copies = recipients
             .iter()
-            .map(|&(u, s)| (u, s, copy_for(message, u, s).encode_to_vec()))
+            .map(|&(u, s)| (u, s, copy_for(&message, u, s).encode_to_vec()))
             .collect();
         let record = to_json(&Record {
             message_id: message.message_id,
@@ -161,51 +180,72 @@ impl ConversationStore for EmbeddedBackend {
             recipients: recipients.to_vec(),
             recalled: false,
         })?;
-        let sender = message.sender_user_id;
-        let stamp = conv_seq.saturating_mul(2);
-        self.write(move |t| {
-            for (user_id, inbox_seq, bytes) in &copies {
-                let conversation = key.seen_by(*user_id);
-                let rk = row_key(*user_id, conversation);
-                let mut row = load_row(&t.conversations, rk)?.unwrap_or_default();
-                if stamp > row.last_stamp {
-                    row.last_stamp = stamp;
-                    row.last_seq = conv_seq;
-                    row.last_message = Some(bytes.clone());
-                }
-                row.version = row.version.max(*inbox_seq);
-                if *user_id == sender {
-                    row.read_seq = row.read_seq.max(conv_seq);
-                } else if conversation.kind == ConversationKind::Direct {
-                    row.peer_read_seq = row.peer_read_seq.max(conv_seq);
-                }
-                store_row(t, rk, &row)?;
-                t.conversation_index
-                    .insert((rk.0, rk.1, rk.2, conv_seq), *inbox_seq)
-                    .db()?;
-            }
-            if let ConversationKey::Group(g) = key {
-                let read = t
-                    .group_reads
-                    .get((g, sender))
-                    .db()?
-                    .map_or(0, |v| v.value());
-                t.group_reads.insert((g, sender), read.max(conv_seq)).db()?;
-            }
-            let (kind, a, b) = key.parts();
-            // A rewrite (a resend) keeps a recall that happened meanwhile.
-            let recalled = match t.conversation_messages.get((kind, a, b, conv_seq)).db()? {
-                Some(v) => from_json::<Record>(v.value(), "conversation record")?.recalled,
-                None => false,
-            };
-            if !recalled {
-                t.conversation_messages
-                    .insert((kind, a, b, conv_seq), record.as_slice())
-                    .db()?;
-            }
-            Ok(())
+        Ok(Prepared {
+            key,
+            conv_seq,
+            sender: message.sender_user_id,
+            copies,
+            record,
         })
-        .await
+    }
+
+    /// Applies the writes in the writer's transaction `t`.
+    pub(super) fn write(&self, t: &mut Tables<'_>) -> Result<()> {
+        let (key, conv_seq, sender) = (self.key, self.conv_seq, self.sender);
+        let stamp = conv_seq.saturating_mul(2);
+        for (user_id, inbox_seq, bytes) in &self.copies {
+            let conversation = key.seen_by(*user_id);
+            let rk = row_key(*user_id, conversation);
+            let mut row = load_row(&t.conversations, rk)?.unwrap_or_default();
+            if stamp > row.last_stamp {
+                row.last_stamp = stamp;
+                row.last_seq = conv_seq;
+                row.last_message = Some(bytes.clone());
+            }
+            row.version = row.version.max(*inbox_seq);
+            if *user_id == sender {
+                row.read_seq = row.read_seq.max(conv_seq);
+            } else if conversation.kind == ConversationKind::Direct {
+                row.peer_read_seq = row.peer_read_seq.max(conv_seq);
+            }
+            store_row(t, rk, &row)?;
+            t.conversation_index
+                .insert((rk.0, rk.1, rk.2, conv_seq), *inbox_seq)
+                .db()?;
+        }
+        if let ConversationKey::Group(g) = key {
+            let read = t
+                .group_reads
+                .get((g, sender))
+                .db()?
+                .map_or(0, |v| v.value());
+            t.group_reads.insert((g, sender), read.max(conv_seq)).db()?;
+        }
+        let (kind, a, b) = key.parts();
+        // A rewrite (a resend) keeps a recall that happened meanwhile.
+        let recalled = match t.conversation_messages.get((kind, a, b, conv_seq)).db()? {
+            Some(v) => from_json::<Record>(v.value(), "conversation record")?.recalled,
+            None => false,
+        };
+        if !recalled {
+            t.conversation_messages
+                .insert((kind, a, b, conv_seq), self.record.as_slice())
+                .db()?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConversationStore for EmbeddedBackend {
+    async fn record_message(
+        &self,
+        conv_seq: u64,
+        message: &Message,
+        recipients: &[(i64, u64)],
+    ) -> Result<()> {
+        let prepared = Prepared::new(conv_seq, message, recipients)?;
+        self.write(move |t| prepared.write(t)).await
     }
 
     async fn last_conversation_seq(&self, key: ConversationKey) -> Result<u64> {

@@ -13,7 +13,10 @@ use super::{
     from_json, to_json, Db, EmbeddedBackend, Tables, ACKS, DEDUP, DEDUP_RETENTION_MS, INBOX, SEQ,
 };
 use crate::ids::now_ms;
-use crate::{Error, ErrorKind, MessageStore, Result, SendPlan, SeqAllocator};
+use crate::{
+    ConversationKey, ConversationStore as _, Error, ErrorKind, MessageStore, Result, SendPlan,
+    SeqAllocator,
+};
 
 fn decode_message(bytes: &[u8]) -> Result<Message> {
     Message::decode(bytes).map_err(|e| Error::wrap(ErrorKind::Corrupt, "inbox message", e))
@@ -160,8 +163,15 @@ impl MessageStore for EmbeddedBackend {
         plan: &SendPlan,
         entries: &[(i64, Message)],
     ) -> Result<Option<SendPlan>> {
-        // One job, one transaction: the plan and the entries land together or not at all.
+        // One job, one transaction: the plan, the entries and the conversation rows land together or
+        // not at all.
         let client_msg_id = client_msg_id.to_owned();
+        let conversation = match plan.conv_seq {
+            0 => None,
+            conv_seq => super::conversations::sender_copy(entries)
+                .map(|m| super::conversations::Prepared::new(conv_seq, m, &plan.recipients))
+                .transpose()?,
+        };
         let plan = to_json(plan)?;
         let encoded = encode_entries(entries);
         let existing = self
@@ -171,6 +181,9 @@ impl MessageStore for EmbeddedBackend {
                     return Ok(Some(existing));
                 }
                 insert_entries(t, &encoded)?;
+                if let Some(conversation) = &conversation {
+                    conversation.write(t)?;
+                }
                 Ok(None)
             })
             .await?;
@@ -248,6 +261,26 @@ impl SeqAllocator for EmbeddedBackend {
                 *c
             })
             .collect())
+    }
+
+    async fn next_in_conversation(
+        &self,
+        user_ids: &[i64],
+        conversation: ConversationKey,
+    ) -> Result<(Vec<u64>, u64)> {
+        let seqs = self.next(user_ids).await?;
+        let counted = self.conv_counters().contains_key(&conversation);
+        // Read outside the lock; the record of every conversation seq handed out before a restart
+        // was committed with its message (record_send), so the largest one is the floor.
+        let floor = if counted {
+            0
+        } else {
+            self.last_conversation_seq(conversation).await?
+        };
+        let mut counters = self.conv_counters();
+        let c = counters.entry(conversation).or_insert(0);
+        *c = (*c).max(floor) + 1;
+        Ok((seqs, *c))
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {

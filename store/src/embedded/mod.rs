@@ -239,6 +239,9 @@ pub struct EmbeddedBackend {
     seqs: Mutex<HashMap<i64, u64>>,
     /// The highest outbox id handed out since the database was opened (`outbox.rs`).
     outbox_high: Arc<std::sync::atomic::AtomicU64>,
+    /// Last conversation seq handed out per conversation since the database was opened (resumed from
+    /// the largest recorded one, `conversation_messages`).
+    conv_seqs: Mutex<HashMap<crate::ConversationKey, u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -333,6 +336,7 @@ impl EmbeddedBackend {
             db,
             seqs: Mutex::new(HashMap::new()),
             outbox_high: Arc::default(),
+            conv_seqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -366,6 +370,10 @@ impl EmbeddedBackend {
 
     fn counters(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
         self.seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conv_counters(&self) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
+        self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Raises the counters of users already counted to the seqs just stored (appends with seqs that
@@ -560,6 +568,7 @@ mod tests {
             seq: 1,
             server_time_ms: 0,
             recipients: vec![(7, 1)],
+            conv_seq: 0,
         };
         let put = |device: i64, id: &'static str, r: SendPlan, now: i64| {
             let bytes = to_json(&r).expect("json");

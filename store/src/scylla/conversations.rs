@@ -197,6 +197,7 @@ impl ConversationRow {
                 server_time_ms: self.last_server_time_ms.unwrap_or_default(),
                 content_type: self.last_content_type.unwrap_or_default(),
                 content: self.last_content.unwrap_or_default(),
+                conv_seq: self.last_seq.map_or(0, from_cql),
             }
         });
         Ok(Conversation {
@@ -281,20 +282,20 @@ impl ScyllaBackend {
     }
 
     /// One recipient's send-path writes, one single-partition batch: last message, version, history
-    /// index, and the read position the send implies.
+    /// index, and the read position the send implies; with `with_inbox`, the inbox row of `copy` too
+    /// (the send path: the copy's whole write is one mutation).
     async fn record_copy(
         &self,
         key: ConversationKey,
         conv_seq: u64,
-        message: &Message,
+        copy: &Message,
         user_id: i64,
-        inbox_seq: u64,
+        with_inbox: bool,
     ) -> Result<()> {
         let st = &self.conversations;
         let conversation = key.seen_by(user_id);
         let (u, k, p) = row_key(user_id, conversation);
-        let copy = copy_for(message, user_id, inbox_seq);
-        let (seq, inbox) = (bound(conv_seq), to_cql(inbox_seq));
+        let (seq, inbox) = (bound(conv_seq), to_cql(copy.seq));
         let last = (
             last_stamp(conv_seq),
             seq,
@@ -314,21 +315,121 @@ impl ScyllaBackend {
         let index = (u, k, p, seq, inbox);
         let read: CellValues = (seq, seq, u, k, p);
         let what = "record conversation copy";
-        if user_id == message.sender_user_id {
-            let batch = self.unlogged(&[&st.set_last, &st.set_version, &st.index, &st.set_read]);
-            self.batch(what, &batch, (last, version, index, read)).await
+        let append = &self.messages.append;
+        let row = super::messages::inbox_values(user_id, copy);
+        // The read position this copy implies: the sender's own, or (1:1) the peer's.
+        let position = if user_id == copy.sender_user_id {
+            Some(&st.set_read)
         } else if conversation.kind == ConversationKind::Direct {
-            let batch =
-                self.unlogged(&[&st.set_last, &st.set_version, &st.index, &st.set_peer_read]);
-            self.batch(what, &batch, (last, version, index, read)).await
+            Some(&st.set_peer_read)
         } else {
-            let batch = self.unlogged(&[&st.set_last, &st.set_version, &st.index]);
-            self.batch(what, &batch, (last, version, index)).await
+            None
+        };
+        match (with_inbox, position) {
+            (true, Some(position)) => {
+                let batch =
+                    self.unlogged(&[append, &st.set_last, &st.set_version, &st.index, position]);
+                self.batch(what, &batch, (row, last, version, index, read))
+                    .await
+            }
+            (true, None) => {
+                let batch = self.unlogged(&[append, &st.set_last, &st.set_version, &st.index]);
+                self.batch(what, &batch, (row, last, version, index)).await
+            }
+            (false, Some(position)) => {
+                let batch = self.unlogged(&[&st.set_last, &st.set_version, &st.index, position]);
+                self.batch(what, &batch, (last, version, index, read)).await
+            }
+            (false, None) => {
+                let batch = self.unlogged(&[&st.set_last, &st.set_version, &st.index]);
+                self.batch(what, &batch, (last, version, index)).await
+            }
         }
     }
 
+    /// The conversation's own writes for a message: its record and last seq (one partition, one
+    /// mutation) and, in a group, the sender's read position.
+    async fn record_conversation(
+        &self,
+        key: ConversationKey,
+        conv_seq: u64,
+        message: &Message,
+        recipients: &[(i64, u64)],
+    ) -> Result<()> {
+        let st = &self.conversations;
+        let (kind, a, b) = key.parts();
+        let seq = bound(conv_seq);
+        let stored: Vec<(i64, i64)> = recipients.iter().map(|&(u, s)| (u, to_cql(s))).collect();
+        let batch = self.unlogged(&[&st.record, &st.conv_seq]);
+        let record = (
+            kind,
+            a,
+            b,
+            seq,
+            to_cql(message.message_id),
+            message.sender_user_id,
+            message.server_time_ms,
+            stored,
+        );
+        let record = self.batch(
+            "record conversation message",
+            &batch,
+            (record, (seq, seq, kind, a, b)),
+        );
+        match key {
+            ConversationKey::Group(g) => {
+                let read = self.exec(
+                    "group read",
+                    &st.group_read,
+                    (seq, seq, g, message.sender_user_id),
+                );
+                futures::try_join!(record, read).map(drop)
+            }
+            ConversationKey::Direct { .. } => record.await,
+        }
+    }
+
+    /// `record_send`'s writes for a 1:1 or group message: every copy of `entries` with its
+    /// conversation rows in one single-partition batch per recipient, and the conversation's record,
+    /// all concurrently. No read.
+    pub(super) async fn record_send_with_conversation(
+        &self,
+        conv_seq: u64,
+        recipients: &[(i64, u64)],
+        entries: &[(i64, Message)],
+    ) -> Result<()> {
+        let Some(template) = entries
+            .iter()
+            .find(|(u, m)| *u == m.sender_user_id)
+            .or(entries.first())
+            .map(|(_, m)| m)
+        else {
+            return Ok(());
+        };
+        let key = ConversationKey::of_message(template).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                "not a 1:1 or group message: no conversation",
+            )
+        })?;
+        // Collected first: a stream over a borrowing closure trips the compiler's higher-ranked
+        // lifetime check inside the async-trait future.
+        let writes: Vec<_> = entries
+            .iter()
+            .map(|(user_id, copy)| self.record_copy(key, conv_seq, copy, *user_id, true))
+            .collect();
+        let copies = futures::stream::iter(writes)
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<()>>();
+        futures::try_join!(
+            self.record_conversation(key, conv_seq, template, recipients),
+            copies
+        )
+        .map(drop)
+    }
+
     /// Replaces `user_id`'s inbox copy `inbox_seq` and, if it is the last message of their row of
-    /// `conversation`, that row's preview, by a tombstone; `version` (if any) raises the row's version.
+    /// `conversation`, that row's preview, by a tombstone.
     async fn tombstone_copy(
         &self,
         user_id: i64,
@@ -362,41 +463,14 @@ impl ConversationStore for ScyllaBackend {
                 "not a 1:1 or group message: no conversation",
             )
         })?;
-        let st = &self.conversations;
-        let (kind, a, b) = key.parts();
-        let seq = bound(conv_seq);
-        let stored: Vec<(i64, i64)> = recipients.iter().map(|&(u, s)| (u, to_cql(s))).collect();
-        // The conversation's partition: its record and its last seq, one mutation.
-        let batch = self.unlogged(&[&st.record, &st.conv_seq]);
-        let record = (
-            kind,
-            a,
-            b,
-            seq,
-            to_cql(message.message_id),
-            message.sender_user_id,
-            message.server_time_ms,
-            stored,
-        );
-        self.batch(
-            "record conversation message",
-            &batch,
-            (record, (seq, seq, kind, a, b)),
-        )
-        .await?;
-        if let ConversationKey::Group(g) = key {
-            self.exec(
-                "group read",
-                &st.group_read,
-                (seq, seq, g, message.sender_user_id),
-            )
+        self.record_conversation(key, conv_seq, message, recipients)
             .await?;
-        }
         futures::stream::iter(recipients)
             .map(Ok)
             .try_for_each_concurrent(WRITE_CONCURRENCY, |&(user_id, inbox_seq)| async move {
-                self.record_copy(key, conv_seq, message, user_id, inbox_seq)
-                    .await
+                let mut copy = copy_for(message, user_id, inbox_seq);
+                copy.conv_seq = conv_seq;
+                self.record_copy(key, conv_seq, &copy, user_id, false).await
             })
             .await
     }

@@ -29,11 +29,11 @@ const BATCH_MAX_STATEMENTS: usize = 32;
 /// [`inbox_values`] (which binds `user_id` first).
 pub(super) const MESSAGE_COLUMNS: &str =
     "seq, message_id, sender_user_id, sender_device_id, receiver_type, receiver_id, \
-     client_msg_id, server_time_ms, content_type, content";
+     client_msg_id, server_time_ms, content_type, content, conv_seq";
 
 /// The message statements, prepared once.
 pub(super) struct Statements {
-    append: PreparedStatement,
+    pub(super) append: PreparedStatement,
     sync: PreparedStatement,
     max_seq: PreparedStatement,
     get_dedup: PreparedStatement,
@@ -47,7 +47,7 @@ impl Statements {
         let p = |cql: String| super::prepare(session, cql);
         Ok(Statements {
             append: p(format!(
-                "INSERT INTO inbox (user_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO inbox (user_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             sync: p(format!(
@@ -55,12 +55,12 @@ impl Statements {
             ))
             .await?,
             max_seq: p("SELECT seq FROM inbox WHERE user_id = ? ORDER BY seq DESC LIMIT 1".into()).await?,
-            get_dedup: p("SELECT message_id, seq, server_time_ms, recipients FROM dedup \
+            get_dedup: p("SELECT message_id, seq, server_time_ms, recipients, conv_seq FROM dedup \
                  WHERE sender_device_id = ? AND client_msg_id = ?"
                 .into())
             .await?,
             put_dedup: p("INSERT INTO dedup (sender_device_id, client_msg_id, message_id, seq, server_time_ms, \
-                 recipients) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+                 recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
                 .into())
             .await?,
             // The write timestamp is the seq itself: the cell with the largest timestamp wins, so
@@ -75,7 +75,7 @@ impl Statements {
 }
 
 /// The values of [`Statements::append`]: `user_id`, then [`MESSAGE_COLUMNS`].
-type InboxValues<'a> = (
+pub(super) type InboxValues<'a> = (
     i64,
     i64,
     i64,
@@ -87,9 +87,10 @@ type InboxValues<'a> = (
     i64,
     i32,
     &'a [u8],
+    Option<i64>,
 );
 
-fn inbox_values(user_id: i64, m: &Message) -> InboxValues<'_> {
+pub(super) fn inbox_values(user_id: i64, m: &Message) -> InboxValues<'_> {
     (
         user_id,
         to_cql(m.seq),
@@ -102,6 +103,7 @@ fn inbox_values(user_id: i64, m: &Message) -> InboxValues<'_> {
         m.server_time_ms,
         m.content_type,
         &m.content,
+        (m.conv_seq > 0).then(|| to_cql(m.conv_seq)),
     )
 }
 
@@ -117,6 +119,7 @@ pub(super) struct MessageRow {
     server_time_ms: i64,
     content_type: i32,
     content: Option<Bytes>,
+    conv_seq: Option<i64>,
 }
 
 impl From<MessageRow> for Message {
@@ -133,6 +136,7 @@ impl From<MessageRow> for Message {
             content_type: r.content_type,
             // An empty blob and a null read back alike.
             content: r.content.unwrap_or_default(),
+            conv_seq: r.conv_seq.map_or(0, from_cql),
         }
     }
 }
@@ -144,6 +148,7 @@ struct DedupRow {
     server_time_ms: i64,
     #[scylla(default_when_null)]
     recipients: Vec<(i64, i64)>,
+    conv_seq: Option<i64>,
 }
 
 /// The row a not-applied `INSERT INTO dedup ... IF NOT EXISTS` returns: `[applied]` and every column.
@@ -162,6 +167,7 @@ struct DedupConflictRow {
     server_time_ms: i64,
     #[scylla(default_when_null)]
     recipients: Vec<(i64, i64)>,
+    conv_seq: Option<i64>,
 }
 
 impl From<DedupRow> for SendPlan {
@@ -175,6 +181,7 @@ impl From<DedupRow> for SendPlan {
                 .into_iter()
                 .map(|(user_id, seq)| (user_id, from_cql(seq)))
                 .collect(),
+            conv_seq: r.conv_seq.map_or(0, from_cql),
         }
     }
 }
@@ -293,6 +300,7 @@ impl MessageStore for ScyllaBackend {
             to_cql(r.seq),
             r.server_time_ms,
             recipients,
+            (r.conv_seq > 0).then(|| to_cql(r.conv_seq)),
         );
         let what = "put dedup";
         let rows = self
@@ -321,7 +329,32 @@ impl MessageStore for ScyllaBackend {
             seq: stored.seq,
             server_time_ms: stored.server_time_ms,
             recipients: stored.recipients,
+            conv_seq: stored.conv_seq,
         })))
+    }
+
+    async fn record_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendPlan,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendPlan>> {
+        if let Some(existing) = self
+            .put_dedup_if_absent(device_id, client_msg_id, plan)
+            .await?
+        {
+            return Ok(Some(existing));
+        }
+        if plan.conv_seq == 0 {
+            self.append_many(entries).await?;
+        } else {
+            // Each copy's inbox row and conversation rows in one single-partition batch, plus the
+            // conversation's own record: no round trip beyond the inbox writes but that one.
+            self.record_send_with_conversation(plan.conv_seq, &plan.recipients, entries)
+                .await?;
+        }
+        Ok(None)
     }
 
     async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {

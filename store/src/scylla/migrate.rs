@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_conversations",
         cql: include_str!("../../../sql/0007_conversations.cql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_conv_seq",
+        cql: include_str!("../../../sql/0008_conv_seq.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

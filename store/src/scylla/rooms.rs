@@ -247,6 +247,7 @@ impl RoomStore for ScyllaBackend {
                 server_time_ms: r.server_time_ms,
                 content_type: r.content_type,
                 content: r.content.unwrap_or_default(),
+                conv_seq: 0,
             })
             .collect())
     }

@@ -5,7 +5,7 @@ use zhibo_proto::client::Message;
 
 #[cfg(doc)]
 use crate::ErrorKind;
-use crate::Result;
+use crate::{ConversationKey, Result};
 
 /// The result remembered for a `(sender device, client_msg_id)` so a resend returns it again.
 ///
@@ -22,6 +22,10 @@ pub struct SendPlan {
     pub server_time_ms: i64,
     /// `(user_id, seq)` of every inbox the message goes to, the sender's included.
     pub recipients: Vec<(i64, u64)>,
+    /// The message's conversation seq (shared by every copy; see [`crate::ConversationStore`]); 0 for
+    /// plans written before conversations existed (their resends record no conversation).
+    #[serde(default)]
+    pub conv_seq: u64,
 }
 
 /// Per-user inboxes (write diffusion), dedup records and per-device acknowledged seq.
@@ -71,8 +75,13 @@ pub trait MessageStore: Send + Sync {
     /// [`Self::put_dedup_if_absent`]) and, only when no record existed, the inbox `entries`. When one
     /// exists it is returned and nothing is written. Durable when this returns.
     ///
-    /// The default writes the record, then the entries: a crash in between leaves a plan whose resend
-    /// completes it. A backend that can write both in one transaction overrides it (fewer round trips).
+    /// With `plan.conv_seq > 0` (a 1:1 or group message) the backends also record the message in its
+    /// conversation, as [`crate::ConversationStore::record_message`] does, inside the same per-user
+    /// writes (Scylla: one single-partition batch per recipient holding the inbox row and the
+    /// conversation rows; redb: the same transaction), so a send costs no extra round trip per copy.
+    ///
+    /// The default writes the record, then the entries (and no conversation rows): a crash in between
+    /// leaves a plan whose resend completes it. Both backends override it.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure; the record may then be stored without the entries.
@@ -112,6 +121,18 @@ pub trait SeqAllocator: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] when the counter or the recovery read fails.
     async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>>;
+    /// [`Self::next`] plus the next conversation seq of `conversation`, in the same call (one Redis
+    /// script call per master; the embedded counters under one lock). A lost conversation counter
+    /// resumes above [`crate::ConversationStore::last_conversation_seq`], as a user's does above the
+    /// inbox's largest seq.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when a counter or a recovery read fails.
+    async fn next_in_conversation(
+        &self,
+        user_ids: &[i64],
+        conversation: ConversationKey,
+    ) -> Result<(Vec<u64>, u64)>;
     /// The last seq allocated for `user_id` (0 if none), without allocating.
     ///
     /// # Errors

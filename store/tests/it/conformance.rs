@@ -73,6 +73,7 @@ fn message(receiver_id: i64, seq: u64) -> Message {
         server_time_ms: 1_700_000_000_000 + seq as i64,
         content_type: 1,
         content: Bytes::from(format!("hello #{seq}")),
+        conv_seq: 0,
     }
 }
 
@@ -893,6 +894,7 @@ async fn dedup(s: &Stores) {
         seq: 9,
         server_time_ms: now_ms(),
         recipients: vec![(id(), 9), (id(), 4)],
+        conv_seq: 0,
     };
     assert_eq!(
         s.messages
@@ -949,6 +951,7 @@ async fn record_send(s: &Stores) {
         seq: 1,
         server_time_ms: now_ms(),
         recipients: vec![(alice, 1), (bob, 1)],
+        conv_seq: 0,
     };
     let entries = vec![(alice, message(bob, 1)), (bob, message(bob, 1))];
     assert_eq!(
@@ -979,6 +982,7 @@ async fn record_send(s: &Stores) {
         seq: 2,
         server_time_ms: now_ms(),
         recipients: vec![(alice, 2), (bob, 2)],
+        conv_seq: 0,
     };
     let racing_entries = vec![(alice, message(bob, 2)), (bob, message(bob, 2))];
     assert_eq!(
@@ -1278,6 +1282,7 @@ fn room_message(room_id: i64, message_id: u64) -> Message {
         server_time_ms: 1_700_000_000_000 + message_id as i64,
         content_type: 1,
         content: Bytes::from(format!("live #{message_id}")),
+        conv_seq: 0,
     }
 }
 

@@ -170,6 +170,7 @@ async fn send_path_throughput() {
                         seq: seqs[0],
                         server_time_ms: 0,
                         recipients: vec![(sender, seqs[0]), (receiver, seqs[1])],
+                        conv_seq: 0,
                     };
                     let cmid = format!("{sender}-{n}");
                     s.messages

@@ -19,8 +19,8 @@ use fred::prelude::{
 use zhibo_proto::client::Message;
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::ids::IdGen;
-use zhibo_store::redis_seq::{seq_key, RedisSeq, RECOVERY_MARGIN};
-use zhibo_store::{MessageStore, SeqAllocator as _};
+use zhibo_store::redis_seq::{conversation_seq_key, seq_key, RedisSeq, RECOVERY_MARGIN};
+use zhibo_store::{ConversationKey, ConversationStore as _, MessageStore, SeqAllocator as _};
 
 /// A fresh user id, unique in this process and across runs.
 fn user_id() -> i64 {
@@ -128,6 +128,7 @@ on_both!(
     seqs_strictly_increase_per_user,
     fan_out_of_2000_users_in_one_call,
     allocation_resumes_above_stored_seqs_after_redis_loses_its_keys,
+    conversation_seqs_share_the_call_and_recover_from_the_conversation_store,
 );
 
 fn store() -> Arc<EmbeddedBackend> {
@@ -351,4 +352,48 @@ async fn a_client_error_is_kept_as_the_source() {
         source.downcast_ref::<fred::error::Error>().is_some(),
         "the source is fred's error: {source:?}"
     );
+}
+
+/// A conversation seq comes from the same call as the inbox seqs, counts 1, 2, 3 per conversation,
+/// and after its key is lost resumes above the largest recorded one (the conversation store's
+/// floor), never reusing one. Without a conversation store, recovery is refused, not guessed.
+async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_store(target: Target) {
+    let backend = store();
+    let (seq, redis) = allocator(target, backend.clone()).await;
+    let seq = seq.with_conversations(backend.clone());
+    let (a, b) = (user_id(), user_id());
+    let key = ConversationKey::direct(a, b);
+    let mut conv_seqs = Vec::new();
+    for i in 1..=3u64 {
+        let (inbox, conv_seq) = seq.next_in_conversation(&[a, b], key).await.expect("next");
+        assert_eq!(inbox, vec![i, i], "inbox seqs as next() would give");
+        conv_seqs.push(conv_seq);
+    }
+    assert_eq!(conv_seqs, [1, 2, 3], "a fresh conversation counts 1, 2, 3");
+    // Message 3 is recorded; then Redis loses the conversation's counter.
+    let mut m = message(a, 3, "third");
+    m.receiver_id = b;
+    backend
+        .record_message(3, &m, &[(a, 3), (b, 3)])
+        .await
+        .expect("record");
+    redis.del(&[conversation_seq_key(key)]).await;
+    let (inbox, conv_seq) = seq
+        .next_in_conversation(&[a, b], key)
+        .await
+        .expect("recover");
+    assert_eq!(inbox, vec![4, 4], "user counters untouched");
+    assert_eq!(
+        conv_seq,
+        3 + RECOVERY_MARGIN + 1,
+        "resumed above the recorded seq"
+    );
+    // An allocator without a conversation store refuses to guess a lost counter's floor.
+    let (bare, _) = allocator(target, backend.clone()).await;
+    redis.del(&[conversation_seq_key(key)]).await;
+    let err = bare
+        .next_in_conversation(&[a], key)
+        .await
+        .expect_err("no floor to recover from");
+    assert_eq!(err.kind, zhibo_store::ErrorKind::Unavailable, "{err}");
 }

@@ -83,6 +83,7 @@ fn message(seq: u64, content: Bytes) -> Message {
         server_time_ms: 1_700_000_000_000 + seq as i64,
         content_type: 1,
         content,
+        conv_seq: 0,
     }
 }
 
@@ -171,7 +172,8 @@ async fn conformance_with_redis_seq() {
         );
         let seq = RedisSeq::connect(&redis_url, store.clone())
             .await
-            .expect("redis");
+            .expect("redis")
+            .with_conversations(store.clone());
         conformance::run_all(store.stores(Arc::new(seq))).await;
     })
     .await;
@@ -302,12 +304,14 @@ async fn edges(store: &ScyllaBackend) {
         seq: 3,
         server_time_ms: 77,
         recipients: (0..2_000).map(|u| (u, u as u64 + 1)).collect(),
+        conv_seq: 0,
     };
     let second = SendPlan {
         message_id: 5,
         seq: 4,
         server_time_ms: 78,
         recipients: vec![],
+        conv_seq: 0,
     };
     assert_eq!(
         store
@@ -363,6 +367,7 @@ async fn cql_operations_are_counted_by_kind() {
             seq: 1,
             server_time_ms: 1,
             recipients: vec![(7, 1)],
+            conv_seq: 0,
         };
         store
             .put_dedup_if_absent(7, "counted", &plan)

@@ -120,7 +120,8 @@ mod scylla {
             );
             let seq = RedisSeq::connect(&redis_url, store.clone())
                 .await
-                .expect("redis");
+                .expect("redis")
+                .with_conversations(store.clone());
             super::run_all(store.stores(Arc::new(seq))).await;
         })
         .catch_unwind()

@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod clustered_infra;
+mod conversations;
 mod faults;
 mod ids;
 mod isolation;

@@ -34,6 +34,7 @@ async fn resend_after_a_crash_before_publish_pushes_the_stored_message(cluster: 
         seq: seqs[0],
         server_time_ms: 1_000,
         recipients: vec![(alice.user_id, seqs[0]), (bob.user_id, seqs[1])],
+        conv_seq: 0,
     };
     let template = Message {
         message_id: plan.message_id,
@@ -46,6 +47,7 @@ async fn resend_after_a_crash_before_publish_pushes_the_stored_message(cluster: 
         server_time_ms: plan.server_time_ms,
         content_type: 1,
         content: Bytes::from_static(b"stored, never pushed"),
+        conv_seq: 0,
     };
     let entries: Vec<(i64, Message)> = plan
         .recipients

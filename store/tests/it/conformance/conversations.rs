@@ -34,6 +34,7 @@ fn template(from: i64, to: i64, group: bool, conv_seq: u64) -> Message {
         server_time_ms: T0 + conv_seq as i64,
         content_type: 1,
         content: Bytes::from(format!("msg #{conv_seq}")),
+        conv_seq: 0,
     }
 }
 
@@ -795,4 +796,139 @@ pub(crate) async fn run_all(s: &Stores) {
     list(s).await;
     history_paging(s).await;
     large_group(s).await;
+    send_path(s).await;
+}
+
+/// The send path's calls: one allocator call gives the inbox seqs and the conversation seq, and
+/// `record_send` with a plan's `conv_seq` writes the conversation rows with the inbox entries (a
+/// resend's plan keeps its `conv_seq`; a second `record_send` of the key writes nothing).
+pub(crate) async fn send_path(s: &Stores) {
+    let (a, b, g) = (id(), id(), id());
+    let key = ConversationKey::direct(a, b);
+    let mut plans = Vec::new();
+    for i in 1..=2u64 {
+        let (seqs, conv_seq) = s
+            .seq
+            .next_in_conversation(&[a, b], key)
+            .await
+            .expect("allocate");
+        assert_eq!(seqs.len(), 2);
+        let mut m = template(a, b, false, conv_seq);
+        m.conv_seq = conv_seq;
+        let recipients: Vec<(i64, u64)> = vec![(a, seqs[0]), (b, seqs[1])];
+        let plan = zhibo_store::SendPlan {
+            message_id: m.message_id,
+            seq: seqs[0],
+            server_time_ms: m.server_time_ms,
+            recipients: recipients.clone(),
+            conv_seq,
+        };
+        let entries: Vec<(i64, Message)> = recipients
+            .iter()
+            .map(|&(u, seq)| {
+                let mut copy = m.clone();
+                copy.seq = seq;
+                if u != a {
+                    copy.sender_device_id = 0;
+                }
+                (u, copy)
+            })
+            .collect();
+        let cmid = format!("send-path-{a}-{i}");
+        assert_eq!(
+            s.messages
+                .record_send(77, &cmid, &plan, &entries)
+                .await
+                .expect("record_send"),
+            None
+        );
+        // A racing resend finds the plan, conversation seq included, and writes nothing.
+        let other = zhibo_store::SendPlan {
+            conv_seq: conv_seq + 100,
+            ..plan.clone()
+        };
+        let existing = s
+            .messages
+            .record_send(77, &cmid, &other, &entries)
+            .await
+            .expect("record_send again");
+        assert_eq!(existing.map(|p| p.conv_seq), Some(conv_seq));
+        plans.push(plan);
+    }
+    assert_eq!(
+        plans.iter().map(|p| p.conv_seq).collect::<Vec<_>>(),
+        [1, 2],
+        "a new conversation counts 1, 2"
+    );
+    assert_eq!(
+        s.conversations
+            .last_conversation_seq(key)
+            .await
+            .expect("last"),
+        2
+    );
+    let rb = row(s, b, ConversationId::direct(a)).await;
+    assert_eq!(
+        (rb.last_seq, rb.unread(), rb.peer_read_seq),
+        (2, 2, 2),
+        "{rb:?}"
+    );
+    let ra = row(s, a, ConversationId::direct(b)).await;
+    assert_eq!((ra.read_seq, ra.unread()), (2, 0), "{ra:?}");
+    // Synced copies and history entries carry the conversation seq.
+    let synced = s.messages.sync(b, 0, 10).await.expect("sync");
+    assert_eq!(
+        synced.iter().map(|m| m.conv_seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let page = s
+        .conversations
+        .history(
+            b,
+            ConversationId::direct(a),
+            HistoryPage::Before(u64::MAX),
+            10,
+        )
+        .await
+        .expect("history");
+    assert_eq!(
+        page.iter()
+            .map(|e| (e.conv_seq, e.message.conv_seq))
+            .collect::<Vec<_>>(),
+        [(2, 2), (1, 1)]
+    );
+
+    // A group send: the sender's group read position is part of it.
+    let gkey = ConversationKey::Group(g);
+    let (seqs, conv_seq) = s
+        .seq
+        .next_in_conversation(&[a, b], gkey)
+        .await
+        .expect("allocate");
+    let mut m = template(a, g, true, conv_seq);
+    m.conv_seq = conv_seq;
+    let recipients = vec![(a, seqs[0]), (b, seqs[1])];
+    let plan = zhibo_store::SendPlan {
+        message_id: m.message_id,
+        seq: seqs[0],
+        server_time_ms: m.server_time_ms,
+        recipients: recipients.clone(),
+        conv_seq,
+    };
+    let entries: Vec<(i64, Message)> = recipients
+        .iter()
+        .map(|&(u, seq)| (u, Message { seq, ..m.clone() }))
+        .collect();
+    s.messages
+        .record_send(78, &format!("send-path-g-{g}"), &plan, &entries)
+        .await
+        .expect("record_send");
+    assert_eq!(
+        s.conversations
+            .group_readers(g, conv_seq)
+            .await
+            .expect("readers"),
+        [a]
+    );
+    assert_eq!(row(s, b, ConversationId::group(g)).await.unread(), 1);
 }
