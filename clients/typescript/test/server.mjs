@@ -124,6 +124,15 @@ export class Server {
     return { userId: String(s.user_id), deviceId: String(deviceId), token: s.token, username };
   }
 
+  /** Another device of the same user, signed in: {userId, deviceId, token, username}. */
+  async secondDevice(user) {
+    const { device_id: deviceId } = await this.call('POST', '/v1/devices', {
+      type: 'pc', brand: 'zhibo', model: 'ts-test', system_version: '1', sdk_version: '1',
+    });
+    const s = await this.call('POST', '/v1/sessions', { username: user.username, password: 'correct horse battery', device_id: deviceId });
+    return { userId: user.userId, deviceId: String(deviceId), token: s.token, username: user.username };
+  }
+
   async befriend(a, b) {
     await this.call('POST', '/v1/friends/requests', { to_user_id: Number(b.userId), message: 'hi' }, a.token);
     await this.call('POST', `/v1/friends/requests/${a.userId}/agree`, {}, b.token);
