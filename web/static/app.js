@@ -60,6 +60,7 @@ const state = {
   listVersion: '0', // the largest row version held: the next list sync's changedAfter
   typing: new Map(), // conversation key → {user, until}
   earlier: new Map(), // conversation key → true once history has no earlier page
+  readers: new Map(), // message id → user ids who have read it (own group messages, asked with "Seen by")
   current: null, // conversation key: 'user:<id>' | 'group:<id>'
   room: null, // {id, online}
   refreshTimer: 0,
@@ -337,6 +338,24 @@ function tick(m) {
   return el('span', { class: `tick${read ? ' read' : ''}`, title: read ? 'read' : 'sent', textContent: read ? '✓✓' : '✓' });
 }
 
+/** Own group message: "seen by" asks the server which members have read it (GroupReadersInput). */
+function seenBy(m) {
+  if (m.from !== state.session.user_id || m.type !== 'RECEIVER_TYPE_GROUP' || !m.cs || m.cs === '0' || m.ct === RECALLED) return '';
+  const readers = state.readers.get(m.id);
+  if (readers) {
+    const names = readers.filter((id) => id !== state.session.user_id).map(nameOf);
+    return el('span', { class: 'seen', textContent: names.length ? `read by ${names.join(', ')}` : 'read by nobody yet' });
+  }
+  return el('button', { type: 'button', class: 'seen-by', textContent: 'Seen by', title: 'who has read it', onclick: () => loadReaders(m).catch(report) });
+}
+
+async function loadReaders(m) {
+  const out = await state.client.groupReaders(m.to, m.cs);
+  await loadUsers(out.userIds);
+  state.readers.set(m.id, out.userIds);
+  renderMessages();
+}
+
 function canRecall(m) {
   return m.from === state.session.user_id && m.id && m.cs && m.cs !== '0' && m.ct !== RECALLED && Date.now() - m.time < RECALL_WINDOW_MS;
 }
@@ -355,7 +374,8 @@ function renderMessages() {
   el('span', { class: 'meta' },
     canRecall(m) ? el('button', { type: 'button', class: 'recall', textContent: 'Recall', title: 'recall this message for everyone', onclick: () => recall(m).catch(report) }) : '',
     el('time', { textContent: m.time ? new Date(m.time).toLocaleTimeString() : '…' }),
-    tick(m)))));
+    tick(m),
+    seenBy(m)))));
   const earliest = msgs.find((m) => m.cs && m.cs !== '0');
   $('load-earlier').hidden = state.earlier.get(state.current) === true || (earliest ? earliest.cs === '1' : !state.convs.has(state.current));
   if (atBottom) list.scrollTop = list.scrollHeight;
@@ -364,8 +384,11 @@ function renderMessages() {
 
 function renderTyping() {
   const t = state.current && typingNow(state.current);
+  const list = $('messages');
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
   $('typing').textContent = t ? `${nameOf(t.user)} is typing…` : '';
   $('typing').hidden = !t;
+  if (atBottom) list.scrollTop = list.scrollHeight; // the line took room from the list: keep the newest in view
 }
 
 /** The open chat's mute / pin toggles. */
@@ -495,7 +518,16 @@ function conversationUpdated(u) {
 }
 
 function readReceipt(r) {
-  const row = state.convs.get(conversationKey(r.conversation));
+  const key = conversationKey(r.conversation);
+  const row = state.convs.get(key);
+  // In a group, the author of the message read up to is told: own messages up to it were read by r.userId.
+  if (r.conversation.type === 'RECEIVER_TYPE_GROUP') {
+    for (const m of state.messages) {
+      const readers = state.readers.get(m.id);
+      if (readers && convOf(m) === key && m.cs && BigInt(m.cs) <= BigInt(r.readSeq) && !readers.includes(r.userId)) readers.push(r.userId);
+    }
+    loadUsers([r.userId]).then(renderMessages).catch(() => {});
+  }
   if (row && r.conversation.type === 'RECEIVER_TYPE_USER' && BigInt(r.readSeq) > BigInt(row.peerReadSeq)) row.peerReadSeq = r.readSeq;
   if (!row) syncList();
   renderMessages();
@@ -787,6 +819,7 @@ function forgetSession() {
   state.listVersion = '0';
   state.earlier.clear();
   state.typing.clear();
+  state.readers.clear();
   localStorage.removeItem('zhibo.session');
   showAuth();
 }

@@ -400,6 +400,22 @@ async function main() {
       await b2.locator('#composer [name=text]').fill('');
     });
 
+    await step('in the group, alice asks who has read her message: nobody, then bob once he opened the group', async () => {
+      const weekend = await a.locator('#conversations li', { hasText: '# weekend' }).getAttribute('data-conv');
+      await convRow(a, weekend).click();
+      await say(a, 'who read this?');
+      const mine = a.locator('#messages .msg.mine', { hasText: 'who read this?' });
+      await mine.locator('.seen-by').click();
+      await mine.locator('.seen', { hasText: 'read by nobody yet' }).waitFor();
+      await convRow(b2, weekend).click();
+      await message(b2, 'who read this?').waitFor();
+      await convRow(b2, weekend).locator('.badge').waitFor({ state: 'detached' });
+      // The author of the message bob read up to gets his ReadReceipt: the list grows live.
+      await mine.locator('.seen', { hasText: `read by ${bob.username}` }).waitFor();
+      await convRow(b2, withAlice).click();
+      await convRow(a, withBob).click();
+    });
+
     await step('mute and pin: set on one device, shown on the other', async () => {
       await a.locator('#conv-pin').click();
       await a.locator('#conv-pin[aria-pressed=true]').waitFor();
