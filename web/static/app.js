@@ -61,6 +61,8 @@ const state = {
   typing: new Map(), // conversation key → {user, until}
   earlier: new Map(), // conversation key → true once history has no earlier page
   readers: new Map(), // message id → user ids who have read it (own group messages, asked with "Seen by")
+  stale: new Set(), // conversation keys changed while this device was away: check the held messages
+  afterSync: false, // the next list sync follows a (re)connection's sync
   current: null, // conversation key: 'user:<id>' | 'group:<id>'
   room: null, // {id, online}
   refreshTimer: 0,
@@ -412,6 +414,7 @@ function openConversation(key) {
   $('composer').elements.text.focus();
   // Nothing of this chat held here (a cleared cache, an old conversation): its latest page.
   if (state.convs.has(key) && !messagesOf(key).some((m) => m.id)) loadEarlier(key).catch(report);
+  else checkLatest(key).catch((e) => { if (e.code !== 'CLOSED') report(e); });
   markCurrentRead();
 }
 
@@ -439,11 +442,15 @@ function syncList() {
   if (!client) return;
   listSyncing = true;
   listAgain = false;
+  const afterSync = state.afterSync;
+  state.afterSync = false;
   (async () => {
     const names = [];
     for (let page = await client.conversationList({ changedAfter: state.listVersion, limit: 500 }); ;) {
       for (const row of page.conversations) {
         applyRow(row);
+        // Changed while away: a message held here may have been recalled or deleted meanwhile.
+        if (afterSync) state.stale.add(conversationKey(row.conversation));
         if (row.conversation.type === 'RECEIVER_TYPE_USER') names.push(row.conversation.id);
         if (row.lastMessage) names.push(row.lastMessage.senderUserId);
       }
@@ -451,7 +458,7 @@ function syncList() {
       page = await client.conversationList({ changedAfter: state.listVersion, after: page.conversations.at(-1), limit: 500 });
     }
     await loadUsers(names);
-  })().catch((e) => { if (e.code !== 'CLOSED') report(e); }).finally(() => {
+  })().catch((e) => { if (e.code !== 'CLOSED') { report(e); } if (afterSync) state.afterSync = true; }).finally(() => {
     listSyncing = false;
     if (listAgain) syncList();
     renderSidebar();
@@ -460,7 +467,7 @@ function syncList() {
     // The open chat has nothing held here (a cleared cache, an old conversation): its latest page.
     const key = state.current;
     if (key && state.convs.has(key) && !messagesOf(key).some((m) => m.id)) loadEarlier(key).catch(report);
-    else if (key) fillConvSeqs(key).catch((e) => { if (e.code !== 'CLOSED') report(e); });
+    else if (key) checkLatest(key).catch((e) => { if (e.code !== 'CLOSED') report(e); });
   });
 }
 
@@ -478,15 +485,18 @@ function applyServerCopy(m) {
 }
 
 /**
- * A send's ACK has no conv_seq (SendMessageOutput carries the inbox seq only), and the sending device gets
- * no copy of its own message: the conv_seq that recall and read ticks need comes from the chat's latest
- * history page, asked once for the messages that lack it.
+ * Checks the held messages of a chat against its latest history page, when the chat changed while this
+ * device was away (a recall or a delete-for-me that no live notice told it: the inbox copy is a tombstone
+ * now, but sync does not hand a seq over twice), or when own messages lack their conv_seq (a send's ACK
+ * has none, and the sending device gets no copy of its own message; recall, ticks and "seen by" need it),
+ * asked once per message.
  */
-async function fillConvSeqs(key) {
+async function checkLatest(key) {
   const missing = messagesOf(key).filter((m) => m.id && (!m.cs || m.cs === '0') && !m.csAsked);
   const row = state.convs.get(key);
-  if (!missing.length || !row) return;
+  if (!row || !state.client || (!missing.length && !state.stale.has(key))) return;
   for (const m of missing) m.csAsked = true;
+  state.stale.delete(key);
   const page = await state.client.history(row.conversation, { limit: 50 });
   if (page.messages.map(applyServerCopy).some(Boolean)) {
     saveInbox();
@@ -622,7 +632,7 @@ async function send(key, body) {
     addMessage({ ...m, id: ack.messageId, seq: ack.seq, time: Number(ack.serverTimeMs) });
     state.acks.set(m.cmid, ack);
     saveInbox();
-    syncList(); // the row's last message (and this message's conv_seq: see fillConvSeqs)
+    syncList(); // the row's last message (and this message's conv_seq: see checkLatest)
   } catch (e) {
     m.state = 'failed';
     if (e.code !== 'CLOSED') report(e);
@@ -735,7 +745,7 @@ async function connectClient() {
   state.client = client;
   window.zhibo.client = client;
   client.on('message', (m) => { typingDone([fromSdk(m)]); receivedFromSdk(m); });
-  client.on('synced', () => { setStatus('synced'); syncList(); });
+  client.on('synced', () => { setStatus('synced'); state.afterSync = true; syncList(); });
   client.on('conversationUpdate', conversationUpdated);
   client.on('readReceipt', readReceipt);
   client.on('recalled', recalled);
@@ -820,6 +830,7 @@ function forgetSession() {
   state.earlier.clear();
   state.typing.clear();
   state.readers.clear();
+  state.stale.clear();
   localStorage.removeItem('zhibo.session');
   showAuth();
 }

@@ -391,6 +391,21 @@ async function main() {
       if (foreign !== 0) throw new Error(`recall offered on ${foreign} messages of alice`);
     });
 
+    await step('alice\'s other device, offline during a recall of an earlier message, shows the tombstone when back', async () => {
+      await say(a, 'recall me while you are away');
+      await say(a, 'and this one stays');
+      await message(a2, 'and this one stays').waitFor();
+      const before = await socketCount(a2);
+      await a2.evaluate(() => { window.__ws.refuse = true; window.__ws.sockets.at(-1).close(); });
+      await status(a2, 'offline');
+      await a.locator('#messages .msg.mine', { hasText: 'recall me while you are away' }).locator('.recall').click();
+      await message(b2, 'recall me while you are away').waitFor({ state: 'detached' });
+      await a2.evaluate(() => { window.__ws.refuse = false; });
+      await resynced(a2, before);
+      await message(a2, 'recall me while you are away').waitFor({ state: 'detached' });
+      sameList((await texts(a2)).slice(-2), ['message recalled', 'and this one stays'], "alice's other device");
+    });
+
     await step('bob types: "typing…" shows on alice\'s devices (chat and list), not on his own, and goes away', async () => {
       await b2.locator('#composer [name=text]').fill('typing a reply');
       await a.locator('#typing', { hasText: `${bob.username} is typing…` }).waitFor();
