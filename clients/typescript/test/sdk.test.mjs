@@ -354,6 +354,33 @@ test('conversations: recall reaches both sides live; refused recalls reject with
   b.client.close();
 });
 
+test('conversations: in a group, the author gets the receipt of the message read up to, and groupReaders says who', async () => {
+  const { alice, bob } = await pair();
+  const g = await server.call('POST', '/v1/groups', { name: 'readers', member_ids: [Number(bob.userId)] }, alice.token);
+  const groupId = String(g.group_id);
+  const a = await app(alice);
+  const b = await app(bob);
+  const aEv = conversationEvents(a.client);
+  await a.client.send({ group: groupId }, 'read me');
+  await waitFor(() => b.has('read me'), 'the group message');
+  const convSeq = b.messages[0].convSeq;
+  assert.deepEqual((await a.client.groupReaders(groupId, convSeq)).userIds, [alice.userId], 'only the author so far');
+  const row = (await b.client.conversationList()).conversations.find((c) => conversationKey(c.conversation) === `group:${groupId}`);
+  assert.equal(row.unread, '1');
+  await b.client.markRead({ group: groupId }, convSeq);
+  await waitFor(() => aEv.receipts.some((r) => r.userId === bob.userId && r.readSeq === convSeq), 'alice gets bob\'s receipt');
+  assert.equal(conversationKey(aEv.receipts[0].conversation), `group:${groupId}`);
+  const readers = await a.client.groupReaders(groupId, convSeq);
+  assert.deepEqual([...readers.userIds].sort(), [alice.userId, bob.userId].sort());
+  const stranger = await server.user('stranger');
+  const s = await app(stranger);
+  const sEv = conversationEvents(s.client);
+  await assert.rejects(s.client.groupReaders(groupId, convSeq), (e) => e.code === 'ERROR_CODE_NOT_IN_CONVERSATION');
+  assert.equal(s.client.typing({ group: groupId }), true);
+  await waitFor(() => sEv.errors.some((e) => e.code === 'ERROR_CODE_NOT_IN_CONVERSATION'), 'typing in a group of others refused');
+  for (const c of [a, b, s]) c.client.close();
+});
+
 test('SeqTracker and MemorySeqStore: gaps, duplicates, holes jumped by a completed sync', () => {
   const t = new SeqTracker('0');
   assert.ok(t.observe('1'));

@@ -75,6 +75,9 @@ export class Server {
       ZHIBO_GRACE_SECS: '2',
       // Every test user signs in from 127.0.0.1.
       ZHIBO_API__SIGN_IN_PER_MINUTE: '10000',
+      // And every test user and device is registered from it (the defaults allow 20 sign-ups and 60 devices an hour).
+      ZHIBO_API__SIGN_UPS_PER_HOUR: '10000',
+      ZHIBO_API__DEVICES_PER_HOUR: '10000',
       ZHIBO_LOG: process.env.ZHIBO_LOG || 'warn',
       ...this.extraEnv,
     });
