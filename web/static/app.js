@@ -6,18 +6,29 @@
 //
 // Messages the SDK hands over (each seq once) are kept in localStorage per user and device, for the
 // history after a reload; what arrived while the page was closed comes from the SDK's sync at connect.
+// Conversations (issue #13) come from the server: the chat list (last message, unread badge, mute/pin) is
+// the SDK's conversationList, kept current by list sync (rows changed after the version the page holds)
+// after every batch of messages, sync and recall; opening a chat marks it read (the user's other devices
+// clear their badge on the ConversationUpdate the server pushes them); own 1:1 messages get a read tick
+// up to the peer's read position (the row's peer_read_seq, then live ReadReceipts); recalls replace the
+// message with a tombstone on every device (live Recalled); "typing…" is sent while typing (throttled)
+// and shown for a few seconds on Typing; "load earlier" pages the conversation's history back.
 // The page exposes `window.zhibo` ({sdk, client, acks}: the SDK module, the session's Client, each send's
 // ACK by client_msg_id) for the browser test and the console.
 
 import { api, ApiError } from './api.js';
 import * as sdk from './sdk/zhibo-client.js';
 
-const { Client, LocalStorageSeqStore, text } = sdk;
+const { Client, LocalStorageSeqStore, text, conversationKey, RECALLED, DELETED } = sdk;
 
 const TEXT = 1; // content_type of a UTF-8 text message (the command-line client uses the same)
 const CACHE_LIMIT = 2000;
 const REFRESH_MS = 5000;
 const MAX_DANMAKU = 60;
+const HISTORY_PAGE = 20; // messages per "load earlier"
+const RECALL_WINDOW_MS = 120_000; // the server's default logic.recall_window_secs (it has the last word)
+const TYPING_SEND_MS = 2000; // at most one TypingInput per 2 s while typing (the server allows 1/s)
+const TYPING_SHOW_MS = 4000; // a Typing notice is shown this long unless repeated
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, ...children) => {
@@ -45,7 +56,13 @@ const state = {
   messages: [], // every message of the inbox, oldest first as they came
   byKey: new Map(), // message id, or `${device}/${client_msg_id}` for unacknowledged sends → message
   acks: new Map(), // client_msg_id → the ACK the SDK resolved the send with (window.zhibo.acks)
-  unread: new Map(), // conversation key → count
+  convs: new Map(), // conversation key → the SDK's Conversation row (unread, read positions, mute/pin)
+  listVersion: '0', // the largest row version held: the next list sync's changedAfter
+  typing: new Map(), // conversation key → {user, until}
+  earlier: new Map(), // conversation key → true once history has no earlier page
+  readers: new Map(), // message id → user ids who have read it (own group messages, asked with "Seen by")
+  stale: new Set(), // conversation keys changed while this device was away: check the held messages
+  afterSync: false, // the next list sync follows a (re)connection's sync
   current: null, // conversation key: 'user:<id>' | 'group:<id>'
   room: null, // {id, online}
   refreshTimer: 0,
@@ -117,14 +134,60 @@ async function refreshLists() {
   renderSidebar();
 }
 
+/** The unread count shown for a conversation (none for the open chat: it is being read). */
+function unreadOf(key) {
+  const row = state.convs.get(key);
+  return row && key !== state.current ? Number(row.unread) : 0;
+}
+
+function badge(key) {
+  const unread = unreadOf(key);
+  const row = state.convs.get(key);
+  return unread ? el('span', { class: `badge${row.muted ? ' muted' : ''}`, textContent: String(unread) }) : '';
+}
+
 function peerItem(key, label) {
-  const unread = state.unread.get(key) || 0;
   return el('li', { dataset: { conv: key }, class: key === state.current ? 'active' : '', onclick: () => openConversation(key) },
     el('span', { class: 'name', textContent: label }),
-    unread ? el('span', { class: 'badge', textContent: String(unread) }) : '');
+    badge(key));
+}
+
+/** A message's preview in the chat list. */
+function preview(m) {
+  if (!m) return '';
+  const who = m.senderUserId === state.session.user_id ? 'You' : nameOf(m.senderUserId);
+  if (m.contentType === RECALLED) return `${who}: message recalled`;
+  if (m.contentType === DELETED) return 'message deleted';
+  return `${who}: ${m.contentType === TEXT ? text(m) : `[content type ${m.contentType}]`}`;
+}
+
+function typingNow(key) {
+  const t = state.typing.get(key);
+  return t && t.until > Date.now() ? t : null;
+}
+
+/** The chat list: pinned first, then newest activity first. */
+function renderConversations() {
+  const activity = (row) => Number(row.lastMessage ? row.lastMessage.serverTimeMs : 0);
+  const rows = [...state.convs.entries()].sort(([, a], [, b]) => (b.pinned - a.pinned) || (activity(b) - activity(a)));
+  $('conversations').replaceChildren(...rows.map(([key, row]) => {
+    const typing = typingNow(key);
+    return el('li', {
+      dataset: { conv: key, unread: String(unreadOf(key)) },
+      class: `${key === state.current ? 'active' : ''}${row.muted ? ' muted' : ''}${row.pinned ? ' pinned' : ''}`,
+      onclick: () => openConversation(key),
+    },
+    el('span', { class: 'name' }, convTitle(key),
+      row.pinned ? el('span', { class: 'flag', textContent: 'pinned' }) : '',
+      row.muted ? el('span', { class: 'flag', textContent: 'muted' }) : ''),
+    badge(key),
+    el('span', { class: `preview${typing ? ' typing' : ''}`, textContent: typing ? 'typing…' : preview(row.lastMessage) }));
+  }));
+  $('conversations-empty').hidden = state.convs.size > 0;
 }
 
 function renderSidebar() {
+  renderConversations();
   $('friends').replaceChildren(...state.friends.map((id) => peerItem(`user:${id}`, nameOf(id))));
   $('groups').replaceChildren(...state.groups.map((g) => peerItem(`group:${g.group_id}`, `# ${g.name}`)));
   $('requests-section').hidden = state.requests.length === 0;
@@ -138,7 +201,10 @@ function renderSidebar() {
     el('span', { class: 'hint', textContent: ` from ${nameOf(i.inviter)} ` }),
     el('button', { type: 'button', textContent: 'Join', onclick: () => answerInvitation(i.group_id, 'accept').catch(report) }),
     el('button', { type: 'button', textContent: 'Refuse', onclick: () => answerInvitation(i.group_id, 'refuse').catch(report) }))));
-  if (state.current) $('conv-title').textContent = convTitle(state.current);
+  if (state.current) {
+    $('conv-title').textContent = convTitle(state.current);
+    renderConvTools();
+  }
 }
 
 async function agree(from) {
@@ -180,8 +246,15 @@ function fromSdk(m) {
     cmid: m.clientMsgId,
     time: Number(m.serverTimeMs),
     ct: m.contentType,
-    text: m.contentType === TEXT ? text(m) : `[content type ${m.contentType}, ${m.content.length} bytes]`,
+    cs: m.convSeq || '0',
+    text: textOf(m.contentType, m),
   };
+}
+
+function textOf(ct, m) {
+  if (ct === RECALLED) return 'message recalled';
+  if (ct === DELETED) return 'message deleted';
+  return ct === TEXT ? text(m) : `[content type ${ct}, ${m.content.length} bytes]`;
 }
 
 const pendingKey = (m) => `${m.device}/${m.cmid}`;
@@ -192,7 +265,7 @@ function addMessage(m) {
   const pending = state.byKey.get(pendingKey(m));
   if (pending) {
     // Our own send, confirmed by its ACK.
-    Object.assign(pending, { id: m.id, seq: m.seq, time: m.time, state: '' });
+    Object.assign(pending, { id: m.id, seq: m.seq, time: m.time, cs: m.cs, state: '' });
     state.byKey.delete(pendingKey(m));
     state.byKey.set(m.id, pending);
     return false;
@@ -204,6 +277,8 @@ function addMessage(m) {
 }
 
 function sortKey(m) { return m.time || Number.MAX_SAFE_INTEGER; }
+/** Oldest first: by server time, then by inbox seq (history pages arrive newest first); pending last. */
+function byTime(a, b) { return (sortKey(a) - sortKey(b)) || (Number(a.seq || Infinity) - Number(b.seq || Infinity)); }
 
 // The SDK saves the seq in its LocalStorageSeqStore before it hands a message to the page; the page saves
 // the message at the end of the same task (a microtask: no reload can come in between), and a page of
@@ -238,15 +313,12 @@ function receivedFromSdk(m) {
   if (incoming.length === 1) queueMicrotask(() => { const batch = incoming; incoming = []; received(batch).catch(report); });
 }
 
-/** New messages (pushed or synced, each seq once): store, render, count unread, learn names and groups. */
+/** New messages (pushed or synced, each seq once): store, render, refresh the chat list, learn names and groups. */
 async function received(messages) {
   const fresh = messages.filter(addMessage);
   if (!fresh.length) return;
-  for (const m of fresh) {
-    const key = convOf(m);
-    if (key !== state.current && m.from !== state.session.user_id) state.unread.set(key, (state.unread.get(key) || 0) + 1);
-  }
   saveInbox();
+  syncList();
   const unknownGroup = fresh.some((m) => m.type === 'RECEIVER_TYPE_GROUP' && !state.groups.some((g) => g.group_id === m.to));
   const unknownFriend = fresh.some((m) => m.type === 'RECEIVER_TYPE_USER' && !state.friends.includes(convOf(m).slice(5)));
   await loadUsers(fresh.map((m) => m.from));
@@ -255,31 +327,290 @@ async function received(messages) {
   renderMessages();
 }
 
+function messagesOf(key) {
+  return state.messages.filter((m) => convOf(m) === key && m.ct !== DELETED);
+}
+
+/** Own 1:1 message: "✓" sent, "✓✓" read by the peer (up to the row's peer_read_seq). */
+function tick(m) {
+  if (m.from !== state.session.user_id || m.type !== 'RECEIVER_TYPE_USER' || !m.id || m.ct === RECALLED) return '';
+  const row = state.convs.get(convOf(m));
+  const cs = m.cs || '0';
+  const read = row && cs !== '0' && BigInt(cs) <= BigInt(row.peerReadSeq);
+  return el('span', { class: `tick${read ? ' read' : ''}`, title: read ? 'read' : 'sent', textContent: read ? '✓✓' : '✓' });
+}
+
+/** Own group message: "seen by" asks the server which members have read it (GroupReadersInput). */
+function seenBy(m) {
+  if (m.from !== state.session.user_id || m.type !== 'RECEIVER_TYPE_GROUP' || !m.cs || m.cs === '0' || m.ct === RECALLED) return '';
+  const readers = state.readers.get(m.id);
+  if (readers) {
+    const names = readers.filter((id) => id !== state.session.user_id).map(nameOf);
+    return el('span', { class: 'seen', textContent: names.length ? `read by ${names.join(', ')}` : 'read by nobody yet' });
+  }
+  return el('button', { type: 'button', class: 'seen-by', textContent: 'Seen by', title: 'who has read it', onclick: () => loadReaders(m).catch(report) });
+}
+
+async function loadReaders(m) {
+  const out = await state.client.groupReaders(m.to, m.cs);
+  await loadUsers(out.userIds);
+  state.readers.set(m.id, out.userIds);
+  renderMessages();
+}
+
+function canRecall(m) {
+  return m.from === state.session.user_id && m.id && m.cs && m.cs !== '0' && m.ct !== RECALLED && Date.now() - m.time < RECALL_WINDOW_MS;
+}
+
 function renderMessages() {
   const list = $('messages');
-  if (!state.current) { list.replaceChildren(); return; }
-  const msgs = state.messages.filter((m) => convOf(m) === state.current)
-    .sort((a, b) => sortKey(a) - sortKey(b));
+  if (!state.current) { list.replaceChildren(); renderTyping(); return; }
+  const msgs = messagesOf(state.current).sort(byTime);
   const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
   list.replaceChildren(...msgs.map((m) => el('li', {
-    class: `msg${m.from === state.session.user_id ? ' mine' : ''}${m.state ? ` ${m.state}` : ''}`,
-    dataset: { messageId: m.id || '', seq: m.seq || '' },
+    class: `msg${m.from === state.session.user_id ? ' mine' : ''}${m.state ? ` ${m.state}` : ''}${m.ct === RECALLED ? ' recalled' : ''}`,
+    dataset: { messageId: m.id || '', seq: m.seq || '', convSeq: m.cs || '' },
   },
   el('span', { class: 'who', textContent: nameOf(m.from) }),
   el('span', { class: 'text', textContent: m.text }),
-  el('time', { textContent: m.time ? new Date(m.time).toLocaleTimeString() : '…' }))));
+  el('span', { class: 'meta' },
+    canRecall(m) ? el('button', { type: 'button', class: 'recall', textContent: 'Recall', title: 'recall this message for everyone', onclick: () => recall(m).catch(report) }) : '',
+    el('time', { textContent: m.time ? new Date(m.time).toLocaleTimeString() : '…' }),
+    tick(m),
+    seenBy(m)))));
+  const earliest = msgs.find((m) => m.cs && m.cs !== '0');
+  $('load-earlier').hidden = state.earlier.get(state.current) === true || (earliest ? earliest.cs === '1' : !state.convs.has(state.current));
   if (atBottom) list.scrollTop = list.scrollHeight;
+  renderTyping();
+}
+
+function renderTyping() {
+  const t = state.current && typingNow(state.current);
+  const list = $('messages');
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+  $('typing').textContent = t ? `${nameOf(t.user)} is typing…` : '';
+  $('typing').hidden = !t;
+  if (atBottom) list.scrollTop = list.scrollHeight; // the line took room from the list: keep the newest in view
+}
+
+/** The open chat's mute / pin toggles. */
+function renderConvTools() {
+  const row = state.current && state.convs.get(state.current);
+  $('conv-tools').hidden = !row;
+  if (!row) return;
+  $('conv-mute').textContent = row.muted ? 'Unmute' : 'Mute';
+  $('conv-mute').setAttribute('aria-pressed', String(row.muted));
+  $('conv-pin').textContent = row.pinned ? 'Unpin' : 'Pin';
+  $('conv-pin').setAttribute('aria-pressed', String(row.pinned));
 }
 
 function openConversation(key) {
   state.current = key;
-  state.unread.delete(key);
   $('conv-title').textContent = convTitle(key);
   for (const c of $('composer').elements) c.disabled = false;
   renderSidebar();
   renderMessages();
   $('messages').scrollTop = $('messages').scrollHeight;
   $('composer').elements.text.focus();
+  // Nothing of this chat held here (a cleared cache, an old conversation): its latest page.
+  if (state.convs.has(key) && !messagesOf(key).some((m) => m.id)) loadEarlier(key).catch(report);
+  else checkLatest(key).catch((e) => { if (e.code !== 'CLOSED') report(e); });
+  markCurrentRead();
+}
+
+// ------------------------------------------------------------------------------------- conversations
+
+/** Applies a row from the server (a list page or a ConversationUpdate) unless it is older than ours. */
+function applyRow(row) {
+  const key = conversationKey(row.conversation);
+  const held = state.convs.get(key);
+  if (held && BigInt(held.version) > BigInt(row.version)) return;
+  // A ReadReceipt may have arrived before the row that carries it.
+  if (held && BigInt(held.peerReadSeq) > BigInt(row.peerReadSeq)) row = { ...row, peerReadSeq: held.peerReadSeq };
+  state.convs.set(key, row);
+  if (BigInt(row.version) > BigInt(state.listVersion)) state.listVersion = row.version;
+  // A recall or delete-for-me while this device was away: the row's copy of its last message says so.
+  if (row.lastMessage && applyServerCopy(row.lastMessage)) saveInbox();
+}
+
+let listSyncing = false;
+let listAgain = false;
+/** List sync: the rows changed since the version the page holds (all of them the first time). */
+function syncList() {
+  if (listSyncing) { listAgain = true; return; }
+  const client = state.client;
+  if (!client) return;
+  listSyncing = true;
+  listAgain = false;
+  const afterSync = state.afterSync;
+  state.afterSync = false;
+  (async () => {
+    const names = [];
+    for (let page = await client.conversationList({ changedAfter: state.listVersion, limit: 500 }); ;) {
+      for (const row of page.conversations) {
+        applyRow(row);
+        // Changed while away: a message held here may have been recalled or deleted meanwhile.
+        if (afterSync) state.stale.add(conversationKey(row.conversation));
+        if (row.conversation.type === 'RECEIVER_TYPE_USER') names.push(row.conversation.id);
+        if (row.lastMessage) names.push(row.lastMessage.senderUserId);
+      }
+      if (!page.hasMore) break;
+      page = await client.conversationList({ changedAfter: state.listVersion, after: page.conversations.at(-1), limit: 500 });
+    }
+    await loadUsers(names);
+  })().catch((e) => { if (e.code !== 'CLOSED') { report(e); } if (afterSync) state.afterSync = true; }).finally(() => {
+    listSyncing = false;
+    if (listAgain) syncList();
+    renderSidebar();
+    renderMessages();
+    markCurrentRead();
+    // The open chat has nothing held here (a cleared cache, an old conversation): its latest page.
+    const key = state.current;
+    if (key && state.convs.has(key) && !messagesOf(key).some((m) => m.id)) loadEarlier(key).catch(report);
+    else if (key) checkLatest(key).catch((e) => { if (e.code !== 'CLOSED') report(e); });
+  });
+}
+
+/** Applies the server's copy of a held message: its conv_seq, and whether it is a tombstone now. */
+function applyServerCopy(m) {
+  const held = state.byKey.get(m.messageId);
+  if (!held) return false;
+  let changed = false;
+  if (!held.cs || held.cs === '0') { held.cs = m.convSeq; changed = true; }
+  if ((m.contentType === RECALLED || m.contentType === DELETED) && held.ct !== m.contentType) {
+    Object.assign(held, { ct: m.contentType, text: textOf(m.contentType) });
+    changed = true;
+  }
+  return changed;
+}
+
+/**
+ * Checks the held messages of a chat against its latest history page, when the chat changed while this
+ * device was away (a recall or a delete-for-me that no live notice told it: the inbox copy is a tombstone
+ * now, but sync does not hand a seq over twice), or when own messages lack their conv_seq (a send's ACK
+ * has none, and the sending device gets no copy of its own message; recall, ticks and "seen by" need it),
+ * asked once per message.
+ */
+async function checkLatest(key) {
+  const missing = messagesOf(key).filter((m) => m.id && (!m.cs || m.cs === '0') && !m.csAsked);
+  const row = state.convs.get(key);
+  if (!row || !state.client || (!missing.length && !state.stale.has(key))) return;
+  for (const m of missing) m.csAsked = true;
+  state.stale.delete(key);
+  const page = await state.client.history(row.conversation, { limit: 50 });
+  if (page.messages.map(applyServerCopy).some(Boolean)) {
+    saveInbox();
+    if (state.current === key) renderMessages();
+  }
+}
+
+/** The open chat is read up to its last message (the server clears the badge on the user's other devices). */
+function markCurrentRead() {
+  const key = state.current;
+  const row = key && state.convs.get(key);
+  if (!row || !state.client || BigInt(row.readSeq) >= BigInt(row.lastSeq) || row.marking === row.lastSeq) return;
+  row.marking = row.lastSeq;
+  state.client.markRead(row.conversation, row.lastSeq)
+    .then((u) => { applyRow(u.conversation); renderSidebar(); })
+    .catch((e) => { row.marking = null; if (e.code !== 'CLOSED') report(e); });
+}
+
+/** A row changed on another device of this user (read, mute/pin, delete-for-me), or our own answer. */
+function conversationUpdated(u) {
+  applyRow(u.conversation);
+  if (u.deletedConvSeq && u.deletedConvSeq !== '0') {
+    const key = conversationKey(u.conversation.conversation);
+    for (const m of state.messages) if (convOf(m) === key && m.cs === u.deletedConvSeq) Object.assign(m, { ct: DELETED, text: textOf(DELETED) });
+    saveInbox();
+  }
+  renderSidebar();
+  renderMessages();
+}
+
+function readReceipt(r) {
+  const key = conversationKey(r.conversation);
+  const row = state.convs.get(key);
+  // In a group, the author of the message read up to is told: own messages up to it were read by r.userId.
+  if (r.conversation.type === 'RECEIVER_TYPE_GROUP') {
+    for (const m of state.messages) {
+      const readers = state.readers.get(m.id);
+      if (readers && convOf(m) === key && m.cs && BigInt(m.cs) <= BigInt(r.readSeq) && !readers.includes(r.userId)) readers.push(r.userId);
+    }
+    loadUsers([r.userId]).then(renderMessages).catch(() => {});
+  }
+  if (row && r.conversation.type === 'RECEIVER_TYPE_USER' && BigInt(r.readSeq) > BigInt(row.peerReadSeq)) row.peerReadSeq = r.readSeq;
+  if (!row) syncList();
+  renderMessages();
+}
+
+function recalled(r) {
+  const key = conversationKey(r.conversation);
+  for (const m of state.messages) {
+    if (m.id === r.messageId || (convOf(m) === key && m.cs === r.convSeq)) Object.assign(m, { ct: RECALLED, text: textOf(RECALLED) });
+  }
+  saveInbox();
+  syncList(); // the rows' previews and versions moved
+  renderMessages();
+}
+
+async function recall(m) {
+  await state.client.recall(m.type === 'RECEIVER_TYPE_GROUP' ? { group: m.to } : { user: convOf(m).slice(5) }, m.cs);
+}
+
+function typingReceived(t) {
+  const key = conversationKey(t.conversation);
+  state.typing.set(key, { user: t.userId, until: Date.now() + TYPING_SHOW_MS });
+  renderConversations();
+  renderTyping();
+  setTimeout(() => { if (!typingNow(key)) { state.typing.delete(key); renderConversations(); renderTyping(); } }, TYPING_SHOW_MS + 50);
+}
+
+// A message from that user in that chat ends their "typing…".
+function typingDone(messages) {
+  let changed = false;
+  for (const m of messages) {
+    const t = state.typing.get(convOf(m));
+    if (t && t.user === m.from) { state.typing.delete(convOf(m)); changed = true; }
+  }
+  if (changed) { renderConversations(); renderTyping(); }
+}
+
+let lastTypingSent = 0;
+function userTyping() {
+  const key = state.current;
+  if (!key || !state.client || !state.convs.has(key) || Date.now() - lastTypingSent < TYPING_SEND_MS) return;
+  lastTypingSent = Date.now();
+  state.client.typing(state.convs.get(key).conversation);
+}
+
+/** "Load earlier": the page of the conversation's history before the earliest message shown. */
+const loadingEarlier = new Set();
+async function loadEarlier(key) {
+  const row = state.convs.get(key);
+  if (!row || loadingEarlier.has(key)) return;
+  loadingEarlier.add(key);
+  try {
+    await loadEarlierPage(key, row);
+  } finally {
+    loadingEarlier.delete(key);
+  }
+}
+
+async function loadEarlierPage(key, row) {
+  const held = messagesOf(key).filter((m) => m.cs && m.cs !== '0');
+  const before = held.length ? held.reduce((min, m) => (BigInt(m.cs) < BigInt(min) ? m.cs : min), held[0].cs) : '0';
+  const page = await state.client.history(row.conversation, { before, limit: HISTORY_PAGE });
+  if (!page.hasMore) state.earlier.set(key, true);
+  const list = $('messages');
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  const updated = page.messages.map(applyServerCopy).some(Boolean);
+  const fresh = page.messages.map(fromSdk).filter(addMessage);
+  if (updated && !fresh.length) renderMessages();
+  await loadUsers(fresh.map((m) => m.from));
+  saveInbox();
+  if (state.current !== key) return;
+  renderMessages();
+  list.scrollTop = list.scrollHeight - fromBottom; // keep the view where it was
 }
 
 /**
@@ -301,6 +632,7 @@ async function send(key, body) {
     addMessage({ ...m, id: ack.messageId, seq: ack.seq, time: Number(ack.serverTimeMs) });
     state.acks.set(m.cmid, ack);
     saveInbox();
+    syncList(); // the row's last message (and this message's conv_seq: see checkLatest)
   } catch (e) {
     m.state = 'failed';
     if (e.code !== 'CLOSED') report(e);
@@ -412,8 +744,12 @@ async function connectClient() {
   }, globalThis.WebSocket);
   state.client = client;
   window.zhibo.client = client;
-  client.on('message', receivedFromSdk);
-  client.on('synced', () => setStatus('synced'));
+  client.on('message', (m) => { typingDone([fromSdk(m)]); receivedFromSdk(m); });
+  client.on('synced', () => { setStatus('synced'); state.afterSync = true; syncList(); });
+  client.on('conversationUpdate', conversationUpdated);
+  client.on('readReceipt', readReceipt);
+  client.on('recalled', recalled);
+  client.on('typing', typingReceived);
   client.on('state', (st) => {
     if (st.state === 'connecting') setStatus('connecting');
     else if (st.state === 'connected') setStatus('online');
@@ -434,7 +770,8 @@ async function connectClient() {
     toast(`signed out by the server: ${k.reason} ${k.text}`);
     if (k.reason === 'KICK_REASON_SIGNED_OUT' && client === state.client) forgetSession();
   });
-  client.on('serverError', (e) => toast(`${e.code}: ${e.message}`));
+  // A refused typing notice (rate) is not worth a toast.
+  client.on('serverError', (e) => { console.warn(`zhibo: server error ${e.code}: ${e.message}`); if (e.code !== 'ERROR_CODE_RATE_LIMITED') toast(`${e.code}: ${e.message}`); });
   for (let delay = 500; client === state.client; delay = Math.min(delay * 2, 15000)) {
     try {
       await client.start();
@@ -487,6 +824,13 @@ function forgetSession() {
   leaveRoom();
   clearInterval(state.refreshTimer);
   state.session = null;
+  state.current = null;
+  state.convs.clear();
+  state.listVersion = '0';
+  state.earlier.clear();
+  state.typing.clear();
+  state.readers.clear();
+  state.stale.clear();
   localStorage.removeItem('zhibo.session');
   showAuth();
 }
@@ -568,8 +912,19 @@ function wireForms() {
     const text = input.value.trim();
     if (!text || !state.current) return;
     input.value = '';
+    lastTypingSent = 0; // the message ends "typing…" at the peer: the next keystroke says it again
     send(state.current, text).catch(report);
   });
+  $('composer').elements.text.addEventListener('input', (ev) => { if (ev.target.value.trim()) userTyping(); });
+  $('load-earlier').addEventListener('click', () => { if (state.current) loadEarlier(state.current).catch(report); });
+  const settings = (change) => {
+    const row = state.current && state.convs.get(state.current);
+    if (!row) return;
+    state.client.conversationSettings(row.conversation, { muted: row.muted, pinned: row.pinned, ...change(row) })
+      .then((u) => conversationUpdated(u)).catch(report);
+  };
+  $('conv-mute').addEventListener('click', () => settings((row) => ({ muted: !row.muted })));
+  $('conv-pin').addEventListener('click', () => settings((row) => ({ pinned: !row.pinned })));
   $('room-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
     joinRoom(String(ev.target.elements.room_id.value)).catch(report);

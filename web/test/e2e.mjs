@@ -99,6 +99,10 @@ function sameList(got, want, what) {
   if (JSON.stringify(got) !== JSON.stringify(want)) throw new Error(`${what}: ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
 }
 const peer = (page, name) => page.locator('.peers li', { hasText: name });
+/** A row of the chat list (`user:<id>` or `group:<id>`). */
+const convRow = (page, key) => page.locator(`#conversations li[data-conv="${key}"]`);
+const userIdOf = (page) => page.locator('#me').getAttribute('data-user-id');
+const msgCount = (page) => page.locator('#messages .msg').count();
 const message = (page, text) => page.locator('#messages .msg .text', { hasText: text });
 
 async function say(page, text) {
@@ -106,6 +110,14 @@ async function say(page, text) {
   await page.locator('#composer button').click();
   // Acknowledged by the server: it has a message id (pending sends have none).
   await page.locator('#messages .msg:not(.pending)', { hasText: text }).waitFor();
+}
+
+async function signIn(page, user) {
+  await page.locator('#auth-form [name=username]').fill(user.username);
+  await page.locator('#auth-form [name=password]').fill(user.password);
+  await page.locator('#sign-in').click();
+  await page.locator('#me').getByText(user.username).waitFor();
+  await synced(page);
 }
 
 async function sideBySide(browser, a, b, path) {
@@ -297,8 +309,157 @@ async function main() {
       await b2.locator('#stage .danmaku', { hasText: '再来一波 666' }).waitFor();
     });
 
+    // ---- conversations (issue #13): list, unread across devices, read ticks, recall, typing, history
+    const b2 = pages.bob;
+    const aliceId = await userIdOf(a);
+    const bobId = await userIdOf(b2);
+    const withAlice = `user:${aliceId}`;
+    const withBob = `user:${bobId}`;
+
+    await step('the chat list shows both chats with the last message; "load earlier" pages a chat back from the server with no gap or repeat', async () => {
+      await convRow(a, withBob).locator('.preview', { hasText: 'You: sent while you were away' }).waitFor();
+      await convRow(b2, withAlice).locator('.preview', { hasText: `${alice.username}: sent while you were away` }).waitFor();
+      for (const p of [a, b2]) await p.locator('#conversations li', { hasText: '# weekend' }).locator('.preview', { hasText: 'in flight across a reconnect' }).waitFor();
+      const pageTexts = Array.from({ length: 25 }, (_, i) => `page ${String(i + 1).padStart(2, '0')}`);
+      for (const t of pageTexts) await say(a, t);
+      await message(b2, 'page 25').waitFor();
+      // Bob's page forgets what it held (its cache is gone; the SDK's seq store stays): after the reload
+      // nothing is synced again, and the chat's history comes from the server, a page at a time.
+      await b2.evaluate(() => { for (const k of Object.keys(localStorage)) if (k.startsWith('zhibo.inbox.')) localStorage.removeItem(k); });
+      await b2.reload();
+      await synced(b2);
+      await convRow(b2, withAlice).click();
+      await b2.locator('#messages .msg').nth(19).waitFor();
+      if (await msgCount(b2) !== 20) throw new Error(`the latest page: ${await msgCount(b2)} messages, expected 20`);
+      sameList((await texts(b2)).slice(-2), ['page 24', 'page 25'], 'the latest page ends with the newest message');
+      for (let pages = 0; await b2.locator('#load-earlier').isVisible(); pages++) {
+        if (pages > 5) throw new Error('"load earlier" never ends');
+        const n = await msgCount(b2);
+        await b2.locator('#load-earlier').click();
+        await b2.waitForFunction((n) => document.querySelectorAll('#messages .msg').length > n
+          || document.getElementById('load-earlier').hidden, n);
+      }
+      const want = ['hello bob, this is alice', 'hi alice! 你好', 'sent while you were away', ...pageTexts];
+      sameList(await texts(b2), want, "bob's history paged back");
+      const ids = await b2.locator('#messages .msg').evaluateAll((els) => els.map((e) => e.dataset.messageId));
+      if (new Set(ids).size !== ids.length) throw new Error(`a message twice: ${ids}`);
+    });
+
+    let a2;
+    await step('an unread badge appears on both of alice\'s devices and clears on one when she reads on the other', async () => {
+      a2 = await openPage(browser, 'alice2');
+      await signIn(a2, alice);
+      await convRow(a2, withBob).waitFor();
+      await convRow(a, (await a.locator('#conversations li', { hasText: '# weekend' }).getAttribute('data-conv'))).click();
+      await say(b2, 'are you there, alice?');
+      for (const p of [a, a2]) await convRow(p, withBob).locator('.badge', { hasText: /^1$/ }).waitFor();
+      await peer(a, bob.username).locator('.badge', { hasText: /^1$/ }).waitFor();
+      await convRow(a2, withBob).click();
+      await message(a2, 'are you there, alice?').waitFor();
+      // Read on the second device: the server pushes the row to the first, whose badge goes.
+      await convRow(a, withBob).locator('.badge').waitFor({ state: 'detached' });
+      await peer(a, bob.username).locator('.badge').waitFor({ state: 'detached' });
+      if (await convRow(a, withBob).getAttribute('data-unread') !== '0') throw new Error('alice\'s first device still counts it unread');
+    });
+
+    await step('a read tick appears on alice\'s message when bob opens the chat', async () => {
+      const weekend = await b2.locator('#conversations li', { hasText: '# weekend' }).getAttribute('data-conv');
+      await convRow(b2, weekend).click();
+      await peer(a, bob.username).click();
+      await say(a, 'did you read this?');
+      const mine = a.locator('#messages .msg.mine', { hasText: 'did you read this?' });
+      await mine.locator('.tick:not(.read)').waitFor();
+      await convRow(b2, withAlice).locator('.badge', { hasText: /^1$/ }).waitFor();
+      await convRow(b2, withAlice).click();
+      await mine.locator('.tick.read').waitFor();
+      // And on her other device, from the receipt too.
+      await a2.locator('#messages .msg.mine', { hasText: 'did you read this?' }).locator('.tick.read').waitFor();
+    });
+
+    await step('alice recalls a message: "message recalled" on both sides (and her other device), the text gone', async () => {
+      await say(a, 'oops, wrong chat');
+      await message(b2, 'oops, wrong chat').waitFor();
+      await message(a2, 'oops, wrong chat').waitFor();
+      await a.locator('#messages .msg.mine', { hasText: 'oops, wrong chat' }).locator('.recall').click();
+      for (const p of [a, b2, a2]) {
+        await p.locator('#messages .msg.recalled', { hasText: 'message recalled' }).waitFor();
+        await message(p, 'oops, wrong chat').waitFor({ state: 'detached' });
+      }
+      await convRow(b2, withAlice).locator('.preview', { hasText: 'message recalled' }).waitFor();
+      // Bob cannot recall alice's messages: his own only.
+      const foreign = await b2.locator('#messages .msg:not(.mine) .recall').count();
+      if (foreign !== 0) throw new Error(`recall offered on ${foreign} messages of alice`);
+    });
+
+    await step('alice\'s other device, offline during a recall of an earlier message, shows the tombstone when back', async () => {
+      await say(a, 'recall me while you are away');
+      await say(a, 'and this one stays');
+      await message(a2, 'and this one stays').waitFor();
+      const before = await socketCount(a2);
+      await a2.evaluate(() => { window.__ws.refuse = true; window.__ws.sockets.at(-1).close(); });
+      await status(a2, 'offline');
+      await a.locator('#messages .msg.mine', { hasText: 'recall me while you are away' }).locator('.recall').click();
+      await message(b2, 'recall me while you are away').waitFor({ state: 'detached' });
+      await a2.evaluate(() => { window.__ws.refuse = false; });
+      await resynced(a2, before);
+      await message(a2, 'recall me while you are away').waitFor({ state: 'detached' });
+      sameList((await texts(a2)).slice(-2), ['message recalled', 'and this one stays'], "alice's other device");
+    });
+
+    await step('bob types: "typing…" shows on alice\'s devices (chat and list), not on his own, and goes away', async () => {
+      await b2.locator('#composer [name=text]').fill('typing a reply');
+      await a.locator('#typing', { hasText: `${bob.username} is typing…` }).waitFor();
+      await convRow(a2, withBob).locator('.preview.typing', { hasText: 'typing…' }).waitFor();
+      if (await b2.locator('#typing').isVisible()) throw new Error('bob sees himself typing');
+      await a.locator('#typing').waitFor({ state: 'hidden' });
+      await b2.locator('#composer [name=text]').fill('');
+    });
+
+    await step('in the group, alice asks who has read her message: nobody, then bob once he opened the group', async () => {
+      const weekend = await a.locator('#conversations li', { hasText: '# weekend' }).getAttribute('data-conv');
+      await convRow(a, weekend).click();
+      await say(a, 'who read this?');
+      const mine = a.locator('#messages .msg.mine', { hasText: 'who read this?' });
+      await mine.locator('.seen-by').click();
+      await mine.locator('.seen', { hasText: 'read by nobody yet' }).waitFor();
+      await convRow(b2, weekend).click();
+      await message(b2, 'who read this?').waitFor();
+      await convRow(b2, weekend).locator('.badge').waitFor({ state: 'detached' });
+      // The author of the message bob read up to gets his ReadReceipt: the list grows live.
+      await mine.locator('.seen', { hasText: `read by ${bob.username}` }).waitFor();
+      await convRow(b2, withAlice).click();
+      await convRow(a, withBob).click();
+    });
+
+    await step('mute and pin: set on one device, shown on the other', async () => {
+      await a.locator('#conv-pin').click();
+      await a.locator('#conv-pin[aria-pressed=true]').waitFor();
+      await convRow(a2, withBob).and(a2.locator('li.pinned')).waitFor();
+      await a2.locator('#conv-mute').click();
+      await convRow(a, withBob).and(a.locator('li.muted')).waitFor();
+      await a.locator('#conv-mute[aria-pressed=true]').waitFor();
+      await a.locator('#conv-mute').click();
+      await convRow(a2, withBob).and(a2.locator('li:not(.muted)')).waitFor();
+      if (await a.locator('#conversations li').first().getAttribute('data-conv') !== withBob) throw new Error('the pinned chat is not first');
+    });
+
     if (SCREENSHOT) {
+      // For the picture: an unread group message on alice's list, bob typing in her open chat.
+      const weekend = await b2.locator('#conversations li', { hasText: '# weekend' }).getAttribute('data-conv');
+      await convRow(b2, weekend).click();
+      await say(b2, 'see you on saturday');
+      await convRow(a, weekend).locator('.badge', { hasText: /^1$/ }).waitFor();
+      await convRow(b2, withAlice).click();
+      // Bob's reload left the room: join it again for the picture's danmaku.
+      await b2.locator('#room-form [name=room_id]').fill('7');
+      await b2.locator('#room-form button').click();
+      await b2.locator('#room-id', { hasText: '7' }).waitFor();
+      await a.locator('#room-composer [name=text]').fill('前方高能 666');
+      await a.locator('#room-composer button').click();
+      await b2.locator('#stage .danmaku', { hasText: '前方高能 666' }).waitFor();
       await a.waitForTimeout(2500); // let the danmaku fly into the middle of the stage
+      await b2.locator('#composer [name=text]').fill('sounds good');
+      await a.locator('#typing', { hasText: 'is typing' }).waitFor();
       await sideBySide(browser, a, pages.bob, SCREENSHOT);
       console.log(`# wrote ${SCREENSHOT}`);
     }

@@ -49,6 +49,100 @@ export interface Message {
   serverTimeMs: string;
   contentType: number;
   content: Uint8Array;
+  /** The message's number in its conversation (1:1 pair or group); '0' for room messages. */
+  convSeq: string;
+}
+
+/** content_type of a recalled message's tombstone (no content). */
+export const RECALLED = -10;
+/** content_type of a message the user deleted for themselves (no content). */
+export const DELETED = -11;
+
+/** A conversation as the user sees it: a peer (`RECEIVER_TYPE_USER`, id = the peer) or a group. */
+export interface ConversationRef {
+  type: string;
+  id: string;
+}
+
+/** How methods name a conversation: `{user}`, `{group}`, or a ConversationRef from the server. */
+export type ConversationTarget = { user: string | number } | { group: string | number } | ConversationRef;
+
+/** One row of the user's conversation list (seqs are conversation seqs, except `version`). */
+export interface Conversation {
+  conversation: ConversationRef;
+  lastSeq: string;
+  lastMessage: Message | null;
+  readSeq: string;
+  /** 1:1: how far the peer has read ("read" ticks). */
+  peerReadSeq: string;
+  unread: string;
+  muted: boolean;
+  pinned: boolean;
+  /** The user's inbox seq of this row's latest change (list sync: `changedAfter`). */
+  version: string;
+}
+
+export interface ConversationList {
+  conversations: Conversation[];
+  hasMore: boolean;
+  /** The next `changedAfter`. */
+  version: string;
+}
+
+export interface ConversationListOptions {
+  /** List sync: only rows changed after this version. */
+  changedAfter?: string | number;
+  /** Paging: the last row of the previous page. */
+  after?: Conversation;
+  /** 0 = 100, at most 500. */
+  limit?: number;
+}
+
+export interface HistoryOptions {
+  /** Messages with conv_seq < before, newest first (default: the latest page). */
+  before?: string | number;
+  /** Messages with conv_seq > after, oldest first. */
+  after?: string | number;
+  /** 0 = 50, at most 200. */
+  limit?: number;
+}
+
+export interface History {
+  messages: Message[];
+  hasMore: boolean;
+}
+
+/** A row changed (read, settings, delete-for-me) on this or another device of the user. */
+export interface ConversationUpdate {
+  conversation: Conversation;
+  /** With delete-for-me: the conv_seq of the message deleted ('0' otherwise). */
+  deletedConvSeq: string;
+}
+
+export interface ReadReceipt {
+  conversation: ConversationRef;
+  userId: string;
+  readSeq: string;
+}
+
+export interface Recalled {
+  conversation: ConversationRef;
+  convSeq: string;
+  messageId: string;
+  recalledBy: string;
+  /** The receiver's inbox seq of its copy (now a tombstone). */
+  seq: string;
+}
+
+export interface Typing {
+  conversation: ConversationRef;
+  userId: string;
+}
+
+export interface GroupReaders {
+  groupId: string;
+  convSeq: string;
+  userIds: string[];
 }
 
 /** The server's answer to a send. */
@@ -87,7 +181,15 @@ export interface Events {
   goAway: { reason: string; reconnectHint: string; reconnectAfterMs: number };
   /** Kicked: the client stops and does not reconnect. */
   kicked: { reason: string; text: string };
-  /** An error the server pushed outside any request. */
+  /** A conversation row of this user changed (another device read it, muted/pinned it, deleted a message). */
+  conversationUpdate: ConversationUpdate;
+  /** Someone read a conversation up to a message (1:1 peer; in groups, the author of that message). */
+  readReceipt: ReadReceipt;
+  /** A message was recalled: its copies are tombstones now. */
+  recalled: Recalled;
+  /** Someone is typing (ephemeral; show it for a few seconds). */
+  typing: Typing;
+  /** An error the server pushed outside any request (also a refused `typing`). */
   serverError: { code: string; message: string };
 }
 
@@ -279,6 +381,81 @@ export class Client {
     return new Promise((resolve, reject) => {
       this.#write(this.#request({ kind: 'request', resolve, reject }), body);
     });
+  }
+
+  // --- conversations -------------------------------------------------------------------------------
+
+  /** The user's conversations, newest activity first (`changedAfter`: list sync). */
+  async conversationList(options: ConversationListOptions = {}): Promise<ConversationList> {
+    const after = options.after;
+    const p = await this.request({
+      conversationList: {
+        changedAfter: String(options.changedAfter ?? 0),
+        after: after ? after.conversation : undefined,
+        afterActivityMs: after ? (after.lastMessage?.serverTimeMs ?? '0') : '0',
+        limit: options.limit ?? 0,
+      },
+    });
+    const out = p.conversationListOutput as ConversationList;
+    return { ...out, conversations: out.conversations.map(conversation) };
+  }
+
+  /** A page of one conversation's history (default: the latest page, newest first). */
+  async history(target: ConversationTarget, options: HistoryOptions = {}): Promise<History> {
+    const p = await this.request({
+      history: {
+        conversation: conversationRef(target),
+        before: String(options.before ?? 0),
+        after: String(options.after ?? 0),
+        limit: options.limit ?? 0,
+      },
+    });
+    return p.historyOutput as History;
+  }
+
+  /** Marks the conversation read up to `readSeq` (a conv_seq); resolves with the updated row. */
+  async markRead(target: ConversationTarget, readSeq: string | number): Promise<ConversationUpdate> {
+    const p = await this.request({ markRead: { conversation: conversationRef(target), readSeq: String(readSeq) } });
+    return update(p.conversationUpdate as ConversationUpdate);
+  }
+
+  /** Recalls message `convSeq`; resolves with the recall notice (also emitted as 'recalled'). */
+  async recall(target: ConversationTarget, convSeq: string | number): Promise<Recalled> {
+    const p = await this.request({ recall: { conversation: conversationRef(target), convSeq: String(convSeq) } });
+    const r = p.recalled as Recalled;
+    this.#emit('recalled', r);
+    return r;
+  }
+
+  /** Hides message `convSeq` on all of the user's devices; resolves with the updated row. */
+  async deleteForMe(target: ConversationTarget, convSeq: string | number): Promise<ConversationUpdate> {
+    const p = await this.request({ deleteForMe: { conversation: conversationRef(target), convSeq: String(convSeq) } });
+    return update(p.conversationUpdate as ConversationUpdate);
+  }
+
+  /** Mutes / pins the conversation (both values are set); resolves with the updated row. */
+  async conversationSettings(target: ConversationTarget, settings: { muted: boolean; pinned: boolean }): Promise<ConversationUpdate> {
+    const p = await this.request({
+      conversationSettings: { conversation: conversationRef(target), muted: settings.muted, pinned: settings.pinned },
+    });
+    return update(p.conversationUpdate as ConversationUpdate);
+  }
+
+  /** The current members of a group who have read its message `convSeq`. */
+  async groupReaders(groupId: string | number, convSeq: string | number): Promise<GroupReaders> {
+    const p = await this.request({ groupReaders: { groupId: String(groupId), convSeq: String(convSeq) } });
+    return p.groupReadersOutput as GroupReaders;
+  }
+
+  /**
+   * "Typing" in a conversation, relayed to the peer's / members' devices online now. Fire and forget:
+   * the server answers only a refusal (RATE_LIMITED past 1/s with a burst of 3, NOT_IN_CONVERSATION),
+   * emitted as 'serverError'. Returns false when not connected (nothing sent).
+   */
+  typing(target: ConversationTarget): boolean {
+    if (!this.#isOpen()) return false;
+    this.#write('0', { typingInput: { conversation: conversationRef(target) } });
+    return true;
   }
 
   /** Drops the connection as a network failure would; the client reconnects at once. */
@@ -546,6 +723,18 @@ export class Client {
         }, Number(g.reconnectAfterMs));
         break;
       }
+      case 'conversationUpdate':
+        this.#emit('conversationUpdate', update(p.conversationUpdate as ConversationUpdate));
+        break;
+      case 'readReceipt':
+        this.#emit('readReceipt', p.readReceipt as ReadReceipt);
+        break;
+      case 'recalled':
+        this.#emit('recalled', p.recalled as Recalled);
+        break;
+      case 'typing':
+        this.#emit('typing', p.typing as Typing);
+        break;
       case 'error':
         this.#emit('serverError', p.error as { code: string; message: string });
         break;
@@ -630,6 +819,28 @@ export class Client {
         return;
     }
   }
+}
+
+/** The wire form of a conversation named by `{user}`, `{group}` or a ConversationRef. */
+export function conversationRef(target: ConversationTarget): ConversationRef {
+  if ('user' in target) return { type: 'RECEIVER_TYPE_USER', id: String(target.user) };
+  if ('group' in target) return { type: 'RECEIVER_TYPE_GROUP', id: String(target.group) };
+  return { type: target.type, id: String(target.id) };
+}
+
+/** A stable key for a conversation: `user:<id>` or `group:<id>`. */
+export function conversationKey(target: ConversationTarget): string {
+  const r = conversationRef(target);
+  return `${r.type === 'RECEIVER_TYPE_GROUP' ? 'group' : 'user'}:${r.id}`;
+}
+
+/** protobuf.js gives an unset message field as null: keep that, and default the rest. */
+function conversation(c: Conversation): Conversation {
+  return { ...c, lastMessage: c.lastMessage ?? null };
+}
+
+function update(u: ConversationUpdate): ConversationUpdate {
+  return { ...u, conversation: conversation(u.conversation) };
 }
 
 /** The text of a message whose content is UTF-8. */

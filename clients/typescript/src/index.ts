@@ -1,8 +1,20 @@
-export { connect, Client, ZhiboError, text } from './client.js';
+export { connect, Client, ZhiboError, text, conversationRef, conversationKey, RECALLED, DELETED } from './client.js';
 export type {
   Ack,
   ConnectOptions,
   ConnectionState,
+  Conversation,
+  ConversationList,
+  ConversationListOptions,
+  ConversationRef,
+  ConversationTarget,
+  ConversationUpdate,
+  GroupReaders,
+  History,
+  HistoryOptions,
+  ReadReceipt,
+  Recalled,
+  Typing,
   Events,
   Message,
   RoomJoined,

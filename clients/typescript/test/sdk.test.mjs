@@ -2,7 +2,7 @@
 // ACKs, server restarts, GoAway and Kick.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { connect, LocalStorageSeqStore, MemorySeqStore, SeqTracker } from '../dist/index.js';
+import { connect, conversationKey, LocalStorageSeqStore, MemorySeqStore, RECALLED, SeqTracker, text } from '../dist/index.js';
 import { App, Server, waitFor } from './server.mjs';
 import { startProxy } from './proxy.mjs';
 
@@ -243,6 +243,142 @@ test('the last contiguous seq persists: a new client resumes from the store (loc
   assertExactly(b2, ['new']);
   a.client.close();
   b2.client.close();
+});
+
+/** Records the conversation events of a client. */
+function conversationEvents(client) {
+  const ev = { updates: [], receipts: [], recalled: [], typing: [], errors: [] };
+  client.on('conversationUpdate', (u) => ev.updates.push(u));
+  client.on('readReceipt', (r) => ev.receipts.push(r));
+  client.on('recalled', (r) => ev.recalled.push(r));
+  client.on('typing', (t) => ev.typing.push(t));
+  client.on('serverError', (e) => ev.errors.push(e));
+  return ev;
+}
+
+test('conversations: list with unread, mark read clears it on the other device, the peer gets the receipt', async () => {
+  const { alice, bob } = await pair();
+  const bobTab2 = await server.secondDevice(bob);
+  const a = await app(alice);
+  const b = await app(bob);
+  const b2 = await app(bobTab2);
+  const aEv = conversationEvents(a.client);
+  const b2Ev = conversationEvents(b2.client);
+  for (const t of ['one', 'two', 'three']) await a.client.send({ user: bob.userId }, t);
+  await waitFor(() => b.messages.length === 3 && b2.messages.length === 3, 'three messages on both of bob\'s devices');
+  assert.deepEqual(b.messages.map((m) => m.convSeq), ['1', '2', '3'], 'conv_seq numbers the pair\'s messages');
+
+  const list = await b.client.conversationList();
+  assert.equal(list.conversations.length, 1);
+  const row = list.conversations[0];
+  assert.equal(conversationKey(row.conversation), `user:${alice.userId}`);
+  assert.equal(row.unread, '3');
+  assert.equal(row.lastSeq, '3');
+  assert.equal(text(row.lastMessage), 'three');
+  assert.ok(BigInt(list.version) > 0n);
+
+  const answer = await b.client.markRead({ user: alice.userId }, 3);
+  assert.equal(answer.conversation.unread, '0');
+  await waitFor(() => b2Ev.updates.some((u) => u.conversation.unread === '0'), 'the other device\'s badge cleared live');
+  await waitFor(() => aEv.receipts.some((r) => r.readSeq === '3' && r.userId === bob.userId), 'alice sees "read" live');
+  assert.equal(conversationKey(aEv.receipts[0].conversation), `user:${bob.userId}`, 'as alice sees the conversation');
+  const aliceRow = (await a.client.conversationList()).conversations[0];
+  assert.equal(aliceRow.peerReadSeq, '3', 'and after the fact in her list');
+  // List sync: nothing changed since the version bob holds... until alice writes again.
+  const synced = (await b2.client.conversationList({ changedAfter: answer.conversation.version })).conversations;
+  assert.equal(synced.length, 0, 'no change after the last version');
+  await a.client.send({ user: bob.userId }, 'four');
+  const changed = await b2.client.conversationList({ changedAfter: answer.conversation.version });
+  assert.equal(changed.conversations.length, 1);
+  assert.equal(changed.conversations[0].unread, '1');
+  // Beyond the last message: refused with its code, nothing changed.
+  await assert.rejects(b.client.markRead({ user: alice.userId }, 99), (e) => e.code === 'ERROR_CODE_OUT_OF_RANGE');
+  for (const c of [a, b, b2]) c.client.close();
+});
+
+test('conversations: history pages back with no gap or repeat; mute, pin and delete-for-me', async () => {
+  const { alice, bob } = await pair();
+  const a = await app(alice);
+  for (let i = 1; i <= 25; i++) await a.client.send({ user: bob.userId }, `h${i}`);
+  const seen = [];
+  let before = 0;
+  for (;;) {
+    const page = await a.client.history({ user: bob.userId }, { before, limit: 10 });
+    seen.push(...page.messages.map((m) => text(m)));
+    if (!page.hasMore) break;
+    before = page.messages[page.messages.length - 1].convSeq;
+  }
+  assert.deepEqual(seen, Array.from({ length: 25 }, (_, i) => `h${25 - i}`));
+  const forward = await a.client.history({ user: bob.userId }, { after: 20 });
+  assert.deepEqual(forward.messages.map((m) => text(m)), ['h21', 'h22', 'h23', 'h24', 'h25']);
+
+  const set = await a.client.conversationSettings({ user: bob.userId }, { muted: true, pinned: true });
+  assert.equal(set.conversation.muted, true);
+  assert.equal(set.conversation.pinned, true);
+  const del = await a.client.deleteForMe({ user: bob.userId }, 25);
+  assert.equal(del.deletedConvSeq, '25');
+  const latest = await a.client.history({ user: bob.userId }, { limit: 1 });
+  assert.equal(text(latest.messages[0]), 'h24', 'the deleted message is left out of her history');
+  await assert.rejects(a.client.history({ user: '999999999' }), (e) => e.code === 'ERROR_CODE_NOT_IN_CONVERSATION');
+  a.client.close();
+});
+
+test('conversations: recall reaches both sides live; refused recalls reject with their code; typing', async () => {
+  const { alice, bob } = await pair();
+  const a = await app(alice);
+  const b = await app(bob);
+  const aEv = conversationEvents(a.client);
+  const bEv = conversationEvents(b.client);
+  await a.client.send({ user: bob.userId }, 'oops');
+  await waitFor(() => b.has('oops'), 'the message');
+  const convSeq = b.messages[0].convSeq;
+  await assert.rejects(b.client.recall({ user: alice.userId }, convSeq), (e) => e.code === 'ERROR_CODE_NOT_ALLOWED');
+  const r = await a.client.recall({ user: bob.userId }, convSeq);
+  assert.equal(r.convSeq, convSeq);
+  assert.equal(r.recalledBy, alice.userId);
+  await waitFor(() => bEv.recalled.some((x) => x.convSeq === convSeq), 'bob sees the recall live');
+  assert.equal(aEv.recalled.length, 1, 'the answer is also an event, once (the recalling device gets no push)');
+  const page = await b.client.history({ user: alice.userId });
+  assert.equal(page.messages[0].contentType, RECALLED, 'a tombstone by history');
+  assert.equal(page.messages[0].content.length, 0);
+  await assert.rejects(a.client.recall({ user: bob.userId }, convSeq), (e) => e.code === 'ERROR_CODE_ALREADY_RECALLED');
+  await assert.rejects(a.client.recall({ user: bob.userId }, 42), (e) => e.code === 'ERROR_CODE_NOT_FOUND');
+
+  assert.equal(a.client.typing({ user: bob.userId }), true);
+  await waitFor(() => bEv.typing.some((t) => t.userId === alice.userId && conversationKey(t.conversation) === `user:${alice.userId}`), 'bob sees alice typing');
+  assert.equal(aEv.typing.length, 0, 'not echoed to the typist');
+  // More than the burst: refused as RATE_LIMITED, reported as a server error (typing has no answer).
+  for (let i = 0; i < 5; i++) a.client.typing({ user: bob.userId });
+  await waitFor(() => aEv.errors.some((e) => e.code === 'ERROR_CODE_RATE_LIMITED'), 'typing past its rate refused');
+  a.client.close();
+  b.client.close();
+});
+
+test('conversations: in a group, the author gets the receipt of the message read up to, and groupReaders says who', async () => {
+  const { alice, bob } = await pair();
+  const g = await server.call('POST', '/v1/groups', { name: 'readers', member_ids: [Number(bob.userId)] }, alice.token);
+  const groupId = String(g.group_id);
+  const a = await app(alice);
+  const b = await app(bob);
+  const aEv = conversationEvents(a.client);
+  await a.client.send({ group: groupId }, 'read me');
+  await waitFor(() => b.has('read me'), 'the group message');
+  const convSeq = b.messages[0].convSeq;
+  assert.deepEqual((await a.client.groupReaders(groupId, convSeq)).userIds, [alice.userId], 'only the author so far');
+  const row = (await b.client.conversationList()).conversations.find((c) => conversationKey(c.conversation) === `group:${groupId}`);
+  assert.equal(row.unread, '1');
+  await b.client.markRead({ group: groupId }, convSeq);
+  await waitFor(() => aEv.receipts.some((r) => r.userId === bob.userId && r.readSeq === convSeq), 'alice gets bob\'s receipt');
+  assert.equal(conversationKey(aEv.receipts[0].conversation), `group:${groupId}`);
+  const readers = await a.client.groupReaders(groupId, convSeq);
+  assert.deepEqual([...readers.userIds].sort(), [alice.userId, bob.userId].sort());
+  const stranger = await server.user('stranger');
+  const s = await app(stranger);
+  const sEv = conversationEvents(s.client);
+  await assert.rejects(s.client.groupReaders(groupId, convSeq), (e) => e.code === 'ERROR_CODE_NOT_IN_CONVERSATION');
+  assert.equal(s.client.typing({ group: groupId }), true);
+  await waitFor(() => sEv.errors.some((e) => e.code === 'ERROR_CODE_NOT_IN_CONVERSATION'), 'typing in a group of others refused');
+  for (const c of [a, b, s]) c.client.close();
 });
 
 test('SeqTracker and MemorySeqStore: gaps, duplicates, holes jumped by a completed sync', () => {

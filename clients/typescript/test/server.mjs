@@ -75,6 +75,9 @@ export class Server {
       ZHIBO_GRACE_SECS: '2',
       // Every test user signs in from 127.0.0.1.
       ZHIBO_API__SIGN_IN_PER_MINUTE: '10000',
+      // And every test user and device is registered from it (the defaults allow 20 sign-ups and 60 devices an hour).
+      ZHIBO_API__SIGN_UPS_PER_HOUR: '10000',
+      ZHIBO_API__DEVICES_PER_HOUR: '10000',
       ZHIBO_LOG: process.env.ZHIBO_LOG || 'warn',
       ...this.extraEnv,
     });
@@ -122,6 +125,15 @@ export class Server {
     await this.call('POST', '/v1/users', { username, password: 'correct horse battery', nickname: name });
     const s = await this.call('POST', '/v1/sessions', { username, password: 'correct horse battery', device_id: deviceId });
     return { userId: String(s.user_id), deviceId: String(deviceId), token: s.token, username };
+  }
+
+  /** Another device of the same user, signed in: {userId, deviceId, token, username}. */
+  async secondDevice(user) {
+    const { device_id: deviceId } = await this.call('POST', '/v1/devices', {
+      type: 'pc', brand: 'zhibo', model: 'ts-test', system_version: '1', sdk_version: '1',
+    });
+    const s = await this.call('POST', '/v1/sessions', { username: user.username, password: 'correct horse battery', device_id: deviceId });
+    return { userId: user.userId, deviceId: String(deviceId), token: s.token, username: user.username };
   }
 
   async befriend(a, b) {
