@@ -10,6 +10,7 @@
 //! - [`report`], [`hist`], [`progress`]: the report with charts, HDR histograms, the live line.
 
 pub mod ceilings;
+pub mod conversations;
 pub mod hist;
 pub mod idle;
 pub mod load;
@@ -42,6 +43,8 @@ pub enum Scenario {
     Sync,
     /// 6. Reconnect storm: every client drops, reconnects, signs in and syncs.
     Reconnect,
+    /// 7. Conversation list of `--conversations` and history pages of 50 over `--messages` (issue #13).
+    Conversations,
     /// Only the ceilings: NATS pub/sub and request/reply, Redis INCR, loopback WebSocket echo.
     Ceilings,
 }
@@ -143,6 +146,9 @@ pub struct BenchArgs {
     /// Connections (idle, reconnect), or viewers (room).
     #[arg(long, default_value_t = 1000)]
     pub conns: usize,
+    /// Conversations of the listing user (conversations).
+    #[arg(long, default_value_t = 1000)]
+    pub conversations: usize,
     /// Load generator processes for `idle` (each holds at most ~19,000 sockets).
     #[arg(long, default_value_t = 1)]
     pub procs: usize,
@@ -171,10 +177,11 @@ pub struct BenchArgs {
     /// Message content size, bytes (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
-    /// Messages stored before an offline sync (sync), or per client while offline (reconnect).
+    /// Messages stored before an offline sync (sync), per client while offline (reconnect), or in the
+    /// long conversation (conversations).
     #[arg(long, default_value_t = 1000)]
     pub messages: usize,
-    /// Repetitions (sync).
+    /// Repetitions (sync, conversations).
     #[arg(long, default_value_t = 20)]
     pub iterations: usize,
     /// Seconds idle connections are held after all are connected (idle).
@@ -207,6 +214,7 @@ impl BenchArgs {
             Scenario::Room => "room",
             Scenario::Sync => "sync",
             Scenario::Reconnect => "reconnect",
+            Scenario::Conversations => "conversations",
             Scenario::Ceilings => "ceilings",
         };
         BenchArgs::parse_from(["bench", name])
@@ -261,6 +269,7 @@ pub async fn run_scenario(args: BenchArgs) -> anyhow::Result<Report> {
             Scenario::Room => scenarios::room(&args, &target, &mut report).await,
             Scenario::Sync => scenarios::sync(&args, &target, &mut report).await,
             Scenario::Reconnect => scenarios::reconnect(&args, &target, &mut report).await,
+            Scenario::Conversations => conversations::run(&args, &target, &mut report).await,
             Scenario::Ceilings => Ok(()),
         };
         target.stop().await;
@@ -275,7 +284,7 @@ pub async fn run_scenario(args: BenchArgs) -> anyhow::Result<Report> {
         let label = args.label.clone().unwrap_or_else(|| {
             let mode = report.server.get("mode").cloned().unwrap_or_default();
             match args.scenario {
-                Scenario::Ceilings | Scenario::Sync => mode,
+                Scenario::Ceilings | Scenario::Sync | Scenario::Conversations => mode,
                 _ => format!("{:?}-{mode}", args.transport).to_lowercase(),
             }
         });

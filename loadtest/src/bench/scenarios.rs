@@ -411,7 +411,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
 }
 
 /// Sends `count` messages from `from` to `to_user`, pipelined, and waits for every ACK.
-async fn fill_inbox(
+pub(super) async fn fill_inbox(
     addr: &str,
     args: &BenchArgs,
     from: &Credentials,

@@ -74,6 +74,18 @@ async fn loadtest_scenarios_run_and_count() {
     assert_eq!(r.steps[0].delivered, 240);
     assert_eq!(r.steps[0].ack_latency.count, 2);
 
+    // The run itself checks the list is complete (unread summing to every message) and the history
+    // gap- and repeat-free; it fails otherwise.
+    let mut a = args(&c, Scenario::Conversations);
+    a.conversations = 7;
+    a.messages = 120;
+    a.iterations = 2;
+    let r = run_scenario(a).await.expect("conversations");
+    assert_eq!(r.steps[0].delivered, 14);
+    assert_eq!(r.metrics["history_messages"], 121.0);
+    // 121 messages in pages of 50: 3 pages per iteration.
+    assert_eq!(r.steps[0].deliver_latency.count, 6);
+
     let mut a = args(&c, Scenario::Reconnect);
     a.conns = 8;
     a.messages = 2;
