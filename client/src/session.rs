@@ -835,6 +835,7 @@ impl Driver {
                     } else {
                         Default::default()
                     },
+                    conv_seq: m.conv_seq,
                 }));
                 return;
             }

@@ -131,6 +131,7 @@ impl Logic {
             duplicate: false,
             content_replaced: replaced.is_some(),
             content: replaced.unwrap_or_default(),
+            ..SendMessageOutput::default()
         };
         self.publish_room(&Subject::room(input.receiver_id), message, class)
             .await?;
@@ -190,8 +191,7 @@ impl Logic {
             seq: 0,
             server_time_ms: message.server_time_ms,
             duplicate: false,
-            content_replaced: false,
-            content: Bytes::new(),
+            ..SendMessageOutput::default()
         };
         self.publish_room(&Subject::broadcast(), message, RoomClass::High)
             .await?;

@@ -438,5 +438,6 @@ fn output(plan: &SendPlan, duplicate: bool, replaced: Option<Bytes>) -> SendMess
         duplicate,
         content_replaced: replaced.is_some(),
         content: replaced.unwrap_or_default(),
+        conv_seq: plan.conv_seq,
     }
 }

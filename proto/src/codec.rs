@@ -235,6 +235,7 @@ mod tests {
                 duplicate: true,
                 content_replaced: true,
                 content: Bytes::from_static(b"h*"),
+                conv_seq: 3,
             }),
             Body::SubscribeRoom(SubscribeRoomInput { room_id: 11 }),
             Body::SubscribeRoomOutput(SubscribeRoomOutput {

@@ -629,7 +629,7 @@ async function send(key, body) {
   renderMessages();
   try {
     const ack = await client.send(kind === 'group' ? { group: id } : { user: id }, body, TEXT, m.cmid);
-    addMessage({ ...m, id: ack.messageId, seq: ack.seq, time: Number(ack.serverTimeMs) });
+    addMessage({ ...m, id: ack.messageId, seq: ack.seq, cs: ack.convSeq || '', time: Number(ack.serverTimeMs) });
     state.acks.set(m.cmid, ack);
     saveInbox();
     syncList(); // the row's last message (and this message's conv_seq: see checkLatest)

@@ -358,6 +358,9 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
     let out = send(&mut a, ReceiverType::User, bob.user_id, "m1", "read me").await;
     let m = next_message(&mut b).await;
     assert_eq!(m.message_id, out.message_id);
+    // The sender learns the conversation seq from the ACK (it gets no copy of its own message).
+    assert_eq!(out.conv_seq, m.conv_seq);
+    assert!(out.conv_seq > 0);
     mark_read(&mut b, peer(alice.user_id), m.conv_seq).await;
     let receipt = next_push(&mut a, "ReadReceipt", |p| match &p.body {
         Some(Body::ReadReceipt(r)) => Some(*r),
@@ -380,6 +383,7 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
     let out = send(&mut a, ReceiverType::Group, gid, "g1", "group news").await;
     let gm = next_message(&mut b).await;
     assert_eq!(gm.message_id, out.message_id);
+    assert_eq!(out.conv_seq, gm.conv_seq);
     next_message(&mut c).await;
     let readers = |conv_seq| {
         Body::GroupReaders(GroupReadersInput {
