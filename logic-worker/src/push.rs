@@ -3,14 +3,18 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use tracing::warn;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_push::sink::{Outgoing, PushSink};
 use zhibo_push::PushEvent;
-use zhibo_store::Presence;
+use zhibo_store::{Conversation, ConversationId, ConversationKey, Presence};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::Logic;
+
+/// Conversation rows read at once for the offline recipients of one message (a big group's).
+const ROW_READS: usize = 64;
 
 /// What the send path needs to emit push events.
 #[derive(Clone)]
@@ -36,8 +40,10 @@ impl std::fmt::Debug for PushHook {
 impl Logic {
     /// Emits push events for the offline recipients among `entries` (stored inbox entries; the sender's
     /// own entry is skipped). One pipelined presence read for all of them; if it fails, everyone is
-    /// treated as offline (a push too many rather than a message never notified). Returns once the sink
-    /// has them: queued for JetStream, or durable in the embedded outbox.
+    /// treated as offline (a push too many rather than a message never notified). Then each offline
+    /// recipient's conversation row (point reads, [`ROW_READS`] at a time): muted → no event; the
+    /// badge is the conversation's unread count. Returns once the sink has them: queued for JetStream,
+    /// or durable in the embedded outbox.
     pub(crate) async fn push_offline(&self, sender: i64, entries: &[(i64, Message)]) {
         let Some(push) = &self.push else { return };
         let targets: Vec<&(i64, Message)> = entries.iter().filter(|(u, _)| *u != sender).collect();
@@ -57,9 +63,43 @@ impl Logic {
                 vec![false; users.len()]
             }
         };
+        let offline: Vec<&(i64, Message)> = targets
+            .into_iter()
+            .zip(online)
+            .filter_map(|(t, online)| (!online).then_some(t))
+            .collect();
+        // The offline recipients' conversation rows, one point read each, concurrently (only here:
+        // with push on and someone offline): a muted conversation is not pushed, and the badge is the
+        // conversation's unread count. An unreadable row pushes anyway (badge: the latest seq).
+        let asks: Vec<(i64, Option<ConversationId>)> = offline
+            .iter()
+            .map(|(user, m)| {
+                (
+                    *user,
+                    ConversationKey::of_message(m).map(|k| k.seen_by(*user)),
+                )
+            })
+            .collect();
+        let rows: Vec<Option<Conversation>> = futures::stream::iter(asks)
+            .map(|(user, conversation)| {
+                let store = self.stores.conversations.clone();
+                async move {
+                    match store.get(user, conversation?).await {
+                        Ok(row) => row,
+                        Err(e) => {
+                            warn!(user_id = user, error = %e, "conversation row unreadable; pushing without unread");
+                            None
+                        }
+                    }
+                }
+            })
+            .buffered(ROW_READS)
+            .collect()
+            .await;
         let mut events = Vec::new();
-        for ((user, message), online) in targets.into_iter().zip(online) {
-            if online {
+        for ((user, message), row) in offline.into_iter().zip(rows) {
+            if row.as_ref().is_some_and(|r| r.muted) {
+                self.metrics.push.skipped_muted.inc();
                 continue;
             }
             let group = (message.receiver_type == ReceiverType::Group as i32)
@@ -75,6 +115,13 @@ impl Logic {
                 push.preview_max_chars,
                 message.server_time_ms,
             );
+            // The row may predate this message's write only if another writer raced it: count it in.
+            let event = match &row {
+                Some(r) => {
+                    event.with_unread(r.last_seq.max(message.conv_seq).saturating_sub(r.read_seq))
+                }
+                None => event,
+            };
             match Outgoing::push(&event) {
                 Ok(e) => events.push(e),
                 Err(e) => warn!(error = %e, "push event not encodable"),

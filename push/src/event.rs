@@ -49,15 +49,16 @@ pub struct Conversation {
 
 /// The badge of a push event.
 ///
-/// Until conversations with unread counts exist (issue #13), zhibo does not know the recipient's
-/// unread count cheaply: `count` is then the recipient's latest seq (`source = "latest_seq"`), from
-/// which an app backend that records the last seq each device acknowledged can derive it. Once unread
-/// counts exist, `source` becomes `"unread"` and `count` the unread count.
+/// `source = "unread"`: `count` is the recipient's unread count in this message's conversation (its
+/// conversation row, this message included). When that row cannot be read (a store error, a message
+/// of no conversation), the event still goes out with `source = "latest_seq"` and `count` the
+/// recipient's latest inbox seq, from which an app backend that records the last seq each device
+/// acknowledged can derive a count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Badge {
     /// The number.
     pub count: u64,
-    /// `"latest_seq"` or (later) `"unread"`.
+    /// `"unread"` or `"latest_seq"`.
     pub source: String,
 }
 
@@ -103,6 +104,18 @@ impl PushEvent {
             },
             server_time_ms,
         }
+    }
+}
+
+impl PushEvent {
+    /// The same event with the recipient's unread count in the conversation as its badge.
+    #[must_use]
+    pub fn with_unread(mut self, unread: u64) -> Self {
+        self.badge = Badge {
+            count: unread,
+            source: "unread".into(),
+        };
+        self
     }
 }
 

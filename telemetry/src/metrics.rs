@@ -71,6 +71,8 @@ pub struct PushMetrics {
     /// Push events not published, by kind (`queue_full`, `publish`, `presence`: presence unreadable,
     /// everyone treated as offline).
     pub publish_failures: Family<KindLabel, Counter>,
+    /// Offline recipients not pushed because they muted the conversation.
+    pub skipped_muted: Counter,
     /// Events delivered (2xx from the target).
     pub delivered: Counter,
     /// Failed attempts that will be retried.
@@ -86,6 +88,7 @@ impl Default for PushMetrics {
         PushMetrics {
             published: Counter::default(),
             publish_failures: Family::default(),
+            skipped_muted: Counter::default(),
             delivered: Counter::default(),
             retried: Counter::default(),
             dead_lettered: Counter::default(),
@@ -102,6 +105,11 @@ impl PushMetrics {
             "publish_failures",
             "Push events not published, by kind",
             self.publish_failures.clone(),
+        );
+        r.register(
+            "skipped_muted",
+            "Offline recipients not pushed: the conversation is muted",
+            self.skipped_muted.clone(),
         );
         r.register("delivered", "Push events delivered", self.delivered.clone());
         r.register(

@@ -22,7 +22,7 @@ use zhibo_push::sign::{verify, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_H
 use zhibo_push::webhook::WebhookEvent;
 use zhibo_push::PushEvent;
 
-use crate::cluster::{eventually, Cluster, READY_WAIT, SECRET};
+use crate::cluster::{eventually, http, Cluster, READY_WAIT, SECRET};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
@@ -454,8 +454,15 @@ async fn offline_recipient_gets_one_event_per_message(cluster: &Cluster, receive
     assert_eq!(first.event.collapse_key, format!("user:{}", a.user_id));
     assert_eq!(first.event.message_id, outs[0].message_id.to_string());
     assert_eq!(first.event.preview.as_deref(), Some("text of p-b0"));
-    assert_eq!(first.event.badge.source, "latest_seq");
-    assert_eq!(first.event.badge.count, first.event.seq);
+    // The badge: the recipient's unread count in the conversation (nothing read yet).
+    for (i, out) in outs.iter().enumerate() {
+        let event = got
+            .iter()
+            .find(|r| r.event.idempotency_key == key(out, offline.user_id))
+            .expect("event");
+        assert_eq!(event.event.badge.source, "unread");
+        assert_eq!(event.event.badge.count, i as u64 + 1);
+    }
     let grouped = got
         .iter()
         .find(|r| r.event.idempotency_key == key(&in_group, offline.user_id))
@@ -463,6 +470,49 @@ async fn offline_recipient_gets_one_event_per_message(cluster: &Cluster, receive
     assert_eq!(grouped.event.conversation.kind, "group");
     assert_eq!(grouped.event.conversation.id, group);
     assert_eq!(grouped.event.collapse_key, format!("group:{group}"));
+    assert_eq!(
+        (
+            grouped.event.badge.source.as_str(),
+            grouped.event.badge.count
+        ),
+        ("unread", 1)
+    );
+
+    // A muted conversation is not pushed (it still counts unread): the group muted by the offline
+    // user, a group message, then a 1:1 message whose event comes through with the unread count.
+    let (status, body) = http(
+        &cluster.api_base,
+        reqwest::Method::PUT,
+        &format!("/v1/conversations/group/{group}/settings"),
+        ("authorization", &format!("Bearer {}", offline.token)),
+        serde_json::json!({"muted": true, "pinned": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let muted = send(&mut ca, ReceiverType::Group, group, "p-g2").await;
+    let after = send(&mut ca, ReceiverType::User, offline.user_id, "p-b3").await;
+    let later = receiver
+        .wait_for_keys(
+            offline.user_id,
+            &HashSet::from([key(&after, offline.user_id)]),
+        )
+        .await;
+    let last = later
+        .iter()
+        .find(|r| r.event.idempotency_key == key(&after, offline.user_id))
+        .expect("event after the muted one");
+    assert_eq!(last.event.badge.count, 4);
+    assert!(
+        receiver
+            .events_for(offline.user_id)
+            .iter()
+            .all(|r| r.event.idempotency_key != key(&muted, offline.user_id)),
+        "a muted conversation was pushed"
+    );
+    // Embedded (one process): the worker's counter says the muted recipient was skipped, not lost.
+    if let Some(ops) = cluster.ops_addr {
+        assert_eq!(scrape(ops, "zhibo_push_skipped_muted_total").await, 1.0);
+    }
 
     // The signature covers the body: one byte changed and it no longer verifies.
     let now = first.timestamp.parse::<i64>().expect("timestamp");
