@@ -50,9 +50,7 @@ async fn list_all(
     };
     loop {
         let t = Instant::now();
-        let p = client
-            .request(Body::ConversationList(input.clone()), WAIT)
-            .await?;
+        let p = client.request(Body::ConversationList(input), WAIT).await?;
         record(page_h, t.elapsed().as_micros() as u64);
         let out: ConversationListOutput = match p.body {
             Some(Body::ConversationListOutput(o)) => o,

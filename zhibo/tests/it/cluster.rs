@@ -597,3 +597,22 @@ impl Cluster {
             .0
     }
 }
+
+/// `FLUSHDB` on the Redis at `redis_url` (a Redis loss, as the tests inject it).
+pub(crate) async fn flushdb(redis_url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = redis_url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect redis");
+    s.write_all(b"*1\r\n$7\r\nFLUSHDB\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"+OK\r\n");
+}

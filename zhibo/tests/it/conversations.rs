@@ -15,7 +15,7 @@ use zhibo_proto::client::{
     ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, TypingInput,
 };
 
-use crate::cluster::{eventually, http, Cluster};
+use crate::cluster::{eventually, flushdb, http, Cluster};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -190,24 +190,6 @@ async fn no_notice(c: &mut Client, what: &str) {
             },
         }
     }
-}
-
-async fn flushdb(redis_url: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = redis_url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .expect("host:port");
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect redis");
-    s.write_all(b"*1\r\n$7\r\nFLUSHDB\r\n")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.expect("read");
-    assert_eq!(&buf, b"+OK\r\n");
 }
 
 fn text(m: &Message) -> &str {

@@ -10,7 +10,7 @@ use zhibo_proto::client::{
     SyncInput, SyncOutput,
 };
 
-use crate::cluster::Cluster;
+use crate::cluster::{flushdb, Cluster};
 
 /// Generous: only a failing test waits this long, and a cold Cassandra on a fresh CI machine is slow at first.
 const WAIT: Duration = Duration::from_secs(15);
@@ -492,24 +492,6 @@ async fn redis_flush_mid_run(cluster: &Cluster) {
         "nothing lost or overwritten"
     );
     assert!(all.messages.windows(2).all(|w| w[0].seq < w[1].seq));
-}
-
-async fn flushdb(redis_url: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = redis_url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .expect("host:port");
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect redis");
-    s.write_all(b"*1\r\n$7\r\nFLUSHDB\r\n")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.expect("read");
-    assert_eq!(&buf, b"+OK\r\n");
 }
 
 mod distributed_only {
