@@ -17,7 +17,7 @@ use super::progress::Progress;
 use super::report::{Chart, Report, Step};
 use super::server::Target;
 use super::setup;
-use super::BenchArgs;
+use super::{BenchArgs, Scenario};
 use crate::client::{Client, Credentials};
 use crate::http::Api;
 
@@ -40,9 +40,10 @@ async fn sweep(
     senders: &mut [LoadConn],
     to: impl Fn(usize, &LoadConn) -> SendTo,
     fanout: u64,
-    room: bool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    // Room traffic is also counted per class (issue 17).
+    let room = args.scenario == Scenario::Room;
     let dur = Duration::from_secs_f64(args.step_secs);
     for &rate in &args.rates {
         let before = meter.counters.snapshot();
@@ -279,7 +280,6 @@ pub async fn one_to_one(
             mix: None,
         },
         1,
-        false,
         report,
     )
     .await?;
@@ -341,7 +341,6 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
             mix: None,
         },
         size as u64 - 1,
-        false,
         report,
     )
     .await?;
@@ -437,7 +436,6 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             mix: Some(args.mix),
         },
         (viewers_n + s) as u64,
-        true,
         report,
     )
     .await?;
