@@ -11,8 +11,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{Heartbeat, Message, ReceiverType, SendMessageInput};
+use zhibo_proto::client::{Heartbeat, Message, ReceiverType, RoomClass, SendMessageInput};
 
+use super::classes::{self, ClassMeter, ClassMix};
 use super::hist::{new_histogram, record, Latency};
 use super::progress::Counters;
 use super::setup::source_ip;
@@ -41,6 +42,8 @@ pub struct Meter {
     deliver: Mutex<Histogram<u64>>,
     server_to_deliver: Mutex<Histogram<u64>>,
     first_error: Mutex<Option<String>>,
+    /// Room traffic per class (issue 17): sent, acknowledged, received, frames' counts.
+    pub classes: ClassMeter,
 }
 
 impl Default for Meter {
@@ -51,6 +54,7 @@ impl Default for Meter {
             deliver: Mutex::new(new_histogram()),
             server_to_deliver: Mutex::new(new_histogram()),
             first_error: Mutex::new(None),
+            classes: ClassMeter::default(),
         }
     }
 }
@@ -88,17 +92,24 @@ impl Meter {
         )
     }
 
-    fn delivered(&self, m: &Message) {
+    /// A message arrived (`room`: in a room frame, counted per class too).
+    fn delivered(&self, m: &Message, room: bool) {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         let now = now_ns();
+        let mut latency_us = None;
         if m.content.len() >= 8 {
             let sent = u64::from_be_bytes(m.content[..8].try_into().unwrap_or_default());
             if sent > 0 && sent <= now {
+                let us = (now - sent) / 1_000;
+                latency_us = Some(us);
                 record(
                     &mut self.deliver.lock().unwrap_or_else(|e| e.into_inner()),
-                    (now - sent) / 1_000,
+                    us,
                 );
             }
+        }
+        if room {
+            self.classes.delivered(m.content_type, latency_us);
         }
         let server_us = u64::try_from(m.server_time_ms).unwrap_or(0) * 1_000;
         let now_us = now / 1_000;
@@ -114,8 +125,9 @@ impl Meter {
     }
 }
 
-/// Intended send time (ns) of each request in flight on one connection.
-pub type Pending = Arc<Mutex<HashMap<u64, u64>>>;
+/// Intended send time (ns) of each request in flight on one connection, and the class of a room
+/// message (counted per class when acknowledged).
+pub type Pending = Arc<Mutex<HashMap<u64, (u64, Option<RoomClass>)>>>;
 
 /// The content of a timed message: the intended send time, then padding up to `size` bytes.
 pub fn timed_content(intended_ns: u64, size: usize) -> Bytes {
@@ -160,7 +172,10 @@ async fn read_loop(mut recv: RecvHalf, pending: Pending, meter: Arc<Meter>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&p.request_id);
                 c.acked.fetch_add(1, Ordering::Relaxed);
-                if let Some(sent) = sent {
+                if let Some((_, Some(class))) = sent {
+                    meter.classes.acked(class);
+                }
+                if let Some((sent, _)) = sent {
                     let us = now_ns().saturating_sub(sent) / 1_000;
                     record(&mut meter.ack.lock().unwrap_or_else(|e| e.into_inner()), us);
                 }
@@ -181,13 +196,16 @@ async fn read_loop(mut recv: RecvHalf, pending: Pending, meter: Arc<Meter>) {
                     .remove(&p.request_id);
                 c.errors.fetch_add(1, Ordering::Relaxed);
             }
-            Some(Body::Message(m)) => meter.delivered(&m),
+            Some(Body::Message(m)) => meter.delivered(&m, false),
             Some(Body::RoomMessages(r)) => {
+                let mut n = 0;
                 for m in &r.messages {
                     if m.content_type >= 0 {
-                        meter.delivered(m);
+                        meter.delivered(m, true);
+                        n += 1;
                     }
                 }
+                meter.classes.frame(n, r.likes, r.chat_skipped);
             }
             _ => {}
         }
@@ -270,6 +288,9 @@ pub struct SendTo {
     pub receiver_type: ReceiverType,
     /// Its id.
     pub receiver_id: i64,
+    /// Room sends: the class mix (each message's `room_class` and `content_type`); `None` = plain chat
+    /// without a class (1:1, group).
+    pub mix: Option<ClassMix>,
 }
 
 /// Sends on `conn` at `rate` messages per second for `dur` (open loop), each message stamped with its
@@ -297,6 +318,7 @@ pub async fn open_loop(
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_beat = Instant::now();
+    let mut picker = to.mix.map(|m| m.picker());
     while done < total {
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
@@ -310,22 +332,25 @@ pub async fn open_loop(
             }
             let n = conn.next_msg;
             conn.next_msg += 1;
-            let id = conn
-                .send
-                .feed(Body::SendMessage(SendMessageInput {
-                    receiver_type: to.receiver_type as i32,
-                    receiver_id: to.receiver_id,
-                    client_msg_id: format!("b{n}"),
-                    content_type: 1,
-                    content: timed_content(intended, payload),
-                    ..Default::default()
-                }))
-                .await?;
+            let class = picker.as_mut().map(classes::ClassPicker::next_class);
+            let mut input = SendMessageInput {
+                receiver_type: to.receiver_type as i32,
+                receiver_id: to.receiver_id,
+                client_msg_id: format!("b{n}"),
+                content_type: class.map_or(1, classes::content_type),
+                content: timed_content(intended, payload),
+                ..Default::default()
+            };
+            input.set_room_class(class.unwrap_or(RoomClass::Chat));
+            let id = conn.send.feed(Body::SendMessage(input)).await?;
             conn.pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id, intended);
+                .insert(id, (intended, class));
             meter.counters.sent.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = class {
+                meter.classes.sent(c);
+            }
             fed = true;
         }
         if last_beat.elapsed() > Duration::from_secs(20) {

@@ -6,10 +6,13 @@
 //! - [`setup`]: users, devices and locally minted tokens, created concurrently.
 //! - [`load`]: connections split into reader and pipelined writer, open-loop senders, delivery timing.
 //! - [`scenarios`]: idle memory, 1:1, group, room, offline sync, reconnect storm.
+//! - [`classes`]: the room scenario's class mix (high, chat, like) and its per-class report.
+//! - [`conversations`]: the conversation list and history pages (scenario 7).
 //! - [`ceilings`]: raw NATS, Redis and WebSocket figures measured in the same run.
 //! - [`report`], [`hist`], [`progress`]: the report with charts, HDR histograms, the live line.
 
 pub mod ceilings;
+pub mod classes;
 pub mod conversations;
 pub mod hist;
 pub mod idle;
@@ -100,6 +103,10 @@ pub struct BenchArgs {
     /// Gateway QUIC address of a running cluster.
     #[arg(long, default_value = "127.0.0.1:7003")]
     pub quic: String,
+    /// The gateway's (or `zhibo dev`'s) `/metrics` URL of a running cluster, for the room scenario's
+    /// shaping counters (a spawned cluster's is found by the tool).
+    #[arg(long)]
+    pub metrics_url: Option<String>,
     /// Gateway (or `zhibo dev`) process of a running cluster, for RSS and CPU.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
@@ -158,6 +165,14 @@ pub struct BenchArgs {
     /// Sender connections (1:1: sender/receiver pairs; group and room: senders).
     #[arg(long, default_value_t = 8)]
     pub senders: usize,
+    /// Room scenario: shares of the sent messages per class, `high=2,chat=90,like=8` (weights, usually
+    /// percentages; a class left out is not sent).
+    #[arg(long, default_value = "chat=100")]
+    pub mix: classes::ClassMix,
+    /// Room scenario: the room's per-viewer chat display rate, set through the admin API before the
+    /// viewers join (0 = leave the room's setting: all chat shown).
+    #[arg(long, default_value_t = 0)]
+    pub chat_per_sec: u32,
     /// Group members (group scenario).
     #[arg(long, default_value_t = 100)]
     pub group_size: usize,

@@ -7,6 +7,7 @@ use anyhow::Context;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::classes::RoomStep;
 use super::hist::Latency;
 
 /// One measured step: a rate of the sweep, a connection count, one sync, one storm.
@@ -40,6 +41,9 @@ pub struct Step {
     pub rss_kib: u64,
     /// CPU the gateway (or `zhibo dev`) process used during the step, in cores.
     pub server_cpu_cores: f64,
+    /// Room scenario: the class mix and what became of each class (issue 17).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<RoomStep>,
 }
 
 /// A chart: one or more series of (x, y) points.

@@ -10,13 +10,14 @@ use serde_json::json;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ReceiverType, SubscribeRoomInput, SyncInput};
 
+use super::classes;
 use super::hist::{fmt_us, new_histogram, record, Latency};
 use super::load::{self, LoadConn, Meter, SendTo};
 use super::progress::Progress;
 use super::report::{Chart, Report, Step};
 use super::server::Target;
 use super::setup;
-use super::BenchArgs;
+use super::{BenchArgs, Scenario};
 use crate::client::{Client, Credentials};
 use crate::http::Api;
 
@@ -41,10 +42,18 @@ async fn sweep(
     fanout: u64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    // Room traffic is also counted per class (issue 17).
+    let room = args.scenario == Scenario::Room;
     let dur = Duration::from_secs_f64(args.step_secs);
     for &rate in &args.rates {
         let before = meter.counters.snapshot();
+        let classes_before = meter.classes.snapshot();
+        let scraped_before = match room {
+            true => target.scrape_shaping().await,
+            false => None,
+        };
         let _ = meter.take();
+        let _ = meter.classes.take_latency();
         let cpu0 = target.cpu_secs();
         let start = Instant::now();
         let per_conn = rate / senders.len() as f64;
@@ -58,13 +67,19 @@ async fn sweep(
         }
         let counters = meter.counters.clone();
         let mut last_change = Instant::now();
-        let mut last = counters.snapshot();
+        let mut last = (0, 0);
         load::wait_until(Duration::from_secs(10), || {
             let now = counters.snapshot().since(&before);
-            let done = now.acked + now.errors >= now.sent && now.delivered >= now.acked * fanout;
-            if now.delivered != last.delivered || now.acked != last.acked {
+            // Room traffic: every (message, viewer) pair ends as a message, a chat message the viewer
+            // is told was skipped, or a counted like.
+            let delivered = match room {
+                true => meter.classes.snapshot().since(&classes_before).accounted(),
+                false => now.delivered,
+            };
+            let done = now.acked + now.errors >= now.sent && delivered >= now.acked * fanout;
+            if (delivered, now.acked) != last {
                 last_change = Instant::now();
-                last = now;
+                last = (delivered, now.acked);
             }
             // Nothing moved for 2 s: what is missing will not come.
             done || last_change.elapsed() > Duration::from_secs(2)
@@ -74,7 +89,7 @@ async fn sweep(
         let cpu = target.cpu_secs() - cpu0;
         let d = meter.counters.snapshot().since(&before);
         let (ack, deliver, s2d) = meter.take();
-        let step = Step {
+        let mut step = Step {
             offered_rate: rate,
             duration_s: elapsed,
             sent: d.sent,
@@ -89,7 +104,28 @@ async fn sweep(
             connections: d.connected,
             rss_kib: target.rss_kib(),
             server_cpu_cores: cpu / elapsed,
+            room: None,
         };
+        if room {
+            let classes = meter.classes.snapshot().since(&classes_before);
+            let latency = meter.classes.take_latency();
+            let server = match scraped_before {
+                // The gateway exports its room counters every 2 s.
+                Some(before) => {
+                    tokio::time::sleep(Duration::from_millis(2_500)).await;
+                    target.scrape_shaping().await.map(|now| now.since(&before))
+                }
+                None => None,
+            };
+            step.room = Some(classes::room_step(
+                &args.mix,
+                &classes,
+                latency,
+                fanout,
+                elapsed,
+                server.as_ref(),
+            ));
+        }
         eprintln!(
             "\n  offered {rate:>8.0}/s: acked {:>9.0}/s delivered {:>10.0}/s errors {} server cpu {:.2} cores\n    send→ack     {}\n    send→deliver {}",
             step.ack_rate,
@@ -99,6 +135,9 @@ async fn sweep(
             ack.line(),
             deliver.line()
         );
+        if let Some(r) = &step.room {
+            eprintln!("{}", classes::lines(r));
+        }
         let saturated = step.ack_rate < 0.9 * rate;
         report.steps.push(step);
         if saturated && args.stop_at_saturation {
@@ -238,6 +277,7 @@ pub async fn one_to_one(
         |i, _| SendTo {
             receiver_type: ReceiverType::User,
             receiver_id: rx[i],
+            mix: None,
         },
         1,
         report,
@@ -298,6 +338,7 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         |_, _| SendTo {
             receiver_type: ReceiverType::Group,
             receiver_id: group_id,
+            mix: None,
         },
         size as u64 - 1,
         report,
@@ -322,6 +363,16 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     let senders_creds = setup::population(target, s, true).await?;
     let viewer_creds = setup::population(target, viewers_n, false).await?;
     let room_id = setup::fresh_user_base();
+    if args.chat_per_sec > 0 {
+        Api::new(&target.api)
+            .put_admin(
+                &format!("/v1/admin/rooms/{room_id}/shaping"),
+                &target.admin_secret,
+                json!({ "chat_per_sec": args.chat_per_sec }),
+            )
+            .await
+            .context("set the room's chat display rate")?;
+    }
     let meter = Arc::new(Meter::default());
     let addr = target.addr(args.transport);
     let _p = progress("room", &meter, target);
@@ -382,6 +433,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         |_, _| SendTo {
             receiver_type: ReceiverType::Room,
             receiver_id: room_id,
+            mix: Some(args.mix),
         },
         (viewers_n + s) as u64,
         report,
@@ -396,6 +448,14 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         .unwrap_or_default();
     report.metrics.insert("viewers".into(), viewers_n as f64);
     report
+        .server
+        .insert("room_mix".into(), args.mix.to_string());
+    if args.chat_per_sec > 0 {
+        report
+            .server
+            .insert("room_chat_per_sec".into(), args.chat_per_sec.to_string());
+    }
+    report
         .metrics
         .insert("deliveries_per_s".into(), best.delivered_rate.round());
     if best.server_cpu_cores > 0.0 {
@@ -407,6 +467,9 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     report.notes.push(format!(
         "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
     ));
+    report.notes.push(
+        "step.room: per class (mix of the sent messages), sent / acked / delivered, shown_ratio = delivered / (acked × everyone in the room), told_skipped = RoomMessages.chat_skipped summed over viewers, likes delivered = RoomMessages.likes summed over viewers; server_* and frames_dropped from the gateway's /metrics when known".into(),
+    );
     Ok(())
 }
 

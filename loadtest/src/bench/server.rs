@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
+use super::classes::ShapingScrape;
 use super::{BenchArgs, SpawnMode, StoreMode};
 use crate::client::Transport;
 
@@ -35,6 +36,8 @@ pub struct Target {
     pub admin_secret: String,
     /// `dev`, `distributed` or `external`.
     pub mode: String,
+    /// The gateway's (or `zhibo dev`'s) `/metrics` URL, when known.
+    pub metrics_url: Option<String>,
     children: Vec<Child>,
 }
 
@@ -56,6 +59,24 @@ impl Target {
     /// The gateway's CPU time (user + system), seconds.
     pub fn cpu_secs(&self) -> f64 {
         self.gateway_pid.and_then(cpu_secs).unwrap_or(0.0)
+    }
+
+    /// The gateway's room shaping counters, from its `/metrics` (`None` when it has no known ops
+    /// endpoint or does not answer).
+    pub async fn scrape_shaping(&self) -> Option<ShapingScrape> {
+        let url = self.metrics_url.as_ref()?;
+        let text = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(ShapingScrape::parse(&text))
     }
 
     /// Stops spawned processes.
@@ -118,6 +139,7 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
             token_secret: secret,
             admin_secret: args.admin_secret.clone(),
             mode: "external".into(),
+            metrics_url: args.metrics_url.clone(),
             children: Vec::new(),
         });
     }
@@ -155,6 +177,8 @@ fn random_secret() -> String {
 async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target> {
     let secret = secret.to_owned();
     let (api_port, tcp_port, ws_port) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
+    // The gateway's (or `zhibo dev`'s) ops endpoint, for the room scenario's shaping counters.
+    let metrics_port = free_tcp_port()?;
     let quic_port = free_udp_port()?;
     let admin = if args.admin_secret.is_empty() {
         BENCH_ADMIN_SECRET.to_owned()
@@ -193,12 +217,16 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
         .with_context(|| format!("create {}", log_path.display()))?;
     let mut children = Vec::new();
     let spawn = |role: &str, env: &[(String, String)]| -> anyhow::Result<Child> {
+        // An ops endpoint on the gateway (or `zhibo dev`) only: several roles on one host would
+        // otherwise all bind the default 127.0.0.1:9100.
+        let ops = match role {
+            "dev" | "gateway" => format!("127.0.0.1:{metrics_port}"),
+            _ => String::new(),
+        };
         Command::new(&args.zhibo_bin)
             .arg(role)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            // No ops endpoint: the tool reads /proc, and several roles on one host would otherwise
-            // all bind the default 127.0.0.1:9100.
-            .env("ZHIBO_METRICS_ADDR", "")
+            .env("ZHIBO_METRICS_ADDR", ops)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?)
@@ -264,6 +292,7 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
         token_secret: secret,
         admin_secret: admin,
         mode: format!("{:?}", args.spawn).to_lowercase(),
+        metrics_url: Some(format!("http://127.0.0.1:{metrics_port}/metrics")),
         children,
     };
     wait_ready(&mut target, &log_path).await?;

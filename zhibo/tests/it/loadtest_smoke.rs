@@ -105,6 +105,86 @@ async fn loadtest_scenarios_run_and_count() {
     c.stop().await;
 }
 
+/// The room scenario's class mix (issue 17): `--mix` sends exactly that share of each class, and the
+/// per-class report counts what every viewer got: gifts and chat as messages, likes as frame counts,
+/// chat left out by the room's display rate as `chat_skipped`; the gateway's own counters come from
+/// its `/metrics`. Every (message, viewer) pair is accounted for, which a miscount on either side
+/// would break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_room_reports_each_class() {
+    let c = cluster().await;
+    let metrics = format!("http://{}/metrics", c.ops_addr.expect("ops endpoint"));
+
+    // No shaping: everything reaches everyone, likes as counts.
+    let mut a = args(&c, Scenario::Room);
+    a.conns = 6;
+    a.rates = vec![100.0];
+    a.mix = "high=20,chat=60,like=20".parse().expect("mix");
+    a.metrics_url = Some(metrics.clone());
+    let r = run_scenario(a).await.expect("room with a mix");
+    let everyone = 6 + 2;
+    let room = r.steps[0].room.as_ref().expect("per-class report");
+    assert_eq!(room.mix, "high=20,chat=60,like=20");
+    let (h, ch, l) = (
+        &room.classes["high"],
+        &room.classes["chat"],
+        &room.classes["like"],
+    );
+    assert_eq!((h.sent, ch.sent, l.sent), (20, 60, 20), "{room:?}");
+    assert_eq!((h.acked, ch.acked, l.acked), (20, 60, 20), "{room:?}");
+    assert_eq!(
+        (h.delivered, ch.delivered, l.delivered),
+        (20 * everyone, 60 * everyone, 20 * everyone),
+        "{room:?}"
+    );
+    assert_eq!(
+        (h.shown_ratio, ch.shown_ratio, l.shown_ratio),
+        (1.0, 1.0, 1.0)
+    );
+    assert_eq!(ch.told_skipped, Some(0));
+    assert_eq!(
+        (h.deliver_latency.count, ch.deliver_latency.count),
+        (20 * everyone, 60 * everyone)
+    );
+    assert_eq!(room.frames_dropped, Some(0), "scraped from the gateway");
+    assert_eq!((ch.server_sampled, ch.server_dropped), (Some(0), Some(0)));
+    // Likes are not messages: the step's delivered count (as before classes) holds gifts and chat.
+    assert_eq!(r.steps[0].delivered, 80 * everyone);
+    assert_eq!(r.server["room_mix"], "high=20,chat=60,like=20");
+
+    // A display rate of 5 chat msgs/s against 180/s of chat: viewers are shown a sample and told the
+    // rest was skipped; every gift still reaches every viewer.
+    let mut a = args(&c, Scenario::Room);
+    a.conns = 4;
+    a.rates = vec![200.0];
+    a.mix = "high=10,chat=90".parse().expect("mix");
+    a.chat_per_sec = 5;
+    a.metrics_url = Some(metrics);
+    let r = run_scenario(a).await.expect("shaped room");
+    let everyone = 4 + 2;
+    let room = r.steps[0].room.as_ref().expect("per-class report");
+    let (h, ch, l) = (
+        &room.classes["high"],
+        &room.classes["chat"],
+        &room.classes["like"],
+    );
+    assert_eq!((h.acked, ch.acked, l.sent), (20, 180, 0), "{room:?}");
+    assert_eq!(
+        h.delivered,
+        20 * everyone,
+        "every gift to everyone: {room:?}"
+    );
+    assert!(ch.shown_ratio < 0.5, "chat was sampled: {room:?}");
+    assert_eq!(
+        ch.delivered + ch.told_skipped.expect("chat skipped"),
+        180 * everyone,
+        "each chat message shown to a viewer or counted as skipped for it: {room:?}"
+    );
+    assert!(ch.server_sampled.expect("scraped") > 0, "{room:?}");
+    assert_eq!(room.frames_dropped, Some(0));
+    c.stop().await;
+}
+
 /// `--spawn distributed`: the tool starts `zhibo migrate`, a gateway, a logic worker and user-api as
 /// processes on the test NATS, Redis and Cassandra (each with its own ops port), runs, and stops them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
