@@ -314,6 +314,11 @@ mod storm {
             c.gateway.rate_burst = 100_000.0;
             c.gateway.room_send_per_sec = 100_000.0;
             c.gateway.room_send_burst = 100_000.0;
+            // A full room queue refuses frames by design (a viewer too slow to read loses room
+            // traffic, gifts included). This test is about shaping, not slow readers (room_state's
+            // unit tests cover those): on a loaded test machine a watcher task can be starved for
+            // seconds, so its queue gets room for that instead of the default 64 frames.
+            c.gateway.room_queue = 4096;
         }
         pub(crate) async fn embedded() -> Cluster {
             Cluster::embedded_with(Self::tweak).await
