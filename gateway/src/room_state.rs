@@ -15,7 +15,9 @@
 //! - Online count: every [`RoomConfig::presence_interval`] the room reports its local viewer count
 //!   ([`RoomOutput::presence`]); the count is the local viewers plus the latest unexpired reports of
 //!   the other gateways. When it changes and no messages are flowing, viewers get a `RoomMessages` with
-//!   no messages.
+//!   no messages: each viewer told another count (per viewer), and only when its queue is empty, so a
+//!   count refresh never takes a queue slot a message or notice needs (a viewer that is behind gets
+//!   the count with its next frame, or at a later tick).
 //! - Joining: a viewer is added *before* the recent history is read; until [`RoomState::ready`], what
 //!   arrives for it is buffered as messages, then merged into its `SubscribeRoomOutput` without the ones
 //!   the history already holds. For [`SEEN_FOR`] after that, its frames leave out the ids its `recent`
@@ -87,6 +89,8 @@ struct ViewerEntry {
     joining: Option<Vec<Message>>,
     /// After joining, for a while: ids the SubscribeRoomOutput had, left out of its frames.
     seen: Option<(HashSet<u64>, Instant)>,
+    /// The online count of the last frame queued to it (or of its SubscribeRoomOutput).
+    told: u64,
 }
 
 /// A room frame: messages plus the count, encoded once.
@@ -188,8 +192,6 @@ pub struct RoomState {
     /// The room's message rate (per second, decaying average) as of `rate_at`.
     rate: f64,
     rate_at: Instant,
-    /// The online count the last frame carried (`None` before the first presence tick).
-    last_online: Option<u64>,
     next_presence: Instant,
 }
 
@@ -227,7 +229,6 @@ impl RoomState {
             last_flush: None,
             rate: 0.0,
             rate_at: now,
-            last_online: None,
             next_presence: now,
         }
     }
@@ -262,6 +263,7 @@ impl RoomState {
                 viewer,
                 joining: Some(Vec::new()),
                 seen: None,
+                told: 0,
             },
         );
     }
@@ -311,9 +313,7 @@ impl RoomState {
         if !known.is_empty() {
             v.seen = Some((known, now + SEEN_FOR));
         }
-        // The count this viewer was told is the baseline of the next presence tick when none was
-        // recorded yet: a first tick that runs after a second viewer joined must still tell the first.
-        self.last_online.get_or_insert(online);
+        v.told = online;
         Some((recent, online))
     }
 
@@ -397,14 +397,16 @@ impl RoomState {
             self.remote = self.reports.values().map(|(n, _)| n).sum();
             let online = self.online();
             out.presence = Some(self.viewers.len() as u64);
-            // Tell viewers a changed count even when no message carries it.
+            // Tell viewers a changed count even when no message carries it (only those told another
+            // count, and only those not behind: see `flush`).
             if self.batch.is_empty()
                 && self.batch_likes == 0
-                && self.last_online.is_some_and(|o| o != online)
+                && self
+                    .viewers
+                    .values()
+                    .any(|v| v.joining.is_none() && v.told != online)
             {
                 self.flush(now, &mut out);
-            } else if self.last_online.is_none() {
-                self.last_online = Some(online);
             }
         }
         out
@@ -507,7 +509,8 @@ impl RoomState {
             self.last_flush = Some(now);
         }
         let online = self.online();
-        self.last_online = Some(online);
+        // A frame with nothing but the count: it never takes a queue slot a message could need.
+        let refresh_only = batch.is_empty() && likes == 0;
         let room_id = self.room_id;
         let keep = self.sample(&batch, now);
         let is_chat = |i: usize| batch[i].0 == RoomClass::Chat;
@@ -576,6 +579,11 @@ impl RoomState {
                 continue;
             }
             let tx = &v.viewer.tx;
+            // A count refresh goes only to a viewer told another count whose queue is empty: one that
+            // is behind gets the count with its next frame, or from a later tick (`told` unchanged).
+            if refresh_only && (v.told == online || tx.capacity() < tx.max_capacity()) {
+                continue;
+            }
             let reserve = (tx.max_capacity() / 4).max(1);
             let slow = chat_kept > 0 || own_sampled;
             let slow = slow && tx.capacity() <= reserve;
@@ -624,6 +632,8 @@ impl RoomState {
                 out.shaped.chat_dropped += chat_in;
                 out.shaped.high_dropped += high_in;
                 out.shaped.like_dropped += likes_in;
+            } else {
+                v.told = online;
             }
         }
     }
@@ -1092,6 +1102,31 @@ mod tests {
         let f = frame_of(&rx_a.try_recv().expect("count refresh"));
         assert!(f.messages.is_empty());
         assert_eq!(f.online_count, 2);
+    }
+
+    /// A count refresh never takes a slot of a viewer that is behind (its queue holds a frame): with
+    /// a queue of 2, a refresh queued behind a message would leave room for one more frame only.
+    #[test]
+    fn a_count_refresh_waits_for_a_viewer_that_is_behind() {
+        let t0 = Instant::now();
+        let (mut r, mut rxs) = room(t0, 1, 2);
+        // A quiet room's message goes at once; the viewer has not read it yet.
+        r.on_message(msg(1), t0);
+        r.on_presence(report("g2", 2, PRESENCE * 10), t0);
+        let t1 = t0 + PRESENCE;
+        r.on_tick(t1);
+        assert_eq!(ids(&rxs[0].try_recv().expect("the message")), vec![1]);
+        assert!(
+            rxs[0].try_recv().is_err(),
+            "a refresh took a slot while behind"
+        );
+        // Caught up: the next tick tells it, once.
+        let t2 = t1 + PRESENCE;
+        r.on_tick(t2);
+        let f = frame_of(&rxs[0].try_recv().expect("count refresh"));
+        assert_eq!((f.messages.len(), f.online_count), (0, 3));
+        r.on_tick(t2 + PRESENCE);
+        assert!(rxs[0].try_recv().is_err(), "told twice");
     }
 
     fn from(id: u64, sender: i64) -> Message {

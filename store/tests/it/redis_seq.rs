@@ -129,6 +129,7 @@ on_both!(
     fan_out_of_2000_users_in_one_call,
     allocation_resumes_above_stored_seqs_after_redis_loses_its_keys,
     conversation_seqs_share_the_call_and_recover_from_the_conversation_store,
+    each_counter_gets_its_own_value_in_a_group_call,
 );
 
 fn store() -> Arc<EmbeddedBackend> {
@@ -396,4 +397,24 @@ async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_stor
         .await
         .expect_err("no floor to recover from");
     assert_eq!(err.kind, zhibo_store::ErrorKind::Unavailable, "{err}");
+}
+
+/// A group send allocates every member's inbox seq and the group's conversation seq in one call:
+/// each value goes to its own counter (on a cluster the keys live on different masters), round after
+/// round.
+async fn each_counter_gets_its_own_value_in_a_group_call(target: Target) {
+    let backend = store();
+    let (seq, _redis) = allocator(target, backend.clone()).await;
+    let seq = seq.with_conversations(backend);
+    let members: Vec<i64> = (0..5).map(|_| user_id()).collect();
+    let key = ConversationKey::Group(user_id());
+    for i in 1..=6u64 {
+        let (inbox, conv_seq) = seq.next_in_conversation(&members, key).await.expect("next");
+        assert_eq!(
+            inbox,
+            vec![i; members.len()],
+            "round {i}: every member's own counter"
+        );
+        assert_eq!(conv_seq, i, "round {i}: the group's counter");
+    }
 }

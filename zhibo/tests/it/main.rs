@@ -8,7 +8,6 @@ mod both_modes;
 mod bad_input;
 mod cli;
 mod cluster;
-mod clustered_infra;
 mod conversations;
 mod faults;
 mod ids;
