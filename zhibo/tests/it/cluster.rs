@@ -95,6 +95,14 @@ pub(crate) const READY_WAIT: Duration = Duration::from_secs(30);
 
 /// The NATS subject prefix of this test process: unique per process, so parallel test runs sharing
 /// one NATS server stay apart. Every configuration this suite builds uses it.
+/// A number per distributed cluster of this process, for its gateways' ids: concurrent clusters share
+/// the subject prefix, so gateways named alike would both get the replies (`<prefix>.gw.<id>`) meant
+/// for one of them, connection ids included.
+pub(crate) fn cluster_number() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 pub(crate) fn subject_prefix() -> &'static str {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PREFIX.get_or_init(|| zhibo_testkit::unique_name("e2e"))
@@ -347,7 +355,7 @@ impl Cluster {
         let mut gateway_stops = Vec::new();
         for i in 0..2 {
             let mut c = config.clone();
-            c.gateway.gateway_id = format!("gw-{}-{i}", std::process::id());
+            c.gateway.gateway_id = format!("gw-{}-{}-{i}", std::process::id(), cluster_number());
             per_node(Node::Gateway(i), &mut c);
             let backends = zhibo::connect(&c, "e2e-gateway")
                 .await

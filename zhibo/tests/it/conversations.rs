@@ -630,13 +630,21 @@ async fn history_pages_across_1000_messages(cluster: &Cluster) {
                 ..Default::default()
             })
         };
-        loop {
-            match a.request(input(), WAIT).await.expect("reply").body {
-                Some(Body::SendMessageOutput(_)) => break,
-                Some(Body::Error(e)) if e.code == ErrorCode::RateLimited as i32 => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        for attempt in 1.. {
+            match a.request(input(), WAIT).await {
+                Ok(p) => match p.body {
+                    Some(Body::SendMessageOutput(_)) => break,
+                    Some(Body::Error(e)) if e.code == ErrorCode::RateLimited as i32 => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("expected an ACK, got {other:?}"),
+                },
+                // No answer (a command lost with a stopping worker, as the docs say a client may
+                // see): resend with the same client_msg_id, as a client does; it is deduplicated.
+                Err(e) => {
+                    assert!(attempt < 4, "h{i} unanswered {attempt} times: {e}");
+                    eprintln!("h{i}: {e}; resending");
                 }
-                other => panic!("expected an ACK, got {other:?}"),
             }
         }
     }

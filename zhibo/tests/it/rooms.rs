@@ -179,7 +179,11 @@ impl RoomCluster {
         let mut gateways = Vec::new();
         for i in 0..2 {
             let mut c = config.clone();
-            c.gateway.gateway_id = format!("rooms-{}-{i}", std::process::id());
+            c.gateway.gateway_id = format!(
+                "rooms-{}-{}-{i}",
+                std::process::id(),
+                crate::cluster::cluster_number()
+            );
             let backends = zhibo::connect(&c, "rooms-gateway").await.expect("backends");
             let (tcp, hub, task) = gateway(&c, &backends, &shutdown).await;
             gateways.push((tcp, hub));
