@@ -246,8 +246,18 @@ impl Logic {
             .ok_or_else(|| not_in(conversation))
     }
 
-    /// Pushes `update` to the user's devices but `origin`'s and returns it (the answer).
-    async fn announce(&self, origin: &Origin, update: ConversationUpdate) -> ConversationUpdate {
+    /// Pushes the changed `row` (with `deleted_conv_seq`, 0 unless a delete-for-me) to the user's
+    /// devices but `origin`'s and returns the update (the answer).
+    async fn announce(
+        &self,
+        origin: &Origin,
+        row: &Conversation,
+        deleted_conv_seq: u64,
+    ) -> ConversationUpdate {
+        let update = ConversationUpdate {
+            conversation: Some(Box::new(to_wire(row))),
+            deleted_conv_seq,
+        };
         self.deliver_to_user(
             origin.user_id,
             origin.device_id,
@@ -321,15 +331,7 @@ impl Logic {
             )
             .await;
         }
-        Ok(self
-            .announce(
-                origin,
-                ConversationUpdate {
-                    conversation: Some(Box::new(to_wire(&row))),
-                    deleted_conv_seq: 0,
-                },
-            )
-            .await)
+        Ok(self.announce(origin, &row, 0).await)
     }
 
     /// The current members of a group who have read its message `conv_seq`.
@@ -476,15 +478,7 @@ impl Logic {
             .await
             .map_err(conv_err)?;
         let row = self.row(user_id, conversation).await?;
-        Ok(self
-            .announce(
-                origin,
-                ConversationUpdate {
-                    conversation: Some(Box::new(to_wire(&row))),
-                    deleted_conv_seq: input.conv_seq,
-                },
-            )
-            .await)
+        Ok(self.announce(origin, &row, input.conv_seq).await)
     }
 
     /// Sets mute/pin of a conversation, synced to the user's other devices.
@@ -514,15 +508,7 @@ impl Logic {
             .await
             .map_err(conv_err)?;
         let row = self.row(user_id, conversation).await?;
-        Ok(self
-            .announce(
-                origin,
-                ConversationUpdate {
-                    conversation: Some(Box::new(to_wire(&row))),
-                    deleted_conv_seq: 0,
-                },
-            )
-            .await)
+        Ok(self.announce(origin, &row, 0).await)
     }
 
     /// Relays "typing" to the peer's / other members' devices online now (never stored). The rate

@@ -93,51 +93,21 @@ fn serve_receiver(
     (stop, task)
 }
 
-/// `/webhook`: verifies the signature and the key header, records the event.
-async fn receive_webhook(
-    State(state): State<Arc<ReceiverState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    if verify(
-        PUSH_SECRET.as_bytes(),
-        &header(TIMESTAMP_HEADER),
-        &header(SIGNATURE_HEADER),
-        &body,
-        now,
-        300,
-    )
-    .is_err()
-    {
-        *state.bad_signatures.lock().expect("lock") += 1;
-        return StatusCode::UNAUTHORIZED;
-    }
-    let Ok(event) = serde_json::from_slice::<WebhookEvent>(&body) else {
-        return StatusCode::BAD_REQUEST;
-    };
-    if header(IDEMPOTENCY_HEADER) != event.idempotency_key {
-        return StatusCode::BAD_REQUEST;
-    }
-    state.webhooks.lock().expect("lock").push(event);
-    StatusCode::OK
+/// A delivery's headers, checked: the body's signature (a bad one is counted in `bad_signatures`),
+/// then the body decoded as `T` whose idempotency key must be the header's. `Err` is the status to
+/// answer.
+struct Signed<T> {
+    event: T,
+    timestamp: String,
+    signature: String,
 }
 
-async fn receive(
-    State(state): State<Arc<ReceiverState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
+fn check_signed<T: serde::de::DeserializeOwned>(
+    state: &ReceiverState,
+    headers: &HeaderMap,
+    body: &[u8],
+    key_of: impl Fn(&T) -> &str,
+) -> Result<Signed<T>, StatusCode> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -154,21 +124,56 @@ async fn receive(
         PUSH_SECRET.as_bytes(),
         &timestamp,
         &signature,
-        &body,
+        body,
         now,
         300,
     )
     .is_err()
     {
         *state.bad_signatures.lock().expect("lock") += 1;
-        return StatusCode::UNAUTHORIZED;
+        return Err(StatusCode::UNAUTHORIZED);
     }
-    let Ok(event) = serde_json::from_slice::<PushEvent>(&body) else {
-        return StatusCode::BAD_REQUEST;
+    let event: T = serde_json::from_slice(body).map_err(|_| StatusCode::BAD_REQUEST)?;
+    if header(IDEMPOTENCY_HEADER) != key_of(&event) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok(Signed {
+        event,
+        timestamp,
+        signature,
+    })
+}
+
+/// `/webhook`: verifies the signature and the key header, records the event.
+async fn receive_webhook(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    match check_signed(&state, &headers, &body, |e: &WebhookEvent| {
+        &e.idempotency_key
+    }) {
+        Ok(signed) => {
+            state.webhooks.lock().expect("lock").push(signed.event);
+            StatusCode::OK
+        }
+        Err(status) => status,
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let Signed {
+        event,
+        timestamp,
+        signature,
+    } = match check_signed(&state, &headers, &body, |e: &PushEvent| &e.idempotency_key) {
+        Ok(signed) => signed,
+        Err(status) => return status,
     };
-    if header(IDEMPOTENCY_HEADER) != event.idempotency_key {
-        return StatusCode::BAD_REQUEST;
-    }
     if state
         .refuse_users
         .lock()
