@@ -29,6 +29,7 @@ readonly TIMEOUT="${ZHIBO_INFRA_TIMEOUT:-180}"
 readonly HOST=127.0.0.1
 readonly NATS_PORT=14222
 readonly NATS_MONITOR_PORT=18222
+readonly NATS_ACCOUNTS=32 # see start_nats
 readonly REDIS_PORT=16379
 # Redis Cluster: three masters, no replicas; each also listens on its port + 10000 (cluster bus).
 readonly REDIS_CLUSTER_PORTS=(17001 17002 17003)
@@ -242,8 +243,21 @@ start_nats() {
 	require_free_port "$NATS_MONITOR_PORT" "NATS monitoring"
 	rm -rf "$INFRA_DIR/nats"
 	mkdir -p "$INFRA_DIR/nats"
-	setsid nats-server -a "$HOST" -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
-		--jetstream --store_dir "$INFRA_DIR/nats" --server_name zhibo-test \
+	# Accounts t0..t$((NATS_ACCOUNTS - 1)) (user = password = the account's name), each with its own
+	# subjects and JetStream: a test cluster connecting as one never sees another's traffic, whatever
+	# its subject prefix (zhibo_testkit::nats_account_url). A client without credentials is t0.
+	local conf="$INFRA_DIR/nats/nats.conf" i
+	{
+		echo "jetstream { store_dir: \"$INFRA_DIR/nats\" }"
+		echo "no_auth_user: t0"
+		echo "accounts {"
+		for ((i = 0; i < NATS_ACCOUNTS; i++)); do
+			echo "  T$i: { jetstream: enabled, users: [ { user: t$i, password: t$i } ] }"
+		done
+		echo "}"
+	} >"$conf"
+	setsid nats-server -c "$conf" -a "$HOST" -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
+		--server_name zhibo-test \
 		</dev/null >"$(log_file nats)" 2>&1 9>&- &
 	echo $! >"$(pid_file nats)"
 }

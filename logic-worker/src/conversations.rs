@@ -23,6 +23,7 @@ use zhibo_store::{
     ListCursor, ListQuery, RecallRequest, Role,
 };
 
+use crate::sync::fit_page;
 use crate::{Logic, LogicError, Op};
 
 /// Conversation-list page when the client asks for 0, and the largest it may ask for.
@@ -143,20 +144,22 @@ impl Logic {
                 ListQuery {
                     changed_after: input.changed_after,
                     after,
-                    limit,
+                    limit: limit + 1,
                 },
             )
             .await
             .map_err(conv_err)?;
-        let version = rows
+        let mut conversations: Vec<_> = rows.iter().map(to_wire).collect();
+        let has_more = fit_page(&mut conversations, limit, self.config.max_sync_bytes);
+        let version = conversations
             .iter()
             .map(|c| c.version)
             .max()
             .unwrap_or(0)
             .max(input.changed_after);
         Ok(ConversationListOutput {
-            has_more: rows.len() == limit,
-            conversations: rows.iter().map(to_wire).collect(),
+            has_more,
+            conversations,
             version,
         })
     }
@@ -203,20 +206,19 @@ impl Logic {
             return Err(not_in(conversation));
         }
         let entries = store
-            .history(user_id, conversation, page, limit)
+            .history(user_id, conversation, page, limit + 1)
             .await
             .map_err(conv_err)?;
-        Ok(HistoryOutput {
-            has_more: entries.len() == limit,
-            messages: entries
-                .into_iter()
-                .map(|e| {
-                    let mut m = e.message;
-                    m.conv_seq = e.conv_seq;
-                    m
-                })
-                .collect(),
-        })
+        let mut messages: Vec<_> = entries
+            .into_iter()
+            .map(|e| {
+                let mut m = e.message;
+                m.conv_seq = e.conv_seq;
+                m
+            })
+            .collect();
+        let has_more = fit_page(&mut messages, limit, self.config.max_sync_bytes);
+        Ok(HistoryOutput { messages, has_more })
     }
 
     /// A fresh inbox seq of `user_id`: the version of a change of one of their rows.

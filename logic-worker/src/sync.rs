@@ -1,11 +1,31 @@
 //! Sync pages (a user's inbox after a seq, bounded by count and by bytes so a page fits in one frame) and
 //! acks (how far a device has read).
 
-use prost::Message as _;
 use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{SyncInput, SyncOutput};
 
 use crate::{Logic, LogicError, Op};
+
+/// Cuts a page read with one item more than `limit` (to know whether more exist) to at most `limit`
+/// items and to the items that fit in `max_bytes` once encoded (always at least one), so the answer
+/// fits in one frame whatever the contents. Returns `has_more`: whether anything was cut.
+pub(crate) fn fit_page<T: prost::Message>(
+    items: &mut Vec<T>,
+    limit: usize,
+    max_bytes: usize,
+) -> bool {
+    let mut has_more = items.len() > limit;
+    items.truncate(limit);
+    let mut bytes = 0;
+    if let Some(over) = items.iter().position(|m| {
+        bytes += m.encoded_len() + 8;
+        bytes > max_bytes
+    }) {
+        items.truncate(over.max(1));
+        has_more = true;
+    }
+    has_more
+}
 
 impl Logic {
     /// The messages of `user_id` after `input.seq`, oldest first, one page.
@@ -23,17 +43,7 @@ impl Logic {
             .sync(user_id, input.seq, limit + 1)
             .await
             .map_err(|e| LogicError::store(Op::Sync, &e))?;
-        let mut has_more = messages.len() > limit;
-        messages.truncate(limit);
-        // The page must fit in one frame: stop before the byte budget (always at least one message).
-        let mut bytes = 0;
-        if let Some(over) = messages.iter().position(|m| {
-            bytes += m.encoded_len() + 8;
-            bytes > self.config.max_sync_bytes
-        }) {
-            messages.truncate(over.max(1));
-            has_more = true;
-        }
+        let has_more = fit_page(&mut messages, limit, self.config.max_sync_bytes);
         Ok(SyncOutput { messages, has_more })
     }
 

@@ -20,7 +20,7 @@ mod nats_server;
 
 pub use nats_server::NatsServer;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Environment variable holding the NATS URL.
@@ -138,6 +138,32 @@ pub async fn require_nats() -> String {
     let url = nats_url();
     require_tcp(&url, "NATS").await;
     url
+}
+
+/// Accounts of the harness's NATS server (`scripts/infra.sh`): `t0` … `t31`, user = password.
+pub const NATS_ACCOUNTS: u32 = 32;
+
+/// [`require_nats`], with the credentials of the next of the harness's [`NATS_ACCOUNTS`] accounts
+/// (round robin in this process, `t1` first; `t0` is what clients without credentials get): each
+/// account has its own subjects and JetStream, so a test cluster given its own account never takes
+/// another concurrent cluster's commands or replies, whatever their subject prefixes. A NATS server
+/// without authorization ignores the credentials; clusters on it are kept apart by their subject
+/// prefix and gateway ids only.
+///
+/// # Panics
+///
+/// Panics if NATS is not reachable.
+pub async fn require_nats_account() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let url = require_nats().await;
+    let account = 1 + NEXT.fetch_add(1, Ordering::Relaxed) % (NATS_ACCOUNTS - 1);
+    match url.split_once("://") {
+        Some((scheme, rest)) if !rest.contains('@') => {
+            format!("{scheme}://t{account}:t{account}@{rest}")
+        }
+        // Credentials of its own: a server this harness did not start.
+        _ => url,
+    }
 }
 
 /// [`require_tcp`] on [`redis_url`]; returns the URL.

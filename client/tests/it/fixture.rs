@@ -175,7 +175,7 @@ impl Cluster {
     /// Two gateways (gateway 0's GoAway points at gateway 1), two logic workers and a user-api on real
     /// NATS, Redis and Cassandra.
     pub(crate) async fn distributed() -> Cluster {
-        let nats = zhibo_testkit::require_nats().await;
+        let nats = zhibo_testkit::require_nats_account().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();

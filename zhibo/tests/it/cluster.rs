@@ -3,7 +3,10 @@
 //!
 //! Every node of this test process (and every `zhibo` process it starts on the shared NATS) uses the
 //! process's own subject prefix ([`subject_prefix`]): two test runs on one NATS never take each other's
-//! commands or see each other's rooms and broadcasts.
+//! commands or see each other's rooms and broadcasts. Within the process, each distributed cluster
+//! connects as its own account of the harness's NATS server ([`zhibo_testkit::require_nats_account`]),
+//! so concurrent clusters with differently configured workers (push, webhooks, a short recall window)
+//! never take each other's commands either.
 //!
 //! Fixtures wait on conditions, never fixed sleeps: [`eventually`] polls with a deadline, and
 //! [`wait_until_serving`] waits for a command round trip through every gateway.
@@ -93,8 +96,6 @@ pub(crate) const ADMIN: &str = "e2e-admin-secret";
 /// How long a fixture waits for a condition (a node serving, a process ready) before failing the test.
 pub(crate) const READY_WAIT: Duration = Duration::from_secs(30);
 
-/// The NATS subject prefix of this test process: unique per process, so parallel test runs sharing
-/// one NATS server stay apart. Every configuration this suite builds uses it.
 /// A number per distributed cluster of this process, for its gateways' ids: concurrent clusters share
 /// the subject prefix, so gateways named alike would both get the replies (`<prefix>.gw.<id>`) meant
 /// for one of them, connection ids included.
@@ -103,6 +104,8 @@ pub(crate) fn cluster_number() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The NATS subject prefix of this test process: unique per process, so parallel test runs sharing
+/// one NATS server stay apart. Every configuration this suite builds uses it.
 pub(crate) fn subject_prefix() -> &'static str {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PREFIX.get_or_init(|| zhibo_testkit::unique_name("e2e"))
@@ -339,7 +342,7 @@ impl Cluster {
         tweak: impl FnOnce(&mut Config),
         per_node: impl Fn(Node, &mut Config),
     ) -> Cluster {
-        let nats = zhibo_testkit::require_nats().await;
+        let nats = zhibo_testkit::require_nats_account().await;
         let redis = zhibo_testkit::require_redis().await;
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();

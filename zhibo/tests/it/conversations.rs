@@ -689,6 +689,99 @@ async fn history_pages_across_1000_messages(cluster: &Cluster) {
     assert_eq!(body["has_more"], json!(true));
 }
 
+/// Pages of large messages fit in one frame: a list or history page stops before the byte budget
+/// (`logic.max_sync_bytes`, under the gateway's 64 KiB `max_frame`) with `has_more`, so a client
+/// asking the largest page of 30 KiB messages gets every one across pages, on a connection that stays
+/// up; and `has_more` is exact: a page that ends on the last item says so.
+async fn large_pages_fit_in_one_frame(cluster: &Cluster) {
+    let bob = cluster.user("bob").await;
+    let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
+    let big = |tag: &str| format!("{tag}{}", "x".repeat(30 * 1024));
+    let mut peers = Vec::new();
+    for name in ["alice", "carol", "dave", "erin"] {
+        let u = cluster.user(name).await;
+        cluster.befriend(&u, &bob).await;
+        let mut c = cluster.connect(Transport::Ws, 1, &u).await;
+        send(&mut c, ReceiverType::User, bob.user_id, "b0", &big(name)).await;
+        if name == "alice" {
+            for i in 1..5 {
+                send(
+                    &mut c,
+                    ReceiverType::User,
+                    bob.user_id,
+                    &format!("b{i}"),
+                    &big("alice"),
+                )
+                .await;
+            }
+        }
+        peers.push(u.user_id);
+    }
+
+    // The whole list by the largest pages: more than one page, each row once.
+    let mut rows: Vec<Conversation> = Vec::new();
+    let mut pages = 0;
+    loop {
+        let after = rows.last().map(|r| {
+            let at = r.last_message.as_ref().map_or(0, |m| m.server_time_ms);
+            (r.conversation, at)
+        });
+        let input = Body::ConversationList(ConversationListInput {
+            after: after.and_then(|(c, _)| c),
+            after_activity_ms: after.map_or(0, |(_, at)| at),
+            limit: 500,
+            ..Default::default()
+        });
+        let page = match ask(&mut b, input).await {
+            Body::ConversationListOutput(o) => o,
+            other => panic!("expected ConversationListOutput, got {other:?}"),
+        };
+        pages += 1;
+        assert!(
+            !page.conversations.is_empty(),
+            "an empty page after has_more"
+        );
+        rows.extend(page.conversations);
+        if !page.has_more {
+            break;
+        }
+    }
+    let mut got: Vec<i64> = rows.iter().map(|r| r.conversation.unwrap().id).collect();
+    got.sort_unstable();
+    let mut want = peers.clone();
+    want.sort_unstable();
+    assert_eq!(got, want, "every conversation once");
+    assert!(pages > 1, "four 30 KiB rows cannot fit one frame");
+
+    // Alice's five messages backwards by the largest pages: no gap, no repeat.
+    let alice = peers[0];
+    let mut seqs = Vec::new();
+    let mut before = 0;
+    loop {
+        let page = history(&mut b, peer(alice), before, 0, 200).await;
+        assert!(!page.messages.is_empty(), "an empty page after has_more");
+        seqs.extend(page.messages.iter().map(|m| m.conv_seq));
+        before = page.messages.last().unwrap().conv_seq;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seqs, [5, 4, 3, 2, 1]);
+
+    // Exact has_more: a page whose last item is the last one says there is no more.
+    let last = history(&mut b, peer(alice), 2, 0, 1).await;
+    assert_eq!(
+        (
+            last.messages.len(),
+            last.messages[0].conv_seq,
+            last.has_more
+        ),
+        (1, 1, false)
+    );
+    let first = history(&mut b, peer(alice), 3, 0, 1).await;
+    assert!(first.has_more, "conv seq 1 is left");
+}
+
 /// Typing reaches the peer's devices online now, never a device that connects later; a flood is
 /// refused with RATE_LIMITED; typing in a conversation one is not in is refused.
 async fn typing_reaches_online_devices_only(cluster: &Cluster) {
@@ -981,6 +1074,7 @@ both_modes!(
     read_receipts_one_to_one_and_group,
     recall_live_by_sync_and_refusals,
     history_pages_across_1000_messages,
+    large_pages_fit_in_one_frame,
     typing_reaches_online_devices_only,
     mute_and_pin_synced_to_other_device,
     http_routes,

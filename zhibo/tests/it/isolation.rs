@@ -42,8 +42,8 @@ async fn send_many(client: &mut Client, to: i64, n: usize, tag: &str) -> Vec<Err
 /// A logic worker that refuses every message (`max_content` 1 byte) runs on the same NATS server with
 /// another subject prefix, beside a normal worker of this cluster: every send is answered by ours. (With
 /// the other worker on this process's prefix, about half the sends are refused: the test fails, as it
-/// did before subject prefixes existed. Workers of other clusters of this test process share our prefix
-/// and keyspace: they may answer too, correctly.)
+/// did before subject prefixes existed. The foreign worker connects as this cluster's NATS account, so
+/// only the prefix keeps it apart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_prefix_on_the_same_nats_never_takes_our_commands() {
     let cluster = Cluster::distributed_with(0).await;

@@ -804,9 +804,11 @@ mod distributed_mode {
         let receiver = Receiver::start().await;
         let cluster = distributed(&receiver, |_| {}).await;
         let config = cluster.config.clone().expect("distributed");
-        let nats = async_nats::connect(&config.bus.nats_url)
+        // As the nodes connect (credentials in the URL: the cluster's own NATS account).
+        let bus = zhibo_bus::nats::NatsBus::connect(&config.bus.nats_url, "e2e-dead-letters")
             .await
             .expect("nats");
+        let nats = bus.client().clone();
         let mut dead = nats
             .subscribe(format!("{}.push.dead", config.bus.subject_prefix))
             .await

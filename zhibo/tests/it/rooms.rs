@@ -169,7 +169,7 @@ impl RoomCluster {
 
     async fn distributed() -> RoomCluster {
         let mut config = config();
-        config.bus.nats_url = zhibo_testkit::require_nats().await;
+        config.bus.nats_url = zhibo_testkit::require_nats_account().await;
         config.store.redis_url = zhibo_testkit::require_redis().await;
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![zhibo_testkit::require_cql().await];
