@@ -587,6 +587,7 @@ cmd_status() {
 
 cmd_env() {
 	echo "export ZHIBO_TEST_NATS_URL=nats://$HOST:$NATS_PORT"
+	echo "export ZHIBO_TEST_NATS_MONITOR=http://$HOST:$NATS_MONITOR_PORT/varz"
 	echo "export ZHIBO_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT"
 	local port urls=()
 	for port in "${REDIS_CLUSTER_PORTS[@]}"; do urls+=("redis://$HOST:$port"); done

@@ -112,6 +112,14 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
             "acked_per_s / (cql_insert_per_s / inserts_per_message)",
             v / (c.cql_insert_per_s / INSERTS_PER_ONE_TO_ONE),
         ));
+        // The same with the CQL operations the workers counted per message (reads, LWTs and batches
+        // each count one; the ceiling is plain inserts).
+        if let Some(ops) = get("cost.cql_ops").filter(|&ops| ops > 0.0) {
+            r.push((
+                "acked_per_s / (cql_insert_per_s / cql_ops_per_message)",
+                v / (c.cql_insert_per_s / ops),
+            ));
+        }
     }
     if let Some(v) = get("max_delivered_per_s") {
         if c.nats_pubsub_per_s > 0.0 {

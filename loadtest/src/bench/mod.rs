@@ -14,6 +14,7 @@
 pub mod ceilings;
 pub mod classes;
 pub mod conversations;
+pub mod cost;
 pub mod hist;
 pub mod idle;
 pub mod load;
@@ -134,6 +135,18 @@ pub struct BenchArgs {
         default_value = "nats://127.0.0.1:14222"
     )]
     pub nats_url: String,
+    /// NATS monitoring `/varz` URL, for the NATS messages per message of a spawned distributed
+    /// cluster (the harness's server: `scripts/infra.sh`).
+    #[arg(
+        long,
+        env = "ZHIBO_TEST_NATS_MONITOR",
+        default_value = "http://127.0.0.1:18222/varz"
+    )]
+    pub nats_monitor: String,
+    /// Pid files of the servers `scripts/infra.sh` started (`nats.pid`, `redis.pid`, `cassandra.pid`),
+    /// for their CPU per message with a spawned distributed cluster (missing files are left out).
+    #[arg(long, default_value = ".cache/infra/run")]
+    pub infra_run: PathBuf,
     /// Redis (distributed spawn and ceilings).
     #[arg(
         long,

@@ -11,6 +11,7 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ReceiverType, SubscribeRoomInput, SyncInput};
 
 use super::classes;
+use super::cost;
 use super::hist::{fmt_us, new_histogram, record, Latency};
 use super::load::{self, LoadConn, Meter, SendTo};
 use super::progress::Progress;
@@ -269,6 +270,10 @@ pub async fn one_to_one(
     .await?;
     let _p = progress("1:1", &meter, target);
     let rx: Vec<i64> = receivers.iter().map(|r| r.creds.user_id).collect();
+    let before = (
+        cost::read(args, target).await,
+        meter.counters.snapshot().acked,
+    );
     sweep(
         args,
         target,
@@ -283,6 +288,13 @@ pub async fn one_to_one(
         report,
     )
     .await?;
+    let after = cost::read(args, target).await;
+    cost::per_message(
+        &before.0,
+        &after,
+        meter.counters.snapshot().acked - before.1,
+        report,
+    );
     headline(report);
     report.notes.push(format!(
         "{n} sender connections pipelining to {n} receivers; every message is durable in both inboxes before its ACK"
@@ -330,6 +342,10 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         load::connect_all(args.transport, addr, &members, args.source_ips, &meter).await?;
     let s = args.senders.clamp(1, size);
     let _p = progress("group", &meter, target);
+    let before = (
+        cost::read(args, target).await,
+        meter.counters.snapshot().acked,
+    );
     sweep(
         args,
         target,
@@ -344,6 +360,13 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         report,
     )
     .await?;
+    let after = cost::read(args, target).await;
+    cost::per_message(
+        &before.0,
+        &after,
+        meter.counters.snapshot().acked - before.1,
+        report,
+    );
     headline(report);
     report.metrics.insert("group_size".into(), size as f64);
     report.notes.push(format!(

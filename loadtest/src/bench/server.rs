@@ -38,6 +38,10 @@ pub struct Target {
     pub mode: String,
     /// The gateway's (or `zhibo dev`'s) `/metrics` URL, when known.
     pub metrics_url: Option<String>,
+    /// The logic workers' `/metrics` URLs (spawned distributed cluster), for their CQL counters.
+    worker_metrics: Vec<String>,
+    /// The role of each spawned process, in `children` order.
+    roles: Vec<String>,
     children: Vec<Child>,
 }
 
@@ -59,6 +63,19 @@ impl Target {
     /// The gateway's CPU time (user + system), seconds.
     pub fn cpu_secs(&self) -> f64 {
         self.gateway_pid.and_then(cpu_secs).unwrap_or(0.0)
+    }
+
+    /// `(role, pid)` of each spawned process (none for `--spawn none`).
+    pub fn processes(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.roles
+            .iter()
+            .zip(&self.children)
+            .filter_map(|(role, c)| Some((role.as_str(), c.id()?)))
+    }
+
+    /// The logic workers' `/metrics` URLs (spawned distributed cluster only).
+    pub fn worker_metrics(&self) -> &[String] {
+        &self.worker_metrics
     }
 
     /// The gateway's room shaping counters, from its `/metrics` (`None` when it has no known ops
@@ -140,6 +157,8 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
             admin_secret: args.admin_secret.clone(),
             mode: "external".into(),
             metrics_url: args.metrics_url.clone(),
+            worker_metrics: Vec::new(),
+            roles: Vec::new(),
             children: Vec::new(),
         });
     }
@@ -216,13 +235,11 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("create {}", log_path.display()))?;
     let mut children = Vec::new();
-    let spawn = |role: &str, env: &[(String, String)]| -> anyhow::Result<Child> {
-        // An ops endpoint on the gateway (or `zhibo dev`) only: several roles on one host would
-        // otherwise all bind the default 127.0.0.1:9100.
-        let ops = match role {
-            "dev" | "gateway" => format!("127.0.0.1:{metrics_port}"),
-            _ => String::new(),
-        };
+    let mut roles = Vec::new();
+    let mut worker_metrics = Vec::new();
+    // `ops`: the process's ops endpoint (`ZHIBO_METRICS_ADDR`, empty = none): each process that has
+    // one needs its own port, or several roles on one host would all bind the default 127.0.0.1:9100.
+    let spawn = |role: &str, env: &[(String, String)], ops: &str| -> anyhow::Result<Child> {
         Command::new(&args.zhibo_bin)
             .arg(role)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -246,9 +263,10 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
                 }
             };
             common.push(("ZHIBO_STORE__PATH".into(), path));
-            let child = spawn("dev", &common)?;
+            let child = spawn("dev", &common, &format!("127.0.0.1:{metrics_port}"))?;
             gateway_pid = child.id();
             children.push(child);
+            roles.push("dev".to_owned());
         }
         SpawnMode::Distributed => {
             common.extend([
@@ -266,20 +284,25 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
                     format!("bench_{}", std::process::id()),
                 ),
             ]);
-            let status = spawn("migrate", &common)?.wait().await?;
+            let status = spawn("migrate", &common, "")?.wait().await?;
             if !status.success() {
                 bail!(
                     "zhibo migrate failed ({status}); see {}",
                     log_path.display()
                 );
             }
-            let gw = spawn("gateway", &common)?;
+            let gw = spawn("gateway", &common, &format!("127.0.0.1:{metrics_port}"))?;
             gateway_pid = gw.id();
             children.push(gw);
+            roles.push("gateway".to_owned());
             for _ in 0..args.workers.max(1) {
-                children.push(spawn("logic-worker", &common)?);
+                let ops = format!("127.0.0.1:{}", free_tcp_port()?);
+                children.push(spawn("logic-worker", &common, &ops)?);
+                roles.push("logic-worker".to_owned());
+                worker_metrics.push(format!("http://{ops}/metrics"));
             }
-            children.push(spawn("user-api", &common)?);
+            children.push(spawn("user-api", &common, "")?);
+            roles.push("user-api".to_owned());
         }
         SpawnMode::None => unreachable!("handled above"),
     }
@@ -293,6 +316,8 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
         admin_secret: admin,
         mode: format!("{:?}", args.spawn).to_lowercase(),
         metrics_url: Some(format!("http://127.0.0.1:{metrics_port}/metrics")),
+        worker_metrics,
+        roles,
         children,
     };
     wait_ready(&mut target, &log_path).await?;

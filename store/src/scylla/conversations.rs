@@ -251,6 +251,7 @@ impl ScyllaBackend {
         batch: &Batch,
         values: impl scylla::serialize::batch::BatchValues,
     ) -> Result<()> {
+        super::count_batch();
         self.session
             .batch(batch, values)
             .await

@@ -377,6 +377,31 @@ async fn cql_operations_are_counted_by_kind() {
             .append_many(&[(7, message(2)), (7, message(3))])
             .await
             .expect("batch");
+        // A send with a conversation: each copy's single-partition batch (inbox and conversation
+        // rows) and the conversation's record are batches too.
+        let batches = count("batch");
+        let mut to_8 = message(4);
+        to_8.receiver_id = 8;
+        let conv_plan = SendPlan {
+            message_id: 10,
+            seq: 4,
+            server_time_ms: 2,
+            recipients: vec![(7, 4), (8, 1)],
+            conv_seq: 1,
+        };
+        let copies = [(7, to_8.clone()), (8, Message { seq: 1, ..to_8 })];
+        assert_eq!(
+            store
+                .record_send(7, "counted-conv", &conv_plan, &copies)
+                .await
+                .expect("send with a conversation"),
+            None
+        );
+        assert!(
+            count("batch") >= batches + 2,
+            "a conversation send counted {} batches",
+            count("batch") - batches
+        );
         let after = ["read", "write", "lwt", "batch"].map(count);
         for (i, kind) in ["read", "write", "lwt", "batch"].iter().enumerate() {
             assert!(

@@ -212,6 +212,24 @@ async fn loadtest_spawns_a_distributed_cluster() {
         "{s:?}"
     );
     assert_eq!(r.server["mode"], "distributed");
+    // What a message cost, from the processes' and servers' counters (shared servers: other tests
+    // add NATS and Redis traffic, so those are lower bounds; the CQL counts are this cluster's own).
+    let cost = |k: &str| {
+        r.metrics
+            .get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {:?}", r.metrics))
+    };
+    assert!(cost("cost.cql_ops") >= 1.0, "{:?}", r.metrics);
+    assert!(
+        cost("cost.redis_commands") >= 1.0,
+        "a seq allocation per message"
+    );
+    assert!(
+        cost("cost.nats_in") >= 2.0,
+        "a command and a delivery per message"
+    );
+    assert!(cost("cost.cpu_us.gateway") > 0.0 && cost("cost.cpu_us.logic-worker") > 0.0);
 }
 
 /// A spawned cluster whose process exits before it is ready fails the run with the log's path instead
