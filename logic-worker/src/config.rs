@@ -14,7 +14,8 @@ pub struct LogicConfig {
     pub max_sync_page: u32,
     /// Largest message content, bytes.
     pub max_content: usize,
-    /// Largest sync page, bytes: below the gateway's `max_frame` so a page always fits in one frame.
+    /// Largest sync, conversation-list or history page, bytes: below the gateway's `max_frame` so a page
+    /// always fits in one frame.
     pub max_sync_bytes: usize,
     /// Longest client_msg_id, bytes.
     pub max_client_msg_id: usize,

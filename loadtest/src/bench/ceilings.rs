@@ -203,14 +203,18 @@ async fn nats_request(url: &str, size: usize, secs: Duration) -> anyhow::Result<
     Ok(Latency::of(&h))
 }
 
-async fn redis_incr(url: &str, secs: Duration) -> anyhow::Result<f64> {
-    let hostport = url
-        .trim_start_matches("redis://")
+/// `host:port` of a `redis://[user:password@]host:port[/]` URL (the load tool speaks RESP itself).
+pub(super) fn redis_hostport(url: &str) -> String {
+    url.trim_start_matches("redis://")
         .trim_end_matches('/')
         .rsplit('@')
         .next()
         .unwrap_or("127.0.0.1:6379")
-        .to_owned();
+        .to_owned()
+}
+
+async fn redis_incr(url: &str, secs: Duration) -> anyhow::Result<f64> {
+    let hostport = redis_hostport(url);
     let mut s = tokio::net::TcpStream::connect(&hostport)
         .await
         .with_context(|| format!("Redis at {hostport}"))?;

@@ -19,6 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use super::ceilings::redis_hostport;
+use super::load::Meter;
 use super::report::Report;
 use super::server::{cpu_secs, Target};
 use super::BenchArgs;
@@ -34,6 +36,37 @@ pub struct Counters {
     redis: Option<u64>,
     /// CQL operations by kind, summed over the logic workers.
     cql: Option<BTreeMap<String, u64>>,
+}
+
+/// The counters and the ACK count at the start of a measured sweep.
+#[derive(Debug)]
+pub struct Probe {
+    counters: Counters,
+    acked: u64,
+}
+
+impl Probe {
+    /// Reads the counters before the sweep.
+    pub async fn start(args: &BenchArgs, target: &Target, meter: &Meter) -> Probe {
+        Probe {
+            counters: read(args, target).await,
+            acked: meter.counters.snapshot().acked,
+        }
+    }
+
+    /// Reads them again and writes the cost per message ACKed since [`Probe::start`] (see
+    /// [`per_message`]).
+    pub async fn finish(
+        self,
+        args: &BenchArgs,
+        target: &Target,
+        meter: &Meter,
+        report: &mut Report,
+    ) {
+        let after = read(args, target).await;
+        let acked = meter.counters.snapshot().acked - self.acked;
+        per_message(&self.counters, &after, acked, report);
+    }
 }
 
 /// Reads every counter of `target` (CPU of its processes; NATS, Redis, CQL when distributed).
@@ -149,13 +182,7 @@ async fn nats_msgs(url: &str) -> anyhow::Result<(u64, u64)> {
 
 /// `total_commands_processed` of the Redis at `url` (RESP over a plain connection).
 async fn redis_commands(url: &str) -> anyhow::Result<u64> {
-    let hostport = url
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .rsplit('@')
-        .next()
-        .unwrap_or("127.0.0.1:6379")
-        .to_owned();
+    let hostport = redis_hostport(url);
     let s = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(&hostport),

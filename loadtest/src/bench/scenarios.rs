@@ -270,10 +270,7 @@ pub async fn one_to_one(
     .await?;
     let _p = progress("1:1", &meter, target);
     let rx: Vec<i64> = receivers.iter().map(|r| r.creds.user_id).collect();
-    let before = (
-        cost::read(args, target).await,
-        meter.counters.snapshot().acked,
-    );
+    let probe = cost::Probe::start(args, target, &meter).await;
     sweep(
         args,
         target,
@@ -288,13 +285,7 @@ pub async fn one_to_one(
         report,
     )
     .await?;
-    let after = cost::read(args, target).await;
-    cost::per_message(
-        &before.0,
-        &after,
-        meter.counters.snapshot().acked - before.1,
-        report,
-    );
+    probe.finish(args, target, &meter, report).await;
     headline(report);
     report.notes.push(format!(
         "{n} sender connections pipelining to {n} receivers; every message is durable in both inboxes before its ACK"
@@ -342,10 +333,7 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         load::connect_all(args.transport, addr, &members, args.source_ips, &meter).await?;
     let s = args.senders.clamp(1, size);
     let _p = progress("group", &meter, target);
-    let before = (
-        cost::read(args, target).await,
-        meter.counters.snapshot().acked,
-    );
+    let probe = cost::Probe::start(args, target, &meter).await;
     sweep(
         args,
         target,
@@ -360,13 +348,7 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         report,
     )
     .await?;
-    let after = cost::read(args, target).await;
-    cost::per_message(
-        &before.0,
-        &after,
-        meter.counters.snapshot().acked - before.1,
-        report,
-    );
+    probe.finish(args, target, &meter, report).await;
     headline(report);
     report.metrics.insert("group_size".into(), size as f64);
     report.notes.push(format!(
