@@ -7,6 +7,7 @@
 //! | `<prefix>.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
 //! | `<prefix>.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
 //! | `<prefix>.broadcast`       | logic worker (user-api)   | every gateway                               |
+//! | `<prefix>.authz`           | user-api                  | every process with a logic pipeline         |
 //! | `<prefix>.push.event`      | logic worker (JetStream)  | push-relay (durable pull consumer)          |
 //! | `<prefix>.push.dead`       | push-relay (JetStream)    | operators (events given up after N attempts)|
 //! | `<prefix>.push.webhook`    | logic, gateway, user-api (JetStream) | push-relay (durable pull consumer) |
@@ -114,6 +115,12 @@ impl Subject {
         Subject(format!("{}.broadcast", prefix()))
     }
 
+    /// Changes of what the send path may cache (a friendship ended): every logic worker and user-api
+    /// drops the cached answer (`zhibo_proto::bus::AuthzEvent`).
+    pub fn authz() -> Self {
+        Subject(format!("{}.authz", prefix()))
+    }
+
     /// Offline push events (JSON), one per offline recipient per stored message; captured by the
     /// JetStream stream [`push_stream`] and delivered by `zhibo push-relay`.
     pub fn push_events() -> Self {
@@ -183,6 +190,7 @@ mod tests {
         assert_eq!(Subject::gateway("gw-1").as_str(), "zhibo.gw.gw-1");
         assert_ne!(Subject::user(7), Subject::room(7));
         assert_eq!(Subject::broadcast().as_str(), "zhibo.broadcast");
+        assert_eq!(Subject::authz().as_str(), "zhibo.authz");
         assert_eq!(Subject::push_events().as_str(), "zhibo.push.event");
         assert_eq!(Subject::push_dead_letters().as_str(), "zhibo.push.dead");
         assert_eq!(Subject::webhook_events().as_str(), "zhibo.push.webhook");

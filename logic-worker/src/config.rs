@@ -33,6 +33,10 @@ pub struct LogicConfig {
     /// How long after sending it a user may recall their own 1:1 or group message, seconds (group
     /// owners and admins may recall any message, without a window).
     pub recall_window_secs: u64,
+    /// How long the 1:1 send path trusts a "the receiver exists" or "these two are friends" it read,
+    /// seconds (0: reads them for every message). An ended friendship is dropped at once everywhere by
+    /// an event; this bounds only a missed event.
+    pub authz_cache_secs: u64,
 }
 
 impl Default for LogicConfig {
@@ -49,6 +53,7 @@ impl Default for LogicConfig {
             max_room_content: 4096,
             room_recent: 50,
             recall_window_secs: 120,
+            authz_cache_secs: 60,
         }
     }
 }

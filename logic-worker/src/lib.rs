@@ -32,6 +32,7 @@
 //! live subscription leave no gap) → one publish on `zhibo.room.<id>` → SendMessageOutput with seq 0.
 #![warn(missing_docs)]
 
+mod authz;
 mod config;
 mod consumer;
 mod conversations;
@@ -78,6 +79,8 @@ pub struct Logic {
     webhooks: Option<zhibo_push::Webhooks>,
     /// `None` when no hook is configured: the send path then does no hook work at all.
     before_send: Option<BeforeSendHook>,
+    /// Positive answers of the 1:1 send path's authorization reads (see `authz.rs`).
+    authz: authz::AuthzCache,
 }
 
 impl std::fmt::Debug for Logic {
@@ -95,6 +98,7 @@ impl Logic {
     /// refuses to mint (`UNAVAILABLE`, retryable) while it holds no valid lease.
     pub fn new(stores: Stores, bus: Arc<dyn Bus>, config: LogicConfig) -> Self {
         let ids = MessageIds::new(&stores, config.node_id);
+        let authz = authz::AuthzCache::new(std::time::Duration::from_secs(config.authz_cache_secs));
         Logic {
             stores,
             bus,
@@ -104,6 +108,7 @@ impl Logic {
             push: None,
             webhooks: None,
             before_send: None,
+            authz,
         }
     }
 

@@ -62,27 +62,42 @@ impl Logic {
         }
         let (recipients, conversation) = match ReceiverType::try_from(input.receiver_type) {
             Ok(ReceiverType::User) => {
-                if self
-                    .stores
-                    .users
-                    .get_user(input.receiver_id)
-                    .await
-                    .map_err(send_err)?
-                    .is_none()
-                {
-                    return Err(LogicError::new(ErrorCode::NotFound, "no such user"));
-                }
-                if input.receiver_id != sender
-                    && !self.config.allow_strangers
-                    && origin.device_id != 0
-                    && self
+                let receiver = input.receiver_id;
+                let needs_friendship =
+                    receiver != sender && !self.config.allow_strangers && origin.device_id != 0;
+                // Both checks at once, each skipped when the cache holds its "yes" (see authz.rs).
+                let exists = async {
+                    if self.authz.user_exists(receiver) {
+                        return Ok(true);
+                    }
+                    let found = self.stores.users.get_user(receiver).await?.is_some();
+                    if found {
+                        self.authz.remember_user(receiver);
+                    }
+                    Ok(found)
+                };
+                let friends = async {
+                    if !needs_friendship || self.authz.friends(sender, receiver) {
+                        return Ok(true);
+                    }
+                    let epoch = self.authz.epoch();
+                    let found = self
                         .stores
                         .friends
-                        .get_friend(sender, input.receiver_id)
-                        .await
-                        .map_err(send_err)?
-                        .is_none()
-                {
+                        .get_friend(sender, receiver)
+                        .await?
+                        .is_some();
+                    if found {
+                        self.authz.remember_friends(sender, receiver, epoch);
+                    }
+                    Ok(found)
+                };
+                let (exists, friends): (bool, bool) =
+                    futures::try_join!(exists, friends).map_err(send_err)?;
+                if !exists {
+                    return Err(LogicError::new(ErrorCode::NotFound, "no such user"));
+                }
+                if !friends {
                     return Err(LogicError::new(
                         ErrorCode::NotFriends,
                         "you are not friends with this user",

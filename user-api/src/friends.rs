@@ -270,5 +270,10 @@ pub(crate) async fn delete_friend(
         .friends
         .delete_friend(friend_id, caller.user_id)
         .await?;
+    // Every pipeline drops the cached friendship now (a refused event leaves it to the cache's age
+    // limit, `logic.authz_cache_secs`: the deletion itself is done).
+    if let Err(e) = st.logic.friendship_removed(caller.user_id, friend_id).await {
+        tracing::warn!(error = %e, "friendship removal not announced; caches expire it");
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -201,7 +201,8 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Change the caller's remark or extra for a friend", Bearer).body("UpdateFriend")
                 .ok(200, "FriendView").errors(&[(404, "friend_not_found")])),
         route!(DELETE "/v1/friends/{friend_id}" => friends::delete_friend,
-            doc("End a friendship (both directions)", Bearer).no_content().errors(&[(404, "friend_not_found")])),
+            doc("End a friendship (both directions); 1:1 sends between the two are refused \
+                (NOT_FRIENDS) from moments later on, on every worker", Bearer).no_content().errors(&[(404, "friend_not_found")])),
         // Groups.
         route!(POST "/v1/groups" => groups::create_group,
             doc("Create a group; the caller becomes its owner. Initial members who are not the caller's \

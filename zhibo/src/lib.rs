@@ -398,6 +398,11 @@ pub async fn run(
         }
         false => None,
     };
+    // Held until the roles stop: ended friendships reach this process's authorization cache.
+    let _authz_events = match &logic {
+        Some(l) => Some(l.watch_authz().await.context("subscribe to authz events")?),
+        None => None,
+    };
     let (presence, jetstream_sink, outbox_relay) = match push {
         Some(p) => (p.presence, p.jetstream, p.outbox),
         None => (None, None, None),

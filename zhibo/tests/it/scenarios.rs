@@ -437,6 +437,69 @@ async fn sign_out_closes_live_connections(cluster: &Cluster) {
     assert!(err.to_string().contains("revoked"), "{err}");
 }
 
+/// The 1:1 send path caches "these two are friends" (authz.rs); ending the friendship reaches every
+/// worker's cache through the authz event, long before the cache's 60 s age limit: once a send is
+/// refused, every later one is, whichever worker takes it. A new friendship is seen by the very next
+/// send (refusals are never cached).
+async fn unfriending_reaches_every_workers_cache(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    // Warm the caches: with two workers, each takes some of these.
+    for i in 0..12 {
+        send(
+            &mut a,
+            ReceiverType::User,
+            bob.user_id,
+            &format!("w{i}"),
+            "hi",
+        )
+        .await;
+    }
+    let (status, body) = crate::cluster::http(
+        &cluster.api_base,
+        reqwest::Method::DELETE,
+        &format!("/v1/friends/{}", alice.user_id),
+        ("authorization", &format!("Bearer {}", bob.token)),
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    // The event is asynchronous: the first refusal comes within moments, not after the cache's age.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let reply = a
+            .request(
+                text(ReceiverType::User, bob.user_id, &format!("u{n}"), "x"),
+                WAIT,
+            )
+            .await
+            .expect("reply");
+        match reply.body {
+            Some(Body::Error(e)) if e.code == ErrorCode::NotFriends as i32 => break,
+            Some(Body::SendMessageOutput(_)) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "sends still accepted 5 s after the friendship ended"
+                );
+            }
+            other => panic!("expected an ACK or NOT_FRIENDS, got {other:?}"),
+        }
+    }
+    for i in 0..12 {
+        assert_eq!(
+            send_err(&mut a, ReceiverType::User, bob.user_id, &format!("r{i}")).await,
+            ErrorCode::NotFriends,
+            "a worker still trusted the ended friendship"
+        );
+    }
+    cluster.befriend(&bob, &alice).await;
+    send(&mut a, ReceiverType::User, bob.user_id, "again", "back").await;
+}
+
 both_modes!(
     crate::cluster::Cluster,
     2,
@@ -449,6 +512,7 @@ both_modes!(
     refusals_keep_the_connection,
     server_side_send,
     sign_out_closes_live_connections,
+    unfriending_reaches_every_workers_cache,
 );
 
 /// Redis loses every counter mid-run (FLUSHDB): seqs keep strictly increasing and no stored message is
