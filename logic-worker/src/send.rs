@@ -51,14 +51,23 @@ impl Logic {
         }
         let sender = origin.user_id;
         let dedup_key = dedup_device(origin);
-        if let Some(plan) = self
+        // A first send (claimed now) skips the dedup read; a resend reads the plan it may have.
+        let first = self
             .stores
-            .messages
-            .get_dedup(dedup_key, &input.client_msg_id)
+            .seq
+            .claim_send(dedup_key, &input.client_msg_id)
             .await
-            .map_err(send_err)?
-        {
-            return self.replay(origin, input, plan).await;
+            .map_err(send_err)?;
+        if !first {
+            if let Some(plan) = self
+                .stores
+                .messages
+                .get_dedup(dedup_key, &input.client_msg_id)
+                .await
+                .map_err(send_err)?
+            {
+                return self.replay(origin, input, plan).await;
+            }
         }
         let (recipients, conversation) = match ReceiverType::try_from(input.receiver_type) {
             Ok(ReceiverType::User) => {

@@ -42,7 +42,7 @@ use fred::prelude::{
 };
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::Server;
-use fred::types::{ClusterHash, CustomCommand};
+use fred::types::{ClusterHash, CustomCommand, Expiration};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{
@@ -105,6 +105,16 @@ return out
 pub fn seq_key(user_id: i64) -> String {
     format!("zhibo:seq:{user_id}")
 }
+
+/// The Redis key of the claim of the send `(device_id, client_msg_id)` ([`SeqAllocator::claim_send`]).
+pub fn send_claim_key(device_id: i64, client_msg_id: &str) -> String {
+    format!("zhibo:claim:{device_id}:{client_msg_id}")
+}
+
+/// How long a send's claim is kept, seconds: resends come within this window (a reconnection); a
+/// later one is still answered with the stored plan (see [`SeqAllocator::claim_send`]). Memory: one
+/// small key per message of the last five minutes.
+pub const SEND_CLAIM_SECS: i64 = 300;
 
 /// The Redis key of a conversation's conversation-seq counter (`zhibo:cseq:<kind>:<a>:<b>`, the parts
 /// of [`ConversationKey::parts`]). Like [`seq_key`], no hash tag: conversations spread over every slot.
@@ -500,6 +510,21 @@ impl SeqAllocator for RedisSeq {
             .pop()
             .ok_or_else(|| redis_failure("next", "no conversation seq allocated"))?;
         Ok((seqs, conv_seq))
+    }
+
+    async fn claim_send(&self, device_id: i64, client_msg_id: &str) -> Result<bool> {
+        let set: Value = self
+            .pool
+            .set(
+                send_claim_key(device_id, client_msg_id),
+                1,
+                Some(Expiration::EX(SEND_CLAIM_SECS)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(|e| redis_error("claim", e))?;
+        Ok(!set.is_null())
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {

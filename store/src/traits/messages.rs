@@ -138,4 +138,17 @@ pub trait SeqAllocator: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn current(&self, user_id: i64) -> Result<u64>;
+    /// Claims the send `(device_id, client_msg_id)`: `true` when this allocator saw no claim of it
+    /// within its claim window, so the caller may skip the dedup read before allocating (a first
+    /// send, the steady state). `false` (a resend, or an allocator that keeps no claims: the
+    /// default) means: read the dedup plan first. A claim is only a hint: a `true` for a send whose
+    /// plan exists (the claim expired, or Redis lost it) is still caught by the plan's
+    /// insert-if-absent ([`MessageStore::put_dedup_if_absent`] / `record_send`), which answers with
+    /// the existing plan; the seqs allocated meanwhile are left unused.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn claim_send(&self, _device_id: i64, _client_msg_id: &str) -> Result<bool> {
+        Ok(false)
+    }
 }

@@ -130,6 +130,7 @@ on_both!(
     allocation_resumes_above_stored_seqs_after_redis_loses_its_keys,
     conversation_seqs_share_the_call_and_recover_from_the_conversation_store,
     each_counter_gets_its_own_value_in_a_group_call,
+    a_send_is_claimed_once_and_expires,
 );
 
 fn store() -> Arc<EmbeddedBackend> {
@@ -147,6 +148,42 @@ fn message(user: i64, seq: u64, body: &str) -> Message {
         content: Bytes::from(body.to_owned()),
         ..Default::default()
     }
+}
+
+/// A send's claim: the first claim of `(device, client_msg_id)` wins, every later one (another worker's
+/// racing resend) is told it is not the first, concurrent claims included; other devices and ids are
+/// independent; the key carries the claim window as its expiry.
+async fn a_send_is_claimed_once_and_expires(target: Target) {
+    let (seq, redis) = allocator(target, store()).await;
+    let device = user_id();
+    assert!(seq.claim_send(device, "m-1").await.expect("claim"));
+    assert!(!seq.claim_send(device, "m-1").await.expect("claim again"));
+    assert!(seq.claim_send(device, "m-2").await.expect("another id"));
+    assert!(seq
+        .claim_send(device + 1, "m-1")
+        .await
+        .expect("another device"));
+    let racing = futures::future::try_join_all((0..20).map(|_| seq.claim_send(device, "m-3")))
+        .await
+        .expect("racing claims");
+    assert_eq!(
+        racing.iter().filter(|&&first| first).count(),
+        1,
+        "{racing:?}"
+    );
+    let key = zhibo_store::redis_seq::send_claim_key(device, "m-1");
+    let ttl: i64 = redis.client.ttl(key.as_str()).await.expect("ttl");
+    assert!(
+        ttl > 0 && ttl <= zhibo_store::redis_seq::SEND_CLAIM_SECS,
+        "claim expiry {ttl}"
+    );
+    // Redis lost it (or it expired): the next claim says "first" again; the plan's
+    // insert-if-absent is what then keeps the resend from being stored twice.
+    let _: i64 = redis.client.del(key.as_str()).await.expect("del");
+    assert!(seq
+        .claim_send(device, "m-1")
+        .await
+        .expect("claim after loss"));
 }
 
 async fn seqs_strictly_increase_per_user(target: Target) {

@@ -516,7 +516,9 @@ both_modes!(
 );
 
 /// Redis loses every counter mid-run (FLUSHDB): seqs keep strictly increasing and no stored message is
-/// overwritten, because allocation recovers from the store's max seq.
+/// overwritten, because allocation recovers from the store's max seq. The sends' claims are lost too:
+/// a resend of a message from before the flush is claimed afresh, skips the dedup read, and is still
+/// answered with the stored plan (the plan's insert-if-absent), never stored twice.
 async fn redis_flush_mid_run(cluster: &Cluster) {
     let redis = cluster
         .redis_url
@@ -527,25 +529,38 @@ async fn redis_flush_mid_run(cluster: &Cluster) {
     cluster.befriend(&alice, &bob).await;
     let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
     let mut acked = Vec::new();
+    let mut f2 = None;
     for i in 0..10 {
         if i == 5 {
             flushdb(redis).await;
         }
-        acked.push(
-            send(
-                &mut a,
-                ReceiverType::User,
-                bob.user_id,
-                &format!("f{i}"),
-                &format!("flush {i}"),
-            )
-            .await
-            .seq,
-        );
+        let out = send(
+            &mut a,
+            ReceiverType::User,
+            bob.user_id,
+            &format!("f{i}"),
+            &format!("flush {i}"),
+        )
+        .await;
+        if i == 2 {
+            f2 = Some(out.clone());
+        }
+        acked.push(out.seq);
     }
     assert!(
         acked.windows(2).all(|w| w[0] < w[1]),
         "sender seqs strictly increase: {acked:?}"
+    );
+    let f2 = f2.expect("f2 sent");
+    let again = send(&mut a, ReceiverType::User, bob.user_id, "f2", "flush 2").await;
+    assert!(
+        again.duplicate,
+        "a resend after the flush is answered as one"
+    );
+    assert_eq!(
+        (again.message_id, again.seq),
+        (f2.message_id, f2.seq),
+        "with the stored plan"
     );
     let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
     let all = sync(&mut b, 0, 100).await;
