@@ -138,7 +138,9 @@ impl Logic {
                 Vec::new(),
                 Bytes::from(event.encode_to_vec()),
             )
-            .await
+            .await?;
+        // At the server before the caller answers: the other processes get it within moments.
+        self.bus.flush().await
     }
 
     /// Applies the [`AuthzEvent`]s of every process (its own included) to this process's cache, for as

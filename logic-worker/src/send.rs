@@ -51,25 +51,104 @@ impl Logic {
         }
         let sender = origin.user_id;
         let dedup_key = dedup_device(origin);
-        // A first send (claimed now) skips the dedup read; a resend reads the plan it may have.
-        let first = self
+        // A first send (claimed now) skips the dedup read; a resend reads the plan it may have, and
+        // so does a send the before-send hook would be asked about (the backend is never asked about
+        // a message already stored: a replay asks it once, see `replay`). A claim that cannot be made
+        // (Redis unreachable) only costs the read.
+        let first = match self
             .stores
             .seq
             .claim_send(dedup_key, &input.client_msg_id)
             .await
-            .map_err(send_err)?;
-        if !first {
-            if let Some(plan) = self
-                .stores
-                .messages
-                .get_dedup(dedup_key, &input.client_msg_id)
-                .await
-                .map_err(send_err)?
-            {
+        {
+            Ok(first) => first,
+            Err(e) => {
+                warn!(error = %e, "send claim failed; reading the dedup plan");
+                false
+            }
+        };
+        let looked = !first || self.hook_for(origin, input.receiver_type).is_some();
+        if looked {
+            if let Some(plan) = self.stored_plan(dedup_key, input).await? {
                 return self.replay(origin, input, plan).await;
             }
         }
-        let (recipients, conversation) = match ReceiverType::try_from(input.receiver_type) {
+        let (recipients, conversation) = match self.authorize(origin, input).await {
+            Ok(r) => r,
+            // A refused send may be the resend of a stored message whose answer has changed since
+            // (unfriended, left the group): the stored plan answers it, as the dedup read would have.
+            Err(e) if !looked && e.code != ErrorCode::Unavailable => {
+                return match self.stored_plan(dedup_key, input).await? {
+                    Some(plan) => self.replay(origin, input, plan).await,
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        // After authorisation (the backend is only asked about sends zhibo would accept), before any id or
+        // seq: a rejected message leaves nothing behind, so its resend is asked again.
+        let replaced = match self.hook_for(origin, input.receiver_type) {
+            Some(hook) => match hook.check(origin, input, self.config.max_content).await? {
+                Verdict::AsSent => None,
+                Verdict::Replace(content) => Some(content),
+            },
+            None => None,
+        };
+        // Minted before the seqs, so a refusal (no node lease) wastes none.
+        let message_id = self.next_id(Op::Send).await?;
+        // The inbox seqs and the conversation seq in one allocator call (one Redis script call).
+        let (seqs, conv_seq) = self
+            .stores
+            .seq
+            .next_in_conversation(&recipients, conversation)
+            .instrument(tracing::info_span!("seq.allocate", n = recipients.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?;
+        let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
+        let plan = SendPlan {
+            message_id,
+            seq: recipients
+                .iter()
+                .find(|(u, _)| *u == sender)
+                .map_or(0, |(_, s)| *s),
+            server_time_ms: now_ms(),
+            recipients,
+            conv_seq,
+        };
+        let content = replaced.as_ref().unwrap_or(&input.content);
+        let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
+        match self
+            .stores
+            .messages
+            .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
+            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?
+        {
+            // A racing resend stored its plan first: finish that one; our seqs stay unused.
+            Some(existing) => self.replay(origin, input, existing).await,
+            None => {
+                self.metrics.messages_sent.inc();
+                Ok(self.deliver(origin, &plan, entries, false, replaced).await)
+            }
+        }
+    }
+
+    /// Who receives a 1:1 or group send of `origin`, and its conversation: the refusals
+    /// (`NOT_FOUND`, `NOT_FRIENDS`, `NOT_GROUP_MEMBER`, `INVALID_ARGUMENT`) as errors.
+    async fn authorize(
+        &self,
+        origin: &Origin,
+        input: &SendMessageInput,
+    ) -> Result<(Vec<i64>, ConversationKey), LogicError> {
+        let sender = origin.user_id;
+        Ok(match ReceiverType::try_from(input.receiver_type) {
             Ok(ReceiverType::User) => {
                 let receiver = input.receiver_id;
                 let needs_friendship =
@@ -159,60 +238,20 @@ impl Logic {
                     "receiver_type must be USER, GROUP or ROOM",
                 ))
             }
-        };
-        // After authorisation (the backend is only asked about sends zhibo would accept), before any id or
-        // seq: a rejected message leaves nothing behind, so its resend is asked again.
-        let replaced = match self.hook_for(origin, input.receiver_type) {
-            Some(hook) => match hook.check(origin, input, self.config.max_content).await? {
-                Verdict::AsSent => None,
-                Verdict::Replace(content) => Some(content),
-            },
-            None => None,
-        };
-        // Minted before the seqs, so a refusal (no node lease) wastes none.
-        let message_id = self.next_id(Op::Send).await?;
-        // The inbox seqs and the conversation seq in one allocator call (one Redis script call).
-        let (seqs, conv_seq) = self
-            .stores
-            .seq
-            .next_in_conversation(&recipients, conversation)
-            .instrument(tracing::info_span!("seq.allocate", n = recipients.len()))
-            .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })
-            .map_err(send_err)?;
-        let recipients: Vec<(i64, u64)> = recipients.into_iter().zip(seqs).collect();
-        let plan = SendPlan {
-            message_id,
-            seq: recipients
-                .iter()
-                .find(|(u, _)| *u == sender)
-                .map_or(0, |(_, s)| *s),
-            server_time_ms: now_ms(),
-            recipients,
-            conv_seq,
-        };
-        let content = replaced.as_ref().unwrap_or(&input.content);
-        let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
-        match self
-            .stores
+        })
+    }
+
+    /// The dedup plan stored for `(dedup_key, input.client_msg_id)`, if any.
+    async fn stored_plan(
+        &self,
+        dedup_key: i64,
+        input: &SendMessageInput,
+    ) -> Result<Option<SendPlan>, LogicError> {
+        self.stores
             .messages
-            .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
-            .instrument(tracing::info_span!("store.write", n = entries.len()))
+            .get_dedup(dedup_key, &input.client_msg_id)
             .await
-            .inspect_err(|_| {
-                self.metrics.store_errors.inc();
-            })
-            .map_err(send_err)?
-        {
-            // A racing resend stored its plan first: finish that one; our seqs stay unused.
-            Some(existing) => self.replay(origin, input, existing).await,
-            None => {
-                self.metrics.messages_sent.inc();
-                Ok(self.deliver(origin, &plan, entries, false, replaced).await)
-            }
-        }
+            .map_err(send_err)
     }
 
     /// Finishes a resend of a planned message: writes the plan's inbox entries again (idempotent), and

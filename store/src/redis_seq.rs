@@ -107,8 +107,14 @@ pub fn seq_key(user_id: i64) -> String {
 }
 
 /// The Redis key of the claim of the send `(device_id, client_msg_id)` ([`SeqAllocator::claim_send`]).
+/// The client's id is hex-encoded: a `{…}` in it would otherwise be a hash tag choosing the slot.
 pub fn send_claim_key(device_id: i64, client_msg_id: &str) -> String {
-    format!("zhibo:claim:{device_id}:{client_msg_id}")
+    use std::fmt::Write as _;
+    let mut key = format!("zhibo:claim:{device_id}:");
+    for b in client_msg_id.bytes() {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
 }
 
 /// How long a send's claim is kept, seconds: resends come within this window (a reconnection); a
@@ -545,6 +551,12 @@ impl SeqAllocator for RedisSeq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_key_has_no_client_chosen_hash_tag() {
+        assert_eq!(send_claim_key(7, "a{b}"), "zhibo:claim:7:617b627d");
+        assert!(!send_claim_key(7, "{tag}x").contains('{'));
+    }
 
     #[test]
     fn key_format() {

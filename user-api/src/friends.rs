@@ -266,14 +266,17 @@ pub(crate) async fn delete_friend(
         .friends
         .delete_friend(caller.user_id, friend_id)
         .await?;
-    st.stores
+    let other_side = st
+        .stores
         .friends
         .delete_friend(friend_id, caller.user_id)
-        .await?;
-    // Every pipeline drops the cached friendship now (a refused event leaves it to the cache's age
-    // limit, `logic.authz_cache_secs`: the deletion itself is done).
+        .await;
+    // Every pipeline drops the cached friendship now, even if the other side's row could not be
+    // deleted (a retry would find the caller's row gone: 404). A refused event leaves it to the cache's
+    // age limit, `logic.authz_cache_secs`.
     if let Err(e) = st.logic.friendship_removed(caller.user_id, friend_id).await {
         tracing::warn!(error = %e, "friendship removal not announced; caches expire it");
     }
+    other_side?;
     Ok(StatusCode::NO_CONTENT)
 }

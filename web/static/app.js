@@ -444,9 +444,12 @@ function syncList() {
   listAgain = false;
   const afterSync = state.afterSync;
   state.afterSync = false;
+  // One changedAfter for every page: rows come in activity order, not version order, so a later page
+  // may hold rows older than the versions of an earlier one (listVersion rises as rows are applied).
+  const since = state.listVersion;
   (async () => {
     const names = [];
-    for (let page = await client.conversationList({ changedAfter: state.listVersion, limit: 500 }); ;) {
+    for (let page = await client.conversationList({ changedAfter: since, limit: 500 }); ;) {
       for (const row of page.conversations) {
         applyRow(row);
         // Changed while away: a message held here may have been recalled or deleted meanwhile.
@@ -455,10 +458,15 @@ function syncList() {
         if (row.lastMessage) names.push(row.lastMessage.senderUserId);
       }
       if (!page.hasMore) break;
-      page = await client.conversationList({ changedAfter: state.listVersion, after: page.conversations.at(-1), limit: 500 });
+      page = await client.conversationList({ changedAfter: since, after: page.conversations.at(-1), limit: 500 });
     }
     await loadUsers(names);
-  })().catch((e) => { if (e.code !== 'CLOSED') { report(e); } if (afterSync) state.afterSync = true; }).finally(() => {
+  })().catch((e) => {
+    if (e.code !== 'CLOSED') { report(e); }
+    if (afterSync) state.afterSync = true;
+    // Cut off midway: the pages not read yet may hold rows older than what was applied.
+    if (BigInt(state.listVersion) > BigInt(since)) state.listVersion = since;
+  }).finally(() => {
     listSyncing = false;
     if (listAgain) syncList();
     renderSidebar();

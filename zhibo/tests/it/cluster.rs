@@ -610,6 +610,29 @@ impl Cluster {
 }
 
 /// `FLUSHDB` on the Redis at `redis_url` (a Redis loss, as the tests inject it).
+/// `DEL key` on the Redis at `redis_url` (raw RESP, as [`flushdb`]); returns how many keys went.
+pub(crate) async fn redis_del(redis_url: &str, key: &str) -> u64 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let addr = redis_url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port");
+    let mut s = tokio::io::BufReader::new(
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect redis"),
+    );
+    let cmd = format!("*2\r\n$3\r\nDEL\r\n${}\r\n{key}\r\n", key.len());
+    s.get_mut().write_all(cmd.as_bytes()).await.expect("write");
+    let mut line = String::new();
+    s.read_line(&mut line).await.expect("read");
+    line.trim_end()
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected DEL answer {line:?}"))
+}
+
 pub(crate) async fn flushdb(redis_url: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = redis_url
