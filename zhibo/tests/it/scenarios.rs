@@ -493,12 +493,9 @@ async fn unfriending_reaches_every_workers_cache(cluster: &Cluster) {
     // refused — also when its claim is gone (expired, or lost with Redis), so the send path found no
     // hint that it is a resend before the refusal.
     if let Some(redis) = cluster.redis_url.as_deref() {
+        // 1, or 0 when a concurrent test flushed the shared Redis meanwhile: gone either way.
         let key = zhibo_store::redis_seq::send_claim_key(alice.device_id, "w0");
-        assert_eq!(
-            crate::cluster::redis_del(redis, &key).await,
-            1,
-            "the claim of w0"
-        );
+        crate::cluster::redis_del(redis, &key).await;
     }
     let again = send(&mut a, ReceiverType::User, bob.user_id, "w0", "hi").await;
     assert!(again.duplicate, "{again:?}");
