@@ -197,6 +197,12 @@ pub(crate) async fn http(
     (status, json)
 }
 
+/// `push.stream_max_bytes` of every test cluster: JetStream reserves a stream's `max_bytes` against
+/// the server's storage limit (~75% of the free disk), and each distributed test cluster has its own
+/// NATS account, so its own push stream: at the 1 GiB default, a few runs on one server (or one run on
+/// a small disk) exhaust the reservations and a push-enabled node fails to start.
+pub(crate) const TEST_STREAM_MAX_BYTES: i64 = 64 << 20;
+
 fn base_config() -> Config {
     let mut c = Config {
         token_secret: SECRET.into(),
@@ -206,6 +212,7 @@ fn base_config() -> Config {
         ..Config::default()
     };
     c.bus.subject_prefix = subject_prefix().into();
+    c.push.stream_max_bytes = TEST_STREAM_MAX_BYTES;
     c.gateway.tcp_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.ws_addr = "127.0.0.1:0".parse().expect("addr");
     c.gateway.quic_addr = "127.0.0.1:0".parse().expect("addr");
@@ -460,6 +467,10 @@ impl Cluster {
             .env("ZHIBO_LOG", "info")
             .env("ZHIBO_METRICS_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
+            .env(
+                "ZHIBO_PUSH__STREAM_MAX_BYTES",
+                TEST_STREAM_MAX_BYTES.to_string(),
+            )
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)

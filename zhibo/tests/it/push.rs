@@ -928,6 +928,10 @@ async fn spawn_relay_process(
         .env("ZHIBO_PUSH__TIMEOUT_MS", "2000")
         .env("ZHIBO_PUSH__BACKOFF_INITIAL_MS", "100")
         .env("ZHIBO_PUSH__BACKOFF_MAX_MS", "400")
+        .env(
+            "ZHIBO_PUSH__STREAM_MAX_BYTES",
+            crate::cluster::TEST_STREAM_MAX_BYTES.to_string(),
+        )
         .env("ZHIBO_LOG", "info")
         .env("ZHIBO_METRICS_ADDR", "127.0.0.1:0")
         .env("NO_COLOR", "1")
