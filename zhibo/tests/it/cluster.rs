@@ -354,7 +354,11 @@ impl Cluster {
         let cql = zhibo_testkit::require_cql().await;
         let mut config = base_config();
         config.bus.nats_url = nats;
-        config.store.redis_url = redis;
+        // A database of its own (1-15, round robin; 0 is the other tests'): a test that flushes
+        // Redis (a Redis loss) flushes only this cluster's counters and claims.
+        static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let db = 1 + NEXT_DB.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 15;
+        config.store.redis_url = format!("{}/{db}", redis.trim_end_matches('/'));
         tweak(&mut config);
         config.store.kind = StoreKind::Scylla;
         config.store.cql_nodes = vec![cql];
@@ -620,44 +624,53 @@ impl Cluster {
     }
 }
 
-/// `FLUSHDB` on the Redis at `redis_url` (a Redis loss, as the tests inject it).
-/// `DEL key` on the Redis at `redis_url` (raw RESP, as [`flushdb`]); returns how many keys went.
-pub(crate) async fn redis_del(redis_url: &str, key: &str) -> u64 {
+/// Runs one command on the Redis at `redis_url` (`redis://host:port[/db]`, the database selected
+/// first) over raw RESP; returns the first line of its answer.
+async fn redis_command(redis_url: &str, args: &[&str]) -> String {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let addr = redis_url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .expect("host:port");
+    let rest = redis_url.trim_start_matches("redis://");
+    let (addr, db) = rest.split_once('/').unwrap_or((rest, ""));
     let mut s = tokio::io::BufReader::new(
         tokio::net::TcpStream::connect(addr)
             .await
             .expect("connect redis"),
     );
-    let cmd = format!("*2\r\n$3\r\nDEL\r\n${}\r\n{key}\r\n", key.len());
-    s.get_mut().write_all(cmd.as_bytes()).await.expect("write");
+    let resp = |args: &[&str]| {
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        cmd
+    };
     let mut line = String::new();
+    if !db.is_empty() {
+        s.get_mut()
+            .write_all(resp(&["SELECT", db]).as_bytes())
+            .await
+            .expect("write");
+        s.read_line(&mut line).await.expect("read");
+        assert_eq!(line, "+OK\r\n", "SELECT {db}");
+        line.clear();
+    }
+    s.get_mut()
+        .write_all(resp(args).as_bytes())
+        .await
+        .expect("write");
     s.read_line(&mut line).await.expect("read");
+    line
+}
+
+/// `FLUSHDB` on the Redis database of `redis_url` (a Redis loss, as the tests inject it): each
+/// distributed test cluster has its own database, so only its own keys go.
+pub(crate) async fn flushdb(redis_url: &str) {
+    assert_eq!(redis_command(redis_url, &["FLUSHDB"]).await, "+OK\r\n");
+}
+
+/// `DEL key` on the Redis database of `redis_url`; returns how many keys went.
+pub(crate) async fn redis_del(redis_url: &str, key: &str) -> u64 {
+    let line = redis_command(redis_url, &["DEL", key]).await;
     line.trim_end()
         .strip_prefix(':')
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected DEL answer {line:?}"))
-}
-
-pub(crate) async fn flushdb(redis_url: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = redis_url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .expect("host:port");
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect redis");
-    s.write_all(b"*1\r\n$7\r\nFLUSHDB\r\n")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.expect("read");
-    assert_eq!(&buf, b"+OK\r\n");
 }
