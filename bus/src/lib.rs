@@ -1,5 +1,6 @@
 //! # Layout
 //! - [`subject`]: every NATS subject, built in one place.
+//! - [`route`]: events for a user's devices, published to the gateways presence names for the user.
 //! - [`Bus`]: publish / subscribe / queue-subscribe, as `Arc<dyn Bus>`, with two backends:
 //!   [`nats::NatsBus`] (distributed) and [`memory::MemoryBus`] (embedded, one process).
 //!
@@ -8,6 +9,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod route;
 pub mod subject;
 
 use std::pin::Pin;
@@ -147,8 +149,8 @@ pub trait Bus: Send + Sync + 'static {
     /// [`Error::Subscribe`] when the bus refuses it.
     async fn subscribe(&self, subject: &Subject) -> Result<Subscription>;
 
-    /// Every message published to `subject` from now on, handed to `handler` instead of a stream: for
-    /// the many long-lived subscriptions of a gateway (one per signed-in user). The default reads a
+    /// Every message published to `subject` from now on, handed to `handler` instead of a stream. The
+    /// default reads a
     /// [`Bus::subscribe`] stream on a task of its own; the in-process bus calls the handler directly,
     /// with no queue and no task per subscription.
     ///

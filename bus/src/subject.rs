@@ -3,8 +3,9 @@
 //! | subject                    | publisher                 | subscriber                                  |
 //! |----------------------------|---------------------------|---------------------------------------------|
 //! | `<prefix>.cmd`             | gateway, user-api         | logic workers, queue group `logic`          |
-//! | `<prefix>.user.<user_id>`  | logic worker, gateway     | each gateway holding a device of that user  |
 //! | `<prefix>.gw.<gateway_id>` | logic worker (replies)    | that gateway                                |
+//! | `<prefix>.gwu.<gateway_id>`| logic worker, gateway, user-api | that gateway (events for its users)   |
+//! | `<prefix>.users`           | same, when presence is unreadable | every gateway                       |
 //! | `<prefix>.room.<room_id>`  | logic worker, gateway     | each gateway with a viewer in that room     |
 //! | `<prefix>.broadcast`       | logic worker (user-api)   | every gateway                               |
 //! | `<prefix>.authz`           | user-api                  | every process with a logic pipeline         |
@@ -18,7 +19,8 @@
 //! once per process by [`set_prefix`] before the first subject is built: deployments (or test runs)
 //! sharing one NATS server with different prefixes never see each other's traffic.
 //!
-//! See docs/ARCHITECTURE.md for why deliveries go to per-user subjects.
+//! Events for a user's devices (deliveries, kicks) go to the gateways that presence says hold the user
+//! (see [`crate::route`] and docs/ARCHITECTURE.md, "Routing by gateway").
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -94,9 +96,16 @@ impl Subject {
         Subject(format!("{}.cmd", prefix()))
     }
 
-    /// Deliveries and presence events for every device of `user_id`.
-    pub fn user(user_id: i64) -> Self {
-        Subject(format!("{}.user.{user_id}", prefix()))
+    /// Events for the users of one gateway (`zhibo_proto::bus::UserEvent`, each naming its user):
+    /// deliveries, kicks, room bans, routed here through presence.
+    pub fn gateway_users(gateway_id: &str) -> Self {
+        Subject(format!("{}.gwu.{gateway_id}", prefix()))
+    }
+
+    /// User events for every gateway: where an event goes when presence (which gateway holds the user)
+    /// cannot be read. Each gateway keeps those of its own users.
+    pub fn all_gateways_users() -> Self {
+        Subject(format!("{}.users", prefix()))
     }
 
     /// Replies addressed to one gateway's connections.
@@ -185,10 +194,11 @@ mod tests {
 
     #[test]
     fn subjects_are_distinct_and_tokenised() {
-        assert_eq!(Subject::user(7).as_str(), "zhibo.user.7");
         assert_eq!(Subject::room(7).as_str(), "zhibo.room.7");
         assert_eq!(Subject::gateway("gw-1").as_str(), "zhibo.gw.gw-1");
-        assert_ne!(Subject::user(7), Subject::room(7));
+        assert_eq!(Subject::gateway_users("gw-1").as_str(), "zhibo.gwu.gw-1");
+        assert_eq!(Subject::all_gateways_users().as_str(), "zhibo.users");
+        assert_ne!(Subject::gateway_users("7"), Subject::gateway("7"));
         assert_eq!(Subject::broadcast().as_str(), "zhibo.broadcast");
         assert_eq!(Subject::authz().as_str(), "zhibo.authz");
         assert_eq!(Subject::push_events().as_str(), "zhibo.push.event");

@@ -888,7 +888,7 @@ mod tests {
             rooms: stores.rooms,
             key: Arc::new(zhibo_auth::TokenKey::new("secret")),
             metrics: Arc::new(zhibo_telemetry::Metrics::new()),
-            presence: None,
+            presence: Arc::new(zhibo_store::presence::MemoryPresence::new()),
         };
         let hub = crate::Hub::new("gw".into(), deps.bus.clone());
         let ctx = Arc::new(GatewayContext::new(

@@ -1,11 +1,16 @@
 //! The gateway's registry of signed-in connections and its bus subscriptions.
 //!
-//! - One subscription per user with at least one device on this gateway (`zhibo.user.<id>`), shared by that
-//!   user's local connections and dropped with the last of them. Deliveries on it are demultiplexed here.
+//! - No subscription per user: events for users (deliveries, kicks, room bans) are routed by gateway
+//!   (`zhibo_bus::route`). Each user's first connection here is recorded in presence (awaited before the
+//!   sign-in completes, so every event published after it reaches this gateway), the last one removes it.
+//!   Two subscriptions carry them, whatever the number of connections: `zhibo.gwu.<id>` (this gateway's
+//!   users) and `zhibo.users` (every gateway, used while presence is unreadable); events are
+//!   demultiplexed here by their `user_id`, and those of users not held here are dropped.
 //! - One subscription for this gateway (`zhibo.gw.<id>`) carrying replies addressed to a connection.
-//! - A DeviceOnline event on a user's subject kicks every other connection of that device, on any gateway.
-//! - A RoomBanned event on a user's subject removes each of the user's connections from that room and tells
-//!   it (RoomKicked, through its IM queue).
+//! - A DeviceOnline event kicks every other connection of that device, on any gateway: a sign-in routes
+//!   it to every gateway presence names for the user (this one included).
+//! - A RoomBanned event removes each of the user's connections from that room and tells it (RoomKicked,
+//!   through its IM queue).
 //!
 //! - Live rooms live in [`RoomHub`] (`rooms` module), owned here.
 //! - Server-wide broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice, encoded once, to
@@ -22,11 +27,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use prost::Message as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
+use zhibo_bus::route::{publish_user_event, Route};
 use zhibo_bus::{Bus, BusMessage, Handler, HandlerSubscription, Subject};
 use zhibo_proto::bus::{room_event, user_event, Delivery, DeviceOnline, RoomEvent, UserEvent};
 use zhibo_proto::client::packet::Body;
@@ -66,16 +71,16 @@ pub struct ConnHandle {
 
 struct UserEntry {
     conns: Vec<u64>,
-    sub: UserSub,
+    presence: UserPresence,
 }
 
-/// A user's subscription: being made (every registration of the user waits for its outcome), or live.
-enum UserSub {
-    /// `None` until the subscribing registration knows; then whether it succeeded.
+/// A user's presence entry for this gateway: being written (every registration of the user waits for
+/// its outcome), or written.
+enum UserPresence {
+    /// `None` until the writing registration knows; then whether it succeeded.
     Pending(watch::Receiver<Option<bool>>),
-    /// Held for its effect: dropping it unsubscribes.
-    #[allow(dead_code)]
-    Live(HandlerSubscription),
+    /// Recorded: events for the user are routed here.
+    Recorded,
 }
 
 #[derive(Default)]
@@ -84,8 +89,8 @@ struct Inner {
     users: HashMap<i64, UserEntry>,
 }
 
-/// How long a sign-in waits for its presence write (offline push) before going on without it.
-const PRESENCE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a sign-in waits for its presence write before failing (nothing would be routed to it).
+const PRESENCE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Registry and bus demultiplexer of one gateway.
 pub struct Hub {
@@ -96,8 +101,11 @@ pub struct Hub {
     overflow_closes: AtomicU64,
     broadcasts_dropped: AtomicU64,
     rooms: Arc<RoomHub>,
-    /// Where the users of this gateway are reported online (only with push enabled).
+    /// Where the users of this gateway are recorded, so events for them are routed here ([`Hub::set_presence`],
+    /// else an in-process one: one process, one gateway).
     presence: std::sync::OnceLock<Arc<dyn zhibo_store::Presence>>,
+    /// The subscriptions carrying user events ([`Hub::serve_user_events`]), held for their effect.
+    user_events: Mutex<Vec<HandlerSubscription>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -125,13 +133,19 @@ impl Hub {
             overflow_closes: AtomicU64::new(0),
             broadcasts_dropped: AtomicU64::new(0),
             presence: std::sync::OnceLock::new(),
+            user_events: Mutex::new(Vec::new()),
         })
     }
 
-    /// Reports each user's first and last connection on this gateway to `presence` (offline push).
-    /// Set once, before serving.
+    /// Records each user's first and last connection on this gateway in `presence` (which routes
+    /// events for them here, and tells push who is offline). Set once, before serving.
     pub fn set_presence(&self, presence: Arc<dyn zhibo_store::Presence>) {
         let _ = self.presence.set(presence);
+    }
+
+    fn presence(&self) -> &Arc<dyn zhibo_store::Presence> {
+        self.presence
+            .get_or_init(|| Arc::new(zhibo_store::presence::MemoryPresence::new()))
     }
 
     /// The live rooms of this gateway.
@@ -170,8 +184,8 @@ impl Hub {
         self.lock().conns.len()
     }
 
-    /// Users with a subscription on this gateway.
-    pub fn user_subscription_count(&self) -> usize {
+    /// Users with a connection on this gateway.
+    pub fn user_count(&self) -> usize {
         self.lock().users.len()
     }
 
@@ -182,6 +196,32 @@ impl Hub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to the user events routed to this gateway and to every gateway, and dispatches them to
+    /// the connections of their users until the hub is dropped. Call before serving connections.
+    ///
+    /// # Errors
+    /// When a subscription is refused.
+    pub async fn serve_user_events(self: &Arc<Self>) -> zhibo_bus::Result<()> {
+        for subject in [
+            Subject::gateway_users(&self.gateway_id),
+            Subject::all_gateways_users(),
+        ] {
+            // Weak: the bus holds the handler, and the hub holds the bus.
+            let hub = Arc::downgrade(self);
+            let handler: Handler = Arc::new(move |m: &BusMessage| {
+                let Some(hub) = hub.upgrade() else { return };
+                hub.on_user_event(m);
+            });
+            let sub = self.bus.subscribe_handler(&subject, handler).await?;
+            self.user_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sub);
+        }
+        // Live at the server before the first sign-in is confirmed.
+        self.bus.flush().await
     }
 
     /// Subscribes to this gateway's reply subject and dispatches what arrives until the bus ends.
@@ -237,15 +277,15 @@ impl Hub {
         ))
     }
 
-    /// Registers a signed-in connection, subscribing to its user's subject if the user has none here
-    /// yet, then announces the device online so older connections of it are kicked cluster-wide.
+    /// Registers a signed-in connection, recording its user in presence if the user has no connection
+    /// here yet, then announces the device online so older connections of it are kicked cluster-wide.
     ///
-    /// Every registration of a user waits until the user's subscription is live, also one that finds it
-    /// still being made by another connection. If that subscription fails, every registration waiting
-    /// for it fails and none of those connections stays registered.
+    /// Every registration of a user waits until the user's presence entry is written, also one that
+    /// finds it still being written by another connection. If that write fails, every registration
+    /// waiting for it fails and none of those connections stays registered.
     ///
     /// # Errors
-    /// When the bus refuses the subscription or the announcement.
+    /// When presence cannot be written, or the bus refuses the announcement.
     pub async fn register(
         self: &Arc<Self>,
         conn_id: u64,
@@ -253,16 +293,16 @@ impl Hub {
     ) -> zhibo_bus::Result<()> {
         let user_id = handle.user_id;
         let device_id = handle.device_id;
-        // `Ok(sender)`: this registration subscribes. `Err(receiver)`: another one does (or did).
+        // `Ok(sender)`: this registration writes presence. `Err(receiver)`: another one does (or did).
         let role = {
             let mut inner = self.lock();
             inner.conns.insert(conn_id, handle);
             match inner.users.get_mut(&user_id) {
                 Some(entry) => {
                     entry.conns.push(conn_id);
-                    match &entry.sub {
-                        UserSub::Pending(rx) => Err(Some(rx.clone())),
-                        UserSub::Live(_) => Err(None),
+                    match &entry.presence {
+                        UserPresence::Pending(rx) => Err(Some(rx.clone())),
+                        UserPresence::Recorded => Err(None),
                     }
                 }
                 None => {
@@ -271,7 +311,7 @@ impl Hub {
                         user_id,
                         UserEntry {
                             conns: vec![conn_id],
-                            sub: UserSub::Pending(rx),
+                            presence: UserPresence::Pending(rx),
                         },
                     );
                     Ok(tx)
@@ -279,7 +319,7 @@ impl Hub {
             }
         };
         match role {
-            Ok(outcome) => self.subscribe_user(user_id, outcome).await?,
+            Ok(outcome) => self.record_user(user_id, outcome).await?,
             Err(None) => {}
             Err(Some(mut pending)) => {
                 let ok = matches!(
@@ -287,16 +327,17 @@ impl Hub {
                     Ok(Some(true))
                 );
                 if !ok {
-                    // The subscriber removed this connection with the user (or vanished): make sure.
+                    // The writer removed this connection with the user (or vanished): make sure.
                     self.unregister(conn_id);
                     return Err(zhibo_bus::Error::Subscribe {
-                        subject: Subject::user(user_id).to_string(),
-                        message: "the user's subscription failed".into(),
+                        subject: Subject::gateway_users(&self.gateway_id).to_string(),
+                        message: "the user's presence could not be recorded".into(),
                     });
                 }
             }
         }
         let online = UserEvent {
+            user_id,
             event: Some(user_event::Event::DeviceOnline(DeviceOnline {
                 user_id,
                 device_id,
@@ -304,82 +345,68 @@ impl Hub {
                 conn_id,
             })),
         };
-        self.bus
-            .publish(
-                &Subject::user(user_id),
-                Vec::new(),
-                Bytes::from(online.encode_to_vec()),
-            )
+        // Every gateway holding the user, this one included (its own entry is written): the older
+        // connections of the device are kicked wherever they are.
+        let gateways = self.presence().gateways(&[user_id]).await;
+        let route = match gateways.as_deref() {
+            Ok([Some(g)]) => Route::Gateways(g),
+            _ => Route::Everywhere,
+        };
+        publish_user_event(self.bus.as_ref(), user_id, online, route, Vec::new())
             .await
+            .map(|_| ())
             .inspect_err(|_| self.unregister(conn_id))
     }
 
-    /// Makes `user_id`'s subscription (flushed, so it is live at the server before any of the user's
-    /// connections is told it is signed in) and tells the registrations waiting for it the outcome. On
-    /// failure the user and every connection registered under it meanwhile are forgotten.
-    async fn subscribe_user(
+    /// Writes `user_id`'s presence entry for this gateway (bounded wait) and tells the registrations
+    /// waiting for it the outcome. On failure the user and every connection registered under it
+    /// meanwhile are forgotten.
+    async fn record_user(
         self: &Arc<Self>,
         user_id: i64,
         outcome: watch::Sender<Option<bool>>,
     ) -> zhibo_bus::Result<()> {
-        // A handler, not a stream: on the in-process bus it costs no queue and no task per user.
-        // Weak: the bus holds the handler, and the hub holds the bus.
-        let hub = Arc::downgrade(self);
-        let handler: Handler = Arc::new(move |m: &BusMessage| {
-            let Some(hub) = hub.upgrade() else { return };
-            // The delivery's trace continues here from the logic worker's publish.
-            let span = tracing::info_span!("gateway.deliver", user_id);
-            zhibo_telemetry::trace::set_parent(&span, &m.headers);
-            span.in_scope(|| hub.on_user_event(user_id, m.payload.clone()));
-        });
-        let subscribed = match self
-            .bus
-            .subscribe_handler(&Subject::user(user_id), handler)
-            .await
-        {
-            Ok(s) => self.bus.flush().await.map(|()| s),
-            Err(e) => Err(e),
+        let connected = self.presence().connected(&self.gateway_id, user_id);
+        let recorded = match tokio::time::timeout(PRESENCE_WRITE_WAIT, connected).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("presence write timed out".to_owned()),
         };
-        if subscribed.is_ok() {
-            if let Some(presence) = self.presence.get() {
-                // Recorded before the sign-in completes, so a message sent after it sees the user
-                // online; bounded, since a presence failure only costs a redundant push.
-                let connected = presence.connected(&self.gateway_id, user_id);
-                if tokio::time::timeout(PRESENCE_WRITE_WAIT, connected)
-                    .await
-                    .is_err()
-                {
-                    warn!(user_id, "presence write timed out");
-                }
-            }
-        }
         let mut inner = self.lock();
-        let result = match subscribed {
-            Ok(sub) => {
+        let result = match recorded {
+            Ok(()) => {
                 // Every connection of the user unregisters only after its registration returned, so
                 // the entry is still this one.
                 if let Some(entry) = inner.users.get_mut(&user_id) {
-                    entry.sub = UserSub::Live(sub);
+                    entry.presence = UserPresence::Recorded;
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(message) => {
+                warn!(user_id, %message, "presence write failed: sign-in refused");
                 if let Some(entry) = inner.users.remove(&user_id) {
                     for c in entry.conns {
                         inner.conns.remove(&c);
                     }
                 }
-                Err(e)
+                Err(zhibo_bus::Error::Subscribe {
+                    subject: Subject::gateway_users(&self.gateway_id).to_string(),
+                    message,
+                })
             }
         };
         drop(inner);
+        if result.is_err() {
+            // It may have been written after all (a timeout): take it back.
+            self.presence().disconnected(&self.gateway_id, user_id);
+        }
         // Receivers gone (no waiter) is fine.
         let _ = outcome.send(Some(result.is_ok()));
         result
     }
 
-    /// Forgets a connection (and its room seats); drops the user's subscription with its last local
-    /// connection.
+    /// Forgets a connection (and its room seats); removes the user's presence entry with its last
+    /// local connection.
     pub fn unregister(&self, conn_id: u64) {
         self.rooms.leave_all(conn_id);
         let mut inner = self.lock();
@@ -389,30 +416,41 @@ impl Hub {
         if let Some(entry) = inner.users.get_mut(&handle.user_id) {
             entry.conns.retain(|c| *c != conn_id);
             if entry.conns.is_empty() {
-                // Unsubscribes when dropped (after the hub's lock is released).
-                let sub = inner.users.remove(&handle.user_id).map(|e| e.sub);
+                let recorded = matches!(
+                    inner.users.remove(&handle.user_id).map(|e| e.presence),
+                    Some(UserPresence::Recorded)
+                );
                 drop(inner);
-                drop(sub);
-                if let Some(presence) = self.presence.get() {
-                    presence.disconnected(&self.gateway_id, handle.user_id);
+                // A failed write took its entry back itself.
+                if recorded {
+                    self.presence()
+                        .disconnected(&self.gateway_id, handle.user_id);
                 }
             }
         }
     }
 
-    fn on_user_event(&self, user_id: i64, payload: Bytes) {
-        let event = match UserEvent::decode(payload) {
-            Ok(UserEvent { event: Some(e) }) => e,
+    fn on_user_event(&self, m: &BusMessage) {
+        let (user_id, event) = match UserEvent::decode(m.payload.clone()) {
+            Ok(UserEvent {
+                user_id,
+                event: Some(e),
+            }) => (user_id, e),
             Ok(_) => return,
             Err(e) => {
-                warn!(user_id, error = %e, "undecodable event on user subject");
+                warn!(error = %e, "undecodable user event");
                 return;
             }
         };
         let inner = self.lock();
         let Some(entry) = inner.users.get(&user_id) else {
+            // Routed everywhere (presence unreadable), or the user just left.
             return;
         };
+        // The delivery's trace continues here from the publisher's.
+        let span = tracing::info_span!("gateway.deliver", user_id);
+        zhibo_telemetry::trace::set_parent(&span, &m.headers);
+        let _entered = span.enter();
         match event {
             user_event::Event::Delivery(d) => {
                 for conn_id in &entry.conns {
@@ -545,73 +583,60 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::time::Duration;
 
+    use bytes::Bytes;
     use zhibo_bus::memory::MemoryBus;
-    use zhibo_bus::Subscription;
     use zhibo_proto::bus::Delivery;
+    use zhibo_store::Presence as _;
 
     use super::*;
     use crate::queue::{queue, QueueReceiver};
 
-    /// The in-process bus, whose handler subscriptions (the users') wait until `open`, then fail while
-    /// `fail` is set.
-    struct GatedBus {
-        inner: MemoryBus,
+    /// In-process presence whose writes wait until `open`, then fail while `fail` is set.
+    struct GatedPresence {
+        inner: zhibo_store::presence::MemoryPresence,
         open: watch::Sender<bool>,
         fail: AtomicBool,
-        subscribes: AtomicUsize,
+        writes: AtomicUsize,
     }
 
     #[async_trait::async_trait]
-    impl Bus for GatedBus {
-        async fn publish(
-            &self,
-            subject: &Subject,
-            headers: Vec<(String, String)>,
-            payload: Bytes,
-        ) -> zhibo_bus::Result<()> {
-            self.inner.publish(subject, headers, payload).await
-        }
-        async fn subscribe(&self, subject: &Subject) -> zhibo_bus::Result<Subscription> {
-            self.inner.subscribe(subject).await
-        }
-        async fn subscribe_handler(
-            &self,
-            subject: &Subject,
-            handler: Handler,
-        ) -> zhibo_bus::Result<HandlerSubscription> {
-            self.subscribes.fetch_add(1, Ordering::SeqCst);
+    impl zhibo_store::Presence for GatedPresence {
+        async fn connected(&self, gateway_id: &str, user_id: i64) -> zhibo_store::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
             let mut open = self.open.subscribe();
             let _ = open.wait_for(|o| *o).await;
             if self.fail.load(Ordering::SeqCst) {
-                return Err(zhibo_bus::Error::Subscribe {
-                    subject: subject.to_string(),
-                    message: "refused (test)".into(),
-                });
+                return Err(zhibo_store::Error::new(
+                    zhibo_store::ErrorKind::Unavailable,
+                    "refused (test)",
+                ));
             }
-            self.inner.subscribe_handler(subject, handler).await
+            self.inner.connected(gateway_id, user_id).await
         }
-        async fn queue_subscribe(
-            &self,
-            subject: &Subject,
-            group: &str,
-        ) -> zhibo_bus::Result<Subscription> {
-            self.inner.queue_subscribe(subject, group).await
+        fn disconnected(&self, gateway_id: &str, user_id: i64) {
+            self.inner.disconnected(gateway_id, user_id);
         }
-        async fn flush(&self) -> zhibo_bus::Result<()> {
-            self.inner.flush().await
+        async fn gateways(&self, users: &[i64]) -> zhibo_store::Result<Vec<Option<Vec<String>>>> {
+            self.inner.gateways(users).await
         }
-        fn is_connected(&self) -> bool {
-            true
+        fn watch(&self, listener: zhibo_store::PresenceListener) {
+            self.inner.watch(listener);
         }
     }
 
-    fn gated(fail: bool) -> Arc<GatedBus> {
-        Arc::new(GatedBus {
-            inner: MemoryBus::new(),
+    /// A hub on the in-process bus with gated presence, serving its user events.
+    async fn gated(fail: bool) -> (Arc<Hub>, MemoryBus, Arc<GatedPresence>) {
+        let presence = Arc::new(GatedPresence {
+            inner: zhibo_store::presence::MemoryPresence::new(),
             open: watch::channel(false).0,
             fail: AtomicBool::new(fail),
-            subscribes: AtomicUsize::new(0),
-        })
+            writes: AtomicUsize::new(0),
+        });
+        let bus = MemoryBus::new();
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        hub.set_presence(presence.clone());
+        hub.serve_user_events().await.expect("user events");
+        (hub, bus, presence)
     }
 
     fn handle(user_id: i64, device_id: i64) -> (ConnHandle, QueueReceiver<Outbound>) {
@@ -625,35 +650,34 @@ mod tests {
         (h, rx)
     }
 
-    /// Waits (bounded) until the bus saw `n` user subscriptions.
-    async fn subscribes_reach(bus: &GatedBus, n: usize) {
+    /// Waits (bounded) until presence saw `n` writes.
+    async fn writes_reach(presence: &GatedPresence, n: usize) {
         tokio::time::timeout(Duration::from_secs(5), async {
-            while bus.subscribes.load(Ordering::SeqCst) < n {
+            while presence.writes.load(Ordering::SeqCst) < n {
                 tokio::task::yield_now().await;
             }
         })
         .await
-        .expect("subscription attempted");
+        .expect("presence write attempted");
     }
 
-    /// Two devices of a user register while the user's subscription is in flight: the second is not
-    /// confirmed before the subscription is live, one subscription serves both, deliveries reach both.
+    /// Two devices of a user register while the user's presence write is in flight: the second is not
+    /// confirmed before it is recorded, one write serves both, deliveries reach both.
     #[tokio::test]
-    async fn a_second_registration_waits_for_the_users_subscription() {
-        let bus = gated(false);
-        let hub = Hub::new("gw".into(), bus.clone());
+    async fn a_second_registration_waits_for_the_users_presence() {
+        let (hub, bus, presence) = gated(false).await;
         let (h1, mut rx1) = handle(7, 1);
         let (h2, mut rx2) = handle(7, 2);
         let first = tokio::spawn({
             let hub = hub.clone();
             async move { hub.register(1, h1).await }
         });
-        subscribes_reach(&bus, 1).await;
+        writes_reach(&presence, 1).await;
         let second = tokio::spawn({
             let hub = hub.clone();
             async move { hub.register(2, h2).await }
         });
-        // Still pending while the subscription is: it must not be told it is signed in.
+        // Still pending while the write is: it must not be told it is signed in.
         assert!(
             tokio::time::timeout(Duration::from_millis(200), async {
                 while !second.is_finished() {
@@ -662,33 +686,26 @@ mod tests {
             })
             .await
             .is_err(),
-            "the second registration returned before the subscription was live"
+            "the second registration returned before the user was recorded"
         );
-        bus.open.send_replace(true);
+        presence.open.send_replace(true);
         first.await.expect("task").expect("first registered");
         second.await.expect("task").expect("second registered");
         assert_eq!(
-            bus.subscribes.load(Ordering::SeqCst),
+            presence.writes.load(Ordering::SeqCst),
             1,
-            "one subscription per user"
+            "one presence write per user"
         );
-        assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (2, 1)
-        );
-        let delivery = UserEvent {
-            event: Some(user_event::Event::Delivery(Delivery {
+        assert_eq!((hub.connection_count(), hub.user_count()), (2, 1));
+        publish_user(
+            &bus,
+            7,
+            user_event::Event::Delivery(Delivery {
                 packets: vec![Packet::new(0, Body::Heartbeat(Default::default()))],
                 ..Default::default()
-            })),
-        };
-        bus.publish(
-            &Subject::user(7),
-            Vec::new(),
-            Bytes::from(delivery.encode_to_vec()),
+            }),
         )
-        .await
-        .expect("publish");
+        .await;
         for rx in [&mut rx1, &mut rx2] {
             let got = tokio::time::timeout(Duration::from_secs(5), async {
                 loop {
@@ -703,20 +720,19 @@ mod tests {
         }
     }
 
-    /// The user's subscription fails while two registrations wait for it: both fail, and neither the
-    /// connections nor the user stay registered (nothing left registered without a subscription). A
-    /// later registration subscribes afresh.
+    /// The user's presence write fails while two registrations wait for it: both fail, and neither the
+    /// connections nor the user stay registered (nothing left registered that events could not reach).
+    /// A later registration writes afresh.
     #[tokio::test]
-    async fn a_failed_subscription_fails_every_waiting_registration() {
-        let bus = gated(true);
-        let hub = Hub::new("gw".into(), bus.clone());
+    async fn a_failed_presence_write_fails_every_waiting_registration() {
+        let (hub, _bus, presence) = gated(true).await;
         let (h1, _rx1) = handle(7, 1);
         let (h2, _rx2) = handle(7, 2);
         let first = tokio::spawn({
             let hub = hub.clone();
             async move { hub.register(1, h1).await }
         });
-        subscribes_reach(&bus, 1).await;
+        writes_reach(&presence, 1).await;
         let second = tokio::spawn({
             let hub = hub.clone();
             async move { hub.register(2, h2).await }
@@ -729,25 +745,24 @@ mod tests {
         })
         .await
         .expect("second registration under way");
-        bus.open.send_replace(true);
+        presence.open.send_replace(true);
         assert!(first.await.expect("task").is_err());
         assert!(
             second.await.expect("task").is_err(),
-            "second confirmed without a subscription"
+            "second confirmed without presence"
         );
+        assert_eq!((hub.connection_count(), hub.user_count()), (0, 0));
         assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (0, 0)
+            presence.gateways(&[7]).await.expect("read"),
+            [Some(vec![])],
+            "nothing left recorded"
         );
-        // The bus recovers: the next registration subscribes again.
-        bus.fail.store(false, Ordering::SeqCst);
+        // Presence recovers: the next registration writes again.
+        presence.fail.store(false, Ordering::SeqCst);
         let (h3, _rx3) = handle(7, 3);
         hub.register(3, h3).await.expect("registered");
-        assert_eq!(bus.subscribes.load(Ordering::SeqCst), 2);
-        assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (1, 1)
-        );
+        assert_eq!(presence.writes.load(Ordering::SeqCst), 2);
+        assert_eq!((hub.connection_count(), hub.user_count()), (1, 1));
     }
 
     /// A hub on the in-process bus (whose handlers run inside `publish`, so what a publish delivers
@@ -763,51 +778,64 @@ mod tests {
         rx
     }
 
+    /// Publishes a user event to gateway `gw`, as a logic worker does.
     async fn publish_user(bus: &MemoryBus, user_id: i64, event: user_event::Event) {
-        let event = UserEvent { event: Some(event) };
-        bus.publish(
-            &Subject::user(user_id),
+        let event = UserEvent {
+            user_id: 0,
+            event: Some(event),
+        };
+        zhibo_bus::route::publish_user_event(
+            bus,
+            user_id,
+            event,
+            zhibo_bus::route::Route::Gateways(&["gw".to_owned()]),
             Vec::new(),
-            Bytes::from(event.encode_to_vec()),
         )
         .await
         .expect("publish");
+    }
+
+    /// A hub on the in-process bus, serving its user events.
+    async fn served(bus: &MemoryBus) -> Arc<Hub> {
+        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        hub.serve_user_events().await.expect("user events");
+        hub
     }
 
     fn heartbeat() -> Packet {
         Packet::new(0, Body::Heartbeat(Default::default()))
     }
 
-    /// Registration subscribes once per user, counts connections, and the last unregistration drops
-    /// the user's subscription from the bus.
+    /// Registration records each user once in presence, counts connections, holds no subscription
+    /// per user, and the last unregistration removes the user from presence.
     #[tokio::test]
-    async fn register_and_unregister_track_connections_and_user_subscriptions() {
+    async fn register_and_unregister_track_connections_and_presence() {
         let bus = MemoryBus::new();
-        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let hub = served(&bus).await;
+        let subjects = bus.subject_count();
         let _a = registered(&hub, 1, 7, 1).await;
         let _b = registered(&hub, 2, 7, 2).await;
         let _c = registered(&hub, 3, 8, 3).await;
+        assert_eq!((hub.connection_count(), hub.user_count()), (3, 2));
+        assert_eq!(bus.subject_count(), subjects, "no subscription per user");
         assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (3, 2)
+            hub.presence().gateways(&[7, 8, 9]).await.expect("read"),
+            [
+                Some(vec!["gw".to_owned()]),
+                Some(vec!["gw".to_owned()]),
+                Some(vec![])
+            ]
         );
-        assert_eq!(bus.subject_count(), 2, "one subscription per user");
         hub.unregister(1);
-        assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (2, 2)
-        );
+        assert_eq!((hub.connection_count(), hub.user_count()), (2, 2));
         hub.unregister(2);
         hub.unregister(3);
         hub.unregister(3);
+        assert_eq!((hub.connection_count(), hub.user_count()), (0, 0));
         assert_eq!(
-            (hub.connection_count(), hub.user_subscription_count()),
-            (0, 0)
-        );
-        assert_eq!(
-            bus.subject_count(),
-            0,
-            "unsubscribed with the last connection"
+            hub.presence().gateways(&[7, 8]).await.expect("read"),
+            [Some(vec![]), Some(vec![])],
+            "out of presence with the last connection"
         );
     }
 
@@ -816,7 +844,7 @@ mod tests {
     #[tokio::test]
     async fn deliveries_are_demultiplexed_by_user_device_and_connection() {
         let bus = MemoryBus::new();
-        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let hub = served(&bus).await;
         let replies = hub.serve_replies().await.expect("replies");
         let mut a = registered(&hub, 1, 7, 1).await;
         let mut b = registered(&hub, 2, 7, 2).await;
@@ -837,6 +865,26 @@ mod tests {
         assert!(a.try_recv().is_none());
         assert!(b.try_recv().is_none(), "the sending device is left out");
         assert!(c.try_recv().is_none(), "another user's connection");
+        // Routed to every gateway (presence unreadable): this gateway keeps its user's, drops the rest.
+        for user in [8, 99] {
+            zhibo_bus::route::publish_user_event(
+                &bus,
+                user,
+                UserEvent {
+                    user_id: 0,
+                    event: Some(user_event::Event::Delivery(Delivery {
+                        packets: vec![heartbeat()],
+                        ..Default::default()
+                    })),
+                },
+                zhibo_bus::route::Route::Everywhere,
+                Vec::new(),
+            )
+            .await
+            .expect("publish");
+        }
+        assert!(matches!(c.try_recv(), Some(Outbound::Packet(_))));
+        assert!(c.try_recv().is_none() && a.try_recv().is_none() && b.try_recv().is_none());
         let reply = Delivery {
             conn_id: 2,
             packets: vec![heartbeat()],
@@ -872,7 +920,7 @@ mod tests {
     #[tokio::test]
     async fn kicks_reach_the_devices_older_and_signed_out_connections() {
         let bus = MemoryBus::new();
-        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let hub = served(&bus).await;
         let mut old = registered(&hub, 1, 7, 1).await;
         let mut other = registered(&hub, 2, 7, 2).await;
         assert!(
@@ -912,7 +960,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_im_queue_closes_its_connection() {
         let bus = MemoryBus::new();
-        let hub = Hub::new("gw".into(), Arc::new(bus.clone()));
+        let hub = served(&bus).await;
         let (h, _rx) = {
             let (tx, rx) = queue(2);
             (

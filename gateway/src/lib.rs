@@ -15,8 +15,8 @@
 //! - [`tcp`], [`ws`], [`quic`]: the three transports, thin adapters over [`conn::drive`].
 //! - [`run`]: starts the listeners and drains them on shutdown.
 //!
-//! Inbound: socket → transport → session → bus `zhibo.cmd`. Outbound: bus `zhibo.user.<id>` /
-//! `zhibo.gw.<id>` → hub → connection IM queue → socket; bus `zhibo.room.<id>` → room batcher → one
+//! Inbound: socket → transport → session → bus `zhibo.cmd`. Outbound: bus `zhibo.gwu.<id>` (events for
+//! this gateway's users, routed by presence) / `zhibo.users` / `zhibo.gw.<id>` → hub → connection IM queue → socket; bus `zhibo.room.<id>` → room batcher → one
 //! encoded frame → every viewer's room queue → socket.
 #![warn(missing_docs)]
 
@@ -111,8 +111,10 @@ pub struct Deps {
     pub key: Arc<TokenKey>,
     /// Process metrics.
     pub metrics: Arc<zhibo_telemetry::Metrics>,
-    /// Where users' first and last connections are reported (offline push); `None` = not tracked.
-    pub presence: Option<Arc<dyn zhibo_store::Presence>>,
+    /// Where users' first and last connections are recorded: routes their events to this gateway (and
+    /// tells push who is offline). The logic workers must read the same one (in-process in embedded
+    /// mode, Redis otherwise).
+    pub presence: Arc<dyn zhibo_store::Presence>,
 }
 
 /// Copies the room hub's viewer count, dropped-frame count and shaping counts (sampled and dropped per
@@ -185,11 +187,10 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    if let Some(presence) = &deps.presence {
-        hub.set_presence(presence.clone());
-    }
+    hub.set_presence(deps.presence.clone());
     let span = tracing::info_span!("gateway", gateway_id = %hub.gateway_id());
     async move {
+        hub.serve_user_events().await?;
         let replies = hub.serve_replies().await?;
         let broadcast = hub.serve_broadcast().await?;
         let config = Arc::new(config);

@@ -1,9 +1,6 @@
 //! Bus events the pipeline raises besides messages: a signed-out device's connections are closed.
 
-use bytes::Bytes;
-use prost::Message as _;
 use tracing::warn;
-use zhibo_bus::Subject;
 use zhibo_proto::bus::{user_event, UserEvent};
 use zhibo_proto::client::ErrorCode;
 
@@ -17,16 +14,12 @@ impl Logic {
     /// [`LogicError`] with `UNAVAILABLE` when the bus refuses the event.
     pub async fn kick_signed_out(&self, user_id: i64, device_id: i64) -> Result<(), LogicError> {
         let event = UserEvent {
+            user_id,
             event: Some(user_event::Event::DeviceSignedOut(
                 zhibo_proto::bus::DeviceSignedOut { user_id, device_id },
             )),
         };
-        self.bus
-            .publish(
-                &Subject::user(user_id),
-                Vec::new(),
-                Bytes::from(event.encode_to_vec()),
-            )
+        self.route_user_event(user_id, event, Vec::new())
             .await
             .map_err(|e| {
                 warn!(user_id, device_id, error = %e, "sign-out kick not published");

@@ -71,6 +71,8 @@ pub use webhooks::MembershipChange;
 pub struct Logic {
     stores: Stores,
     bus: Arc<dyn Bus>,
+    /// Which gateways hold each user: where events for the user's devices are published.
+    presence: Arc<dyn zhibo_store::Presence>,
     ids: MessageIds,
     config: LogicConfig,
     metrics: Arc<Metrics>,
@@ -93,15 +95,23 @@ impl std::fmt::Debug for Logic {
 }
 
 impl Logic {
-    /// A pipeline over `stores` publishing deliveries on `bus`. Without `config.node_id` it leases a node
-    /// number for message ids from `stores.leases` in the background (call inside a tokio runtime), and
-    /// refuses to mint (`UNAVAILABLE`, retryable) while it holds no valid lease.
-    pub fn new(stores: Stores, bus: Arc<dyn Bus>, config: LogicConfig) -> Self {
+    /// A pipeline over `stores` publishing deliveries on `bus` to the gateways `presence` names for
+    /// each user (the gateways' presence: in-process in embedded mode, Redis otherwise). Without
+    /// `config.node_id` it leases a node number for message ids from `stores.leases` in the background
+    /// (call inside a tokio runtime), and refuses to mint (`UNAVAILABLE`, retryable) while it holds no
+    /// valid lease.
+    pub fn new(
+        stores: Stores,
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn zhibo_store::Presence>,
+        config: LogicConfig,
+    ) -> Self {
         let ids = MessageIds::new(&stores, config.node_id);
         let authz = authz::AuthzCache::new(std::time::Duration::from_secs(config.authz_cache_secs));
         Logic {
             stores,
             bus,
+            presence,
             ids,
             config,
             metrics: Arc::new(Metrics::new()),

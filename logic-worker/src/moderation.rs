@@ -81,17 +81,13 @@ impl Logic {
             .await
             .map_err(|e| LogicError::store(Op::RoomSend, &e))?;
         let event = UserEvent {
+            user_id,
             event: Some(user_event::Event::RoomBanned(RoomBanned {
                 room_id,
                 user_id,
             })),
         };
-        self.bus
-            .publish(
-                &Subject::user(user_id),
-                Vec::new(),
-                Bytes::from(event.encode_to_vec()),
-            )
+        self.route_user_event(user_id, event, Vec::new())
             .await
             .map_err(|e| unavailable("room ban kick", &e))?;
         Ok(ban)

@@ -8,7 +8,7 @@ use tracing::warn;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_push::sink::{Outgoing, PushSink};
 use zhibo_push::PushEvent;
-use zhibo_store::{Conversation, ConversationId, ConversationKey, Presence};
+use zhibo_store::{Conversation, ConversationId, ConversationKey};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::Logic;
@@ -16,11 +16,9 @@ use crate::Logic;
 /// Conversation rows read at once for the offline recipients of one message (a big group's).
 const ROW_READS: usize = 64;
 
-/// What the send path needs to emit push events.
+/// What the send path needs to emit push events (who is online: the pipeline's presence).
 #[derive(Clone)]
 pub struct PushHook {
-    /// Who is online (gateways write it).
-    pub presence: Arc<dyn Presence>,
     /// Where events go (JetStream, or the embedded store's outbox).
     pub sink: Arc<dyn PushSink>,
     /// Put the start of text content in events.
@@ -39,35 +37,36 @@ impl std::fmt::Debug for PushHook {
 
 impl Logic {
     /// Emits push events for the offline recipients among `entries` (stored inbox entries; the sender's
-    /// own entry is skipped). One pipelined presence read for all of them; if it fails, everyone is
-    /// treated as offline (a push too many rather than a message never notified). Then each offline
+    /// own entry is skipped). `gateways` holds, per entry, the gateways presence names for its user
+    /// (the read the deliveries are routed by); a `None` (unknown: presence unreadable, or just lost
+    /// entries) counts as offline (a push too many rather than a message never notified). Then each offline
     /// recipient's conversation row (point reads, [`ROW_READS`] at a time): muted → no event; the
     /// badge is the conversation's unread count. Returns once the sink has them: queued for JetStream,
     /// or durable in the embedded outbox.
-    pub(crate) async fn push_offline(&self, sender: i64, entries: &[(i64, Message)]) {
+    pub(crate) async fn push_offline(
+        &self,
+        sender: i64,
+        entries: &[(i64, Message)],
+        gateways: &[Option<Vec<String>>],
+    ) {
         let Some(push) = &self.push else { return };
-        let targets: Vec<&(i64, Message)> = entries.iter().filter(|(u, _)| *u != sender).collect();
-        if targets.is_empty() {
+        let offline: Vec<&(i64, Message)> = entries
+            .iter()
+            .zip(gateways)
+            .filter(|((user, _), g)| *user != sender && g.as_ref().is_none_or(Vec::is_empty))
+            .map(|(e, _)| e)
+            .collect();
+        if gateways.iter().any(Option::is_none) {
+            warn!("presence unknown for some recipients; pushing to them");
+            self.metrics
+                .push
+                .publish_failures
+                .get_or_create(&KindLabel { kind: "presence" })
+                .inc();
+        }
+        if offline.is_empty() {
             return;
         }
-        let users: Vec<i64> = targets.iter().map(|(u, _)| *u).collect();
-        let online = match push.presence.online(&users).await {
-            Ok(o) if o.len() == users.len() => o,
-            Ok(_) | Err(_) => {
-                warn!("presence unreadable; pushing to every recipient");
-                self.metrics
-                    .push
-                    .publish_failures
-                    .get_or_create(&KindLabel { kind: "presence" })
-                    .inc();
-                vec![false; users.len()]
-            }
-        };
-        let offline: Vec<&(i64, Message)> = targets
-            .into_iter()
-            .zip(online)
-            .filter_map(|(t, online)| (!online).then_some(t))
-            .collect();
         // The offline recipients' conversation rows, one point read each, concurrently (only here:
         // with push on and someone offline): a muted conversation is not pushed, and the badge is the
         // conversation's unread count. An unreadable row pushes anyway (badge: the latest seq).

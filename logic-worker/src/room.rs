@@ -257,7 +257,12 @@ mod tests {
             node_id: Some(512),
             ..LogicConfig::default()
         };
-        let logic = Logic::new(stores.clone(), bus as Arc<dyn Bus>, config);
+        let logic = Logic::new(
+            stores.clone(),
+            bus as Arc<dyn Bus>,
+            Arc::new(zhibo_store::presence::MemoryPresence::new()),
+            config,
+        );
         Fixture {
             logic,
             stores,

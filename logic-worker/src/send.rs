@@ -2,9 +2,8 @@
 //! live delivery to every device of every recipient.
 
 use bytes::Bytes;
-use prost::Message as _;
 use tracing::{warn, Instrument};
-use zhibo_bus::Subject;
+use zhibo_bus::route::{publish_user_event, Route};
 use zhibo_proto::bus::{user_event, Delivery, Origin, UserEvent};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
@@ -341,26 +340,37 @@ impl Logic {
         duplicate: bool,
         replaced: Option<Bytes>,
     ) -> SendMessageOutput {
+        // One presence read for every recipient: routes the deliveries, and says who is offline.
+        let users: Vec<i64> = entries.iter().map(|(u, _)| *u).collect();
+        let gateways = self.gateways_of(&users).await;
         // Before the ACK: a sender who saw the ACK can count on the events being queued.
-        self.push_offline(origin.user_id, &entries).await;
+        self.push_offline(origin.user_id, &entries, &gateways).await;
         if let Some((_, template)) = entries.first() {
             self.webhook_message_stored(origin, plan, template).await;
         }
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {
-            for (user_id, message) in entries {
+            for (i, (user_id, message)) in entries.into_iter().enumerate() {
                 let exclude = if user_id == origin.user_id {
                     origin.device_id
                 } else {
                     0
                 };
+                let route = route(&gateways[i]);
                 // Stored already: a device that misses it gets it at its next sync.
                 if self
-                    .deliver_to_user(
+                    .publish_to_user(
                         user_id,
-                        exclude,
-                        Packet::new(0, Body::Message(message)),
+                        UserEvent {
+                            user_id,
+                            event: Some(user_event::Event::Delivery(Delivery {
+                                conn_id: 0,
+                                exclude_device_id: exclude,
+                                packets: vec![Packet::new(0, Body::Message(message))],
+                            })),
+                        },
+                        route,
                         headers.clone(),
                     )
                     .await
@@ -375,8 +385,9 @@ impl Logic {
     }
 
     /// Publishes `packet` to every connected device of `user_id` but `exclude_device_id` (0: none),
-    /// through the user's subject: the one way the worker delivers to a user (messages, and the
-    /// conversation notices of `conversations.rs`). `false` when the bus refused it (logged, counted).
+    /// on the gateways presence names for the user: the one way the worker delivers to a single user
+    /// (messages go through [`Logic::deliver`], which reads presence once for all recipients; the
+    /// conversation notices of `conversations.rs` come here). `false` when the bus refused it.
     pub(crate) async fn deliver_to_user(
         &self,
         user_id: i64,
@@ -385,33 +396,84 @@ impl Logic {
         headers: Vec<(String, String)>,
     ) -> bool {
         let event = UserEvent {
+            user_id,
             event: Some(user_event::Event::Delivery(Delivery {
                 conn_id: 0,
                 exclude_device_id,
                 packets: vec![packet],
             })),
         };
-        match self
-            .bus
-            .publish(
-                &Subject::user(user_id),
-                headers,
-                Bytes::from(event.encode_to_vec()),
-            )
-            .await
-        {
+        match self.route_user_event(user_id, event, headers).await {
             Ok(()) => true,
-            Err(e) => {
+            Err(e) => self.delivery_failed(user_id, &e),
+        }
+    }
+
+    /// Publishes `event` for `user_id` to the gateways presence names for the user (every gateway when
+    /// presence cannot be read).
+    ///
+    /// # Errors
+    /// When the bus refuses it.
+    pub(crate) async fn route_user_event(
+        &self,
+        user_id: i64,
+        event: UserEvent,
+        headers: Vec<(String, String)>,
+    ) -> zhibo_bus::Result<()> {
+        let gateways = self.gateways_of(&[user_id]).await;
+        publish_user_event(
+            self.bus.as_ref(),
+            user_id,
+            event,
+            route(&gateways[0]),
+            headers,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// For each of `users`, the gateways holding a connection of theirs, or `None` when unknown:
+    /// presence just lost entries, or cannot be read (logged, counted). A `None` is routed to every
+    /// gateway, and counts as offline for push.
+    pub(crate) async fn gateways_of(&self, users: &[i64]) -> Vec<Option<Vec<String>>> {
+        match self.presence.gateways(users).await {
+            Ok(g) if g.len() == users.len() => g,
+            Ok(_) | Err(_) => {
                 self.metrics
                     .bus_errors
                     .get_or_create(&KindLabel {
-                        kind: "publish_delivery",
+                        kind: "presence_read",
                     })
                     .inc();
-                warn!(user_id, error = %e, "live delivery failed");
-                false
+                warn!("presence unreadable: routing to every gateway");
+                vec![None; users.len()]
             }
         }
+    }
+
+    async fn publish_to_user(
+        &self,
+        user_id: i64,
+        event: UserEvent,
+        route: Route<'_>,
+        headers: Vec<(String, String)>,
+    ) -> bool {
+        match publish_user_event(self.bus.as_ref(), user_id, event, route, headers).await {
+            Ok(_) => true,
+            Err(e) => self.delivery_failed(user_id, &e),
+        }
+    }
+
+    /// Logs and counts a live delivery the bus refused; `false`.
+    fn delivery_failed(&self, user_id: i64, e: &zhibo_bus::Error) -> bool {
+        self.metrics
+            .bus_errors
+            .get_or_create(&KindLabel {
+                kind: "publish_delivery",
+            })
+            .inc();
+        warn!(user_id, error = %e, "live delivery failed");
+        false
     }
 
     /// The sender's stored copy of a planned message, if the plan's writes reached the sender's inbox.
@@ -502,5 +564,13 @@ fn output(plan: &SendPlan, duplicate: bool, replaced: Option<Bytes>) -> SendMess
         content_replaced: replaced.is_some(),
         content: replaced.unwrap_or_default(),
         conv_seq: plan.conv_seq,
+    }
+}
+
+/// Where an event for a user goes, given what presence knows of them.
+fn route(gateways: &Option<Vec<String>>) -> Route<'_> {
+    match gateways {
+        Some(g) => Route::Gateways(g),
+        None => Route::Everywhere,
     }
 }

@@ -8,8 +8,8 @@ use serde::Deserialize;
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
-    /// Emit a push event per offline recipient of each stored message. Off: no presence tracking and
-    /// no cost on the send path.
+    /// Emit a push event per offline recipient of each stored message. Off: no push work on the send
+    /// path (presence, which routes deliveries, is read either way).
     pub enabled: bool,
     /// Put the start of text content in events (`preview`); off for privacy.
     pub preview: bool,
@@ -34,7 +34,9 @@ pub struct PushConfig {
     pub stream_max_age_secs: u64,
     /// Stream size limit; the oldest events are dropped beyond it, bytes.
     pub stream_max_bytes: i64,
-    /// A gateway's presence entries count this long after its last refresh (distributed mode), s.
+    /// A gateway's presence entries (which route its users' deliveries, and say who is offline) count
+    /// this long after its last refresh (distributed mode), s. Here for history: presence is not only
+    /// push's.
     pub presence_ttl_secs: u64,
     /// Events waiting to be published per logic process; beyond it events are dropped and counted
     /// (`zhibo_push_publish_failures_total{kind="queue_full"}`): a send never waits for the stream.

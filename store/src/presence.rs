@@ -1,5 +1,7 @@
 //! [`Presence`] backends: [`MemoryPresence`] (embedded mode: the one process's gateway) and
 //! [`RedisPresence`] (distributed: every gateway's online users in Redis, with a TTL per gateway).
+//! Presence routes every event for a user's devices (`zhibo_bus::route`), so an entry must exist
+//! whenever the user has a connection: see "Lost entries" below.
 //!
 //! # Redis layout
 //! One hash per user, `<prefix>:presence:<user_id>`, field = gateway id, value = the ms timestamp until
@@ -7,8 +9,24 @@
 //! registers there (`HSET` + `PEXPIRE` of the key, awaited before the sign-in completes), deletes it with
 //! the user's last connection, and rewrites the fields of all its users every `ttl / 3` in one pipeline.
 //! A dead gateway stops refreshing: its fields count as offline once their timestamp passes, and the
-//! key itself expires after `2 × ttl` without refreshes. The reader sends one `HVALS` per recipient in
-//! one pipeline and calls a user online when any value is in the future.
+//! key itself expires after `2 × ttl` without refreshes. The reader sends one `HGETALL` per recipient in
+//! one pipeline; the gateways whose value is in the future hold the user.
+//!
+//! # Lost entries
+//! Redis may lose entries that should be there (flushed, restarted empty, a cluster master failed over
+//! to an empty replica). Each gateway checks every [`PROBE_EVERY`] that its own field is still in the
+//! hashes of a rotating sample of [`PROBE_SAMPLE`] of its users (`HEXISTS`, one pipeline) and rewrites
+//! all of its entries at once when one is missing; the full rewrite every `ttl / 3` also repairs them.
+//!
+//! A loss is also marked: the key [`RedisPresence::since_key`] holds when the current entries began
+//! and is lost with them. The reader fetches it in the same pipeline as the hashes; whoever finds it
+//! missing sets it (`SET NX`, now), and each gateway's probe sees it missing or changed and writes
+//! all its entries again. For [`UNCERTAIN_FOR_MS`] after that time a user with no live entry is
+//! answered `None` ("unknown"), which the sender routes to every gateway: no live delivery is lost
+//! while the gateways write their entries again. A loss that spares the since key (one master of a
+//! Redis Cluster) is found only by the sampled probe: until then an event for an affected user reaches
+//! no gateway, and the device gets the message at its next sync (the next message's seq gap, or a
+//! reconnect), not live.
 //!
 //! Transitions ([`Presence::watch`], for the `user.online` / `user.offline` webhooks): with a listener
 //! set, the write of a user's first connection on a gateway reads the hash back in the same pipeline,
@@ -29,12 +47,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::prelude::{
     Builder, ClientLike as _, Config, HashesInterface as _, KeysInterface as _, Pool,
-    ReconnectPolicy,
+    ReconnectPolicy, SetOptions, Value,
 };
 use tracing::warn;
 
 use crate::ids::now_ms;
 use crate::{Error, ErrorKind, Presence, PresenceListener, Result};
+
+/// How often a gateway checks that Redis still has its entries (see "Lost entries").
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Users checked per probe.
+pub const PROBE_SAMPLE: usize = 16;
+
+/// How long after a loss of entries was noticed an empty answer counts as "unknown" (the gateways
+/// probe every [`PROBE_EVERY`] and then write all their entries again), ms.
+const UNCERTAIN_FOR_MS: i64 = 5_000;
 
 /// Presence of the users of this process's gateways (embedded mode: one process holds every
 /// connection, so this is exact, transitions included).
@@ -66,7 +94,7 @@ impl MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn connected(&self, gateway_id: &str, user_id: i64) {
+    async fn connected(&self, gateway_id: &str, user_id: i64) -> Result<()> {
         let first = {
             let mut online = self.lock();
             let gateways = online.entry(user_id).or_default();
@@ -77,6 +105,7 @@ impl Presence for MemoryPresence {
                 listener(user_id, true);
             }
         }
+        Ok(())
     }
 
     fn disconnected(&self, gateway_id: &str, user_id: i64) {
@@ -97,9 +126,19 @@ impl Presence for MemoryPresence {
         }
     }
 
-    async fn online(&self, users: &[i64]) -> Result<Vec<bool>> {
+    async fn gateways(&self, users: &[i64]) -> Result<Vec<Option<Vec<String>>>> {
         let online = self.lock();
-        Ok(users.iter().map(|u| online.contains_key(u)).collect())
+        Ok(users
+            .iter()
+            .map(|u| {
+                Some(
+                    online
+                        .get(u)
+                        .map(|g| g.iter().cloned().collect())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect())
     }
 
     fn watch(&self, listener: PresenceListener) {
@@ -118,6 +157,8 @@ pub struct RedisPresence {
     me: Weak<RedisPresence>,
     /// Told of transitions ([`Presence::watch`]).
     listener: OnceLock<PresenceListener>,
+    /// The value of [`RedisPresence::since_key`] this process's entries were written under.
+    since_seen: Mutex<Option<i64>>,
 }
 
 impl std::fmt::Debug for RedisPresence {
@@ -160,7 +201,13 @@ impl RedisPresence {
             local: Mutex::new(HashSet::new()),
             me: me.clone(),
             listener: OnceLock::new(),
+            since_seen: Mutex::new(None),
         });
+        let since = presence.current_since().await?;
+        *presence
+            .since_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(since);
         tokio::spawn(refresh_loop(Arc::downgrade(&presence), ttl / 3));
         Ok(presence)
     }
@@ -168,6 +215,42 @@ impl RedisPresence {
     /// The Redis key of `user_id`'s presence hash. The only place the key format lives.
     pub fn key(&self, user_id: i64) -> String {
         format!("{}:presence:{user_id}", self.prefix)
+    }
+
+    /// The key whose value is when the current set of entries began (ms): written once, lost with
+    /// the entries, written again by whoever notices first (see "Lost entries").
+    pub fn since_key(&self) -> String {
+        format!("{}:presence:since", self.prefix)
+    }
+
+    /// The value of [`RedisPresence::since_key`], set now if it is missing.
+    async fn current_since(&self) -> Result<i64> {
+        for _ in 0..2 {
+            let since: Option<i64> = self
+                .pool
+                .get(self.since_key())
+                .await
+                .map_err(|e| redis_error("get", e))?;
+            if let Some(since) = since {
+                return Ok(since);
+            }
+            self.mark_loss(now_ms()).await;
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "redis presence: the since key vanished twice",
+        ))
+    }
+
+    /// Records that entries were lost at `now` (`SET NX`: the first to notice sets it).
+    async fn mark_loss(&self, now: i64) {
+        let set: std::result::Result<Value, _> = self
+            .pool
+            .set(self.since_key(), now, None, Some(SetOptions::NX), false)
+            .await;
+        if let Err(e) = set {
+            warn!(error = %e, "presence: could not mark the loss of entries");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i64)>> {
@@ -191,6 +274,61 @@ impl RedisPresence {
         Ok(entries
             .iter()
             .any(|(gateway, until)| *until > now && Some(gateway.as_str()) != except))
+    }
+
+    /// Whether Redis lost this process's entries: the since key is missing or was set again since
+    /// they were written (a loss anyone noticed), or one of a sample of them (the `round`-th slice of
+    /// [`PROBE_SAMPLE`]) is missing; `false` when it cannot tell (Redis unreachable: the refresh
+    /// retries anyway).
+    async fn lost_entries(&self, round: usize) -> bool {
+        let Ok(since) = self.current_since().await else {
+            return false;
+        };
+        let changed = {
+            let mut seen = self
+                .since_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            seen.replace(since) != Some(since)
+        };
+        if changed {
+            warn!("presence entries lost (Redis flushed or restarted?): writing them all again");
+            return true;
+        }
+        let sample: Vec<(String, i64)> = {
+            let local = self.lock();
+            if local.is_empty() {
+                return false;
+            }
+            let skip = round.wrapping_mul(PROBE_SAMPLE) % local.len();
+            local
+                .iter()
+                .cycle()
+                .skip(skip)
+                .take(PROBE_SAMPLE.min(local.len()))
+                .cloned()
+                .collect()
+        };
+        let pipeline = self.pool.next().pipeline();
+        for (gateway, user) in &sample {
+            let queued: std::result::Result<(), _> =
+                pipeline.hexists(self.key(*user), gateway.as_str()).await;
+            if queued.is_err() {
+                return false;
+            }
+        }
+        let answers = pipeline.try_all::<bool>().await;
+        let local = self.lock();
+        let lost = sample
+            .iter()
+            .zip(answers)
+            .any(|(pair, exists)| matches!(exists, Ok(false)) && local.contains(pair));
+        if lost {
+            warn!(
+                "presence entries missing from Redis (flushed or restarted?): rewriting them all"
+            );
+        }
+        lost
     }
 
     /// Writes the given (gateway, user) pairs as online until now + ttl, in one pipeline.
@@ -218,13 +356,24 @@ impl RedisPresence {
     }
 }
 
-/// Rewrites every local pair every `every`, until the presence is dropped.
+/// Rewrites every local pair every `every`, and in between checks a sample of them every
+/// [`PROBE_EVERY`] (rewriting all at once when Redis lost one), until the presence is dropped.
 async fn refresh_loop(presence: Weak<RedisPresence>, every: Duration) {
+    let probe = PROBE_EVERY.min(every);
+    let mut since_refresh = Duration::ZERO;
+    let mut round = 0usize;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(probe).await;
+        since_refresh += probe;
         let Some(presence) = presence.upgrade() else {
             return;
         };
+        round = round.wrapping_add(1);
+        let refresh = since_refresh >= every || presence.lost_entries(round).await;
+        if !refresh {
+            continue;
+        }
+        since_refresh = Duration::ZERO;
         let pairs: Vec<(String, i64)> = presence.lock().iter().cloned().collect();
         for chunk in pairs.chunks(1000) {
             if let Err(e) = presence.write(chunk).await {
@@ -237,25 +386,21 @@ async fn refresh_loop(presence: Weak<RedisPresence>, every: Duration) {
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn connected(&self, gateway_id: &str, user_id: i64) {
+    async fn connected(&self, gateway_id: &str, user_id: i64) -> Result<()> {
         let pair = (gateway_id.to_owned(), user_id);
         self.lock().insert(pair.clone());
         let Some(listener) = self.listener.get() else {
-            if let Err(e) = self.write(&[pair]).await {
-                warn!(user_id, error = %e, "presence write failed");
-            }
-            return;
+            return self.write(&[pair]).await;
         };
         // Read before the write: nobody else live means this connection makes the user online.
         let elsewhere = self.live_elsewhere(user_id, Some(gateway_id)).await;
-        if let Err(e) = self.write(&[pair]).await {
-            warn!(user_id, error = %e, "presence write failed");
-        }
+        self.write(&[pair]).await?;
         match elsewhere {
             Ok(false) => listener(user_id, true),
             Ok(true) => {}
             Err(e) => warn!(user_id, error = %e, "presence read failed; no user.online event"),
         }
+        Ok(())
     }
 
     fn disconnected(&self, gateway_id: &str, user_id: i64) {
@@ -288,25 +433,47 @@ impl Presence for RedisPresence {
         });
     }
 
-    async fn online(&self, users: &[i64]) -> Result<Vec<bool>> {
+    async fn gateways(&self, users: &[i64]) -> Result<Vec<Option<Vec<String>>>> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
         let pipeline = self.pool.next().pipeline();
+        let () = pipeline
+            .get(self.since_key())
+            .await
+            .map_err(|e| redis_error("get", e))?;
         for user in users {
             let () = pipeline
-                .hvals(self.key(*user))
+                .hgetall(self.key(*user))
                 .await
-                .map_err(|e| redis_error("hvals", e))?;
+                .map_err(|e| redis_error("hgetall", e))?;
         }
+        let mut answers = pipeline.try_all::<Value>().await.into_iter();
+        let since = answers
+            .next()
+            .unwrap_or(Ok(Value::Null))
+            .map_err(|e| redis_error("get", e))?;
         let now = now_ms();
-        pipeline
-            .try_all::<Vec<i64>>()
-            .await
-            .into_iter()
+        let since: Option<i64> = since.convert().map_err(|e| redis_error("get", e))?;
+        let uncertain = match since {
+            Some(since) => now < since.saturating_add(UNCERTAIN_FOR_MS),
+            None => {
+                // Lost with the entries: mark the loss (the gateways see it and write theirs again).
+                self.mark_loss(now).await;
+                true
+            }
+        };
+        answers
             .map(|r| {
-                r.map(|until| until.iter().any(|u| *u > now))
-                    .map_err(|e| redis_error("hvals", e))
+                let entries: HashMap<String, i64> = r
+                    .and_then(|v| v.convert())
+                    .map_err(|e| redis_error("hgetall", e))?;
+                let live: Vec<String> = entries
+                    .into_iter()
+                    .filter_map(|(gateway, until)| (until > now).then_some(gateway))
+                    .collect();
+                // Nobody, while the gateways may still be writing their entries again: unknown.
+                Ok((!(uncertain && live.is_empty())).then_some(live))
             })
             .collect()
     }

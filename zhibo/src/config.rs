@@ -56,7 +56,7 @@ impl Default for StoreConfig {
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
-    /// First token of every NATS subject (`<prefix>.cmd`, `<prefix>.user.<id>`…): deployments sharing
+    /// First token of every NATS subject (`<prefix>.cmd`, `<prefix>.gwu.<gateway>`…): deployments sharing
     /// one NATS server with different prefixes never see each other's traffic. One token: ASCII
     /// letters, digits, `-`, `_`.
     pub subject_prefix: String,

@@ -46,6 +46,10 @@ pub struct Backends {
     /// The embedded store's outbox (embedded store only): where push events wait for the in-process
     /// relay when there is no JetStream.
     pub outbox: Option<Arc<dyn zhibo_store::OutboxStore>>,
+    /// Which gateways hold each user: written by gateways, read by the pipelines to route events for
+    /// a user's devices (and for push). In-process on the in-process bus (one process holds every
+    /// connection), else in Redis (`store.redis_url`), shared by every process.
+    pub presence: Arc<dyn zhibo_store::Presence>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -108,10 +112,22 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
             backend.stores(Arc::new(seq))
         }
     };
+    let presence: Arc<dyn zhibo_store::Presence> = if config.bus.nats_url.is_empty() {
+        Arc::new(zhibo_store::presence::MemoryPresence::new())
+    } else {
+        zhibo_store::presence::RedisPresence::connect(
+            &config.store.redis_url,
+            &config.bus.subject_prefix,
+            Duration::from_secs(config.push.presence_ttl_secs),
+        )
+        .await
+        .context("connecting to Redis for presence (store.redis_url)")?
+    };
     Ok(Backends {
         bus,
         stores,
         outbox,
+        presence,
     })
 }
 
@@ -181,9 +197,6 @@ fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetr
 
 /// What `push.enabled` and `webhooks.events` add to a process.
 struct EventParts {
-    /// Who is online: written by the gateway, read by the pipelines (push), watched for the
-    /// `user.online` / `user.offline` webhooks.
-    presence: Option<Arc<dyn zhibo_store::Presence>>,
     /// What the pipelines emit push events through (with pipelines and push only).
     hook: Option<zhibo_logic::PushHook>,
     /// The webhook emitter (when any event type is configured and this process emits some).
@@ -200,36 +213,20 @@ fn presence_webhooks(config: &Config) -> bool {
         || config.webhooks.wants(zhibo_push::EventType::UserOffline)
 }
 
-/// Presence (in-process on the in-process bus, else Redis) when push or the presence webhooks need
-/// it; the event sink (JetStream on NATS, else the embedded store's outbox, delivered by the
-/// in-process relay) when this process emits events: `pipelines` (push events, `message.stored`, the
-/// group events) or a `gateway` (`user.online` / `user.offline`).
+/// The event sink (JetStream on NATS, else the embedded store's outbox, delivered by the in-process
+/// relay) when this process emits events: `pipelines` (push events, `message.stored`, the group
+/// events) or a `gateway` (`user.online` / `user.offline`, watched on `presence`).
 async fn event_parts(
     config: &Config,
     backends: &Backends,
     metrics: &Metrics,
+    presence: &Arc<dyn zhibo_store::Presence>,
     pipelines: bool,
     gateway: bool,
 ) -> anyhow::Result<EventParts> {
     let nats = backends.bus.nats_client();
     let watch = gateway && presence_webhooks(config);
-    let presence: Option<Arc<dyn zhibo_store::Presence>> = if config.push.enabled || watch {
-        Some(if nats.is_none() {
-            Arc::new(zhibo_store::presence::MemoryPresence::new())
-        } else {
-            zhibo_store::presence::RedisPresence::connect(
-                &config.store.redis_url,
-                &config.bus.subject_prefix,
-                Duration::from_secs(config.push.presence_ttl_secs),
-            )
-            .await
-            .context("connecting to Redis for presence (push.enabled or the user.online/offline webhooks)")?
-        })
-    } else {
-        None
-    };
     let mut parts = EventParts {
-        presence: presence.clone(),
         hook: None,
         webhooks: None,
         jetstream: None,
@@ -258,7 +255,7 @@ async fn event_parts(
         }
     };
     parts.webhooks = zhibo_push::Webhooks::new(&config.webhooks, sink.clone());
-    if let (true, Some(presence), Some(webhooks)) = (watch, &presence, &parts.webhooks) {
+    if let (true, Some(webhooks)) = (watch, &parts.webhooks) {
         let webhooks = webhooks.clone();
         presence.watch(Arc::new(move |user_id, online| {
             let t = if online {
@@ -278,9 +275,8 @@ async fn event_parts(
             });
         }));
     }
-    if let (true, true, Some(presence)) = (pipelines, config.push.enabled, presence) {
+    if pipelines && config.push.enabled {
         parts.hook = Some(zhibo_logic::PushHook {
-            presence,
             sink,
             preview: config.push.preview,
             preview_max_chars: config.push.preview_max_chars,
@@ -368,8 +364,9 @@ pub async fn run(
     let ready = readiness(&backends, shutdown.clone());
     let pipelines = bound.logic || bound.api.is_some();
     let gateway = bound.gateway.is_some();
+    let presence = backends.presence.clone();
     let push = if (config.push.enabled || config.webhooks.enabled()) && (pipelines || gateway) {
-        Some(event_parts(&config, &backends, &metrics, pipelines, gateway).await?)
+        Some(event_parts(&config, &backends, &metrics, &presence, pipelines, gateway).await?)
     } else {
         None
     };
@@ -380,6 +377,7 @@ pub async fn run(
             let logic = zhibo_logic::Logic::new(
                 backends.stores.clone(),
                 backends.bus.clone(),
+                presence.clone(),
                 config.logic.clone(),
             )
             .with_metrics(metrics.clone())
@@ -403,9 +401,9 @@ pub async fn run(
         Some(l) => Some(l.watch_authz().await.context("subscribe to authz events")?),
         None => None,
     };
-    let (presence, jetstream_sink, outbox_relay) = match push {
-        Some(p) => (p.presence, p.jetstream, p.outbox),
-        None => (None, None, None),
+    let (jetstream_sink, outbox_relay) = match push {
+        Some(p) => (p.jetstream, p.outbox),
+        None => (None, None),
     };
     // Embedded mode: the relay runs in this process, over the store's outbox (resuming what the last
     // run left). It stops with the logic workers, after the last send has written its events.

@@ -152,7 +152,7 @@ async fn memory_bus_forgets_subjects_without_subscribers() {
     drop(s);
     assert_eq!(bus.subject_count(), 0);
     let h = bus
-        .subscribe_handler(&Subject::user(1), Arc::new(|_: &BusMessage| {}))
+        .subscribe_handler(&Subject::gateway_users("g1"), Arc::new(|_: &BusMessage| {}))
         .await
         .expect("subscribe handler");
     assert_eq!(bus.subject_count(), 1);
@@ -175,7 +175,7 @@ async fn memory_bus_forgets_subjects_without_subscribers() {
         })
     };
     let sub = bus
-        .subscribe_handler(&Subject::user(2), handler)
+        .subscribe_handler(&Subject::gateway_users("g2"), handler)
         .await
         .expect("subscribe handler");
     *slot.lock().expect("slot") = Some(sub);
@@ -186,7 +186,11 @@ async fn memory_bus_forgets_subjects_without_subscribers() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        let r = rt.block_on(publisher.publish(&Subject::user(2), vec![], Bytes::from_static(b"x")));
+        let r = rt.block_on(publisher.publish(
+            &Subject::gateway_users("g2"),
+            vec![],
+            Bytes::from_static(b"x"),
+        ));
         let _ = done.send(r.is_ok());
     });
     assert_eq!(

@@ -8,6 +8,7 @@ use zhibo_logic::{Logic, LogicConfig};
 use zhibo_proto::bus::Origin;
 use zhibo_proto::client::{ReceiverType, SendMessageInput, SyncInput};
 use zhibo_store::embedded::EmbeddedBackend;
+use zhibo_store::presence::MemoryPresence;
 use zhibo_store::{Profile, SendPlan, Stores, User};
 
 fn user(user_id: i64) -> User {
@@ -30,7 +31,12 @@ async fn setup() -> (Stores, Logic) {
         allow_strangers: true,
         ..LogicConfig::default()
     };
-    let logic = Logic::new(stores.clone(), Arc::new(MemoryBus::new()), config);
+    let logic = Logic::new(
+        stores.clone(),
+        Arc::new(MemoryBus::new()),
+        Arc::new(MemoryPresence::new()),
+        config,
+    );
     (stores, logic)
 }
 
@@ -183,11 +189,13 @@ async fn pipelines_started_together_never_share_message_ids() {
         Arc::new(Logic::new(
             stores.clone(),
             bus.clone(),
+            Arc::new(MemoryPresence::new()),
             LogicConfig::default(),
         )),
         Arc::new(Logic::new(
             stores.clone(),
             bus.clone(),
+            Arc::new(MemoryPresence::new()),
             LogicConfig::default(),
         )),
     ];
@@ -335,7 +343,12 @@ async fn store_failures_reach_the_client_with_a_code_that_says_what_is_true() {
         real: stores.messages.clone(),
     });
     let bus = Arc::new(MemoryBus::new());
-    let logic = Logic::new(stores, bus.clone(), LogicConfig::default());
+    let logic = Logic::new(
+        stores,
+        bus.clone(),
+        Arc::new(MemoryPresence::new()),
+        LogicConfig::default(),
+    );
     let mut replies = bus
         .subscribe(&Subject::gateway("gw-test"))
         .await

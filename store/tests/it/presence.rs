@@ -28,8 +28,8 @@ async fn redis(ttl: Duration) -> Arc<RedisPresence> {
 
 async fn connect_and_leave(p: &dyn Presence) {
     assert_eq!(p.online(&[1, 2]).await.expect("read"), [false, false]);
-    p.connected("gw-a", 1).await;
-    p.connected("gw-b", 1).await;
+    p.connected("gw-a", 1).await.expect("write");
+    p.connected("gw-b", 1).await.expect("write");
     assert_eq!(p.online(&[1, 2]).await.expect("read"), [true, false]);
     // Still on gw-b.
     p.disconnected("gw-a", 1);
@@ -42,6 +42,121 @@ async fn connect_and_leave(p: &dyn Presence) {
     )
     .await;
     assert_eq!(p.online(&[]).await.expect("read"), Vec::<bool>::new());
+}
+
+/// Which gateways hold a user, not only whether any does: what routes a user's events.
+async fn names_the_gateways(p: &dyn Presence) {
+    p.connected("gw-a", 1).await.expect("write");
+    p.connected("gw-b", 1).await.expect("write");
+    p.connected("gw-b", 2).await.expect("write");
+    // A user nobody holds may be "unknown" (`None`) for a few seconds after Redis first saw this
+    // prefix (a fresh prefix looks like a loss): named by nobody either way.
+    let named = async |users: &[i64]| -> Vec<Vec<String>> {
+        let mut named: Vec<Vec<String>> = p
+            .gateways(users)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        named.iter_mut().for_each(|g| g.sort());
+        named
+    };
+    assert_eq!(
+        named(&[1, 2, 3]).await,
+        [vec!["gw-a", "gw-b"], vec!["gw-b"], vec![]]
+    );
+    p.disconnected("gw-a", 1);
+    until("gw-a no longer named", Duration::from_secs(5), async || {
+        named(&[1]).await == [vec!["gw-b"]]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_presence_names_the_gateways() {
+    let p = redis(Duration::from_secs(60)).await;
+    names_the_gateways(p.as_ref()).await;
+}
+
+#[tokio::test]
+async fn memory_presence_names_the_gateways() {
+    names_the_gateways(&MemoryPresence::new()).await;
+}
+
+/// Redis loses a gateway's entry (a flush, a restart): the gateway notices within a probe or two and
+/// writes it again, long before its full refresh (TTL / 3 = 20 s here).
+#[tokio::test]
+async fn an_entry_redis_lost_is_written_again() {
+    let p = redis(Duration::from_secs(60)).await;
+    for user in 1..=40 {
+        p.connected("gw-a", user).await.expect("write");
+    }
+    let url = zhibo_testkit::require_redis().await;
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
+            .build()
+            .expect("client");
+    use fred::prelude::{ClientLike as _, KeysInterface as _};
+    client.init().await.expect("connect");
+    // Lose one user's entry only: the probe samples a rotating slice of 16 of the 40.
+    let deleted: i64 = client.del(p.key(33)).await.expect("del");
+    assert_eq!(deleted, 1);
+    assert!(p.gateways(&[33]).await.expect("read")[0]
+        .as_ref()
+        .is_none_or(Vec::is_empty));
+    until(
+        "the lost entry rewritten",
+        Duration::from_secs(8),
+        async || p.gateways(&[33]).await.expect("read") == [Some(vec!["gw-a".to_owned()])],
+    )
+    .await;
+}
+
+/// Redis loses everything (the since key with the entries): readers answer "unknown" for users with
+/// no entry, so senders route to every gateway, until the gateways have written theirs again; a user
+/// nobody holds is "unknown" only for that while, then offline again.
+#[tokio::test]
+async fn after_a_loss_an_empty_answer_is_unknown_for_a_while() {
+    let p = redis(Duration::from_secs(60)).await;
+    p.connected("gw-a", 1).await.expect("write");
+    // A fresh prefix looks like a loss: wait out its window first.
+    until("settled", Duration::from_secs(10), async || {
+        p.gateways(&[1, 2]).await.expect("read") == [Some(vec!["gw-a".to_owned()]), Some(vec![])]
+    })
+    .await;
+    let url = zhibo_testkit::require_redis().await;
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
+            .build()
+            .expect("client");
+    use fred::prelude::{ClientLike as _, KeysInterface as _};
+    client.init().await.expect("connect");
+    // What a flush does to this prefix's keys.
+    let deleted: i64 = client
+        .del(vec![p.key(1), p.since_key()])
+        .await
+        .expect("del");
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        p.gateways(&[1, 2]).await.expect("read"),
+        [None, None],
+        "nobody known: unknown"
+    );
+    // The gateway's probe writes its entry again: known at once; the user nobody holds stays unknown
+    // until the window ends, then is offline.
+    until(
+        "the entry written again",
+        Duration::from_secs(5),
+        async || p.gateways(&[1]).await.expect("read") == [Some(vec!["gw-a".to_owned()])],
+    )
+    .await;
+    until(
+        "offline again after the window",
+        Duration::from_secs(10),
+        async || p.gateways(&[2]).await.expect("read") == [Some(vec![])],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -66,8 +181,8 @@ async fn a_dead_gateways_users_go_offline_after_the_ttl() {
     let dead = RedisPresence::connect(&url, live_prefix(&live), ttl)
         .await
         .expect("connect");
-    dead.connected("gw-dead", 7).await;
-    live.connected("gw-live", 8).await;
+    dead.connected("gw-dead", 7).await.expect("write");
+    live.connected("gw-live", 8).await.expect("write");
     assert_eq!(live.online(&[7, 8]).await.expect("read"), [true, true]);
     drop(dead);
     until(
@@ -97,10 +212,10 @@ async fn transitions(p: &dyn Presence) {
         record.lock().expect("lock").push((user, online));
     }));
     let seen = || seen.lock().expect("lock").clone();
-    p.connected("gw-a", 1).await;
+    p.connected("gw-a", 1).await.expect("write");
     assert_eq!(seen(), [(1, true)]);
-    p.connected("gw-b", 1).await;
-    p.connected("gw-a", 2).await;
+    p.connected("gw-b", 1).await.expect("write");
+    p.connected("gw-a", 2).await.expect("write");
     assert_eq!(
         seen(),
         [(1, true), (2, true)],

@@ -56,6 +56,7 @@ pub(crate) async fn start_with(stores: Stores, config: ApiConfig) -> TestServer 
     let logic = Logic::new(
         stores.clone(),
         Arc::new(zhibo_bus::memory::MemoryBus::new()),
+        Arc::new(zhibo_store::presence::MemoryPresence::new()),
         LogicConfig::default(),
     );
     let ready = Arc::new(AtomicBool::new(true));

@@ -93,7 +93,7 @@ async fn gateway(
         rooms: backends.stores.rooms.clone(),
         key: Arc::new(zhibo_auth::TokenKey::new(SECRET)),
         metrics: Arc::new(zhibo_telemetry::Metrics::new()),
-        presence: None,
+        presence: backends.presence.clone(),
     };
     let task = tokio::spawn(zhibo_gateway::serve(
         hub.clone(),
@@ -146,17 +146,17 @@ impl RoomCluster {
             bus: Arc::new(bus.clone()),
             stores: backend.stores(),
             outbox: None,
+            presence: Arc::new(zhibo_store::presence::MemoryPresence::new()),
         };
         let shutdown = CancellationToken::new();
         let (tcp, hub, gw) = gateway(&config, &backends, &shutdown).await;
         let (base, node) = api_and_logic(&config, backends, &shutdown, true).await;
         let base = base.expect("api");
         let api = Api::new(base.clone());
-        // Every subscription of the node is made once a command goes round; the probe's own (its
-        // user subject) goes with its connection.
+        // Every subscription of the node is made once a command goes round.
         wait_until_serving(&api, std::slice::from_ref(&tcp)).await;
         eventually("the probe connection is gone", WAIT, || {
-            ready((hub.connection_count() == 0 && hub.user_subscription_count() == 0).then_some(()))
+            ready((hub.connection_count() == 0 && hub.user_count() == 0).then_some(()))
         })
         .await;
         let baseline = bus.subject_count();

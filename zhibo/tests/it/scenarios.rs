@@ -576,7 +576,65 @@ async fn redis_flush_mid_run(cluster: &Cluster) {
     assert!(all.messages.windows(2).all(|w| w[0].seq < w[1].seq));
 }
 
+/// Redis loses the gateways' presence entries (which route deliveries) while bob is connected: the
+/// gateways notice and write them again within seconds (long before their 20 s full refresh), so
+/// live delivery resumes without bob reconnecting; what was sent meanwhile is stored, and bob's sync
+/// returns every message once, in order.
+async fn live_delivery_resumes_after_presence_is_lost(cluster: &Cluster) {
+    let redis = cluster
+        .redis_url
+        .as_deref()
+        .expect("distributed cluster has Redis");
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut b = cluster.connect(Transport::Tcp, 1, &bob).await;
+    send(&mut a, ReceiverType::User, bob.user_id, "p0", "before").await;
+    assert_eq!(content(&next_message(&mut b).await), "before");
+    flushdb(redis).await;
+    // One message a quarter second until one arrives live; bounded well under the full refresh.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = 1;
+    let live = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no live delivery within 10 s of losing presence ({sent} sent)"
+        );
+        let out = send(
+            &mut a,
+            ReceiverType::User,
+            bob.user_id,
+            &format!("p{sent}"),
+            &format!("after {sent}"),
+        )
+        .await;
+        sent += 1;
+        if let Ok(Some(p)) = b.recv(Duration::from_millis(250)).await {
+            match p.body {
+                Some(Body::Message(m)) => break (m, out.seq),
+                Some(Body::Heartbeat(_)) => {}
+                other => panic!("expected a Message, got {other:?}"),
+            }
+        }
+    };
+    assert!(content(&live.0).starts_with("after "), "{:?}", live.0);
+    let all = sync(&mut b, 0, 100).await;
+    let texts: Vec<&str> = all.messages.iter().map(content).collect();
+    let expected: Vec<String> = std::iter::once("before".to_owned())
+        .chain((1..sent).map(|i| format!("after {i}")))
+        .collect();
+    assert_eq!(texts, expected, "every message stored once, in order");
+}
+
 mod distributed_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_delivery_resumes_after_presence_is_lost() {
+        let cluster = crate::cluster::Cluster::distributed().await;
+        super::live_delivery_resumes_after_presence_is_lost(&cluster).await;
+        cluster.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_flush_mid_run() {
         let cluster = crate::cluster::Cluster::distributed().await;
