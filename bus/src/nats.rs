@@ -1,14 +1,27 @@
 //! The NATS backend (async-nats): core publish/subscribe, queue groups for logic workers.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use tracing::warn;
 
 use crate::{Bus, BusMessage, Error, Result, Subject, Subscription};
 
 /// How to reach and authenticate to NATS. Use at most one of user/password, token, nkey seed and
+/// Messages a subscription of this process buffers before the client drops what arrives for it.
+pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
+
+static SLOW_CONSUMER_DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// Times this process's NATS client dropped a message for a full subscription (a slow consumer), by
+/// kind (one: `slow_consumer`), for the process's metrics.
+pub fn slow_consumer_drops() -> Vec<(&'static str, u64)> {
+    vec![("slow_consumer", SLOW_CONSUMER_DROPS.load(Ordering::Relaxed))]
+}
+
 /// credentials file (the URL may carry `user:password@` instead). `Debug` never shows a secret.
 #[derive(Clone, Default)]
 pub struct NatsOptions {
@@ -248,8 +261,19 @@ impl NatsBus {
         let (url, url_auth) = split_url_credentials(&options.url).map_err(|e| fail(&e))?;
         let mut connect = async_nats::ConnectOptions::new()
             .name(name)
-            // Each Subscriber buffers at most this many messages before the server marks it slow.
-            .subscription_capacity(4096);
+            // Each Subscriber buffers at most this many messages; beyond it the client drops what
+            // arrives for it (counted, see `slow_consumer_drops`). A gateway has one subscription for
+            // all its users' events, so this bounds a burst (a big group's message is one event per
+            // member): async-nats' default. Memory grows with what is buffered, not with the bound.
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .event_callback(|event| async move {
+                if let async_nats::Event::SlowConsumer(sid) = event {
+                    let n = SLOW_CONSUMER_DROPS.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        warn!(sid, drops = n, "NATS subscription full: messages dropped");
+                    }
+                }
+            });
         if !options.user.is_empty() {
             connect = connect.user_and_password(options.user.clone(), options.password.clone());
         }

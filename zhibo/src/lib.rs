@@ -356,11 +356,19 @@ pub async fn run(
     anyhow::ensure!(!config.token_secret.is_empty(), "token_secret is required");
     let key = Arc::new(TokenKey::new(&config.token_secret));
     let grace = Duration::from_secs(config.grace_secs);
-    let metrics = Arc::new(Metrics::new().with_counter_source(
-        "cql_operations",
-        "CQL statements executed by this process's store, by kind (read, write, lwt, batch)",
-        zhibo_store::scylla::cql_ops_by_kind,
-    ));
+    let metrics = Arc::new(
+        Metrics::new()
+            .with_counter_source(
+                "cql_operations",
+                "CQL statements executed by this process's store, by kind (read, write, lwt, batch)",
+                zhibo_store::scylla::cql_ops_by_kind,
+            )
+            .with_counter_source(
+                "nats_dropped",
+                "Messages the NATS client dropped for a full subscription (kind slow_consumer)",
+                zhibo_bus::nats::slow_consumer_drops,
+            ),
+    );
     let ready = readiness(&backends, shutdown.clone());
     let pipelines = bound.logic || bound.api.is_some();
     let gateway = bound.gateway.is_some();
