@@ -7,7 +7,9 @@
 //! One hash per user, `<prefix>:presence:<user_id>`, field = gateway id, value = the ms timestamp until
 //! which that gateway vouches for the user. A gateway writes the field when the user's first connection
 //! registers there (`HSET` + `PEXPIRE` of the key, awaited before the sign-in completes), deletes it with
-//! the user's last connection, and rewrites the fields of all its users every `ttl / 3` in one pipeline.
+//! the user's last connection (queued; one task sends the queue in pipelines of 1,000, and a
+//! new connection of the same user cancels a queued delete or waits for one under way, so a delete
+//! never removes a newer entry), and rewrites the fields of all its users every `ttl / 3` in one pipeline.
 //! A dead gateway stops refreshing: its fields count as offline once their timestamp passes, and the
 //! key itself expires after `2 × ttl` without refreshes. The reader sends one `HGETALL` per recipient in
 //! one pipeline; the gateways whose value is in the future hold the user.
@@ -153,13 +155,31 @@ pub struct RedisPresence {
     ttl: Duration,
     /// The (gateway, user) pairs this process vouches for, rewritten every `ttl / 3`.
     local: Mutex<HashSet<(String, i64)>>,
-    /// Itself, for the tasks of [`Presence::disconnected`].
-    me: Weak<RedisPresence>,
+    /// Entries to delete, deleted in batches by one task (a mass disconnect is a few pipelines, not a
+    /// task per user).
+    deletes: Mutex<Deletes>,
+    /// Wakes the delete task (`notify_one` keeps a permit when it is busy).
+    wake_deletes: Arc<tokio::sync::Notify>,
+    /// Bumped after each delete batch: a `connected` of a pair being deleted waits for it.
+    deleted: tokio::sync::watch::Sender<u64>,
     /// Told of transitions ([`Presence::watch`]).
     listener: OnceLock<PresenceListener>,
     /// The value of [`RedisPresence::since_key`] this process's entries were written under.
     since_seen: Mutex<Option<i64>>,
 }
+
+/// The delete queue of [`RedisPresence`].
+#[derive(Default)]
+struct Deletes {
+    /// Not sent yet: a `connected` of the same pair just takes it out.
+    queued: HashSet<(String, i64)>,
+    /// In the batch under way: a `connected` of the same pair waits for it, so the delete can never
+    /// land after (and remove) the new entry.
+    in_flight: HashSet<(String, i64)>,
+}
+
+/// Entries deleted per pipeline.
+const DELETE_BATCH: usize = 1000;
 
 impl std::fmt::Debug for RedisPresence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,14 +214,16 @@ impl RedisPresence {
             .build_pool(2)
             .map_err(|e| redis_error("pool", e))?;
         let _connection = pool.init().await.map_err(|e| redis_error("connect", e))?;
-        let presence = Arc::new_cyclic(|me| RedisPresence {
+        let presence = Arc::new(RedisPresence {
             pool,
             prefix: prefix.to_owned(),
             ttl,
             local: Mutex::new(HashSet::new()),
-            me: me.clone(),
             listener: OnceLock::new(),
             since_seen: Mutex::new(None),
+            deletes: Mutex::new(Deletes::default()),
+            wake_deletes: Arc::new(tokio::sync::Notify::new()),
+            deleted: tokio::sync::watch::channel(0).0,
         });
         let since = presence.current_since().await?;
         *presence
@@ -209,6 +231,7 @@ impl RedisPresence {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(since);
         tokio::spawn(refresh_loop(Arc::downgrade(&presence), ttl / 3));
+        tokio::spawn(delete_loop(Arc::downgrade(&presence)));
         Ok(presence)
     }
 
@@ -261,6 +284,30 @@ impl RedisPresence {
 
     fn ttl_ms(&self) -> i64 {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn lock_deletes(&self) -> std::sync::MutexGuard<'_, Deletes> {
+        self.deletes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes the given entries in one pipeline (a failure is logged: they expire with the TTL).
+    async fn delete_batch(&self, pairs: &[(String, i64)]) {
+        let pipeline = self.pool.next().pipeline();
+        for (gateway, user) in pairs {
+            let queued: std::result::Result<(), _> =
+                pipeline.hdel(self.key(*user), gateway.as_str()).await;
+            if let Err(e) = queued {
+                warn!(error = %e, "presence delete failed; the entries expire with the TTL");
+                return;
+            }
+        }
+        for r in pipeline.try_all::<i64>().await {
+            if let Err(e) = r {
+                warn!(error = %e, "presence delete failed; the entry expires with the TTL");
+            }
+        }
     }
 
     /// Whether any gateway's entry of `user_id` is live, other than `except`'s.
@@ -384,11 +431,76 @@ async fn refresh_loop(presence: Weak<RedisPresence>, every: Duration) {
     }
 }
 
+/// Deletes the queued entries in batches of [`DELETE_BATCH`] (one pipeline each), then tells the
+/// listener of users gone offline, until the presence is dropped.
+async fn delete_loop(presence: Weak<RedisPresence>) {
+    let Some(wake) = presence.upgrade().map(|p| p.wake_deletes.clone()) else {
+        return;
+    };
+    loop {
+        let Some(p) = presence.upgrade() else { return };
+        let batch: Vec<(String, i64)> = {
+            let mut deletes = p.lock_deletes();
+            let batch: Vec<(String, i64)> =
+                deletes.queued.iter().take(DELETE_BATCH).cloned().collect();
+            for pair in &batch {
+                deletes.queued.remove(pair);
+                deletes.in_flight.insert(pair.clone());
+            }
+            batch
+        };
+        if batch.is_empty() {
+            drop(p);
+            // No strong reference while waiting; the timeout ends the task soon after the presence
+            // is dropped (nobody wakes it then).
+            let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+            continue;
+        }
+        p.delete_batch(&batch).await;
+        {
+            let mut deletes = p.lock_deletes();
+            for pair in &batch {
+                deletes.in_flight.remove(pair);
+            }
+        }
+        p.deleted.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(listener) = p.listener.get() {
+            for (_, user_id) in &batch {
+                // Still (or again) held by this process: no transition.
+                if p.lock().iter().any(|(_, u)| u == user_id) {
+                    continue;
+                }
+                match p.live_elsewhere(*user_id, None).await {
+                    Ok(false) => listener(*user_id, false),
+                    Ok(true) => {}
+                    Err(e) => {
+                        warn!(user_id, error = %e, "presence read failed; no user.offline event");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Presence for RedisPresence {
     async fn connected(&self, gateway_id: &str, user_id: i64) -> Result<()> {
         let pair = (gateway_id.to_owned(), user_id);
         self.lock().insert(pair.clone());
+        // A delete of this pair not sent yet is cancelled; one under way is waited for.
+        loop {
+            let mut batches = self.deleted.subscribe();
+            {
+                let mut deletes = self.lock_deletes();
+                deletes.queued.remove(&pair);
+                if !deletes.in_flight.contains(&pair) {
+                    break;
+                }
+            }
+            if batches.changed().await.is_err() {
+                break;
+            }
+        }
         let Some(listener) = self.listener.get() else {
             return self.write(&[pair]).await;
         };
@@ -406,31 +518,8 @@ impl Presence for RedisPresence {
     fn disconnected(&self, gateway_id: &str, user_id: i64) {
         let pair = (gateway_id.to_owned(), user_id);
         self.lock().remove(&pair);
-        let Some(me) = self.me.upgrade() else { return };
-        tokio::spawn(async move {
-            let deleted: std::result::Result<i64, _> =
-                me.pool.hdel(me.key(user_id), pair.0.as_str()).await;
-            if let Err(e) = deleted {
-                warn!(user_id, error = %e, "presence delete failed; it expires with the TTL");
-            }
-            // A new connection of the user registered here while the delete was in flight: its field
-            // may have been written before the delete landed, so write it again.
-            if me.lock().contains(&pair) {
-                if let Err(e) = me.write(&[pair]).await {
-                    warn!(user_id, error = %e, "presence write failed");
-                }
-                return;
-            }
-            if let Some(listener) = me.listener.get() {
-                match me.live_elsewhere(user_id, None).await {
-                    Ok(false) => listener(user_id, false),
-                    Ok(true) => {}
-                    Err(e) => {
-                        warn!(user_id, error = %e, "presence read failed; no user.offline event");
-                    }
-                }
-            }
-        });
+        self.lock_deletes().queued.insert(pair);
+        self.wake_deletes.notify_one();
     }
 
     async fn gateways(&self, users: &[i64]) -> Result<Vec<Option<Vec<String>>>> {

@@ -159,6 +159,31 @@ async fn after_a_loss_an_empty_answer_is_unknown_for_a_while() {
     .await;
 }
 
+/// A user whose last connection leaves and who connects again at once (a network flap) stays
+/// recorded: a delete queued or under way never removes the newer entry.
+#[tokio::test]
+async fn a_delete_never_removes_a_newer_entry() {
+    let p = redis(Duration::from_secs(60)).await;
+    for _ in 0..200 {
+        p.connected("gw-a", 1).await.expect("write");
+        p.disconnected("gw-a", 1);
+    }
+    p.connected("gw-a", 1).await.expect("write");
+    // A delete queued after all of user 1's: once it has run, every earlier batch has too.
+    p.connected("gw-a", 99).await.expect("write");
+    p.disconnected("gw-a", 99);
+    let named = async |user: i64| {
+        p.gateways(&[user]).await.expect("read")[0]
+            .clone()
+            .unwrap_or_default()
+    };
+    until("the sentinel deleted", Duration::from_secs(5), async || {
+        named(99).await.is_empty()
+    })
+    .await;
+    assert_eq!(named(1).await, ["gw-a"], "the last entry stays");
+}
+
 #[tokio::test]
 async fn redis_presence_follows_connections() {
     let p = redis(Duration::from_secs(60)).await;
