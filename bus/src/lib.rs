@@ -150,9 +150,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self, subject: &Subject) -> Result<Subscription>;
 
     /// Every message published to `subject` from now on, handed to `handler` instead of a stream. The
-    /// default reads a
-    /// [`Bus::subscribe`] stream on a task of its own; the in-process bus calls the handler directly,
-    /// with no queue and no task per subscription.
+    /// default reads a [`Bus::subscribe`] stream on a task of its own; the in-process bus calls the
+    /// handler directly, with no queue and no task per subscription.
     ///
     /// # Errors
     /// [`Error::Subscribe`] when the bus refuses it.

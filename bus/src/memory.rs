@@ -1,7 +1,7 @@
 //! The in-process backend for embedded mode: the same semantics as NATS core (fan-out to subscribers,
 //! one member per queue group), exact subjects only, no network.
 //!
-//! Handler subscriptions ([`Bus::subscribe_handler`], a gateway's per-user subscriptions) are called on the
+//! Handler subscriptions ([`Bus::subscribe_handler`], a gateway's user-event subscriptions) are called on the
 //! publisher's task: no queue, no task, no memory per subscription beyond the handler. Each stream
 //! subscription has a bounded channel (8192 messages). Like NATS core with a slow consumer, a
 //! message for a subscriber whose channel is full is dropped (counted, logged), never waited for: waiting

@@ -347,10 +347,21 @@ impl Hub {
         };
         // Every gateway holding the user, this one included (its own entry is written): the older
         // connections of the device are kicked wherever they are.
-        let gateways = self.presence().gateways(&[user_id]).await;
-        let route = match gateways.as_deref() {
-            Ok([Some(g)]) => Route::Gateways(g),
-            _ => Route::Everywhere,
+        let gateways = match self.presence().gateways(&[user_id]).await.as_deref() {
+            Ok([Some(g)]) => {
+                // This gateway's own older connections of the device too, even if Redis just lost
+                // its entry.
+                let mut g = g.clone();
+                if !g.contains(&self.gateway_id) {
+                    g.push(self.gateway_id.clone());
+                }
+                Some(g)
+            }
+            _ => None,
+        };
+        let route = match &gateways {
+            Some(g) => Route::Gateways(g),
+            None => Route::Everywhere,
         };
         publish_user_event(self.bus.as_ref(), user_id, online, route, Vec::new())
             .await
@@ -395,11 +406,12 @@ impl Hub {
                 })
             }
         };
-        drop(inner);
         if result.is_err() {
-            // It may have been written after all (a timeout): take it back.
+            // It may have been written after all (a timeout): take it back. Under the hub's lock, so
+            // it is ordered before any later registration's write (it never waits).
             self.presence().disconnected(&self.gateway_id, user_id);
         }
+        drop(inner);
         // Receivers gone (no waiter) is fine.
         let _ = outcome.send(Some(result.is_ok()));
         result
@@ -420,12 +432,13 @@ impl Hub {
                     inner.users.remove(&handle.user_id).map(|e| e.presence),
                     Some(UserPresence::Recorded)
                 );
-                drop(inner);
-                // A failed write took its entry back itself.
+                // A failed write took its entry back itself. Under the hub's lock (it never waits):
+                // a new connection of the user registering meanwhile writes its entry after this.
                 if recorded {
                     self.presence()
                         .disconnected(&self.gateway_id, handle.user_id);
                 }
+                drop(inner);
             }
         }
     }
@@ -1020,5 +1033,69 @@ mod tests {
         }
         let first = rx.recv().await;
         assert!(matches!(first, Outbound::Encoded(_)), "{first:?}");
+    }
+
+    /// Presence whose `disconnected` tells the test it started, then waits to be released.
+    struct SlowLeave {
+        inner: zhibo_store::presence::MemoryPresence,
+        entered: std::sync::mpsc::Sender<()>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    #[async_trait::async_trait]
+    impl zhibo_store::Presence for SlowLeave {
+        async fn connected(&self, g: &str, u: i64) -> zhibo_store::Result<()> {
+            self.inner.connected(g, u).await
+        }
+        fn disconnected(&self, g: &str, u: i64) {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().expect("lock").recv();
+            self.inner.disconnected(g, u);
+        }
+        async fn gateways(&self, users: &[i64]) -> zhibo_store::Result<Vec<Option<Vec<String>>>> {
+            self.inner.gateways(users).await
+        }
+        fn watch(&self, l: zhibo_store::PresenceListener) {
+            self.inner.watch(l);
+        }
+    }
+
+    /// The user's last connection leaves while a new one of the same user registers (found in
+    /// review): the removal of the old entry can never land after the new one is recorded, so the
+    /// user stays routed here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_racing_a_new_registration_keeps_the_user_routed() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let presence = Arc::new(SlowLeave {
+            inner: zhibo_store::presence::MemoryPresence::new(),
+            entered: entered_tx,
+            release: std::sync::Mutex::new(release_rx),
+        });
+        let bus = MemoryBus::new();
+        let hub = served(&bus).await;
+        hub.set_presence(presence.clone());
+        let _a = registered(&hub, 1, 7, 1).await;
+        let leaving = std::thread::spawn({
+            let hub = hub.clone();
+            move || hub.unregister(1)
+        });
+        entered.recv().expect("the leave started");
+        let joining = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                let (h, _rx) = handle(7, 2);
+                hub.register(2, h).await
+            }
+        });
+        release.send(()).expect("release");
+        leaving.join().expect("leave");
+        joining.await.expect("task").expect("registered");
+        assert_eq!((hub.connection_count(), hub.user_count()), (1, 1));
+        assert_eq!(
+            presence.gateways(&[7]).await.expect("read"),
+            [Some(vec!["gw".to_owned()])],
+            "user 7 has a connection here, so presence must name this gateway"
+        );
     }
 }

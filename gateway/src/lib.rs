@@ -4,7 +4,8 @@
 //! - [`context`]: [`GatewayContext`], what every connection of the gateway shares.
 //! - [`conn`]: drives one session over any packet stream + [`frame::Frame`] sink; publishes commands to
 //!   the bus; joins rooms (room record, hub, history).
-//! - [`hub`]: registry of signed-in connections, per-user bus subscriptions, kicks, outbound policy,
+//! - [`hub`]: registry of signed-in connections, their users' presence entries, user events routed
+//!   here, kicks, outbound policy,
 //!   server-wide broadcast.
 //! - [`room_state`]: one live room without I/O — batching, online count, late joiners (fake-clock tests).
 //! - [`rooms`]: live rooms' I/O — per-room subscription and task around a [`room_state::RoomState`].

@@ -58,8 +58,8 @@ fn unavailable(what: &str, e: &zhibo_bus::Error) -> LogicError {
 
 impl Logic {
     /// Bans `user_id` from `room_id` (stored first, so a join or send that reads the store afterwards
-    /// is refused), then removes the user's connections from the room on every gateway: the event goes
-    /// on the user's subject, which every gateway holding a connection of the user subscribes to.
+    /// is refused), then removes the user's connections from the room on every gateway: the event is
+    /// routed to each gateway presence names for the user (every gateway when presence is unknown).
     ///
     /// # Errors
     /// `UNAVAILABLE` when the store or the bus fails (the ban may be stored; repeating is safe).

@@ -23,12 +23,20 @@
 //! A loss is also marked: the key [`RedisPresence::since_key`] holds when the current entries began
 //! and is lost with them. The reader fetches it in the same pipeline as the hashes; whoever finds it
 //! missing sets it (`SET NX`, now), and each gateway's probe sees it missing or changed and writes
-//! all its entries again. For [`UNCERTAIN_FOR_MS`] after that time a user with no live entry is
-//! answered `None` ("unknown"), which the sender routes to every gateway: no live delivery is lost
-//! while the gateways write their entries again. A loss that spares the since key (one master of a
-//! Redis Cluster) is found only by the sampled probe: until then an event for an affected user reaches
-//! no gateway, and the device gets the message at its next sync (the next message's seq gap, or a
-//! reconnect), not live.
+//! all its entries again (the loss counts as settled only once that succeeded). For
+//! [`UNCERTAIN_FOR_MS`] after that time every answer is `None` ("unknown"), which the sender routes to
+//! every gateway: no live delivery is lost while the gateways write their entries again (a user on two
+//! gateways, one of which has written again, is unknown too).
+//!
+//! A process that finds the key missing as it starts takes it for a fresh Redis (or prefix) and sets
+//! it with its window already over: else every new deployment would begin with 5 s of events routed
+//! everywhere and everyone pushed. If Redis had in fact just lost its data, the other gateways'
+//! entries are missing until their next probe (about a second), and events for their users in that
+//! second are not delivered live. A loss that spares the since key (one master of a Redis Cluster, a
+//! failover to a replica that lags) is found only by the sampled probe — a gateway of N users checks
+//! them all in N / 16 seconds, and rewrites everything at its TTL / 3 refresh anyway; until then an
+//! event for an affected user reaches no gateway, and the device gets the message at its next sync
+//! (the next message's seq gap, or a reconnect), not live.
 //!
 //! Transitions ([`Presence::watch`], for the `user.online` / `user.offline` webhooks): with a listener
 //! set, the write of a user's first connection on a gateway reads the hash back in the same pipeline,
@@ -178,6 +186,15 @@ struct Deletes {
     in_flight: HashSet<(String, i64)>,
 }
 
+/// What [`RedisPresence::lost_entries`] found.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// The since key is new (its value): settled once every entry is written again.
+    Marked(i64),
+    /// One of the sampled entries is missing.
+    Sampled,
+}
+
 /// Entries deleted per pipeline.
 const DELETE_BATCH: usize = 1000;
 
@@ -225,7 +242,7 @@ impl RedisPresence {
             wake_deletes: Arc::new(tokio::sync::Notify::new()),
             deleted: tokio::sync::watch::channel(0).0,
         });
-        let since = presence.current_since().await?;
+        let since = presence.current_since(true).await?;
         *presence
             .since_seen
             .lock()
@@ -246,8 +263,10 @@ impl RedisPresence {
         format!("{}:presence:since", self.prefix)
     }
 
-    /// The value of [`RedisPresence::since_key`], set now if it is missing.
-    async fn current_since(&self) -> Result<i64> {
+    /// The value of [`RedisPresence::since_key`], set if it is missing: to now (a loss), or — at
+    /// this process's start (`starting`) — to a time whose window is over, since a key missing then
+    /// is most likely a fresh Redis or prefix, where nothing was lost (see "Lost entries").
+    async fn current_since(&self, starting: bool) -> Result<i64> {
         for _ in 0..2 {
             let since: Option<i64> = self
                 .pool
@@ -257,7 +276,13 @@ impl RedisPresence {
             if let Some(since) = since {
                 return Ok(since);
             }
-            self.mark_loss(now_ms()).await;
+            let now = now_ms();
+            self.mark_loss(if starting {
+                now.saturating_sub(UNCERTAIN_FOR_MS)
+            } else {
+                now
+            })
+            .await;
         }
         Err(Error::new(
             ErrorKind::Unavailable,
@@ -324,28 +349,23 @@ impl RedisPresence {
     }
 
     /// Whether Redis lost this process's entries: the since key is missing or was set again since
-    /// they were written (a loss anyone noticed), or one of a sample of them (the `round`-th slice of
-    /// [`PROBE_SAMPLE`]) is missing; `false` when it cannot tell (Redis unreachable: the refresh
-    /// retries anyway).
-    async fn lost_entries(&self, round: usize) -> bool {
-        let Ok(since) = self.current_since().await else {
-            return false;
-        };
-        let changed = {
-            let mut seen = self
-                .since_seen
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            seen.replace(since) != Some(since)
-        };
-        if changed {
+    /// they were written (a loss anyone noticed: settled by the caller once it wrote everything
+    /// again), or one of a sample of them (the `round`-th slice of [`PROBE_SAMPLE`]) is missing;
+    /// `None` when nothing is missing or it cannot tell (Redis unreachable: the refresh retries).
+    async fn lost_entries(&self, round: usize) -> Option<Loss> {
+        let since = self.current_since(false).await.ok()?;
+        let seen = *self
+            .since_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen != Some(since) {
             warn!("presence entries lost (Redis flushed or restarted?): writing them all again");
-            return true;
+            return Some(Loss::Marked(since));
         }
         let sample: Vec<(String, i64)> = {
             let local = self.lock();
             if local.is_empty() {
-                return false;
+                return None;
             }
             let skip = round.wrapping_mul(PROBE_SAMPLE) % local.len();
             local
@@ -361,7 +381,7 @@ impl RedisPresence {
             let queued: std::result::Result<(), _> =
                 pipeline.hexists(self.key(*user), gateway.as_str()).await;
             if queued.is_err() {
-                return false;
+                return None;
             }
         }
         let answers = pipeline.try_all::<bool>().await;
@@ -375,7 +395,7 @@ impl RedisPresence {
                 "presence entries missing from Redis (flushed or restarted?): rewriting them all"
             );
         }
-        lost
+        lost.then_some(Loss::Sampled)
     }
 
     /// Writes the given (gateway, user) pairs as online until now + ttl, in one pipeline.
@@ -416,17 +436,26 @@ async fn refresh_loop(presence: Weak<RedisPresence>, every: Duration) {
             return;
         };
         round = round.wrapping_add(1);
-        let refresh = since_refresh >= every || presence.lost_entries(round).await;
-        if !refresh {
+        let lost = presence.lost_entries(round).await;
+        if since_refresh < every && lost.is_none() {
             continue;
         }
         since_refresh = Duration::ZERO;
         let pairs: Vec<(String, i64)> = presence.lock().iter().cloned().collect();
+        let mut written = true;
         for chunk in pairs.chunks(1000) {
             if let Err(e) = presence.write(chunk).await {
                 warn!(error = %e, "presence refresh failed");
+                written = false;
                 break;
             }
+        }
+        // The loss is settled only once everything is written again: else the next probe retries.
+        if let (true, Some(Loss::Marked(since))) = (written, lost) {
+            *presence
+                .since_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(since);
         }
     }
 }
@@ -561,8 +590,9 @@ impl Presence for RedisPresence {
                     .into_iter()
                     .filter_map(|(gateway, until)| (until > now).then_some(gateway))
                     .collect();
-                // Nobody, while the gateways may still be writing their entries again: unknown.
-                Ok((!(uncertain && live.is_empty())).then_some(live))
+                // While the gateways may still be writing their entries again, an answer may miss
+                // some of them (a user on two gateways, one of which has written again): unknown.
+                Ok((!uncertain).then_some(live))
             })
             .collect()
     }

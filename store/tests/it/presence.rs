@@ -19,11 +19,20 @@ async fn until(what: &str, wait: Duration, mut check: impl AsyncFnMut() -> bool)
     }
 }
 
+/// A Redis presence on a fresh prefix, once the window after its first use is over: a fresh prefix
+/// has no since key yet, which looks like a loss (answers are "unknown" for a few seconds).
 async fn redis(ttl: Duration) -> Arc<RedisPresence> {
     let url = zhibo_testkit::require_redis().await;
-    RedisPresence::connect(&url, &zhibo_testkit::unique_name("presence"), ttl)
+    let p = RedisPresence::connect(&url, &zhibo_testkit::unique_name("presence"), ttl)
         .await
-        .expect("connect presence")
+        .expect("connect presence");
+    until(
+        "the fresh prefix settled",
+        Duration::from_secs(10),
+        async || p.gateways(&[0]).await.expect("read")[0].is_some(),
+    )
+    .await;
+    p
 }
 
 async fn connect_and_leave(p: &dyn Presence) {
@@ -49,8 +58,6 @@ async fn names_the_gateways(p: &dyn Presence) {
     p.connected("gw-a", 1).await.expect("write");
     p.connected("gw-b", 1).await.expect("write");
     p.connected("gw-b", 2).await.expect("write");
-    // A user nobody holds may be "unknown" (`None`) for a few seconds after Redis first saw this
-    // prefix (a fresh prefix looks like a loss): named by nobody either way.
     let named = async |users: &[i64]| -> Vec<Vec<String>> {
         let mut named: Vec<Vec<String>> = p
             .gateways(users)
@@ -113,18 +120,17 @@ async fn an_entry_redis_lost_is_written_again() {
     .await;
 }
 
-/// Redis loses everything (the since key with the entries): readers answer "unknown" for users with
-/// no entry, so senders route to every gateway, until the gateways have written theirs again; a user
-/// nobody holds is "unknown" only for that while, then offline again.
+/// Redis loses everything (the since key with the entries): readers answer "unknown" for every user,
+/// so senders route to every gateway, while the gateways write their entries again; then answers are
+/// known again (the gateway's user named, a user nobody holds offline).
 #[tokio::test]
 async fn after_a_loss_an_empty_answer_is_unknown_for_a_while() {
     let p = redis(Duration::from_secs(60)).await;
     p.connected("gw-a", 1).await.expect("write");
-    // A fresh prefix looks like a loss: wait out its window first.
-    until("settled", Duration::from_secs(10), async || {
-        p.gateways(&[1, 2]).await.expect("read") == [Some(vec!["gw-a".to_owned()]), Some(vec![])]
-    })
-    .await;
+    assert_eq!(
+        p.gateways(&[1, 2]).await.expect("read"),
+        [Some(vec!["gw-a".to_owned()]), Some(vec![])]
+    );
     let url = zhibo_testkit::require_redis().await;
     let client =
         fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
@@ -143,11 +149,11 @@ async fn after_a_loss_an_empty_answer_is_unknown_for_a_while() {
         [None, None],
         "nobody known: unknown"
     );
-    // The gateway's probe writes its entry again: known at once; the user nobody holds stays unknown
-    // until the window ends, then is offline.
+    // The gateway's probe writes its entry again; once the window ends, answers are known again:
+    // the gateway's user named, the user nobody holds offline.
     until(
         "the entry written again",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         async || p.gateways(&[1]).await.expect("read") == [Some(vec!["gw-a".to_owned()])],
     )
     .await;

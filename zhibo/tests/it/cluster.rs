@@ -626,7 +626,7 @@ impl Cluster {
 
 /// Runs one command on the Redis at `redis_url` (`redis://host:port[/db]`, the database selected
 /// first) over raw RESP; returns the first line of its answer.
-async fn redis_command(redis_url: &str, args: &[&str]) -> String {
+pub(crate) async fn redis_command(redis_url: &str, args: &[&str]) -> String {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let rest = redis_url.trim_start_matches("redis://");
     let (addr, db) = rest.split_once('/').unwrap_or((rest, ""));

@@ -576,10 +576,10 @@ async fn redis_flush_mid_run(cluster: &Cluster) {
     assert!(all.messages.windows(2).all(|w| w[0].seq < w[1].seq));
 }
 
-/// Redis loses the gateways' presence entries (which route deliveries) while bob is connected: the
-/// gateways notice and write them again within seconds (long before their 20 s full refresh), so
-/// live delivery resumes without bob reconnecting; what was sent meanwhile is stored, and bob's sync
-/// returns every message once, in order.
+/// Redis loses the gateways' presence entries (which route deliveries) while bob is connected: live
+/// delivery goes on without bob reconnecting (routed to every gateway while presence is unknown), the
+/// gateway writes bob's entry again by itself within seconds (long before its 20 s full refresh), and
+/// bob's sync returns every message once, in order.
 async fn live_delivery_resumes_after_presence_is_lost(cluster: &Cluster) {
     let redis = cluster
         .redis_url
@@ -619,6 +619,18 @@ async fn live_delivery_resumes_after_presence_is_lost(cluster: &Cluster) {
         }
     };
     assert!(content(&live.0).starts_with("after "), "{:?}", live.0);
+    // What made it live may be the fallback (every gateway, while presence is unknown): the gateway
+    // must also have written bob's entry again, by itself (its probe), for routing to work after.
+    let key = format!(
+        "{}:presence:{}",
+        crate::cluster::subject_prefix(),
+        bob.user_id
+    );
+    crate::cluster::eventually("bob's presence entry written again", WAIT, || async {
+        let exists = crate::cluster::redis_command(redis, &["EXISTS", &key]).await;
+        (exists == ":1\r\n").then_some(())
+    })
+    .await;
     let all = sync(&mut b, 0, 100).await;
     let texts: Vec<&str> = all.messages.iter().map(content).collect();
     let expected: Vec<String> = std::iter::once("before".to_owned())
