@@ -53,6 +53,18 @@ async fn connect_and_leave(p: &dyn Presence) {
     assert_eq!(p.online(&[]).await.expect("read"), Vec::<bool>::new());
 }
 
+/// Deletes `keys` from the test Redis (a loss of those entries); how many there were.
+async fn del(keys: &[String]) -> i64 {
+    use fred::prelude::{ClientLike as _, KeysInterface as _};
+    let url = zhibo_testkit::require_redis().await;
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
+            .build()
+            .expect("client");
+    client.init().await.expect("connect");
+    client.del(keys.to_vec()).await.expect("del")
+}
+
 /// Which gateways hold a user, not only whether any does: what routes a user's events.
 async fn names_the_gateways(p: &dyn Presence) {
     p.connected("gw-a", 1).await.expect("write");
@@ -99,16 +111,8 @@ async fn an_entry_redis_lost_is_written_again() {
     for user in 1..=40 {
         p.connected("gw-a", user).await.expect("write");
     }
-    let url = zhibo_testkit::require_redis().await;
-    let client =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
-            .build()
-            .expect("client");
-    use fred::prelude::{ClientLike as _, KeysInterface as _};
-    client.init().await.expect("connect");
     // Lose one user's entry only: the probe samples a rotating slice of 16 of the 40.
-    let deleted: i64 = client.del(p.key(33)).await.expect("del");
-    assert_eq!(deleted, 1);
+    assert_eq!(del(&[p.key(33)]).await, 1);
     assert!(p.gateways(&[33]).await.expect("read")[0]
         .as_ref()
         .is_none_or(Vec::is_empty));
@@ -131,19 +135,8 @@ async fn after_a_loss_an_empty_answer_is_unknown_for_a_while() {
         p.gateways(&[1, 2]).await.expect("read"),
         [Some(vec!["gw-a".to_owned()]), Some(vec![])]
     );
-    let url = zhibo_testkit::require_redis().await;
-    let client =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
-            .build()
-            .expect("client");
-    use fred::prelude::{ClientLike as _, KeysInterface as _};
-    client.init().await.expect("connect");
     // What a flush does to this prefix's keys.
-    let deleted: i64 = client
-        .del(vec![p.key(1), p.since_key()])
-        .await
-        .expect("del");
-    assert_eq!(deleted, 2);
+    assert_eq!(del(&[p.key(1), p.since_key()]).await, 2);
     assert_eq!(
         p.gateways(&[1, 2]).await.expect("read"),
         [None, None],
