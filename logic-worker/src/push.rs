@@ -57,7 +57,7 @@ impl Logic {
             .map(|(e, _)| e)
             .collect();
         if gateways.iter().any(Option::is_none) {
-            warn!("presence unknown for some recipients; pushing to them");
+            // Logged (rate-limited) where presence is read; expected for a few seconds after a loss.
             self.metrics
                 .push
                 .publish_failures

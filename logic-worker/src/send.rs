@@ -439,13 +439,16 @@ impl Logic {
         match self.presence.gateways(users).await {
             Ok(g) if g.len() == users.len() => g,
             Ok(_) | Err(_) => {
-                self.metrics
-                    .bus_errors
-                    .get_or_create(&KindLabel {
-                        kind: "presence_read",
-                    })
-                    .inc();
-                warn!("presence unreadable: routing to every gateway");
+                let failures = self.metrics.bus_errors.get_or_create(&KindLabel {
+                    kind: "presence_read",
+                });
+                // Once per power of two: every send fails alike while Redis is down.
+                if failures.inc().saturating_add(1).is_power_of_two() {
+                    warn!(
+                        failures = failures.get(),
+                        "presence unreadable: routing to every gateway"
+                    );
+                }
                 vec![None; users.len()]
             }
         }

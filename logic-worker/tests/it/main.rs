@@ -384,3 +384,99 @@ async fn store_failures_reach_the_client_with_a_code_that_says_what_is_true() {
     assert!(ack.message.contains("retry the ack"), "{ack:?}");
     assert!(!ack.message.contains("client_msg_id"), "{ack:?}");
 }
+
+/// Presence that cannot be read (Redis down) but records writes.
+struct Unreadable;
+
+#[async_trait::async_trait]
+impl zhibo_store::Presence for Unreadable {
+    async fn connected(&self, _: &str, _: i64) -> zhibo_store::Result<()> {
+        Ok(())
+    }
+    fn disconnected(&self, _: &str, _: i64) {}
+    async fn gateways(&self, _: &[i64]) -> zhibo_store::Result<Vec<Option<Vec<String>>>> {
+        Err(zhibo_store::Error::new(
+            zhibo_store::ErrorKind::Unavailable,
+            "redis down (test)",
+        ))
+    }
+    fn watch(&self, _: zhibo_store::PresenceListener) {}
+}
+
+/// Deliveries are routed by presence: to the gateways it names for each recipient, and to every
+/// gateway (`<prefix>.users`) when it cannot be read, so a Redis outage never stops live delivery.
+#[tokio::test]
+async fn deliveries_follow_presence_and_go_everywhere_when_it_is_unreadable() {
+    use prost::Message as _;
+    use zhibo_bus::{Bus as _, Subject};
+    use zhibo_proto::bus::{user_event, UserEvent};
+    use zhibo_store::Presence as _;
+
+    /// The user and the message text of a routed delivery.
+    fn delivered(m: Option<zhibo_bus::BusMessage>) -> (i64, String) {
+        let event = UserEvent::decode(m.expect("an event").payload).expect("decode");
+        match event.event {
+            Some(user_event::Event::Delivery(d)) => match &d.packets[0].body {
+                Some(zhibo_proto::client::packet::Body::Message(m)) => (
+                    event.user_id,
+                    String::from_utf8_lossy(&m.content).into_owned(),
+                ),
+                other => panic!("expected a message, got {other:?}"),
+            },
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+
+    let stores = Arc::new(EmbeddedBackend::temporary().expect("store")).stores();
+    for id in [1, 2, 3] {
+        stores.users.insert_user(&user(id)).await.expect("user");
+    }
+    let config = LogicConfig {
+        allow_strangers: true,
+        node_id: Some(512),
+        ..LogicConfig::default()
+    };
+    let bus = Arc::new(MemoryBus::new());
+    let mut gw_a = bus
+        .subscribe(&Subject::gateway_users("gw-a"))
+        .await
+        .expect("sub");
+    let mut everywhere = bus
+        .subscribe(&Subject::all_gateways_users())
+        .await
+        .expect("sub");
+    let presence = Arc::new(MemoryPresence::new());
+    presence.connected("gw-a", 2).await.expect("write");
+    let routed = Logic::new(stores.clone(), bus.clone(), presence, config.clone());
+    routed
+        .send_message(&origin(1, 10), &input(2, "r1", "to gw-a"))
+        .await
+        .expect("send");
+    // Only user 2 is online (on gw-a): the sender's own copy goes nowhere.
+    assert_eq!(delivered(gw_a.next().await), (2, "to gw-a".to_owned()));
+
+    let blind = Logic::new(
+        stores.clone(),
+        bus.clone(),
+        Arc::new(Unreadable),
+        LogicConfig {
+            node_id: Some(513),
+            ..config
+        },
+    );
+    blind
+        .send_message(&origin(1, 10), &input(3, "r2", "everywhere"))
+        .await
+        .expect("a send goes on while presence is unreadable");
+    // Both copies (the recipient's and the sender's, for the sender's other devices) go to every
+    // gateway.
+    let mut got = vec![
+        delivered(everywhere.next().await),
+        delivered(everywhere.next().await),
+    ];
+    got.sort();
+    assert_eq!(
+        got,
+        [(1, "everywhere".to_owned()), (3, "everywhere".to_owned())]
+    );
+}
