@@ -24,6 +24,17 @@ pub enum Route<'a> {
     Everywhere,
 }
 
+impl<'a> Route<'a> {
+    /// The route for what presence knows of a user: the gateways it names, or every gateway when it
+    /// does not know (`None`: unreadable, or just after a loss).
+    pub fn of(gateways: Option<&'a [String]>) -> Self {
+        match gateways {
+            Some(g) => Route::Gateways(g),
+            None => Route::Everywhere,
+        }
+    }
+}
+
 /// Publishes `event` for `user_id` along `route` (encoded once). Returns how many gateway subjects it
 /// was published on.
 ///

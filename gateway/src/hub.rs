@@ -359,10 +359,7 @@ impl Hub {
             }
             _ => None,
         };
-        let route = match &gateways {
-            Some(g) => Route::Gateways(g),
-            None => Route::Everywhere,
-        };
+        let route = Route::of(gateways.as_deref());
         publish_user_event(self.bus.as_ref(), user_id, online, route, Vec::new())
             .await
             .map(|_| ())

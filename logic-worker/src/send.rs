@@ -351,26 +351,19 @@ impl Logic {
         let publish = tracing::info_span!("delivery.publish", n = entries.len());
         let headers = zhibo_telemetry::trace::inject(&publish);
         async {
-            for (i, (user_id, message)) in entries.into_iter().enumerate() {
+            for ((user_id, message), gateways) in entries.into_iter().zip(&gateways) {
                 let exclude = if user_id == origin.user_id {
                     origin.device_id
                 } else {
                     0
                 };
-                let route = route(&gateways[i]);
+                let event = delivery(user_id, exclude, Packet::new(0, Body::Message(message)));
                 // Stored already: a device that misses it gets it at its next sync.
                 if self
                     .publish_to_user(
                         user_id,
-                        UserEvent {
-                            user_id,
-                            event: Some(user_event::Event::Delivery(Delivery {
-                                conn_id: 0,
-                                exclude_device_id: exclude,
-                                packets: vec![Packet::new(0, Body::Message(message))],
-                            })),
-                        },
-                        route,
+                        event,
+                        Route::of(gateways.as_deref()),
                         headers.clone(),
                     )
                     .await
@@ -395,14 +388,7 @@ impl Logic {
         packet: Packet,
         headers: Vec<(String, String)>,
     ) -> bool {
-        let event = UserEvent {
-            user_id,
-            event: Some(user_event::Event::Delivery(Delivery {
-                conn_id: 0,
-                exclude_device_id,
-                packets: vec![packet],
-            })),
-        };
+        let event = delivery(user_id, exclude_device_id, packet);
         match self.route_user_event(user_id, event, headers).await {
             Ok(()) => true,
             Err(e) => self.delivery_failed(user_id, &e),
@@ -425,7 +411,7 @@ impl Logic {
             self.bus.as_ref(),
             user_id,
             event,
-            route(&gateways[0]),
+            Route::of(gateways[0].as_deref()),
             headers,
         )
         .await
@@ -570,10 +556,14 @@ fn output(plan: &SendPlan, duplicate: bool, replaced: Option<Bytes>) -> SendMess
     }
 }
 
-/// Where an event for a user goes, given what presence knows of them.
-fn route(gateways: &Option<Vec<String>>) -> Route<'_> {
-    match gateways {
-        Some(g) => Route::Gateways(g),
-        None => Route::Everywhere,
+/// `packet` for every device of `user_id` but `exclude_device_id` (0: none), as a user event.
+fn delivery(user_id: i64, exclude_device_id: i64, packet: Packet) -> UserEvent {
+    UserEvent {
+        user_id,
+        event: Some(user_event::Event::Delivery(Delivery {
+            conn_id: 0,
+            exclude_device_id,
+            packets: vec![packet],
+        })),
     }
 }

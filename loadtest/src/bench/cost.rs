@@ -166,16 +166,19 @@ pub fn per_message(before: &Counters, after: &Counters, messages: u64, report: &
     ));
 }
 
-/// `(in_msgs, out_msgs)` from a NATS monitoring `/varz` URL.
-async fn nats_msgs(url: &str) -> anyhow::Result<(u64, u64)> {
-    let v: serde_json::Value = reqwest::Client::new()
+/// A successful `GET url` (5 s timeout).
+async fn get(url: &str) -> anyhow::Result<reqwest::Response> {
+    Ok(reqwest::Client::new()
         .get(url)
         .timeout(Duration::from_secs(5))
         .send()
         .await?
-        .error_for_status()?
-        .json()
-        .await?;
+        .error_for_status()?)
+}
+
+/// `(in_msgs, out_msgs)` from a NATS monitoring `/varz` URL.
+async fn nats_msgs(url: &str) -> anyhow::Result<(u64, u64)> {
+    let v: serde_json::Value = get(url).await?.json().await?;
     let get = |k: &str| v[k].as_u64().with_context(|| format!("no {k} in /varz"));
     Ok((get("in_msgs")?, get("out_msgs")?))
 }
@@ -214,14 +217,7 @@ fn parse_info_total(info: &str) -> anyhow::Result<u64> {
 
 /// `zhibo_cql_operations_total` by kind from a `/metrics` URL.
 async fn scrape_cql(url: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
+    let text = get(url).await?.text().await?;
     Ok(parse_cql_ops(&text))
 }
 
