@@ -10,7 +10,7 @@ use zhibo_proto::client::{
     ErrorCode, Message, Packet, ReceiverType, SendMessageInput, SendMessageOutput,
 };
 use zhibo_store::ids::now_ms;
-use zhibo_store::{ConversationKey, SendPlan};
+use zhibo_store::{Claim, ConversationKey, SendPlan};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::error::send_err;
@@ -50,23 +50,33 @@ impl Logic {
         }
         let sender = origin.user_id;
         let dedup_key = dedup_device(origin);
-        // A first send (claimed now) skips the dedup read; a resend reads the plan it may have, and
-        // so does a send the before-send hook would be asked about (the backend is never asked about
-        // a message already stored: a replay asks it once, see `replay`). A claim that cannot be made
-        // (Redis unreachable) only costs the read.
-        let first = match self
-            .stores
-            .seq
-            .claim_send(dedup_key, &input.client_msg_id)
-            .await
-        {
-            Ok(first) => first,
-            Err(e) => {
-                warn!(error = %e, "send claim failed; reading the dedup plan");
-                false
+        let hooked = self.hook_for(origin, input.receiver_type).is_some();
+        // What is known of this (device, client_msg_id) already. A first attempt (the client says so)
+        // needs nothing; a resend within the claim window finds its plan in the claim (Redis, no
+        // database read). A claim that says nothing (none kept, an older worker's, Redis unreachable)
+        // costs the dedup read, and so does a send the before-send hook would be asked about (the
+        // backend is never asked about a message already stored: a replay asks it once, see `replay`).
+        let known = if input.first_attempt && !hooked {
+            Claim::Free
+        } else {
+            match self
+                .stores
+                .seq
+                .claimed(dedup_key, &input.client_msg_id)
+                .await
+            {
+                Ok(claim) => claim,
+                Err(e) => {
+                    warn!(error = %e, "send claim unreadable; reading the dedup plan");
+                    Claim::Unknown
+                }
             }
         };
-        let looked = !first || self.hook_for(origin, input.receiver_type).is_some();
+        let looked = match known {
+            Claim::Planned(plan) => return self.replay(origin, input, plan).await,
+            Claim::Unknown => true,
+            Claim::Free => hooked,
+        };
         if looked {
             if let Some(plan) = self.stored_plan(dedup_key, input).await? {
                 return self.replay(origin, input, plan).await;
@@ -117,14 +127,44 @@ impl Logic {
             recipients,
             conv_seq,
         };
+        // The claim. A first attempt's holds its plan: a racing resend (another worker, the same client
+        // after a timeout) finds it and finishes this plan instead of making its own, so this plan
+        // needs no insert-if-absent. Any other send may be the resend of a message stored before the
+        // claim window (or before Redis lost the claims): its claim holds a marker, and the dedup
+        // plan's insert-if-absent arbitrates, between racing attempts too.
+        let claimed = match self
+            .stores
+            .seq
+            .claim_send(
+                dedup_key,
+                &input.client_msg_id,
+                input.first_attempt.then_some(&plan),
+            )
+            .await
+        {
+            Ok(Claim::Planned(existing)) => return self.replay(origin, input, existing).await,
+            Ok(Claim::Free) => true,
+            Ok(Claim::Unknown) => false,
+            Err(e) => {
+                warn!(error = %e, "send claim failed; the dedup plan's insert-if-absent arbitrates");
+                false
+            }
+        };
         let content = replaced.as_ref().unwrap_or(&input.content);
         let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
-        match self
-            .stores
-            .messages
-            .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
-            .instrument(tracing::info_span!("store.write", n = entries.len()))
-            .await
+        let messages = &self.stores.messages;
+        let recorded = if claimed {
+            messages
+                .record_claimed_send(dedup_key, &input.client_msg_id, &plan, &entries)
+                .instrument(tracing::info_span!("store.write", n = entries.len()))
+                .await
+        } else {
+            messages
+                .record_send(dedup_key, &input.client_msg_id, &plan, &entries)
+                .instrument(tracing::info_span!("store.write", n = entries.len()))
+                .await
+        };
+        match recorded
             .inspect_err(|_| {
                 self.metrics.store_errors.inc();
             })

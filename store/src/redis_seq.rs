@@ -46,7 +46,8 @@ use fred::types::{ClusterHash, CustomCommand, Expiration};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{
-    ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SeqAllocator,
+    Claim, ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SendPlan,
+    SeqAllocator,
 };
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
@@ -119,8 +120,73 @@ pub fn send_claim_key(device_id: i64, client_msg_id: &str) -> String {
 
 /// How long a send's claim is kept, seconds: resends come within this window (a reconnection); a
 /// later one is still answered with the stored plan (see [`SeqAllocator::claim_send`]). Memory: one
-/// small key per message of the last five minutes.
+/// small key per message of the last five minutes (~65 bytes of plan for a 1:1 message).
 pub const SEND_CLAIM_SECS: i64 = 300;
+
+/// The largest fan-out whose plan a claim holds (16 bytes per recipient: 4 KiB). A larger group's
+/// send is not claimed: its plan's insert-if-absent arbitrates, one operation among its hundreds.
+pub const MAX_CLAIMED_RECIPIENTS: usize = 256;
+
+/// First byte of an encoded claim plan.
+const CLAIM_PLAN_VERSION: u8 = 2;
+
+/// A claim without a plan (a send that may be a resend, or too large a fan-out): racing attempts
+/// then arbitrate with the plan's insert-if-absent. Older workers' claims hold the same value.
+const CLAIM_MARKER: &str = "1";
+
+/// A [`SendPlan`] as a claim's value: the version byte, then little-endian `message_id`, `seq`,
+/// `server_time_ms`, `conv_seq` and each recipient's `(user_id, seq)`.
+pub fn encode_claim_plan(plan: &SendPlan) -> Vec<u8> {
+    let mut out = Vec::with_capacity(33 + 16 * plan.recipients.len());
+    out.push(CLAIM_PLAN_VERSION);
+    out.extend_from_slice(&plan.message_id.to_le_bytes());
+    out.extend_from_slice(&plan.seq.to_le_bytes());
+    out.extend_from_slice(&plan.server_time_ms.to_le_bytes());
+    out.extend_from_slice(&plan.conv_seq.to_le_bytes());
+    for &(user_id, seq) in &plan.recipients {
+        out.extend_from_slice(&user_id.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+    }
+    out
+}
+
+/// The plan [`encode_claim_plan`] wrote, or `None` for anything else (an older worker's claim).
+pub fn decode_claim_plan(bytes: &[u8]) -> Option<SendPlan> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != CLAIM_PLAN_VERSION || rest.len() < 32 || (rest.len() - 32) % 16 != 0 {
+        return None;
+    }
+    let word = |i: usize| -> [u8; 8] {
+        let mut w = [0; 8];
+        w.copy_from_slice(&rest[i * 8..i * 8 + 8]);
+        w
+    };
+    Some(SendPlan {
+        message_id: u64::from_le_bytes(word(0)),
+        seq: u64::from_le_bytes(word(1)),
+        server_time_ms: i64::from_le_bytes(word(2)),
+        conv_seq: u64::from_le_bytes(word(3)),
+        recipients: (0..(rest.len() - 32) / 16)
+            .map(|r| {
+                (
+                    i64::from_le_bytes(word(4 + 2 * r)),
+                    u64::from_le_bytes(word(5 + 2 * r)),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// What a claim's value (or its absence) says.
+fn claim_of(value: &Value) -> Claim {
+    match value {
+        Value::Null => Claim::Free,
+        other => other
+            .as_bytes()
+            .and_then(decode_claim_plan)
+            .map_or(Claim::Unknown, Claim::Planned),
+    }
+}
 
 /// The Redis key of a conversation's conversation-seq counter (`zhibo:cseq:<kind>:<a>:<b>`, the parts
 /// of [`ConversationKey::parts`]). Like [`seq_key`], no hash tag: conversations spread over every slot.
@@ -518,19 +584,44 @@ impl SeqAllocator for RedisSeq {
         Ok((seqs, conv_seq))
     }
 
-    async fn claim_send(&self, device_id: i64, client_msg_id: &str) -> Result<bool> {
-        let set: Value = self
+    async fn claimed(&self, device_id: i64, client_msg_id: &str) -> Result<Claim> {
+        let value: Value = self
+            .pool
+            .get(send_claim_key(device_id, client_msg_id))
+            .await
+            .map_err(|e| redis_error("claim", e))?;
+        Ok(claim_of(&value))
+    }
+
+    async fn claim_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: Option<&SendPlan>,
+    ) -> Result<Claim> {
+        let plan = plan.filter(|p| p.recipients.len() <= MAX_CLAIMED_RECIPIENTS);
+        let value = plan.map_or_else(
+            || Value::from(CLAIM_MARKER),
+            |p| Value::Bytes(encode_claim_plan(p).into()),
+        );
+        // SET … NX GET (Redis 7): set only if absent, answer the value already there (nil when this
+        // call set it), in one atomic command on the key's slot.
+        let previous: Value = self
             .pool
             .set(
                 send_claim_key(device_id, client_msg_id),
-                1,
+                value,
                 Some(Expiration::EX(SEND_CLAIM_SECS)),
                 Some(SetOptions::NX),
-                false,
+                true,
             )
             .await
             .map_err(|e| redis_error("claim", e))?;
-        Ok(!set.is_null())
+        Ok(match claim_of(&previous) {
+            // Claimed now, but with the marker: nothing for a racing resend to finish.
+            Claim::Free if plan.is_none() => Claim::Unknown,
+            other => other,
+        })
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {

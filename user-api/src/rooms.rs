@@ -337,6 +337,7 @@ pub(crate) async fn admin_room_message(
             ClassName::Chat => RoomClass::Chat,
             ClassName::Like => RoomClass::Like,
         } as i32,
+        first_attempt: false,
     };
     let out = st
         .logic

@@ -38,6 +38,7 @@ pub(super) struct Statements {
     max_seq: PreparedStatement,
     get_dedup: PreparedStatement,
     put_dedup: PreparedStatement,
+    put_dedup_claimed: PreparedStatement,
     ack: PreparedStatement,
     acked: PreparedStatement,
 }
@@ -61,6 +62,11 @@ impl Statements {
             .await?,
             put_dedup: p("INSERT INTO dedup (sender_device_id, client_msg_id, message_id, seq, server_time_ms, \
                  recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+                .into())
+            .await?,
+            // A claimed first attempt's plan (`record_claimed_send`): the claim arbitrated, no Paxos.
+            put_dedup_claimed: p("INSERT INTO dedup (sender_device_id, client_msg_id, message_id, seq, \
+                 server_time_ms, recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 .into())
             .await?,
             // The write timestamp is the seq itself: the cell with the largest timestamp wins, so
@@ -104,6 +110,24 @@ pub(super) fn inbox_values(user_id: i64, m: &Message) -> InboxValues<'_> {
         m.content_type,
         &m.content,
         (m.conv_seq > 0).then(|| to_cql(m.conv_seq)),
+    )
+}
+
+/// The bound values of a dedup insert (`put_dedup`, `put_dedup_claimed`).
+type DedupValues<'a> = (i64, &'a str, i64, i64, i64, Vec<(i64, i64)>, Option<i64>);
+
+fn dedup_values<'a>(device_id: i64, client_msg_id: &'a str, plan: &SendPlan) -> DedupValues<'a> {
+    (
+        device_id,
+        client_msg_id,
+        to_cql(plan.message_id),
+        to_cql(plan.seq),
+        plan.server_time_ms,
+        plan.recipients
+            .iter()
+            .map(|&(user_id, seq)| (user_id, to_cql(seq)))
+            .collect(),
+        (plan.conv_seq > 0).then(|| to_cql(plan.conv_seq)),
     )
 }
 
@@ -219,6 +243,18 @@ impl ScyllaBackend {
         }
         Ok(())
     }
+
+    /// A send's inbox `entries`: with `plan.conv_seq > 0`, each copy's inbox row and conversation rows
+    /// in one single-partition batch plus the conversation's own record (no round trip beyond the
+    /// inbox writes but that one); all concurrently.
+    async fn write_entries(&self, plan: &SendPlan, entries: &[(i64, Message)]) -> Result<()> {
+        if plan.conv_seq == 0 {
+            self.append_many(entries).await
+        } else {
+            self.record_send_with_conversation(plan.conv_seq, &plan.recipients, entries)
+                .await
+        }
+    }
 }
 
 #[async_trait]
@@ -288,23 +324,13 @@ impl MessageStore for ScyllaBackend {
         client_msg_id: &str,
         r: &SendPlan,
     ) -> Result<Option<SendPlan>> {
-        let recipients: Vec<(i64, i64)> = r
-            .recipients
-            .iter()
-            .map(|&(user_id, seq)| (user_id, to_cql(seq)))
-            .collect();
-        let values = (
-            device_id,
-            client_msg_id,
-            to_cql(r.message_id),
-            to_cql(r.seq),
-            r.server_time_ms,
-            recipients,
-            (r.conv_seq > 0).then(|| to_cql(r.conv_seq)),
-        );
         let what = "put dedup";
         let rows = self
-            .exec(what, &self.messages.put_dedup, values)
+            .exec(
+                what,
+                &self.messages.put_dedup,
+                dedup_values(device_id, client_msg_id, r),
+            )
             .await?
             .into_rows_result()
             .map_err(|e| db_error(what, e))?;
@@ -346,14 +372,27 @@ impl MessageStore for ScyllaBackend {
         {
             return Ok(Some(existing));
         }
-        if plan.conv_seq == 0 {
-            self.append_many(entries).await?;
-        } else {
-            // Each copy's inbox row and conversation rows in one single-partition batch, plus the
-            // conversation's own record: no round trip beyond the inbox writes but that one.
-            self.record_send_with_conversation(plan.conv_seq, &plan.recipients, entries)
-                .await?;
-        }
+        self.write_entries(plan, entries).await?;
+        Ok(None)
+    }
+
+    async fn record_claimed_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendPlan,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendPlan>> {
+        // The plan before the entries, as `record_send`: a crash in between leaves a plan a resend
+        // completes, never entries without a plan (which a resend after the claim window would store
+        // again).
+        self.exec(
+            "put claimed dedup",
+            &self.messages.put_dedup_claimed,
+            dedup_values(device_id, client_msg_id, plan),
+        )
+        .await?;
+        self.write_entries(plan, entries).await?;
         Ok(None)
     }
 

@@ -101,6 +101,26 @@ pub trait MessageStore: Send + Sync {
         self.append_many(entries).await?;
         Ok(None)
     }
+    /// [`Self::record_send`] for a send whose plan is already the only one: the caller holds the send's
+    /// claim with this plan ([`SeqAllocator::claim_send`] answered [`Claim::Free`]) and the client said
+    /// it is the message's first transmission, so no earlier plan can exist and no racing resend can
+    /// record another (it finds this plan in the claim). A backend whose insert-if-absent is costly
+    /// writes the plan with a plain insert (Scylla: no lightweight transaction), still before the
+    /// entries, so a crash in between leaves a plan a resend completes. Never returns a plan of its
+    /// own: `Some` only from the default, which is [`Self::record_send`].
+    ///
+    /// # Errors
+    /// As [`Self::record_send`].
+    async fn record_claimed_send(
+        &self,
+        device_id: i64,
+        client_msg_id: &str,
+        plan: &SendPlan,
+        entries: &[(i64, Message)],
+    ) -> Result<Option<SendPlan>> {
+        self.record_send(device_id, client_msg_id, plan, entries)
+            .await
+    }
     /// Records that `device_id` of `user_id` has received everything up to `seq` (never moves back).
     ///
     /// # Errors
@@ -138,17 +158,46 @@ pub trait SeqAllocator: Send + Sync {
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn current(&self, user_id: i64) -> Result<u64>;
-    /// Claims the send `(device_id, client_msg_id)`: `true` when this allocator saw no claim of it
-    /// within its claim window, so the caller may skip the dedup read before allocating (a first
-    /// send, the steady state). `false` (a resend, or an allocator that keeps no claims: the
-    /// default) means: read the dedup plan first. A claim is only a hint: a `true` for a send whose
-    /// plan exists (the claim expired, or Redis lost it) is still caught by the plan's
-    /// insert-if-absent ([`MessageStore::put_dedup_if_absent`] / `record_send`), which answers with
-    /// the existing plan; the seqs allocated meanwhile are left unused.
+    /// What the claim of the send `(device_id, client_msg_id)` holds, without claiming: the plan a
+    /// first attempt claimed ([`Claim::Planned`]: a resend within the claim window, answered from it
+    /// with no database read), [`Claim::Free`] (none within the window: a first send, or a resend after
+    /// the window or a loss of the claims, which the dedup plan's insert-if-absent then catches), or
+    /// [`Claim::Unknown`] (claimed without a readable plan, or an allocator that keeps no claims: the
+    /// default): read the dedup plan.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
-    async fn claim_send(&self, _device_id: i64, _client_msg_id: &str) -> Result<bool> {
-        Ok(false)
+    async fn claimed(&self, _device_id: i64, _client_msg_id: &str) -> Result<Claim> {
+        Ok(Claim::Unknown)
     }
+    /// Claims the send `(device_id, client_msg_id)`, atomically, with `plan` (a first attempt's) or,
+    /// given `None`, with a marker that holds no plan: [`Claim::Free`] = it was free and now holds
+    /// `plan` for the claim window, so every racing attempt within it gets `plan` ([`Self::claimed`],
+    /// or this call); [`Claim::Planned`] = another attempt claimed it first with that plan (finish that
+    /// one: the caller's seqs stay unused); [`Claim::Unknown`] = claimed (by this call or before)
+    /// without a readable plan, or no claims kept here (the default): arbitrate with the plan's
+    /// insert-if-absent ([`MessageStore::record_send`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn claim_send(
+        &self,
+        _device_id: i64,
+        _client_msg_id: &str,
+        _plan: Option<&SendPlan>,
+    ) -> Result<Claim> {
+        Ok(Claim::Unknown)
+    }
+}
+
+/// What a send's claim holds ([`SeqAllocator::claimed`], [`SeqAllocator::claim_send`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No claim within the claim window (after [`SeqAllocator::claim_send`]: there was none, and the
+    /// caller's plan now holds it).
+    Free,
+    /// Claimed with this plan.
+    Planned(SendPlan),
+    /// Nothing known: claimed without a readable plan, or claims are not kept.
+    Unknown,
 }

@@ -1000,6 +1000,56 @@ async fn record_send(s: &Stores) {
             "a refused record_send writes no inbox entry"
         );
     }
+    // A claimed first attempt (Scylla: a plain insert of the plan) is a plan like any other: a resend
+    // arbitrated by the insert-if-absent afterwards (its claim lost) gets it, and writes nothing.
+    let claimed_id = format!("cmid-{}", id());
+    let claimed = SendPlan {
+        message_id: 93,
+        seq: 3,
+        server_time_ms: now_ms(),
+        recipients: vec![(alice, 3), (bob, 3)],
+        conv_seq: 0,
+    };
+    let claimed_entries = vec![(alice, message(bob, 3)), (bob, message(bob, 3))];
+    assert_eq!(
+        s.messages
+            .record_claimed_send(device, &claimed_id, &claimed, &claimed_entries)
+            .await
+            .expect("record_claimed_send"),
+        None,
+        "a claimed send is recorded"
+    );
+    assert_eq!(
+        s.messages
+            .get_dedup(device, &claimed_id)
+            .await
+            .expect("get_dedup"),
+        Some(claimed.clone()),
+        "record_claimed_send stores the plan"
+    );
+    let late = SendPlan {
+        message_id: 94,
+        seq: 4,
+        server_time_ms: now_ms(),
+        recipients: vec![(alice, 4), (bob, 4)],
+        conv_seq: 0,
+    };
+    let late_entries = vec![(alice, message(bob, 4)), (bob, message(bob, 4))];
+    assert_eq!(
+        s.messages
+            .record_send(device, &claimed_id, &late, &late_entries)
+            .await
+            .expect("record_send of a late resend"),
+        Some(claimed),
+        "the insert-if-absent finds the claimed send's plan"
+    );
+    for user in [alice, bob] {
+        assert_eq!(
+            seqs(&s.messages.sync(user, 0, 10).await.expect("sync")),
+            [1, 3],
+            "the claimed send's entries, and none of the late resend's"
+        );
+    }
 }
 
 async fn acks(s: &Stores) {

@@ -20,7 +20,9 @@ use zhibo_proto::client::Message;
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::ids::IdGen;
 use zhibo_store::redis_seq::{conversation_seq_key, seq_key, RedisSeq, RECOVERY_MARGIN};
-use zhibo_store::{ConversationKey, ConversationStore as _, MessageStore, SeqAllocator as _};
+use zhibo_store::{
+    Claim, ConversationKey, ConversationStore as _, MessageStore, SendPlan, SeqAllocator as _,
+};
 
 /// A fresh user id, unique in this process and across runs.
 fn user_id() -> i64 {
@@ -130,7 +132,8 @@ on_both!(
     allocation_resumes_above_stored_seqs_after_redis_loses_its_keys,
     conversation_seqs_share_the_call_and_recover_from_the_conversation_store,
     each_counter_gets_its_own_value_in_a_group_call,
-    a_send_is_claimed_once_and_expires,
+    a_send_is_claimed_once_with_its_plan,
+    a_claim_without_a_plan_is_unknown,
 );
 
 fn store() -> Arc<EmbeddedBackend> {
@@ -150,26 +153,82 @@ fn message(user: i64, seq: u64, body: &str) -> Message {
     }
 }
 
-/// A send's claim: the first claim of `(device, client_msg_id)` wins, every later one (another worker's
-/// racing resend) is told it is not the first, concurrent claims included; other devices and ids are
-/// independent; the key carries the claim window as its expiry.
-async fn a_send_is_claimed_once_and_expires(target: Target) {
+fn plan(message_id: u64, recipients: usize) -> SendPlan {
+    SendPlan {
+        message_id,
+        seq: 7,
+        server_time_ms: 1_764_570_000_000,
+        recipients: (0..recipients)
+            .map(|i| (i64::MAX - i as i64, 7 + i as u64))
+            .collect(),
+        conv_seq: 3,
+    }
+}
+
+/// A send's claim: the first claim of `(device, client_msg_id)` wins and holds its plan, every later
+/// one (another worker's racing resend) gets that plan, concurrent claims included; other devices and
+/// ids are independent; the key carries the claim window as its expiry.
+async fn a_send_is_claimed_once_with_its_plan(target: Target) {
     let (seq, redis) = allocator(target, store()).await;
     let device = user_id();
-    assert!(seq.claim_send(device, "m-1").await.expect("claim"));
-    assert!(!seq.claim_send(device, "m-1").await.expect("claim again"));
-    assert!(seq.claim_send(device, "m-2").await.expect("another id"));
-    assert!(seq
-        .claim_send(device + 1, "m-1")
-        .await
-        .expect("another device"));
-    let racing = futures::future::try_join_all((0..20).map(|_| seq.claim_send(device, "m-3")))
-        .await
-        .expect("racing claims");
+    let first = plan(1, 2);
     assert_eq!(
-        racing.iter().filter(|&&first| first).count(),
+        seq.claimed(device, "m-1").await.expect("lookup"),
+        Claim::Free
+    );
+    assert_eq!(
+        seq.claim_send(device, "m-1", Some(&first))
+            .await
+            .expect("claim"),
+        Claim::Free
+    );
+    assert_eq!(
+        seq.claimed(device, "m-1").await.expect("lookup"),
+        Claim::Planned(first.clone()),
+        "a resend within the window finds the plan"
+    );
+    assert_eq!(
+        seq.claim_send(device, "m-1", Some(&plan(2, 2)))
+            .await
+            .expect("claim again"),
+        Claim::Planned(first.clone()),
+        "a racing attempt gets the first plan, not its own"
+    );
+    assert_eq!(
+        seq.claim_send(device, "m-2", Some(&plan(3, 1)))
+            .await
+            .expect("another id"),
+        Claim::Free
+    );
+    assert_eq!(
+        seq.claim_send(device + 1, "m-1", Some(&plan(4, 1)))
+            .await
+            .expect("another device"),
+        Claim::Free
+    );
+    let seq = &seq;
+    let racing = futures::future::try_join_all(
+        (0..20u64)
+            .map(|i| async move { seq.claim_send(device, "m-3", Some(&plan(100 + i, 2))).await }),
+    )
+    .await
+    .expect("racing claims");
+    assert_eq!(
+        racing.iter().filter(|c| **c == Claim::Free).count(),
         1,
         "{racing:?}"
+    );
+    let planned: std::collections::BTreeSet<u64> = racing
+        .iter()
+        .filter_map(|c| match c {
+            Claim::Planned(p) => Some(p.message_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        planned.len(),
+        1,
+        "every loser got the same plan: {racing:?}"
     );
     let key = zhibo_store::redis_seq::send_claim_key(device, "m-1");
     let ttl: i64 = redis.client.ttl(key.as_str()).await.expect("ttl");
@@ -177,13 +236,79 @@ async fn a_send_is_claimed_once_and_expires(target: Target) {
         ttl > 0 && ttl <= zhibo_store::redis_seq::SEND_CLAIM_SECS,
         "claim expiry {ttl}"
     );
-    // Redis lost it (or it expired): the next claim says "first" again; the plan's
-    // insert-if-absent is what then keeps the resend from being stored twice.
+    // Redis lost it (or it expired): free again; the plan's insert-if-absent in the database is what
+    // then keeps a resend (which claims with the marker) from being stored twice.
     let _: i64 = redis.client.del(key.as_str()).await.expect("del");
-    assert!(seq
-        .claim_send(device, "m-1")
+    assert_eq!(
+        seq.claimed(device, "m-1").await.expect("lookup"),
+        Claim::Free
+    );
+}
+
+/// A claim without a plan (a send that may be a resend, a fan-out too large to hold, an older
+/// worker's `1`) says nothing: every attempt, the claimer included, is told `Unknown` and arbitrates
+/// in the database.
+async fn a_claim_without_a_plan_is_unknown(target: Target) {
+    let (seq, redis) = allocator(target, store()).await;
+    let device = user_id();
+    assert_eq!(
+        seq.claim_send(device, "r-1", None)
+            .await
+            .expect("marker claim"),
+        Claim::Unknown
+    );
+    assert_eq!(
+        seq.claimed(device, "r-1").await.expect("lookup"),
+        Claim::Unknown
+    );
+    assert_eq!(
+        seq.claim_send(device, "r-1", Some(&plan(1, 2)))
+            .await
+            .expect("first attempt after it"),
+        Claim::Unknown,
+        "a plan never replaces the marker"
+    );
+    let big = plan(2, zhibo_store::redis_seq::MAX_CLAIMED_RECIPIENTS + 1);
+    assert_eq!(
+        seq.claim_send(device, "r-2", Some(&big))
+            .await
+            .expect("large fan-out"),
+        Claim::Unknown
+    );
+    assert_eq!(
+        seq.claimed(device, "r-2").await.expect("lookup"),
+        Claim::Unknown
+    );
+    let most = plan(3, zhibo_store::redis_seq::MAX_CLAIMED_RECIPIENTS);
+    assert_eq!(
+        seq.claim_send(device, "r-3", Some(&most))
+            .await
+            .expect("largest held"),
+        Claim::Free
+    );
+    assert_eq!(
+        seq.claimed(device, "r-3").await.expect("lookup"),
+        Claim::Planned(most)
+    );
+    let key = zhibo_store::redis_seq::send_claim_key(device, "r-4");
+    let _: () = redis
+        .client
+        .set(key.as_str(), 1, None, None, false)
         .await
-        .expect("claim after loss"));
+        .expect("an older worker's claim");
+    assert_eq!(
+        seq.claimed(device, "r-4").await.expect("lookup"),
+        Claim::Unknown
+    );
+    let _: () = redis
+        .client
+        .set(key.as_str(), "\u{2}garbage", None, None, false)
+        .await
+        .expect("a damaged claim");
+    assert_eq!(
+        seq.claimed(device, "r-4").await.expect("lookup"),
+        Claim::Unknown
+    );
 }
 
 async fn seqs_strictly_increase_per_user(target: Target) {

@@ -331,6 +331,111 @@ async fn duplicate_client_msg_id_stored_once(cluster: &Cluster) {
     );
 }
 
+/// A send marked `first_attempt` (the fast path: no dedup read, and in the distributed mode the plan
+/// claimed in Redis and written without a compare-and-set) is still stored once: a resend (unmarked,
+/// or wrongly marked) within the claim window gets its plan; attempts of one message racing on two
+/// workers agree on one plan; in the distributed mode a resend after Redis lost the claims is answered
+/// by the database's insert-if-absent, which finds the plan the first attempt wrote without one.
+async fn first_attempts_are_stored_once(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let first_attempt = |id: &str, body: &str| match text(ReceiverType::User, bob.user_id, id, body)
+    {
+        Body::SendMessage(input) => Body::SendMessage(SendMessageInput {
+            first_attempt: true,
+            ..input
+        }),
+        _ => unreachable!(),
+    };
+    let answer = |p: zhibo_proto::client::Packet| match p.body {
+        Some(Body::SendMessageOutput(o)) => o,
+        other => panic!("expected SendMessageOutput, got {other:?}"),
+    };
+    let first = answer(
+        a.request(first_attempt("fa-1", "one"), WAIT)
+            .await
+            .expect("first attempt"),
+    );
+    assert!(!first.duplicate, "{first:?}");
+    if let Some(redis) = cluster.redis_url.as_deref() {
+        // The claim holds the plan (65 bytes for two recipients), not the marker a resend claims with.
+        let hex: String = "fa-1".bytes().map(|b| format!("{b:02x}")).collect();
+        let key = format!("zhibo:claim:{}:{hex}", alice.device_id);
+        assert_eq!(
+            crate::cluster::redis_command(redis, &["GET", &key]).await,
+            "$65\r\n",
+            "the first attempt's claim holds its plan"
+        );
+    }
+    let resend = send(&mut a, ReceiverType::User, bob.user_id, "fa-1", "one").await;
+    let lying = answer(
+        a.request(first_attempt("fa-1", "one"), WAIT)
+            .await
+            .expect("a resend marked first"),
+    );
+    for again in [&resend, &lying] {
+        assert!(again.duplicate, "{again:?}");
+        assert_eq!((again.message_id, again.seq), (first.message_id, first.seq));
+    }
+    // One marked attempt and three resends of another message, pipelined: the gateway hands them to
+    // the workers at once.
+    let mut ids = vec![a.send(first_attempt("fa-2", "two")).await.expect("send")];
+    for _ in 0..3 {
+        ids.push(
+            a.send(text(ReceiverType::User, bob.user_id, "fa-2", "two"))
+                .await
+                .expect("send"),
+        );
+    }
+    let mut answers = Vec::new();
+    while answers.len() < ids.len() {
+        let p = a
+            .recv(WAIT)
+            .await
+            .expect("an answer in time")
+            .expect("connection open");
+        if ids.contains(&p.request_id) {
+            answers.push(answer(p));
+        }
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|o| (o.message_id, o.seq) == (answers[0].message_id, answers[0].seq)),
+        "racing attempts agree on one plan: {answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|o| !o.duplicate).count(),
+        1,
+        "one attempt stored it: {answers:?}"
+    );
+    let mut expected = vec!["one", "two"];
+    if let Some(redis) = cluster.redis_url.as_deref() {
+        flushdb(redis).await;
+        let late = send(&mut a, ReceiverType::User, bob.user_id, "fa-1", "one").await;
+        assert!(late.duplicate, "{late:?}");
+        assert_eq!((late.message_id, late.seq), (first.message_id, first.seq));
+        let after = answer(
+            a.request(first_attempt("fa-3", "three"), WAIT)
+                .await
+                .expect("a first attempt after the flush"),
+        );
+        assert!(!after.duplicate && after.seq > answers[0].seq, "{after:?}");
+        expected.push("three");
+    }
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let all = sync(&mut b, 0, 100).await;
+    let texts: Vec<&str> = all.messages.iter().map(content).collect();
+    assert_eq!(texts, expected, "each message stored once in bob's inbox");
+    assert_eq!(
+        sync(&mut a, 0, 100).await.messages.len(),
+        expected.len(),
+        "and once in alice's"
+    );
+}
+
 /// Refusals: stranger, non-member, unknown user, bad argument — each an Error packet; the
 /// connection goes on working.
 async fn refusals_keep_the_connection(cluster: &Cluster) {
@@ -512,6 +617,7 @@ both_modes!(
     offline_sync_no_gap_no_duplicate,
     kick_on_relogin,
     duplicate_client_msg_id_stored_once,
+    first_attempts_are_stored_once,
     refusals_keep_the_connection,
     server_side_send,
     sign_out_closes_live_connections,
