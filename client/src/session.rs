@@ -244,11 +244,15 @@ impl Session {
             client_msg_id: self.new_client_msg_id(),
             content_type,
             content: content.into(),
+            // A fresh id: this is its first transmission (cleared for every resend).
+            first_attempt: true,
             ..Default::default()
         })
     }
 
-    /// [`Session::send`] with a prepared input (its `client_msg_id` is the app's).
+    /// [`Session::send`] with a prepared input (its `client_msg_id` is the app's). Set
+    /// `first_attempt` only if this id was never sent before (not by an earlier run of the app either);
+    /// the session clears it for every resend.
     ///
     /// # Errors
     /// As [`Session::send`].
@@ -667,8 +671,10 @@ impl Driver {
                 continue;
             };
             s.in_flight = true;
-            tx.feed_with_id(id, Body::SendMessage(s.input.clone()))
-                .await?;
+            let input = s.input.clone();
+            // Whatever happens to this transmission, any later one is a resend.
+            s.input.first_attempt = false;
+            tx.feed_with_id(id, Body::SendMessage(input)).await?;
         }
         tx.flush().await
     }

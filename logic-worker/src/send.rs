@@ -52,26 +52,30 @@ impl Logic {
         let dedup_key = dedup_device(origin);
         let hooked = self.hook_for(origin, input.receiver_type).is_some();
         // What is known of this (device, client_msg_id) already. A first attempt (the client says so)
-        // needs nothing; a resend within the claim window finds its plan in the claim (Redis, no
-        // database read). A claim that says nothing (none kept, an older worker's, Redis unreachable)
-        // costs the dedup read, and so does a send the before-send hook would be asked about (the
-        // backend is never asked about a message already stored: a replay asks it once, see `replay`).
-        let known = if input.first_attempt && !hooked {
-            Claim::Free
-        } else {
-            match self
-                .stores
-                .seq
-                .claimed(dedup_key, &input.client_msg_id)
-                .await
-            {
-                Ok(claim) => claim,
-                Err(e) => {
-                    warn!(error = %e, "send claim unreadable; reading the dedup plan");
-                    Claim::Unknown
-                }
+        // needs nothing: it claims with its plan once it has one (below). Any other send claims now,
+        // with a marker; a resend within the claim window thus finds its first attempt's plan there
+        // (no database read). A claim that says nothing (a marker, none kept, Redis unreachable) costs
+        // the dedup read, and so does a send the before-send hook would be asked about (the backend is
+        // never asked about a message already stored: a replay asks it once, see `replay`).
+        let known = match (input.first_attempt, hooked) {
+            (true, false) => Ok(Claim::Free),
+            (true, true) => {
+                self.stores
+                    .seq
+                    .claimed(dedup_key, &input.client_msg_id)
+                    .await
             }
-        };
+            (false, _) => {
+                self.stores
+                    .seq
+                    .claim_send(dedup_key, &input.client_msg_id, None)
+                    .await
+            }
+        }
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "send claim failed; reading the dedup plan");
+            Claim::Unknown
+        });
         let looked = match known {
             Claim::Planned(plan) => return self.replay(origin, input, plan).await,
             Claim::Unknown => true,
@@ -127,28 +131,28 @@ impl Logic {
             recipients,
             conv_seq,
         };
-        // The claim. A first attempt's holds its plan: a racing resend (another worker, the same client
+        // A first attempt's claim holds its plan: a racing resend (another worker, the same client
         // after a timeout) finds it and finishes this plan instead of making its own, so this plan
         // needs no insert-if-absent. Any other send may be the resend of a message stored before the
-        // claim window (or before Redis lost the claims): its claim holds a marker, and the dedup
-        // plan's insert-if-absent arbitrates, between racing attempts too.
-        let claimed = match self
-            .stores
-            .seq
-            .claim_send(
-                dedup_key,
-                &input.client_msg_id,
-                input.first_attempt.then_some(&plan),
-            )
-            .await
-        {
-            Ok(Claim::Planned(existing)) => return self.replay(origin, input, existing).await,
-            Ok(Claim::Free) => true,
-            Ok(Claim::Unknown) => false,
-            Err(e) => {
-                warn!(error = %e, "send claim failed; the dedup plan's insert-if-absent arbitrates");
-                false
+        // claim window (or before Redis lost the claims), and its claim (made above) holds a marker:
+        // the dedup plan's insert-if-absent arbitrates, between racing attempts too.
+        let claimed = if input.first_attempt {
+            match self
+                .stores
+                .seq
+                .claim_send(dedup_key, &input.client_msg_id, Some(&plan))
+                .await
+            {
+                Ok(Claim::Planned(existing)) => return self.replay(origin, input, existing).await,
+                Ok(Claim::Free) => true,
+                Ok(Claim::Unknown) => false,
+                Err(e) => {
+                    warn!(error = %e, "send claim failed; the dedup plan's insert-if-absent arbitrates");
+                    false
+                }
             }
+        } else {
+            false
         };
         let content = replaced.as_ref().unwrap_or(&input.content);
         let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));

@@ -599,6 +599,7 @@ impl SeqAllocator for RedisSeq {
         client_msg_id: &str,
         plan: Option<&SendPlan>,
     ) -> Result<Claim> {
+        let with_plan = plan.is_some();
         let plan = plan.filter(|p| p.recipients.len() <= MAX_CLAIMED_RECIPIENTS);
         let value = plan.map_or_else(
             || Value::from(CLAIM_MARKER),
@@ -618,8 +619,9 @@ impl SeqAllocator for RedisSeq {
             .await
             .map_err(|e| redis_error("claim", e))?;
         Ok(match claim_of(&previous) {
-            // Claimed now, but with the marker: nothing for a racing resend to finish.
-            Claim::Free if plan.is_none() => Claim::Unknown,
+            // Claimed now, but with the marker instead of the plan asked for (too large a fan-out):
+            // a racing attempt will arbitrate in the database, so must this one.
+            Claim::Free if with_plan && plan.is_none() => Claim::Unknown,
             other => other,
         })
     }

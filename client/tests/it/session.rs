@@ -165,6 +165,17 @@ async fn send_in_flight_during_a_reconnect_is_acked_once(c: &Cluster) {
         ids.iter().all(|i| *i == ids[0]),
         "with the same client_msg_id: {ids:?}"
     );
+    let marks: Vec<bool> = sends
+        .iter()
+        .filter_map(|p| match &p.body {
+            Some(Body::SendMessage(s)) => Some(s.first_attempt),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        marks[0] && !marks[1..].iter().any(|&m| m),
+        "only the first transmission says first_attempt: {marks:?}"
+    );
     // A later message proves Bob's queue is past any repeat.
     send(&a, &bob, "after").await;
     b.until("the later message", |b| b.has("after")).await;

@@ -329,6 +329,9 @@ export class Client {
       clientMsgId: id,
       contentType,
       content: typeof content === 'string' ? new TextEncoder().encode(content) : content,
+      // An id minted here was never sent: its first transmission says so (cleared for every resend).
+      // An app's own id may be a resend from an earlier run: never marked.
+      firstAttempt: clientMsgId === undefined,
     };
     return new Promise<Ack>((resolve, reject) => {
       this.#sends.set(id, { input, resolve, reject, inFlight: false });
@@ -653,7 +656,9 @@ export class Client {
     for (const [id, s] of this.#sends) {
       if (s.inFlight) continue;
       s.inFlight = true;
-      this.#write(this.#request({ kind: 'send', clientMsgId: id }), { sendMessage: s.input });
+      this.#write(this.#request({ kind: 'send', clientMsgId: id }), { sendMessage: { ...s.input } });
+      // Whatever happens to this transmission, any later one is a resend.
+      s.input.firstAttempt = false;
     }
   }
 

@@ -109,6 +109,8 @@ test('a send in flight during a reconnection is resent with the same client_msg_
   const ids = proxy.sent((p) => p.body === 'sendMessage').map((p) => p.sendMessage.clientMsgId);
   assert.ok(ids.length >= 2, `resent: ${ids}`);
   assert.ok(ids.every((i) => i === ids[0]), `same client_msg_id: ${ids}`);
+  const marks = proxy.sent((p) => p.body === 'sendMessage').map((p) => p.sendMessage.firstAttempt === true);
+  assert.deepEqual(marks, [true, ...marks.slice(1).map(() => false)], `only the first transmission says first_attempt: ${marks}`);
   await a.client.send({ user: bob.userId }, 'after');
   await waitFor(() => b.has('after'), 'the later message');
   assertExactly(b, ['in flight', 'after']);

@@ -291,6 +291,8 @@ pub struct SendTo {
     /// Room sends: the class mix (each message's `room_class` and `content_type`); `None` = plain chat
     /// without a class (1:1, group).
     pub mix: Option<ClassMix>,
+    /// `SendMessageInput.first_attempt` of every send.
+    pub first_attempt: bool,
 }
 
 /// Sends on `conn` at `rate` messages per second for `dur` (open loop), each message stamped with its
@@ -339,6 +341,7 @@ pub async fn open_loop(
                 client_msg_id: format!("b{n}"),
                 content_type: class.map_or(1, classes::content_type),
                 content: timed_content(intended, payload),
+                first_attempt: to.first_attempt,
                 ..Default::default()
             };
             input.set_room_class(class.unwrap_or(RoomClass::Chat));

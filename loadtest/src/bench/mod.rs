@@ -205,6 +205,11 @@ pub struct BenchArgs {
     /// Message content size, bytes (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// 1:1 and group sends: mark each as its first transmission (`SendMessageInput.first_attempt`, as
+    /// the SDKs do; the tool never resends). `false` measures an older client: the server's full dedup
+    /// checks on every send.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub first_attempt: bool,
     /// Messages stored before an offline sync (sync), per client while offline (reconnect), or in the
     /// long conversation (conversations).
     #[arg(long, default_value_t = 1000)]

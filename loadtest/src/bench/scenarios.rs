@@ -280,6 +280,7 @@ pub async fn one_to_one(
             receiver_type: ReceiverType::User,
             receiver_id: rx[i],
             mix: None,
+            first_attempt: args.first_attempt,
         },
         1,
         report,
@@ -343,6 +344,7 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
             receiver_type: ReceiverType::Group,
             receiver_id: group_id,
             mix: None,
+            first_attempt: args.first_attempt,
         },
         size as u64 - 1,
         report,
@@ -439,6 +441,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             receiver_type: ReceiverType::Room,
             receiver_id: room_id,
             mix: Some(args.mix),
+            first_attempt: false,
         },
         (viewers_n + s) as u64,
         report,
@@ -509,6 +512,7 @@ pub(super) async fn fill_inbox(
             client_msg_id: format!("fill{to_user}-{i}"),
             content_type: 1,
             content: load::timed_content(load::now_ns(), args.payload),
+            first_attempt: args.first_attempt,
             ..Default::default()
         }))
         .await?;
@@ -683,6 +687,7 @@ pub async fn reconnect(
                 client_msg_id: format!("storm{i}-{k}"),
                 content_type: 1,
                 content: load::timed_content(load::now_ns(), args.payload),
+                first_attempt: args.first_attempt,
                 ..Default::default()
             }))
             .await?;

@@ -172,11 +172,12 @@ pub trait SeqAllocator: Send + Sync {
     }
     /// Claims the send `(device_id, client_msg_id)`, atomically, with `plan` (a first attempt's) or,
     /// given `None`, with a marker that holds no plan: [`Claim::Free`] = it was free and now holds
-    /// `plan` for the claim window, so every racing attempt within it gets `plan` ([`Self::claimed`],
-    /// or this call); [`Claim::Planned`] = another attempt claimed it first with that plan (finish that
-    /// one: the caller's seqs stay unused); [`Claim::Unknown`] = claimed (by this call or before)
-    /// without a readable plan, or no claims kept here (the default): arbitrate with the plan's
-    /// insert-if-absent ([`MessageStore::record_send`]).
+    /// what was given for the claim window (with a plan: every racing attempt within it gets `plan`,
+    /// from [`Self::claimed`] or this call; with the marker: every racing attempt is told
+    /// [`Claim::Unknown`]); [`Claim::Planned`] = another attempt claimed it first with that plan
+    /// (finish that one: the caller's seqs stay unused); [`Claim::Unknown`] = claimed before without a
+    /// readable plan, or a plan too large to hold (the marker was stored instead), or no claims kept
+    /// here (the default): arbitrate with the plan's insert-if-absent ([`MessageStore::record_send`]).
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.

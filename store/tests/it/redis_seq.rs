@@ -246,8 +246,8 @@ async fn a_send_is_claimed_once_with_its_plan(target: Target) {
 }
 
 /// A claim without a plan (a send that may be a resend, a fan-out too large to hold, an older
-/// worker's `1`) says nothing: every attempt, the claimer included, is told `Unknown` and arbitrates
-/// in the database.
+/// worker's `1`) says nothing: every later attempt is told `Unknown` and arbitrates in the database,
+/// and so does a first attempt whose plan was too large to hold.
 async fn a_claim_without_a_plan_is_unknown(target: Target) {
     let (seq, redis) = allocator(target, store()).await;
     let device = user_id();
@@ -255,6 +255,13 @@ async fn a_claim_without_a_plan_is_unknown(target: Target) {
         seq.claim_send(device, "r-1", None)
             .await
             .expect("marker claim"),
+        Claim::Free,
+        "it was free"
+    );
+    assert_eq!(
+        seq.claim_send(device, "r-1", None)
+            .await
+            .expect("marker claim again"),
         Claim::Unknown
     );
     assert_eq!(
