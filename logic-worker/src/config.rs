@@ -37,6 +37,11 @@ pub struct LogicConfig {
     /// seconds (0: reads them for every message). An ended friendship is dropped at once everywhere by
     /// an event; this bounds only a missed event.
     pub authz_cache_secs: u64,
+    /// Write the dedup plan of a send marked `first_attempt` with a plain insert when its Redis claim
+    /// holds (no compare-and-set in the database). Set false while workers older than this option still
+    /// serve the cluster (a rolling upgrade): they do not read a plan from a claim, so a resend landing
+    /// on one while its first attempt is still writing could be stored twice. Then set it true.
+    pub claimed_plans: bool,
 }
 
 impl Default for LogicConfig {
@@ -54,6 +59,7 @@ impl Default for LogicConfig {
             room_recent: 50,
             recall_window_secs: 120,
             authz_cache_secs: 60,
+            claimed_plans: true,
         }
     }
 }

@@ -72,12 +72,19 @@ impl Logic {
                     .await
             }
         }
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "send claim failed; reading the dedup plan");
-            Claim::Unknown
-        });
+        .or_else(|e| {
+            if input.first_attempt {
+                // Only a hint here (the claim at step 4 decides): read the dedup plan instead.
+                warn!(error = %e, "send claim unreadable; reading the dedup plan");
+                Ok(Claim::Unknown)
+            } else {
+                // Without its claim, this send could race a first attempt that holds one and writes
+                // its plan with a plain insert: refuse (retryable) rather than risk a second copy.
+                Err(self.claim_failed(e))
+            }
+        })?;
         let looked = match known {
-            Claim::Planned(plan) => return self.replay(origin, input, plan).await,
+            Claim::Planned(plan) => return self.replay_claimed(origin, input, plan).await,
             Claim::Unknown => true,
             Claim::Free => hooked,
         };
@@ -143,13 +150,13 @@ impl Logic {
                 .claim_send(dedup_key, &input.client_msg_id, Some(&plan))
                 .await
             {
-                Ok(Claim::Planned(existing)) => return self.replay(origin, input, existing).await,
-                Ok(Claim::Free) => true,
-                Ok(Claim::Unknown) => false,
-                Err(e) => {
-                    warn!(error = %e, "send claim failed; the dedup plan's insert-if-absent arbitrates");
-                    false
+                Ok(Claim::Planned(existing)) => {
+                    return self.replay_claimed(origin, input, existing).await
                 }
+                Ok(Claim::Free) => self.config.claimed_plans,
+                Ok(Claim::Unknown) => false,
+                // As above: another attempt may hold the claim and be writing without arbitration.
+                Err(e) => return Err(self.claim_failed(e)),
             }
         } else {
             false
@@ -295,6 +302,36 @@ impl Logic {
             .get_dedup(dedup_key, &input.client_msg_id)
             .await
             .map_err(send_err)
+    }
+
+    /// The answer to a send whose claim Redis could not take or read: retryable, as any store failure
+    /// of a send (`UNAVAILABLE`, resend with the same `client_msg_id`).
+    fn claim_failed(&self, e: zhibo_store::Error) -> LogicError {
+        warn!(error = %e, "send claim failed; refusing the send as retryable");
+        self.metrics.store_errors.inc();
+        send_err(e)
+    }
+
+    /// Finishes a send whose plan another attempt claimed in Redis. That attempt may have died before
+    /// writing the plan to the database, and the claim expires: the plan is written there first
+    /// (insert-if-absent, a rare path), so a resend after the claim window still finds it. A different
+    /// plan already stored (written by an attempt that had lost its claim to a Redis loss) wins.
+    async fn replay_claimed(
+        &self,
+        origin: &Origin,
+        input: &SendMessageInput,
+        plan: SendPlan,
+    ) -> Result<SendMessageOutput, LogicError> {
+        let stored = self
+            .stores
+            .messages
+            .put_dedup_if_absent(dedup_device(origin), &input.client_msg_id, &plan)
+            .await
+            .inspect_err(|_| {
+                self.metrics.store_errors.inc();
+            })
+            .map_err(send_err)?;
+        self.replay(origin, input, stored.unwrap_or(plan)).await
     }
 
     /// Finishes a resend of a planned message: writes the plan's inbox entries again (idempotent), and

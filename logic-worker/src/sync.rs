@@ -14,17 +14,24 @@ pub(crate) fn fit_page<T: prost::Message>(
     limit: usize,
     max_bytes: usize,
 ) -> bool {
-    let mut has_more = items.len() > limit;
-    items.truncate(limit);
-    let mut bytes = 0;
-    if let Some(over) = items.iter().position(|m| {
-        bytes += m.encoded_len() + 8;
-        bytes > max_bytes
-    }) {
-        items.truncate(over.max(1));
-        has_more = true;
-    }
+    let n = page_len(items, limit, max_bytes);
+    let has_more = items.len() > n;
+    items.truncate(n);
     has_more
+}
+
+/// How many of `items` [`fit_page`] keeps: at most `limit`, and no more than fit in `max_bytes`
+/// (never fewer than one).
+pub(crate) fn page_len<T: prost::Message>(items: &[T], limit: usize, max_bytes: usize) -> usize {
+    let n = items.len().min(limit);
+    let mut bytes = 0;
+    items[..n]
+        .iter()
+        .position(|m| {
+            bytes += m.encoded_len() + 8;
+            bytes > max_bytes
+        })
+        .map_or(n, |over| over.max(1))
 }
 
 impl Logic {

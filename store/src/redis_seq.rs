@@ -47,7 +47,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{
     Claim, ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SendPlan,
-    SeqAllocator,
+    SeqAllocator, SNAPSHOT_SECS,
 };
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
@@ -124,7 +124,8 @@ pub fn send_claim_key(device_id: i64, client_msg_id: &str) -> String {
 pub const SEND_CLAIM_SECS: i64 = 300;
 
 /// The largest fan-out whose plan a claim holds (16 bytes per recipient: 4 KiB). A larger group's
-/// send is not claimed: its plan's insert-if-absent arbitrates, one operation among its hundreds.
+/// send is claimed with the marker instead: its plan's insert-if-absent arbitrates, one operation among
+/// its hundreds.
 pub const MAX_CLAIMED_RECIPIENTS: usize = 256;
 
 /// First byte of an encoded claim plan.
@@ -623,6 +624,34 @@ impl SeqAllocator for RedisSeq {
             // a racing attempt will arbitrate in the database, so must this one.
             Claim::Free if with_plan && plan.is_none() => Claim::Unknown,
             other => other,
+        })
+    }
+
+    async fn put_snapshot(&self, key: &str, value: bytes::Bytes) -> Result<()> {
+        let _: Value = self
+            .pool
+            .set(
+                key,
+                Value::Bytes(value),
+                Some(Expiration::EX(SNAPSHOT_SECS)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| redis_error("snapshot", e))?;
+        Ok(())
+    }
+
+    async fn snapshot(&self, key: &str) -> Result<Option<bytes::Bytes>> {
+        let value: Value = self
+            .pool
+            .get(key)
+            .await
+            .map_err(|e| redis_error("snapshot", e))?;
+        Ok(match value {
+            Value::Null => None,
+            Value::Bytes(b) => Some(b),
+            other => other.as_bytes().map(bytes::Bytes::copy_from_slice),
         })
     }
 

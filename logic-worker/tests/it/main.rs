@@ -11,6 +11,8 @@ use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::presence::MemoryPresence;
 use zhibo_store::{Profile, SendPlan, Stores, User};
 
+mod claims;
+
 fn user(user_id: i64) -> User {
     User {
         user_id,

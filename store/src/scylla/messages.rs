@@ -31,6 +31,12 @@ pub(super) const MESSAGE_COLUMNS: &str =
     "seq, message_id, sender_user_id, sender_device_id, receiver_type, receiver_id, \
      client_msg_id, server_time_ms, content_type, content, conv_seq";
 
+/// A claimed first attempt's plan (`record_claimed_send`): the claim arbitrated, so a plain insert (no
+/// `IF`: no Paxos round, counted as a `write`).
+const PUT_DEDUP_CLAIMED: &str =
+    "INSERT INTO dedup (sender_device_id, client_msg_id, message_id, seq, \
+     server_time_ms, recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?)";
+
 /// The message statements, prepared once.
 pub(super) struct Statements {
     pub(super) append: PreparedStatement,
@@ -64,11 +70,7 @@ impl Statements {
                  recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
                 .into())
             .await?,
-            // A claimed first attempt's plan (`record_claimed_send`): the claim arbitrated, no Paxos.
-            put_dedup_claimed: p("INSERT INTO dedup (sender_device_id, client_msg_id, message_id, seq, \
-                 server_time_ms, recipients, conv_seq) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                .into())
-            .await?,
+            put_dedup_claimed: p(PUT_DEDUP_CLAIMED.into()).await?,
             // The write timestamp is the seq itself: the cell with the largest timestamp wins, so
             // acks commute and the stored value never moves back (see sql/0001_init.cql).
             ack: p("UPDATE device_acks USING TIMESTAMP ? SET acked_seq = ? \
@@ -408,5 +410,15 @@ impl MessageStore for ScyllaBackend {
             .one("acked", &self.messages.acked, (user_id, device_id))
             .await?;
         Ok(row.and_then(|(seq,)| seq).map_or(0, from_cql))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::CqlOp;
+
+    #[test]
+    fn a_claimed_plan_is_a_plain_write() {
+        assert_eq!(CqlOp::of(super::PUT_DEDUP_CLAIMED), CqlOp::Write);
     }
 }

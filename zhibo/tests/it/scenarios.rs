@@ -11,6 +11,7 @@ use zhibo_proto::client::{
 };
 
 use crate::cluster::{flushdb, Cluster};
+use zhibo_store::{Claim, ConversationKey, SendPlan};
 
 /// Generous: only a failing test waits this long, and a cold Cassandra on a fresh CI machine is slow at first.
 const WAIT: Duration = Duration::from_secs(15);
@@ -413,6 +414,49 @@ async fn first_attempts_are_stored_once(cluster: &Cluster) {
     );
     let mut expected = vec!["one", "two"];
     if let Some(redis) = cluster.redis_url.as_deref() {
+        // A first attempt that claimed its plan and died before writing anything: only the claim
+        // knows its plan. A resend (unmarked, then marked) finishes that plan; once the claim is
+        // gone (expired, lost), a resend still finds it, because finishing it wrote it to the database.
+        let seq = &cluster.stores.seq;
+        let (seqs, conv_seq) = seq
+            .next_in_conversation(
+                &[alice.user_id, bob.user_id],
+                ConversationKey::direct(alice.user_id, bob.user_id),
+            )
+            .await
+            .expect("seqs");
+        let orphan = SendPlan {
+            message_id: 4_000_000_000_000_000_000
+                + zhibo_store::ids::now_ms().unsigned_abs() % 1_000_000,
+            seq: seqs[0],
+            server_time_ms: zhibo_store::ids::now_ms(),
+            recipients: vec![(alice.user_id, seqs[0]), (bob.user_id, seqs[1])],
+            conv_seq,
+        };
+        assert_eq!(
+            seq.claim_send(alice.device_id, "fa-4", Some(&orphan))
+                .await
+                .expect("claim"),
+            Claim::Free
+        );
+        let finished = send(&mut a, ReceiverType::User, bob.user_id, "fa-4", "four").await;
+        let marked = answer(
+            a.request(first_attempt("fa-4", "four"), WAIT)
+                .await
+                .expect("a marked resend"),
+        );
+        let hex: String = "fa-4".bytes().map(|b| format!("{b:02x}")).collect();
+        let key = format!("zhibo:claim:{}:{hex}", alice.device_id);
+        assert_eq!(crate::cluster::redis_del(redis, &key).await, 1);
+        let late = send(&mut a, ReceiverType::User, bob.user_id, "fa-4", "four").await;
+        for o in [&finished, &marked, &late] {
+            assert_eq!(
+                (o.message_id, o.seq),
+                (orphan.message_id, orphan.seq),
+                "the claimed plan, and only it: {o:?}"
+            );
+        }
+        expected.push("four");
         flushdb(redis).await;
         let late = send(&mut a, ReceiverType::User, bob.user_id, "fa-1", "one").await;
         assert!(late.duplicate, "{late:?}");
@@ -422,7 +466,7 @@ async fn first_attempts_are_stored_once(cluster: &Cluster) {
                 .await
                 .expect("a first attempt after the flush"),
         );
-        assert!(!after.duplicate && after.seq > answers[0].seq, "{after:?}");
+        assert!(!after.duplicate && after.seq > orphan.seq, "{after:?}");
         expected.push("three");
     }
     let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
