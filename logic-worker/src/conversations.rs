@@ -9,6 +9,8 @@
 //! v"); nothing is stored at that seq, so it is a hole in the user's inbox numbering, which sync
 //! already treats as a normal gap (see proto/README.md).
 
+use prost::Message as _;
+use tracing::debug;
 use zhibo_proto::bus::Origin;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
@@ -18,18 +20,22 @@ use zhibo_proto::client::{
     RecallInput, Recalled, ReceiverType, TypingInput,
 };
 use zhibo_store::ids::now_ms;
+use zhibo_store::redis_seq::list_snapshot_key;
 use zhibo_store::{
     Conversation, ConversationId, ConversationKind, ConversationSettings, ErrorKind, HistoryPage,
     ListCursor, ListQuery, RecallRequest, Role,
 };
 
-use crate::sync::fit_page;
+use crate::sync::{fit_page, page_len};
 use crate::{Logic, LogicError, Op};
 
 /// Conversation-list page when the client asks for 0, and the largest it may ask for.
 pub const LIST_PAGE: usize = 100;
 /// Largest conversation-list page.
 pub const MAX_LIST_PAGE: usize = 500;
+/// Rows a conversation-list snapshot holds at most (~115 bytes each with a short last message): a
+/// listing longer than this reads the partition again after them.
+pub(crate) const SNAPSHOT_ROWS: usize = 2000;
 /// History page when the client asks for 0.
 pub const HISTORY_PAGE: usize = 50;
 /// Largest history page.
@@ -136,6 +142,24 @@ impl Logic {
                 conversation: conversation_id(Some(r))?,
             }),
         };
+        // A later page of a listing read moments ago comes from the snapshot its previous page kept
+        // (every row after that page, in Redis for a few seconds): one partition read per listing,
+        // not one per page, and the pages of one listing agree with each other.
+        if let Some(r) = &input.after {
+            let key = list_snapshot_key(
+                user_id,
+                input.changed_after,
+                r.r#type,
+                r.id,
+                input.after_activity_ms,
+            );
+            if let Some(rest) = self.list_snapshot(&key).await {
+                return Ok(self
+                    .list_page(user_id, input, limit, rest.conversations, rest.has_more)
+                    .await);
+            }
+        }
+        let snapshots = self.stores.seq.keeps_snapshots();
         let rows = self
             .stores
             .conversations
@@ -144,24 +168,82 @@ impl Logic {
                 ListQuery {
                     changed_after: input.changed_after,
                     after,
-                    limit: limit + 1,
+                    // With snapshots, read ahead what later pages will need (the partition is read
+                    // whole anyway); without, one row more than the page tells whether more exist.
+                    limit: if snapshots {
+                        SNAPSHOT_ROWS + 1
+                    } else {
+                        limit + 1
+                    },
                 },
             )
             .await
             .map_err(conv_err)?;
         let mut conversations: Vec<_> = rows.iter().map(to_wire).collect();
-        let has_more = fit_page(&mut conversations, limit, self.config.max_sync_bytes);
+        let beyond = snapshots && conversations.len() > SNAPSHOT_ROWS;
+        conversations.truncate(SNAPSHOT_ROWS);
+        Ok(self
+            .list_page(user_id, input, limit, conversations, beyond)
+            .await)
+    }
+
+    /// The page of `rows` (every row from the request's position on, in list order; `beyond`: more
+    /// rows follow the last of them), keeping the rest as the snapshot the next page is served from.
+    async fn list_page(
+        &self,
+        user_id: i64,
+        input: &ConversationListInput,
+        limit: usize,
+        mut conversations: Vec<pb::Conversation>,
+        beyond: bool,
+    ) -> ConversationListOutput {
+        let n = page_len(&conversations, limit, self.config.max_sync_bytes);
+        let rest = conversations.split_off(n);
+        let has_more = beyond || !rest.is_empty();
+        if !rest.is_empty() && self.stores.seq.keeps_snapshots() {
+            if let Some(last) = conversations.last() {
+                let r = last.conversation.clone().unwrap_or_default();
+                let activity = last.last_message.as_ref().map_or(0, |m| m.server_time_ms);
+                let key = list_snapshot_key(user_id, input.changed_after, r.r#type, r.id, activity);
+                let snapshot = ConversationListOutput {
+                    conversations: rest,
+                    has_more: beyond,
+                    version: 0,
+                };
+                // Best effort: without it the next page reads the partition again.
+                if let Err(e) = self
+                    .stores
+                    .seq
+                    .put_snapshot(&key, snapshot.encode_to_vec().into())
+                    .await
+                {
+                    debug!(error = %e, "conversation list snapshot not kept");
+                }
+            }
+        }
         let version = conversations
             .iter()
             .map(|c| c.version)
             .max()
             .unwrap_or(0)
             .max(input.changed_after);
-        Ok(ConversationListOutput {
+        ConversationListOutput {
             has_more,
             conversations,
             version,
-        })
+        }
+    }
+
+    /// The snapshot kept under `key`, if any and readable.
+    async fn list_snapshot(&self, key: &str) -> Option<ConversationListOutput> {
+        let bytes = match self.stores.seq.snapshot(key).await {
+            Ok(found) => found?,
+            Err(e) => {
+                debug!(error = %e, "conversation list snapshot unreadable; reading the list");
+                return None;
+            }
+        };
+        ConversationListOutput::decode(bytes).ok()
     }
 
     /// A page of `user_id`'s history of a conversation.

@@ -189,6 +189,18 @@ fn claim_of(value: &Value) -> Claim {
     }
 }
 
+/// The Redis key of the snapshot of `user_id`'s conversation list after the row `(kind, id)` whose
+/// last activity is `activity_ms`, for list sync `changed_after` ([`SeqAllocator::put_snapshot`]).
+pub fn list_snapshot_key(
+    user_id: i64,
+    changed_after: u64,
+    kind: i32,
+    id: i64,
+    activity_ms: i64,
+) -> String {
+    format!("zhibo:list:{user_id}:{changed_after}:{kind}:{id}:{activity_ms}")
+}
+
 /// The Redis key of a conversation's conversation-seq counter (`zhibo:cseq:<kind>:<a>:<b>`, the parts
 /// of [`ConversationKey::parts`]). Like [`seq_key`], no hash tag: conversations spread over every slot.
 pub fn conversation_seq_key(key: ConversationKey) -> String {
@@ -640,6 +652,10 @@ impl SeqAllocator for RedisSeq {
             .await
             .map_err(|e| redis_error("snapshot", e))?;
         Ok(())
+    }
+
+    fn keeps_snapshots(&self) -> bool {
+        true
     }
 
     async fn snapshot(&self, key: &str) -> Result<Option<bytes::Bytes>> {

@@ -220,6 +220,28 @@ impl MessageStore for EmbeddedBackend {
 
 #[async_trait]
 impl SeqAllocator for EmbeddedBackend {
+    async fn put_snapshot(&self, key: &str, value: bytes::Bytes) -> Result<()> {
+        let now = std::time::Instant::now();
+        let mut snapshots = self.snapshots();
+        snapshots.retain(|_, (expires, _)| *expires > now);
+        let ttl = std::time::Duration::from_secs(crate::SNAPSHOT_SECS.unsigned_abs());
+        snapshots.insert(key.to_owned(), (now + ttl, value));
+        Ok(())
+    }
+
+    async fn snapshot(&self, key: &str) -> Result<Option<bytes::Bytes>> {
+        let now = std::time::Instant::now();
+        Ok(self
+            .snapshots()
+            .get(key)
+            .filter(|(expires, _)| *expires > now)
+            .map(|(_, value)| value.clone()))
+    }
+
+    fn keeps_snapshots(&self) -> bool {
+        true
+    }
+
     async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
         if user_ids.is_empty() {
             return Ok(Vec::new());

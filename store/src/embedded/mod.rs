@@ -242,6 +242,8 @@ pub struct EmbeddedBackend {
     /// Last conversation seq handed out per conversation since the database was opened (resumed from
     /// the largest recorded one, `conversation_messages`).
     conv_seqs: Mutex<HashMap<crate::ConversationKey, u64>>,
+    /// Paged-read snapshots ([`crate::SeqAllocator::put_snapshot`]): value and expiry.
+    snapshots: Mutex<HashMap<String, (std::time::Instant, bytes::Bytes)>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -337,6 +339,7 @@ impl EmbeddedBackend {
             seqs: Mutex::new(HashMap::new()),
             outbox_high: Arc::default(),
             conv_seqs: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
         })
     }
 
@@ -374,6 +377,12 @@ impl EmbeddedBackend {
 
     fn conv_counters(&self) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
         self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn snapshots(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, bytes::Bytes)>> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Raises the counters of users already counted to the seqs just stored (appends with seqs that

@@ -205,6 +205,10 @@ pub trait SeqAllocator: Send + Sync {
     async fn snapshot(&self, _key: &str) -> Result<Option<bytes::Bytes>> {
         Ok(None)
     }
+    /// Whether [`Self::put_snapshot`] keeps anything (a caller then reads ahead to fill one).
+    fn keeps_snapshots(&self) -> bool {
+        false
+    }
 }
 
 /// How long a paged read's snapshot is kept ([`SeqAllocator::put_snapshot`]): the time a client

@@ -1086,6 +1086,22 @@ async fn acks(s: &Stores) {
 
 async fn seq(s: &Stores) {
     let (a, b) = (id(), id());
+    // Paged-read snapshots: kept under their key, readable back, nothing under another.
+    assert!(s.seq.keeps_snapshots(), "both backends keep snapshots");
+    let key = format!("zhibo:list:{a}:0:1:{b}:123");
+    let value = bytes::Bytes::from(vec![0_u8, 1, 2, 255]);
+    s.seq
+        .put_snapshot(&key, value.clone())
+        .await
+        .expect("put snapshot");
+    assert_eq!(s.seq.snapshot(&key).await.expect("snapshot"), Some(value));
+    assert_eq!(
+        s.seq
+            .snapshot(&format!("{key}0"))
+            .await
+            .expect("no snapshot"),
+        None
+    );
     assert_eq!(
         s.seq.current(a).await.expect("current"),
         0,

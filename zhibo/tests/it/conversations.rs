@@ -782,6 +782,85 @@ async fn large_pages_fit_in_one_frame(cluster: &Cluster) {
     assert!(first.has_more, "conv seq 1 is left");
 }
 
+/// The pages of one listing are one snapshot (later pages come from what the first page read): a
+/// conversation that gets a message while the list is paged neither jumps out of the listing nor shows
+/// twice; list sync from the listing's version then returns its new state.
+async fn a_listing_is_one_snapshot(cluster: &Cluster) {
+    let bob = cluster.user("bob").await;
+    let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
+    let mut peers = Vec::new();
+    for name in ["alice", "carol", "dave", "erin", "frank"] {
+        let u = cluster.user(name).await;
+        cluster.befriend(&u, &bob).await;
+        let mut c = cluster.connect(Transport::Ws, 1, &u).await;
+        send(
+            &mut c,
+            ReceiverType::User,
+            bob.user_id,
+            "s0",
+            &format!("hi from {name}"),
+        )
+        .await;
+        peers.push((u, c));
+    }
+    let page = |after: Option<&Conversation>| {
+        Body::ConversationList(ConversationListInput {
+            after: after.and_then(|r| r.conversation),
+            after_activity_ms: after
+                .and_then(|r| r.last_message.as_ref())
+                .map_or(0, |m| m.server_time_ms),
+            limit: 2,
+            ..Default::default()
+        })
+    };
+    let mut rows: Vec<Conversation> = Vec::new();
+    let mut version = 0;
+    loop {
+        let out = match ask(&mut b, page(rows.last())).await {
+            Body::ConversationListOutput(o) => o,
+            other => panic!("expected ConversationListOutput, got {other:?}"),
+        };
+        version = version.max(out.version);
+        if rows.is_empty() {
+            // Alice, the oldest activity (the last page), writes again after the first page.
+            send(
+                &mut peers[0].1,
+                ReceiverType::User,
+                bob.user_id,
+                "s1",
+                "alice again",
+            )
+            .await;
+        }
+        rows.extend(out.conversations);
+        if !out.has_more {
+            break;
+        }
+    }
+    let order: Vec<i64> = rows.iter().map(|r| r.conversation.unwrap().id).collect();
+    let want: Vec<i64> = peers.iter().rev().map(|(u, _)| u.user_id).collect();
+    assert_eq!(
+        order, want,
+        "every conversation once, in the order of the first page's read"
+    );
+    assert_eq!(
+        text(rows[4].last_message.as_ref().expect("a last message")),
+        "hi from alice",
+        "alice's row as the listing read it"
+    );
+    let changed = list(&mut b, version).await;
+    let alice = changed
+        .conversations
+        .iter()
+        .find(|r| r.conversation == peer(peers[0].0.user_id))
+        .expect("list sync returns the row that changed during the listing");
+    assert_eq!(
+        text(alice.last_message.as_ref().expect("last")),
+        "alice again"
+    );
+    assert_eq!(alice.unread, 2);
+}
+
 /// Typing reaches the peer's devices online now, never a device that connects later; a flood is
 /// refused with RATE_LIMITED; typing in a conversation one is not in is refused.
 async fn typing_reaches_online_devices_only(cluster: &Cluster) {
@@ -1075,6 +1154,7 @@ both_modes!(
     recall_live_by_sync_and_refusals,
     history_pages_across_1000_messages,
     large_pages_fit_in_one_frame,
+    a_listing_is_one_snapshot,
     typing_reaches_online_devices_only,
     mute_and_pin_synced_to_other_device,
     http_routes,
