@@ -202,7 +202,7 @@ impl Logic {
         let has_more = beyond || !rest.is_empty();
         if !rest.is_empty() && self.stores.seq.keeps_snapshots() {
             if let Some(last) = conversations.last() {
-                let r = last.conversation.clone().unwrap_or_default();
+                let r = last.conversation.unwrap_or_default();
                 let activity = last.last_message.as_ref().map_or(0, |m| m.server_time_ms);
                 let key = list_snapshot_key(user_id, input.changed_after, r.r#type, r.id, activity);
                 let snapshot = ConversationListOutput {

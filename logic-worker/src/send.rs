@@ -252,14 +252,14 @@ impl Logic {
                 )
             }
             Ok(ReceiverType::Group) => {
-                if self
+                // One read: the member list is the fan-out and the sender's membership check.
+                let members = self
                     .stores
                     .groups
-                    .get_member(input.receiver_id, sender)
+                    .member_ids(input.receiver_id)
                     .await
-                    .map_err(send_err)?
-                    .is_none()
-                {
+                    .map_err(send_err)?;
+                if !members.contains(&sender) {
                     let code = if self
                         .stores
                         .groups
@@ -274,12 +274,6 @@ impl Logic {
                     };
                     return Err(LogicError::new(code, "you are not a member of this group"));
                 }
-                let members = self
-                    .stores
-                    .groups
-                    .member_ids(input.receiver_id)
-                    .await
-                    .map_err(send_err)?;
                 (members, ConversationKey::Group(input.receiver_id))
             }
             _ => {
