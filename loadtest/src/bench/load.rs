@@ -368,6 +368,112 @@ pub async fn open_loop(
     Ok(())
 }
 
+/// Room messages published by a backend through user-api's admin route
+/// (`POST /v1/admin/rooms/{id}/messages`, class chat): the room scenario's `--publish http`.
+pub struct HttpPublisher {
+    http: reqwest::Client,
+    url: String,
+    admin_secret: String,
+}
+
+impl HttpPublisher {
+    /// A publisher to `room_id` of the user-api at `api` (`http://host:port`).
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(api: &str, admin_secret: &str, room_id: i64) -> anyhow::Result<Self> {
+        Ok(HttpPublisher {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            url: format!("{api}/v1/admin/rooms/{room_id}/messages"),
+            admin_secret: admin_secret.to_owned(),
+        })
+    }
+
+    /// Publishes at `rate` messages per second for `dur` (open loop: each request is stamped with its
+    /// intended send time and runs on its own task), at most `max_inflight` unanswered (past that a
+    /// message is counted as an error, not sent). A 2xx answer counts as the ACK.
+    ///
+    /// # Errors
+    /// Never for a refused request (counted); only if a request task panics.
+    pub async fn open_loop(
+        &self,
+        rate: f64,
+        dur: Duration,
+        payload: usize,
+        max_inflight: usize,
+        meter: &Arc<Meter>,
+    ) -> anyhow::Result<()> {
+        use base64::Engine as _;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let start_ns = now_ns();
+        let start = Instant::now();
+        let total = (rate * dur.as_secs_f64()).round() as u64;
+        let inflight = Arc::new(tokio::sync::Semaphore::new(max_inflight));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut done = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while done < total {
+            tick.tick().await;
+            let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+            while done < due {
+                let intended = start_ns + (done as f64 * 1e9 / rate) as u64;
+                done += 1;
+                let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                    meter.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                meter.counters.sent.fetch_add(1, Ordering::Relaxed);
+                meter.classes.sent(RoomClass::Chat);
+                let body = serde_json::json!({
+                    "content_type": 1,
+                    "content": base64::engine::general_purpose::STANDARD
+                        .encode(timed_content(intended, payload)),
+                    "class": "chat",
+                });
+                let request = self
+                    .http
+                    .post(&self.url)
+                    .header("x-admin-secret", &self.admin_secret)
+                    .json(&body);
+                let meter = meter.clone();
+                tasks.spawn(async move {
+                    let answer = request.send().await;
+                    drop(permit);
+                    match answer {
+                        Ok(r) if r.status().is_success() => {
+                            meter.counters.acked.fetch_add(1, Ordering::Relaxed);
+                            meter.classes.acked(RoomClass::Chat);
+                            let us = now_ns().saturating_sub(intended) / 1_000;
+                            record(&mut meter.ack.lock().unwrap_or_else(|e| e.into_inner()), us);
+                        }
+                        other => {
+                            meter.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            let what = match other {
+                                Ok(r) => format!("HTTP {}", r.status()),
+                                Err(e) => e.to_string(),
+                            };
+                            meter
+                                .first_error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(what);
+                        }
+                    }
+                });
+            }
+            // Reap finished requests as we go (a long step would otherwise hold every handle).
+            while tasks.try_join_next().transpose()?.is_some() {}
+        }
+        while tasks.join_next().await.transpose()?.is_some() {}
+        Ok(())
+    }
+}
+
 /// Waits until `done()` or `limit` passes, checking every 10 ms.
 pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

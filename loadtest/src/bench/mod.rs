@@ -31,6 +31,16 @@ use clap::Parser;
 use crate::client::Transport;
 pub use report::Report;
 
+/// How the room scenario sends room messages (`--publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Publish {
+    /// Sender connections in the room.
+    Socket,
+    /// user-api's admin route, over HTTP.
+    Http,
+}
+
 /// Which scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -182,6 +192,12 @@ pub struct BenchArgs {
     /// percentages; a class left out is not sent).
     #[arg(long, default_value = "chat=100")]
     pub mix: classes::ClassMix,
+    /// Room scenario: how room messages are sent. `socket`: by the `--senders` connections, which join
+    /// the room (their messages reach them too); `http`: by a backend through user-api's admin route
+    /// (`POST /v1/admin/rooms/{id}/messages`, class chat), as a server publishes to a room — the setup
+    /// Centrifugo's figures in issue 17 were measured with.
+    #[arg(long, value_enum, default_value = "socket")]
+    pub publish: Publish,
     /// Room scenario: the room's per-viewer chat display rate, set through the admin API before the
     /// viewers join (0 = leave the room's setting: all chat shown).
     #[arg(long, default_value_t = 0)]

@@ -18,7 +18,7 @@ use super::progress::Progress;
 use super::report::{Chart, Report, Step};
 use super::server::Target;
 use super::setup;
-use super::{BenchArgs, Scenario};
+use super::{BenchArgs, Publish, Scenario};
 use crate::client::{Client, Credentials};
 use crate::http::Api;
 
@@ -40,6 +40,7 @@ async fn sweep(
     meter: &Arc<Meter>,
     senders: &mut [LoadConn],
     to: impl Fn(usize, &LoadConn) -> SendTo,
+    publisher: Option<&load::HttpPublisher>,
     fanout: u64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -57,14 +58,22 @@ async fn sweep(
         let _ = meter.classes.take_latency();
         let cpu0 = target.cpu_secs();
         let start = Instant::now();
-        let per_conn = rate / senders.len() as f64;
-        let targets: Vec<SendTo> = senders.iter().enumerate().map(|(i, c)| to(i, c)).collect();
-        let sends = senders
-            .iter_mut()
-            .zip(targets)
-            .map(|(c, t)| load::open_loop(c, t, per_conn, dur, args.payload, MAX_INFLIGHT, meter));
-        for r in futures::future::join_all(sends).await {
-            r.context("sender connection failed")?;
+        match publisher {
+            Some(p) => p
+                .open_loop(rate, dur, args.payload, MAX_INFLIGHT, meter)
+                .await
+                .context("HTTP publisher failed")?,
+            None => {
+                let per_conn = rate / senders.len() as f64;
+                let targets: Vec<SendTo> =
+                    senders.iter().enumerate().map(|(i, c)| to(i, c)).collect();
+                let sends = senders.iter_mut().zip(targets).map(|(c, t)| {
+                    load::open_loop(c, t, per_conn, dur, args.payload, MAX_INFLIGHT, meter)
+                });
+                for r in futures::future::join_all(sends).await {
+                    r.context("sender connection failed")?;
+                }
+            }
         }
         let counters = meter.counters.clone();
         let mut last_change = Instant::now();
@@ -282,6 +291,7 @@ pub async fn one_to_one(
             mix: None,
             first_attempt: args.first_attempt,
         },
+        None,
         1,
         report,
     )
@@ -346,6 +356,7 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
             mix: None,
             first_attempt: args.first_attempt,
         },
+        None,
         size as u64 - 1,
         report,
     )
@@ -367,7 +378,11 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
 pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> anyhow::Result<()> {
     let viewers_n = args.conns.max(1);
     let s = args.senders.max(1);
-    let senders_creds = setup::population(target, s, true).await?;
+    let http = args.publish == Publish::Http;
+    let senders_creds = match http {
+        true => Vec::new(),
+        false => setup::population(target, s, true).await?,
+    };
     let viewer_creds = setup::population(target, viewers_n, false).await?;
     let room_id = setup::fresh_user_base();
     if args.chat_per_sec > 0 {
@@ -410,28 +425,40 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             joined.acked
         );
     }
-    let mut senders = load::connect_all(
-        args.transport,
-        addr,
-        &senders_creds,
-        args.source_ips,
-        &meter,
-    )
-    .await?;
-    // Senders are in the room too (a connection sends only to rooms it joined).
-    let before = meter.counters.snapshot();
-    for c in senders.iter_mut() {
-        c.send
-            .send(Body::SubscribeRoom(SubscribeRoomInput { room_id }))
-            .await?;
+    let publisher = match http {
+        true => Some(load::HttpPublisher::new(
+            &target.api,
+            &target.admin_secret,
+            room_id,
+        )?),
+        false => None,
+    };
+    let mut senders = Vec::new();
+    if !http {
+        senders = load::connect_all(
+            args.transport,
+            addr,
+            &senders_creds,
+            args.source_ips,
+            &meter,
+        )
+        .await?;
+        // Senders are in the room too (a connection sends only to rooms it joined).
+        let before = meter.counters.snapshot();
+        for c in senders.iter_mut() {
+            c.send
+                .send(Body::SubscribeRoom(SubscribeRoomInput { room_id }))
+                .await?;
+        }
+        let counters = meter.counters.clone();
+        let sn = senders.len() as u64;
+        load::wait_until(Duration::from_secs(30), || {
+            let d = counters.snapshot().since(&before);
+            d.acked + d.errors >= sn
+        })
+        .await;
     }
-    let counters = meter.counters.clone();
-    let sn = senders.len() as u64;
-    load::wait_until(Duration::from_secs(30), || {
-        let d = counters.snapshot().since(&before);
-        d.acked + d.errors >= sn
-    })
-    .await;
+    let in_room = if http { viewers_n } else { viewers_n + s };
     sweep(
         args,
         target,
@@ -443,7 +470,8 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             mix: Some(args.mix),
             first_attempt: false,
         },
-        (viewers_n + s) as u64,
+        publisher.as_ref(),
+        in_room as u64,
         report,
     )
     .await?;
@@ -472,9 +500,14 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             (best.delivered_rate / best.server_cpu_cores).round(),
         );
     }
-    report.notes.push(format!(
-        "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
-    ));
+    report.notes.push(match http {
+        true => format!(
+            "{viewers_n} viewers in the room; messages published through user-api's admin route over HTTP (class chat; send→ack = the HTTP answer); deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+        ),
+        false => format!(
+            "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+        ),
+    });
     report.notes.push(
         "step.room: per class (mix of the sent messages), sent / acked / delivered, shown_ratio = delivered / (acked × everyone in the room), told_skipped = RoomMessages.chat_skipped summed over viewers, likes delivered = RoomMessages.likes summed over viewers; server_* and frames_dropped from the gateway's /metrics when known".into(),
     );

@@ -2,7 +2,7 @@
 //! Asserts counts a broken tool would get wrong (messages acknowledged, delivered, synced, connections
 //! held), never timings: the figures themselves belong in docs/BENCHMARKS.md.
 
-use zhibo_loadtest::bench::{run_scenario, BenchArgs, Scenario, SpawnMode};
+use zhibo_loadtest::bench::{run_scenario, BenchArgs, Publish, Scenario, SpawnMode};
 use zhibo_loadtest::client::Transport;
 
 use crate::cluster::{distributed_keyspace, Cluster, ADMIN, SECRET};
@@ -66,6 +66,18 @@ async fn loadtest_scenarios_run_and_count() {
     let r = run_scenario(a).await.expect("room");
     let s = &r.steps[0];
     assert_eq!((s.acked, s.delivered), (40, 40 * (6 + 2)), "{s:?}");
+    // Published by a backend over HTTP: no sender in the room, every answer a 2xx.
+    let mut a = args(&c, Scenario::Room);
+    a.conns = 6;
+    a.publish = Publish::Http;
+    let r = run_scenario(a).await.expect("room over HTTP");
+    let s = &r.steps[0];
+    assert_eq!(
+        (s.sent, s.acked, s.delivered, s.errors),
+        (40, 40, 40 * 6, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.ack_latency.count, 40);
 
     let mut a = args(&c, Scenario::Sync);
     a.messages = 120;
