@@ -32,15 +32,21 @@ fn progress(label: &str, meter: &Arc<Meter>, target: &Target) -> Progress {
     })
 }
 
+/// Who sends in a [`sweep`].
+enum Senders<'a> {
+    /// Connections, each sending where the function says (given its index and itself).
+    Conns(&'a mut [LoadConn], &'a dyn Fn(usize, &LoadConn) -> SendTo),
+    /// A backend over HTTP (room scenario, `--publish http`).
+    Http(&'a load::HttpPublisher),
+}
+
 /// Runs the open-loop sweep: for each rate, every sender sends `rate / senders` per second for
 /// `step_secs`; then waits (≤ 10 s) for the answers and the `fanout` deliveries per message.
 async fn sweep(
     args: &BenchArgs,
     target: &Target,
     meter: &Arc<Meter>,
-    senders: &mut [LoadConn],
-    to: impl Fn(usize, &LoadConn) -> SendTo,
-    publisher: Option<&load::HttpPublisher>,
+    mut senders: Senders<'_>,
     fanout: u64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -58,16 +64,16 @@ async fn sweep(
         let _ = meter.classes.take_latency();
         let cpu0 = target.cpu_secs();
         let start = Instant::now();
-        match publisher {
-            Some(p) => p
+        match &mut senders {
+            Senders::Http(p) => p
                 .open_loop(rate, dur, args.payload, MAX_INFLIGHT, meter)
                 .await
                 .context("HTTP publisher failed")?,
-            None => {
-                let per_conn = rate / senders.len() as f64;
+            Senders::Conns(conns, to) => {
+                let per_conn = rate / conns.len() as f64;
                 let targets: Vec<SendTo> =
-                    senders.iter().enumerate().map(|(i, c)| to(i, c)).collect();
-                let sends = senders.iter_mut().zip(targets).map(|(c, t)| {
+                    conns.iter().enumerate().map(|(i, c)| to(i, c)).collect();
+                let sends = conns.iter_mut().zip(targets).map(|(c, t)| {
                     load::open_loop(c, t, per_conn, dur, args.payload, MAX_INFLIGHT, meter)
                 });
                 for r in futures::future::join_all(sends).await {
@@ -284,14 +290,12 @@ pub async fn one_to_one(
         args,
         target,
         &meter,
-        &mut senders,
-        |i, _| SendTo {
+        Senders::Conns(&mut senders, &|i, _| SendTo {
             receiver_type: ReceiverType::User,
             receiver_id: rx[i],
             mix: None,
             first_attempt: args.first_attempt,
-        },
-        None,
+        }),
         1,
         report,
     )
@@ -349,14 +353,12 @@ pub async fn group(args: &BenchArgs, target: &Target, report: &mut Report) -> an
         args,
         target,
         &meter,
-        &mut conns[..s],
-        |_, _| SendTo {
+        Senders::Conns(&mut conns[..s], &|_, _| SendTo {
             receiver_type: ReceiverType::Group,
             receiver_id: group_id,
             mix: None,
             first_attempt: args.first_attempt,
-        },
-        None,
+        }),
         size as u64 - 1,
         report,
     )
@@ -459,18 +461,20 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         .await;
     }
     let in_room = if http { viewers_n } else { viewers_n + s };
+    let to_room = |_: usize, _: &LoadConn| SendTo {
+        receiver_type: ReceiverType::Room,
+        receiver_id: room_id,
+        mix: Some(args.mix),
+        first_attempt: false,
+    };
     sweep(
         args,
         target,
         &meter,
-        &mut senders,
-        |_, _| SendTo {
-            receiver_type: ReceiverType::Room,
-            receiver_id: room_id,
-            mix: Some(args.mix),
-            first_attempt: false,
+        match &publisher {
+            Some(p) => Senders::Http(p),
+            None => Senders::Conns(&mut senders, &to_room),
         },
-        publisher.as_ref(),
         in_room as u64,
         report,
     )
