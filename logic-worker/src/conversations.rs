@@ -36,6 +36,11 @@ pub const MAX_LIST_PAGE: usize = 500;
 /// Rows a conversation-list snapshot holds at most (~115 bytes each with a short last message): a
 /// listing longer than this reads the partition again after them.
 pub(crate) const SNAPSHOT_ROWS: usize = 2000;
+/// Encoded bytes a conversation-list snapshot holds at most (rows with large last messages).
+const SNAPSHOT_BYTES: usize = 1 << 20;
+/// How long after its first page a listing is served from its snapshot, milliseconds: the time a
+/// client takes to ask for the next pages, not a cache.
+const SNAPSHOT_MS: i64 = 10_000;
 /// History page when the client asks for 0.
 pub const HISTORY_PAGE: usize = 50;
 /// Largest history page.
@@ -154,8 +159,17 @@ impl Logic {
                 input.after_activity_ms,
             );
             if let Some(rest) = self.list_snapshot(&key).await {
+                // The snapshot's `version` carries the listing's expiry (see `list_page`).
+                let expires_ms = i64::try_from(rest.version).unwrap_or(0);
                 return Ok(self
-                    .list_page(user_id, input, limit, rest.conversations, rest.has_more)
+                    .list_page(
+                        user_id,
+                        input,
+                        limit,
+                        rest.conversations,
+                        rest.has_more,
+                        expires_ms,
+                    )
                     .await);
             }
         }
@@ -183,12 +197,20 @@ impl Logic {
         let beyond = snapshots && conversations.len() > SNAPSHOT_ROWS;
         conversations.truncate(SNAPSHOT_ROWS);
         Ok(self
-            .list_page(user_id, input, limit, conversations, beyond)
+            .list_page(
+                user_id,
+                input,
+                limit,
+                conversations,
+                beyond,
+                now_ms().saturating_add(SNAPSHOT_MS),
+            )
             .await)
     }
 
     /// The page of `rows` (every row from the request's position on, in list order; `beyond`: more
-    /// rows follow the last of them), keeping the rest as the snapshot the next page is served from.
+    /// rows follow the last of them), keeping the rest as the snapshot the next page is served from
+    /// until `expires_ms` (the listing's first read plus [`SNAPSHOT_MS`]: paging does not extend it).
     async fn list_page(
         &self,
         user_id: i64,
@@ -196,28 +218,36 @@ impl Logic {
         limit: usize,
         mut conversations: Vec<pb::Conversation>,
         beyond: bool,
+        expires_ms: i64,
     ) -> ConversationListOutput {
         let n = page_len(&conversations, limit, self.config.max_sync_bytes);
-        let rest = conversations.split_off(n);
+        let mut rest = conversations.split_off(n);
         let has_more = beyond || !rest.is_empty();
-        if !rest.is_empty() && self.stores.seq.keeps_snapshots() {
+        let ttl = expires_ms.saturating_sub(now_ms());
+        if !rest.is_empty() && ttl > 0 && self.stores.seq.keeps_snapshots() {
             if let Some(last) = conversations.last() {
                 let r = last.conversation.unwrap_or_default();
                 let activity = last.last_message.as_ref().map_or(0, |m| m.server_time_ms);
                 let key = list_snapshot_key(user_id, input.changed_after, r.r#type, r.id, activity);
+                // At most SNAPSHOT_BYTES: the rows after that are read afresh by their page.
+                let kept = page_len(&rest, rest.len(), SNAPSHOT_BYTES);
+                let cut = kept < rest.len();
+                rest.truncate(kept);
                 let snapshot = ConversationListOutput {
                     conversations: rest,
-                    has_more: beyond,
-                    version: 0,
+                    has_more: beyond || cut,
+                    version: u64::try_from(expires_ms).unwrap_or(0),
                 };
-                // Best effort: without it the next page reads the partition again.
-                if let Err(e) = self
-                    .stores
-                    .seq
-                    .put_snapshot(&key, snapshot.encode_to_vec().into())
+                let ttl = std::time::Duration::from_millis(ttl.unsigned_abs());
+                let seq = &self.stores.seq;
+                // Best effort: without it the next page reads the partition again. An older
+                // listing's snapshot under the same key must not serve this one's next page.
+                if let Err(e) = seq
+                    .put_snapshot(&key, snapshot.encode_to_vec().into(), ttl)
                     .await
                 {
                     debug!(error = %e, "conversation list snapshot not kept");
+                    let _ = seq.drop_snapshot(&key).await;
                 }
             }
         }
@@ -243,7 +273,9 @@ impl Logic {
                 return None;
             }
         };
-        ConversationListOutput::decode(bytes).ok()
+        ConversationListOutput::decode(bytes)
+            .ok()
+            .filter(|s| i64::try_from(s.version).is_ok_and(|expires| expires > now_ms()))
     }
 
     /// A page of `user_id`'s history of a conversation.

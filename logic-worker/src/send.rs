@@ -252,14 +252,16 @@ impl Logic {
                 )
             }
             Ok(ReceiverType::Group) => {
-                // One read: the member list is the fan-out and the sender's membership check.
-                let members = self
+                // The membership check first, as a point read: a non-member's send (refused) must
+                // not cost a read of a group of up to `max_group_size` members.
+                if self
                     .stores
                     .groups
-                    .member_ids(input.receiver_id)
+                    .get_member(input.receiver_id, sender)
                     .await
-                    .map_err(send_err)?;
-                if !members.contains(&sender) {
+                    .map_err(send_err)?
+                    .is_none()
+                {
                     let code = if self
                         .stores
                         .groups
@@ -274,6 +276,12 @@ impl Logic {
                     };
                     return Err(LogicError::new(code, "you are not a member of this group"));
                 }
+                let members = self
+                    .stores
+                    .groups
+                    .member_ids(input.receiver_id)
+                    .await
+                    .map_err(send_err)?;
                 (members, ConversationKey::Group(input.receiver_id))
             }
             _ => {

@@ -44,7 +44,7 @@ pub use traits::friends::FriendStore;
 pub use traits::groups::{check_transfer, GroupStore};
 pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
-pub use traits::messages::{Claim, MessageStore, SendPlan, SeqAllocator, SNAPSHOT_SECS};
+pub use traits::messages::{Claim, MessageStore, SendPlan, SeqAllocator};
 pub use traits::outbox::{OutboxEntry, OutboxEvent, OutboxStore};
 pub use traits::presence::{Presence, PresenceListener};
 pub use traits::rooms::{Room, RoomBan, RoomPin, RoomShaping, RoomStore};

@@ -42,12 +42,12 @@ use fred::prelude::{
 };
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::Server;
-use fred::types::{ClusterHash, CustomCommand, Expiration};
+use fred::types::{ClusterHash, CustomCommand, Expiration, InfoKind};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{
     Claim, ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SendPlan,
-    SeqAllocator, SNAPSHOT_SECS,
+    SeqAllocator,
 };
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
@@ -243,6 +243,17 @@ async fn load_on(client: &Client, node: &Server, script: &'static str) -> Result
         .map_err(|e| redis_error("script load", e))
 }
 
+/// The major version in an `INFO server` answer (`redis_version:7.0.15`), if it says.
+pub fn redis_major_version(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim()
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A Redis failure while doing `what`, the client's error kept as the source.
 fn redis_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::wrap(ErrorKind::Unavailable, format_args!("redis {what}"), e)
@@ -306,6 +317,18 @@ impl RedisSeq {
                 .await
                 .map_err(|e| redis_error("script load", e))?
         };
+        // Send claims are `SET … NX GET` (Redis 7): on an older Redis every send would fail.
+        match client.info::<String>(Some(InfoKind::Server)).await {
+            Ok(info) => {
+                if let Some(major) = redis_major_version(&info).filter(|&v| v < 7) {
+                    return Err(redis_failure(
+                        "version",
+                        format!("Redis {major} found: zhibo needs Redis 7 or later (SET … NX GET)"),
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the Redis version"),
+        }
         Ok(RedisSeq {
             pool,
             script,
@@ -639,16 +662,26 @@ impl SeqAllocator for RedisSeq {
         })
     }
 
-    async fn put_snapshot(&self, key: &str, value: bytes::Bytes) -> Result<()> {
+    async fn put_snapshot(&self, key: &str, value: bytes::Bytes, ttl: Duration) -> Result<()> {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let _: Value = self
             .pool
             .set(
                 key,
                 Value::Bytes(value),
-                Some(Expiration::EX(SNAPSHOT_SECS)),
+                Some(Expiration::PX(ms)),
                 None,
                 false,
             )
+            .await
+            .map_err(|e| redis_error("snapshot", e))?;
+        Ok(())
+    }
+
+    async fn drop_snapshot(&self, key: &str) -> Result<()> {
+        let _: Value = self
+            .pool
+            .del(key)
             .await
             .map_err(|e| redis_error("snapshot", e))?;
         Ok(())

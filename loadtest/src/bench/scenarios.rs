@@ -24,6 +24,8 @@ use crate::http::Api;
 
 /// Requests in flight per sender connection before the generator sheds load (counted as errors).
 const MAX_INFLIGHT: usize = 20_000;
+/// Unanswered requests of the HTTP publisher at most (each may hold a connection of its own).
+const HTTP_MAX_INFLIGHT: usize = 256;
 
 fn progress(label: &str, meter: &Arc<Meter>, target: &Target) -> Progress {
     let pid = target.gateway_pid;
@@ -66,7 +68,7 @@ async fn sweep(
         let start = Instant::now();
         match &mut senders {
             Senders::Http(p) => p
-                .open_loop(rate, dur, args.payload, MAX_INFLIGHT, meter)
+                .open_loop(rate, dur, args.payload, HTTP_MAX_INFLIGHT, meter)
                 .await
                 .context("HTTP publisher failed")?,
             Senders::Conns(conns, to) => {
@@ -506,7 +508,7 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
     }
     report.notes.push(match http {
         true => format!(
-            "{viewers_n} viewers in the room; messages published through user-api's admin route over HTTP (class chat; send→ack = the HTTP answer); deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+            "{viewers_n} viewers in the room; messages published through user-api's admin route over HTTP (class chat: --mix and --senders do not apply; send→ack = the HTTP answer; at most {HTTP_MAX_INFLIGHT} unanswered); deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
         ),
         false => format!(
             "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"

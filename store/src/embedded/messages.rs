@@ -220,12 +220,22 @@ impl MessageStore for EmbeddedBackend {
 
 #[async_trait]
 impl SeqAllocator for EmbeddedBackend {
-    async fn put_snapshot(&self, key: &str, value: bytes::Bytes) -> Result<()> {
+    async fn put_snapshot(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
         let now = std::time::Instant::now();
         let mut snapshots = self.snapshots();
+        // Expired ones go at the next write (snapshots are few: listings of the last seconds).
         snapshots.retain(|_, (expires, _)| *expires > now);
-        let ttl = std::time::Duration::from_secs(crate::SNAPSHOT_SECS.unsigned_abs());
         snapshots.insert(key.to_owned(), (now + ttl, value));
+        Ok(())
+    }
+
+    async fn drop_snapshot(&self, key: &str) -> Result<()> {
+        self.snapshots().remove(key);
         Ok(())
     }
 

@@ -189,13 +189,25 @@ pub trait SeqAllocator: Send + Sync {
     ) -> Result<Claim> {
         Ok(Claim::Unknown)
     }
-    /// Keeps `value` under `key` for [`SNAPSHOT_SECS`], where every process of the cluster can read
-    /// it ([`Self::snapshot`]): the rest of a paged read (the conversation list) that later pages are
+    /// Keeps `value` under `key` for `ttl`, where every process of the cluster can read it
+    /// ([`Self::snapshot`]): the rest of a paged read (the conversation list) that later pages are
     /// served from. The default keeps nothing (every page is read afresh).
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] on backend failure.
-    async fn put_snapshot(&self, _key: &str, _value: bytes::Bytes) -> Result<()> {
+    async fn put_snapshot(
+        &self,
+        _key: &str,
+        _value: bytes::Bytes,
+        _ttl: std::time::Duration,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Forgets the snapshot under `key`, if any.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn drop_snapshot(&self, _key: &str) -> Result<()> {
         Ok(())
     }
     /// The value [`Self::put_snapshot`] kept under `key`, if it has not expired.
@@ -210,10 +222,6 @@ pub trait SeqAllocator: Send + Sync {
         false
     }
 }
-
-/// How long a paged read's snapshot is kept ([`SeqAllocator::put_snapshot`]): the time a client
-/// takes to ask for the next pages, not a cache.
-pub const SNAPSHOT_SECS: i64 = 10;
 
 /// What a send's claim holds ([`SeqAllocator::claimed`], [`SeqAllocator::claim_send`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

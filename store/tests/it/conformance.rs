@@ -1090,8 +1090,9 @@ async fn seq(s: &Stores) {
     assert!(s.seq.keeps_snapshots(), "both backends keep snapshots");
     let key = format!("zhibo:list:{a}:0:1:{b}:123");
     let value = bytes::Bytes::from(vec![0_u8, 1, 2, 255]);
+    let long = std::time::Duration::from_secs(10);
     s.seq
-        .put_snapshot(&key, value.clone())
+        .put_snapshot(&key, value.clone(), long)
         .await
         .expect("put snapshot");
     assert_eq!(s.seq.snapshot(&key).await.expect("snapshot"), Some(value));
@@ -1102,6 +1103,26 @@ async fn seq(s: &Stores) {
             .expect("no snapshot"),
         None
     );
+    s.seq.drop_snapshot(&key).await.expect("drop snapshot");
+    assert_eq!(s.seq.snapshot(&key).await.expect("dropped"), None);
+    // A snapshot is gone once its time is up.
+    let short = format!("{key}-short");
+    s.seq
+        .put_snapshot(
+            &short,
+            bytes::Bytes::from_static(b"x"),
+            std::time::Duration::from_millis(50),
+        )
+        .await
+        .expect("put a short snapshot");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.seq.snapshot(&short).await.expect("snapshot").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a 50 ms snapshot outlived 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         s.seq.current(a).await.expect("current"),
         0,
