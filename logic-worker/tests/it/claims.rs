@@ -279,3 +279,45 @@ async fn a_claim_that_fails_refuses_the_send_as_retryable() {
     assert!(!out.duplicate);
     assert_eq!(s.inbox_of_2().await, ["one"]);
 }
+
+/// A resend finishing a plan found in a claim yields to a different plan already stored (written by
+/// an attempt that had lost its claim to a Redis loss): the stored one is the message.
+#[tokio::test]
+async fn a_claimed_plan_yields_to_a_different_stored_one() {
+    let s = setup(LogicConfig::default()).await;
+    let origin = super::origin(1, 10);
+    let stored = s
+        .logic
+        .send_message(&origin, &super::input(2, "y1", "one"))
+        .await
+        .expect("stored by an unmarked send");
+    // Redis lost that send's claim, and another attempt claimed it with a plan of its own.
+    let (seqs, conv_seq) = s
+        .claims
+        .next_in_conversation(&[1, 2], ConversationKey::direct(1, 2))
+        .await
+        .expect("seqs");
+    let other = SendPlan {
+        message_id: stored.message_id + 1_000,
+        seq: seqs[0],
+        server_time_ms: 1,
+        recipients: vec![(1, seqs[0]), (2, seqs[1])],
+        conv_seq,
+    };
+    s.claims
+        .held
+        .lock()
+        .expect("lock")
+        .insert((10, "y1".to_owned()), Some(other));
+    let again = s
+        .logic
+        .send_message(&origin, &super::input(2, "y1", "one"))
+        .await
+        .expect("resend");
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.message_id, again.seq),
+        (stored.message_id, stored.seq)
+    );
+    assert_eq!(s.inbox_of_2().await, ["one"], "stored once");
+}
