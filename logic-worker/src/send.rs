@@ -54,8 +54,8 @@ impl Logic {
         // What is known of this (device, client_msg_id) already. A first attempt (the client says so)
         // needs nothing: it claims with its plan once it has one (below). Any other send claims now,
         // with a marker; a resend within the claim window thus finds its first attempt's plan there
-        // (no database read). A claim that says nothing (a marker, none kept, Redis unreachable) costs
-        // the dedup read, and so does a send the before-send hook would be asked about (the backend is
+        // (no database read). A claim that says nothing (a marker, none kept; for a marked send, Redis
+        // unreachable: an unmarked one is refused below) costs the dedup read, and so does a send the before-send hook would be asked about (the backend is
         // never asked about a message already stored: a replay asks it once, see `replay`).
         let known = match (input.first_attempt, hooked) {
             (true, false) => Ok(Claim::Free),
