@@ -1,6 +1,18 @@
-//! The authorization cache of the 1:1 send path (issue #16 item 2): "the receiver exists" and "these
+//! The authorization cache of the send path (issue #16 item 2): "the receiver exists" and "these
 //! two are friends" are answered from memory once the store said yes, instead of two CQL point reads
-//! per message.
+//! per message; a group's member list is kept under the group's membership version.
+//!
+//! Group members: every group send reads the group's membership version
+//! ([`zhibo_store::SeqAllocator::group_version`], one Redis command) and uses the member list kept
+//! under that version, else reads the members (the two CQL reads) and keeps them under it. Every
+//! membership change replaces the version after it is written and before it is answered
+//! ([`Logic::group_members_changed`]), so the next send on any worker reads the new members: a member
+//! who just joined gets the very next message, one who was removed does not. The version is read
+//! before the members, so a list read while a change lands is kept under the older version and not
+//! reused. A lost version (Redis flushed or failed over) is replaced by a fresh random value, so lists
+//! kept under the lost one are read again. The change is also announced on [`Subject::authz`]
+//! (`GroupMembersChanged`), which drops the list everywhere: with the version bump failed too, a list
+//! is used at most the TTL. A refused send (the sender is not in the kept list) reads the store.
 //!
 //! Only positive answers are kept (a refusal is read again each time, so a new friendship or a new
 //! user is seen by the very next send). What can turn a kept answer false:
@@ -22,14 +34,26 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tracing::warn;
+use tracing::{debug, error, warn};
 use zhibo_bus::{HandlerSubscription, Subject};
-use zhibo_proto::bus::{authz_event, AuthzEvent, FriendshipRemoved};
+use zhibo_proto::bus::{authz_event, AuthzEvent, FriendshipRemoved, GroupMembersChanged};
 
 use crate::Logic;
 
 /// Entries kept per map before it is emptied (a crude but hard bound on memory: ~40 bytes each).
 const MAX_ENTRIES: usize = 200_000;
+
+/// Member ids kept over all cached groups before the group cache is emptied (8 bytes each: 16 MB).
+const MAX_MEMBER_IDS: usize = 2_000_000;
+
+/// A group's member list, read under a membership version.
+#[derive(Debug)]
+struct GroupEntry {
+    version: u64,
+    /// Sorted.
+    members: Arc<[i64]>,
+    at: Instant,
+}
 
 /// Positive answers of the send path's authorization reads, each kept at most `ttl`.
 #[derive(Debug)]
@@ -39,6 +63,8 @@ pub(crate) struct AuthzCache {
     epoch: AtomicU64,
     users: Mutex<HashMap<i64, Instant>>,
     friends: Mutex<HashMap<(i64, i64), Instant>>,
+    /// Member lists by group, and the number of ids they hold.
+    groups: Mutex<(HashMap<i64, GroupEntry>, usize)>,
 }
 
 impl AuthzCache {
@@ -49,6 +75,66 @@ impl AuthzCache {
             epoch: AtomicU64::new(0),
             users: Mutex::default(),
             friends: Mutex::default(),
+            groups: Mutex::default(),
+        }
+    }
+
+    /// Whether member lists are kept at all (a caller then reads the membership version).
+    pub(crate) fn keeps_groups(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
+    /// `group_id`'s members (sorted), if they were read under membership `version` less than the
+    /// TTL ago.
+    pub(crate) fn group_members(&self, group_id: i64, version: u64) -> Option<Arc<[i64]>> {
+        let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups
+            .0
+            .get(&group_id)
+            .filter(|e| e.version == version && e.at.elapsed() < self.ttl)
+            .map(|e| e.members.clone())
+    }
+
+    /// Remembers `group_id`'s `members` (sorted) as read under membership `version` by a read that
+    /// started at `epoch` ([`Self::epoch`]); nothing if an invalidation happened since.
+    pub(crate) fn remember_group(
+        &self,
+        group_id: i64,
+        version: u64,
+        members: Arc<[i64]>,
+        epoch: u64,
+    ) {
+        if !self.keeps_groups() || members.len() > MAX_MEMBER_IDS {
+            return;
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: `forget_group` bumps the epoch while holding it.
+        if self.epoch() != epoch {
+            return;
+        }
+        let (map, ids) = &mut *groups;
+        if *ids + members.len() > MAX_MEMBER_IDS {
+            map.clear();
+            *ids = 0;
+        }
+        *ids += members.len();
+        let entry = GroupEntry {
+            version,
+            members,
+            at: Instant::now(),
+        };
+        if let Some(old) = map.insert(group_id, entry) {
+            *ids -= old.members.len();
+        }
+    }
+
+    /// Forgets `group_id`'s member list.
+    pub(crate) fn forget_group(&self, group_id: i64) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let (map, ids) = &mut *groups;
+        if let Some(old) = map.remove(&group_id) {
+            *ids -= old.members.len();
         }
     }
 
@@ -143,6 +229,51 @@ impl Logic {
         self.bus.flush().await
     }
 
+    /// The members of `group_id` changed (written in the store): replaces its membership version, which
+    /// every group send reads before it trusts a cached member list, drops the list from this
+    /// process's cache and tells every other process with a pipeline on [`Subject::authz`] (a second
+    /// path, for when the version could not be replaced). Call it after the change is written and
+    /// before it is answered: the next send, on any worker, then reads the new members.
+    ///
+    /// Failures are logged, not returned (the change is made): with both paths failed, other
+    /// processes may use the old member list at most `logic.authz_cache_secs`.
+    pub async fn group_members_changed(&self, group_id: i64) {
+        self.authz.forget_group(group_id);
+        let bumped = self.stores.seq.bump_group_version(group_id).await;
+        let event = AuthzEvent {
+            event: Some(authz_event::Event::GroupMembersChanged(
+                GroupMembersChanged { group_id },
+            )),
+        };
+        let published = async {
+            self.bus
+                .publish(
+                    &Subject::authz(),
+                    Vec::new(),
+                    Bytes::from(event.encode_to_vec()),
+                )
+                .await?;
+            self.bus.flush().await
+        }
+        .await;
+        match (bumped, published) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Ok(())) => {
+                warn!(group_id, error = %e, "membership version not replaced; announced only");
+            }
+            (Ok(()), Err(e)) => {
+                debug!(group_id, error = %e, "membership change versioned, not announced");
+            }
+            (Err(v), Err(e)) => error!(
+                group_id,
+                version_error = %v,
+                event_error = %e,
+                "membership change neither versioned nor announced: other processes may send on \
+                 the old member list for up to logic.authz_cache_secs"
+            ),
+        }
+    }
+
     /// Applies the [`AuthzEvent`]s of every process (its own included) to this process's cache, for as
     /// long as the returned subscription is held.
     ///
@@ -162,6 +293,9 @@ impl Logic {
                         Ok(AuthzEvent {
                             event: Some(authz_event::Event::FriendshipRemoved(f)),
                         }) => logic.authz.forget_friendship(f.user_id, f.friend_id),
+                        Ok(AuthzEvent {
+                            event: Some(authz_event::Event::GroupMembersChanged(g)),
+                        }) => logic.authz.forget_group(g.group_id),
                         Ok(AuthzEvent { event: None }) => {}
                         Err(e) => warn!(error = %e, "undecodable authz event"),
                     }

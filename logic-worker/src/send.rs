@@ -2,7 +2,7 @@
 //! live delivery to every device of every recipient.
 
 use bytes::Bytes;
-use tracing::{warn, Instrument};
+use tracing::{debug, warn, Instrument};
 use zhibo_bus::route::{publish_user_event, Route};
 use zhibo_proto::bus::{user_event, Delivery, Origin, UserEvent};
 use zhibo_proto::client::packet::Body;
@@ -252,6 +252,27 @@ impl Logic {
                 )
             }
             Ok(ReceiverType::Group) => {
+                let group = input.receiver_id;
+                // The member list kept under the group's current membership version (authz.rs); a
+                // version Redis cannot give only costs the reads.
+                let version = if self.authz.keeps_groups() {
+                    self.stores
+                        .seq
+                        .group_version(group)
+                        .await
+                        .unwrap_or_else(|e| {
+                            debug!(error = %e, "no membership version; reading the members");
+                            None
+                        })
+                } else {
+                    None
+                };
+                if let Some(members) = version.and_then(|v| self.authz.group_members(group, v)) {
+                    if members.binary_search(&sender).is_ok() {
+                        return Ok((members.to_vec(), ConversationKey::Group(group)));
+                    }
+                }
+                let epoch = self.authz.epoch();
                 // The membership check first, as a point read: a non-member's send (refused) must
                 // not cost a read of a group of up to `max_group_size` members.
                 if self
@@ -276,13 +297,18 @@ impl Logic {
                     };
                     return Err(LogicError::new(code, "you are not a member of this group"));
                 }
-                let members = self
+                let mut members = self
                     .stores
                     .groups
                     .member_ids(input.receiver_id)
                     .await
                     .map_err(send_err)?;
-                (members, ConversationKey::Group(input.receiver_id))
+                if let Some(v) = version {
+                    members.sort_unstable();
+                    let kept: std::sync::Arc<[i64]> = members.as_slice().into();
+                    self.authz.remember_group(group, v, kept, epoch);
+                }
+                (members, ConversationKey::Group(group))
             }
             _ => {
                 return Err(LogicError::new(

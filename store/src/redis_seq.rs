@@ -201,6 +201,15 @@ pub fn list_snapshot_key(
     format!("zhibo:list:{user_id}:{changed_after}:{kind}:{id}:{activity_ms}")
 }
 
+/// The Redis key of `group_id`'s membership version ([`SeqAllocator::group_version`]).
+pub fn group_version_key(group_id: i64) -> String {
+    format!("zhibo:gver:{group_id}")
+}
+
+/// How long a membership version is kept after it was last set: an expired one is replaced by a fresh
+/// value on its next read (caches keyed by it then read the members once more).
+const GROUP_VERSION_SECS: i64 = 86_400;
+
 /// The Redis key of a conversation's conversation-seq counter (`zhibo:cseq:<kind>:<a>:<b>`, the parts
 /// of [`ConversationKey::parts`]). Like [`seq_key`], no hash tag: conversations spread over every slot.
 pub fn conversation_seq_key(key: ConversationKey) -> String {
@@ -702,6 +711,46 @@ impl SeqAllocator for RedisSeq {
             Value::Bytes(b) => Some(b),
             other => other.as_bytes().map(bytes::Bytes::copy_from_slice),
         })
+    }
+
+    async fn group_version(&self, group_id: i64) -> Result<Option<u64>> {
+        // SET … NX GET: the version there, or (none: never set, expired or lost with Redis) ours, now
+        // set for every process. A lost version is thus never answered again: values are random.
+        let fresh: u64 = rand::random();
+        let previous: Value = self
+            .pool
+            .set(
+                group_version_key(group_id),
+                fresh.to_string(),
+                Some(Expiration::EX(GROUP_VERSION_SECS)),
+                Some(SetOptions::NX),
+                true,
+            )
+            .await
+            .map_err(|e| redis_error("group version", e))?;
+        Ok(Some(match previous {
+            Value::Null => fresh,
+            other => other
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                // Damaged: a value no cache was keyed by.
+                .unwrap_or(fresh),
+        }))
+    }
+
+    async fn bump_group_version(&self, group_id: i64) -> Result<()> {
+        let _: Value = self
+            .pool
+            .set(
+                group_version_key(group_id),
+                rand::random::<u64>().to_string(),
+                Some(Expiration::EX(GROUP_VERSION_SECS)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| redis_error("group version", e))?;
+        Ok(())
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {

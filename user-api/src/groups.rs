@@ -206,6 +206,8 @@ async fn put_members(
         .buffer_unordered(FAN_OUT)
         .try_collect::<Vec<()>>()
         .await?;
+    // Before the answer: the next send, on any worker, includes them.
+    st.logic.group_members_changed(group_id).await;
     if st.logic.webhooks().is_some() {
         for &user_id in user_ids {
             st.logic
@@ -454,6 +456,7 @@ pub(crate) async fn dissolve_group(
         return Err(forbidden("the owner"));
     }
     st.stores.groups.delete_group(group_id).await?;
+    st.logic.group_members_changed(group_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -535,6 +538,7 @@ pub(crate) async fn remove_member(
         return Err(forbidden("the owner"));
     }
     st.stores.groups.delete_member(group_id, user_id).await?;
+    st.logic.group_members_changed(group_id).await;
     st.logic
         .group_membership_changed(MembershipChange::Kicked, group_id, user_id, caller.user_id)
         .await;
@@ -623,6 +627,7 @@ pub(crate) async fn leave_group(
         .groups
         .delete_member(group_id, caller.user_id)
         .await?;
+    st.logic.group_members_changed(group_id).await;
     st.logic
         .group_membership_changed(
             MembershipChange::Left,

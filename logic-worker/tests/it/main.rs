@@ -12,6 +12,7 @@ use zhibo_store::presence::MemoryPresence;
 use zhibo_store::{Profile, SendPlan, Stores, User};
 
 mod claims;
+mod groups;
 mod snapshots;
 
 fn user(user_id: i64) -> User {

@@ -252,6 +252,20 @@ impl SeqAllocator for EmbeddedBackend {
         true
     }
 
+    async fn group_version(&self, group_id: i64) -> Result<Option<u64>> {
+        Ok(Some(
+            *self
+                .group_versions()
+                .entry(group_id)
+                .or_insert_with(rand::random),
+        ))
+    }
+
+    async fn bump_group_version(&self, group_id: i64) -> Result<()> {
+        self.group_versions().insert(group_id, rand::random());
+        Ok(())
+    }
+
     async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
         if user_ids.is_empty() {
             return Ok(Vec::new());

@@ -244,6 +244,9 @@ pub struct EmbeddedBackend {
     conv_seqs: Mutex<HashMap<crate::ConversationKey, u64>>,
     /// Paged-read snapshots ([`crate::SeqAllocator::put_snapshot`]): value and expiry.
     snapshots: Mutex<HashMap<String, (std::time::Instant, bytes::Bytes)>>,
+    /// Membership versions ([`crate::SeqAllocator::group_version`]); lost with the process, like
+    /// every cache keyed by them.
+    group_versions: Mutex<HashMap<i64, u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -340,6 +343,7 @@ impl EmbeddedBackend {
             outbox_high: Arc::default(),
             conv_seqs: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
+            group_versions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -377,6 +381,12 @@ impl EmbeddedBackend {
 
     fn conv_counters(&self) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
         self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn group_versions(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
+        self.group_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn snapshots(

@@ -221,6 +221,25 @@ pub trait SeqAllocator: Send + Sync {
     fn keeps_snapshots(&self) -> bool {
         false
     }
+    /// The current version of `group_id`'s membership, shared by every process of the cluster: an
+    /// opaque value that [`Self::bump_group_version`] replaces after every membership change, and that
+    /// a lost one (a Redis loss, an expiry) is replaced by a fresh random value on this read. A caller
+    /// may keep a member list read *after* this call under the version it answered, and reuse it while
+    /// the version is unchanged. `None`: this backend keeps no versions (read the members each time).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn group_version(&self, _group_id: i64) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Replaces `group_id`'s membership version with a fresh random value: called after every change
+    /// of the group's members (join, leave, kick, dissolution) is written, before it is answered.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn bump_group_version(&self, _group_id: i64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a send's claim holds ([`SeqAllocator::claimed`], [`SeqAllocator::claim_send`]).

@@ -1123,6 +1123,26 @@ async fn seq(s: &Stores) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // Membership versions: stable until bumped, per group, a bump gives a value not seen before.
+    let (g1, g2) = (id(), id());
+    let v1 = s.seq.group_version(g1).await.expect("version");
+    assert!(v1.is_some(), "both backends keep membership versions");
+    assert_eq!(s.seq.group_version(g1).await.expect("version again"), v1);
+    let other = s.seq.group_version(g2).await.expect("another group");
+    assert_ne!(other, v1, "each group has its own version");
+    s.seq.bump_group_version(g1).await.expect("bump");
+    let v2 = s.seq.group_version(g1).await.expect("bumped version");
+    assert!(v2.is_some() && v2 != v1, "a bump changes the version");
+    assert_eq!(
+        s.seq.group_version(g2).await.expect("untouched group"),
+        other,
+        "a bump changes that group's version only"
+    );
+    s.seq
+        .bump_group_version(g2)
+        .await
+        .expect("bump a never-read group");
+    assert_ne!(s.seq.group_version(g2).await.expect("version"), other);
     assert_eq!(
         s.seq.current(a).await.expect("current"),
         0,

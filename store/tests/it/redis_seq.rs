@@ -19,7 +19,9 @@ use fred::prelude::{
 use zhibo_proto::client::Message;
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::ids::IdGen;
-use zhibo_store::redis_seq::{conversation_seq_key, seq_key, RedisSeq, RECOVERY_MARGIN};
+use zhibo_store::redis_seq::{
+    conversation_seq_key, group_version_key, seq_key, RedisSeq, RECOVERY_MARGIN,
+};
 use zhibo_store::{
     Claim, ConversationKey, ConversationStore as _, MessageStore, SendPlan, SeqAllocator as _,
 };
@@ -133,6 +135,7 @@ on_both!(
     conversation_seqs_share_the_call_and_recover_from_the_conversation_store,
     each_counter_gets_its_own_value_in_a_group_call,
     a_send_is_claimed_once_with_its_plan,
+    a_lost_or_damaged_group_version_is_never_answered_again,
     a_claim_without_a_plan_is_unknown,
 );
 
@@ -248,6 +251,48 @@ async fn a_send_is_claimed_once_with_its_plan(target: Target) {
 /// A claim without a plan (a send that may be a resend, a fan-out too large to hold, an older
 /// worker's `1`) says nothing: every later attempt is told `Unknown` and arbitrates in the database,
 /// and so does a first attempt whose plan was too large to hold.
+/// A membership version lost with Redis (or expired) comes back as a value no process answered before,
+/// so a member list cached under the old one is never reused; a damaged value is never answered twice.
+async fn a_lost_or_damaged_group_version_is_never_answered_again(target: Target) {
+    let (seq, redis) = allocator(target, store()).await;
+    let group = user_id();
+    let key = group_version_key(group);
+    let first = seq.group_version(group).await.expect("version");
+    let stored: Option<String> = redis.client.get(key.as_str()).await.expect("get");
+    assert_eq!(
+        stored.and_then(|s| s.parse::<u64>().ok()),
+        first,
+        "the version answered is the one every process reads"
+    );
+    assert_eq!(seq.group_version(group).await.expect("again"), first);
+    redis.del(std::slice::from_ref(&key)).await;
+    let after_loss = seq.group_version(group).await.expect("after the loss");
+    assert!(
+        after_loss.is_some() && after_loss != first,
+        "a new version after a loss"
+    );
+    assert_eq!(
+        seq.group_version(group).await.expect("stable again"),
+        after_loss
+    );
+    let _: () = redis
+        .client
+        .set(key.as_str(), "not a number", None, None, false)
+        .await
+        .expect("damage");
+    let a = seq.group_version(group).await.expect("damaged");
+    let b = seq.group_version(group).await.expect("damaged again");
+    assert!(
+        a != b && a != after_loss && b != after_loss,
+        "a damaged version is never answered twice"
+    );
+    let ttl: i64 = redis.client.ttl(key.as_str()).await.expect("ttl");
+    assert_eq!(ttl, -1, "the damaged value was left as it is");
+    seq.bump_group_version(group).await.expect("bump");
+    let ttl: i64 = redis.client.ttl(key.as_str()).await.expect("ttl");
+    assert!(ttl > 0, "versions expire (a day after they were set)");
+}
+
 async fn a_claim_without_a_plan_is_unknown(target: Target) {
     let (seq, redis) = allocator(target, store()).await;
     let device = user_id();

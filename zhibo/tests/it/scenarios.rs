@@ -652,9 +652,96 @@ async fn unfriending_reaches_every_workers_cache(cluster: &Cluster) {
     send(&mut a, ReceiverType::User, bob.user_id, "again", "back").await;
 }
 
+/// A group's member list is kept per membership version (docs/ARCHITECTURE.md "Send, persistence and
+/// seq", step 2): a member added through the API gets the very next message, whichever worker takes
+/// it, and a member removed neither gets the next one nor may send — no waiting for a cache to age.
+async fn group_membership_changes_reach_the_next_send(cluster: &Cluster) {
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let carol = cluster.user("carol").await;
+    let gid = cluster.group(&alice, &[&bob]).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    // Warm the member lists: with two workers, each takes some of these.
+    for i in 0..8 {
+        send(&mut a, ReceiverType::Group, gid, &format!("w{i}"), "warm").await;
+        assert_eq!(content(&next_message(&mut b).await), "warm");
+    }
+    let api = |method, path: String, token: &str| {
+        let auth = format!("Bearer {token}");
+        let base = cluster.api_base.clone();
+        async move {
+            crate::cluster::http(
+                &base,
+                method,
+                &path,
+                ("authorization", &auth),
+                serde_json::json!(null),
+            )
+            .await
+        }
+    };
+    // Carol is added (invited: not alice's friend) and accepts; the next sends all reach her.
+    let (status, body) = crate::cluster::http(
+        &cluster.api_base,
+        reqwest::Method::POST,
+        &format!("/v1/groups/{gid}/members"),
+        ("authorization", &format!("Bearer {}", alice.token)),
+        serde_json::json!({"user_ids": [carol.user_id]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = crate::cluster::http(
+        &cluster.api_base,
+        reqwest::Method::POST,
+        &format!("/v1/groups/invitations/{gid}/accept"),
+        ("authorization", &format!("Bearer {}", carol.token)),
+        serde_json::json!({}),
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status} {body}");
+    let mut c = cluster.connect(Transport::Tcp, 1, &carol).await;
+    let mut bob_seq = 0;
+    for i in 0..8 {
+        let text = format!("after join {i}");
+        send(&mut a, ReceiverType::Group, gid, &format!("j{i}"), &text).await;
+        assert_eq!(content(&next_message(&mut c).await), text, "carol");
+        let m = next_message(&mut b).await;
+        assert_eq!(content(&m), text, "bob");
+        bob_seq = m.seq;
+    }
+    // Bob is removed: refused at once, and not a recipient of the next sends.
+    let (status, body) = api(
+        reqwest::Method::DELETE,
+        format!("/v1/groups/{gid}/members/{}", bob.user_id),
+        &alice.token,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    for i in 0..8 {
+        assert_eq!(
+            send_err(&mut b, ReceiverType::Group, gid, &format!("b{i}")).await,
+            ErrorCode::NotGroupMember
+        );
+        let text = format!("after removal {i}");
+        send(&mut a, ReceiverType::Group, gid, &format!("r{i}"), &text).await;
+        assert_eq!(content(&next_message(&mut c).await), text, "carol");
+    }
+    let later = sync(&mut b, bob_seq, 100).await;
+    assert!(
+        later
+            .messages
+            .iter()
+            .all(|m| !content(m).starts_with("after removal")),
+        "bob got a message sent after his removal: {:?}",
+        later.messages
+    );
+}
+
 both_modes!(
     crate::cluster::Cluster,
     2,
+    group_membership_changes_reach_the_next_send,
     one_to_one_on_every_transport,
     largest_message_on_every_transport,
     group_fan_out_and_second_device,
