@@ -130,6 +130,14 @@ impl LeasedIds {
         self.shared.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a lease is held and still valid now: [`Self::next`] answers without waiting (a
+    /// replica's readiness).
+    pub fn holds_lease(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|h| Instant::now() < h.deadline)
+    }
+
     /// An id now, if the lease is valid.
     pub fn try_next(&self) -> Option<u64> {
         let held = self.lock();

@@ -113,7 +113,7 @@ pub(crate) fn table() -> Vec<RouteSpec> {
     vec![
         route!(GET "/healthz" => healthz, doc("Liveness: the process serves requests", Public).ok(200, "Health")),
         route!(GET "/readyz" => readyz,
-            doc("Readiness: the dependencies answer", Public).ok(200, "Health").errors(&[(503, "not_ready")])),
+            doc("Readiness: the dependencies answer and an entity-id node lease is held", Public).ok(200, "Health").errors(&[(503, "not_ready")])),
         route!(GET "/openapi.json" => openapi,
             doc("This OpenAPI document", Public).ok(200, "OpenApiDocument")),
         // Devices, accounts, sessions.
@@ -350,16 +350,24 @@ async fn healthz() -> ApiJson<Health> {
     ApiJson(Health { status: "ok" })
 }
 
+/// Ready when the dependencies are and an entity-id node lease is held: until then a request that
+/// creates an entity (a device, a user, a group) would wait and may answer 503.
 async fn readyz(State(st): State<AppState>) -> Result<ApiJson<Health>, ApiError> {
-    if (st.ready)() {
-        Ok(ApiJson(Health { status: "ready" }))
-    } else {
-        Err(ApiError::new(
+    if !(st.ready)() {
+        return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "dependencies are not ready",
-        ))
+        ));
     }
+    if !st.ids.ready() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no entity-id node lease held yet",
+        ));
+    }
+    Ok(ApiJson(Health { status: "ready" }))
 }
 
 async fn openapi() -> Response {

@@ -87,6 +87,11 @@ impl EntityIds {
         self.0.next().await.map(|id| id as i64)
     }
 
+    /// Whether ids are minted without waiting: a valid node lease is held (readiness).
+    pub(crate) fn ready(&self) -> bool {
+        self.0.holds_lease()
+    }
+
     /// Gives the leased node number back (shutdown).
     pub(crate) async fn release(&self) {
         self.0.release().await;

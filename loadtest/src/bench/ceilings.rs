@@ -8,7 +8,7 @@
 //! - Loopback WebSocket echo (tokio-tungstenite both ends): pipelined rate and sequential round trip.
 //! - CQL on the node a distributed cluster uses (scylla driver, [`CQL_CONCURRENCY`] in flight, as a
 //!   logic worker keeps): plain inserts, lightweight-transaction inserts and point reads per second,
-//!   in a scratch keyspace dropped afterwards. A 1:1 send costs [`INSERTS_PER_ONE_TO_ONE`] inbox
+//!   in a scratch keyspace dropped afterwards, and one insert at a time (its round trip). A 1:1 send costs [`INSERTS_PER_ONE_TO_ONE`] inbox
 //!   inserts, so `acked_per_s / (cql_insert_per_s / 2)` says how close the send path is to what its
 //!   writes alone would allow (the `zhibo_cql_operations_total{kind}` metric of the logic workers
 //!   counts what a send really costs).
@@ -69,16 +69,19 @@ pub async fn measure(args: &BenchArgs) -> anyhow::Result<Ceilings> {
         "    WebSocket echo: {ws_echo_per_s:.0}/s pipelined; {}",
         ws_echo_latency.line()
     );
-    let (cql_insert_per_s, cql_lwt_per_s, cql_read_per_s) =
+    let (cql_insert_per_s, cql_lwt_per_s, cql_read_per_s, cql_insert_latency) =
         cql(&args.cql_node, args.payload, secs).await?;
     eprintln!(
         "    CQL ({CQL_CONCURRENCY} in flight): {cql_insert_per_s:.0} inserts/s, \
-         {cql_lwt_per_s:.0} LWT inserts/s, {cql_read_per_s:.0} point reads/s"
+         {cql_lwt_per_s:.0} LWT inserts/s, {cql_read_per_s:.0} point reads/s; one insert at a \
+         time: {}",
+        cql_insert_latency.line()
     );
     Ok(Ceilings {
         cql_insert_per_s,
         cql_lwt_per_s,
         cql_read_per_s,
+        cql_insert_latency,
         nats_pubsub_per_s,
         nats_request_latency,
         redis_incr_per_s,
@@ -120,6 +123,14 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
                 v / (c.cql_insert_per_s / ops),
             ));
         }
+        // And with the rows they wrote per message (each statement of a batch counts one): the
+        // issue's "inserts per message" with every table a send writes.
+        if let Some(rows) = get("cost.cql.rows_written").filter(|&rows| rows > 0.0) {
+            r.push((
+                "acked_per_s / (cql_insert_per_s / cql_rows_written_per_message)",
+                v / (c.cql_insert_per_s / rows),
+            ));
+        }
     }
     if let Some(v) = get("max_delivered_per_s") {
         if c.nats_pubsub_per_s > 0.0 {
@@ -136,6 +147,17 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
         r.push((
             "p99_ack_at_half_load / nats_request_p99",
             v * 1e3 / c.nats_request_latency.p99_us as f64,
+        ));
+    }
+    // A send's CQL steps are sequential (the plan, then the entries): each costs at least one insert
+    // round trip.
+    if let (Some(v), true) = (
+        get("p99_ack_ms_at_half_load"),
+        c.cql_insert_latency.p99_us > 0,
+    ) {
+        r.push((
+            "p99_ack_at_half_load / cql_insert_p99",
+            v * 1e3 / c.cql_insert_latency.p99_us as f64,
         ));
     }
     for (k, v) in r {
@@ -244,8 +266,13 @@ async fn redis_incr(url: &str, secs: Duration) -> anyhow::Result<f64> {
 }
 
 /// Plain inserts, LWT inserts and point reads per second against `node`, each for `secs` with
-/// [`CQL_CONCURRENCY`] statements in flight, in a scratch keyspace dropped afterwards.
-async fn cql(node: &str, payload: usize, secs: Duration) -> anyhow::Result<(f64, f64, f64)> {
+/// [`CQL_CONCURRENCY`] statements in flight, then the round trip of one plain insert at a time (for
+/// `secs`), in a scratch keyspace dropped afterwards.
+async fn cql(
+    node: &str,
+    payload: usize,
+    secs: Duration,
+) -> anyhow::Result<(f64, f64, f64, Latency)> {
     use scylla::client::session_builder::SessionBuilder;
     let session = SessionBuilder::new()
         .known_node(node)
@@ -300,7 +327,16 @@ async fn cql(node: &str, payload: usize, secs: Duration) -> anyhow::Result<(f64,
             async move { s.execute_unpaged(st, (k % written,)).await.map(drop) }
         })
         .await?;
-        anyhow::Ok((inserts, lwts, reads))
+        let mut h = new_histogram();
+        let start = Instant::now();
+        let mut k: i64 = -1;
+        while start.elapsed() < secs {
+            let t = Instant::now();
+            session.execute_unpaged(&insert, (k, value.clone())).await?;
+            record(&mut h, t.elapsed().as_micros() as u64);
+            k -= 1;
+        }
+        anyhow::Ok((inserts, lwts, reads, Latency::of(&h)))
     }
     .await;
     let dropped = session

@@ -153,7 +153,10 @@ pub fn per_message(before: &Counters, after: &Counters, messages: u64, report: &
         let mut total = 0;
         for (kind, v) in a {
             let d = v.saturating_sub(b.get(kind).copied().unwrap_or(0));
-            total += d;
+            // Rows written are not operations of their own (see `ROWS`).
+            if kind != ROWS {
+                total += d;
+            }
             put(format!("cost.cql.{kind}"), d as f64 / n);
         }
         put("cost.cql_ops".into(), total as f64 / n);
@@ -221,14 +224,23 @@ async fn scrape_cql(url: &str) -> anyhow::Result<BTreeMap<String, u64>> {
     Ok(parse_cql_ops(&text))
 }
 
-/// The `zhibo_cql_operations_total{kind="…"} N` samples of a Prometheus text page.
+/// The key under which [`parse_cql_ops`] puts `zhibo_cql_rows_written_total`: rows written (each
+/// plain or conditional write, each statement of a batch), what the insert ceiling's single-row
+/// inserts compare to (`cost.cql.rows_written`).
+const ROWS: &str = "rows_written";
+
+/// The `zhibo_cql_operations_total{kind="…"} N` samples of a Prometheus text page, and its
+/// `zhibo_cql_rows_written_total` under [`ROWS`].
 fn parse_cql_ops(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter_map(|l| {
+            let value = || l.rsplit(' ').next()?.parse::<f64>().ok();
+            if l.starts_with("zhibo_cql_rows_written_total") {
+                return Some((ROWS.to_owned(), value()? as u64));
+            }
             let rest = l.strip_prefix("zhibo_cql_operations_total{")?;
             let kind = rest.split("kind=\"").nth(1)?.split('"').next()?;
-            let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
-            Some((kind.to_owned(), value as u64))
+            Some((kind.to_owned(), value()? as u64))
         })
         .collect()
 }
@@ -243,11 +255,13 @@ mod tests {
                     # TYPE zhibo_cql_operations_total counter\n\
                     zhibo_cql_operations_total{kind=\"read\"} 12\n\
                     zhibo_cql_operations_total{kind=\"batch\",node=\"w1\"} 7\n\
-                    zhibo_other_total{kind=\"read\"} 99\n";
+                    zhibo_other_total{kind=\"read\"} 99\n\
+                    zhibo_cql_rows_written_total{kind=\"all\"} 30\n";
         let ops = parse_cql_ops(page);
         assert_eq!(ops.get("read"), Some(&12));
         assert_eq!(ops.get("batch"), Some(&7));
-        assert_eq!(ops.len(), 2);
+        assert_eq!(ops.get(ROWS), Some(&30));
+        assert_eq!(ops.len(), 3);
     }
 
     #[test]
@@ -269,7 +283,14 @@ mod tests {
             cpu: [("gateway".to_owned(), 3.0)].into(),
             nats: Some((1100, 2200)),
             redis: Some(510),
-            cql: Some([("batch".to_owned(), 2005), ("read".to_owned(), 1000)].into()),
+            cql: Some(
+                [
+                    ("batch".to_owned(), 2005),
+                    ("read".to_owned(), 1000),
+                    (ROWS.to_owned(), 8000),
+                ]
+                .into(),
+            ),
         };
         let mut report = Report::default();
         per_message(&before, &after, 1000, &mut report);
@@ -278,6 +299,7 @@ mod tests {
         assert_eq!((m["cost.nats_in"], m["cost.nats_out"]), (1.0, 2.0));
         assert_eq!(m["cost.redis_commands"], 0.5);
         assert_eq!((m["cost.cql.batch"], m["cost.cql.read"]), (2.0, 1.0));
-        assert_eq!(m["cost.cql_ops"], 3.0);
+        assert_eq!(m["cost.cql_ops"], 3.0, "rows written are not operations");
+        assert_eq!(m["cost.cql.rows_written"], 8.0);
     }
 }

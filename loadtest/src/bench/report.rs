@@ -83,6 +83,9 @@ pub struct Ceilings {
     /// CQL point reads (by primary key) per second, same concurrency.
     #[serde(default)]
     pub cql_read_per_s: f64,
+    /// CQL plain insert round trip, one in flight (the floor of each CQL step of a send).
+    #[serde(default)]
+    pub cql_insert_latency: Latency,
 }
 
 /// Everything one scenario run measured.

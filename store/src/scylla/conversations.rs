@@ -251,7 +251,7 @@ impl ScyllaBackend {
         batch: &Batch,
         values: impl scylla::serialize::batch::BatchValues,
     ) -> Result<()> {
-        super::count_batch();
+        super::count_batch(batch.statements.len());
         self.session
             .batch(batch, values)
             .await

@@ -200,7 +200,7 @@ impl GroupStore for ScyllaBackend {
             ),
             (m.user_id, m.group_id),
         );
-        super::count_batch();
+        super::count_batch(batch.statements.len());
         self.session
             .batch(&batch, values)
             .await
@@ -244,7 +244,7 @@ impl GroupStore for ScyllaBackend {
             member(new_owner),
             member(old_owner),
         );
-        super::count_batch();
+        super::count_batch(batch.statements.len());
         self.session
             .batch(&batch, values)
             .await
@@ -263,7 +263,7 @@ impl GroupStore for ScyllaBackend {
         let mut batch = Batch::new(BatchType::Logged);
         batch.append_statement(self.groups.delete_member.clone());
         batch.append_statement(self.groups.delete_user_group.clone());
-        super::count_batch();
+        super::count_batch(batch.statements.len());
         self.session
             .batch(&batch, ((group_id, user_id), (user_id, group_id)))
             .await

@@ -114,7 +114,7 @@ impl ScyllaBackend {
         let mut batch = Batch::new(BatchType::Logged);
         batch.append_statement(first.clone());
         batch.append_statement(self.leases.high_water.clone());
-        super::count_batch();
+        super::count_batch(batch.statements.len());
         let result = self
             .session
             .batch(&batch, (first_values, high_water))

@@ -236,7 +236,7 @@ impl ScyllaBackend {
                 batch.append_statement(self.messages.append.clone());
             }
             let values: Vec<_> = chunk.iter().map(|m| inbox_values(user_id, m)).collect();
-            super::count_batch();
+            super::count_batch(batch.statements.len());
             self.session
                 .batch(&batch, values)
                 .await

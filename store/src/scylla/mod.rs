@@ -55,6 +55,8 @@ pub struct CqlOps {
     write: AtomicU64,
     lwt: AtomicU64,
     batch: AtomicU64,
+    /// Rows written: one per plain or conditional write, one per statement of a batch.
+    rows: AtomicU64,
 }
 
 /// The counters of this process.
@@ -63,6 +65,7 @@ pub static CQL_OPS: CqlOps = CqlOps {
     write: AtomicU64::new(0),
     lwt: AtomicU64::new(0),
     batch: AtomicU64::new(0),
+    rows: AtomicU64::new(0),
 };
 
 /// What a CQL statement is, for [`CqlOps`].
@@ -101,6 +104,14 @@ impl CqlOps {
             CqlOp::Batch => &self.batch,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if matches!(op, CqlOp::Write | CqlOp::Lwt) {
+            self.rows.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Rows written (see [`Self::by_kind`]): what the insert ceiling's single-row inserts compare to.
+    pub fn rows_written(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
     }
 
     /// `(kind, count)` for `read`, `write`, `lwt` and `batch` (single-partition batches of plain
@@ -120,9 +131,16 @@ pub fn cql_ops_by_kind() -> Vec<(&'static str, u64)> {
     CQL_OPS.by_kind().to_vec()
 }
 
-/// Counts one batch in [`CQL_OPS`] (the batch call sites of the domain files).
-fn count_batch() {
+/// Counts one batch of `statements` row writes in [`CQL_OPS`] (the batch call sites of the domain
+/// files).
+fn count_batch(statements: usize) {
     CQL_OPS.count(CqlOp::Batch);
+    CQL_OPS.rows.fetch_add(statements as u64, Ordering::Relaxed);
+}
+
+/// [`CQL_OPS`]`.rows_written()`, as a plain function (for a metrics collector).
+pub fn cql_rows_written() -> u64 {
+    CQL_OPS.rows_written()
 }
 
 /// How many writes (or single-partition batches) one call keeps in flight.

@@ -360,6 +360,7 @@ async fn cql_operations_are_counted_by_kind() {
             ..Default::default()
         };
         let before = ["read", "write", "lwt", "batch"].map(count);
+        let rows_before = backend::CQL_OPS.rows_written();
         store.max_seq(7).await.expect("read");
         store.append(7, &message(1)).await.expect("write");
         let plan = SendPlan {
@@ -377,6 +378,11 @@ async fn cql_operations_are_counted_by_kind() {
             .append_many(&[(7, message(2)), (7, message(3))])
             .await
             .expect("batch");
+        let rows = backend::CQL_OPS.rows_written() - rows_before;
+        assert!(
+            rows >= 4,
+            "a write, an LWT and a batch of two statements wrote {rows} rows"
+        );
         // A send with a conversation: each copy's single-partition batch (inbox and conversation
         // rows) and the conversation's record are batches too.
         let batches = count("batch");

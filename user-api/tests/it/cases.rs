@@ -11,7 +11,7 @@ use zhibo_store::ids::now_ms;
 use zhibo_store::Stores;
 use zhibo_user_api::{ApiConfig, GroupAddPolicy};
 
-use crate::server::{start, start_with, As, ADMIN_SECRET};
+use crate::server::{start, start_unready, start_with, As, ADMIN_SECRET};
 
 const ADMIN: As<'static> = As::Admin(ADMIN_SECRET);
 
@@ -1682,4 +1682,76 @@ pub(crate) async fn case_room_shaping(stores: Stores) {
         .await
         .ok(200);
     assert_eq!(set["chat_per_sec"].as_u64(), Some(0));
+}
+
+/// Node leases that refuse to be acquired until opened (a lease store that is slow or down).
+struct GatedLeases {
+    inner: std::sync::Arc<dyn zhibo_store::leases::NodeLeases>,
+    open: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl zhibo_store::leases::NodeLeases for GatedLeases {
+    async fn acquire(
+        &self,
+        pool: zhibo_store::leases::Pool,
+        owner: &str,
+        ttl: std::time::Duration,
+        now_ms: i64,
+    ) -> zhibo_store::Result<zhibo_store::leases::Lease> {
+        if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(zhibo_store::Error::new(
+                zhibo_store::ErrorKind::Unavailable,
+                "gated",
+            ));
+        }
+        self.inner.acquire(pool, owner, ttl, now_ms).await
+    }
+
+    async fn renew(
+        &self,
+        lease: &zhibo_store::leases::Lease,
+        ttl: std::time::Duration,
+        high_water_ms: i64,
+    ) -> zhibo_store::Result<()> {
+        self.inner.renew(lease, ttl, high_water_ms).await
+    }
+
+    async fn release(
+        &self,
+        lease: &zhibo_store::leases::Lease,
+        high_water_ms: i64,
+    ) -> zhibo_store::Result<()> {
+        self.inner.release(lease, high_water_ms).await
+    }
+}
+
+/// `/readyz` stays 503 until an entity-id node lease is held; meanwhile an entity creation answers
+/// 503 `unavailable` (retryable); once the lease is held both succeed.
+pub(crate) async fn case_ready_needs_a_node_lease(stores: Stores) {
+    let gate = std::sync::Arc::new(GatedLeases {
+        inner: stores.leases.clone(),
+        open: std::sync::atomic::AtomicBool::new(false),
+    });
+    let s = start_unready(
+        Stores {
+            leases: gate.clone(),
+            ..stores
+        },
+        ApiConfig {
+            admin_secret: ADMIN_SECRET.to_owned(),
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    s.get("/readyz", As::Anonymous).await.err(503, "not_ready");
+    s.post("/v1/devices", As::Anonymous, json!({"type": "ios"}))
+        .await
+        .err(503, "unavailable");
+    s.get("/readyz", As::Anonymous).await.err(503, "not_ready");
+    gate.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    s.wait_ready().await;
+    s.post("/v1/devices", As::Anonymous, json!({"type": "ios"}))
+        .await
+        .ok(201);
 }

@@ -54,6 +54,7 @@ cases!(
     case_sign_up_and_device_limits,
     case_group_add_policy,
     case_room_shaping,
+    case_ready_needs_a_node_lease,
 );
 
 fn embedded_stores() -> Stores {

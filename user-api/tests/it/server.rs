@@ -47,8 +47,16 @@ pub(crate) async fn start(stores: Stores) -> TestServer {
     .await
 }
 
-/// The server with `config`.
+/// The server with `config`, once `/readyz` answers 200 (its entity-id node lease is held: on a loaded
+/// Cassandra the first lease can take longer than a request's wait for one).
 pub(crate) async fn start_with(stores: Stores, config: ApiConfig) -> TestServer {
+    let s = start_unready(stores, config).await;
+    s.wait_ready().await;
+    s
+}
+
+/// The server with `config`, without waiting for readiness.
+pub(crate) async fn start_unready(stores: Stores, config: ApiConfig) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -149,7 +157,8 @@ impl TestUser {
 pub(crate) fn unique_username(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}_{n}", std::process::id() % 10_000)
+    // Ends in a letter: no generated name is a prefix of another (the exact-match search test).
+    format!("{prefix}{}_{n}x", std::process::id() % 10_000)
 }
 
 /// A fresh user id for admin upserts.
@@ -217,6 +226,23 @@ impl TestServer {
 
     pub(crate) async fn delete(&self, path: &str, who: As<'_>) -> Reply {
         self.call(Method::DELETE, path, who, None).await
+    }
+
+    /// Waits (60 s at most) until `/readyz` answers 200.
+    pub(crate) async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let reply = self.get("/readyz", As::Anonymous).await;
+            if reply.status == StatusCode::OK {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ready within 60 s: {:?}",
+                reply.body
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Registers a device.

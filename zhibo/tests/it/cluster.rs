@@ -151,10 +151,16 @@ pub(crate) async fn sign_up(api: &Api, name: &str) -> Credentials {
         .expect("sign up and in")
 }
 
-/// Waits until a command sent through each gateway (TCP addresses `gateways`) is answered by a logic
+/// Waits until user-api is ready and a command sent through each gateway (TCP addresses `gateways`) is answered by a logic
 /// worker: a `Sync` round trip proves the workers' queue subscription is live at the server (commands
 /// published before it are lost, as on any NATS core subject) and the gateway's own subscriptions too.
 pub(crate) async fn wait_until_serving(api: &Api, gateways: &[String]) {
+    // user-api is ready once it holds an entity-id node lease: a device registration before that may
+    // answer 503 on a loaded Cassandra.
+    eventually("user-api /readyz answers 200", READY_WAIT, || async {
+        api.get("/readyz", "").await.ok().map(|_| ())
+    })
+    .await;
     let probe = sign_up(api, "probe").await;
     for gw in gateways {
         let mut client = Client::connect(Transport::Tcp, gw, &probe)

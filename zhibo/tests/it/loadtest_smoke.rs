@@ -285,4 +285,10 @@ async fn ceilings_include_cql() {
         c.cql_insert_per_s > 0.0 && c.cql_lwt_per_s > 0.0 && c.cql_read_per_s > 0.0,
         "{c:?}"
     );
+    // One insert at a time: a round trip is measured, its p99 no lower than its p50.
+    assert!(
+        c.cql_insert_latency.p50_us > 0
+            && c.cql_insert_latency.p99_us >= c.cql_insert_latency.p50_us,
+        "{c:?}"
+    );
 }
