@@ -113,19 +113,23 @@ impl AuthzCache {
             return;
         }
         let (map, ids) = &mut *groups;
+        // The entry it replaces first (its ids do not count against the bound).
+        if let Some(old) = map.remove(&group_id) {
+            *ids -= old.members.len();
+        }
         if *ids + members.len() > MAX_MEMBER_IDS {
             map.clear();
             *ids = 0;
         }
         *ids += members.len();
-        let entry = GroupEntry {
-            version,
-            members,
-            at: Instant::now(),
-        };
-        if let Some(old) = map.insert(group_id, entry) {
-            *ids -= old.members.len();
-        }
+        map.insert(
+            group_id,
+            GroupEntry {
+                version,
+                members,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Forgets `group_id`'s member list.
@@ -239,7 +243,6 @@ impl Logic {
     /// processes may use the old member list at most `logic.authz_cache_secs`.
     pub async fn group_members_changed(&self, group_id: i64) {
         self.authz.forget_group(group_id);
-        let bumped = self.stores.seq.bump_group_version(group_id).await;
         let event = AuthzEvent {
             event: Some(authz_event::Event::GroupMembersChanged(
                 GroupMembersChanged { group_id },
@@ -254,8 +257,13 @@ impl Logic {
                 )
                 .await?;
             self.bus.flush().await
-        }
-        .await;
+        };
+        // Both at once, each bounded: a membership request must not hang on a Redis or NATS that is
+        // away (async-nats's flush waits for a reconnect).
+        let (bumped, published) = tokio::join!(
+            bounded(self.stores.seq.bump_group_version(group_id)),
+            bounded(published)
+        );
         match (bumped, published) {
             (Ok(()), Ok(())) => {}
             (Err(e), Ok(())) => {
@@ -308,6 +316,19 @@ impl Logic {
     }
 }
 
+/// How long a membership change waits for its version replacement or its event.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
+
+/// `step`'s outcome as text, or "timed out" after [`ANNOUNCE_WAIT`].
+async fn bounded<E: std::fmt::Display>(
+    step: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(ANNOUNCE_WAIT, step).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("timed out after {ANNOUNCE_WAIT:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +366,39 @@ mod tests {
         assert!(!c.friends(1, 2));
         c.remember_friends(1, 2, c.epoch());
         assert!(c.friends(1, 2), "a read after the invalidation is kept");
+    }
+
+    #[test]
+    fn a_group_list_is_answered_under_its_version_only() {
+        let c = AuthzCache::new(Duration::from_secs(60));
+        let members: Arc<[i64]> = Arc::from(vec![1, 2, 3]);
+        c.remember_group(7, 10, members.clone(), c.epoch());
+        assert_eq!(c.group_members(7, 10).as_deref(), Some(&[1, 2, 3][..]));
+        assert!(c.group_members(7, 11).is_none(), "another version");
+        assert!(c.group_members(8, 10).is_none(), "another group");
+        // A read that started before a change of any group is not kept.
+        let before = c.epoch();
+        c.forget_group(9);
+        c.remember_group(8, 10, members.clone(), before);
+        assert!(c.group_members(8, 10).is_none());
+        c.forget_group(7);
+        assert!(c.group_members(7, 10).is_none(), "forgotten");
+    }
+
+    #[test]
+    fn replacing_a_large_list_keeps_the_other_lists() {
+        let c = AuthzCache::new(Duration::from_secs(60));
+        let big: Arc<[i64]> = (0..MAX_MEMBER_IDS as i64 - 10).collect::<Vec<_>>().into();
+        c.remember_group(1, 1, big.clone(), c.epoch());
+        c.remember_group(2, 1, Arc::from(vec![5, 6]), c.epoch());
+        // The same group again, under a new version: its old list does not count against the bound.
+        c.remember_group(1, 2, big, c.epoch());
+        assert!(c.group_members(1, 2).is_some());
+        assert!(c.group_members(2, 1).is_some(), "the other list stays");
+        // Over the bound with a new group: everything is dropped first, then the new list kept.
+        c.remember_group(3, 1, Arc::from(vec![0; 20]), c.epoch());
+        assert!(c.group_members(1, 2).is_none() && c.group_members(2, 1).is_none());
+        assert!(c.group_members(3, 1).is_some());
     }
 
     #[test]

@@ -33,9 +33,10 @@ pub struct LogicConfig {
     /// How long after sending it a user may recall their own 1:1 or group message, seconds (group
     /// owners and admins may recall any message, without a window).
     pub recall_window_secs: u64,
-    /// How long the 1:1 send path trusts a "the receiver exists" or "these two are friends" it read,
-    /// seconds (0: reads them for every message). An ended friendship is dropped at once everywhere by
-    /// an event; this bounds only a missed event.
+    /// How long the send path trusts what it read for authorization, seconds (0: reads it for every
+    /// message): 1:1 "the receiver exists" and "these two are friends", and a group's member list. An
+    /// ended friendship is dropped at once everywhere by an event, a membership change by its version
+    /// and an event; this bounds only a change that reached neither.
     pub authz_cache_secs: u64,
     /// Write the dedup plan of a send marked `first_attempt` with a plain insert when its Redis claim
     /// holds (no compare-and-set in the database). Set false while workers older than this option still

@@ -135,7 +135,7 @@ impl LeasedIds {
     pub fn holds_lease(&self) -> bool {
         self.lock()
             .as_ref()
-            .is_some_and(|h| Instant::now() < h.deadline)
+            .is_some_and(|h| Instant::now() < h.deadline && now_ms() < h.ceiling_ms)
     }
 
     /// An id now, if the lease is valid.

@@ -187,7 +187,7 @@ async fn put_members(
     now: i64,
     by_user_id: i64,
 ) -> Result<(), ApiError> {
-    futures::stream::iter(user_ids.iter().copied())
+    let written = futures::stream::iter(user_ids.iter().copied())
         .map(|user_id| {
             let groups = st.stores.groups.clone();
             async move {
@@ -205,9 +205,11 @@ async fn put_members(
         })
         .buffer_unordered(FAN_OUT)
         .try_collect::<Vec<()>>()
-        .await?;
-    // Before the answer: the next send, on any worker, includes them.
+        .await;
+    // Before the answer: the next send, on any worker, includes them. Also after a failure: a write
+    // that failed may still have landed (a timed-out batch), and a retry finds the member already in.
     st.logic.group_members_changed(group_id).await;
+    written?;
     if st.logic.webhooks().is_some() {
         for &user_id in user_ids {
             st.logic
@@ -455,8 +457,10 @@ pub(crate) async fn dissolve_group(
     if group.owner_id != caller.user_id {
         return Err(forbidden("the owner"));
     }
-    st.stores.groups.delete_group(group_id).await?;
+    // Announced also after a failure: the delete may have landed in part (see `put_members`).
+    let deleted = st.stores.groups.delete_group(group_id).await;
     st.logic.group_members_changed(group_id).await;
+    deleted?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -537,8 +541,9 @@ pub(crate) async fn remove_member(
     if target.role == Role::Admin && me.role != Role::Owner && target.user_id != me.user_id {
         return Err(forbidden("the owner"));
     }
-    st.stores.groups.delete_member(group_id, user_id).await?;
+    let deleted = st.stores.groups.delete_member(group_id, user_id).await;
     st.logic.group_members_changed(group_id).await;
+    deleted?;
     st.logic
         .group_membership_changed(MembershipChange::Kicked, group_id, user_id, caller.user_id)
         .await;
@@ -597,17 +602,21 @@ pub(crate) async fn update_member(
             transfer = role == RoleName::Owner;
         }
     }
-    if transfer {
+    let written = if transfer {
         // One store operation: a failure part-way must never leave two owners.
         group.owner_id = user_id;
         me.role = Role::Admin;
         st.stores
             .groups
             .transfer_ownership(&group, &target, &me)
-            .await?;
+            .await
     } else {
-        st.stores.groups.put_member(&target).await?;
-    }
+        st.stores.groups.put_member(&target).await
+    };
+    // These upserts write back a member read above: one removed meanwhile is in again, and the
+    // next send must deliver to them as the store now says.
+    st.logic.group_members_changed(group_id).await;
+    written?;
     Ok(ApiJson(target.into()))
 }
 
@@ -623,11 +632,13 @@ pub(crate) async fn leave_group(
                 .with_code("owner_cannot_leave"),
         );
     }
-    st.stores
+    let deleted = st
+        .stores
         .groups
         .delete_member(group_id, caller.user_id)
-        .await?;
+        .await;
     st.logic.group_members_changed(group_id).await;
+    deleted?;
     st.logic
         .group_membership_changed(
             MembershipChange::Left,

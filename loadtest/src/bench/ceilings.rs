@@ -150,10 +150,11 @@ pub fn ratios(report: &mut Report, c: &Ceilings) {
         ));
     }
     // A send's CQL steps are sequential (the plan, then the entries): each costs at least one insert
-    // round trip.
-    if let (Some(v), true) = (
+    // round trip. (Room messages write no CQL.)
+    if let (Some(v), true, "one-to-one" | "group") = (
         get("p99_ack_ms_at_half_load"),
         c.cql_insert_latency.p99_us > 0,
+        report.scenario.as_str(),
     ) {
         r.push((
             "p99_ack_at_half_load / cql_insert_p99",

@@ -36,6 +36,9 @@ pub struct Counters {
     redis: Option<u64>,
     /// CQL operations by kind, summed over the logic workers.
     cql: Option<BTreeMap<String, u64>>,
+    /// The workers' `zhibo_send_ack_seconds` `(sum, count)`: time from a send command's receipt to
+    /// its answer, summed over the logic workers.
+    worker_send: Option<(f64, u64)>,
 }
 
 /// The counters and the ACK count at the start of a measured sweep.
@@ -104,14 +107,18 @@ pub async fn read(args: &BenchArgs, target: &Target) -> Counters {
         }
     };
     let mut cql = Some(BTreeMap::new());
+    let mut worker_send = Some((0.0, 0));
     for url in target.worker_metrics() {
-        match scrape_cql(url).await {
-            Ok(ops) => {
+        match scrape(url).await {
+            Ok(page) => {
                 if let Some(sum) = cql.as_mut() {
-                    for (k, v) in ops {
+                    for (k, v) in parse_cql_ops(&page) {
                         *sum.entry(k).or_insert(0) += v;
                     }
                 }
+                worker_send = worker_send
+                    .zip(parse_send_time(&page))
+                    .map(|((s, c), (ds, dc))| (s + ds, c + dc));
             }
             Err(e) => {
                 eprintln!("  CQL counters not read from {url}: {e:#}");
@@ -124,6 +131,7 @@ pub async fn read(args: &BenchArgs, target: &Target) -> Counters {
         nats,
         redis,
         cql,
+        worker_send,
     }
 }
 
@@ -161,11 +169,23 @@ pub fn per_message(before: &Counters, after: &Counters, messages: u64, report: &
         }
         put("cost.cql_ops".into(), total as f64 / n);
     }
+    // Per send handled (not per message ACKed): how much of send → ACK the worker holds.
+    if let (Some(b), Some(a)) = (before.worker_send, after.worker_send) {
+        let sends = a.1.saturating_sub(b.1);
+        if sends > 0 {
+            put(
+                "worker_send_us_mean".into(),
+                (a.0 - b.0) * 1e6 / sends as f64,
+            );
+        }
+    }
     report.notes.push(format!(
         "cost.*: per acknowledged message over the whole sweep ({messages} messages): CPU µs per role \
          (user + system), NATS messages in/out of the server (/varz), Redis commands \
          (INFO total_commands_processed), CQL operations by kind (the workers' \
-         zhibo_cql_operations_total); shared servers: valid on an otherwise idle host"
+         zhibo_cql_operations_total); worker_send_us_mean: the workers' mean time from a send \
+         command's receipt to its answer (zhibo_send_ack_seconds), the rest of send → ACK being \
+         the gateway, NATS and the client; shared servers: valid on an otherwise idle host"
     ));
 }
 
@@ -218,10 +238,25 @@ fn parse_info_total(info: &str) -> anyhow::Result<u64> {
         .context("no total_commands_processed in INFO stats")
 }
 
-/// `zhibo_cql_operations_total` by kind from a `/metrics` URL.
-async fn scrape_cql(url: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = get(url).await?.text().await?;
-    Ok(parse_cql_ops(&text))
+/// A `/metrics` page.
+async fn scrape(url: &str) -> anyhow::Result<String> {
+    Ok(get(url).await?.text().await?)
+}
+
+/// `(zhibo_send_ack_seconds_sum, zhibo_send_ack_seconds_count)` of a Prometheus text page.
+fn parse_send_time(text: &str) -> Option<(f64, u64)> {
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.split(' ').next() == Some(name))?
+            .rsplit(' ')
+            .next()?
+            .parse::<f64>()
+            .ok()
+    };
+    Some((
+        sample("zhibo_send_ack_seconds_sum")?,
+        sample("zhibo_send_ack_seconds_count")? as u64,
+    ))
 }
 
 /// The key under which [`parse_cql_ops`] puts `zhibo_cql_rows_written_total`: rows written (each
@@ -262,6 +297,11 @@ mod tests {
         assert_eq!(ops.get("batch"), Some(&7));
         assert_eq!(ops.get(ROWS), Some(&30));
         assert_eq!(ops.len(), 3);
+        let page = "zhibo_send_ack_seconds_bucket{le=\"0.001\"} 3\n\
+                    zhibo_send_ack_seconds_sum 0.25\n\
+                    zhibo_send_ack_seconds_count 10\n";
+        assert_eq!(parse_send_time(page), Some((0.25, 10)));
+        assert_eq!(parse_send_time("zhibo_send_ack_seconds_sum 1\n"), None);
     }
 
     #[test]
@@ -278,6 +318,7 @@ mod tests {
             nats: Some((100, 200)),
             redis: Some(10),
             cql: Some([("batch".to_owned(), 5)].into()),
+            worker_send: Some((1.0, 100)),
         };
         let after = Counters {
             cpu: [("gateway".to_owned(), 3.0)].into(),
@@ -291,6 +332,7 @@ mod tests {
                 ]
                 .into(),
             ),
+            worker_send: Some((5.0, 1100)),
         };
         let mut report = Report::default();
         per_message(&before, &after, 1000, &mut report);
@@ -301,5 +343,6 @@ mod tests {
         assert_eq!((m["cost.cql.batch"], m["cost.cql.read"]), (2.0, 1.0));
         assert_eq!(m["cost.cql_ops"], 3.0, "rows written are not operations");
         assert_eq!(m["cost.cql.rows_written"], 8.0);
+        assert_eq!(m["worker_send_us_mean"], 4000.0, "4 s over 1,000 sends");
     }
 }

@@ -109,6 +109,12 @@ impl CqlOps {
         }
     }
 
+    /// Counts one batch of `statements` row writes.
+    fn count_batch(&self, statements: usize) {
+        self.count(CqlOp::Batch);
+        self.rows.fetch_add(statements as u64, Ordering::Relaxed);
+    }
+
     /// Rows written (see [`Self::by_kind`]): what the insert ceiling's single-row inserts compare to.
     pub fn rows_written(&self) -> u64 {
         self.rows.load(Ordering::Relaxed)
@@ -134,8 +140,7 @@ pub fn cql_ops_by_kind() -> Vec<(&'static str, u64)> {
 /// Counts one batch of `statements` row writes in [`CQL_OPS`] (the batch call sites of the domain
 /// files).
 fn count_batch(statements: usize) {
-    CQL_OPS.count(CqlOp::Batch);
-    CQL_OPS.rows.fetch_add(statements as u64, Ordering::Relaxed);
+    CQL_OPS.count_batch(statements);
 }
 
 /// [`CQL_OPS`]`.rows_written()`, as a plain function (for a metrics collector).
@@ -413,6 +418,18 @@ mod tests {
         assert_eq!(
             ops.by_kind(),
             [("read", 0), ("write", 0), ("lwt", 1), ("batch", 2)]
+        );
+        // Rows: one per write or LWT, one per statement of a batch, none per read or empty batch.
+        let ops = CqlOps::default();
+        ops.count(CqlOp::Read);
+        ops.count(CqlOp::Write);
+        ops.count(CqlOp::Lwt);
+        ops.count_batch(5);
+        ops.count_batch(0);
+        assert_eq!(ops.rows_written(), 7);
+        assert_eq!(
+            ops.by_kind(),
+            [("read", 1), ("write", 1), ("lwt", 1), ("batch", 2)]
         );
     }
 }

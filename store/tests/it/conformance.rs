@@ -1128,8 +1128,8 @@ async fn seq(s: &Stores) {
     let v1 = s.seq.group_version(g1).await.expect("version");
     assert!(v1.is_some(), "both backends keep membership versions");
     assert_eq!(s.seq.group_version(g1).await.expect("version again"), v1);
+    // (Two groups may answer the same version: a list is kept per group, under its group's version.)
     let other = s.seq.group_version(g2).await.expect("another group");
-    assert_ne!(other, v1, "each group has its own version");
     s.seq.bump_group_version(g1).await.expect("bump");
     let v2 = s.seq.group_version(g1).await.expect("bumped version");
     assert!(v2.is_some() && v2 != v1, "a bump changes the version");

@@ -1755,3 +1755,153 @@ pub(crate) async fn case_ready_needs_a_node_lease(stores: Stores) {
         .await
         .ok(201);
 }
+
+/// A group store whose member writes land and then report a failure (a write that timed out but was
+/// applied) while `failing` is set.
+struct LandsThenFails {
+    inner: std::sync::Arc<dyn zhibo_store::GroupStore>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl LandsThenFails {
+    fn outcome(&self) -> zhibo_store::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(zhibo_store::Error::new(
+                zhibo_store::ErrorKind::Unavailable,
+                "timed out after it was applied",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl zhibo_store::GroupStore for LandsThenFails {
+    async fn put_group(&self, group: &zhibo_store::Group) -> zhibo_store::Result<()> {
+        self.inner.put_group(group).await
+    }
+    async fn get_group(&self, group_id: i64) -> zhibo_store::Result<Option<zhibo_store::Group>> {
+        self.inner.get_group(group_id).await
+    }
+    async fn delete_group(&self, group_id: i64) -> zhibo_store::Result<()> {
+        self.inner.delete_group(group_id).await?;
+        self.outcome()
+    }
+    async fn put_member(&self, member: &zhibo_store::GroupMember) -> zhibo_store::Result<()> {
+        self.inner.put_member(member).await?;
+        self.outcome()
+    }
+    async fn transfer_ownership(
+        &self,
+        group: &zhibo_store::Group,
+        new_owner: &zhibo_store::GroupMember,
+        old_owner: &zhibo_store::GroupMember,
+    ) -> zhibo_store::Result<()> {
+        self.inner
+            .transfer_ownership(group, new_owner, old_owner)
+            .await
+    }
+    async fn get_member(
+        &self,
+        group_id: i64,
+        user_id: i64,
+    ) -> zhibo_store::Result<Option<zhibo_store::GroupMember>> {
+        self.inner.get_member(group_id, user_id).await
+    }
+    async fn delete_member(&self, group_id: i64, user_id: i64) -> zhibo_store::Result<()> {
+        self.inner.delete_member(group_id, user_id).await?;
+        self.outcome()
+    }
+    async fn list_members(
+        &self,
+        group_id: i64,
+        after_user_id: i64,
+        limit: usize,
+    ) -> zhibo_store::Result<Vec<zhibo_store::GroupMember>> {
+        self.inner
+            .list_members(group_id, after_user_id, limit)
+            .await
+    }
+    async fn member_ids(&self, group_id: i64) -> zhibo_store::Result<Vec<i64>> {
+        self.inner.member_ids(group_id).await
+    }
+    async fn groups_of_user(&self, user_id: i64) -> zhibo_store::Result<Vec<i64>> {
+        self.inner.groups_of_user(user_id).await
+    }
+}
+
+/// A membership write that fails after it landed still replaces the group's membership version
+/// (cached member lists are read again): the request answers 503 and a retry finds nothing to do.
+pub(crate) async fn case_failed_membership_writes_still_bump_the_version(stores: Stores) {
+    let groups = std::sync::Arc::new(LandsThenFails {
+        inner: stores.groups.clone(),
+        failing: std::sync::atomic::AtomicBool::new(false),
+    });
+    let seq = stores.seq.clone();
+    let s = start_with(
+        Stores {
+            groups: groups.clone(),
+            ..stores
+        },
+        ApiConfig {
+            admin_secret: ADMIN_SECRET.to_owned(),
+            group_add_policy: GroupAddPolicy::Open,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let (a, b, c) = (s.user().await, s.user().await, s.user().await);
+    let g = s
+        .post(
+            "/v1/groups",
+            a.auth(),
+            json!({"name": "crew", "member_ids": [b.user_id]}),
+        )
+        .await
+        .ok(201);
+    let gid = g["group_id"].as_i64().expect("group_id");
+    let version = || async { seq.group_version(gid).await.expect("version") };
+    groups
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    // Each write below lands, answers 503, and replaces the version all the same.
+    let before = version().await;
+    s.delete(&format!("/v1/groups/{gid}/members/{}", b.user_id), a.auth())
+        .await
+        .err(503, "unavailable");
+    let after_kick = version().await;
+    assert_ne!(after_kick, before, "a kick that failed after landing");
+    s.post(
+        &format!("/v1/groups/{gid}/members"),
+        a.auth(),
+        json!({"user_ids": [c.user_id]}),
+    )
+    .await
+    .err(503, "unavailable");
+    let after_add = version().await;
+    assert_ne!(after_add, after_kick, "an add that failed after landing");
+    s.post(&format!("/v1/groups/{gid}/leave"), c.auth(), json!({}))
+        .await
+        .err(503, "unavailable");
+    assert_ne!(
+        version().await,
+        after_add,
+        "a leave that failed after landing"
+    );
+    // The writes landed: the kicked member is out, the one who left too.
+    groups
+        .failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let members = s
+        .get(&format!("/v1/groups/{gid}/members"), a.auth())
+        .await
+        .ok(200);
+    let ids: Vec<i64> = members["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["user_id"].as_i64())
+        .collect();
+    assert_eq!(ids, vec![a.user_id]);
+}

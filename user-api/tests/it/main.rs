@@ -55,6 +55,7 @@ cases!(
     case_group_add_policy,
     case_room_shaping,
     case_ready_needs_a_node_lease,
+    case_failed_membership_writes_still_bump_the_version,
 );
 
 fn embedded_stores() -> Stores {
