@@ -49,6 +49,7 @@ impl Logic {
             ));
         }
         let sender = origin.user_id;
+        let mut stages = Stages::start(&self.metrics);
         let dedup_key = dedup_device(origin);
         let hooked = self.hook_for(origin, input.receiver_type).is_some();
         // What is known of this (device, client_msg_id) already. A first attempt (the client says so)
@@ -114,6 +115,7 @@ impl Logic {
             },
             None => None,
         };
+        stages.done("authorize");
         // Minted before the seqs, so a refusal (no node lease) wastes none.
         let message_id = self.next_id(Op::Send).await?;
         // The inbox seqs and the conversation seq in one allocator call (one Redis script call).
@@ -161,6 +163,7 @@ impl Logic {
         } else {
             false
         };
+        stages.done("allocate");
         let content = replaced.as_ref().unwrap_or(&input.content);
         let entries = inbox_entries(&plan, &new_message(origin, input, content, &plan));
         let messages = &self.stores.messages;
@@ -184,8 +187,11 @@ impl Logic {
             // A racing resend stored its plan first: finish that one; our seqs stay unused.
             Some(existing) => self.replay(origin, input, existing).await,
             None => {
+                stages.done("store");
                 self.metrics.messages_sent.inc();
-                Ok(self.deliver(origin, &plan, entries, false, replaced).await)
+                let output = self.deliver(origin, &plan, entries, false, replaced).await;
+                stages.done("deliver");
+                Ok(output)
             }
         }
     }
@@ -674,5 +680,30 @@ fn delivery(user_id: i64, exclude_device_id: i64, packet: Packet) -> UserEvent {
             exclude_device_id,
             packets: vec![packet],
         })),
+    }
+}
+
+/// Times the stages of a new message into `zhibo_send_stage_seconds{kind}`: each [`Stages::done`]
+/// observes the time since the previous one (or the start).
+struct Stages<'a> {
+    metrics: &'a zhibo_telemetry::metrics::Metrics,
+    last: std::time::Instant,
+}
+
+impl<'a> Stages<'a> {
+    fn start(metrics: &'a zhibo_telemetry::metrics::Metrics) -> Self {
+        Stages {
+            metrics,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn done(&mut self, kind: &'static str) {
+        let now = std::time::Instant::now();
+        self.metrics
+            .send_stage_seconds
+            .get_or_create(&KindLabel { kind })
+            .observe(now.duration_since(self.last).as_secs_f64());
+        self.last = now;
     }
 }

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     /// Time from a logic worker taking a send to its ACK being published, seconds.
     pub send_ack_seconds: Histogram,
+    /// The same for a new 1:1 or group message, by stage (`kind`): `authorize` (the claim or
+    /// dedup read and the authorization), `allocate` (id, seqs, the claim with its plan), `store` (the
+    /// CQL or redb writes), `deliver` (presence, push events, publishing the deliveries).
+    pub send_stage_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
     /// Bus (NATS) errors, by operation.
     pub bus_errors: Family<KindLabel, Counter>,
     /// Store errors.
@@ -149,6 +153,9 @@ impl Metrics {
             messages_sent: Counter::default(),
             messages_delivered: Counter::default(),
             send_ack_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            send_stage_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+            }),
             bus_errors: Family::default(),
             store_errors: Counter::default(),
             room_viewers: Gauge::default(),
@@ -190,6 +197,12 @@ impl Metrics {
             "send_ack_seconds",
             "Logic-worker time from taking a send to publishing its ACK",
             m.send_ack_seconds.clone(),
+        );
+        registry.register(
+            "send_stage_seconds",
+            "Logic-worker time of a new 1:1 or group message, by stage (kind: authorize, allocate, \
+             store, deliver)",
+            m.send_stage_seconds.clone(),
         );
         registry.register("bus_errors", "Bus (NATS) errors", m.bus_errors.clone());
         registry.register("store_errors", "Storage errors", m.store_errors.clone());
@@ -277,6 +290,9 @@ mod tests {
             .inc();
         m.messages_sent.inc_by(3);
         m.send_ack_seconds.observe(0.002);
+        m.send_stage_seconds
+            .get_or_create(&KindLabel { kind: "store" })
+            .observe(0.001);
         let text = m.render();
         assert!(
             text.contains(r#"zhibo_sign_ins_total{transport="ws"} 1"#),
@@ -284,6 +300,10 @@ mod tests {
         );
         assert!(text.contains("zhibo_messages_sent_total 3"), "{text}");
         assert!(text.contains("zhibo_send_ack_seconds_count 1"), "{text}");
+        assert!(
+            text.contains(r#"zhibo_send_stage_seconds_count{kind="store"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -36,9 +36,10 @@ pub struct Counters {
     redis: Option<u64>,
     /// CQL operations by kind, summed over the logic workers.
     cql: Option<BTreeMap<String, u64>>,
-    /// The workers' `zhibo_send_ack_seconds` `(sum, count)`: time from a send command's receipt to
-    /// its answer, summed over the logic workers.
-    worker_send: Option<(f64, u64)>,
+    /// The workers' `zhibo_send_ack_seconds` (key `total`: time from a send command's receipt to its
+    /// answer) and `zhibo_send_stage_seconds` (key: the stage) as `(sum, count)`, summed over the
+    /// logic workers.
+    worker_send: Option<BTreeMap<String, (f64, u64)>>,
 }
 
 /// The counters and the ACK count at the start of a measured sweep.
@@ -107,7 +108,7 @@ pub async fn read(args: &BenchArgs, target: &Target) -> Counters {
         }
     };
     let mut cql = Some(BTreeMap::new());
-    let mut worker_send = Some((0.0, 0));
+    let mut worker_send = Some(BTreeMap::new());
     for url in target.worker_metrics() {
         match scrape(url).await {
             Ok(page) => {
@@ -116,9 +117,12 @@ pub async fn read(args: &BenchArgs, target: &Target) -> Counters {
                         *sum.entry(k).or_insert(0) += v;
                     }
                 }
-                worker_send = worker_send
-                    .zip(parse_send_time(&page))
-                    .map(|((s, c), (ds, dc))| (s + ds, c + dc));
+                if let Some(sum) = worker_send.as_mut() {
+                    for (k, (ds, dc)) in parse_send_times(&page) {
+                        let e = sum.entry(k).or_insert((0.0, 0));
+                        *e = (e.0 + ds, e.1 + dc);
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("  CQL counters not read from {url}: {e:#}");
@@ -169,14 +173,21 @@ pub fn per_message(before: &Counters, after: &Counters, messages: u64, report: &
         }
         put("cost.cql_ops".into(), total as f64 / n);
     }
-    // Per send handled (not per message ACKed): how much of send → ACK the worker holds.
-    if let (Some(b), Some(a)) = (before.worker_send, after.worker_send) {
-        let sends = a.1.saturating_sub(b.1);
-        if sends > 0 {
-            put(
-                "worker_send_us_mean".into(),
-                (a.0 - b.0) * 1e6 / sends as f64,
-            );
+    // Per send handled (not per message ACKed): how much of send → ACK the worker holds, and in
+    // which stage.
+    if let (Some(b), Some(a)) = (&before.worker_send, &after.worker_send) {
+        for (k, &(sum, count)) in a {
+            let (b_sum, b_count) = b.get(k).copied().unwrap_or((0.0, 0));
+            let sends = count.saturating_sub(b_count);
+            if sends == 0 {
+                continue;
+            }
+            let name = if k == "total" {
+                "worker_send_us_mean".to_owned()
+            } else {
+                format!("worker_stage_us_mean.{k}")
+            };
+            put(name, (sum - b_sum) * 1e6 / sends as f64);
         }
     }
     report.notes.push(format!(
@@ -185,7 +196,9 @@ pub fn per_message(before: &Counters, after: &Counters, messages: u64, report: &
          (INFO total_commands_processed), CQL operations by kind (the workers' \
          zhibo_cql_operations_total); worker_send_us_mean: the workers' mean time from a send \
          command's receipt to its answer (zhibo_send_ack_seconds), the rest of send → ACK being \
-         the gateway, NATS and the client; shared servers: valid on an otherwise idle host"
+         the gateway, NATS and the client; worker_stage_us_mean.<stage>: the same for new 1:1 \
+         and group messages by stage (zhibo_send_stage_seconds); shared servers: valid on an \
+         otherwise idle host"
     ));
 }
 
@@ -243,20 +256,50 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
     Ok(get(url).await?.text().await?)
 }
 
-/// `(zhibo_send_ack_seconds_sum, zhibo_send_ack_seconds_count)` of a Prometheus text page.
-fn parse_send_time(text: &str) -> Option<(f64, u64)> {
-    let sample = |name: &str| {
-        text.lines()
-            .find(|l| l.split(' ').next() == Some(name))?
-            .rsplit(' ')
-            .next()?
-            .parse::<f64>()
-            .ok()
-    };
-    Some((
-        sample("zhibo_send_ack_seconds_sum")?,
-        sample("zhibo_send_ack_seconds_count")? as u64,
-    ))
+/// `(sum, count)` of `zhibo_send_ack_seconds` (under `total`) and of each stage (`kind`) of
+/// `zhibo_send_stage_seconds` on a Prometheus text page; a histogram missing its sum or count is
+/// left out.
+fn parse_send_times(text: &str) -> BTreeMap<String, (f64, u64)> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for line in text.lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (key, is_sum) = match name {
+            "zhibo_send_ack_seconds_sum" => ("total".to_owned(), true),
+            "zhibo_send_ack_seconds_count" => ("total".to_owned(), false),
+            _ => {
+                let Some((metric, labels)) = name.split_once('{') else {
+                    continue;
+                };
+                let is_sum = match metric {
+                    "zhibo_send_stage_seconds_sum" => true,
+                    "zhibo_send_stage_seconds_count" => false,
+                    _ => continue,
+                };
+                let Some(kind) = labels
+                    .split("kind=\"")
+                    .nth(1)
+                    .and_then(|k| k.split('"').next())
+                else {
+                    continue;
+                };
+                (kind.to_owned(), is_sum)
+            }
+        };
+        if is_sum {
+            sums.insert(key, value);
+        } else {
+            counts.insert(key, value as u64);
+        }
+    }
+    sums.into_iter()
+        .filter_map(|(k, sum)| Some((k.clone(), (sum, *counts.get(&k)?))))
+        .collect()
 }
 
 /// The key under which [`parse_cql_ops`] puts `zhibo_cql_rows_written_total`: rows written (each
@@ -299,9 +342,15 @@ mod tests {
         assert_eq!(ops.len(), 3);
         let page = "zhibo_send_ack_seconds_bucket{le=\"0.001\"} 3\n\
                     zhibo_send_ack_seconds_sum 0.25\n\
-                    zhibo_send_ack_seconds_count 10\n";
-        assert_eq!(parse_send_time(page), Some((0.25, 10)));
-        assert_eq!(parse_send_time("zhibo_send_ack_seconds_sum 1\n"), None);
+                    zhibo_send_ack_seconds_count 10\n\
+                    zhibo_send_stage_seconds_sum{kind=\"store\"} 0.125\n\
+                    zhibo_send_stage_seconds_count{kind=\"store\"} 5\n\
+                    zhibo_send_stage_seconds_bucket{kind=\"store\",le=\"0.001\"} 2\n\
+                    zhibo_send_stage_seconds_sum{kind=\"deliver\"} 0.5\n";
+        let times = parse_send_times(page);
+        assert_eq!(times.get("total"), Some(&(0.25, 10)));
+        assert_eq!(times.get("store"), Some(&(0.125, 5)));
+        assert_eq!(times.len(), 2, "deliver has no count: left out");
     }
 
     #[test]
@@ -318,7 +367,7 @@ mod tests {
             nats: Some((100, 200)),
             redis: Some(10),
             cql: Some([("batch".to_owned(), 5)].into()),
-            worker_send: Some((1.0, 100)),
+            worker_send: Some([("total".to_owned(), (1.0, 100))].into()),
         };
         let after = Counters {
             cpu: [("gateway".to_owned(), 3.0)].into(),
@@ -332,7 +381,13 @@ mod tests {
                 ]
                 .into(),
             ),
-            worker_send: Some((5.0, 1100)),
+            worker_send: Some(
+                [
+                    ("total".to_owned(), (5.0, 1100)),
+                    ("store".to_owned(), (0.5, 1000)),
+                ]
+                .into(),
+            ),
         };
         let mut report = Report::default();
         per_message(&before, &after, 1000, &mut report);
@@ -344,5 +399,6 @@ mod tests {
         assert_eq!(m["cost.cql_ops"], 3.0, "rows written are not operations");
         assert_eq!(m["cost.cql.rows_written"], 8.0);
         assert_eq!(m["worker_send_us_mean"], 4000.0, "4 s over 1,000 sends");
+        assert_eq!(m["worker_stage_us_mean.store"], 500.0);
     }
 }

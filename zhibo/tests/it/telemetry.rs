@@ -109,6 +109,16 @@ async fn metrics_are_scraped_and_move() {
     assert!(moved("zhibo_frames_in_total") >= 5.0, "{after}");
     assert!(moved("zhibo_frames_out_total") >= 10.0, "{after}");
     assert_eq!(moved("zhibo_send_ack_seconds_count"), 5.0, "{after}");
+    // Each new message times its four stages.
+    for stage in ["authorize", "allocate", "store", "deliver"] {
+        assert_eq!(
+            moved(&format!(
+                r#"zhibo_send_stage_seconds_count{{kind="{stage}"}}"#
+            )),
+            5.0,
+            "{stage}: {after}"
+        );
+    }
     // A room viewer shows in the gauge (exported every 2 s).
     let joined = a
         .request(
