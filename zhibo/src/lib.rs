@@ -172,11 +172,6 @@ async fn bounded(
     }
 }
 
-/// `zhibo_cql_rows_written_total{kind="all"}` ([`zhibo_store::scylla::cql_rows_written`]).
-fn cql_rows_written() -> Vec<(&'static str, u64)> {
-    vec![("all", zhibo_store::scylla::cql_rows_written())]
-}
-
 /// Readiness of the real dependencies: the bus is connected and the store answered a probe read within
 /// the last few seconds (probed in the background every 2 s, so `/readyz` never waits on the store).
 fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetry::http::Readiness {
@@ -372,7 +367,7 @@ pub async fn run(
                 "cql_rows_written",
                 "Rows this process's store wrote: one per plain or conditional write, one per \
                  statement of a batch (kind all)",
-                cql_rows_written,
+                zhibo_store::scylla::cql_rows_written,
             )
             .with_counter_source(
                 "nats_dropped",

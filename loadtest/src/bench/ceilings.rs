@@ -8,10 +8,10 @@
 //! - Loopback WebSocket echo (tokio-tungstenite both ends): pipelined rate and sequential round trip.
 //! - CQL on the node a distributed cluster uses (scylla driver, [`CQL_CONCURRENCY`] in flight, as a
 //!   logic worker keeps): plain inserts, lightweight-transaction inserts and point reads per second,
-//!   in a scratch keyspace dropped afterwards, and one insert at a time (its round trip). A 1:1 send costs [`INSERTS_PER_ONE_TO_ONE`] inbox
-//!   inserts, so `acked_per_s / (cql_insert_per_s / 2)` says how close the send path is to what its
-//!   writes alone would allow (the `zhibo_cql_operations_total{kind}` metric of the logic workers
-//!   counts what a send really costs).
+//!   in a scratch keyspace dropped afterwards, and one insert at a time (its round trip). A 1:1 send
+//!   costs [`INSERTS_PER_ONE_TO_ONE`] inbox inserts, so `acked_per_s / (cql_insert_per_s / 2)` says
+//!   how close the send path is to what its writes alone would allow (the
+//!   `zhibo_cql_operations_total{kind}` metric of the logic workers counts what a send really costs).
 
 use std::time::{Duration, Instant};
 

@@ -143,9 +143,10 @@ fn count_batch(statements: usize) {
     CQL_OPS.count_batch(statements);
 }
 
-/// [`CQL_OPS`]`.rows_written()`, as a plain function (for a metrics collector).
-pub fn cql_rows_written() -> u64 {
-    CQL_OPS.rows_written()
+/// [`CQL_OPS`]`.rows_written()` as `(kind, count)` with the one kind `all` (a counter source, as
+/// [`cql_ops_by_kind`]).
+pub fn cql_rows_written() -> Vec<(&'static str, u64)> {
+    vec![("all", CQL_OPS.rows_written())]
 }
 
 /// How many writes (or single-partition batches) one call keeps in flight.

@@ -242,6 +242,13 @@ async fn loadtest_spawns_a_distributed_cluster() {
         "a command and a delivery per message"
     );
     assert!(cost("cost.cpu_us.gateway") > 0.0 && cost("cost.cpu_us.logic-worker") > 0.0);
+    // Read from the workers' /metrics: rows (two inbox copies at least per 1:1 message) and the
+    // worker's time, in total and by stage.
+    assert!(cost("cost.cql.rows_written") >= 2.0, "{:?}", r.metrics);
+    assert!(cost("worker_send_us_mean") > 0.0);
+    for stage in ["authorize", "allocate", "store", "deliver"] {
+        assert!(cost(&format!("worker_stage_us_mean.{stage}")) > 0.0);
+    }
 }
 
 /// A spawned cluster whose process exits before it is ready fails the run with the log's path instead
