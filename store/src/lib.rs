@@ -25,6 +25,7 @@
 pub mod embedded;
 pub mod ids;
 pub mod leases;
+pub mod list_cache;
 pub mod model;
 pub mod presence;
 pub mod redis_seq;

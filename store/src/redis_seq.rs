@@ -264,13 +264,31 @@ pub fn redis_major_version(info: &str) -> Option<u32> {
 }
 
 /// A Redis failure while doing `what`, the client's error kept as the source.
-fn redis_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn redis_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::wrap(ErrorKind::Unavailable, format_args!("redis {what}"), e)
 }
 
 /// An answer from Redis that makes no sense, with no underlying error to keep.
 fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Unavailable, format!("redis {what}: {detail}"))
+}
+
+/// A pool of [`POOL_SIZE`] clients to the Redis (or Redis Cluster) at `url`, connected: 5 s command
+/// and connect timeouts, unlimited reconnects (100 ms doubling up to 5 s).
+///
+/// # Errors
+/// [`ErrorKind::Unavailable`] when the URL is invalid or Redis cannot be reached.
+pub async fn connect_pool(url: &str) -> Result<Pool> {
+    let config = Config::from_url(url).map_err(|e| redis_error("url", e))?;
+    let pool = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
+        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build_pool(POOL_SIZE)
+        .map_err(|e| redis_error("pool", e))?;
+    // The connection task ends with the pool; its result is reported through commands.
+    let _connection = pool.init().await.map_err(|e| redis_error("connect", e))?;
+    Ok(pool)
 }
 
 impl RedisSeq {
@@ -281,17 +299,7 @@ impl RedisSeq {
     /// # Errors
     /// [`ErrorKind::Unavailable`] when the URL is invalid or Redis cannot be reached.
     pub async fn connect(url: &str, messages: Arc<dyn MessageStore>) -> Result<Self> {
-        let config = Config::from_url(url).map_err(|e| redis_error("url", e))?;
-        let pool = Builder::from_config(config)
-            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
-            .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
-            // Unlimited reconnect attempts, 100 ms doubling up to 5 s.
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-            .build_pool(POOL_SIZE)
-            .map_err(|e| redis_error("pool", e))?;
-        // The connection task ends with the pool; its result is reported through commands.
-        let _connection = pool.init().await.map_err(|e| redis_error("connect", e))?;
-        Self::with_pool(pool, messages).await
+        Self::with_pool(connect_pool(url).await?, messages).await
     }
 
     /// Uses an already initialised pool.
@@ -346,6 +354,11 @@ impl RedisSeq {
             messages,
             conversations: None,
         })
+    }
+
+    /// The Redis client pool (shared with [`crate::list_cache::ListCache`]).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Recovers lost conversation counters from `conversations`

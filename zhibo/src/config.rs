@@ -36,6 +36,9 @@ pub struct StoreConfig {
     pub replication_factor: u32,
     /// Redis for seq counters (Scylla mode).
     pub redis_url: String,
+    /// Scylla mode: keep each user's conversation list in Redis (`store::list_cache`), rebuilt from
+    /// the database at least this often (seconds); 0 = read the database on every listing.
+    pub list_cache_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -47,6 +50,7 @@ impl Default for StoreConfig {
             keyspace: "zhibo".into(),
             replication_factor: 1,
             redis_url: "redis://127.0.0.1:6379".into(),
+            list_cache_secs: 60,
         }
     }
 }

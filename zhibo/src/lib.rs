@@ -109,7 +109,16 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
                     .await
                     .context("connecting to Redis")?
                     .with_conversations(backend.clone());
-            backend.stores(Arc::new(seq))
+            let pool = seq.pool().clone();
+            let stores = backend.stores(Arc::new(seq));
+            match config.store.list_cache_secs {
+                0 => stores,
+                secs => zhibo_store::list_cache::ListCache::wrap(
+                    stores,
+                    pool,
+                    Duration::from_secs(secs),
+                ),
+            }
         }
     };
     let presence: Arc<dyn zhibo_store::Presence> = if config.bus.nats_url.is_empty() {

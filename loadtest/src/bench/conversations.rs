@@ -7,7 +7,10 @@
 //!   per peer, unread summing to every message sent);
 //! - the whole history of the long conversation, backwards by pages of 50 (`HistoryInput{before}`) —
 //!   checked gap- and repeat-free (conv seqs `total, total-1, …, 1`);
-//! - the list over HTTP (`GET /v1/conversations?limit=500`, following `next_cursor`).
+//! - the list over HTTP (`GET /v1/conversations?limit=500`, following `next_cursor`);
+//! - the whole list again after `--list-changes` other peers each sent one more message (admin API,
+//!   ACKed before the list starts): what a user sees reopening the app — checked that those
+//!   conversations come first and the unread sum grew by as many.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +133,16 @@ async fn http_list_all(api: &Api, token: &str) -> anyhow::Result<usize> {
 
 /// Each peer sends the subject one message through the admin API.
 async fn seed(target: &Target, subject: i64, peers: &[Credentials]) -> anyhow::Result<()> {
+    seed_round(target, subject, peers, 0).await
+}
+
+/// Each of `peers` sends the subject one message (its `round`th extra) through the admin API.
+async fn seed_round(
+    target: &Target,
+    subject: i64,
+    peers: &[Credentials],
+    round: usize,
+) -> anyhow::Result<()> {
     let api = Api::new(&target.api);
     futures::stream::iter(peers)
         .map(|p| {
@@ -142,7 +155,7 @@ async fn seed(target: &Target, subject: i64, peers: &[Credentials]) -> anyhow::R
                         "from_user_id": p.user_id,
                         "receiver_type": "user",
                         "receiver_id": subject,
-                        "client_msg_id": format!("conv-seed-{}", p.user_id),
+                        "client_msg_id": format!("conv-seed-{}-{round}", p.user_id),
                         "content_type": 1,
                         "content": STANDARD.encode(format!("hello from {}", p.user_id)),
                     }),
@@ -193,6 +206,10 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
     let api = Api::new(&target.api);
     let (mut list_h, mut list_page_h) = (new_histogram(), new_histogram());
     let (mut hist_h, mut http_h) = (new_histogram(), new_histogram());
+    let (mut changed_h, mut extra) = (new_histogram(), 0u64);
+    // The peers whose conversations change between listings: never the long one.
+    let movers = &peers[1..];
+    let per_round = args.list_changes.min(movers.len());
     let mut series = Vec::new();
     for i in 0..args.iterations.max(1) {
         let t = Instant::now();
@@ -206,9 +223,9 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         );
         let unread: u64 = rows.iter().map(|r| r.unread).sum();
         ensure!(
-            unread == n as u64 + args.messages as u64,
+            unread == n as u64 + args.messages as u64 + extra,
             "unread sums to {unread}, expected {}",
-            n + args.messages
+            n as u64 + args.messages as u64 + extra
         );
 
         let seqs = history_back(&mut client, long.user_id, &mut hist_h).await?;
@@ -227,6 +244,44 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
             "HTTP listed {http_rows} of {n} conversations"
         );
         series.push((i as f64 + 1.0, list_us as f64 / 1e3));
+
+        if per_round > 0 {
+            let start = (i * per_round) % movers.len();
+            let round: Vec<Credentials> = movers
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(per_round)
+                .cloned()
+                .collect();
+            seed_round(target, subject.user_id, &round, i + 1).await?;
+            extra += per_round as u64;
+            let t = Instant::now();
+            let rows = list_all(&mut client, &mut list_page_h).await?;
+            record(&mut changed_h, t.elapsed().as_micros() as u64);
+            ensure!(
+                rows.len() == n,
+                "listed {} of {n} conversations after changes",
+                rows.len()
+            );
+            let unread: u64 = rows.iter().map(|r| r.unread).sum();
+            ensure!(
+                unread == n as u64 + args.messages as u64 + extra,
+                "unread sums to {unread} after changes, expected {}",
+                n as u64 + args.messages as u64 + extra
+            );
+            let mut top: Vec<i64> = rows[..per_round]
+                .iter()
+                .filter_map(|r| r.conversation.as_ref().map(|c| c.id))
+                .collect();
+            let mut want: Vec<i64> = round.iter().map(|p| p.user_id).collect();
+            top.sort_unstable();
+            want.sort_unstable();
+            ensure!(
+                top == want,
+                "the changed conversations are not first: {top:?}, expected {want:?}"
+            );
+        }
     }
     let _ = client.close().await;
 
@@ -234,9 +289,11 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
     let page = Latency::of(&list_page_h);
     let hist = Latency::of(&hist_h);
     let http = Latency::of(&http_h);
+    let changed = Latency::of(&changed_h);
     eprintln!(
-        "  list of {n} conversations (socket): {}\n  list page of {LIST_PAGE}: {}\n  history page of {HISTORY_PAGE}: {}\n  list over HTTP: {}",
+        "  list of {n} conversations (socket): {}\n  list after {per_round} changed: {}\n  list page of {LIST_PAGE}: {}\n  history page of {HISTORY_PAGE}: {}\n  list over HTTP: {}",
         list.line(),
+        changed.line(),
         page.line(),
         hist.line(),
         http.line()
@@ -254,6 +311,7 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
         ("list_page", &page),
         ("history_page", &hist),
         ("http_list", &http),
+        ("list_after_changes", &changed),
     ] {
         report
             .metrics
@@ -263,6 +321,9 @@ pub async fn run(args: &BenchArgs, target: &Target, report: &mut Report) -> anyh
             .insert(format!("{name}_ms_p99"), l.p99_us as f64 / 1e3);
     }
     report.metrics.insert("conversations".into(), n as f64);
+    report
+        .metrics
+        .insert("list_changes".into(), per_round as f64);
     report
         .metrics
         .insert("history_messages".into(), total as f64);

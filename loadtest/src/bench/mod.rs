@@ -179,6 +179,9 @@ pub struct BenchArgs {
     /// Conversations of the listing user (conversations).
     #[arg(long, default_value_t = 1000)]
     pub conversations: usize,
+    /// Conversations that get a new message before each "list after changes" (conversations).
+    #[arg(long, default_value_t = 5)]
+    pub list_changes: usize,
     /// Load generator processes for `idle` (each holds at most ~19,000 sockets).
     #[arg(long, default_value_t = 1)]
     pub procs: usize,

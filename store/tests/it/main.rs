@@ -3,6 +3,7 @@
 mod conformance;
 mod embedded;
 mod leases;
+mod list_cache;
 mod presence;
 mod redis_seq;
 mod scylla;

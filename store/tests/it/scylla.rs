@@ -17,7 +17,7 @@ use zhibo_store::{Device, ErrorKind, MessageStore as _, Profile, SendPlan, User}
 use crate::conformance;
 
 /// A session to the test node (fails loudly if it is not running).
-async fn session() -> Arc<Session> {
+pub(crate) async fn session() -> Arc<Session> {
     let node = zhibo_testkit::require_cql().await;
     Arc::new(backend::session(&[node]).await.expect("CQL session"))
 }
@@ -39,7 +39,7 @@ fn keyspace_name() -> String {
 }
 
 /// Runs `body` with a fresh keyspace name, then drops that keyspace even if `body` panicked.
-async fn with_keyspace<F, Fut>(session: Arc<Session>, body: F)
+pub(crate) async fn with_keyspace<F, Fut>(session: Arc<Session>, body: F)
 where
     F: FnOnce(Arc<Session>, String) -> Fut,
     Fut: Future<Output = ()>,

@@ -15,7 +15,7 @@ use zhibo_proto::client::{
     ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, TypingInput,
 };
 
-use crate::cluster::{eventually, flushdb, http, Cluster};
+use crate::cluster::{eventually, flushdb, http, redis_command, Cluster};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -310,6 +310,13 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
 
     // A Redis flush (distributed): conversation seqs go on increasing, counts stay right.
     if let Some(redis) = cluster.redis_url.as_deref() {
+        // Distributed listings come from the list cache (on by default): losing it loses nothing.
+        let cached = format!("zhibo:lc:{{{}}}", alice.user_id);
+        assert_eq!(
+            redis_command(redis, &["EXISTS", &cached]).await,
+            ":1\r\n",
+            "alice's list is cached"
+        );
         flushdb(redis).await;
     }
     send(&mut b, ReceiverType::User, alice.user_id, "b4", "after").await;

@@ -97,6 +97,10 @@ async fn loadtest_scenarios_run_and_count() {
     assert_eq!(r.metrics["history_messages"], 121.0);
     // 121 messages in pages of 50: 3 pages per iteration.
     assert_eq!(r.steps[0].deliver_latency.count, 6);
+    // After each listing, 5 peers send once more and the list is taken again (checked: those 5
+    // first, the unread sum grown by 5).
+    assert_eq!(r.metrics["list_changes"], 5.0);
+    assert!(r.metrics["list_after_changes_ms_p50"] > 0.0);
 
     let mut a = args(&c, Scenario::Reconnect);
     a.conns = 8;
