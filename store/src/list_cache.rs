@@ -9,18 +9,22 @@
 //!
 //! # How it stays correct
 //! Two keys per user, in one hash slot (`{user}` tag) so a Redis Cluster keeps them on one master:
-//! - the **listing** `zhibo:lc:{user}`: a generation (8 random bytes), the build time and every
-//!   row, encoded; it expires `max_age` after the full read that built it (merges keep that TTL);
-//! - the **dirty marks** `zhibo:lc:{user}:dirty`: a hash `kind:id → count`.
+//! - the **listing** `zhibo:lc:{user}`: a generation (8 random bytes), a format byte, the build time
+//!   and every row, encoded; it expires `max_age` after the full read that built it (merges keep
+//!   that TTL);
+//! - the **dirty marks** `zhibo:lc:{user}:dirty`: a hash `kind:id → count`, kept alive 10 s longer
+//!   than the listing (each mark and each store moves its expiry), so a mark never expires first.
 //!
 //! This type wraps the backend's [`ConversationStore`] and [`MessageStore`]; after **every** write
 //! that can change a conversation row (a send's copies, `record_message`, `join`, `mark_read` and the
 //! 1:1 peer's row, `set_settings`, `touch`, `recall`'s copies, `delete_for_me`) it increments the mark
-//! of each row it touched, whether the write succeeded or not (a failed batch may have landed), and
-//! only while the user has a listing (a script checks, so users who never list cost one `EVAL` and
-//! no memory). The mark comes *after* the write returned, so a listing that sees the mark re-reads a
-//! row that already holds the change; a send marks before it is delivered or ACKed, so a client that
-//! saw a message lists it.
+//! of each row it touched, whether the write succeeded or not (a failed batch may have landed; the
+//! one exception is a group recall that fails, whose copies are not known), and only while the user
+//! has a listing (a script checks, so users who never list cost one `EVAL` per row and no memory).
+//! The mark comes *after* the write returned, so a listing that sees the mark re-reads a row that
+//! already holds the change; a send marks before it is delivered or ACKed, so a client that saw a
+//! message lists it. The marks run in a task of their own, so a caller that stops waiting (an HTTP
+//! request dropped by its client, shutdown) after a write started does not skip them.
 //!
 //! A listing fetches both keys atomically (one script). With no listing it leaves a placeholder (its
 //! own generation, no rows; 10 s), reads the whole partition, and stores the rows only if the
@@ -32,12 +36,15 @@
 //! on one generation: the first one's result is stored, the second serves its own.
 //!
 //! # What can go stale, and for how long
-//! A change whose mark never lands — the process died between the write and the mark, Redis refused
-//! the mark, or a CQL write that timed out for the client landed after its mark was consumed — is
-//! missing from the cached listing until the listing expires: at most `max_age` (default 60 s,
-//! `store.list_cache_secs`) after its full read. A Redis that loses both keys (flush, restart,
-//! failover of that master) loses nothing but the cache. Live events (`Message`,
-//! `ConversationUpdate`) reach online devices regardless.
+//! A change whose mark is lost is missing from the cached listing until the listing expires: at most
+//! `max_age` (default 60 s, `store.list_cache_secs`, at most a day) after its full read. Marks are
+//! lost when the process dies between a write and its mark, when Redis refuses the mark, when a CQL
+//! write lands after its mark was consumed (a write that timed out for the client, or a sibling write
+//! of a multi-partition write that failed part-way: the backend returns at the first error), when a
+//! group recall fails part-way, or when Redis drops the marks but keeps the listing (a failover to a
+//! replica that missed the last writes — replication is asynchronous — or eviction under
+//! `maxmemory`). A Redis that loses both keys (flush, restart) loses only the cache. Live events
+//! (`Message`, `ConversationUpdate`) reach online devices regardless.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,18 +91,22 @@ end
 return {1, v, d}
 ";
 
-/// Increments the mark `ARGV[1]` while the user has a listing (or a placeholder).
+/// Increments the mark `ARGV[1]` while the user has a listing (or a placeholder); the marks live
+/// `ARGV[2]` ms longer than the listing, so they never expire before it.
 const MARK: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 then
   redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[2]))
+  end
 end
 return 0
 ";
 
 /// If the listing's generation is still `ARGV[1]`: stores `ARGV[2]` (empty: deletes it) with TTL
-/// `ARGV[3]` ms (0: keeps the current TTL), then decrements the marks `ARGV[4..]` (field, count)
-/// and drops those at zero. Answers 1 if stored.
+/// `ARGV[3]` ms (0: keeps the current TTL) and makes the marks outlive it by `ARGV[4]` ms, then
+/// decrements the marks `ARGV[5..]` (field, count) and drops those at zero. Answers 1 if stored.
 const COMMIT: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if (not cur) or string.sub(cur, 1, 8) ~= ARGV[1] then
@@ -108,9 +119,16 @@ elseif ARGV[3] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
-for i = 4, #ARGV, 2 do
-  if redis.call('HINCRBY', KEYS[2], ARGV[i], -tonumber(ARGV[i + 1])) <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[i])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[4]))
+end
+for i = 5, #ARGV, 2 do
+  local n = redis.call('HGET', KEYS[2], ARGV[i])
+  if n then
+    if redis.call('HINCRBY', KEYS[2], ARGV[i], -tonumber(ARGV[i + 1])) <= 0 then
+      redis.call('HDEL', KEYS[2], ARGV[i])
+    end
   end
 end
 return 1
@@ -165,6 +183,14 @@ enum Fetched {
     Busy,
 }
 
+/// One dirty mark as fetched: its field, the row it names (`None`: unreadable, only cleared) and
+/// its count.
+struct Mark {
+    field: String,
+    conversation: Option<ConversationId>,
+    count: i64,
+}
+
 impl ListCache {
     /// Wraps `stores.conversations` and `stores.messages` (which must be the same backend's) with the
     /// cache on `pool`; a listing is rebuilt from the backend at least every `max_age`.
@@ -213,7 +239,8 @@ impl ListCache {
                 if marks.len() > MAX_DIRTY {
                     rows = self.read_all(user_id).await?;
                 } else {
-                    let marked: Vec<ConversationId> = marks.iter().map(|m| m.0).collect();
+                    let marked: Vec<ConversationId> =
+                        marks.iter().filter_map(|m| m.conversation).collect();
                     let fresh: Vec<(ConversationId, Option<Conversation>)> =
                         futures::stream::iter(marked)
                             .map(|c| async move {
@@ -255,11 +282,7 @@ impl ListCache {
         self.conversations.list(user_id, all).await
     }
 
-    async fn fetch(
-        &self,
-        user_id: i64,
-        claim: [u8; 8],
-    ) -> Result<(Fetched, Vec<(ConversationId, i64)>)> {
+    async fn fetch(&self, user_id: i64, claim: [u8; 8]) -> Result<(Fetched, Vec<Mark>)> {
         let keys = vec![list_cache_key(user_id), list_dirty_key(user_id)];
         let args: Vec<Value> = vec![
             Value::Bytes(Bytes::copy_from_slice(&claim)),
@@ -279,12 +302,18 @@ impl ListCache {
         if let Value::Array(flat) = marks {
             for pair in flat.chunks(2) {
                 let [field, count] = pair else { continue };
-                let field = field.as_str().and_then(|f| parse_field(&f));
-                let count = count.as_i64().or_else(|| count.as_str()?.parse().ok());
-                // An unreadable mark is left alone (never decremented): harmless.
-                if let (Some(field), Some(count)) = (field, count) {
-                    dirty.push((field, count));
-                }
+                let Some(field) = field.as_str().map(|f| f.to_string()) else {
+                    continue;
+                };
+                let count = count
+                    .as_i64()
+                    .or_else(|| count.as_str()?.parse().ok())
+                    .unwrap_or(0);
+                dirty.push(Mark {
+                    conversation: parse_field(&field),
+                    field,
+                    count,
+                });
             }
         }
         let fetched = match found.as_i64() {
@@ -315,7 +344,7 @@ impl ListCache {
         rows: &[Conversation],
         built_at_ms: i64,
         ttl_ms: i64,
-        marks: &[(ConversationId, i64)],
+        marks: &[Mark],
     ) {
         let body = if rows.len() > MAX_ROWS {
             Bytes::new()
@@ -337,45 +366,89 @@ impl ListCache {
         generation: [u8; 8],
         body: Bytes,
         ttl_ms: i64,
-        marks: &[(ConversationId, i64)],
+        marks: &[Mark],
     ) {
         let keys = vec![list_cache_key(user_id), list_dirty_key(user_id)];
-        let mut args: Vec<Value> = Vec::with_capacity(3 + 2 * marks.len());
+        let mut args: Vec<Value> = Vec::with_capacity(4 + 2 * marks.len());
         args.push(Value::Bytes(Bytes::copy_from_slice(&generation)));
         args.push(Value::Bytes(body));
         args.push(ttl_ms.into());
-        for (conversation, count) in marks {
-            args.push(mark_field(*conversation).into());
-            args.push((*count).into());
+        args.push(BUILD_TTL_MS.into());
+        for mark in marks {
+            args.push(mark.field.as_str().into());
+            args.push(mark.count.into());
         }
         if let Err(e) = self.pool.eval::<Value, _, _, _>(COMMIT, keys, args).await {
             tracing::warn!(user_id, error = %e, "could not store the cached listing");
         }
     }
 
-    /// Marks the rows `(user, conversation)` changed (see the module docs). A failure is logged:
-    /// the write itself stands, the listing may miss it until it expires.
-    async fn mark(&self, rows: impl IntoIterator<Item = (i64, ConversationId)>) {
-        let ttl = i64::try_from(self.max_age.as_millis()).unwrap_or(i64::MAX);
-        let calls = rows.into_iter().map(|(user_id, conversation)| {
-            let keys = vec![list_cache_key(user_id), list_dirty_key(user_id)];
-            let args: Vec<Value> = vec![mark_field(conversation).into(), ttl.max(1).into()];
-            async move {
-                if let Err(e) = self.pool.eval::<Value, _, _, _>(MARK, keys, args).await {
-                    tracing::warn!(user_id, error = %e, "could not mark a cached listing stale");
-                }
-            }
-        });
-        futures::future::join_all(calls).await;
+    /// Runs `write`, then marks `rows` (see the module docs) in a task of their own: a caller that
+    /// stops waiting (a dropped HTTP request, shutdown) after the write started still gets its rows
+    /// marked. A failed mark is logged: the write stands, the listing may miss it until it expires.
+    async fn marked<T>(
+        &self,
+        rows: Vec<(i64, ConversationId)>,
+        write: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let mut guard = MarkOnDrop {
+            pool: self.pool.clone(),
+            rows,
+        };
+        let result = write.await;
+        let rows = std::mem::take(&mut guard.rows);
+        if !rows.is_empty() {
+            // A dropped `JoinHandle` does not cancel the task: the marks complete either way.
+            let _ = tokio::spawn(mark(self.pool.clone(), rows)).await;
+        }
+        result
     }
+}
 
-    /// The rows a recorded message touched: every copy's owner's row of its conversation.
-    async fn mark_copies(&self, message: &Message, recipients: &[(i64, u64)]) {
-        if let Some(key) = ConversationKey::of_message(message) {
-            self.mark(recipients.iter().map(|&(u, _)| (u, key.seen_by(u))))
-                .await;
+/// Marks its rows from a task of their own if dropped before [`ListCache::marked`] took them.
+struct MarkOnDrop {
+    pool: Pool,
+    rows: Vec<(i64, ConversationId)>,
+}
+
+impl Drop for MarkOnDrop {
+    fn drop(&mut self) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(&mut self.rows);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(mark(self.pool.clone(), rows));
+            }
+            Err(_) => tracing::warn!("no runtime to mark cached listings stale from"),
         }
     }
+}
+
+/// One `EVAL` of [`MARK`] per row, concurrently.
+async fn mark(pool: Pool, rows: Vec<(i64, ConversationId)>) {
+    let calls = rows.into_iter().map(|(user_id, conversation)| {
+        let keys = vec![list_cache_key(user_id), list_dirty_key(user_id)];
+        let args: Vec<Value> = vec![mark_field(conversation).into(), BUILD_TTL_MS.into()];
+        let pool = &pool;
+        async move {
+            if let Err(e) = pool.eval::<Value, _, _, _>(MARK, keys, args).await {
+                tracing::warn!(user_id, error = %e, "could not mark a cached listing stale");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
+/// The rows a recorded message touches: every copy's owner's row of its conversation.
+fn copies(message: &Message, recipients: &[(i64, u64)]) -> Vec<(i64, ConversationId)> {
+    ConversationKey::of_message(message).map_or_else(Vec::new, |key| {
+        recipients
+            .iter()
+            .map(|&(u, _)| (u, key.seen_by(u)))
+            .collect()
+    })
 }
 
 fn redis_error_text(what: &str, detail: &str) -> crate::Error {
@@ -385,10 +458,15 @@ fn redis_error_text(what: &str, detail: &str) -> crate::Error {
     )
 }
 
-/// `generation | built_at_ms | rows`, each row fixed fields then its last message (prost).
+/// The layout [`encode`] writes; a listing of another layout (a rollout of another version) is
+/// rebuilt, never misread.
+const FORMAT: u8 = 1;
+
+/// `generation | FORMAT | built_at_ms | rows`, each row fixed fields then its last message (prost).
 fn encode(generation: [u8; 8], built_at_ms: i64, rows: &[Conversation]) -> Bytes {
-    let mut out = Vec::with_capacity(16 + rows.len() * 160);
+    let mut out = Vec::with_capacity(17 + rows.len() * 160);
     out.put_slice(&generation);
+    out.put_u8(FORMAT);
     out.put_i64(built_at_ms);
     for row in rows {
         out.put_i32(row.conversation.kind.as_i32());
@@ -413,7 +491,7 @@ fn encode(generation: [u8; 8], built_at_ms: i64, rows: &[Conversation]) -> Bytes
 /// The inverse of [`encode`] after the generation; `None` if damaged.
 fn decode(user_id: i64, mut body: Bytes) -> Option<(i64, Vec<Conversation>)> {
     const FIXED: usize = 4 + 8 + 8 + 8 + 8 + 1 + 8 + 4;
-    if body.len() < 8 {
+    if body.len() < 9 || body.get_u8() != FORMAT {
         return None;
     }
     let built_at_ms = body.get_i64();
@@ -462,12 +540,10 @@ impl ConversationStore for ListCache {
         message: &Message,
         recipients: &[(i64, u64)],
     ) -> Result<()> {
-        let result = self
+        let write = self
             .conversations
-            .record_message(conv_seq, message, recipients)
-            .await;
-        self.mark_copies(message, recipients).await;
-        result
+            .record_message(conv_seq, message, recipients);
+        self.marked(copies(message, recipients), write).await
     }
 
     async fn last_conversation_seq(&self, key: ConversationKey) -> Result<u64> {
@@ -481,12 +557,10 @@ impl ConversationStore for ListCache {
         from_seq: u64,
         version: u64,
     ) -> Result<()> {
-        let result = self
+        let write = self
             .conversations
-            .join(user_id, conversation, from_seq, version)
-            .await;
-        self.mark([(user_id, conversation)]).await;
-        result
+            .join(user_id, conversation, from_seq, version);
+        self.marked(vec![(user_id, conversation)], write).await
     }
 
     async fn get(
@@ -511,21 +585,15 @@ impl ConversationStore for ListCache {
         read_seq: u64,
         version: u64,
     ) -> Result<()> {
-        let result = self
-            .conversations
-            .mark_read(user_id, conversation, read_seq, version)
-            .await;
-        match conversation.kind {
-            ConversationKind::Direct => {
-                self.mark([
-                    (user_id, conversation),
-                    (conversation.id, ConversationId::direct(user_id)),
-                ])
-                .await;
-            }
-            ConversationKind::Group => self.mark([(user_id, conversation)]).await,
+        let mut rows = vec![(user_id, conversation)];
+        if conversation.kind == ConversationKind::Direct {
+            // The peer's row learns the position as `peer_read_seq`.
+            rows.push((conversation.id, ConversationId::direct(user_id)));
         }
-        result
+        let write = self
+            .conversations
+            .mark_read(user_id, conversation, read_seq, version);
+        self.marked(rows, write).await
     }
 
     async fn group_readers(&self, group_id: i64, conv_seq: u64) -> Result<Vec<i64>> {
@@ -539,18 +607,15 @@ impl ConversationStore for ListCache {
         settings: ConversationSettings,
         version: u64,
     ) -> Result<()> {
-        let result = self
+        let write = self
             .conversations
-            .set_settings(user_id, conversation, settings, version)
-            .await;
-        self.mark([(user_id, conversation)]).await;
-        result
+            .set_settings(user_id, conversation, settings, version);
+        self.marked(vec![(user_id, conversation)], write).await
     }
 
     async fn touch(&self, rows: &[(i64, ConversationId, u64)]) -> Result<()> {
-        let result = self.conversations.touch(rows).await;
-        self.mark(rows.iter().map(|&(u, c, _)| (u, c))).await;
-        result
+        let marks = rows.iter().map(|&(u, c, _)| (u, c)).collect();
+        self.marked(marks, self.conversations.touch(rows)).await
     }
 
     async fn history(
@@ -571,19 +636,28 @@ impl ConversationStore for ListCache {
         conv_seq: u64,
         request: RecallRequest,
     ) -> Result<Recalled> {
-        let result = self.conversations.recall(key, conv_seq, request).await;
-        // A failed recall names no copies: what it may have changed is picked up when the listing
-        // expires (the worker's `touch` of the recipients, after a successful one, marks them too).
-        if let Ok(recalled) = &result {
-            self.mark(
-                recalled
+        match key {
+            // Both rows are known up front: marked whatever the outcome.
+            ConversationKey::Direct { low, high } => {
+                let rows = vec![(low, key.seen_by(low)), (high, key.seen_by(high))];
+                self.marked(rows, self.conversations.recall(key, conv_seq, request))
+                    .await
+            }
+            // A group's copies are known from the answer only. A recall that fails after changing
+            // some of them leaves those rows stale in cached lists until they expire (the worker's
+            // `touch` of the recipients, after a successful one, marks them again).
+            ConversationKey::Group(_) => {
+                let recalled = self.conversations.recall(key, conv_seq, request).await?;
+                let rows = recalled
                     .recipients
                     .iter()
-                    .map(|&(u, _)| (u, key.seen_by(u))),
-            )
-            .await;
+                    .map(|&(u, _)| (u, key.seen_by(u)))
+                    .collect();
+                self.marked(rows, async { Ok::<(), crate::Error>(()) })
+                    .await?;
+                Ok(recalled)
+            }
         }
-        result
     }
 
     async fn delete_for_me(
@@ -593,12 +667,10 @@ impl ConversationStore for ListCache {
         conv_seq: u64,
         version: u64,
     ) -> Result<()> {
-        let result = self
+        let write = self
             .conversations
-            .delete_for_me(user_id, conversation, conv_seq, version)
-            .await;
-        self.mark([(user_id, conversation)]).await;
-        result
+            .delete_for_me(user_id, conversation, conv_seq, version);
+        self.marked(vec![(user_id, conversation)], write).await
     }
 }
 
@@ -642,12 +714,10 @@ impl MessageStore for ListCache {
         plan: &SendPlan,
         entries: &[(i64, Message)],
     ) -> Result<Option<SendPlan>> {
-        let result = self
+        let write = self
             .messages
-            .record_send(device_id, client_msg_id, plan, entries)
-            .await;
-        self.mark_entries(plan, entries).await;
-        result
+            .record_send(device_id, client_msg_id, plan, entries);
+        self.marked(entry_rows(plan, entries), write).await
     }
 
     async fn record_claimed_send(
@@ -657,12 +727,10 @@ impl MessageStore for ListCache {
         plan: &SendPlan,
         entries: &[(i64, Message)],
     ) -> Result<Option<SendPlan>> {
-        let result = self
+        let write = self
             .messages
-            .record_claimed_send(device_id, client_msg_id, plan, entries)
-            .await;
-        self.mark_entries(plan, entries).await;
-        result
+            .record_claimed_send(device_id, client_msg_id, plan, entries);
+        self.marked(entry_rows(plan, entries), write).await
     }
 
     async fn ack(&self, user_id: i64, device_id: i64, seq: u64) -> Result<()> {
@@ -674,19 +742,15 @@ impl MessageStore for ListCache {
     }
 }
 
-impl ListCache {
-    /// A send's copies (conversation rows are written only with a conversation seq).
-    async fn mark_entries(&self, plan: &SendPlan, entries: &[(i64, Message)]) {
-        if plan.conv_seq == 0 {
-            return;
-        }
-        self.mark(
-            entries.iter().filter_map(|(u, m)| {
-                ConversationKey::of_message(m).map(|key| (*u, key.seen_by(*u)))
-            }),
-        )
-        .await;
+/// A send's copies' rows (conversation rows are written only with a conversation seq).
+fn entry_rows(plan: &SendPlan, entries: &[(i64, Message)]) -> Vec<(i64, ConversationId)> {
+    if plan.conv_seq == 0 {
+        return Vec::new();
     }
+    entries
+        .iter()
+        .filter_map(|(u, m)| ConversationKey::of_message(m).map(|key| (*u, key.seen_by(*u))))
+        .collect()
 }
 
 #[cfg(test)]
@@ -732,6 +796,10 @@ mod tests {
             let _ = decode(7, body.slice(8..cut));
         }
         assert!(decode(7, body.slice(8..body.len() - 1)).is_none());
+        // Another layout (a rollout of another version) is rebuilt, never misread.
+        let mut other = body.to_vec();
+        other[8] = FORMAT + 1;
+        assert!(decode(7, Bytes::from(other).slice(8..)).is_none());
     }
 
     #[test]

@@ -37,9 +37,13 @@ pub struct StoreConfig {
     /// Redis for seq counters (Scylla mode).
     pub redis_url: String,
     /// Scylla mode: keep each user's conversation list in Redis (`store::list_cache`), rebuilt from
-    /// the database at least this often (seconds); 0 = read the database on every listing.
+    /// the database at least this often (seconds, at most [`MAX_LIST_CACHE_SECS`]); 0 = read the
+    /// database on every listing.
     pub list_cache_secs: u64,
 }
+
+/// The largest `store.list_cache_secs`: it bounds how long a lost invalidation can go unseen.
+pub const MAX_LIST_CACHE_SECS: u64 = 86_400;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -300,6 +304,12 @@ impl Config {
                 config.metrics_addr
             ));
         }
+        if config.store.list_cache_secs > MAX_LIST_CACHE_SECS {
+            return Err(format!(
+                "store: list_cache_secs {} is above {MAX_LIST_CACHE_SECS} (one day)",
+                config.store.list_cache_secs
+            ));
+        }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
         config.hooks.validate().map_err(|e| format!("hooks: {e}"))?;
         config
@@ -331,6 +341,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_cache_secs_is_bounded() {
+        let load = |v: &str| Config::load_from(None, vars(&[("ZHIBO_STORE__LIST_CACHE_SECS", v)]));
+        assert_eq!(load("0").expect("off").store.list_cache_secs, 0);
+        assert_eq!(load("86400").expect("a day").store.list_cache_secs, 86_400);
+        let Err(err) = load("86401") else {
+            panic!("a list cache longer than a day is refused")
+        };
+        assert!(err.contains("list_cache_secs"), "{err}");
+    }
 
     fn vars(v: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         v.iter()

@@ -265,6 +265,37 @@ async fn cached_listing_follows_every_write() {
     .await;
 }
 
+/// The marks of a listing never expire before it (a mark that expired first would be a change the
+/// listing never re-reads).
+#[tokio::test]
+async fn marks_outlive_their_listing() {
+    let redis_url = zhibo_testkit::require_redis().await;
+    with_keyspace(session().await, |session, keyspace| async move {
+        backend::migrate(&session, &keyspace, 1)
+            .await
+            .expect("migrate");
+        let store = Arc::new(
+            ScyllaBackend::new(session, &keyspace)
+                .await
+                .expect("prepare"),
+        );
+        let p = pair(store, &redis_url, Duration::from_secs(30)).await;
+        let (a, b) = (id(), id());
+        p.send(a, b, false, &[a, b]).await;
+        p.check(a, "a sent").await;
+        p.send(b, a, false, &[b, a]).await;
+        let listing: i64 = p.pool.pttl(list_cache_key(a)).await.expect("pttl");
+        let marks: i64 = p.pool.pttl(list_dirty_key(a)).await.expect("pttl");
+        assert!(listing > 0, "a's list is cached with a TTL: {listing}");
+        assert!(
+            marks > listing,
+            "marks expire after the listing: {marks} vs {listing} ms"
+        );
+        p.check(a, "b replied").await;
+    })
+    .await;
+}
+
 /// A change that bypassed the cache shows once the listing is `max_age` old.
 #[tokio::test]
 async fn a_missed_change_lasts_at_most_max_age() {
