@@ -58,7 +58,7 @@ use zhibo_proto::client::Message;
 use zhibo_proto::ProstMessage as _;
 
 use crate::ids::now_ms;
-use crate::redis_seq::redis_error;
+use crate::redis_seq::{redis_error, redis_failure};
 use crate::traits::conversations::list_page;
 use crate::{
     sort_for_list, Conversation, ConversationId, ConversationKey, ConversationKind,
@@ -293,7 +293,7 @@ impl ListCache {
             .eval(FETCH, keys, args)
             .await
             .map_err(|e| redis_error("list cache", e))?;
-        let bad = || redis_error_text("list cache", "unexpected reply");
+        let bad = || redis_failure("list cache", "unexpected reply");
         let Value::Array(parts) = reply else {
             return Err(bad());
         };
@@ -449,13 +449,6 @@ fn copies(message: &Message, recipients: &[(i64, u64)]) -> Vec<(i64, Conversatio
             .map(|&(u, _)| (u, key.seen_by(u)))
             .collect()
     })
-}
-
-fn redis_error_text(what: &str, detail: &str) -> crate::Error {
-    crate::Error::new(
-        crate::ErrorKind::Unavailable,
-        format!("redis {what}: {detail}"),
-    )
 }
 
 /// The layout [`encode`] writes; a listing of another layout (a rollout of another version) is

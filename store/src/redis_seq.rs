@@ -269,7 +269,7 @@ pub(crate) fn redis_error(what: &str, e: impl std::error::Error + Send + Sync + 
 }
 
 /// An answer from Redis that makes no sense, with no underlying error to keep.
-fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error {
+pub(crate) fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Unavailable, format!("redis {what}: {detail}"))
 }
 

@@ -40,7 +40,7 @@ pub(crate) async fn run_all(stores: Stores) {
 }
 
 /// A fresh entity id, unique in this process and across runs.
-fn id() -> i64 {
+pub(crate) fn id() -> i64 {
     static IDS: OnceLock<IdGen> = OnceLock::new();
     IDS.get_or_init(|| IdGen::entities(u64::from(std::process::id())))
         .next_i64()

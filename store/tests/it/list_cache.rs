@@ -3,13 +3,14 @@
 //! cache proves listings are served from it, and is picked up once the listing is lost or expires;
 //! concurrent sends and listings converge; the conformance suite passes through it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::{KeysInterface as _, Pool};
 use zhibo_proto::client::{Message, ReceiverType};
-use zhibo_store::ids::{now_ms, IdGen};
+use zhibo_store::ids::now_ms;
 use zhibo_store::list_cache::{list_cache_key, list_dirty_key, ListCache};
 use zhibo_store::redis_seq::{connect_pool, RedisSeq};
 use zhibo_store::scylla::{self as backend, ScyllaBackend};
@@ -18,13 +19,8 @@ use zhibo_store::{
     SendPlan, SeqAllocator, Stores,
 };
 
+use crate::conformance::id;
 use crate::scylla::{session, with_keyspace};
-
-fn id() -> i64 {
-    static IDS: std::sync::OnceLock<IdGen> = std::sync::OnceLock::new();
-    IDS.get_or_init(|| IdGen::entities(u64::from(std::process::id()) + 7))
-        .next_i64()
-}
 
 const ALL: ListQuery = ListQuery {
     changed_after: 0,
@@ -54,6 +50,27 @@ async fn pair(store: Arc<ScyllaBackend>, redis_url: &str, max_age: Duration) -> 
         seq,
         pool,
     }
+}
+
+/// Runs `body` with a [`Pair`] over a fresh migrated keyspace (dropped afterwards) and the test Redis.
+async fn with_pair<F, Fut>(max_age: Duration, body: F)
+where
+    F: FnOnce(Pair) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let redis_url = zhibo_testkit::require_redis().await;
+    with_keyspace(session().await, |session, keyspace| async move {
+        backend::migrate(&session, &keyspace, 1)
+            .await
+            .expect("migrate");
+        let store = Arc::new(
+            ScyllaBackend::new(session, &keyspace)
+                .await
+                .expect("prepare"),
+        );
+        body(pair(store, &redis_url, max_age).await).await;
+    })
+    .await;
 }
 
 impl Pair {
@@ -144,17 +161,7 @@ impl Pair {
 /// row it changed; a write behind the cache's back does not, until the listing is lost.
 #[tokio::test]
 async fn cached_listing_follows_every_write() {
-    let redis_url = zhibo_testkit::require_redis().await;
-    with_keyspace(session().await, |session, keyspace| async move {
-        backend::migrate(&session, &keyspace, 1)
-            .await
-            .expect("migrate");
-        let store = Arc::new(
-            ScyllaBackend::new(session, &keyspace)
-                .await
-                .expect("prepare"),
-        );
-        let p = pair(store, &redis_url, Duration::from_secs(60)).await;
+    with_pair(Duration::from_secs(60), |p| async move {
         let (a, b, c, g) = (id(), id(), id(), id());
         for u in [a, b, c] {
             p.check(u, "nothing").await;
@@ -269,17 +276,7 @@ async fn cached_listing_follows_every_write() {
 /// listing never re-reads).
 #[tokio::test]
 async fn marks_outlive_their_listing() {
-    let redis_url = zhibo_testkit::require_redis().await;
-    with_keyspace(session().await, |session, keyspace| async move {
-        backend::migrate(&session, &keyspace, 1)
-            .await
-            .expect("migrate");
-        let store = Arc::new(
-            ScyllaBackend::new(session, &keyspace)
-                .await
-                .expect("prepare"),
-        );
-        let p = pair(store, &redis_url, Duration::from_secs(30)).await;
+    with_pair(Duration::from_secs(30), |p| async move {
         let (a, b) = (id(), id());
         p.send(a, b, false, &[a, b]).await;
         p.check(a, "a sent").await;
@@ -299,18 +296,8 @@ async fn marks_outlive_their_listing() {
 /// A change that bypassed the cache shows once the listing is `max_age` old.
 #[tokio::test]
 async fn a_missed_change_lasts_at_most_max_age() {
-    let redis_url = zhibo_testkit::require_redis().await;
-    with_keyspace(session().await, |session, keyspace| async move {
-        backend::migrate(&session, &keyspace, 1)
-            .await
-            .expect("migrate");
-        let store = Arc::new(
-            ScyllaBackend::new(session, &keyspace)
-                .await
-                .expect("prepare"),
-        );
-        let max_age = Duration::from_secs(2);
-        let p = pair(store, &redis_url, max_age).await;
+    let max_age = Duration::from_secs(2);
+    with_pair(max_age, |p| async move {
         let (a, b) = (id(), id());
         p.send(a, b, false, &[a, b]).await;
         p.check(a, "a sent").await;
@@ -347,17 +334,8 @@ async fn a_missed_change_lasts_at_most_max_age() {
 /// backend's (marks made during a rebuild or a merge are never consumed by it).
 #[tokio::test]
 async fn concurrent_sends_and_listings_converge() {
-    let redis_url = zhibo_testkit::require_redis().await;
-    with_keyspace(session().await, |session, keyspace| async move {
-        backend::migrate(&session, &keyspace, 1)
-            .await
-            .expect("migrate");
-        let store = Arc::new(
-            ScyllaBackend::new(session, &keyspace)
-                .await
-                .expect("prepare"),
-        );
-        let p = Arc::new(pair(store, &redis_url, Duration::from_secs(60)).await);
+    with_pair(Duration::from_secs(60), |p| async move {
+        let p = Arc::new(p);
         let a = id();
         let peers: Vec<i64> = (0..12).map(|_| id()).collect();
         let mut tasks = Vec::new();
@@ -386,17 +364,7 @@ async fn concurrent_sends_and_listings_converge() {
 /// The whole storage conformance suite through the cache.
 #[tokio::test]
 async fn conformance_through_the_list_cache() {
-    let redis_url = zhibo_testkit::require_redis().await;
-    with_keyspace(session().await, |session, keyspace| async move {
-        backend::migrate(&session, &keyspace, 1)
-            .await
-            .expect("migrate");
-        let store = Arc::new(
-            ScyllaBackend::new(session, &keyspace)
-                .await
-                .expect("prepare"),
-        );
-        let p = pair(store, &redis_url, Duration::from_secs(60)).await;
+    with_pair(Duration::from_secs(60), |p| async move {
         crate::conformance::run_all(p.cached).await;
     })
     .await;
