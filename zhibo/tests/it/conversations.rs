@@ -694,6 +694,42 @@ async fn history_pages_across_1000_messages(cluster: &Cluster) {
         .collect();
     assert_eq!(seqs, (501..=700).collect::<Vec<_>>());
     assert_eq!(body["has_more"], json!(true));
+
+    // Refused with a code, nothing answered: a conversation the asker is not in — bob's history
+    // with a user he never talked to, and carol (an outsider) asking for hers with bob, over the
+    // socket and HTTP.
+    let carol = cluster.user("carol").await;
+    let ask_history = |with: i64, before: u64| {
+        Body::History(HistoryInput {
+            conversation: peer(with),
+            before,
+            after: 0,
+            limit: 50,
+        })
+    };
+    assert_eq!(
+        refused(&mut b, ask_history(carol.user_id, 0)).await,
+        ErrorCode::NotInConversation
+    );
+    let mut c = cluster.connect(Transport::Tcp, 0, &carol).await;
+    for before in [0, 500] {
+        assert_eq!(
+            refused(&mut c, ask_history(bob.user_id, before)).await,
+            ErrorCode::NotInConversation
+        );
+    }
+    let (status, body) = http(
+        &cluster.api_base,
+        reqwest::Method::GET,
+        &format!("/v1/conversations/user/{}/messages?limit=50", bob.user_id),
+        ("authorization", &format!("Bearer {}", carol.token)),
+        json!(null),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    // The connection that was refused still works.
+    let page = history(&mut b, peer(alice.user_id), 0, 0, 1).await;
+    assert_eq!(page.messages.len(), 1);
 }
 
 /// Pages of large messages fit in one frame: a list or history page stops before the byte budget
