@@ -54,7 +54,8 @@ pub struct GatewayConfig {
     pub room_send_per_sec: f64,
     /// Room message burst per connection.
     pub room_send_burst: f64,
-    /// Room frames queued per connection; a slow connection loses further room frames (never IM).
+    /// Room frames owed (TCP, WebSocket) or queued (QUIC) per connection; a slow connection loses
+    /// further room frames (never IM).
     pub room_queue: usize,
     /// Longest a room message waits to be batched with others, milliseconds: the window of a room at or
     /// above `room_batch_load`. A quieter room waits less, and the first message after an idle gap not at

@@ -23,6 +23,7 @@ use zhibo_store::Room;
 use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
 
 use crate::context::GatewayContext;
+use crate::direct::{Direct, RoomSink};
 use crate::frame::Frame;
 use crate::hub::ConnHandle;
 use crate::queue::{Outbound, QueueReceiver, QueueSender};
@@ -40,7 +41,8 @@ const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
 const WRITE_BATCH: usize = 64;
 
 /// Runs a connection until it closes. `first` is a packet the transport already has (the WebSocket
-/// sign-in built from the URL).
+/// sign-in built from the URL). `direct`: the socket rooms write this connection's room frames to
+/// (TCP, WebSocket; see `direct`), or `None` for a room queue this task writes from (QUIC).
 ///
 /// A plain function returning [`Connection::run`]: the future every idle connection holds is then the
 /// [`Connection`] and the state of its wait, nothing more (an async fn would also keep its arguments).
@@ -51,6 +53,7 @@ pub fn drive<R, W>(
     reader: R,
     writer: W,
     first: Option<Packet>,
+    direct: Option<Arc<Direct>>,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
@@ -80,6 +83,7 @@ where
         rx,
         room_tx: None,
         room_rx: None,
+        direct,
         overflow: CancellationToken::new(),
         registered: false,
         in_flight: 0,
@@ -106,6 +110,8 @@ struct Connection<R, W> {
     /// allocates a queue's first block of slots (32 frames) up front.
     room_tx: Option<mpsc::Sender<Bytes>>,
     room_rx: Option<mpsc::Receiver<Bytes>>,
+    /// The socket rooms write to directly (then there is no room queue).
+    direct: Option<Arc<Direct>>,
     /// Cancelled by the hub when the IM queue overflows.
     overflow: CancellationToken,
     /// Registered with the hub (signed in).
@@ -136,6 +142,8 @@ enum Event {
     Tick,
     /// The first of the queued room frames (`None`: the queue closed).
     Room(Option<Bytes>),
+    /// Room frames are owed to the socket (see `direct`).
+    RoomOwed,
 }
 
 /// Whether the connection goes on after an event.
@@ -176,7 +184,9 @@ where
                         Event::Queued(first) => Box::pin(self.on_queued(first)).await,
                         Event::Read(frame) => self.on_read(frame),
                         Event::Tick => Flow::Act(self.session.on_tick(Instant::now())),
+                        Event::Room(None) => Flow::Close,
                         Event::Room(first) => Box::pin(self.on_room(first)).await,
+                        Event::RoomOwed => Box::pin(self.on_room(None)).await,
                     }
                     .into_actions(),
                 };
@@ -205,6 +215,7 @@ where
             frame = self.reader.next(), if drain_at.is_none() => Event::Read(frame),
             _ = tokio::time::sleep_until(self.session.deadline().into()) => Event::Tick,
             frame = recv_room(&mut self.room_rx) => Event::Room(frame),
+            () = owed(self.direct.as_deref()) => Event::RoomOwed,
         }
     }
 
@@ -295,10 +306,11 @@ where
 
     /// Writes queued room frames. Like IM writes: an IM overflow or the drain deadline ends a write the
     /// peer never takes.
+    ///
+    /// `first`: the first queued room frame (QUIC), or `None` when room frames are owed to the socket
+    /// (`direct`: it was full, or this task was mid-write, when a room wrote them); the flush that ends
+    /// every write writes what is owed.
     async fn on_room(&mut self, first: Option<Bytes>) -> Flow {
-        let Some(first) = first else {
-            return Flow::Close;
-        };
         let write = tokio::time::timeout(
             WRITE_TIMEOUT,
             write_room(&mut self.writer, first, &mut self.room_rx),
@@ -467,12 +479,13 @@ where
         let Phase::Active { user_id, device_id } = self.session.phase() else {
             return Step::Next;
         };
-        let tx = match &self.room_tx {
-            Some(tx) => tx.clone(),
-            None => {
+        let tx = match (&self.direct, &self.room_tx) {
+            (Some(d), _) => RoomSink::Direct(d.clone()),
+            (None, Some(tx)) => RoomSink::Queue(tx.clone()),
+            (None, None) => {
                 let (tx, rx) = mpsc::channel(self.ctx.config.room_queue);
                 self.room_rx = Some(rx);
-                self.room_tx.insert(tx).clone()
+                RoomSink::Queue(self.room_tx.insert(tx).clone())
             }
         };
         let viewer = Viewer {
@@ -525,6 +538,9 @@ where
             self.ctx.hub.unregister(self.conn_id);
         }
         let _ = tokio::time::timeout(LAST_WORDS, self.writer.close()).await;
+        if let Some(d) = &self.direct {
+            d.close();
+        }
     }
 }
 
@@ -689,14 +705,26 @@ async fn recv_room(rx: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
     }
 }
 
-/// Writes room frame `first` and up to [`WRITE_BATCH`] more queued ones with one flush. False when the
-/// write failed.
-async fn write_room<W>(writer: &mut W, first: Bytes, rx: &mut Option<mpsc::Receiver<Bytes>>) -> bool
+/// Resolves when room frames are owed to `direct`'s socket; pending forever without one.
+fn owed(direct: Option<&Direct>) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match direct {
+        Some(d) => d.poll_owed(cx),
+        None => std::task::Poll::Pending,
+    })
+}
+
+/// Writes room frame `first` (if any) and up to [`WRITE_BATCH`] more queued ones with one flush. False
+/// when the write failed.
+async fn write_room<W>(
+    writer: &mut W,
+    first: Option<Bytes>,
+    rx: &mut Option<mpsc::Receiver<Bytes>>,
+) -> bool
 where
     W: Sink<Frame> + Unpin,
     W::Error: Display,
 {
-    let mut next = Some(first);
+    let mut next = first;
     let mut n = 0;
     while let Some(f) = next.take() {
         if let Err(e) = writer.feed(Frame::Encoded(f)).await {
@@ -912,7 +940,7 @@ mod tests {
         )
         .map(zhibo_proto::codec::PacketDecoder::flatten);
         let writer = crate::frame::lean_writer(w, 64 * 1024);
-        let task = drive(ctx, 1, "tcp", reader, writer, None);
+        let task = drive(ctx, 1, "tcp", reader, writer, None, None);
         let size = std::mem::size_of_val(&task);
         // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out);
         // 1,488 as a `Connection` (the `conn_id` it keeps, the handlers boxed).

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod conn;
 pub mod context;
+pub mod direct;
 pub mod frame;
 pub mod hub;
 pub mod limits;

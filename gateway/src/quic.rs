@@ -187,7 +187,7 @@ pub async fn serve(
                 .map(PacketDecoder::flatten);
             let writer =
                 until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
-            drive(ctx, conn_id, "quic", reader, writer, None).await;
+            drive(ctx, conn_id, "quic", reader, writer, None, None).await;
             // Give the peer a moment to read what was written last (an Error, a Kick) before the
             // connection close discards unacknowledged stream data.
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;

@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::mpsc;
 use zhibo_proto::bus::RoomPresence;
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{Message, Packet, RoomClass, RoomMessages};
+
+use crate::direct::{Owed, RoomSink};
 
 /// Room fan-out settings of a gateway.
 #[derive(Debug, Clone)]
@@ -79,8 +80,8 @@ pub struct Viewer {
     pub user_id: i64,
     /// Its device.
     pub device_id: i64,
-    /// Its room queue (encoded frames); full = the frame is dropped for it.
-    pub tx: mpsc::Sender<Bytes>,
+    /// Where its room frames go (written to its socket, or queued); full = the frame is dropped for it.
+    pub tx: RoomSink,
 }
 
 struct ViewerEntry {
@@ -159,6 +160,8 @@ pub struct RoomOutput {
     pub presence: Option<u64>,
     /// What shaping did.
     pub shaped: ShapeCounts,
+    /// Viewers owed a frame, to write once the room is let go (`direct::write_owed`).
+    pub owed: Owed,
 }
 
 /// One live room on one gateway. No I/O: time comes in as `now`, frames go to the viewers' queues
@@ -634,6 +637,9 @@ impl RoomState {
                 out.shaped.like_dropped += likes_in;
             } else {
                 v.told = online;
+                if let Some(d) = tx.direct() {
+                    out.owed.0.push(d.clone());
+                }
             }
         }
     }
@@ -642,6 +648,7 @@ impl RoomState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     const WINDOW: Duration = Duration::from_millis(30);
     const PRESENCE: Duration = Duration::from_millis(100);
@@ -663,7 +670,7 @@ mod tests {
             conn_id,
             user_id: conn_id as i64,
             device_id: conn_id as i64,
-            tx,
+            tx: RoomSink::Queue(tx),
         };
         (v, rx)
     }

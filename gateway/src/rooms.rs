@@ -391,7 +391,7 @@ impl RoomHub {
         let peers_known_at = std::time::Instant::now() + self.config.presence_interval;
         loop {
             let deadline = lock_room(&room).next_deadline();
-            let out = tokio::select! {
+            let mut out = tokio::select! {
                 _ = stop.cancelled() => break,
                 m = sub.next() => {
                     let Some(m) = m else { break };
@@ -429,6 +429,10 @@ impl RoomHub {
                     lock_room(&room).on_tick(std::time::Instant::now())
                 }
             };
+            // Written with the room let go: a join waits for the room's lock, not for sockets.
+            if !out.owed.0.is_empty() {
+                crate::direct::write_owed(std::mem::take(&mut out.owed.0));
+            }
             if out.dropped > 0 {
                 self.dropped.fetch_add(out.dropped, Ordering::Relaxed);
             }
@@ -562,7 +566,7 @@ mod tests {
                 conn_id,
                 user_id: conn_id as i64,
                 device_id: conn_id as i64,
-                tx,
+                tx: crate::direct::RoomSink::Queue(tx),
             },
             rx,
         )

@@ -11,6 +11,7 @@ use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::drive;
 use crate::context::GatewayContext;
+use crate::direct::{Direct, DirectIo, Framing};
 use crate::limits::{until_signed_in, EdgeLimits};
 use crate::listen::{accept_loop, Accepted};
 
@@ -30,12 +31,25 @@ pub async fn serve(
         "tcp",
         move |a: Accepted<_>| async move {
             let _ = a.conn.set_nodelay(true);
-            let (r, w) = a.conn.into_split();
-            let reader = FramedRead::with_capacity(r, PacketDecoder::new(max_frame), 512)
-                .map(PacketDecoder::flatten);
-            let writer =
-                until_signed_in(crate::frame::lean_writer(w, max_frame), a.unauthenticated);
-            drive(a.ctx, a.conn_id, "tcp", reader, writer, None).await;
+            // One socket for the codecs and the rooms this connection watches (see `direct`).
+            let direct = Direct::new(
+                a.conn,
+                Framing::Length,
+                max_frame,
+                a.ctx.config.room_queue,
+                a.ctx.metrics.frames_out.clone(),
+            );
+            let reader = FramedRead::with_capacity(
+                DirectIo(direct.clone()),
+                PacketDecoder::new(max_frame),
+                512,
+            )
+            .map(PacketDecoder::flatten);
+            let writer = until_signed_in(
+                crate::frame::lean_writer(DirectIo(direct.clone()), max_frame),
+                a.unauthenticated,
+            );
+            drive(a.ctx, a.conn_id, "tcp", reader, writer, None, Some(direct)).await;
         },
     )
     .await;

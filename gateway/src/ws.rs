@@ -16,6 +16,7 @@ use zhibo_proto::codec::{decode_body, CodecError};
 
 use crate::conn::drive;
 use crate::context::GatewayContext;
+use crate::direct::{Direct, DirectIo, Framing};
 use crate::frame::Frame;
 use crate::limits::{until_signed_in, EdgeLimits};
 use crate::listen::{accept_loop, Accepted};
@@ -71,6 +72,14 @@ pub async fn serve(
                 conn_id,
             } = a;
             let _ = stream.set_nodelay(true);
+            // One socket for tungstenite and the rooms this connection watches (see `direct`).
+            let direct = Direct::new(
+                stream,
+                Framing::WebSocket,
+                max_frame,
+                ctx.config.room_queue,
+                ctx.metrics.frames_out.clone(),
+            );
             let mut query = None;
             // The callback's signature (and its large error type) is tungstenite's.
             #[allow(clippy::result_large_err)]
@@ -105,7 +114,7 @@ pub async fn serve(
             let handshake = tokio::time::timeout(
                 ctx.session.sign_in_timeout,
                 Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
-                    stream,
+                    DirectIo(direct.clone()),
                     callback,
                     Some(ws_config(max_frame)),
                 )),
@@ -149,7 +158,16 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(ctx, conn_id, "ws", reader, writer, Some(first)).await;
+            drive(
+                ctx,
+                conn_id,
+                "ws",
+                reader,
+                writer,
+                Some(first),
+                Some(direct),
+            )
+            .await;
         },
     )
     .await;

@@ -1,0 +1,636 @@
+//! Room frames written straight to a viewer's socket by the room that made them.
+//!
+//! # Why
+//! A room frame is encoded once and shared by every viewer. Through a queue, each viewer's copy then
+//! costs a wake-up of the viewer's connection task, a turn of its `select!`, and the write layers of its
+//! sink: about half of a room frame's server CPU per viewer (docs/BENCHMARKS.md §4). With [`Direct`],
+//! the room writes the frame into each viewer's socket itself, one non-blocking `writev` (length
+//! prefix or WebSocket header, then the shared bytes) per viewer, and the connection task is not woken.
+//!
+//! # How
+//! A room's flush (under the room's lock, no I/O) *owes* each viewer its frame ([`Direct::try_send`]);
+//! once the lock is let go, [`write_owed`] writes the owed bytes, [`WRITE_CHUNK`] viewers per task.
+//! Every byte written to the socket passes one lock per connection, so frames never interleave:
+//! - the connection's codecs read and write the socket through [`DirectIo`]; a codec write marks the
+//!   socket *mid-frame* (`dirty`), a codec flush marks a frame boundary again (a codec flushes its inner
+//!   writer only with its own buffer empty: `FramedWrite`, and tungstenite's `flush`, which its
+//!   control replies use too);
+//! - owed bytes are written only at a boundary, and before any later codec byte (a codec write at a
+//!   boundary writes them first). What the socket does not take (a full send buffer), or what is owed
+//!   mid-frame, is left owed and the connection is told ([`Direct::poll_owed`]): it flushes its sink,
+//!   which writes them, waiting for the socket like any write (bounded like any write).
+//!
+//! A viewer holds at most `cap` room frames owed, like the room queue it replaces: one more is refused
+//! (the room counts it dropped, and sheds chat before that, see `RoomState::flush`). QUIC keeps the
+//! queue: its streams are not a socket a frame can be written to.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf as _, Bytes};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// How a room frame is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// TCP: a u32 big-endian length, then the body (`FrameEncoder`).
+    Length,
+    /// WebSocket: one unmasked binary message (server to client).
+    WebSocket,
+}
+
+impl Framing {
+    /// The header of a frame of `len` body bytes, written into `buf`; returns its length.
+    fn header(self, len: usize, buf: &mut [u8; 10]) -> usize {
+        match self {
+            Framing::Length => {
+                let len = u32::try_from(len).unwrap_or(u32::MAX);
+                buf[..4].copy_from_slice(&len.to_be_bytes());
+                4
+            }
+            Framing::WebSocket => {
+                buf[0] = 0x82; // FIN, binary
+                if len < 126 {
+                    buf[1] = len as u8;
+                    2
+                } else if let Ok(short) = u16::try_from(len) {
+                    buf[1] = 126;
+                    buf[2..4].copy_from_slice(&short.to_be_bytes());
+                    4
+                } else {
+                    buf[1] = 127;
+                    buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                    10
+                }
+            }
+        }
+    }
+}
+
+/// A connection's socket, shared by its codecs ([`DirectIo`]) and the rooms it watches.
+pub struct Direct {
+    io: TcpStream,
+    framing: Framing,
+    max_frame: usize,
+    cap: usize,
+    state: Mutex<State>,
+    frames_out: Counter,
+}
+
+/// A piece of owed bytes: a frame header (inline: no allocation per viewer) or a shared body.
+enum Piece {
+    Head { buf: [u8; 10], at: u8, end: u8 },
+    Body(Bytes),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Head { buf, at, end } => &buf[usize::from(*at)..usize::from(*end)],
+            Piece::Body(b) => b,
+        }
+    }
+
+    /// Drops the first `n` bytes (fewer than it has).
+    fn advance(&mut self, n: usize) {
+        match self {
+            Piece::Head { at, .. } => *at += n as u8,
+            Piece::Body(b) => b.advance(n),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Room bytes owed to the socket before any other byte, in order; `true` ends a frame.
+    pending: VecDeque<(Piece, bool)>,
+    /// Room frames in `pending` (whole or in part).
+    frames: usize,
+    /// The codec side wrote since its last flush: the socket may be in the middle of its frame.
+    dirty: bool,
+    /// The connection ended: rooms write nothing more.
+    closed: bool,
+    /// Bytes were owed since the connection last looked ([`Direct::poll_owed`]), and its task's waker.
+    /// A flag and a waker rather than a `Notify`: the wait is part of every idle connection's future,
+    /// which this keeps to one pointer.
+    told: bool,
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct")
+            .field("framing", &self.framing)
+            .field("cap", &self.cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// At most this many owed pieces per `writev`.
+const WRITEV_MAX: usize = 64;
+
+/// Viewers written by one task after a room's flush (see [`write_owed`]).
+pub const WRITE_CHUNK: usize = 256;
+
+impl Direct {
+    /// Takes `io`; at most `cap` room frames owed; room frames over `max_frame` bytes are refused;
+    /// every room frame taken counts in `frames_out`.
+    pub fn new(
+        io: TcpStream,
+        framing: Framing,
+        max_frame: usize,
+        cap: usize,
+        frames_out: Counter,
+    ) -> Arc<Direct> {
+        Arc::new(Direct {
+            io,
+            framing,
+            max_frame,
+            cap: cap.max(1),
+            state: Mutex::new(State::default()),
+            frames_out,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Owes room frame `body` to the socket (no I/O: a room's flush calls this for every viewer while
+    /// it holds the room; [`write_owed`] writes afterwards). Refused (given back) when `cap` frames are
+    /// owed already, the frame is over `max_frame`, or the connection ended.
+    pub fn try_send(&self, body: Bytes) -> Result<(), Bytes> {
+        if body.len() > self.max_frame {
+            return Err(body);
+        }
+        let mut buf = [0u8; 10];
+        let end = self.framing.header(body.len(), &mut buf) as u8;
+        let mut st = self.lock();
+        if st.closed || st.frames >= self.cap {
+            return Err(body);
+        }
+        st.pending
+            .push_back((Piece::Head { buf, at: 0, end }, false));
+        st.pending.push_back((Piece::Body(body), true));
+        st.frames += 1;
+        drop(st);
+        self.frames_out.inc();
+        Ok(())
+    }
+
+    /// Writes what is owed now, without waiting, if the socket is at a frame boundary. What the
+    /// socket does not take (or all of it, mid-frame) is left to the connection, which is told.
+    pub fn write_now(&self) {
+        let mut st = self.lock();
+        if st.pending.is_empty() {
+            return;
+        }
+        if !st.dirty {
+            // Else it would block, or failed (which the connection's next write finds too).
+            if let Ok(true) = self.write_some(&mut st) {
+                return;
+            }
+        }
+        st.told = true;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Room frames that can still be owed before one is refused.
+    pub fn capacity(&self) -> usize {
+        self.cap.saturating_sub(self.lock().frames)
+    }
+
+    /// The most room frames ever owed.
+    pub fn max_capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Ready when room bytes were left owed since the last time it was (the connection then flushes
+    /// its sink, which writes them).
+    pub fn poll_owed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        if std::mem::take(&mut st.told) {
+            return Poll::Ready(());
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The connection ended: nothing more is written or owed.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.pending.clear();
+        st.frames = 0;
+        st.waker = None;
+    }
+
+    /// Writes owed bytes until none are left (`true`) or the socket takes no more (`false`).
+    fn write_some(&self, st: &mut State) -> io::Result<bool> {
+        while !st.pending.is_empty() {
+            let bufs: Vec<IoSlice<'_>> = st
+                .pending
+                .iter()
+                .take(WRITEV_MAX)
+                .map(|(p, _)| IoSlice::new(p.bytes()))
+                .collect();
+            let mut n = match self.io.try_write_vectored(&bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            drop(bufs);
+            while n > 0 {
+                let Some((piece, _)) = st.pending.front_mut() else {
+                    break;
+                };
+                let len = piece.bytes().len();
+                if n < len {
+                    piece.advance(n);
+                    break;
+                }
+                n -= len;
+                if let Some((_, true)) = st.pending.pop_front() {
+                    st.frames -= 1;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes what is owed, in order, waiting for the socket; ready once nothing is.
+    fn drain(&self, st: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.write_some(st)? {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.io.poll_write_ready(cx))?;
+        }
+    }
+}
+
+/// The viewers a room's flush owed frames to, to write once the room is let go ([`write_owed`]).
+#[derive(Debug, Default, Clone)]
+pub struct Owed(pub Vec<Arc<Direct>>);
+
+impl PartialEq for Owed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && self.0.iter().zip(&other.0).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl Eq for Owed {}
+
+/// Writes what `viewers` are owed after a room's flush, [`WRITE_CHUNK`] viewers per task: the room
+/// (and its lock) is not held while thousands of sockets are written, and the runtime's threads share
+/// the work.
+pub fn write_owed(viewers: Vec<Arc<Direct>>) {
+    if viewers.len() <= WRITE_CHUNK {
+        for d in &viewers {
+            d.write_now();
+        }
+        return;
+    }
+    let mut rest = viewers;
+    while !rest.is_empty() {
+        let chunk: Vec<Arc<Direct>> = rest.drain(..rest.len().min(WRITE_CHUNK)).collect();
+        tokio::spawn(async move {
+            for d in &chunk {
+                d.write_now();
+            }
+        });
+    }
+}
+
+/// The socket of a [`Direct`] as the connection's codecs read and write it.
+#[derive(Debug, Clone)]
+pub struct DirectIo(pub Arc<Direct>);
+
+impl AsyncRead for DirectIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let io = &self.0.io;
+        loop {
+            ready!(io.poll_read_ready(cx))?;
+            match io.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for DirectIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let d = &self.0;
+        let mut st = d.lock();
+        if !st.dirty {
+            // At a frame boundary: what rooms are owed goes first.
+            ready!(d.drain(&mut st, cx))?;
+        }
+        loop {
+            ready!(d.io.poll_write_ready(cx))?;
+            match d.io.try_write(buf) {
+                Ok(n) => {
+                    st.dirty |= n > 0;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let d = &self.0;
+        let mut st = d.lock();
+        // A codec flushes its writer only with its own buffer empty: a frame boundary.
+        st.dirty = false;
+        d.drain(&mut st, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let d = &self.0;
+        {
+            let mut st = d.lock();
+            st.dirty = false;
+            ready!(d.drain(&mut st, cx))?;
+            st.closed = true;
+        }
+        Poll::Ready(socket2::SockRef::from(&d.io).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Where a room sends a viewer its frames: written directly ([`Direct`]) or queued for its task.
+#[derive(Debug, Clone)]
+pub enum RoomSink {
+    /// The connection task writes them (QUIC).
+    Queue(mpsc::Sender<Bytes>),
+    /// Written to the socket by the room (TCP, WebSocket).
+    Direct(Arc<Direct>),
+}
+
+impl RoomSink {
+    /// Sends a frame; given back when the viewer cannot take it (full, or gone).
+    pub fn try_send(&self, frame: Bytes) -> Result<(), Bytes> {
+        match self {
+            RoomSink::Queue(tx) => tx.try_send(frame).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
+            }),
+            RoomSink::Direct(d) => d.try_send(frame),
+        }
+    }
+
+    /// Frames it can still take.
+    pub fn capacity(&self) -> usize {
+        match self {
+            RoomSink::Queue(tx) => tx.capacity(),
+            RoomSink::Direct(d) => d.capacity(),
+        }
+    }
+
+    /// The socket it writes to, if it writes directly.
+    pub fn direct(&self) -> Option<&Arc<Direct>> {
+        match self {
+            RoomSink::Queue(_) => None,
+            RoomSink::Direct(d) => Some(d),
+        }
+    }
+
+    /// Frames it can take when empty.
+    pub fn max_capacity(&self) -> usize {
+        match self {
+            RoomSink::Queue(tx) => tx.max_capacity(),
+            RoomSink::Direct(d) => d.max_capacity(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio::io::AsyncReadExt as _;
+    use zhibo_proto::codec::PacketDecoder;
+
+    async fn pair(framing: Framing, cap: usize) -> (Arc<Direct>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (
+            Direct::new(server, framing, 1 << 20, cap, Counter::default()),
+            client,
+        )
+    }
+
+    fn body(i: u32, len: usize) -> Bytes {
+        let mut b = vec![(i % 251) as u8; len];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    /// Length-framed bodies as the client reads them.
+    async fn read_frames(client: &mut TcpStream, n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let len = client.read_u32().await.expect("len") as usize;
+            let mut b = vec![0u8; len];
+            client.read_exact(&mut b).await.expect("body");
+            out.push(Bytes::from(b));
+        }
+        out
+    }
+
+    /// Room frames and codec frames interleave whole and in order, also when the socket fills up
+    /// (frames owed, written later by the codec side or a flush) and codec writes come in between.
+    #[tokio::test]
+    async fn frames_stay_whole_and_ordered_through_a_full_socket() {
+        let (d, mut client) = pair(Framing::Length, 1_000).await;
+        let mut codec = crate::frame::lean_writer(DirectIo(d.clone()), 1 << 20);
+        let (go, start) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            start.await.expect("go");
+            read_frames(&mut client, 40).await
+        });
+        // 256 KiB room frames and nobody reading: the loopback socket fills, later frames are owed.
+        let mut want = Vec::new();
+        let mut i = 0u32;
+        while d.capacity() == d.max_capacity() {
+            assert!(i < 200, "the socket never filled");
+            let b = body(i, 256 * 1024);
+            d.try_send(b.clone()).expect("taken");
+            d.write_now();
+            want.push(b);
+            i += 1;
+        }
+        let filled = i;
+        go.send(()).expect("reader");
+        // Then codec frames (every fifth) between room frames while the reader drains.
+        for i in filled..40 {
+            let b = body(i, 256 * 1024);
+            if i % 5 == 4 {
+                codec
+                    .send(crate::frame::Frame::Encoded(b.clone()))
+                    .await
+                    .expect("codec write");
+            } else {
+                d.try_send(b.clone()).expect("taken");
+                d.write_now();
+            }
+            want.push(b);
+        }
+        // What is still owed goes out with the connection's flush (what `poll_owed` asks it to do).
+        codec.flush().await.expect("flush");
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "every frame whole, in order");
+        assert_eq!(d.capacity(), d.max_capacity(), "nothing owed");
+    }
+
+    /// After a flush, every viewer owed a frame gets it, also past one task's chunk.
+    #[tokio::test]
+    async fn write_owed_reaches_every_viewer() {
+        let mut viewers = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..WRITE_CHUNK + 44 {
+            let (d, c) = pair(Framing::Length, 4).await;
+            viewers.push(d);
+            clients.push(c);
+        }
+        let frame = body(7, 100);
+        for d in &viewers {
+            d.try_send(frame.clone()).expect("taken");
+        }
+        write_owed(viewers.clone());
+        for c in &mut clients {
+            assert_eq!(read_frames(c, 1).await, vec![frame.clone()]);
+        }
+        for d in &viewers {
+            assert_eq!(d.capacity(), d.max_capacity(), "nothing left owed");
+        }
+    }
+
+    /// A full viewer refuses frames (the room counts them dropped); draining makes room again.
+    #[tokio::test]
+    async fn refuses_past_cap_and_after_close() {
+        let (d, mut client) = pair(Framing::Length, 4).await;
+        let mut taken = 0;
+        let mut refused = 0;
+        for i in 0..200u32 {
+            match d.try_send(body(i, 64 * 1024)) {
+                Ok(()) => taken += 1,
+                Err(_) => refused += 1,
+            }
+            d.write_now();
+        }
+        assert!(
+            refused > 0,
+            "a stalled reader fills the socket, then the cap"
+        );
+        assert_eq!(d.capacity(), 0);
+        let mut codec = crate::frame::lean_writer(DirectIo(d.clone()), 1 << 20);
+        let reader = tokio::spawn(async move { read_frames(&mut client, taken).await });
+        codec.flush().await.expect("flush");
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), taken);
+        for (i, b) in got.iter().enumerate() {
+            assert_eq!(&b[..4], &(i as u32).to_be_bytes(), "in order, none lost");
+        }
+        assert_eq!(d.capacity(), 4);
+        d.close();
+        assert!(d.try_send(body(0, 10)).is_err(), "closed");
+    }
+
+    /// WebSocket framing: a client reads the room frames as binary messages of every header size,
+    /// mixed with messages tungstenite writes on the same socket.
+    #[tokio::test]
+    async fn websocket_frames_read_as_binary_messages() {
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        use tokio_tungstenite::tungstenite::Message;
+        let (d, client) = pair(Framing::WebSocket, 1_000).await;
+        let mut server = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            DirectIo(d.clone()),
+            Role::Server,
+            None,
+        )
+        .await;
+        let mut client =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let sizes = [5usize, 125, 126, 1000, 65_535, 65_536, 200_000];
+        let mut want = Vec::new();
+        for (i, len) in sizes.into_iter().enumerate() {
+            let b = body(i as u32, len);
+            d.try_send(b.clone()).expect("taken");
+            if i % 2 == 0 {
+                d.write_now();
+            }
+            want.push(b);
+            let m = body(100 + i as u32, 10);
+            server.send(Message::Binary(m.clone())).await.expect("send");
+            want.push(m);
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 14 {
+                match client.next().await.expect("open").expect("message") {
+                    Message::Binary(b) => got.push(b),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            got
+        });
+        server.flush().await.expect("flush");
+        assert_eq!(reader.await.expect("reader"), want);
+    }
+
+    /// The owed frames of a TCP viewer decode with the gateway's own packet decoder.
+    #[tokio::test]
+    async fn length_framing_matches_the_packet_decoder() {
+        use zhibo_proto::client::packet::Body;
+        use zhibo_proto::client::{Packet, RoomMessages};
+        let (d, client) = pair(Framing::Length, 16).await;
+        let p = Packet::new(
+            0,
+            Body::RoomMessages(RoomMessages {
+                room_id: 7,
+                online_count: 3,
+                ..RoomMessages::default()
+            }),
+        );
+        d.try_send(zhibo_proto::codec::encode_body(&p))
+            .expect("taken");
+        d.write_now();
+        let mut reader = tokio_util::codec::FramedRead::new(client, PacketDecoder::new(1024))
+            .map(PacketDecoder::flatten);
+        let got = reader.next().await.expect("frame").expect("packet");
+        assert_eq!(got, p);
+    }
+}
