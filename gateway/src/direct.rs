@@ -132,6 +132,9 @@ impl std::fmt::Debug for Direct {
     }
 }
 
+/// Owed pieces a drained connection keeps room for (two per frame).
+const KEEP_PIECES: usize = 8;
+
 /// At most this many owed pieces per `writev`.
 const WRITEV_MAX: usize = 64;
 
@@ -232,7 +235,7 @@ impl Direct {
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;
-        st.pending.clear();
+        st.pending = VecDeque::new();
         st.frames = 0;
         st.waker = None;
     }
@@ -267,6 +270,11 @@ impl Direct {
                     st.frames -= 1;
                 }
             }
+        }
+        // A burst (a slow reader catching up) does not keep its memory: thousands of viewers each
+        // holding room for `cap` frames would add up.
+        if st.pending.capacity() > KEEP_PIECES {
+            st.pending.shrink_to(KEEP_PIECES);
         }
         Ok(true)
     }
@@ -541,7 +549,7 @@ mod tests {
     /// A full viewer refuses frames (the room counts them dropped); draining makes room again.
     #[tokio::test]
     async fn refuses_past_cap_and_after_close() {
-        let (d, mut client) = pair(Framing::Length, 4).await;
+        let (d, mut client) = pair(Framing::Length, 32).await;
         let mut taken = 0;
         let mut refused = 0;
         for i in 0..200u32 {
@@ -564,7 +572,11 @@ mod tests {
         for (i, b) in got.iter().enumerate() {
             assert_eq!(&b[..4], &(i as u32).to_be_bytes(), "in order, none lost");
         }
-        assert_eq!(d.capacity(), 4);
+        assert_eq!(d.capacity(), 32);
+        assert!(
+            d.lock().pending.capacity() <= KEEP_PIECES,
+            "the burst's memory is given back"
+        );
         d.close();
         assert!(d.try_send(body(0, 10)).is_err(), "closed");
     }
