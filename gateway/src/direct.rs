@@ -304,23 +304,14 @@ impl Eq for Owed {}
 
 /// Writes what `viewers` are owed after a room's flush, [`WRITE_CHUNK`] viewers per task: the room
 /// (and its lock) is not held while thousands of sockets are written, and the runtime's threads share
-/// the work.
-pub fn write_owed(viewers: Vec<Arc<Direct>>) {
-    if viewers.len() <= WRITE_CHUNK {
-        for d in &viewers {
-            d.write_now();
-        }
-        return;
+/// the work. The last chunk (the only one, up to `WRITE_CHUNK` viewers) is written by the caller.
+pub fn write_owed(mut viewers: Vec<Arc<Direct>>) {
+    let write = |chunk: &[Arc<Direct>]| chunk.iter().for_each(|d| d.write_now());
+    while viewers.len() > WRITE_CHUNK {
+        let chunk = viewers.split_off(viewers.len() - WRITE_CHUNK);
+        tokio::spawn(async move { write(&chunk) });
     }
-    let mut rest = viewers;
-    while !rest.is_empty() {
-        let chunk: Vec<Arc<Direct>> = rest.drain(..rest.len().min(WRITE_CHUNK)).collect();
-        tokio::spawn(async move {
-            for d in &chunk {
-                d.write_now();
-            }
-        });
-    }
+    write(&viewers);
 }
 
 /// The socket of a [`Direct`] as the connection's codecs read and write it.
@@ -381,14 +372,11 @@ impl AsyncWrite for DirectIo {
         d.drain(&mut st, cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What is owed goes out before the end, like a flush.
+        ready!(self.as_mut().poll_flush(cx))?;
         let d = &self.0;
-        {
-            let mut st = d.lock();
-            st.dirty = false;
-            ready!(d.drain(&mut st, cx))?;
-            st.closed = true;
-        }
+        d.lock().closed = true;
         Poll::Ready(socket2::SockRef::from(&d.io).shutdown(std::net::Shutdown::Write))
     }
 }
