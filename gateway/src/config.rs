@@ -54,7 +54,7 @@ pub struct GatewayConfig {
     pub room_send_per_sec: f64,
     /// Room message burst per connection.
     pub room_send_burst: f64,
-    /// Room frames owed (TCP, WebSocket) or queued (QUIC) per connection; a slow connection loses
+    /// Room frames owed to a connection's socket or QUIC stream at most; a slow connection loses
     /// further room frames (never IM).
     pub room_queue: usize,
     /// Longest a room message waits to be batched with others, milliseconds: the window of a room at or

@@ -21,10 +21,15 @@
 //!   which writes them, waiting for the socket like any write (bounded like any write).
 //!
 //! A viewer holds at most `cap` room frames owed, like the room queue it replaces: one more is refused
-//! (the room counts it dropped, and sheds chat before that, see `RoomState::flush`). QUIC keeps the
-//! queue: its streams are not a socket a frame can be written to.
+//! (the room counts it dropped, and sheds chat before that, see `RoomState::flush`).
+//!
+//! A QUIC connection's [`Direct`] holds its send stream instead of a socket ([`Direct::quic`]): owed
+//! bytes are handed to quinn's stream buffer (the shared body without a copy), which quinn's
+//! connection driver encrypts and sends; a stream that takes no more (flow control) leaves them
+//! owed, as a full socket does. Its codecs read the receive stream apart.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,9 +78,18 @@ impl Framing {
     }
 }
 
+/// What a [`Direct`] writes to.
+enum Socket {
+    /// A TCP connection (the TCP and WebSocket transports); its codecs read it through [`DirectIo`].
+    Tcp(TcpStream),
+    /// A QUIC connection's send stream. Written only under the [`Direct`]'s state lock, so its own
+    /// lock (quinn's writes take `&mut`) is never contended.
+    Quic(Mutex<quinn::SendStream>),
+}
+
 /// A connection's socket, shared by its codecs ([`DirectIo`]) and the rooms it watches.
 pub struct Direct {
-    io: TcpStream,
+    io: Socket,
     framing: Framing,
     max_frame: usize,
     cap: usize,
@@ -121,6 +135,10 @@ struct State {
     /// which this keeps to one pointer.
     told: bool,
     waker: Option<Waker>,
+    /// The connection task's waker, from its last write or wait (kept, unlike `waker`). A room's
+    /// write to a QUIC stream registers it with quinn: a refused write replaces the waker quinn
+    /// wakes when the stream takes more, which may be the connection's own, blocked in a write.
+    task: Option<Waker>,
 }
 
 impl std::fmt::Debug for Direct {
@@ -146,6 +164,32 @@ impl Direct {
     /// every room frame taken counts in `frames_out`.
     pub fn new(
         io: TcpStream,
+        framing: Framing,
+        max_frame: usize,
+        cap: usize,
+        frames_out: Counter,
+    ) -> Arc<Direct> {
+        Self::build(Socket::Tcp(io), framing, max_frame, cap, frames_out)
+    }
+
+    /// Like [`Direct::new`], for a QUIC connection's send stream (length-prefixed frames, as TCP).
+    pub fn quic(
+        send: quinn::SendStream,
+        max_frame: usize,
+        cap: usize,
+        frames_out: Counter,
+    ) -> Arc<Direct> {
+        Self::build(
+            Socket::Quic(Mutex::new(send)),
+            Framing::Length,
+            max_frame,
+            cap,
+            frames_out,
+        )
+    }
+
+    fn build(
+        io: Socket,
         framing: Framing,
         max_frame: usize,
         cap: usize,
@@ -195,8 +239,13 @@ impl Direct {
             return;
         }
         if !st.dirty {
-            // Else it would block, or failed (which the connection's next write finds too).
-            if let Ok(true) = self.write_some(&mut st) {
+            // Else it would block, or failed (which the connection's next write finds too). The
+            // connection, told, waits for the socket; a QUIC stream wakes it (see `State::task`).
+            let task = st.task.take();
+            let mut cx = Context::from_waker(task.as_ref().unwrap_or(Waker::noop()));
+            let written = self.write_some(&mut st, &mut cx);
+            st.task = task;
+            if let Ok(true) = written {
                 return;
             }
         }
@@ -228,6 +277,7 @@ impl Direct {
         if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             st.waker = Some(cx.waker().clone());
         }
+        st.remember(cx);
         Poll::Pending
     }
 
@@ -240,36 +290,48 @@ impl Direct {
         st.waker = None;
     }
 
-    /// Writes owed bytes until none are left (`true`) or the socket takes no more (`false`).
-    fn write_some(&self, st: &mut State) -> io::Result<bool> {
+    /// Writes owed bytes until none are left (`true`) or the socket takes no more (`false`; for QUIC,
+    /// `cx` is woken when the stream takes more).
+    fn write_some(&self, st: &mut State, cx: &mut Context<'_>) -> io::Result<bool> {
         while !st.pending.is_empty() {
-            let bufs: Vec<IoSlice<'_>> = st
-                .pending
-                .iter()
-                .take(WRITEV_MAX)
-                .map(|(p, _)| IoSlice::new(p.bytes()))
-                .collect();
-            let mut n = match self.io.try_write_vectored(&bufs) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
+            let n = match &self.io {
+                Socket::Tcp(tcp) => {
+                    let bufs: Vec<IoSlice<'_>> = st
+                        .pending
+                        .iter()
+                        .take(WRITEV_MAX)
+                        .map(|(p, _)| IoSlice::new(p.bytes()))
+                        .collect();
+                    match tcp.try_write_vectored(&bufs) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Socket::Quic(send) => {
+                    // Shared bodies go in without a copy; a header is copied (a few bytes).
+                    let mut chunks: Vec<Bytes> = st
+                        .pending
+                        .iter()
+                        .take(WRITEV_MAX)
+                        .map(|(p, _)| match p {
+                            Piece::Body(b) => b.clone(),
+                            Piece::Head { .. } => Bytes::copy_from_slice(p.bytes()),
+                        })
+                        .collect();
+                    let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                    let polled = std::pin::pin!(send.write_chunks(&mut chunks)).poll(cx);
+                    match polled {
+                        Poll::Ready(Ok(written)) => written.bytes,
+                        Poll::Ready(Err(e)) => return Err(e.into()),
+                        Poll::Pending => return Ok(false),
+                    }
+                }
             };
-            drop(bufs);
-            while n > 0 {
-                let Some((piece, _)) = st.pending.front_mut() else {
-                    break;
-                };
-                let len = piece.bytes().len();
-                if n < len {
-                    piece.advance(n);
-                    break;
-                }
-                n -= len;
-                if let Some((_, true)) = st.pending.pop_front() {
-                    st.frames -= 1;
-                }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
             }
+            st.consume(n);
         }
         // A burst (a slow reader catching up) does not keep its memory: thousands of viewers each
         // holding room for `cap` frames would add up.
@@ -282,10 +344,66 @@ impl Direct {
     /// Writes what is owed, in order, waiting for the socket; ready once nothing is.
     fn drain(&self, st: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.write_some(st)? {
+            if self.write_some(st, cx)? {
                 return Poll::Ready(Ok(()));
             }
-            ready!(self.io.poll_write_ready(cx))?;
+            match &self.io {
+                Socket::Tcp(tcp) => ready!(tcp.poll_write_ready(cx))?,
+                // quinn registered `cx` when the stream refused more.
+                Socket::Quic(_) => return Poll::Pending,
+            }
+        }
+    }
+
+    /// A codec's write of `buf`, after what is owed (see [`DirectIo`]); `_held`: the state lock.
+    fn poll_write_codec(
+        &self,
+        _held: &mut State,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &self.io {
+            Socket::Tcp(tcp) => loop {
+                ready!(tcp.poll_write_ready(cx))?;
+                match tcp.try_write(buf) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+            Socket::Quic(send) => {
+                let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                Pin::new(&mut *send)
+                    .poll_write(cx, buf)
+                    .map_err(io::Error::from)
+            }
+        }
+    }
+}
+
+impl State {
+    /// Keeps the connection task's waker (see `task`).
+    fn remember(&mut self, cx: &Context<'_>) {
+        if !self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.task = Some(cx.waker().clone());
+        }
+    }
+
+    /// Drops the first `n` owed bytes (written), counting the frames they end.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some((piece, _)) = self.pending.front_mut() else {
+                break;
+            };
+            let len = piece.bytes().len();
+            if n < len {
+                piece.advance(n);
+                break;
+            }
+            n -= len;
+            if let Some((_, true)) = self.pending.pop_front() {
+                self.frames -= 1;
+            }
         }
     }
 }
@@ -324,7 +442,12 @@ impl AsyncRead for DirectIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let io = &self.0.io;
+        let Socket::Tcp(io) = &self.0.io else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a QUIC connection reads its receive stream",
+            )));
+        };
         loop {
             ready!(io.poll_read_ready(cx))?;
             match io.try_read(buf.initialize_unfilled()) {
@@ -347,26 +470,20 @@ impl AsyncWrite for DirectIo {
     ) -> Poll<io::Result<usize>> {
         let d = &self.0;
         let mut st = d.lock();
+        st.remember(cx);
         if !st.dirty {
             // At a frame boundary: what rooms are owed goes first.
             ready!(d.drain(&mut st, cx))?;
         }
-        loop {
-            ready!(d.io.poll_write_ready(cx))?;
-            match d.io.try_write(buf) {
-                Ok(n) => {
-                    st.dirty |= n > 0;
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let n = ready!(d.poll_write_codec(&mut st, cx, buf))?;
+        st.dirty |= n > 0;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let d = &self.0;
         let mut st = d.lock();
+        st.remember(cx);
         // A codec flushes its writer only with its own buffer empty: a frame boundary.
         st.dirty = false;
         d.drain(&mut st, cx)
@@ -377,16 +494,26 @@ impl AsyncWrite for DirectIo {
         ready!(self.as_mut().poll_flush(cx))?;
         let d = &self.0;
         d.lock().closed = true;
-        Poll::Ready(socket2::SockRef::from(&d.io).shutdown(std::net::Shutdown::Write))
+        match &d.io {
+            Socket::Tcp(tcp) => {
+                Poll::Ready(socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write))
+            }
+            Socket::Quic(send) => {
+                let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                // Finished already (a second shutdown) is not an error.
+                let _ = send.finish();
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 }
 
 /// Where a room sends a viewer its frames: written directly ([`Direct`]) or queued for its task.
 #[derive(Debug, Clone)]
 pub enum RoomSink {
-    /// The connection task writes them (QUIC).
+    /// The connection task writes them (a connection without a [`Direct`]).
     Queue(mpsc::Sender<Bytes>),
-    /// Written to the socket by the room (TCP, WebSocket).
+    /// Written to the socket by the room (TCP, WebSocket, QUIC).
     Direct(Arc<Direct>),
 }
 
@@ -506,6 +633,104 @@ mod tests {
         // What is still owed goes out with the connection's flush (what `poll_owed` asks it to do).
         codec.flush().await.expect("flush");
         let got = reader.await.expect("reader");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "every frame whole, in order");
+        assert_eq!(d.capacity(), d.max_capacity(), "nothing owed");
+    }
+
+    /// QUIC: room frames handed to the send stream and codec frames interleave whole and in order,
+    /// also while the stream is blocked (the client's small receive window, nobody reading): room
+    /// frames stay owed, and a room's write refused while the connection is itself blocked in a
+    /// write does not leave that write without a wake-up.
+    #[tokio::test]
+    async fn quic_frames_stay_whole_and_ordered_through_a_blocked_stream() {
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .stream_receive_window(quinn::VarInt::from_u32(16 * 1024))
+            .receive_window(quinn::VarInt::from_u32(32 * 1024));
+        let crate::quic::testing::Pair {
+            server_send,
+            mut client_recv,
+            ..
+        } = crate::quic::testing::pair(transport).await;
+        let d = Direct::quic(server_send, 1 << 20, 64, Counter::default());
+        let wait = std::time::Duration::from_secs(10);
+        // 4 KiB room frames: after 16 KiB the stream takes no more and frames stay owed.
+        let mut want = Vec::new();
+        let mut i = 0u32;
+        while d.capacity() == d.max_capacity() {
+            assert!(i < 20, "the stream never blocked");
+            let b = body(i, 4096);
+            d.try_send(b.clone()).expect("taken");
+            d.write_now();
+            want.push(b);
+            i += 1;
+        }
+        // The connection writes a frame: it waits behind the owed ones (its waker with quinn) …
+        let codec_frame = body(50, 3000);
+        let mut codec = crate::frame::lean_writer(DirectIo(d.clone()), 1 << 20);
+        let sent = codec_frame.clone();
+        let blocked = tokio::spawn(async move {
+            codec
+                .send(crate::frame::Frame::Encoded(sent))
+                .await
+                .expect("codec write");
+            codec
+        });
+        tokio::time::timeout(wait, async {
+            while d.lock().task.is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the codec write started");
+        // … then a room's write is refused by the same blocked stream (owed before the codec frame).
+        let room_frame = body(51, 4096);
+        d.try_send(room_frame.clone()).expect("taken");
+        d.write_now();
+        want.push(room_frame);
+        want.push(codec_frame);
+        let n = want.len() + 10;
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let mut len = [0u8; 4];
+                client_recv.read_exact(&mut len).await.expect("len");
+                let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
+                client_recv.read_exact(&mut b).await.expect("body");
+                out.push(Bytes::from(b));
+            }
+            out
+        });
+        // The reader opens the window: quinn wakes the blocked codec write.
+        let mut codec = tokio::time::timeout(wait, blocked)
+            .await
+            .expect("the blocked codec write is woken")
+            .expect("codec task");
+        // Then room and codec frames alternate while the reader reads.
+        let writes = async {
+            for i in 100..110u32 {
+                let b = body(i, 3000);
+                if i % 2 == 0 {
+                    codec
+                        .send(crate::frame::Frame::Encoded(b.clone()))
+                        .await
+                        .expect("codec write");
+                } else {
+                    d.try_send(b.clone()).expect("taken");
+                    d.write_now();
+                }
+                want.push(b);
+            }
+            codec.flush().await.expect("flush");
+        };
+        tokio::time::timeout(wait, writes)
+            .await
+            .expect("the writes end");
+        let got = tokio::time::timeout(wait, reader)
+            .await
+            .expect("in time")
+            .expect("reader");
         assert_eq!(got.len(), want.len());
         assert!(got == want, "every frame whole, in order");
         assert_eq!(d.capacity(), d.max_capacity(), "nothing owed");

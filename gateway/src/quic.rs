@@ -15,6 +15,7 @@ use zhibo_proto::codec::PacketDecoder;
 
 use crate::conn::drive;
 use crate::context::GatewayContext;
+use crate::direct::{Direct, DirectIo};
 use crate::limits::{until_signed_in, EdgeLimits};
 use crate::listen::{accept_loop, Accepted};
 
@@ -185,9 +186,18 @@ pub async fn serve(
             };
             let reader = FramedRead::with_capacity(recv, PacketDecoder::new(max_frame), 512)
                 .map(PacketDecoder::flatten);
-            let writer =
-                until_signed_in(crate::frame::lean_writer(send, max_frame), unauthenticated);
-            drive(ctx, conn_id, "quic", reader, writer, None, None).await;
+            // One send stream for the codec and the rooms this connection watches (see `direct`).
+            let direct = Direct::quic(
+                send,
+                max_frame,
+                ctx.config.room_queue,
+                ctx.metrics.frames_out.clone(),
+            );
+            let writer = until_signed_in(
+                crate::frame::lean_writer(DirectIo(direct.clone()), max_frame),
+                unauthenticated,
+            );
+            drive(ctx, conn_id, "quic", reader, writer, None, Some(direct)).await;
             // Give the peer a moment to read what was written last (an Error, a Kick) before the
             // connection close discards unacknowledged stream data.
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
@@ -206,15 +216,25 @@ pub async fn close(endpoint: quinn::Endpoint) {
     }
 }
 
+/// Both ends of a QUIC connection on loopback, for tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    /// The endpoint asks a client that supports it (quinn advertises `min_ack_delay`) to acknowledge
-    /// less often: the client receives an ACK_FREQUENCY frame once the handshake is done, and then
-    /// sends fewer ACKs than one per two packets while the server streams to it.
-    #[tokio::test]
-    async fn clients_are_asked_to_acknowledge_less_often() {
+    /// A connection between a server [`endpoint`] (this module's settings) and a client, with the one
+    /// bidirectional stream a zhibo client opens (server → client). The endpoints and the stream's
+    /// other direction live as long as this.
+    pub(crate) struct Pair {
+        pub server: quinn::Connection,
+        pub server_send: quinn::SendStream,
+        pub client: quinn::Connection,
+        pub client_recv: quinn::RecvStream,
+        _open: (quinn::RecvStream, quinn::SendStream),
+        _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    }
+
+    /// Connects a client with `client_transport` settings and opens the stream.
+    pub(crate) async fn pair(client_transport: quinn::TransportConfig) -> Pair {
         let identity = TlsIdentity::self_signed().expect("identity");
         let cert = identity.chain[0].clone();
         let server = endpoint(
@@ -224,23 +244,6 @@ mod tests {
         )
         .expect("endpoint");
         let addr = server.local_addr().expect("addr");
-        let serving = tokio::spawn(async move {
-            let conn = server
-                .accept()
-                .await
-                .expect("incoming")
-                .await
-                .expect("handshake");
-            let (mut send, _recv) = conn.accept_bi().await.expect("stream");
-            // A room's worth of frames: 300 writes of ~1 KB, each likely its own packet.
-            for _ in 0..300 {
-                send.write_all(&[7u8; 1000]).await.expect("write");
-                tokio::task::yield_now().await;
-            }
-            send.finish().expect("finish");
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-        });
-
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).expect("root");
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -251,25 +254,81 @@ mod tests {
         .with_root_certificates(roots)
         .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let config = quinn::ClientConfig::new(Arc::new(
+        let mut config = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
         ));
-        let mut client =
+        config.transport_config(Arc::new(client_transport));
+        let mut client_end =
             quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
-        client.set_default_client_config(config);
-        let conn = client
-            .connect(addr, "localhost")
-            .expect("connect")
+        client_end.set_default_client_config(config);
+        let (accepted, client) = tokio::join!(
+            async {
+                server
+                    .accept()
+                    .await
+                    .expect("incoming")
+                    .await
+                    .expect("handshake")
+            },
+            async {
+                client_end
+                    .connect(addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .expect("handshake")
+            }
+        );
+        let (mut client_send, client_recv) = client.open_bi().await.expect("stream");
+        // The server sees the stream with its first byte.
+        client_send.write_all(b"h").await.expect("open the stream");
+        let (server_send, mut server_recv) = accepted.accept_bi().await.expect("stream");
+        let mut first = [0u8; 1];
+        server_recv
+            .read_exact(&mut first)
             .await
-            .expect("handshake");
-        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        send.write_all(b"hi").await.expect("open the stream");
-        let got = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+            .expect("first byte");
+        Pair {
+            server: accepted,
+            server_send,
+            client,
+            client_recv,
+            _open: (server_recv, client_send),
+            _endpoints: (server, client_end),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The endpoint asks a client that supports it (quinn advertises `min_ack_delay`) to acknowledge
+    /// less often: the client receives an ACK_FREQUENCY frame once the handshake is done, and then
+    /// sends fewer ACKs than one per two packets while the server streams to it.
+    #[tokio::test]
+    async fn clients_are_asked_to_acknowledge_less_often() {
+        let testing::Pair {
+            server,
+            mut server_send,
+            client,
+            mut client_recv,
+            ..
+        } = testing::pair(quinn::TransportConfig::default()).await;
+        let serving = tokio::spawn(async move {
+            // A room's worth of frames: 300 writes of ~1 KB, each likely its own packet.
+            for _ in 0..300 {
+                server_send.write_all(&[7u8; 1000]).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            server_send.finish().expect("finish");
+            let _ = tokio::time::timeout(Duration::from_secs(5), server.closed()).await;
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), client_recv.read_to_end(1 << 20))
             .await
             .expect("in time")
             .expect("read");
         assert_eq!(got.len(), 300 * 1000);
-        let stats = conn.stats();
+        let stats = client.stats();
         assert!(
             stats.frame_rx.ack_frequency >= 1,
             "the server sent no ACK_FREQUENCY: {stats:?}"
@@ -280,7 +339,7 @@ mod tests {
             stats.frame_tx.acks,
             stats.udp_rx.datagrams
         );
-        conn.close(0u32.into(), b"done");
+        client.close(0u32.into(), b"done");
         serving.await.expect("server task");
     }
 

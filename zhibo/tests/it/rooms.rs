@@ -23,15 +23,15 @@ use zhibo_proto::client::{
     SubscribeRoomInput, SubscribeRoomOutput, UnsubscribeRoomInput,
 };
 
-use crate::cluster::{eventually, subject_prefix, wait_until_serving, ADMIN, SECRET};
+use crate::cluster::{eventually, subject_prefix, wait_until_serving, GatewayAddrs, ADMIN, SECRET};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 struct RoomCluster {
     api: Api,
     api_base: String,
-    /// (tcp address, hub) per gateway.
-    gateways: Vec<(String, Arc<Hub>)>,
+    /// (addresses, hub) per gateway.
+    gateways: Vec<(GatewayAddrs, Arc<Hub>)>,
     /// The in-process bus (embedded) and its subject count with no client connected.
     bus: Option<(MemoryBus, usize)>,
     shutdown: CancellationToken,
@@ -77,11 +77,12 @@ async fn gateway(
     config: &Config,
     backends: &Backends,
     shutdown: &CancellationToken,
-) -> (String, Arc<Hub>, JoinHandle<anyhow::Result<()>>) {
+) -> (GatewayAddrs, Arc<Hub>, JoinHandle<anyhow::Result<()>>) {
     let listeners = zhibo_gateway::Listeners::bind(&config.gateway)
         .await
         .expect("bind gateway");
-    let tcp = listeners.addrs().expect("addrs").0.to_string();
+    let (tcp, ws, quic) = listeners.addrs().expect("addrs");
+    let addrs = GatewayAddrs { tcp, ws, quic };
     let hub = Hub::with_rooms(
         config.gateway.resolved_gateway_id(),
         backends.bus.clone(),
@@ -103,7 +104,7 @@ async fn gateway(
         shutdown.clone(),
         Duration::from_secs(2),
     ));
-    (tcp, hub, task)
+    (addrs, hub, task)
 }
 
 async fn api_and_logic(
@@ -149,12 +150,12 @@ impl RoomCluster {
             presence: Arc::new(zhibo_store::presence::MemoryPresence::new()),
         };
         let shutdown = CancellationToken::new();
-        let (tcp, hub, gw) = gateway(&config, &backends, &shutdown).await;
+        let (addrs, hub, gw) = gateway(&config, &backends, &shutdown).await;
         let (base, node) = api_and_logic(&config, backends, &shutdown, true).await;
         let base = base.expect("api");
         let api = Api::new(base.clone());
         // Every subscription of the node is made once a command goes round.
-        wait_until_serving(&api, std::slice::from_ref(&tcp)).await;
+        wait_until_serving(&api, &[addrs.of(Transport::Tcp)]).await;
         eventually("the probe connection is gone", WAIT, || {
             ready((hub.connection_count() == 0 && hub.user_count() == 0).then_some(()))
         })
@@ -163,7 +164,7 @@ impl RoomCluster {
         RoomCluster {
             api,
             api_base: base,
-            gateways: vec![(tcp, hub)],
+            gateways: vec![(addrs, hub)],
             bus: Some((bus, baseline)),
             shutdown,
             nodes: vec![gw, node],
@@ -188,8 +189,8 @@ impl RoomCluster {
                 crate::cluster::cluster_number()
             );
             let backends = zhibo::connect(&c, "rooms-gateway").await.expect("backends");
-            let (tcp, hub, task) = gateway(&c, &backends, &shutdown).await;
-            gateways.push((tcp, hub));
+            let (addrs, hub, task) = gateway(&c, &backends, &shutdown).await;
+            gateways.push((addrs, hub));
             nodes.push(task);
         }
         let mut base = None;
@@ -203,7 +204,7 @@ impl RoomCluster {
         }
         let base = base.expect("api");
         let api = Api::new(base.clone());
-        let tcp: Vec<String> = gateways.iter().map(|(tcp, _)| tcp.clone()).collect();
+        let tcp: Vec<String> = gateways.iter().map(|(a, _)| a.of(Transport::Tcp)).collect();
         wait_until_serving(&api, &tcp).await;
         RoomCluster {
             api,
@@ -237,11 +238,12 @@ impl RoomCluster {
     }
 
     async fn connect(&self, gw: usize, creds: &Credentials) -> Client {
-        let addr = &self.gateways[gw % self.gateways.len()].0;
-        Client::connect(Transport::Tcp, addr, creds)
-            .await
-            .expect("connect")
-            .0
+        self.connect_over(Transport::Tcp, gw, creds).await
+    }
+
+    async fn connect_over(&self, t: Transport, gw: usize, creds: &Credentials) -> Client {
+        let addr = self.gateways[gw % self.gateways.len()].0.of(t);
+        Client::connect(t, &addr, creds).await.expect("connect").0
     }
 
     /// A user-api request with a JSON body and one authentication header.
@@ -359,8 +361,9 @@ fn room_id() -> i64 {
     (n & 0x1f_ffff_ffff_ffff) | 1
 }
 
-/// Viewers on both gateways get every message in order; a late joiner gets the recent history; the
-/// online count converges; leaving stops traffic; the last viewer's leave unsubscribes the gateway.
+/// Viewers on both gateways get every message in order, over each transport (the room writes every
+/// viewer's frames itself, `direct`); a late joiner gets the recent history; the online count
+/// converges; leaving stops traffic; the last viewer's leave unsubscribes the gateway.
 async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
     let room = room_id();
     let sender = cluster.user("sender").await;
@@ -368,8 +371,8 @@ async fn fan_out_history_count_and_leave(cluster: &RoomCluster) {
     let v1 = cluster.user("v1").await;
     let late = cluster.user("late").await;
     let mut s = cluster.connect(0, &sender).await;
-    let mut a = cluster.connect(0, &v0).await;
-    let mut b = cluster.connect(1, &v1).await;
+    let mut a = cluster.connect_over(Transport::Quic, 0, &v0).await;
+    let mut b = cluster.connect_over(Transport::Ws, 1, &v1).await;
     for c in [&mut s, &mut a, &mut b] {
         join(c, room).await.expect("join");
     }
