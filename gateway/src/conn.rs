@@ -11,7 +11,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use zhibo_bus::Subject;
@@ -41,8 +40,8 @@ const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
 const WRITE_BATCH: usize = 64;
 
 /// Runs a connection until it closes. `first` is a packet the transport already has (the WebSocket
-/// sign-in built from the URL). `direct`: the socket rooms write this connection's room frames to
-/// (TCP, WebSocket; see `direct`), or `None` for a room queue this task writes from (QUIC).
+/// sign-in built from the URL). `direct`: the socket (or QUIC stream) `writer` writes to, which the
+/// rooms this connection watches write their frames to as well (see `direct`).
 ///
 /// A plain function returning [`Connection::run`]: the future every idle connection holds is then the
 /// [`Connection`] and the state of its wait, nothing more (an async fn would also keep its arguments).
@@ -53,7 +52,7 @@ pub fn drive<R, W>(
     reader: R,
     writer: W,
     first: Option<Packet>,
-    direct: Option<Arc<Direct>>,
+    direct: Arc<Direct>,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     R: Stream<Item = Result<Packet, CodecError>> + Unpin + Send,
@@ -81,8 +80,6 @@ where
         session,
         tx,
         rx,
-        room_tx: None,
-        room_rx: None,
         direct,
         overflow: CancellationToken::new(),
         registered: false,
@@ -106,12 +103,8 @@ struct Connection<R, W> {
     /// The IM queue (the hub's side is in the registration).
     tx: QueueSender<Outbound>,
     rx: QueueReceiver<Outbound>,
-    /// The room queue, created at the first join: most connections never watch a room, and tokio
-    /// allocates a queue's first block of slots (32 frames) up front.
-    room_tx: Option<mpsc::Sender<Bytes>>,
-    room_rx: Option<mpsc::Receiver<Bytes>>,
-    /// The socket rooms write to directly (then there is no room queue).
-    direct: Option<Arc<Direct>>,
+    /// The socket rooms write this connection's room frames to.
+    direct: Arc<Direct>,
     /// Cancelled by the hub when the IM queue overflows.
     overflow: CancellationToken,
     /// Registered with the hub (signed in).
@@ -140,8 +133,6 @@ enum Event {
     Read(Option<Result<Packet, CodecError>>),
     /// The session's deadline passed.
     Tick,
-    /// The first of the queued room frames (`None`: the queue closed).
-    Room(Option<Bytes>),
     /// Room frames are owed to the socket (see `direct`).
     RoomOwed,
 }
@@ -184,9 +175,7 @@ where
                         Event::Queued(first) => Box::pin(self.on_queued(first)).await,
                         Event::Read(frame) => self.on_read(frame),
                         Event::Tick => Flow::Act(self.session.on_tick(Instant::now())),
-                        Event::Room(None) => Flow::Close,
-                        Event::Room(first) => Box::pin(self.on_room(first)).await,
-                        Event::RoomOwed => Box::pin(self.on_room(None)).await,
+                        Event::RoomOwed => Box::pin(self.on_room()).await,
                     }
                     .into_actions(),
                 };
@@ -214,8 +203,7 @@ where
             first = self.rx.recv() => Event::Queued(first),
             frame = self.reader.next(), if drain_at.is_none() => Event::Read(frame),
             _ = tokio::time::sleep_until(self.session.deadline().into()) => Event::Tick,
-            frame = recv_room(&mut self.room_rx) => Event::Room(frame),
-            () = owed(self.direct.as_deref()) => Event::RoomOwed,
+            () = std::future::poll_fn(|cx| self.direct.poll_owed(cx)) => Event::RoomOwed,
         }
     }
 
@@ -304,17 +292,11 @@ where
         }
     }
 
-    /// Writes queued room frames. Like IM writes: an IM overflow or the drain deadline ends a write the
-    /// peer never takes.
-    ///
-    /// `first`: the first queued room frame (QUIC), or `None` when room frames are owed to the socket
-    /// (`direct`: it was full, or this task was mid-write, when a room wrote them); the flush that ends
-    /// every write writes what is owed.
-    async fn on_room(&mut self, first: Option<Bytes>) -> Flow {
-        let write = tokio::time::timeout(
-            WRITE_TIMEOUT,
-            write_room(&mut self.writer, first, &mut self.room_rx),
-        );
+    /// Writes the room frames owed to the socket (`direct`: it was full, or this task was mid-write,
+    /// when a room wrote them): a flush of the sink writes what is owed. Like IM writes: an IM overflow
+    /// or the drain deadline ends a write the peer never takes.
+    async fn on_room(&mut self) -> Flow {
+        let write = tokio::time::timeout(WRITE_TIMEOUT, flush(&mut self.writer));
         let written = finish_write(
             write,
             &self.overflow,
@@ -479,20 +461,11 @@ where
         let Phase::Active { user_id, device_id } = self.session.phase() else {
             return Step::Next;
         };
-        let tx = match (&self.direct, &self.room_tx) {
-            (Some(d), _) => RoomSink::Direct(d.clone()),
-            (None, Some(tx)) => RoomSink::Queue(tx.clone()),
-            (None, None) => {
-                let (tx, rx) = mpsc::channel(self.ctx.config.room_queue);
-                self.room_rx = Some(rx);
-                RoomSink::Queue(self.room_tx.insert(tx).clone())
-            }
-        };
         let viewer = Viewer {
             conn_id: self.conn_id,
             user_id,
             device_id,
-            tx,
+            tx: RoomSink::Direct(self.direct.clone()),
         };
         let (reply, notices) = match join_room(&self.ctx, viewer, room_id).await {
             Ok((out, notices)) => (
@@ -538,9 +511,7 @@ where
             self.ctx.hub.unregister(self.conn_id);
         }
         let _ = tokio::time::timeout(LAST_WORDS, self.writer.close()).await;
-        if let Some(d) = &self.direct {
-            d.close();
-        }
+        self.direct.close();
     }
 }
 
@@ -697,45 +668,12 @@ async fn stop_writing(shutdown: &CancellationToken, drain_until: Option<tokio::t
     }
 }
 
-/// The next frame of the room queue; pending forever while the connection has none.
-async fn recv_room(rx: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when room frames are owed to `direct`'s socket; pending forever without one.
-fn owed(direct: Option<&Direct>) -> impl std::future::Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| match direct {
-        Some(d) => d.poll_owed(cx),
-        None => std::task::Poll::Pending,
-    })
-}
-
-/// Writes room frame `first` (if any) and up to [`WRITE_BATCH`] more queued ones with one flush. False
-/// when the write failed.
-async fn write_room<W>(
-    writer: &mut W,
-    first: Option<Bytes>,
-    rx: &mut Option<mpsc::Receiver<Bytes>>,
-) -> bool
+/// Flushes `writer` (which writes the room frames owed to its socket). False when it failed.
+async fn flush<W>(writer: &mut W) -> bool
 where
     W: Sink<Frame> + Unpin,
     W::Error: Display,
 {
-    let mut next = first;
-    let mut n = 0;
-    while let Some(f) = next.take() {
-        if let Err(e) = writer.feed(Frame::Encoded(f)).await {
-            debug!(error = %e, "write failed");
-            return false;
-        }
-        n += 1;
-        if n < WRITE_BATCH {
-            next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
-        }
-    }
     match writer.flush().await {
         Ok(()) => true,
         Err(e) => {
@@ -932,18 +870,25 @@ mod tests {
             .await
             .expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let (r, w) = stream.into_split();
+        let direct = crate::direct::Direct::new(
+            stream,
+            crate::direct::Framing::Length,
+            64 * 1024,
+            16,
+            prometheus_client::metrics::counter::Counter::default(),
+        );
         let reader = tokio_util::codec::FramedRead::with_capacity(
-            r,
+            crate::direct::DirectIo(direct.clone()),
             zhibo_proto::codec::PacketDecoder::new(64 * 1024),
             512,
         )
         .map(zhibo_proto::codec::PacketDecoder::flatten);
-        let writer = crate::frame::lean_writer(w, 64 * 1024);
-        let task = drive(ctx, 1, "tcp", reader, writer, None, None);
+        let writer = crate::frame::lean_writer(crate::direct::DirectIo(direct.clone()), 64 * 1024);
+        let task = drive(ctx, 1, "tcp", reader, writer, None, direct);
         let size = std::mem::size_of_val(&task);
         // 1,432 bytes when written (2,560 before the arguments were boxed and the actions moved out);
-        // 1,488 as a `Connection` (the `conn_id` it keeps, the handlers boxed).
+        // 1,488 as a `Connection` (the `conn_id` it keeps, the handlers boxed); 1,464 without the
+        // room queue (every transport's rooms write to its socket directly).
         assert!(size <= 1536, "the connection future grew to {size} bytes");
     }
 }

@@ -39,7 +39,6 @@ use bytes::{Buf as _, Bytes};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 /// How a room frame is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -508,47 +507,54 @@ impl AsyncWrite for DirectIo {
     }
 }
 
-/// Where a room sends a viewer its frames: written directly ([`Direct`]) or queued for its task.
+/// Where a room sends a viewer its frames: its connection's [`Direct`], or (unit tests of the I/O-free
+/// room code) a queue the test reads.
 #[derive(Debug, Clone)]
 pub enum RoomSink {
-    /// The connection task writes them (a connection without a [`Direct`]).
-    Queue(mpsc::Sender<Bytes>),
     /// Written to the socket by the room (TCP, WebSocket, QUIC).
     Direct(Arc<Direct>),
+    /// Frames a test reads.
+    #[cfg(test)]
+    Queue(tokio::sync::mpsc::Sender<Bytes>),
 }
 
 impl RoomSink {
     /// Sends a frame; given back when the viewer cannot take it (full, or gone).
     pub fn try_send(&self, frame: Bytes) -> Result<(), Bytes> {
         match self {
-            RoomSink::Queue(tx) => tx.try_send(frame).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
-            }),
             RoomSink::Direct(d) => d.try_send(frame),
+            #[cfg(test)]
+            RoomSink::Queue(tx) => tx.try_send(frame).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(f)
+                | tokio::sync::mpsc::error::TrySendError::Closed(f) => f,
+            }),
         }
     }
 
     /// Frames it can still take.
     pub fn capacity(&self) -> usize {
         match self {
-            RoomSink::Queue(tx) => tx.capacity(),
             RoomSink::Direct(d) => d.capacity(),
+            #[cfg(test)]
+            RoomSink::Queue(tx) => tx.capacity(),
         }
     }
 
     /// The socket it writes to, if it writes directly.
     pub fn direct(&self) -> Option<&Arc<Direct>> {
         match self {
-            RoomSink::Queue(_) => None,
             RoomSink::Direct(d) => Some(d),
+            #[cfg(test)]
+            RoomSink::Queue(_) => None,
         }
     }
 
     /// Frames it can take when empty.
     pub fn max_capacity(&self) -> usize {
         match self {
-            RoomSink::Queue(tx) => tx.max_capacity(),
             RoomSink::Direct(d) => d.max_capacity(),
+            #[cfg(test)]
+            RoomSink::Queue(tx) => tx.max_capacity(),
         }
     }
 }

@@ -16,11 +16,11 @@
 //! - Server-wide broadcast (`zhibo.broadcast`): one `RoomMessages` of room 0 per notice, encoded once, to
 //!   every signed-in connection through its IM queue (at most half of it).
 //!
-//! Outbound policy: each connection has two bounded queues. IM traffic never waits and is never dropped
+//! Outbound policy: each connection has two bounds. IM traffic never waits and is never dropped
 //! silently: when a connection's IM queue is full, the connection is closed (its client reconnects and
-//! syncs what it missed, which is stored). Room traffic goes to a separate, small room queue, created at
-//! the connection's first join, and is dropped (counted) when that is full, so a room flood can never
-//! push IM out. Broadcasts ride the IM queue but only up to half of it, then are dropped likewise.
+//! syncs what it missed, which is stored). Room frames are written to the connection's socket by the
+//! room (`direct`), at most `room_queue` of them owed, and dropped (counted) past that, so a room flood
+//! can never push IM out. Broadcasts ride the IM queue but only up to half of it, then are dropped likewise.
 //! See docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
@@ -62,8 +62,7 @@ pub struct ConnHandle {
     pub user_id: i64,
     /// The device signed in on it.
     pub device_id: i64,
-    /// Its outbound queue (IM: full = close). Its room queue, created at its first join, is held by the
-    /// room hub's viewers.
+    /// Its outbound queue (IM: full = close). Room frames bypass it (`direct`).
     pub tx: QueueSender<Outbound>,
     /// Cancelled when the connection must close because its queue overflowed.
     pub overflow: CancellationToken,
@@ -158,7 +157,7 @@ impl Hub {
         self.rooms.subscription_count()
     }
 
-    /// Room frames dropped for connections whose room queue was full, and broadcasts dropped for
+    /// Room frames dropped for connections owed a full `room_queue`, and broadcasts dropped for
     /// connections whose IM queue was half full.
     pub fn room_frames_dropped(&self) -> u64 {
         self.rooms.frames_dropped() + self.broadcasts_dropped.load(Ordering::Relaxed)
@@ -248,7 +247,7 @@ impl Hub {
     }
 
     /// Subscribes to the server-wide broadcast subject and pushes each notice to every connection (as
-    /// room 0, through its IM queue: broadcasts are rare, and most connections never open a room queue;
+    /// room 0, through its IM queue: broadcasts are rare, and most connections never join a room;
     /// a full queue drops the notice for that connection) until the bus ends.
     ///
     /// # Errors

@@ -18,7 +18,7 @@
 //!
 //! Inbound: socket → transport → session → bus `zhibo.cmd`. Outbound: bus `zhibo.gwu.<id>` (events for
 //! this gateway's users, routed by presence) / `zhibo.users` / `zhibo.gw.<id>` → hub → connection IM queue → socket; bus `zhibo.room.<id>` → room batcher → one
-//! encoded frame → every viewer's room queue → socket.
+//! encoded frame → written to every viewer's socket or QUIC stream by the room (`direct`).
 #![warn(missing_docs)]
 
 pub mod config;

@@ -197,7 +197,7 @@ pub async fn serve(
                 crate::frame::lean_writer(DirectIo(direct.clone()), max_frame),
                 unauthenticated,
             );
-            drive(ctx, conn_id, "quic", reader, writer, None, Some(direct)).await;
+            drive(ctx, conn_id, "quic", reader, writer, None, direct).await;
             // Give the peer a moment to read what was written last (an Error, a Kick) before the
             // connection close discards unacknowledged stream data.
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;

@@ -7,8 +7,8 @@
 //!   current window goes out at once (a quiet room never waits); one arriving sooner waits for the end
 //!   of that window (or until [`RoomConfig::batch_max`] messages / a frame's worth of bytes), and the
 //!   window's messages become one `RoomMessages` packet, encoded **once** and shared as [`Bytes`] by
-//!   every viewer's room queue. The window grows with the room's load — its message rate (a decaying
-//!   average over [`RATE_TAU`]) times its local viewers — reaching [`RoomConfig::batch_window`] at
+//!   every viewer (owed to its socket, `direct`). The window grows with the room's load — its message
+//!   rate (a decaying average over [`RATE_TAU`]) times its local viewers — reaching [`RoomConfig::batch_window`] at
 //!   [`RoomConfig::batch_load`] deliveries per second: a busy, crowded room trades a little latency for
 //!   far fewer frame writes, a small or slow one keeps the latency of a single hop. A frame that does
 //!   not fit a viewer's queue is dropped for it and counted.
@@ -154,7 +154,7 @@ pub const CHAT_BURST: Duration = Duration::from_millis(500);
 /// What the room's task must do after an event.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RoomOutput {
-    /// Frames dropped for viewers whose room queue was full.
+    /// Frames dropped for viewers that could take no more (`gateway.room_queue` owed).
     pub dropped: u64,
     /// Publish this gateway's viewer count of the room (a presence report).
     pub presence: Option<u64>,

@@ -49,7 +49,7 @@ pub async fn serve(
                 crate::frame::lean_writer(DirectIo(direct.clone()), max_frame),
                 a.unauthenticated,
             );
-            drive(a.ctx, a.conn_id, "tcp", reader, writer, None, Some(direct)).await;
+            drive(a.ctx, a.conn_id, "tcp", reader, writer, None, direct).await;
         },
     )
     .await;

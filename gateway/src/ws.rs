@@ -158,16 +158,7 @@ pub async fn serve(
             });
             let reader = Box::pin(reader);
             let writer = until_signed_in(Box::pin(writer), unauthenticated);
-            drive(
-                ctx,
-                conn_id,
-                "ws",
-                reader,
-                writer,
-                Some(first),
-                Some(direct),
-            )
-            .await;
+            drive(ctx, conn_id, "ws", reader, writer, Some(first), direct).await;
         },
     )
     .await;
