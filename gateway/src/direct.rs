@@ -586,6 +586,23 @@ mod tests {
         Bytes::from(b)
     }
 
+    /// Writes `b` as the connection's codec does (`by_codec`) or as a room does.
+    async fn write_one<W>(d: &Direct, codec: &mut W, b: Bytes, by_codec: bool)
+    where
+        W: futures::Sink<crate::frame::Frame> + Unpin,
+        W::Error: std::fmt::Debug,
+    {
+        if by_codec {
+            codec
+                .send(crate::frame::Frame::Encoded(b))
+                .await
+                .expect("codec write");
+        } else {
+            d.try_send(b).expect("taken");
+            d.write_now();
+        }
+    }
+
     /// Length-framed bodies as the client reads them.
     async fn read_frames(client: &mut TcpStream, n: usize) -> Vec<Bytes> {
         let mut out = Vec::new();
@@ -625,15 +642,7 @@ mod tests {
         // Then codec frames (every fifth) between room frames while the reader drains.
         for i in filled..40 {
             let b = body(i, 256 * 1024);
-            if i % 5 == 4 {
-                codec
-                    .send(crate::frame::Frame::Encoded(b.clone()))
-                    .await
-                    .expect("codec write");
-            } else {
-                d.try_send(b.clone()).expect("taken");
-                d.write_now();
-            }
+            write_one(&d, &mut codec, b.clone(), i % 5 == 4).await;
             want.push(b);
         }
         // What is still owed goes out with the connection's flush (what `poll_owed` asks it to do).
@@ -717,15 +726,7 @@ mod tests {
         let writes = async {
             for i in 100..110u32 {
                 let b = body(i, 3000);
-                if i % 2 == 0 {
-                    codec
-                        .send(crate::frame::Frame::Encoded(b.clone()))
-                        .await
-                        .expect("codec write");
-                } else {
-                    d.try_send(b.clone()).expect("taken");
-                    d.write_now();
-                }
+                write_one(&d, &mut codec, b.clone(), i % 2 == 0).await;
                 want.push(b);
             }
             codec.flush().await.expect("flush");
