@@ -158,6 +158,12 @@ const WRITEV_MAX: usize = 64;
 /// Viewers written by one task after a room's flush (see [`write_owed`]).
 pub const WRITE_CHUNK: usize = 256;
 
+/// `mutex` locked. A thread that panicked holding it left nothing half-done worth refusing: the owed
+/// pieces and the stream are consistent between calls, so a poisoned lock is taken as it is.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Direct {
     /// Takes `io`; at most `cap` room frames owed; room frames over `max_frame` bytes are refused;
     /// every room frame taken counts in `frames_out`.
@@ -205,7 +211,7 @@ impl Direct {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.state)
     }
 
     /// Owes room frame `body` to the socket (no I/O: a room's flush calls this for every viewer while
@@ -318,7 +324,7 @@ impl Direct {
                             Piece::Head { .. } => Bytes::copy_from_slice(p.bytes()),
                         })
                         .collect();
-                    let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut send = locked(send);
                     let polled = std::pin::pin!(send.write_chunks(&mut chunks)).poll(cx);
                     match polled {
                         Poll::Ready(Ok(written)) => written.bytes,
@@ -371,7 +377,7 @@ impl Direct {
                 }
             },
             Socket::Quic(send) => {
-                let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                let mut send = locked(send);
                 Pin::new(&mut *send)
                     .poll_write(cx, buf)
                     .map_err(io::Error::from)
@@ -498,7 +504,7 @@ impl AsyncWrite for DirectIo {
                 Poll::Ready(socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write))
             }
             Socket::Quic(send) => {
-                let mut send = send.lock().unwrap_or_else(|e| e.into_inner());
+                let mut send = locked(send);
                 // Finished already (a second shutdown) is not an error.
                 let _ = send.finish();
                 Poll::Ready(Ok(()))
