@@ -281,6 +281,7 @@ impl ConversationStore for EmbeddedBackend {
             }
             row.read_seq = row.read_seq.max(from_seq);
             row.version = row.version.max(version);
+            t.keep_seq(user_id, version)?;
             store_row(t, rk, &row)
         })
         .await
@@ -347,6 +348,7 @@ impl ConversationStore for EmbeddedBackend {
             }
             row.read_seq = row.read_seq.max(read_seq);
             row.version = row.version.max(version);
+            t.keep_seq(user_id, version)?;
             store_row(t, rk, &row)?;
             match conversation.kind {
                 ConversationKind::Direct => {
@@ -408,6 +410,7 @@ impl ConversationStore for EmbeddedBackend {
                 row.pinned = settings.pinned;
             }
             row.version = row.version.max(version);
+            t.keep_seq(user_id, version)?;
             store_row(t, rk, &row)
         })
         .await
@@ -420,6 +423,7 @@ impl ConversationStore for EmbeddedBackend {
                 let rk = row_key(user_id, conversation);
                 let mut row = load_row(&t.conversations, rk)?.unwrap_or_default();
                 row.version = row.version.max(version);
+                t.keep_seq(user_id, version)?;
                 store_row(t, rk, &row)?;
             }
             Ok(())
@@ -547,6 +551,7 @@ impl ConversationStore for EmbeddedBackend {
             let mut row = load_row(&t.conversations, rk)?.unwrap_or_default();
             tombstone_last(&mut row, conv_seq, CONTENT_TYPE_DELETED)?;
             row.version = row.version.max(version);
+            t.keep_seq(user_id, version)?;
             store_row(t, rk, &row)
         })
         .await

@@ -19,7 +19,7 @@
 //! | `dedup_by_time`   | (written at, device, id)     | `()` (expiry order)                    |
 //! | `acks`            | (user, device)               | acknowledged seq                       |
 //! | `group_invites`   | (invitee, group)             | [`crate::GroupInvite`] as JSON (`invites.rs`) |
-//! | `seq`             | user                         | last allocated seq (no longer written; a floor for older files) |
+//! | `seq`             | user                         | highest seq used outside the inbox (a conversation row's `version`); a floor on resume |
 //! | `node_leases`     | (pool, node number)          | (owner, expires at ms, high-water ms)  |
 //! | `conversations`   | (user, kind, peer/group)     | one user's conversation row as JSON (`conversations.rs`) |
 //! | `conversation_index` | (user, kind, peer/group, conv seq) | inbox seq (per-conversation history) |
@@ -35,8 +35,12 @@
 //! Counters live in memory, each resumed on first use from the user's largest stored seq. That is safe
 //! because a new send's dedup plan and inbox entries commit in one transaction
 //! ([`crate::MessageStore::record_send`]): a seq that was handed out but never stored is referenced by nothing,
-//! so reusing it after a restart loses nothing. It takes one write per message off the single writer
-//! thread. The map grows with the users that received a message since the file was opened (~50 bytes
+//! so reusing it after a restart loses nothing. A seq given to a conversation row as its `version`
+//! (a mark-read, a settings change, a join, a delete-for-me) is referenced without an inbox entry, so
+//! that write also keeps it in `seq` ([`Tables::keep_seq`]), the other floor a counter resumes above:
+//! otherwise a message after a restart could take the same seq as its row's version and list sync
+//! (`changed_after`) would miss it. Counting in memory takes one write per message off the single
+//! writer thread (row changes without a message are rare by comparison). The map grows with the users that received a message since the file was opened (~50 bytes
 //! each). The one rule this relies on: inbox entries with seqs that did not come from
 //! [`crate::SeqAllocator::next`] (imports through `append`/`append_many`) must not be written while the same
 //! users are sending, or a counter may be resumed below them.
@@ -132,6 +136,8 @@ struct Tables<'tx> {
     tx: &'tx WriteTransaction,
     /// Opened on first use: most batches never touch it.
     outbox: Option<Table<'tx, u64, OutboxValue>>,
+    /// Opened on first use: only conversation-row changes without a message write it.
+    seq: Option<Table<'tx, i64, u64>>,
     devices: Table<'tx, i64, &'static [u8]>,
     users: Table<'tx, i64, &'static [u8]>,
     usernames: Table<'tx, &'static str, i64>,
@@ -161,6 +167,7 @@ impl<'tx> Tables<'tx> {
         Ok(Tables {
             tx,
             outbox: None,
+            seq: None,
             devices: tx.open_table(DEVICES).db()?,
             users: tx.open_table(USERS).db()?,
             usernames: tx.open_table(USERNAMES).db()?,
@@ -192,6 +199,24 @@ impl<'tx> Tables<'tx> {
             .outbox
             .as_mut()
             .unwrap_or_else(|| unreachable!("opened above")))
+    }
+
+    /// Records that `user_id`'s seq `seq` is in use outside the inbox (a conversation row's
+    /// `version` taken from the user's counter with nothing stored at it), so the counter resumes
+    /// above it after a restart ([`crate::SeqAllocator::current`] reads this table as a floor).
+    fn keep_seq(&mut self, user_id: i64, seq: u64) -> Result<()> {
+        if self.seq.is_none() {
+            self.seq = Some(self.tx.open_table(SEQ).db()?);
+        }
+        let table = self
+            .seq
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("opened above"));
+        let kept = table.get(user_id).db()?.map_or(0, |v| v.value());
+        if seq > kept {
+            table.insert(user_id, seq).db()?;
+        }
+        Ok(())
     }
 
     /// End-of-batch upkeep: removes up to [`DEDUP_PRUNE_PER_PUT`] expired dedup records per record
@@ -516,6 +541,50 @@ mod tests {
         assert_eq!(next.len(), 20);
         assert_eq!(next[..19], [1; 19]);
         assert_eq!(next[19], 4);
+    }
+
+    /// A seq given to a conversation row as its `version` (nothing stored at it) is a floor after a
+    /// restart: a message must not take it again, or list sync (`changed_after` = that version)
+    /// would never return the message's row.
+    #[tokio::test]
+    async fn row_versions_are_seq_floors_after_a_restart() {
+        use crate::{ConversationId, ConversationSettings, ConversationStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("zhibo.redb");
+        let conv = ConversationId::direct(99);
+        {
+            let backend = Arc::new(EmbeddedBackend::open(&path).expect("open"));
+            // User 1: a message (seq 1), then a join whose version is a fresh seq (2).
+            backend.append(1, &message(1)).await.expect("append");
+            backend.join(1, conv, 1, 2).await.expect("join");
+            // Users 2–4: a row joined at version 0, then one change each with a fresh seq.
+            for user in 2..=4 {
+                backend.join(user, conv, 0, 0).await.expect("join");
+            }
+            backend.mark_read(2, conv, 0, 5).await.expect("mark read");
+            let settings = ConversationSettings {
+                muted: true,
+                pinned: false,
+            };
+            backend
+                .set_settings(3, conv, settings, 6)
+                .await
+                .expect("settings");
+            backend.touch(&[(4, conv, 7)]).await.expect("touch");
+            // A lower version later changes no floor.
+            backend.mark_read(2, conv, 0, 3).await.expect("mark read");
+        }
+        let backend = Arc::new(EmbeddedBackend::open(&path).expect("reopen"));
+        for (user, version) in [(1, 2), (2, 5), (3, 6), (4, 7)] {
+            assert_eq!(
+                backend.current(user).await.expect("current"),
+                version,
+                "user {user}'s counter resumes at its row's version"
+            );
+            assert_eq!(backend.next(&[user]).await.expect("next"), [version + 1]);
+        }
+        // A user with no row change resumes from the inbox alone.
+        assert_eq!(backend.current(5).await.expect("current"), 0);
     }
 
     #[tokio::test]
