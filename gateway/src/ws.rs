@@ -147,9 +147,9 @@ pub async fn serve(
                     )))),
                     Ok(Message::Close(_)) => None,
                     Ok(_) => None,
-                    Err(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+                    Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
                         Some(Err(CodecError::FrameTooLarge {
-                            len: 0,
+                            len: too_long(e),
                             max: max_frame,
                         }))
                     }
@@ -162,6 +162,16 @@ pub async fn serve(
         },
     )
     .await;
+}
+
+/// The size of a message over the limit, as tungstenite measured it (0 for a handshake's header
+/// count, which never reaches the reader).
+fn too_long(e: tokio_tungstenite::tungstenite::error::CapacityError) -> usize {
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    match e {
+        CapacityError::MessageTooLong { size, .. } => size,
+        CapacityError::TooManyHeaders => 0,
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,14 @@ impl Logic {
                 format!("content exceeds {} bytes", self.config.max_content),
             ));
         }
+        if input.content_type < 0 {
+            // Tombstones (-10 recalled, -11 deleted) and room notices are zhibo's: a sent one
+            // would pass for a recall or a deletion on every recipient's screen.
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "negative content types are reserved for zhibo",
+            ));
+        }
         let sender = origin.user_id;
         let mut stages = Stages::start(&self.metrics);
         let dedup_key = dedup_device(origin);

@@ -33,7 +33,7 @@ pub(crate) struct AdminSendMessage {
     /// Unique among server-side sends (they all count as device 0), e.g. a UUID; a resend with the same id
     /// returns the first result with `duplicate: true`.
     client_msg_id: String,
-    /// Application-defined.
+    /// Application-defined, 0 or more (negative types are zhibo's: tombstones and room notices).
     #[serde(default)]
     content_type: i32,
     /// The message bytes, standard base64 (with padding).
@@ -48,7 +48,7 @@ pub(crate) struct SendMessage {
     receiver_id: i64,
     /// Unique per sending device; a resend with the same id returns the first result with `duplicate: true`.
     client_msg_id: String,
-    /// Application-defined.
+    /// Application-defined, 0 or more (negative types are zhibo's: tombstones and room notices).
     #[serde(default)]
     content_type: i32,
     /// The message bytes, standard base64 (with padding).
@@ -65,6 +65,13 @@ pub(crate) struct MessageSent {
     server_time_ms: i64,
     /// True when this answers a resend of an already-stored `client_msg_id`.
     duplicate: bool,
+    /// The message's conversation seq: what read receipts, recall and history pages use.
+    conv_seq: u64,
+    /// True when the app backend's before-send hook replaced the content.
+    content_replaced: bool,
+    /// The stored content (standard base64), only when `content_replaced`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
 }
 
 pub(crate) async fn admin_send_message(
@@ -131,6 +138,9 @@ async fn send(
         seq: out.seq,
         server_time_ms: out.server_time_ms,
         duplicate: out.duplicate,
+        conv_seq: out.conv_seq,
+        content_replaced: out.content_replaced,
+        content: out.content_replaced.then(|| STANDARD.encode(&out.content)),
     }))
 }
 

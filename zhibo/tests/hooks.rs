@@ -381,6 +381,26 @@ async fn allow_reject_and_replace(h: &Hooked) {
     );
     let _ = next_message(&mut b).await; // the resend's republish (at least once)
 
+    // Over HTTP the answer says so too, with the stored content and the conversation seq.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/messages", h.cluster.api_base))
+        .bearer_auth(&alice.token)
+        .json(
+            &serde_json::json!({"receiver_type": "user", "receiver_id": bob.user_id,
+            "client_msg_id": "swap-http", "content": b64.encode("replace: heck")}),
+        )
+        .send()
+        .await
+        .expect("http send");
+    assert_eq!(answer.status(), 200);
+    let sent: serde_json::Value = answer.json().await.expect("a JSON answer");
+    assert_eq!(sent["content_replaced"], true, "{sent}");
+    assert_eq!(sent["content"], b64.encode(REDACTED), "{sent}");
+    let m = next_message(&mut b).await;
+    assert_eq!(String::from_utf8_lossy(&m.content), REDACTED);
+    assert_eq!(sent["conv_seq"], m.conv_seq, "{sent}");
+
     let every_call_signed = h.backend.calls().iter().all(|c| c.signed);
     assert!(every_call_signed, "{:?}", h.backend.calls());
 

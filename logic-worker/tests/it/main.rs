@@ -152,6 +152,67 @@ async fn content_and_id_limits() {
     assert_eq!(e.code, zhibo_proto::client::ErrorCode::InvalidArgument);
 }
 
+/// Negative content types are zhibo's (tombstones -10 / -11, room notices): no device and no
+/// server-side send may store one, 1:1 or group, or it would pass for a recall on the recipients'
+/// screens.
+#[tokio::test]
+async fn negative_content_types_are_refused_and_nothing_is_stored() {
+    let (stores, logic) = setup().await;
+    for (n, (content_type, origin)) in [
+        (-10, origin(1, 10)),
+        (-11, origin(1, 10)),
+        (-1, origin(1, 0)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fake = SendMessageInput {
+            content_type,
+            ..input(2, &format!("fake-{n}"), "")
+        };
+        let e = logic
+            .send_message(&origin, &fake)
+            .await
+            .expect_err("a reserved content type");
+        assert_eq!(
+            e.code,
+            zhibo_proto::client::ErrorCode::InvalidArgument,
+            "content_type {content_type}"
+        );
+    }
+    let group = SendMessageInput {
+        receiver_type: ReceiverType::Group as i32,
+        receiver_id: 777,
+        content_type: -10,
+        ..input(2, "fake-group", "")
+    };
+    let e = logic
+        .send_message(&origin(1, 10), &group)
+        .await
+        .expect_err("a reserved content type to a group");
+    assert_eq!(e.code, zhibo_proto::client::ErrorCode::InvalidArgument);
+    for user_id in [1, 2] {
+        assert!(
+            stores
+                .messages
+                .sync(user_id, 0, 10)
+                .await
+                .expect("sync")
+                .is_empty(),
+            "user {user_id} got a refused message"
+        );
+    }
+    // Zero and positive types are the app's.
+    let ok = SendMessageInput {
+        content_type: 0,
+        ..input(2, "plain", "hi")
+    };
+    logic
+        .send_message(&origin(1, 10), &ok)
+        .await
+        .expect("type 0");
+}
+
 #[tokio::test]
 async fn a_resend_can_never_rewrite_what_was_stored() {
     let (stores, logic) = setup().await;

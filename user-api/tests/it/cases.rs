@@ -762,6 +762,12 @@ pub(crate) async fn case_messages(stores: Stores) {
     .ok(200);
     let sent = s.post("/v1/messages", a.auth(), to_b("m1")).await.ok(200);
     assert_eq!(sent["seq"], 2, "A's second message");
+    assert_eq!(
+        sent["conv_seq"], 2,
+        "the second message of A and B's conversation"
+    );
+    assert_eq!(sent["content_replaced"], false);
+    assert!(sent.get("content").is_none(), "content only when replaced");
     // The recipient's copy names the sender but not the sending device; the sender's own copy does.
     let inbox = stores.messages.sync(b.user_id, 1, 10).await.expect("sync");
     assert_eq!(
@@ -793,6 +799,15 @@ pub(crate) async fn case_messages(stores: Stores) {
         "/v1/messages",
         a.auth(),
         to("user", b.user_id, "m6", "not base64!"),
+    )
+    .await
+    .err(400, "invalid_argument");
+    // Negative content types are zhibo's (a -10 would show as a recall on B's screen).
+    s.post(
+        "/v1/messages",
+        a.auth(),
+        json!({"receiver_type": "user", "receiver_id": b.user_id, "client_msg_id": "m8",
+               "content_type": -10, "content": ""}),
     )
     .await
     .err(400, "invalid_argument");

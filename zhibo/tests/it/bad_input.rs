@@ -7,8 +7,9 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zhibo_loadtest::client::{Client, Credentials, Transport};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, SignInInput};
+use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, SendMessageInput, SignInInput};
 use zhibo_proto::codec::{PacketCodec, DEFAULT_MAX_FRAME};
+use zhibo_proto::ProstMessage as _;
 
 use crate::cluster::Cluster;
 
@@ -76,6 +77,34 @@ pub(crate) async fn bad_frames_and_sign_ins(cluster: &Cluster) {
     s.write_all(&buf).await.expect("write");
     let got = read_until_close(&mut s).await;
     assert_eq!(got.first().and_then(code), Some(ErrorCode::FrameTooLarge));
+
+    // An oversized WebSocket message after sign-in: FRAME_TOO_LARGE naming its size, then the close.
+    let mut ws = cluster.connect(Transport::Ws, 0, &good).await;
+    let big = Packet::new(
+        9,
+        Body::SendMessage(SendMessageInput {
+            content: vec![0; DEFAULT_MAX_FRAME].into(),
+            ..Default::default()
+        }),
+    );
+    let len = big.encoded_len();
+    ws.send_packet(big).await.expect("sent");
+    let mut got = Vec::new();
+    while let Some(p) = ws.recv(WAIT).await.expect("answered, then closed") {
+        got.push(p);
+    }
+    let error = got
+        .iter()
+        .find_map(|p| match &p.body {
+            Some(Body::Error(e)) => Some(e),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no error before the close: {got:?}"));
+    assert_eq!(error.code(), ErrorCode::FrameTooLarge, "{error:?}");
+    assert!(
+        error.message.contains(&format!("frame of {len} bytes")),
+        "the error names the message's size ({len}): {error:?}"
+    );
 
     // A well-framed body that is not a packet, before sign-in: BAD_FRAME and close.
     let mut s = tokio::net::TcpStream::connect(tcp).await.expect("connect");
