@@ -145,6 +145,7 @@ pub(crate) struct ConversationList {
     /// A full page: ask again with `cursor = next_cursor`.
     has_more: bool,
     /// Where the next page starts (absent on an empty page).
+    #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
     /// The largest version returned (or `changed_after`): the next `changed_after`.
     version: u64,
@@ -218,8 +219,7 @@ pub(crate) struct ListParams {
     #[serde(default)]
     changed_after: u64,
     cursor: Option<String>,
-    #[serde(default)]
-    limit: u32,
+    limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,8 +229,19 @@ pub(crate) struct HistoryParams {
     before: u64,
     #[serde(default)]
     after: u64,
-    #[serde(default)]
-    limit: u32,
+    limit: Option<u32>,
+}
+
+/// A page size from the query: absent is the default (0 to the logic), an explicit 0 is refused (the
+/// documented range starts at 1); the logic refuses one over the maximum.
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::invalid(
+            "limit must be at least 1 (leave it out for the default page size)",
+        )),
+        Some(n) => Ok(n),
+        None => Ok(0),
+    }
 }
 
 /// `<activity ms>.<user|group>.<id>`: the list cursor.
@@ -274,7 +285,7 @@ pub(crate) async fn list_conversations(
                 changed_after: q.changed_after,
                 after,
                 after_activity_ms,
-                limit: q.limit,
+                limit: page_limit(q.limit)?,
             },
         )
         .await
@@ -305,7 +316,7 @@ pub(crate) async fn history(
                 conversation: Some(conversation(&kind, id)?),
                 before: q.before,
                 after: q.after,
-                limit: q.limit,
+                limit: page_limit(q.limit)?,
             },
         )
         .await

@@ -67,14 +67,16 @@ message SignInInput {
 message SignInOutput {
   int64 user_id = 1;
   int64 device_id = 2;
-  // The client should send a Heartbeat at least this often; the server closes after ~3 missed beats.
+  // The client should send a Heartbeat at least this often. The server closes a connection silent for its
+  // heartbeat timeout (gateway.heartbeat_timeout_secs, default 100 s: a little over 3 intervals of 30 s);
+  // WebSocket pings do not count, only packets do.
   uint32 heartbeat_interval_ms = 3;
 }
 
 // Ask for the messages after \`seq\` (exclusive), oldest first. 0 fetches from the beginning.
 message SyncInput {
   uint64 seq = 1;
-  // Page size; 0 means the server default. The server caps it.
+  // Page size; 0 means the server default (100). More than 500 is served as 500 (has_more says what is left).
   uint32 limit = 2;
 }
 
@@ -209,9 +211,10 @@ message RoomMessages {
 // refused in sends). Notices have message_id 0 and are not kept in the room's recent history.
 enum RoomNotice {
   ROOM_NOTICE_UNSPECIFIED = 0;
-  // sender_user_id / sender_device_id joined the room (rooms with join notices on).
+  // sender_user_id joined the room (rooms with join notices on); sender_device_id is 0, as in every
+  // message a viewer gets.
   ROOM_NOTICE_JOIN = -1;
-  // sender_user_id / sender_device_id left the room (rooms with join notices on).
+  // sender_user_id left the room (rooms with join notices on); sender_device_id is 0.
   ROOM_NOTICE_LEAVE = -2;
   // The room was closed by its owner or an admin: further sends and joins are refused.
   ROOM_NOTICE_CLOSED = -3;

@@ -1027,6 +1027,31 @@ async fn http_routes(cluster: &Cluster) {
     assert_eq!(rows[0]["id"], json!(alice.user_id));
     assert_eq!(rows[0]["unread"], json!(2));
     assert_eq!(rows[0]["last_message"]["content"], json!("c2Vjb25k"));
+    // An empty page has no cursor; a page size is 1 or more (absent: the default).
+    let (status, body) = http(
+        base,
+        get.clone(),
+        "/v1/conversations?changed_after=1000000000",
+        auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["conversations"], json!([]), "{body}");
+    assert!(body.get("next_cursor").is_none(), "{body}");
+    for path in [
+        "/v1/conversations?limit=0".to_owned(),
+        format!("/v1/conversations/user/{}/messages?limit=0", alice.user_id),
+        "/v1/conversations?limit=501".to_owned(),
+        format!("/v1/conversations/user/{}/messages?limit=201", alice.user_id),
+    ] {
+        let (status, body) = http(base, get.clone(), &path, auth, json!(null)).await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (400, json!("invalid_argument")),
+            "{path}: {body}"
+        );
+    }
     let conv = format!("/v1/conversations/user/{}", alice.user_id);
     let (status, body) = http(
         base,
