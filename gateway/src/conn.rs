@@ -36,6 +36,11 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// a peer that stopped reading must not hold the task forever.
 const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long, and how much of what the client still sends, a closing connection reads and drops so
+/// that its close is not a reset ([`Direct::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Most packets written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -86,6 +91,7 @@ where
         in_flight: 0,
         drain_until: None,
         said_goaway: false,
+        closing: false,
         pending,
     }
     .run()
@@ -115,6 +121,9 @@ struct Connection<R, W> {
     drain_until: Option<tokio::time::Instant>,
     /// Whether the GoAway was said (a drain that starts mid-write says it once the write is done).
     said_goaway: bool,
+    /// The session closed the connection while replies were owed: reading stopped, the replies are
+    /// awaited (bounded like a drain's), then it closes.
+    closing: bool,
     /// Actions to run before waiting again (the WebSocket sign-in, a sign-in's outcome).
     pending: Option<Vec<Action>>,
 }
@@ -269,7 +278,7 @@ where
             return Flow::Close;
         };
         self.in_flight = self.in_flight.saturating_sub(replies);
-        if self.said_goaway && self.in_flight == 0 {
+        if (self.said_goaway || self.closing) && self.in_flight == 0 {
             Flow::Close
         } else {
             Flow::Continue
@@ -323,7 +332,16 @@ where
                 Action::Send(p) => self.send(p).await,
                 Action::Close(reason) => {
                     info!(?reason, "closing connection");
-                    Step::Close
+                    if self.in_flight == 0 {
+                        Step::Close
+                    } else {
+                        // Replies to requests already forwarded are owed (e.g. the ACKs of sends
+                        // accepted before a flood): stop reading, let them arrive, then close.
+                        self.closing = true;
+                        self.drain_until
+                            .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_WAIT);
+                        return Step::Next;
+                    }
                 }
                 Action::Authenticate { request_id, claims } => {
                     // The session's answer comes next, before anything else is read.
@@ -512,6 +530,7 @@ where
         }
         let _ = tokio::time::timeout(LAST_WORDS, self.writer.close()).await;
         self.direct.close();
+        self.direct.linger(LINGER, LINGER_BYTES).await;
     }
 }
 

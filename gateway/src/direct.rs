@@ -295,6 +295,30 @@ impl Direct {
         st.waker = None;
     }
 
+    /// Reads and drops what the client still sends until it closes its side, for at most `time` and
+    /// `max` bytes. Closing a TCP socket with unread input makes the kernel answer with a reset, and
+    /// a reset makes the client's side drop what it has not read yet: the last replies and the
+    /// error that says why the connection closed. QUIC has no such reset: nothing to do.
+    pub async fn linger(&self, time: std::time::Duration, max: usize) {
+        let Socket::Tcp(tcp) = &self.io else { return };
+        let drain = async {
+            let mut buf = vec![0; 4096];
+            let mut read = 0;
+            while read < max {
+                if tcp.readable().await.is_err() {
+                    return;
+                }
+                match tcp.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => read += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(time, drain).await;
+    }
+
     /// Writes owed bytes until none are left (`true`) or the socket takes no more (`false`; for QUIC,
     /// `cx` is woken when the stream takes more).
     fn write_some(&self, st: &mut State, cx: &mut Context<'_>) -> io::Result<bool> {

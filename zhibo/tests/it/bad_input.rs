@@ -307,6 +307,88 @@ pub(crate) async fn flood_is_rate_limited(cluster: &Cluster) {
     still_serving(cluster, &good).await;
 }
 
+/// A connection closed for flooding loses none of its replies: the replies to requests forwarded
+/// before the close still come, then the closing error, and the close is a FIN, not a reset (the
+/// server reads what it was sent before it closes; a reset would make the client's kernel drop what
+/// the client had not read yet).
+pub(crate) async fn a_flood_close_delivers_every_reply(cluster: &Cluster) {
+    use tokio_util::codec::{Decoder, Encoder};
+    let creds = cluster.user("flood-close").await;
+    let mut s = tokio::net::TcpStream::connect(cluster.gw(0).tcp)
+        .await
+        .expect("connect");
+    let mut codec = PacketCodec::new(DEFAULT_MAX_FRAME);
+    let mut out = BytesMut::new();
+    let sign_in = Packet::new(
+        1,
+        Body::SignIn(SignInInput {
+            user_id: creds.user_id,
+            device_id: creds.device_id,
+            token: creds.token.clone(),
+        }),
+    );
+    codec.encode(&sign_in, &mut out).expect("encode");
+    // 300 syncs (within the test cluster's burst of 400: all forwarded), then garbage: a connection
+    // is closed after 200 bad frames in a row, so 300 bad frames are still unread when it closes.
+    let syncs = 100..400_u64;
+    for id in syncs.clone() {
+        let sync = Packet::new(
+            id,
+            Body::Sync(zhibo_proto::client::SyncInput { seq: 0, limit: 1 }),
+        );
+        codec.encode(&sync, &mut out).expect("encode");
+    }
+    for _ in 0..500 {
+        out.put_u32(4);
+        out.put_slice(&[0xff; 4]);
+    }
+    s.write_all(&out).await.expect("write the flood");
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    loop {
+        let n = tokio::time::timeout(WAIT, s.read_buf(&mut buf))
+            .await
+            .expect("the server answers and closes in time")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the close was a reset ({e}) after {} packets: replies were lost",
+                    got.len()
+                )
+            });
+        while let Some(p) = codec.decode(&mut buf).expect("a valid frame") {
+            got.push(p);
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(
+        matches!(
+            got.first().map(|p| &p.body),
+            Some(Some(Body::SignInOutput(_)))
+        ),
+        "{:?}",
+        got.first()
+    );
+    let closing = got.iter().any(|p| {
+        matches!(&p.body, Some(Body::Error(e))
+            if e.code() == ErrorCode::BadFrame && e.message.contains("closing"))
+    });
+    assert!(closing, "the closing error came");
+    // Every sync got its answer, once.
+    let mut answered: Vec<u64> = got
+        .iter()
+        .filter(|p| matches!(p.body, Some(Body::SyncOutput(_))))
+        .map(|p| p.request_id)
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        syncs.collect::<Vec<u64>>(),
+        "one answer per sync, none lost"
+    );
+}
+
 mod embedded {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_frames_and_sign_ins() {
@@ -321,6 +403,12 @@ mod embedded {
         super::flood_is_rate_limited(&cluster).await;
         cluster.stop().await;
     }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_close_delivers_every_reply() {
+        let cluster = crate::cluster::Cluster::embedded().await;
+        super::a_flood_close_delivers_every_reply(&cluster).await;
+        cluster.stop().await;
+    }
 }
 
 mod distributed {
@@ -328,6 +416,13 @@ mod distributed {
     async fn bad_frames_and_sign_ins() {
         let cluster = crate::cluster::Cluster::distributed().await;
         super::bad_frames_and_sign_ins(&cluster).await;
+        cluster.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_close_delivers_every_reply() {
+        let cluster = crate::cluster::Cluster::distributed().await;
+        super::a_flood_close_delivers_every_reply(&cluster).await;
         cluster.stop().await;
     }
 }

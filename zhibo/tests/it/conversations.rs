@@ -1043,7 +1043,10 @@ async fn http_routes(cluster: &Cluster) {
         "/v1/conversations?limit=0".to_owned(),
         format!("/v1/conversations/user/{}/messages?limit=0", alice.user_id),
         "/v1/conversations?limit=501".to_owned(),
-        format!("/v1/conversations/user/{}/messages?limit=201", alice.user_id),
+        format!(
+            "/v1/conversations/user/{}/messages?limit=201",
+            alice.user_id
+        ),
     ] {
         let (status, body) = http(base, get.clone(), &path, auth, json!(null)).await;
         assert_eq!(
