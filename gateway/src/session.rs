@@ -350,10 +350,12 @@ impl Session {
     fn on_active_packet(&mut self, packet: Packet, now: Instant, out: &mut Vec<Action>) {
         let rid = packet.request_id;
         let Some(body) = &packet.body else {
+            // A well-formed packet whose type this server does not know (a newer client's: prost
+            // skips unknown fields) or with no body at all: the frame was fine, the packet is not.
             out.push(Action::Send(Packet::error(
                 rid,
-                ErrorCode::BadFrame,
-                "packet has no body",
+                ErrorCode::UnexpectedPacket,
+                "unknown packet type (or no body)",
             )));
             return;
         };
@@ -784,6 +786,22 @@ mod tests {
         let push = Packet::new(6, Body::Typing(zhibo_proto::client::Typing::default()));
         let acts = s.on_packet(push, t0 + Duration::from_secs(1));
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::UnexpectedPacket));
+        // Neither is a packet of a type this server does not know (decoded without a body).
+        let unknown = Packet {
+            request_id: 7,
+            body: None,
+        };
+        let acts = s.on_packet(unknown, t0 + Duration::from_secs(1));
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::UnexpectedPacket));
+        assert_eq!(
+            acts[0],
+            Action::Send(Packet::error(
+                7,
+                ErrorCode::UnexpectedPacket,
+                "unknown packet type (or no body)"
+            ))
+        );
+        assert_eq!(acts.len(), 1, "the connection goes on");
     }
 
     #[test]
