@@ -295,7 +295,9 @@ where
                 Flow::Close
             }
             Some(Err(e)) => {
-                warn!(error = %e, "bad frame");
+                // The client's fault, answered with an error: not worth an operator's warning, and
+                // at warn level a garbage flood would flood the log too (a flood close is logged).
+                debug!(error = %e, "bad frame");
                 Flow::Act(self.session.on_bad_frame(&e))
             }
         }

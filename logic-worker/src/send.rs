@@ -297,19 +297,21 @@ impl Logic {
                     .map_err(send_err)?
                     .is_none()
                 {
-                    let code = if self
+                    let unknown = self
                         .stores
                         .groups
                         .get_group(input.receiver_id)
                         .await
                         .map_err(send_err)?
-                        .is_none()
-                    {
-                        ErrorCode::NotFound
+                        .is_none();
+                    return Err(if unknown {
+                        LogicError::new(ErrorCode::NotFound, "no such group")
                     } else {
-                        ErrorCode::NotGroupMember
-                    };
-                    return Err(LogicError::new(code, "you are not a member of this group"));
+                        LogicError::new(
+                            ErrorCode::NotGroupMember,
+                            "you are not a member of this group",
+                        )
+                    });
                 }
                 let mut members = self
                     .stores

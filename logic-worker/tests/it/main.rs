@@ -213,6 +213,25 @@ async fn negative_content_types_are_refused_and_nothing_is_stored() {
         .expect("type 0");
 }
 
+/// An unknown group is NOT_FOUND and says so (not "you are not a member").
+#[tokio::test]
+async fn a_send_to_an_unknown_group_says_no_such_group() {
+    let (_, logic) = setup().await;
+    let to_nowhere = SendMessageInput {
+        receiver_type: ReceiverType::Group as i32,
+        receiver_id: 31_337,
+        ..input(0, "nowhere", "hi")
+    };
+    let e = logic
+        .send_message(&origin(1, 10), &to_nowhere)
+        .await
+        .expect_err("unknown group");
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (zhibo_proto::client::ErrorCode::NotFound, "no such group")
+    );
+}
+
 #[tokio::test]
 async fn a_resend_can_never_rewrite_what_was_stored() {
     let (stores, logic) = setup().await;
