@@ -42,7 +42,8 @@ async fn send(app: &App, to: &Credentials, text: &str) -> u64 {
 }
 
 /// Over each transport: a send resolves with its ACK, the receiver's app gets the message once, and
-/// the sender's app does not get its own send as a message.
+/// the sender's app does not get its own send as a message. A message larger than the client's
+/// WebSocket read buffer (8 KiB) arrives whole too.
 async fn send_and_receive(c: &Cluster) {
     for t in ALL {
         let (alice, bob) = pair(c).await;
@@ -51,13 +52,16 @@ async fn send_and_receive(c: &Cluster) {
         let text = format!("hello over {t:?}");
         send(&a, &bob, &text).await;
         b.until("the message", |b| b.has(&text)).await;
+        let big = format!("{t:?}:{}", "z".repeat(20_000));
+        send(&a, &bob, &big).await;
+        b.until("the large message", |b| b.has(&big)).await;
         // Bob answers: Alice's app gets it, never her own.
         send(&b, &alice, "hi alice").await;
         a.until("the answer", |a| a.has("hi alice")).await;
         a.drain().await;
         b.drain().await;
         a.assert_exactly(&["hi alice".to_owned()]);
-        b.assert_exactly(&[text]);
+        b.assert_exactly(&[text, big]);
     }
 }
 
