@@ -140,6 +140,13 @@ impl Logic {
             }
             n => n,
         };
+        if input.after_activity_ms < 0 {
+            // No activity time is negative: a corrupted cursor, not the end of the list.
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "after_activity_ms must be 0 or more",
+            ));
+        }
         let after = match &input.after {
             None => None,
             Some(r) => Some(ListCursor {
@@ -384,7 +391,7 @@ impl Logic {
 
     /// Marks a conversation read by `origin`'s user: the user's other devices get a
     /// `ConversationUpdate`, the 1:1 peer (or, in a group, the author of the message read up to) a
-    /// `ReadReceipt`.
+    /// `ReadReceipt`. At or below the current position nothing changes; the receipt is still sent.
     ///
     /// # Errors
     /// `NOT_IN_CONVERSATION`, `OUT_OF_RANGE` (beyond the last message; nothing changed either way);
@@ -406,13 +413,21 @@ impl Logic {
                 ),
             ));
         }
-        let version = self.next_version(user_id).await?;
+        // At or below the current position nothing changes: no new version (list sync would return
+        // the row again for nothing), no update to the other devices; still answered, and the
+        // receipt still sent (a client may use it to restate its position).
+        let unchanged = input.read_seq <= row.read_seq;
         let store = &self.stores.conversations;
-        store
-            .mark_read(user_id, conversation, input.read_seq, version)
-            .await
-            .map_err(conv_err)?;
-        let row = self.row(user_id, conversation).await?;
+        let row = if unchanged {
+            row
+        } else {
+            let version = self.next_version(user_id).await?;
+            store
+                .mark_read(user_id, conversation, input.read_seq, version)
+                .await
+                .map_err(conv_err)?;
+            self.row(user_id, conversation).await?
+        };
         // Who learns it live: the 1:1 peer; in a group, the author of the message read up to (the
         // others ask GroupReaders when they want to know: bounded by the group's size, on demand).
         let notify = match conversation.kind {
@@ -445,18 +460,31 @@ impl Logic {
             )
             .await;
         }
+        if unchanged {
+            return Ok(ConversationUpdate {
+                conversation: Some(Box::new(to_wire(&row))),
+                deleted_conv_seq: 0,
+            });
+        }
         Ok(self.announce(origin, &row, 0).await)
     }
 
     /// The current members of a group who have read its message `conv_seq`.
     ///
     /// # Errors
-    /// `NOT_IN_CONVERSATION` for a user who is not a member; store failures.
+    /// `INVALID_ARGUMENT` for an id ≤ 0 or `conv_seq` 0; `NOT_IN_CONVERSATION` for a user who is not a
+    /// member; store failures.
     pub async fn group_readers(
         &self,
         user_id: i64,
         input: &GroupReadersInput,
     ) -> Result<GroupReadersOutput, LogicError> {
+        if input.group_id <= 0 || input.conv_seq == 0 {
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "group_id and conv_seq must be > 0",
+            ));
+        }
         let group = ConversationId::group(input.group_id);
         let groups = &self.stores.groups;
         if groups

@@ -266,7 +266,12 @@ impl BeforeSendHook {
                     FailurePolicy::Open => Ok(Verdict::AsSent),
                     FailurePolicy::Closed => Err(LogicError::new(
                         ErrorCode::Unavailable,
-                        "message check unavailable; retry with the same client_msg_id",
+                        // Rooms have no dedup: a room send is simply sent again.
+                        if input.receiver_type == ReceiverType::Room as i32 {
+                            "message check unavailable; send again"
+                        } else {
+                            "message check unavailable; retry with the same client_msg_id"
+                        },
                     )),
                 }
             }

@@ -48,6 +48,13 @@ impl Logic {
                 format!("content exceeds {} bytes", self.config.max_content),
             ));
         }
+        if input.receiver_id <= 0 {
+            // Ids are positive: 0 or less is a client bug, not an unknown user or group.
+            return Err(LogicError::new(
+                ErrorCode::InvalidArgument,
+                "receiver_id must be > 0",
+            ));
+        }
         if input.content_type < 0 {
             // Tombstones (-10 recalled, -11 deleted) and room notices are zhibo's: a sent one
             // would pass for a recall or a deletion on every recipient's screen.

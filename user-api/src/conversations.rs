@@ -248,7 +248,11 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 fn parse_cursor(cursor: &str) -> Result<(i64, ConversationRef), ApiError> {
     let bad = || ApiError::invalid("cursor is not one this API returned");
     let mut parts = cursor.splitn(3, '.');
-    let ms = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let ms = parts
+        .next()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|ms| *ms >= 0)
+        .ok_or_else(bad)?;
     let kind = parts.next().ok_or_else(bad)?;
     let id = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
     Ok((ms, conversation(kind, id)?))

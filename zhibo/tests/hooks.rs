@@ -553,7 +553,8 @@ async fn failures_fail_open(h: &Hooked) {
 }
 
 /// Fail closed: a timeout, a 500 and an answer that is not JSON each refuse the message with
-/// `UNAVAILABLE` (retry with the same client_msg_id) and store nothing; an allowed send still works.
+/// `UNAVAILABLE` (retry with the same client_msg_id; a room send: send again) and store nothing; an
+/// allowed send still works.
 async fn failures_fail_closed(h: &Hooked) {
     let alice = h.cluster.user("alice").await;
     let bob = h.cluster.user("bob").await;
@@ -566,6 +567,27 @@ async fn failures_fail_closed(h: &Hooked) {
         assert_eq!(code(&e), ErrorCode::Unavailable, "{content}: {e:?}");
         assert!(e.message.contains("same client_msg_id"), "{e:?}");
     }
+    // A room send has no dedup: it is told to send again, not to reuse a client_msg_id.
+    let room = i64::from(std::process::id()) * 1000 + i64::from(rand_suffix());
+    let r = a
+        .request(
+            Body::SubscribeRoom(SubscribeRoomInput { room_id: room }),
+            WAIT,
+        )
+        .await
+        .expect("join");
+    assert!(
+        matches!(r.body, Some(Body::SubscribeRoomOutput(_))),
+        "{r:?}"
+    );
+    let e = send(&mut a, ReceiverType::Room, room, "", "fail me")
+        .await
+        .expect_err("refused");
+    assert_eq!(code(&e), ErrorCode::Unavailable, "{e:?}");
+    assert!(
+        e.message.contains("send again") && !e.message.contains("client_msg_id"),
+        "{e:?}"
+    );
     assert_quiet(&mut b).await;
     assert!(stored(h, bob.user_id).await.is_empty());
     assert!(stored(h, alice.user_id).await.is_empty());

@@ -232,6 +232,51 @@ async fn a_send_to_an_unknown_group_says_no_such_group() {
     );
 }
 
+/// A receiver id of 0 or less is a bad argument, not an unknown user or group; so is a readers
+/// request for group 0 or less, or for conv_seq 0.
+#[tokio::test]
+async fn ids_of_zero_or_less_are_invalid_arguments() {
+    let (stores, logic) = setup().await;
+    for receiver_type in [ReceiverType::User, ReceiverType::Group] {
+        for receiver_id in [0, -1] {
+            let bad = SendMessageInput {
+                receiver_type: receiver_type as i32,
+                receiver_id,
+                ..input(0, &format!("bad-{receiver_id}"), "hi")
+            };
+            let e = logic
+                .send_message(&origin(1, 10), &bad)
+                .await
+                .expect_err("a receiver id <= 0");
+            assert_eq!(
+                e.code,
+                zhibo_proto::client::ErrorCode::InvalidArgument,
+                "{receiver_type:?} {receiver_id}: {e:?}"
+            );
+        }
+    }
+    assert!(stores
+        .messages
+        .sync(1, 0, 10)
+        .await
+        .expect("sync")
+        .is_empty());
+    for (group_id, conv_seq) in [(0, 1), (-1, 1), (7, 0)] {
+        let e = logic
+            .group_readers(
+                1,
+                &zhibo_proto::client::GroupReadersInput { group_id, conv_seq },
+            )
+            .await
+            .expect_err("a bad readers request");
+        assert_eq!(
+            e.code,
+            zhibo_proto::client::ErrorCode::InvalidArgument,
+            "group {group_id}, conv_seq {conv_seq}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_resend_can_never_rewrite_what_was_stored() {
     let (stores, logic) = setup().await;

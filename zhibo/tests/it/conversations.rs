@@ -276,6 +276,30 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
         .await
         .conversations
         .is_empty());
+    // At or below the position: answered with the row as it is and the receipt sent again, but
+    // nothing changed: no new version for list sync, no update to the other device.
+    for at in [2, 1] {
+        let again = mark_read(&mut a1, peer(bob.user_id), at).await;
+        assert_eq!(
+            (again.read_seq, again.version),
+            (read.read_seq, read.version),
+            "a mark-read at {at} changes nothing"
+        );
+        let receipt = next_push(&mut b, "ReadReceipt", |p| match &p.body {
+            Some(Body::ReadReceipt(r)) => Some(*r),
+            _ => None,
+        })
+        .await;
+        assert_eq!(receipt.read_seq, 2);
+    }
+    assert!(
+        list(&mut a2, changed.version)
+            .await
+            .conversations
+            .is_empty(),
+        "a mark-read that changed nothing is not a change for list sync"
+    );
+    no_notice(&mut a2, "ConversationUpdate").await;
 
     // Bad input: beyond the last message, a conversation alice is not in, a bad reference.
     let beyond = Body::MarkRead(MarkReadInput {
@@ -301,6 +325,16 @@ async fn unread_counts_match_across_devices(cluster: &Cluster) {
     assert_eq!(refused(&mut a1, bad).await, ErrorCode::InvalidArgument);
     assert_eq!(row(&mut a2, peer(bob.user_id)).await.unread, 1);
     no_notice(&mut a2, "update after refused reads").await;
+    // A list page after a negative activity time is a corrupted cursor, not an empty list.
+    let corrupted = Body::ConversationList(ConversationListInput {
+        after: peer(bob.user_id),
+        after_activity_ms: -1,
+        ..Default::default()
+    });
+    assert_eq!(
+        refused(&mut a1, corrupted).await,
+        ErrorCode::InvalidArgument
+    );
 
     // Reconnects: the same counts from the store.
     drop(a2);
@@ -1027,7 +1061,8 @@ async fn http_routes(cluster: &Cluster) {
     assert_eq!(rows[0]["id"], json!(alice.user_id));
     assert_eq!(rows[0]["unread"], json!(2));
     assert_eq!(rows[0]["last_message"]["content"], json!("c2Vjb25k"));
-    // An empty page has no cursor; a page size is 1 or more (absent: the default).
+    // An empty page has no cursor; a page size is 1 or more (absent: the default); a cursor is one
+    // the API returned.
     let (status, body) = http(
         base,
         get.clone(),
@@ -1043,6 +1078,9 @@ async fn http_routes(cluster: &Cluster) {
         "/v1/conversations?limit=0".to_owned(),
         format!("/v1/conversations/user/{}/messages?limit=0", alice.user_id),
         "/v1/conversations?limit=501".to_owned(),
+        // A cursor this API never returns (activity times are never negative).
+        "/v1/conversations?cursor=-1.user.1".to_owned(),
+        "/v1/conversations?cursor=garbage".to_owned(),
         format!(
             "/v1/conversations/user/{}/messages?limit=201",
             alice.user_id
