@@ -151,6 +151,10 @@ impl ShapeCounts {
 /// A display rate's burst: a viewer may see this many seconds' worth of chat at once after a lull.
 pub const CHAT_BURST: Duration = Duration::from_millis(500);
 
+/// How long a chat sender counts as active in a shaped room after its last message: the display
+/// rate is shared among the senders active now.
+pub const SENDER_ACTIVE: Duration = Duration::from_secs(2);
+
 /// What the room's task must do after an event.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RoomOutput {
@@ -187,6 +191,10 @@ pub struct RoomState {
     chat_per_sec: u32,
     chat_tokens: f64,
     chat_at: Instant,
+    /// Each active chat sender's share of the budget (sender → (tokens, last chat)): the display
+    /// rate divided among the senders active in the last [`SENDER_ACTIVE`], so a sender who sends
+    /// more often is not shown more often, whether its messages share a window or not.
+    chat_senders: HashMap<i64, (f64, Instant)>,
     /// Sampling's random state (xorshift; no I/O, reproducible in tests).
     rng: u64,
     batch_due: Option<Instant>,
@@ -227,6 +235,7 @@ impl RoomState {
             chat_per_sec: 0,
             chat_tokens: 0.0,
             chat_at: now,
+            chat_senders: HashMap::new(),
             rng: (room_id as u64) ^ 0x9e37_79b9_7f4a_7c15 | 1,
             batch_due: None,
             last_flush: None,
@@ -440,8 +449,10 @@ impl RoomState {
     }
 
     /// Which of the batch's messages every viewer is shown: all high ones, and chat within the room's
-    /// budget (the display rate, [`CHAT_BURST`] deep), chosen fairly: senders in random order, one
-    /// message of each per round, so a flooding sender cannot crowd out the others.
+    /// budget (the display rate, [`CHAT_BURST`] deep), chosen fairly: each active sender has an equal
+    /// share of the rate (a first message is always eligible; the three rounds below), and within the
+    /// window senders go in random order, one message of each per round, so a sender who sends more
+    /// often cannot crowd out the others, within a window or across windows.
     fn sample(&mut self, batch: &[(RoomClass, Message)], now: Instant) -> Vec<bool> {
         let chat: Vec<usize> = (0..batch.len())
             .filter(|i| batch[*i].0 == RoomClass::Chat)
@@ -453,14 +464,6 @@ impl RoomState {
         }
         let elapsed = now.saturating_duration_since(self.chat_at).as_secs_f64();
         self.chat_at = now;
-        self.chat_tokens =
-            (self.chat_tokens + elapsed * f64::from(self.chat_per_sec)).min(self.chat_capacity());
-        let budget = (self.chat_tokens.floor() as usize).min(chat.len());
-        self.chat_tokens -= budget as f64;
-        if budget == chat.len() {
-            chat.iter().for_each(|i| keep[*i] = true);
-            return keep;
-        }
         // Senders in order of first appearance, each with its chat indices.
         let mut senders: Vec<(i64, Vec<usize>)> = Vec::new();
         for &i in &chat {
@@ -470,32 +473,149 @@ impl RoomState {
                 None => senders.push((who, vec![i])),
             }
         }
-        // Shuffle the senders and each sender's messages (Fisher-Yates).
-        for k in (1..senders.len()).rev() {
-            let j = (self.next_random() % (k as u64 + 1)) as usize;
-            senders.swap(k, j);
+        // The senders' shares: the active ones (a message in the last SENDER_ACTIVE) split the rate.
+        self.chat_senders
+            .retain(|_, (_, last)| now.saturating_duration_since(*last) <= SENDER_ACTIVE);
+        // The room's budget: the rate, half a second deep, and deeper by what the senders already
+        // active had a whole claim on (up to another half second): tokens kept for a claim that
+        // arrives a moment later are not lost while the budget is full. Not by this window's new
+        // senders: after a lull the budget is half a second deep, as documented.
+        let claims: f64 = self
+            .chat_senders
+            .values()
+            .map(|(t, _)| t.max(0.0).floor())
+            .sum();
+        let capacity = self.chat_capacity() + claims.min(self.chat_capacity());
+        self.chat_tokens =
+            (self.chat_tokens + elapsed * f64::from(self.chat_per_sec)).min(capacity);
+        for (who, _) in &senders {
+            // A new sender starts with one message's worth: its first message is eligible at once.
+            self.chat_senders.entry(*who).or_insert((1.0, now)).1 = now;
         }
-        for (_, mine) in &mut senders {
-            for k in (1..mine.len()).rev() {
-                let j = (self.next_random() % (k as u64 + 1)) as usize;
-                mine.swap(k, j);
+        let share = f64::from(self.chat_per_sec) / self.chat_senders.len().max(1) as f64;
+        let share_cap = (share * CHAT_BURST.as_secs_f64()).max(1.0);
+        for (tokens, _) in self.chat_senders.values_mut() {
+            *tokens = (*tokens + elapsed * share).min(share_cap);
+        }
+        // Three rounds, each taking global tokens (`chat_tokens`):
+        // 1. each sender's whole share: as many of its messages as its balance has whole tokens;
+        // 2. one more message of each sender whose balance is still positive (it goes into debt by
+        //    less than one message), from tokens no absent active sender has a whole claim on: a
+        //    sender that sends more often must not take the token a quieter one is owed;
+        // 3. the rest of the window, from tokens no active sender's balance claims (a lone busy
+        //    sender next to quiet ones still fills the display rate).
+        let mut shown: HashMap<i64, usize> = HashMap::new();
+        let balance = |senders: &HashMap<i64, (f64, Instant)>, who: &i64| {
+            senders.get(who).map_or(0.0, |(t, _)| *t)
+        };
+        let mut whole: Vec<(i64, Vec<usize>)> = Vec::with_capacity(senders.len());
+        for (who, mine) in &senders {
+            let n = balance(&self.chat_senders, who).max(0.0).floor() as usize;
+            let mut mine = mine.clone();
+            if mine.len() > n {
+                // Which of its messages: a random `n` of them.
+                self.shuffle(&mut mine);
+                mine.truncate(n);
+            }
+            whole.push((*who, mine));
+        }
+        let offered: usize = whole.iter().map(|(_, m)| m.len()).sum();
+        if offered == chat.len() && self.chat_tokens.floor() as usize >= offered {
+            // Everything fits: all chat shown.
+            self.chat_tokens -= offered as f64;
+            for (who, mine) in &senders {
+                if let Some((t, _)) = self.chat_senders.get_mut(who) {
+                    *t -= mine.len() as f64;
+                }
+            }
+            chat.iter().for_each(|i| keep[*i] = true);
+            return keep;
+        }
+        let budget = (self.chat_tokens.max(0.0).floor() as usize).min(offered);
+        self.pick(whole, budget, &mut keep, &mut shown);
+        let debt: Vec<(i64, Vec<usize>)> = senders
+            .iter()
+            .filter(|(who, _)| {
+                let left =
+                    balance(&self.chat_senders, who) - shown.get(who).copied().unwrap_or(0) as f64;
+                left > 0.0
+            })
+            .map(|(who, mine)| {
+                let rest: Vec<usize> = mine.iter().copied().filter(|i| !keep[*i]).take(1).collect();
+                (*who, rest)
+            })
+            .collect();
+        let present: HashSet<i64> = senders.iter().map(|(who, _)| *who).collect();
+        let claimed: f64 = self
+            .chat_senders
+            .iter()
+            .filter(|(who, _)| !present.contains(who))
+            .map(|(_, (t, _))| t.max(0.0).floor())
+            .sum();
+        let offered: usize = debt.iter().map(|(_, m)| m.len()).sum();
+        let budget = ((self.chat_tokens - claimed).max(0.0).floor() as usize).min(offered);
+        self.pick(debt, budget, &mut keep, &mut shown);
+        for (who, n) in &shown {
+            if let Some((t, _)) = self.chat_senders.get_mut(who) {
+                *t -= *n as f64;
             }
         }
+        let claimed: f64 = self.chat_senders.values().map(|(t, _)| t.max(0.0)).sum();
+        let rest: Vec<(i64, Vec<usize>)> = senders
+            .iter()
+            .map(|(who, mine)| (*who, mine.iter().copied().filter(|i| !keep[*i]).collect()))
+            .collect();
+        let offered: usize = rest.iter().map(|(_, m): &(i64, Vec<usize>)| m.len()).sum();
+        let budget = ((self.chat_tokens - claimed).max(0.0).floor() as usize).min(offered);
+        let mut extra = HashMap::new();
+        self.pick(rest, budget, &mut keep, &mut extra);
+        keep
+    }
+
+    /// Shuffles `v` (Fisher-Yates).
+    fn shuffle(&mut self, v: &mut [usize]) {
+        for k in (1..v.len()).rev() {
+            let j = (self.next_random() % (k as u64 + 1)) as usize;
+            v.swap(k, j);
+        }
+    }
+
+    /// Keeps `budget` of the `groups`' messages (each group one sender's): senders in random order,
+    /// one message of each per round; takes the tokens from the room's budget and counts what each
+    /// sender was shown in `shown`.
+    fn pick(
+        &mut self,
+        mut groups: Vec<(i64, Vec<usize>)>,
+        budget: usize,
+        keep: &mut [bool],
+        shown: &mut HashMap<i64, usize>,
+    ) {
+        if budget == 0 {
+            return;
+        }
+        for k in (1..groups.len()).rev() {
+            let j = (self.next_random() % (k as u64 + 1)) as usize;
+            groups.swap(k, j);
+        }
+        for (_, mine) in &mut groups {
+            self.shuffle(mine);
+        }
+        self.chat_tokens -= budget as f64;
         let mut left = budget;
         let mut round = 0;
         while left > 0 {
-            for (_, mine) in &senders {
+            for (who, mine) in &groups {
                 if left == 0 {
                     break;
                 }
                 if let Some(&i) = mine.get(round) {
                     keep[i] = true;
                     left -= 1;
+                    *shown.entry(*who).or_default() += 1;
                 }
             }
             round += 1;
         }
-        keep
     }
 
     /// Sends the batch (possibly empty: a count refresh) to every viewer, shaped (issue 17): one shared
@@ -1264,6 +1384,69 @@ mod tests {
         assert!(shaped.chat_sampled > chat_sent - 200, "{shaped:?}");
         assert_eq!((shaped.chat_dropped, shaped.high_dropped), (0, 0));
         assert!(shown_total > 0);
+    }
+
+    /// A room whose window is near zero (one viewer, a modest rate: each message is its own window)
+    /// samples fairly across windows too: a sender at 5 msgs/s is shown no more often than five
+    /// senders at 1 msg/s each, each sending just after it (an outside test found the fast sender
+    /// shown 15 times of 17 before senders had shares of the rate).
+    #[test]
+    fn a_fast_sender_gets_no_more_than_its_share_across_windows() {
+        let t0 = Instant::now();
+        let config = RoomConfig {
+            presence_interval: Duration::from_secs(3600),
+            ..RoomConfig::default()
+        };
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let rate = 2;
+        r.set_chat_per_sec(rate, t0);
+        let (mut v, rx) = viewer(1, 100_000);
+        v.user_id = 1;
+        let mut rxs = join_all(&mut r, vec![(v, rx)], t0);
+        r.on_tick(t0);
+        let secs = 30u32;
+        let mut id = 0;
+        for tick in 0..secs * 5 {
+            let t = t0 + Duration::from_millis(200) * tick;
+            if r.next_deadline() <= t {
+                r.on_tick(t);
+            }
+            id += 1;
+            r.on_message(from(id, 100), t);
+            id += 1;
+            let other = 101 + i64::from(tick % 5);
+            r.on_message(from(id, other), t + Duration::from_millis(1));
+            assert!(
+                r.window(t) < Duration::from_millis(1),
+                "each message is its own window"
+            );
+        }
+        r.on_tick(r.next_deadline());
+        let mut shown: HashMap<i64, u32> = HashMap::new();
+        while let Ok(f) = rxs[0].try_recv() {
+            for m in frame_of(&f).messages {
+                *shown.entry(m.sender_user_id).or_default() += 1;
+            }
+        }
+        let total: u32 = shown.values().sum();
+        // The rate, plus the budget's depth (half a second, a second while senders hold claims).
+        assert!(total <= rate * secs + rate, "{total} shown: over the rate");
+        assert!(
+            total >= rate * secs * 8 / 10,
+            "{total} shown: far under the rate"
+        );
+        let flooder = shown.get(&100).copied().unwrap_or(0);
+        for other in 101..=105 {
+            let got = shown.get(&other).copied().unwrap_or(0);
+            // An equal share is secs / 3 = 10 each.
+            assert!(got >= 6, "sender {other} shown {got} times: {shown:?}");
+            // Five times the messages, at most about one and a half times the showings (its
+            // first message and the debt it may run; before shares it got 15 of 17).
+            assert!(
+                flooder <= got * 3 / 2 + 1,
+                "the fast sender got more than its share: {shown:?}"
+            );
+        }
     }
 
     /// Without a display rate every chat message is shown.
