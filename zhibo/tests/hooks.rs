@@ -213,6 +213,25 @@ fn text(receiver_type: ReceiverType, to: i64, id: &str, content: &str) -> Body {
 }
 
 /// Sends and returns the answer: the output, or the Error.
+/// A room id no other test uses.
+fn fresh_room() -> i64 {
+    i64::from(std::process::id()) * 1000 + i64::from(rand_suffix())
+}
+
+async fn join_room(c: &mut Client, room: i64) {
+    let r = c
+        .request(
+            Body::SubscribeRoom(SubscribeRoomInput { room_id: room }),
+            WAIT,
+        )
+        .await
+        .expect("join");
+    assert!(
+        matches!(r.body, Some(Body::SubscribeRoomOutput(_))),
+        "{r:?}"
+    );
+}
+
 async fn send(
     c: &mut Client,
     receiver_type: ReceiverType,
@@ -420,19 +439,9 @@ async fn allow_reject_and_replace(h: &Hooked) {
     assert_quiet(&mut b).await;
 
     // Rooms: the viewer gets the replacement.
-    let room = i64::from(std::process::id()) * 1000 + i64::from(rand_suffix());
+    let room = fresh_room();
     for c in [&mut a, &mut b] {
-        let r = c
-            .request(
-                Body::SubscribeRoom(SubscribeRoomInput { room_id: room }),
-                WAIT,
-            )
-            .await
-            .expect("join");
-        assert!(
-            matches!(r.body, Some(Body::SubscribeRoomOutput(_))),
-            "{r:?}"
-        );
+        join_room(c, room).await;
     }
     let e = send(&mut a, ReceiverType::Room, room, "", "reject: flood")
         .await
@@ -568,18 +577,8 @@ async fn failures_fail_closed(h: &Hooked) {
         assert!(e.message.contains("same client_msg_id"), "{e:?}");
     }
     // A room send has no dedup: it is told to send again, not to reuse a client_msg_id.
-    let room = i64::from(std::process::id()) * 1000 + i64::from(rand_suffix());
-    let r = a
-        .request(
-            Body::SubscribeRoom(SubscribeRoomInput { room_id: room }),
-            WAIT,
-        )
-        .await
-        .expect("join");
-    assert!(
-        matches!(r.body, Some(Body::SubscribeRoomOutput(_))),
-        "{r:?}"
-    );
+    let room = fresh_room();
+    join_room(&mut a, room).await;
     let e = send(&mut a, ReceiverType::Room, room, "", "fail me")
         .await
         .expect_err("refused");
