@@ -540,10 +540,8 @@ impl RoomState {
                     balance(&self.chat_senders, who) - shown.get(who).copied().unwrap_or(0) as f64;
                 left > 0.0
             })
-            .map(|(who, mine)| {
-                let rest: Vec<usize> = mine.iter().copied().filter(|i| !keep[*i]).take(1).collect();
-                (*who, rest)
-            })
+            .map(|(who, mine)| (*who, mine.iter().copied().filter(|i| !keep[*i]).collect()))
+            .filter(|(_, rest): &(i64, Vec<usize>)| !rest.is_empty())
             .collect();
         let present: HashSet<i64> = senders.iter().map(|(who, _)| *who).collect();
         let claimed: f64 = self
@@ -552,7 +550,8 @@ impl RoomState {
             .filter(|(who, _)| !present.contains(who))
             .map(|(_, (t, _))| t.max(0.0).floor())
             .sum();
-        let offered: usize = debt.iter().map(|(_, m)| m.len()).sum();
+        // One message each (a random one of the sender's: `pick` shuffles), so at most one per sender.
+        let offered = debt.len();
         let budget = ((self.chat_tokens - claimed).max(0.0).floor() as usize).min(offered);
         self.pick(debt, budget, &mut keep, &mut shown);
         for (who, n) in &shown {
