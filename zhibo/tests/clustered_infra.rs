@@ -17,12 +17,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use zhibo_loadtest::client::{Client, Transport};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{
-    Message, ReceiverType, SendMessageInput, SubscribeRoomInput, SyncInput, SyncOutput,
-};
+use zhibo_proto::client::{Message, ReceiverType, SendMessageInput, SyncInput, SyncOutput};
 use zhibo_testkit::NatsServer;
 
-use crate::cluster::{eventually, Cluster, Node};
+use crate::cluster::{eventually, fresh_room_id, join_room, Cluster, Node};
 
 /// How long one request waits before the client resends it (same client_msg_id: deduplicated).
 const ATTEMPT: Duration = Duration::from_secs(2);
@@ -281,14 +279,14 @@ async fn gateways_and_workers_on_a_nats_cluster_survive_a_node_kill() {
     );
 
     // Room traffic across the gateways before the kill.
-    let room = room_id();
+    let room = fresh_room_id();
     let speaker = cluster.user("speaker").await;
     let viewer = cluster.user("viewer").await;
     let mut s = cluster.connect(Transport::Tcp, 0, &speaker).await;
     let mut v = cluster.connect(Transport::Tcp, 1, &viewer).await;
     // Only members may speak: both join.
-    join(&mut s, room).await;
-    join(&mut v, room).await;
+    join_room(&mut s, room, FAILOVER).await;
+    join_room(&mut v, room, FAILOVER).await;
     room_reaches(&mut s, &mut v, room, "before").await;
 
     let mut n2 = Some(n2);
@@ -305,28 +303,6 @@ async fn gateways_and_workers_on_a_nats_cluster_survive_a_node_kill() {
     room_reaches(&mut s, &mut v, room, "after").await;
     cluster.stop().await;
     drop((n1, n3));
-}
-
-fn room_id() -> i64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as i64;
-    (n & 0x1f_ffff_ffff_ffff) | 1
-}
-
-async fn join(c: &mut Client, room_id: i64) {
-    let p = c
-        .request(
-            Body::SubscribeRoom(SubscribeRoomInput { room_id }),
-            FAILOVER,
-        )
-        .await
-        .expect("join reply");
-    assert!(
-        matches!(p.body, Some(Body::SubscribeRoomOutput(_))),
-        "joined: {p:?}"
-    );
 }
 
 /// Room messages are best-effort: `s` says `tag` lines in `room` until one reaches `v`.

@@ -31,10 +31,10 @@ use zhibo_logic::{FailurePolicy, HookReceiver};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
     Error as WireError, ErrorCode, Message, ReceiverType, SendMessageInput, SendMessageOutput,
-    SubscribeRoomInput, SyncInput,
+    SyncInput,
 };
 
-use crate::cluster::Cluster;
+use crate::cluster::{fresh_room_id, join_room, Cluster};
 
 const WAIT: Duration = Duration::from_secs(15);
 const HOOK_SECRET: &str = "e2e-hook-secret-0123456789";
@@ -213,25 +213,6 @@ fn text(receiver_type: ReceiverType, to: i64, id: &str, content: &str) -> Body {
 }
 
 /// Sends and returns the answer: the output, or the Error.
-/// A room id no other test uses.
-fn fresh_room() -> i64 {
-    i64::from(std::process::id()) * 1000 + i64::from(rand_suffix())
-}
-
-async fn join_room(c: &mut Client, room: i64) {
-    let r = c
-        .request(
-            Body::SubscribeRoom(SubscribeRoomInput { room_id: room }),
-            WAIT,
-        )
-        .await
-        .expect("join");
-    assert!(
-        matches!(r.body, Some(Body::SubscribeRoomOutput(_))),
-        "{r:?}"
-    );
-}
-
 async fn send(
     c: &mut Client,
     receiver_type: ReceiverType,
@@ -439,9 +420,9 @@ async fn allow_reject_and_replace(h: &Hooked) {
     assert_quiet(&mut b).await;
 
     // Rooms: the viewer gets the replacement.
-    let room = fresh_room();
+    let room = fresh_room_id();
     for c in [&mut a, &mut b] {
-        join_room(c, room).await;
+        join_room(c, room, WAIT).await;
     }
     let e = send(&mut a, ReceiverType::Room, room, "", "reject: flood")
         .await
@@ -523,14 +504,6 @@ async fn a_resend_after_a_crash_is_asked_again(h: &Hooked) {
     assert_quiet(&mut b).await;
 }
 
-/// A number that differs between test runs, for a fresh room id.
-fn rand_suffix() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    (nanos % 1000) as u16
-}
-
 /// Fail open: a timeout, a 500 and an answer that is not JSON each store the message as sent.
 async fn failures_fail_open(h: &Hooked) {
     let alice = h.cluster.user("alice").await;
@@ -577,8 +550,8 @@ async fn failures_fail_closed(h: &Hooked) {
         assert!(e.message.contains("same client_msg_id"), "{e:?}");
     }
     // A room send has no dedup: it is told to send again, not to reuse a client_msg_id.
-    let room = fresh_room();
-    join_room(&mut a, room).await;
+    let room = fresh_room_id();
+    join_room(&mut a, room, WAIT).await;
     let e = send(&mut a, ReceiverType::Room, room, "", "fail me")
         .await
         .expect_err("refused");

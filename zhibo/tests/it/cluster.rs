@@ -131,6 +131,30 @@ where
     }
 }
 
+/// A live-room id no other test, and no earlier run against the same servers, uses.
+pub(crate) fn fresh_room_id() -> i64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64;
+    (n & 0x1f_ffff_ffff_ffff) | 1
+}
+
+/// Joins live room `room_id` on `c`; fails the test unless `SubscribeRoomOutput` comes within `wait`.
+pub(crate) async fn join_room(c: &mut Client, room_id: i64, wait: Duration) {
+    let p = c
+        .request(
+            Body::SubscribeRoom(zhibo_proto::client::SubscribeRoomInput { room_id }),
+            wait,
+        )
+        .await
+        .expect("join reply");
+    assert!(
+        matches!(p.body, Some(Body::SubscribeRoomOutput(_))),
+        "join refused: {p:?}"
+    );
+}
+
 /// A new user with one registered device, signed in through `api`.
 pub(crate) async fn sign_up(api: &Api, name: &str) -> Credentials {
     let device = api

@@ -11,34 +11,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zhibo_loadtest::client::{Client, Transport};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ReceiverType, RoomClass, SendMessageInput, SubscribeRoomInput};
+use zhibo_proto::client::{ReceiverType, RoomClass, SendMessageInput};
 
-use crate::cluster::{Cluster, ADMIN};
+use crate::cluster::{fresh_room_id, join_room, Cluster, ADMIN};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The configured (maximum) batch window of these tests: long, so a message that waited for it
 /// cannot pass for one that did not.
 const LONG_WINDOW_MS: u64 = 1000;
-
-fn room_id() -> i64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as i64;
-    (n & 0x1f_ffff_ffff_ffff) | 1
-}
-
-async fn join(c: &mut Client, room_id: i64) {
-    let p = c
-        .request(Body::SubscribeRoom(SubscribeRoomInput { room_id }), WAIT)
-        .await
-        .expect("join reply");
-    assert!(
-        matches!(p.body, Some(Body::SubscribeRoomOutput(_))),
-        "join refused: {p:?}"
-    );
-}
 
 fn say(room_id: i64, text: String) -> Body {
     say_as(room_id, text, RoomClass::Chat)
@@ -78,13 +59,13 @@ async fn arrival(c: &mut Client, room_id: i64, text: &str) -> Instant {
 /// messages a second, two viewers); the latency from the send to the viewer is printed and must be
 /// under half the window (with the old fixed window every one waited the full second).
 pub(crate) async fn a_quiet_room_message_does_not_wait_for_the_window(cluster: &Cluster) {
-    let room = room_id();
+    let room = fresh_room_id();
     let sender = cluster.user("sender").await;
     let viewer = cluster.user("viewer").await;
     let mut s = cluster.connect(Transport::Tcp, 0, &sender).await;
     let mut v = cluster.connect(Transport::Tcp, 1, &viewer).await;
-    join(&mut v, room).await;
-    join(&mut s, room).await;
+    join_room(&mut v, room, WAIT).await;
+    join_room(&mut s, room, WAIT).await;
     let mut latencies = Vec::new();
     for i in 0..5 {
         let text = format!("quiet {i}");
@@ -160,7 +141,7 @@ async fn watch(mut c: Client, room: i64) -> Vec<(i64, String)> {
 /// `room_state::CHAT_BURST`) and one more message per gateway window for rounding: the sampling runs
 /// on the gateway's clock within the span the test measures, so no further slack is needed.
 pub(crate) async fn a_chat_storm_is_shaped_gifts_and_own_messages_arrive(cluster: &Cluster) {
-    let room = room_id();
+    let room = fresh_room_id();
     let (status, body) = crate::cluster::http(
         &cluster.api_base,
         reqwest::Method::PUT,
@@ -178,14 +159,14 @@ pub(crate) async fn a_chat_storm_is_shaped_gifts_and_own_messages_arrive(cluster
     for gw in 0..2 {
         let creds = cluster.user(&format!("viewer{gw}")).await;
         let mut v = cluster.connect(Transport::Tcp, gw, &creds).await;
-        join(&mut v, room).await;
+        join_room(&mut v, room, WAIT).await;
         viewers.push((creds.user_id, v));
     }
     let mut senders = Vec::new();
     for i in 0..4 {
         let creds = cluster.user(&format!("storm{i}")).await;
         let mut s = cluster.connect(Transport::Tcp, i, &creds).await;
-        join(&mut s, room).await;
+        join_room(&mut s, room, WAIT).await;
         senders.push(s);
     }
     let started = Instant::now();
