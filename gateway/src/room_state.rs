@@ -151,6 +151,11 @@ impl ShapeCounts {
 /// A display rate's burst: a viewer may see this many seconds' worth of chat at once after a lull.
 pub const CHAT_BURST: Duration = Duration::from_millis(500);
 
+/// The messages of `mine` (batch indices) not kept for the window's frame.
+fn unshown(mine: &[usize], keep: &[bool]) -> Vec<usize> {
+    mine.iter().copied().filter(|i| !keep[*i]).collect()
+}
+
 /// How long a chat sender counts as active in a shaped room after its last message: the display
 /// rate is shared among the senders active now.
 pub const SENDER_ACTIVE: Duration = Duration::from_secs(2);
@@ -540,8 +545,8 @@ impl RoomState {
                     balance(&self.chat_senders, who) - shown.get(who).copied().unwrap_or(0) as f64;
                 left > 0.0
             })
-            .map(|(who, mine)| (*who, mine.iter().copied().filter(|i| !keep[*i]).collect()))
-            .filter(|(_, rest): &(i64, Vec<usize>)| !rest.is_empty())
+            .map(|(who, mine)| (*who, unshown(mine, &keep)))
+            .filter(|(_, rest)| !rest.is_empty())
             .collect();
         let present: HashSet<i64> = senders.iter().map(|(who, _)| *who).collect();
         let claimed: f64 = self
@@ -562,9 +567,9 @@ impl RoomState {
         let claimed: f64 = self.chat_senders.values().map(|(t, _)| t.max(0.0)).sum();
         let rest: Vec<(i64, Vec<usize>)> = senders
             .iter()
-            .map(|(who, mine)| (*who, mine.iter().copied().filter(|i| !keep[*i]).collect()))
+            .map(|(who, mine)| (*who, unshown(mine, &keep)))
             .collect();
-        let offered: usize = rest.iter().map(|(_, m): &(i64, Vec<usize>)| m.len()).sum();
+        let offered: usize = rest.iter().map(|(_, m)| m.len()).sum();
         let budget = ((self.chat_tokens - claimed).max(0.0).floor() as usize).min(offered);
         let mut extra = HashMap::new();
         self.pick(rest, budget, &mut keep, &mut extra);
@@ -572,7 +577,7 @@ impl RoomState {
     }
 
     /// Shuffles `v` (Fisher-Yates).
-    fn shuffle(&mut self, v: &mut [usize]) {
+    fn shuffle<T>(&mut self, v: &mut [T]) {
         for k in (1..v.len()).rev() {
             let j = (self.next_random() % (k as u64 + 1)) as usize;
             v.swap(k, j);
@@ -592,10 +597,7 @@ impl RoomState {
         if budget == 0 {
             return;
         }
-        for k in (1..groups.len()).rev() {
-            let j = (self.next_random() % (k as u64 + 1)) as usize;
-            groups.swap(k, j);
-        }
+        self.shuffle(&mut groups);
         for (_, mine) in &mut groups {
             self.shuffle(mine);
         }
