@@ -64,6 +64,13 @@ pub struct GatewayConfig {
     /// Deliveries per second (a room's message rate × its viewers on this gateway) at which the room's
     /// batch window reaches `room_batch_ms`; below it the window shrinks in proportion.
     pub room_batch_load: f64,
+    /// Viewers of a room on this gateway above which its full window (`room_batch_ms`) grows in
+    /// proportion to them, up to `room_batch_max_ms`: a crowded room's frame writes per second (one
+    /// syscall per viewer per frame) stay near `room_batch_viewers × 1000 / room_batch_ms`.
+    pub room_batch_viewers: usize,
+    /// Longest batch window of a crowded room, milliseconds (at most 1000; a value below
+    /// `room_batch_ms` means `room_batch_ms`: the window does not grow with the audience).
+    pub room_batch_max_ms: u64,
     /// Most messages in one room frame.
     pub room_batch_max: usize,
     /// How often this gateway reports its viewer count of each room, milliseconds.
@@ -104,6 +111,8 @@ impl Default for GatewayConfig {
             room_queue: 64,
             room_batch_ms: 50,
             room_batch_load: 200_000.0,
+            room_batch_viewers: 2000,
+            room_batch_max_ms: 250,
             room_batch_max: 256,
             room_presence_ms: 2000,
             room_recent: 50,
@@ -139,6 +148,8 @@ impl std::fmt::Debug for GatewayConfig {
             room_queue,
             room_batch_ms,
             room_batch_load,
+            room_batch_viewers,
+            room_batch_max_ms,
             room_batch_max,
             room_presence_ms,
             room_recent,
@@ -168,6 +179,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("room_queue", room_queue)
             .field("room_batch_ms", room_batch_ms)
             .field("room_batch_load", room_batch_load)
+            .field("room_batch_viewers", room_batch_viewers)
+            .field("room_batch_max_ms", room_batch_max_ms)
             .field("room_batch_max", room_batch_max)
             .field("room_presence_ms", room_presence_ms)
             .field("room_recent", room_recent)
@@ -224,6 +237,12 @@ impl GatewayConfig {
                 "room_batch_ms must be at most 1000 and room_presence_ms at least 100".into(),
             );
         }
+        if self.room_batch_max_ms > 1000 {
+            return Err("room_batch_max_ms must be at most 1000".into());
+        }
+        if self.room_batch_viewers == 0 {
+            return Err("room_batch_viewers must be at least 1".into());
+        }
         for origin in &self.ws_allowed_origins {
             crate::limits::check_origin(origin)?;
         }
@@ -265,6 +284,8 @@ impl GatewayConfig {
         RoomConfig {
             batch_window: Duration::from_millis(self.room_batch_ms),
             batch_load: self.room_batch_load,
+            batch_viewers: self.room_batch_viewers,
+            batch_window_max: Duration::from_millis(self.room_batch_max_ms),
             batch_max: self.room_batch_max,
             max_frame: self.max_frame,
             presence_interval: Duration::from_millis(self.room_presence_ms),
@@ -365,12 +386,16 @@ mod tests {
         assert_eq!(
             (
                 r.batch_window,
+                r.batch_viewers,
+                r.batch_window_max,
                 r.batch_max,
                 r.presence_interval,
                 r.max_frame
             ),
             (
                 d.batch_window,
+                d.batch_viewers,
+                d.batch_window_max,
                 d.batch_max,
                 d.presence_interval,
                 d.max_frame

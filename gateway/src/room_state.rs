@@ -10,8 +10,11 @@
 //!   every viewer (owed to its socket, `direct`). The window grows with the room's load — its message
 //!   rate (a decaying average over [`RATE_TAU`]) times its local viewers — reaching [`RoomConfig::batch_window`] at
 //!   [`RoomConfig::batch_load`] deliveries per second: a busy, crowded room trades a little latency for
-//!   far fewer frame writes, a small or slow one keeps the latency of a single hop. A frame that does
-//!   not fit a viewer's queue is dropped for it and counted.
+//!   far fewer frame writes, a small or slow one keeps the latency of a single hop. Past
+//!   [`RoomConfig::batch_viewers`] local viewers the full window itself grows with the audience (up to
+//!   [`RoomConfig::batch_window_max`]), so a busy room's frame writes per second stay near
+//!   `batch_viewers / batch_window` however many watch: each write is a syscall per viewer, the
+//!   gateway's main cost. A frame that does not fit a viewer's queue is dropped for it and counted.
 //! - Online count: every [`RoomConfig::presence_interval`] the room reports its local viewer count
 //!   ([`RoomOutput::presence`]); the count is the local viewers plus the latest unexpired reports of
 //!   the other gateways. When it changes and no messages are flowing, viewers get a `RoomMessages` with
@@ -38,8 +41,13 @@ use crate::direct::{Owed, RoomSink};
 #[derive(Debug, Clone)]
 pub struct RoomConfig {
     /// Longest a room message waits to be batched with others: the window of a room whose load is
-    /// [`RoomConfig::batch_load`] or more.
+    /// [`RoomConfig::batch_load`] or more, with at most [`RoomConfig::batch_viewers`] local viewers.
     pub batch_window: Duration,
+    /// Local viewers above which a full window grows in proportion to the audience
+    /// (`batch_window × viewers / batch_viewers`), up to `batch_window_max`.
+    pub batch_viewers: usize,
+    /// The longest window of a crowded room (one below `batch_window` means `batch_window`).
+    pub batch_window_max: Duration,
     /// Deliveries per second (message rate × local viewers) at which the window reaches
     /// `batch_window`; a lighter room's window is proportionally shorter.
     pub batch_load: f64,
@@ -340,12 +348,21 @@ impl RoomState {
         self.rate * (-dt / RATE_TAU.as_secs_f64()).exp()
     }
 
-    /// The batch window at `now`: [`RoomConfig::batch_window`] scaled by the room's load (message rate ×
-    /// local viewers) over [`RoomConfig::batch_load`], at most the full window.
+    /// The batch window at `now`: the full window scaled by the room's load (message rate × local
+    /// viewers) over [`RoomConfig::batch_load`], at most the full window. The full window is
+    /// [`RoomConfig::batch_window`], grown in proportion to the local viewers past
+    /// [`RoomConfig::batch_viewers`], up to [`RoomConfig::batch_window_max`].
     pub fn window(&self, now: Instant) -> Duration {
-        let load = self.rate(now) * self.viewers.len() as f64;
+        let viewers = self.viewers.len() as f64;
+        let load = self.rate(now) * viewers;
         let share = (load / self.config.batch_load).clamp(0.0, 1.0);
-        self.config.batch_window.mul_f64(share)
+        let c = &self.config;
+        let crowd = (viewers / c.batch_viewers.max(1) as f64).max(1.0);
+        let full = c
+            .batch_window
+            .mul_f64(crowd)
+            .min(c.batch_window_max.max(c.batch_window));
+        full.mul_f64(share)
     }
 
     /// A chat message from the bus: see [`RoomState::on_classed`].
@@ -1018,40 +1035,99 @@ mod tests {
         assert_eq!(r.window(t0 + Duration::from_millis(1999)), window);
     }
 
+    /// The window of a room with `viewers` local viewers after three seconds of `per_sec` messages
+    /// (the decaying rate average has settled).
+    fn window_at(config: &RoomConfig, viewers: u64, per_sec: u32) -> Duration {
+        let t0 = Instant::now();
+        let mut r = RoomState::new(5, "gw".into(), config.clone(), t0);
+        let mut rxs = Vec::new();
+        for c in 1..=viewers {
+            let (v, rx) = viewer(c, 1);
+            r.add_viewer(v, false);
+            rxs.push(rx);
+        }
+        let gap = Duration::from_secs(1) / per_sec;
+        let mut t = t0;
+        for id in 0..3 * u64::from(per_sec) {
+            t = t0 + gap * id as u32;
+            r.on_message(msg(id + 1), t);
+        }
+        r.window(t)
+    }
+
     /// The window grows with the rate and with the audience, up to the configured maximum.
     #[test]
     fn the_window_grows_with_rate_and_audience() {
-        let t0 = Instant::now();
         let config = RoomConfig {
             batch_window: Duration::from_millis(50),
             batch_load: 100_000.0,
             presence_interval: Duration::from_secs(60),
             ..RoomConfig::default()
         };
-        let window_at = |viewers: u64, per_sec: u32| {
-            let mut r = RoomState::new(5, "gw".into(), config.clone(), t0);
-            let mut rxs = Vec::new();
-            for c in 1..=viewers {
-                let (v, rx) = viewer(c, 1);
-                r.add_viewer(v, false);
-                rxs.push(rx);
-            }
-            // Three seconds at `per_sec`: the decaying average has settled.
-            let gap = Duration::from_secs(1) / per_sec;
-            let mut t = t0;
-            for id in 0..3 * u64::from(per_sec) {
-                t = t0 + gap * id as u32;
-                r.on_message(msg(id + 1), t);
-            }
-            r.window(t)
-        };
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let (small, crowded) = (window_at(100, 50), window_at(1000, 50));
-        let fast = window_at(100, 500);
+        let (small, crowded) = (window_at(&config, 100, 50), window_at(&config, 1000, 50));
+        let fast = window_at(&config, 100, 500);
         assert!(ms(small) > 1.5 && ms(small) < 4.0, "{small:?}");
         assert!(ms(crowded) > 8.0 * ms(small), "{crowded:?} vs {small:?}");
         assert!(ms(fast) > 8.0 * ms(small), "{fast:?} vs {small:?}");
-        assert_eq!(window_at(1000, 500), Duration::from_millis(50), "capped");
+        assert_eq!(
+            window_at(&config, 1000, 500),
+            Duration::from_millis(50),
+            "capped"
+        );
+    }
+
+    /// Past `batch_viewers` local viewers a busy room's full window grows with the audience, so its
+    /// frame writes per second stay flat, up to `batch_window_max`; a quiet crowded room still sends
+    /// at once.
+    #[test]
+    fn a_crowded_room_gets_a_longer_window() {
+        let config = RoomConfig {
+            batch_window: Duration::from_millis(50),
+            batch_load: 10_000.0,
+            batch_viewers: 100,
+            batch_window_max: Duration::from_millis(120),
+            presence_interval: Duration::from_secs(60),
+            ..RoomConfig::default()
+        };
+        let ms = |d: Duration| (d.as_secs_f64() * 1000.0).round() as u64;
+        assert_eq!(ms(window_at(&config, 100, 200)), 50, "up to batch_viewers");
+        assert_eq!(ms(window_at(&config, 200, 200)), 100, "twice the viewers");
+        assert_eq!(ms(window_at(&config, 400, 200)), 120, "capped");
+        // A slow room's window still scales with its load: 2 msgs/s × 200 viewers is 4% of
+        // `batch_load`, so 4% of the grown 100 ms: its messages (500 ms apart) go out at once.
+        let slow = window_at(&config, 200, 2);
+        assert!(ms(slow) <= 5, "{slow:?}");
+        // A configured maximum below the window means no growth.
+        let flat = RoomConfig {
+            batch_window_max: Duration::ZERO,
+            ..config.clone()
+        };
+        assert_eq!(ms(window_at(&flat, 400, 200)), 50);
+
+        // The frames of a busy crowded room go out one grown window apart.
+        let t0 = Instant::now();
+        let mut r = RoomState::new(5, "gw".into(), config, t0);
+        let mut rxs = join_all(&mut r, (1..=200).map(|c| viewer(c, 1024)).collect(), t0);
+        r.on_tick(t0);
+        let mut flushes = Vec::new();
+        let gap = Duration::from_millis(5);
+        for id in 0..800u32 {
+            let t = t0 + gap * id;
+            if r.next_deadline() <= t {
+                r.on_tick(t);
+            }
+            r.on_message(msg(u64::from(id) + 1), t);
+            while rxs[0].try_recv().is_ok() {
+                flushes.push(t);
+            }
+        }
+        // After the first second (the rate estimate has built up), frames 100 ms apart: ~10 a second.
+        let late = flushes
+            .iter()
+            .filter(|t| **t >= t0 + Duration::from_secs(2) && **t < t0 + Duration::from_secs(4))
+            .count();
+        assert!((19..=21).contains(&late), "{late} frames in 2 s");
     }
 
     #[test]
