@@ -41,7 +41,7 @@ pub struct Meter {
     ack: Mutex<Histogram<u64>>,
     deliver: Mutex<Histogram<u64>>,
     server_to_deliver: Mutex<Histogram<u64>>,
-    first_error: Mutex<Option<String>>,
+    pub(super) first_error: Mutex<Option<String>>,
     /// Room traffic per class (issue 17): sent, acknowledged, received, frames' counts.
     pub classes: ClassMeter,
 }
@@ -93,7 +93,7 @@ impl Meter {
     }
 
     /// A message arrived (`room`: in a room frame, counted per class too).
-    fn delivered(&self, m: &Message, room: bool) {
+    pub(super) fn delivered(&self, m: &Message, room: bool) {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         let now = now_ns();
         let mut latency_us = None;
@@ -369,11 +369,15 @@ pub async fn open_loop(
 }
 
 /// Room messages published by a backend through user-api's admin route
-/// (`POST /v1/admin/rooms/{id}/messages`, class chat): the room scenario's `--publish http`.
+/// (`POST /v1/admin/rooms/{id}/messages`, class chat): the room scenario's `--publish http`; or, with
+/// [`HttpPublisher::centrifugo`], through Centrifugo's server API.
 pub struct HttpPublisher {
     http: reqwest::Client,
     url: String,
-    admin_secret: String,
+    /// The header that authorizes a request, and its value.
+    auth: (&'static str, String),
+    /// Centrifugo's channel (`None`: zhibo's admin route).
+    channel: Option<String>,
 }
 
 impl HttpPublisher {
@@ -387,7 +391,24 @@ impl HttpPublisher {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             url: format!("{api}/v1/admin/rooms/{room_id}/messages"),
-            admin_secret: admin_secret.to_owned(),
+            auth: ("x-admin-secret", admin_secret.to_owned()),
+            channel: None,
+        })
+    }
+
+    /// A publisher to Centrifugo's `channel` through its server API at `api` (`POST /api/publish`,
+    /// `X-API-Key`); the content goes base64-encoded as the publication's `data.c`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn centrifugo(api: &str, key: &str, channel: &str) -> anyhow::Result<Self> {
+        Ok(HttpPublisher {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            url: format!("{api}/api/publish"),
+            auth: ("x-api-key", key.to_owned()),
+            channel: Some(channel.to_owned()),
         })
     }
 
@@ -429,34 +450,49 @@ impl HttpPublisher {
                 };
                 meter.counters.sent.fetch_add(1, Ordering::Relaxed);
                 meter.classes.sent(RoomClass::Chat);
-                let body = serde_json::json!({
-                    "content_type": 1,
-                    "content": base64::engine::general_purpose::STANDARD
-                        .encode(timed_content(intended, payload)),
-                    "class": "chat",
-                });
+                let content = base64::engine::general_purpose::STANDARD
+                    .encode(timed_content(intended, payload));
+                let body = match &self.channel {
+                    None => serde_json::json!({
+                        "content_type": 1,
+                        "content": content,
+                        "class": "chat",
+                    }),
+                    Some(channel) => serde_json::json!({
+                        "channel": channel,
+                        "data": { "c": content },
+                    }),
+                };
                 let request = self
                     .http
                     .post(&self.url)
-                    .header("x-admin-secret", &self.admin_secret)
+                    .header(self.auth.0, &self.auth.1)
                     .json(&body);
                 let meter = meter.clone();
+                let centrifugo = self.channel.is_some();
                 tasks.spawn(async move {
-                    let answer = request.send().await;
+                    let answer = match request.send().await {
+                        Ok(r) if r.status().is_success() => match r.bytes().await {
+                            // Centrifugo answers its errors with 200 and an `error` object.
+                            Ok(b) if centrifugo && b.windows(7).any(|w| w == b"\"error\"") => {
+                                Err(String::from_utf8_lossy(&b).into_owned())
+                            }
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Ok(r) => Err(format!("HTTP {}", r.status())),
+                        Err(e) => Err(e.to_string()),
+                    };
                     drop(permit);
                     match answer {
-                        Ok(r) if r.status().is_success() => {
+                        Ok(()) => {
                             meter.counters.acked.fetch_add(1, Ordering::Relaxed);
                             meter.classes.acked(RoomClass::Chat);
                             let us = now_ns().saturating_sub(intended) / 1_000;
                             record(&mut meter.ack.lock().unwrap_or_else(|e| e.into_inner()), us);
                         }
-                        other => {
+                        Err(what) => {
                             meter.counters.errors.fetch_add(1, Ordering::Relaxed);
-                            let what = match other {
-                                Ok(r) => format!("HTTP {}", r.status()),
-                                Err(e) => e.to_string(),
-                            };
                             meter
                                 .first_error
                                 .lock()

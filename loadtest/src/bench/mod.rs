@@ -8,10 +8,12 @@
 //! - [`scenarios`]: idle memory, 1:1, group, room, offline sync, reconnect storm.
 //! - [`classes`]: the room scenario's class mix (high, chat, like) and its per-class report.
 //! - [`conversations`]: the conversation list and history pages (scenario 7).
+//! - [`centrifugo`]: Centrifugo as the server under test, for the room scenario side by side.
 //! - [`ceilings`]: raw NATS, Redis and WebSocket figures measured in the same run.
 //! - [`report`], [`hist`], [`progress`]: the report with charts, HDR histograms, the live line.
 
 pub mod ceilings;
+pub mod centrifugo;
 pub mod classes;
 pub mod conversations;
 pub mod cost;
@@ -72,6 +74,9 @@ pub enum SpawnMode {
     Distributed,
     /// A cluster that is already running at `--api`, `--tcp`, `--ws`, `--quic`.
     None,
+    /// Centrifugo (`--centrifugo-bin`: memory engine, defaults), for the room scenario side by side
+    /// (`--transport ws --publish http`).
+    Centrifugo,
 }
 
 /// Where a spawned `zhibo dev` keeps its data.
@@ -96,6 +101,9 @@ pub struct BenchArgs {
     /// The `zhibo` binary to spawn.
     #[arg(long, default_value = "target/release/zhibo")]
     pub zhibo_bin: PathBuf,
+    /// The Centrifugo binary to spawn (`--spawn centrifugo`).
+    #[arg(long, default_value = "centrifugo")]
+    pub centrifugo_bin: PathBuf,
     /// Store of a spawned `zhibo dev`.
     #[arg(long, value_enum, default_value = "disk")]
     pub store: StoreMode,
@@ -318,6 +326,12 @@ pub async fn run_scenario(args: BenchArgs) -> anyhow::Result<Report> {
             Scenario::Idle => idle::run(&args, &target, &mut report).await,
             Scenario::OneToOne => scenarios::one_to_one(&args, &target, &mut report).await,
             Scenario::Group => scenarios::group(&args, &target, &mut report).await,
+            Scenario::Room if target.mode == "centrifugo" => {
+                centrifugo::room(&args, &target, &mut report).await
+            }
+            _ if target.mode == "centrifugo" => Err(anyhow::anyhow!(
+                "only the room scenario runs against centrifugo"
+            )),
             Scenario::Room => scenarios::room(&args, &target, &mut report).await,
             Scenario::Sync => scenarios::sync(&args, &target, &mut report).await,
             Scenario::Reconnect => scenarios::reconnect(&args, &target, &mut report).await,

@@ -25,9 +25,9 @@ use crate::http::Api;
 /// Requests in flight per sender connection before the generator sheds load (counted as errors).
 const MAX_INFLIGHT: usize = 20_000;
 /// Unanswered requests of the HTTP publisher at most (each may hold a connection of its own).
-const HTTP_MAX_INFLIGHT: usize = 256;
+pub(super) const HTTP_MAX_INFLIGHT: usize = 256;
 
-fn progress(label: &str, meter: &Arc<Meter>, target: &Target) -> Progress {
+pub(super) fn progress(label: &str, meter: &Arc<Meter>, target: &Target) -> Progress {
     let pid = target.gateway_pid;
     Progress::start(label.into(), meter.counters.clone(), move || {
         pid.and_then(super::server::rss_kib).unwrap_or(0)
@@ -35,7 +35,7 @@ fn progress(label: &str, meter: &Arc<Meter>, target: &Target) -> Progress {
 }
 
 /// Who sends in a [`sweep`].
-enum Senders<'a> {
+pub(super) enum Senders<'a> {
     /// Connections, each sending where the function says (given its index and itself).
     Conns(&'a mut [LoadConn], &'a dyn Fn(usize, &LoadConn) -> SendTo),
     /// A backend over HTTP (room scenario, `--publish http`).
@@ -44,7 +44,7 @@ enum Senders<'a> {
 
 /// Runs the open-loop sweep: for each rate, every sender sends `rate / senders` per second for
 /// `step_secs`; then waits (≤ 10 s) for the answers and the `fanout` deliveries per message.
-async fn sweep(
+pub(super) async fn sweep(
     args: &BenchArgs,
     target: &Target,
     meter: &Arc<Meter>,
@@ -481,6 +481,24 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
         report,
     )
     .await?;
+    room_metrics(args, report, viewers_n);
+    report.notes.push(match http {
+        true => format!(
+            "{viewers_n} viewers in the room; messages published through user-api's admin route over HTTP (class chat: --mix and --senders do not apply; send→ack = the HTTP answer; at most {HTTP_MAX_INFLIGHT} unanswered); deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+        ),
+        false => format!(
+            "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
+        ),
+    });
+    report.notes.push(
+        "step.room: per class (mix of the sent messages), sent / acked / delivered, shown_ratio = delivered / (acked × everyone in the room), told_skipped = RoomMessages.chat_skipped summed over viewers, likes delivered = RoomMessages.likes summed over viewers; server_* and frames_dropped from the gateway's /metrics when known".into(),
+    );
+    Ok(())
+}
+
+/// The room scenario's headline and metrics: the best step's deliveries per second and per server
+/// core, the viewers, the class mix and display rate.
+pub(super) fn room_metrics(args: &BenchArgs, report: &mut Report, viewers_n: usize) {
     headline(report);
     let best = report
         .steps
@@ -506,18 +524,6 @@ pub async fn room(args: &BenchArgs, target: &Target, report: &mut Report) -> any
             (best.delivered_rate / best.server_cpu_cores).round(),
         );
     }
-    report.notes.push(match http {
-        true => format!(
-            "{viewers_n} viewers in the room; messages published through user-api's admin route over HTTP (class chat: --mix and --senders do not apply; send→ack = the HTTP answer; at most {HTTP_MAX_INFLIGHT} unanswered); deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
-        ),
-        false => format!(
-            "{viewers_n} viewers plus {s} sender connections, all in the room; deliveries = room messages received by viewers (frames batch several messages); server CPU is the whole spawned process"
-        ),
-    });
-    report.notes.push(
-        "step.room: per class (mix of the sent messages), sent / acked / delivered, shown_ratio = delivered / (acked × everyone in the room), told_skipped = RoomMessages.chat_skipped summed over viewers, likes delivered = RoomMessages.likes summed over viewers; server_* and frames_dropped from the gateway's /metrics when known".into(),
-    );
-    Ok(())
 }
 
 /// Sends `count` messages from `from` to `to_user`, pipelined, and waits for every ACK.

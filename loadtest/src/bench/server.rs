@@ -28,7 +28,7 @@ pub struct Target {
     pub ws: String,
     /// Gateway QUIC address.
     pub quic: String,
-    /// The gateway process (or `zhibo dev`), for RSS and CPU.
+    /// The gateway process (or `zhibo dev`, or the other server), for RSS and CPU.
     pub gateway_pid: Option<u32>,
     /// Token secret, to mint tokens locally.
     pub token_secret: String,
@@ -46,6 +46,25 @@ pub struct Target {
 }
 
 impl Target {
+    /// Another server than zhibo (`mode`), spawned: its HTTP API at `api`, its WebSocket listener at
+    /// `ws`, the key of its server API in `admin_secret`; `child` is killed on stop.
+    pub fn spawned_other(mode: &str, api: String, ws: String, key: String, child: Child) -> Self {
+        Target {
+            api,
+            tcp: String::new(),
+            quic: String::new(),
+            gateway_pid: child.id(),
+            ws,
+            token_secret: String::new(),
+            admin_secret: key,
+            mode: mode.to_owned(),
+            metrics_url: None,
+            worker_metrics: Vec::new(),
+            roles: vec![mode.to_owned()],
+            children: vec![child],
+        }
+    }
+
     /// The gateway address for `t`.
     pub fn addr(&self, t: Transport) -> &str {
         match t {
@@ -146,6 +165,9 @@ pub async fn start(args: &BenchArgs) -> anyhow::Result<Target> {
     } else {
         args.token_secret.clone()
     };
+    if args.spawn == SpawnMode::Centrifugo {
+        return super::centrifugo::spawn(args).await;
+    }
     if args.spawn == SpawnMode::None {
         return Ok(Target {
             api: args.api.clone(),
@@ -304,7 +326,7 @@ async fn spawn_cluster(args: &BenchArgs, secret: &str) -> anyhow::Result<Target>
             children.push(spawn("user-api", &common, "")?);
             roles.push("user-api".to_owned());
         }
-        SpawnMode::None => unreachable!("handled above"),
+        SpawnMode::None | SpawnMode::Centrifugo => unreachable!("handled above"),
     }
     let mut target = Target {
         api: format!("http://127.0.0.1:{api_port}"),
