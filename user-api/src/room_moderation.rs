@@ -254,18 +254,12 @@ pub(crate) async fn admin_unban(
     do_unban(&st, room_id, user_id).await
 }
 
-pub(crate) async fn list_bans(
-    State(st): State<AppState>,
-    caller: Caller,
-    ApiPath(room_id): ApiPath<i64>,
-    ApiQuery(q): ApiQuery<BansQuery>,
+/// A page of the room's bans (the caller's right to see them already checked).
+async fn bans_page(
+    st: &AppState,
+    room_id: i64,
+    q: &BansQuery,
 ) -> Result<ApiJson<RoomBanList>, ApiError> {
-    if !(1..=MAX_BAN_PAGE).contains(&q.limit) {
-        return Err(ApiError::invalid(format!(
-            "limit must be 1..={MAX_BAN_PAGE}"
-        )));
-    }
-    as_manager(&st, room_id, &caller).await?;
     let mut bans = st.stores.rooms.bans(room_id, q.after, q.limit + 1).await?;
     let next_after = if bans.len() > q.limit {
         bans.truncate(q.limit);
@@ -277,6 +271,37 @@ pub(crate) async fn list_bans(
         bans: bans.into_iter().map(Into::into).collect(),
         next_after,
     }))
+}
+
+fn check_ban_page(q: &BansQuery) -> Result<(), ApiError> {
+    if !(1..=MAX_BAN_PAGE).contains(&q.limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be 1..={MAX_BAN_PAGE}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn list_bans(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(room_id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<BansQuery>,
+) -> Result<ApiJson<RoomBanList>, ApiError> {
+    check_ban_page(&q)?;
+    as_manager(&st, room_id, &caller).await?;
+    bans_page(&st, room_id, &q).await
+}
+
+pub(crate) async fn admin_list_bans(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiPath(room_id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<BansQuery>,
+) -> Result<ApiJson<RoomBanList>, ApiError> {
+    check_ban_page(&q)?;
+    validate::id("room_id", room_id)?;
+    bans_page(&st, room_id, &q).await
 }
 
 pub(crate) async fn pin(
@@ -317,11 +342,8 @@ pub(crate) async fn admin_unpin(
     do_unpin(&st, room_id, 0).await
 }
 
-pub(crate) async fn get_pin(
-    State(st): State<AppState>,
-    _caller: Caller,
-    ApiPath(room_id): ApiPath<i64>,
-) -> Result<ApiJson<PinView>, ApiError> {
+/// The room's pinned announcement, or 404 `pin_not_found`.
+async fn pin_of(st: &AppState, room_id: i64) -> Result<ApiJson<PinView>, ApiError> {
     validate::id("room_id", room_id)?;
     let pin = st
         .logic
@@ -332,6 +354,22 @@ pub(crate) async fn get_pin(
             ApiError::not_found("pin_not_found", "the room has no pinned announcement")
         })?;
     Ok(ApiJson(PinView::of(&pin)))
+}
+
+pub(crate) async fn get_pin(
+    State(st): State<AppState>,
+    _caller: Caller,
+    ApiPath(room_id): ApiPath<i64>,
+) -> Result<ApiJson<PinView>, ApiError> {
+    pin_of(&st, room_id).await
+}
+
+pub(crate) async fn admin_get_pin(
+    State(st): State<AppState>,
+    _admin: Admin,
+    ApiPath(room_id): ApiPath<i64>,
+) -> Result<ApiJson<PinView>, ApiError> {
+    pin_of(&st, room_id).await
 }
 
 async fn viewers(

@@ -323,6 +323,13 @@ pub(crate) fn table() -> Vec<RouteSpec> {
                 .errors(&[(403, "cannot_ban_manager"), (503, "unavailable")])),
         route!(DELETE "/v1/admin/rooms/{room_id}/bans/{user_id}" => room_moderation::admin_unban,
             doc("Lift a ban", Admin).no_content()),
+        route!(GET "/v1/admin/rooms/{room_id}/bans" => room_moderation::admin_list_bans,
+            doc("A page of a live room's bans, by user id", Admin).ok(200, "RoomBanList")
+                .query(&[("after", "integer", false, "Return bans of user ids above this (default 0)"),
+                    ("limit", "integer", false, "Page size, 1 to 500 (default 100)")])),
+        route!(GET "/v1/admin/rooms/{room_id}/pin" => room_moderation::admin_get_pin,
+            doc("A live room's pinned announcement", Admin).ok(200, "PinView")
+                .errors(&[(404, "pin_not_found")])),
         route!(PUT "/v1/admin/rooms/{room_id}/pin" => room_moderation::admin_pin,
             doc("Set a live room's pinned announcement (pinned_by 0)", Admin).body("SetPin").ok(200, "PinView")
                 .errors(&[(503, "unavailable")])),

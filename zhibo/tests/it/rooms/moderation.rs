@@ -273,6 +273,31 @@ async fn a_ban_kicks_everywhere_and_refuses_until_lifted(cluster: &RoomCluster) 
         )
         .await;
     assert_eq!((status, v["banned_by"].as_i64()), (200, Some(0)), "{v}");
+    // ...and lists the bans with it (victim_a's ban was lifted).
+    let (status, v) = cluster
+        .http(
+            Method::GET,
+            &format!("/v1/admin/rooms/{room}/bans?limit=10"),
+            admin,
+            json!(null),
+        )
+        .await;
+    let banned: Vec<i64> = v["bans"]
+        .as_array()
+        .map(|b| b.iter().filter_map(|b| b["user_id"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(status, 200, "{v}");
+    assert!(banned.contains(&bystander.user_id), "{v}");
+    assert!(!banned.contains(&victim_a.user_id), "{v}");
+    let (status, _) = cluster
+        .http(
+            Method::GET,
+            &format!("/v1/admin/rooms/{room}/bans"),
+            ("x-admin-secret", "wrong"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(status, 401, "a wrong admin secret lists nothing");
     let k = next_kick(&mut w).await.expect("bystander kicked");
     assert_eq!((k.room_id, k.code), (room, ErrorCode::RoomBanned as i32));
     assert_eq!(say(&mut w, room, "x").await, Err(ErrorCode::RoomBanned));
@@ -351,6 +376,21 @@ async fn the_pin_comes_with_the_join_and_live(cluster: &RoomCluster) {
     assert_eq!((status, v["pinned_by"].as_i64()), (200, Some(0)), "{v}");
     let m = next_notice(&mut l, room, RoomNotice::Pinned).await;
     assert_eq!(&m.content[..], b"sys");
+    // ...and reads it with it.
+    let admin_pin = format!("/v1/admin/rooms/{room}/pin");
+    let (status, v) = cluster
+        .http(
+            Method::GET,
+            &admin_pin,
+            ("x-admin-secret", ADMIN),
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        (status, v["content"].as_str(), v["pinned_by"].as_i64()),
+        (200, Some(STANDARD.encode("sys").as_str()), Some(0)),
+        "{v}"
+    );
 }
 
 /// The viewer list spans the gateways: the owner first, then by join time, one entry per user.
