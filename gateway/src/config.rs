@@ -357,6 +357,31 @@ mod tests {
         assert!(c.validate().is_err(), "a WebSocket hint must be a URL");
     }
 
+    /// The crowded-room window: a maximum below `room_batch_ms` is allowed (no growth), one above
+    /// a second or zero viewers is refused, naming the field.
+    #[test]
+    fn crowded_room_window_bounds() {
+        let ok = |f: &dyn Fn(&mut GatewayConfig)| {
+            let mut c = GatewayConfig::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(ok(&|c| c.room_batch_max_ms = 10).is_ok());
+        assert!(ok(&|c| c.room_batch_max_ms = 1000).is_ok());
+        let e = ok(&|c| c.room_batch_max_ms = 1001).expect_err("over a second");
+        assert!(e.contains("room_batch_max_ms"), "{e}");
+        let e = ok(&|c| c.room_batch_viewers = 0).expect_err("no viewers");
+        assert!(e.contains("room_batch_viewers"), "{e}");
+        let c = GatewayConfig {
+            room_batch_ms: 80,
+            room_batch_max_ms: 10,
+            ..GatewayConfig::default()
+        };
+        let r = c.room_config();
+        assert_eq!(r.batch_window_max, Duration::from_millis(10));
+        assert_eq!(r.batch_window, Duration::from_millis(80));
+    }
+
     #[test]
     fn debug_shows_no_key_material() {
         let c = GatewayConfig {

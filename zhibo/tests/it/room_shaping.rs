@@ -3,6 +3,8 @@
 //! - Adaptive batching: with a long configured window (1 s), a message in a quiet room still reaches a
 //!   viewer on another gateway at once: the gateway sends the first message after an idle gap without
 //!   waiting for the window.
+//! - A crowded room's window grows with its audience (`gateway.room_batch_viewers`): a steady stream
+//!   reaches viewers in far fewer, fuller frames than the base window would give.
 //! - Shaping: a chat storm with gifts mixed in, in a room showing 20 chat msgs/s per viewer: every
 //!   viewer gets every gift, its own chat, and at most the display rate of the others' chat.
 
@@ -81,6 +83,79 @@ pub(crate) async fn a_quiet_room_message_does_not_wait_for_the_window(cluster: &
             "a quiet message waited for the batch window: {latencies:?}"
         );
     }
+}
+
+/// The crowded-room test's base window and its viewers per window step: a gateway with 4 viewers of
+/// the room gets 4 × the base window (200 ms).
+const CROWD_BASE_MS: u64 = 50;
+
+/// Issue 17 item 1, "the window grows with the audience": with `room_batch_viewers` = 1, a room with
+/// four viewers on a gateway batches over 4 × 50 ms there. A sender on the other gateway sends 201
+/// messages 10 ms apart; a viewer gets every one once, in at most ~2 s / 200 ms frames (with the base
+/// window it would be ~40: the test fails then).
+pub(crate) async fn a_crowded_room_batches_over_a_longer_window(cluster: &Cluster) {
+    let room = fresh_room_id();
+    let sender = cluster.user("sender").await;
+    let mut s = cluster.connect(Transport::Tcp, 0, &sender).await;
+    let mut viewers = Vec::new();
+    for i in 0..4 {
+        let who = cluster.user(&format!("viewer{i}")).await;
+        let mut v = cluster.connect(Transport::Tcp, 1, &who).await;
+        join_room(&mut v, room, WAIT).await;
+        viewers.push(v);
+    }
+    join_room(&mut s, room, WAIT).await;
+    let mut v = viewers.remove(0);
+    let watcher = tokio::spawn(async move {
+        let mut frames = 0usize;
+        let mut got = Vec::new();
+        // Pipelined room sends may be handled out of order (proto/README "Room order"): wait for all.
+        while got.len() < 201 {
+            let p = match v.recv(WAIT).await {
+                Ok(Some(p)) => p,
+                other => panic!(
+                    "{other:?} after {} messages in {frames} frames, the last {:?}",
+                    got.len(),
+                    got.last()
+                ),
+            };
+            let Some(Body::RoomMessages(r)) = p.body else {
+                continue;
+            };
+            let texts: Vec<String> = r
+                .messages
+                .iter()
+                .filter(|m| r.room_id == room && m.content_type >= 0)
+                .map(|m| String::from_utf8_lossy(&m.content).into_owned())
+                .collect();
+            if !texts.is_empty() {
+                frames += 1;
+                got.extend(texts);
+            }
+        }
+        (frames, got)
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        tick.tick().await;
+        let text = format!("m{i}");
+        s.send(say(room, text.clone())).await.expect("send");
+        sent.push(text);
+    }
+    s.send(say(room, "end".into())).await.expect("send");
+    sent.push("end".into());
+    let (frames, mut got) = watcher.await.expect("watcher");
+    println!("crowded room: {} messages in {frames} frames", got.len());
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "every message once");
+    // 2 s of sending (or longer on a loaded machine, which only merges more) at one frame per 200 ms,
+    // plus the first message (sent at once) and the last window's.
+    assert!(
+        frames <= 14,
+        "{frames} frames for 201 messages: the window did not grow with the audience"
+    );
 }
 
 /// The per-viewer chat display rate of the storm test.
@@ -282,6 +357,37 @@ mod quiet {
         a_quiet_room_message_does_not_wait_for_the_window
     );
     use super::a_quiet_room_message_does_not_wait_for_the_window;
+}
+
+mod crowded {
+    use super::*;
+
+    pub(crate) struct SmallCrowd;
+
+    impl SmallCrowd {
+        fn tweak(c: &mut zhibo::Config) {
+            c.gateway.room_batch_ms = CROWD_BASE_MS;
+            c.gateway.room_batch_viewers = 1;
+            c.gateway.room_batch_max_ms = 10 * CROWD_BASE_MS;
+            // Any traffic makes the window full: the test is about its length.
+            c.gateway.room_batch_load = f64::MIN_POSITIVE;
+            c.gateway.room_send_per_sec = 1000.0;
+            c.gateway.room_send_burst = 1000.0;
+        }
+        pub(crate) async fn embedded() -> Cluster {
+            Cluster::embedded_with(Self::tweak).await
+        }
+        pub(crate) async fn distributed() -> Cluster {
+            Cluster::distributed_tweaked(2, Self::tweak).await
+        }
+    }
+
+    both_modes!(
+        super::SmallCrowd,
+        2,
+        a_crowded_room_batches_over_a_longer_window
+    );
+    use super::a_crowded_room_batches_over_a_longer_window;
 }
 
 mod storm {
