@@ -332,24 +332,32 @@ pub(crate) async fn a_chat_storm_is_shaped_gifts_and_own_messages_arrive(cluster
     }
 }
 
+/// A fixture `$name` whose clusters (embedded, and distributed with two logic workers) get `$tweak`.
+macro_rules! tweaked_fixture {
+    ($name:ident, $tweak:path) => {
+        pub(crate) struct $name;
+
+        impl $name {
+            pub(crate) async fn embedded() -> Cluster {
+                Cluster::embedded_with($tweak).await
+            }
+            pub(crate) async fn distributed() -> Cluster {
+                Cluster::distributed_tweaked(2, $tweak).await
+            }
+        }
+    };
+}
+
 mod quiet {
     use super::*;
 
-    pub(crate) struct LongWindow;
-
-    impl LongWindow {
-        fn tweak(c: &mut zhibo::Config) {
-            c.gateway.room_batch_ms = LONG_WINDOW_MS;
-            c.gateway.room_send_per_sec = 1000.0;
-            c.gateway.room_send_burst = 1000.0;
-        }
-        pub(crate) async fn embedded() -> Cluster {
-            Cluster::embedded_with(Self::tweak).await
-        }
-        pub(crate) async fn distributed() -> Cluster {
-            Cluster::distributed_tweaked(2, Self::tweak).await
-        }
+    fn tweak(c: &mut zhibo::Config) {
+        c.gateway.room_batch_ms = LONG_WINDOW_MS;
+        c.gateway.room_send_per_sec = 1000.0;
+        c.gateway.room_send_burst = 1000.0;
     }
+
+    tweaked_fixture!(LongWindow, tweak);
 
     both_modes!(
         super::LongWindow,
@@ -362,25 +370,17 @@ mod quiet {
 mod crowded {
     use super::*;
 
-    pub(crate) struct SmallCrowd;
-
-    impl SmallCrowd {
-        fn tweak(c: &mut zhibo::Config) {
-            c.gateway.room_batch_ms = CROWD_BASE_MS;
-            c.gateway.room_batch_viewers = 1;
-            c.gateway.room_batch_max_ms = 10 * CROWD_BASE_MS;
-            // Any traffic makes the window full: the test is about its length.
-            c.gateway.room_batch_load = f64::MIN_POSITIVE;
-            c.gateway.room_send_per_sec = 1000.0;
-            c.gateway.room_send_burst = 1000.0;
-        }
-        pub(crate) async fn embedded() -> Cluster {
-            Cluster::embedded_with(Self::tweak).await
-        }
-        pub(crate) async fn distributed() -> Cluster {
-            Cluster::distributed_tweaked(2, Self::tweak).await
-        }
+    fn tweak(c: &mut zhibo::Config) {
+        c.gateway.room_batch_ms = CROWD_BASE_MS;
+        c.gateway.room_batch_viewers = 1;
+        c.gateway.room_batch_max_ms = 10 * CROWD_BASE_MS;
+        // Any traffic makes the window full: the test is about its length.
+        c.gateway.room_batch_load = f64::MIN_POSITIVE;
+        c.gateway.room_send_per_sec = 1000.0;
+        c.gateway.room_send_burst = 1000.0;
     }
+
+    tweaked_fixture!(SmallCrowd, tweak);
 
     both_modes!(
         super::SmallCrowd,
@@ -393,27 +393,19 @@ mod crowded {
 mod storm {
     use super::*;
 
-    pub(crate) struct Unthrottled;
-
-    impl Unthrottled {
-        fn tweak(c: &mut zhibo::Config) {
-            c.gateway.rate_per_sec = 100_000.0;
-            c.gateway.rate_burst = 100_000.0;
-            c.gateway.room_send_per_sec = 100_000.0;
-            c.gateway.room_send_burst = 100_000.0;
-            // A full room queue refuses frames by design (a viewer too slow to read loses room
-            // traffic, gifts included). This test is about shaping, not slow readers (room_state's
-            // unit tests cover those): on a loaded test machine a watcher task can be starved for
-            // seconds, so its queue gets room for that instead of the default 64 frames.
-            c.gateway.room_queue = 4096;
-        }
-        pub(crate) async fn embedded() -> Cluster {
-            Cluster::embedded_with(Self::tweak).await
-        }
-        pub(crate) async fn distributed() -> Cluster {
-            Cluster::distributed_tweaked(2, Self::tweak).await
-        }
+    fn tweak(c: &mut zhibo::Config) {
+        c.gateway.rate_per_sec = 100_000.0;
+        c.gateway.rate_burst = 100_000.0;
+        c.gateway.room_send_per_sec = 100_000.0;
+        c.gateway.room_send_burst = 100_000.0;
+        // A full room queue refuses frames by design (a viewer too slow to read loses room
+        // traffic, gifts included). This test is about shaping, not slow readers (room_state's
+        // unit tests cover those): on a loaded test machine a watcher task can be starved for
+        // seconds, so its queue gets room for that instead of the default 64 frames.
+        c.gateway.room_queue = 4096;
     }
+
+    tweaked_fixture!(Unthrottled, tweak);
 
     both_modes!(
         super::Unthrottled,
