@@ -247,6 +247,7 @@ where
     /// starts meanwhile lets the write finish within the drain deadline.
     async fn on_queued(&mut self, first: Outbound) -> Flow {
         let mut kicked = Vec::new();
+        let mut released = Vec::new();
         let write = tokio::time::timeout(
             WRITE_TIMEOUT,
             write_queued(
@@ -255,6 +256,7 @@ where
                 &mut self.rx,
                 &mut self.session,
                 &mut kicked,
+                &mut released,
             ),
         );
         let written = finish_write(
@@ -278,10 +280,17 @@ where
             return Flow::Close;
         };
         self.in_flight = self.in_flight.saturating_sub(replies);
-        if (self.said_goaway || self.closing) && self.in_flight == 0 {
-            Flow::Close
-        } else {
+        if self.said_goaway || self.closing {
+            // Room sends still held are not forwarded any more, like packets not read yet.
+            if self.in_flight == 0 {
+                Flow::Close
+            } else {
+                Flow::Continue
+            }
+        } else if released.is_empty() {
             Flow::Continue
+        } else {
+            Flow::Act(released.into_iter().map(Action::Forward).collect())
         }
     }
 
@@ -460,12 +469,18 @@ where
                     })
                     .inc();
                 warn!(error = %e, "cannot publish command");
-                self.send(Packet::error(
-                    rid,
-                    ErrorCode::Unavailable,
-                    "try again later",
-                ))
-                .await
+                let step = self
+                    .send(Packet::error(
+                        rid,
+                        ErrorCode::Unavailable,
+                        "try again later",
+                    ))
+                    .await;
+                // A room send answered here releases the next one held behind it.
+                match self.session.on_answer(rid, Instant::now()) {
+                    Some(next) if matches!(step, Step::Next) => Box::pin(self.forward(next)).await,
+                    _ => step,
+                }
             }
             Ok(()) => {
                 if expects_reply {
@@ -620,13 +635,15 @@ where
 /// Writes `first` and up to [`WRITE_BATCH`] more queued packets with one flush. Returns how many were
 /// replies to this connection's requests, or `None` when the connection must close (write failure, or
 /// a packet that closes it such as a Kick). Sync pages written are shown to `session` (a sync that
-/// continues one is not rate limited).
+/// continues one is not rate limited), and so are answers: the room sends they release (the next of
+/// the connection's, held until the previous one was answered) go into `released`.
 async fn write_queued<W>(
     writer: &mut W,
     first: Outbound,
     rx: &mut QueueReceiver<Outbound>,
     session: &mut Session,
     kicked: &mut Vec<i64>,
+    released: &mut Vec<Packet>,
 ) -> Option<usize>
 where
     W: Sink<Frame> + Unpin,
@@ -654,6 +671,7 @@ where
                 if let Some(Body::SyncOutput(page)) = &p.body {
                     session.on_sync_page(page);
                 }
+                released.extend(session.on_answer(p.request_id, Instant::now()));
                 Frame::from(*p)
             }
             Outbound::Close(p) => {

@@ -18,11 +18,15 @@
 //!   command, so a sync flood is still limited, and free pages are bounded by what the inbox holds.
 //! - Live rooms: a connection is in at most `max_rooms` rooms (`TOO_MANY_ROOMS` past it), may send room
 //!   messages only to rooms it has joined, and room sends pass a second, stricter token bucket
-//!   (`RATE_LIMITED`; these refusals do not count towards the flood close).
+//!   (`RATE_LIMITED`; these refusals do not count towards the flood close). A connection's room sends
+//!   are published in the order they came: while one is unanswered the next ones wait here (at most
+//!   [`ROOM_HELD_MAX`], past it `RATE_LIMITED`), each forwarded when the previous one's answer passes
+//!   ([`Session::on_answer`]) or after [`ROOM_ANSWER_WAIT`] without one (a command lost with a worker).
 //! - A packet no client may send (a server push) is answered with `UNEXPECTED_PACKET`, and the session goes
 //!   on. An undecodable frame whose boundaries are known gets `BAD_FRAME` and the session goes on; a frame
 //!   over the size limit desynchronises the stream and closes it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,14 @@ pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refused commands in a row after which a flooding connection is closed (not a configuration key).
 pub const FLOOD_CLOSE_AFTER: u32 = 200;
+
+/// Room sends of one connection held at most while an earlier one awaits its answer (not a
+/// configuration key); further ones are refused with `RATE_LIMITED`.
+pub const ROOM_HELD_MAX: usize = 256;
+
+/// Longest the held room sends wait for the answer to the one in flight (not a configuration key): a
+/// command lost with a logic worker is never answered, and the next goes after this.
+pub const ROOM_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Sustained `TypingInput`s per second per connection (not a configuration key): a client repeats
 /// "typing" every few seconds while the user types; more is refused with `RATE_LIMITED`.
@@ -193,6 +205,19 @@ pub struct Session {
     /// The `seq` a free continuation of the last sync page starts from (that page had more after it);
     /// 0 when none (a page's last seq is at least 1). Not an `Option`: every idle connection holds it.
     sync_continues_at: u64,
+    /// The room send in flight and the ones held behind it, while there is one: an idle connection
+    /// pays one pointer.
+    room_order: Option<Box<RoomOrder>>,
+}
+
+/// A connection's room sends in order: the one forwarded and not answered yet, and those after it.
+#[derive(Debug)]
+struct RoomOrder {
+    /// Request id of the room send in flight.
+    awaiting: u64,
+    /// When it was forwarded.
+    since: Instant,
+    held: VecDeque<Packet>,
 }
 
 /// Unix seconds for token expiry checks; the session is otherwise given `now` explicitly.
@@ -218,6 +243,7 @@ impl Session {
             refused_in_a_row: 0,
             rooms: Vec::new(),
             sync_continues_at: 0,
+            room_order: None,
         }
     }
 
@@ -262,7 +288,56 @@ impl Session {
 
     /// When [`Session::on_tick`] must next be called.
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        match &self.room_order {
+            Some(o) => self.deadline.min(o.since + ROOM_ANSWER_WAIT),
+            None => self.deadline,
+        }
+    }
+
+    /// An answer to request `request_id` is being written to the client. When it answers the room
+    /// send in flight, the next held room send (if any) is returned, to forward now.
+    pub fn on_answer(&mut self, request_id: u64, now: Instant) -> Option<Packet> {
+        match &self.room_order {
+            Some(o) if o.awaiting == request_id => self.next_room_send(now),
+            _ => None,
+        }
+    }
+
+    /// The room send in flight is done (answered, or waited for long enough): the next held one, now
+    /// in flight, or none.
+    fn next_room_send(&mut self, now: Instant) -> Option<Packet> {
+        let o = self.room_order.as_mut()?;
+        match o.held.pop_front() {
+            Some(next) => {
+                o.awaiting = next.request_id;
+                o.since = now;
+                Some(next)
+            }
+            None => {
+                self.room_order = None;
+                None
+            }
+        }
+    }
+
+    /// A room send that passed the checks: forwarded now if none is in flight, else held behind it.
+    fn order_room_send(&mut self, packet: Packet, now: Instant, out: &mut Vec<Action>) {
+        match &mut self.room_order {
+            None => {
+                self.room_order = Some(Box::new(RoomOrder {
+                    awaiting: packet.request_id,
+                    since: now,
+                    held: VecDeque::new(),
+                }));
+                out.push(Action::Forward(packet));
+            }
+            Some(o) if o.held.len() >= ROOM_HELD_MAX => out.push(Action::Send(Packet::error(
+                packet.request_id,
+                ErrorCode::RateLimited,
+                "too many room messages awaiting their answers; slow down",
+            ))),
+            Some(o) => o.held.push_back(packet),
+        }
     }
 
     fn close(
@@ -478,7 +553,7 @@ impl Session {
                         "too many room messages; slow down",
                     ));
                 } else {
-                    out.push(Action::Forward(packet));
+                    self.order_room_send(packet, now, out);
                 }
             }
             Some(Body::TypingInput(_)) => {
@@ -581,7 +656,19 @@ impl Session {
     /// The time has reached [`Session::deadline`] (or later): close an idle or unauthenticated connection.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
-        if now < self.deadline || self.phase == Phase::Closed {
+        if self.phase == Phase::Closed {
+            return out;
+        }
+        if self
+            .room_order
+            .as_ref()
+            .is_some_and(|o| now >= o.since + ROOM_ANSWER_WAIT)
+        {
+            if let Some(next) = self.next_room_send(now) {
+                out.push(Action::Forward(next));
+            }
+        }
+        if now < self.deadline {
             return out;
         }
         match self.phase {
@@ -1025,6 +1112,76 @@ mod tests {
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
     }
 
+    /// A connection's room sends are forwarded one at a time, in order: each waits for the answer to
+    /// the one before (or for `ROOM_ANSWER_WAIT`), at most `ROOM_HELD_MAX` held; other commands are
+    /// not held.
+    #[test]
+    fn room_sends_go_one_at_a_time_in_order() {
+        let key = Arc::new(TokenKey::new("k"));
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            room_send_per_sec: 1000.0,
+            room_send_burst: 1000.0,
+            rate_per_sec: 1000.0,
+            rate_burst: 1000.0,
+            heartbeat_timeout: Duration::from_secs(60),
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(Arc::new(cfg), key.clone(), t0);
+        signed_in(&mut s, &key, t0);
+        assert!(matches!(
+            s.on_packet(join(1, 5), t0)[..],
+            [Action::JoinRoom { .. }]
+        ));
+        let idle_deadline = s.deadline();
+        let forwarded = |acts: &[Action]| -> Vec<u64> {
+            acts.iter()
+                .filter_map(|a| match a {
+                    Action::Forward(p) => Some(p.request_id),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(forwarded(&s.on_packet(room_send(10, 5), t0)), vec![10]);
+        assert!(s.on_packet(room_send(11, 5), t0).is_empty(), "held");
+        assert!(s.on_packet(room_send(12, 5), t0).is_empty(), "held");
+        // IM commands are not held.
+        let sync = Packet::new(13, Body::Sync(SyncInput { seq: 0, limit: 0 }));
+        assert_eq!(forwarded(&s.on_packet(sync, t0)), vec![13]);
+        assert_eq!(s.on_answer(13, t0), None, "not the room send in flight");
+        assert_eq!(s.on_answer(10, t0).map(|p| p.request_id), Some(11));
+        assert_eq!(s.on_answer(10, t0), None, "answered already");
+        // No answer for 11 (a lost command): 12 goes after ROOM_ANSWER_WAIT.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(s.deadline(), t0 + ROOM_ANSWER_WAIT);
+        assert!(s.on_tick(t1).is_empty());
+        let late = t0 + ROOM_ANSWER_WAIT;
+        assert_eq!(forwarded(&s.on_tick(late)), vec![12]);
+        assert_eq!(s.deadline(), late + ROOM_ANSWER_WAIT);
+        assert_eq!(s.on_answer(12, late), None, "none held any more");
+        assert_eq!(
+            s.deadline(),
+            idle_deadline,
+            "back to the heartbeat deadline"
+        );
+
+        // At most ROOM_HELD_MAX held behind the one in flight.
+        assert_eq!(forwarded(&s.on_packet(room_send(100, 5), late)), vec![100]);
+        for i in 0..ROOM_HELD_MAX as u64 {
+            assert!(s.on_packet(room_send(101 + i, 5), late).is_empty());
+        }
+        let acts = s.on_packet(room_send(999, 5), late);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
+        // ...released in the order they came.
+        let mut next = 100;
+        let mut order = Vec::new();
+        while let Some(p) = s.on_answer(next, late) {
+            next = p.request_id;
+            order.push(next);
+        }
+        assert_eq!(order, (101..101 + ROOM_HELD_MAX as u64).collect::<Vec<_>>());
+    }
+
     #[test]
     fn rooms_are_capped_and_sends_need_a_join() {
         let key = Arc::new(TokenKey::new("k"));
@@ -1069,10 +1226,12 @@ mod tests {
             s.on_packet(room_send(8, 5), t0)[..],
             [Action::Forward(_)]
         ));
+        assert_eq!(s.on_answer(8, t0), None, "nothing held behind it");
         assert!(matches!(
             s.on_packet(room_send(9, 7), t0)[..],
             [Action::Forward(_)]
         ));
+        assert_eq!(s.on_answer(9, t0), None);
         let acts = s.on_packet(room_send(10, 5), t0);
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::RateLimited));
         let sync = Packet::new(11, Body::Sync(SyncInput { seq: 0, limit: 0 }));
