@@ -1283,6 +1283,7 @@ async fn node_leases(s: &Stores) {
         s.leases.renew(l, ttl, hw).await.expect("owner renews");
         recorded.insert(l.node, hw);
     }
+    let renewed_by = tokio::time::Instant::now();
     // Once they expire, a claimant gets a number again, floored at that number's high-water.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let late = loop {
@@ -1314,6 +1315,10 @@ async fn node_leases(s: &Stores) {
         .iter()
         .find(|l| l.node != late.node)
         .expect("another expired lease");
+    // The claimant above got the first number to expire; the others were renewed a little later and
+    // CQL TTLs count whole seconds, so wait out the last renewal's TTL (plus that second) before
+    // asserting this one lapsed too.
+    tokio::time::sleep_until(renewed_by + ttl + Duration::from_secs(1)).await;
     // Its TTL ran out (another claimant could take it): the old owner cannot renew it back.
     let e = s
         .leases
