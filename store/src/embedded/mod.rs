@@ -333,6 +333,7 @@ impl EmbeddedBackend {
     /// Creates every table so read transactions never meet a missing one, and checks the layout.
     fn init(db: Database) -> Result<Self> {
         let tx = db.begin_write().map_err(Error::backend)?;
+        let outbox_last;
         {
             let mut meta = tx.open_table(META).map_err(Error::backend)?;
             let stored = meta
@@ -357,7 +358,13 @@ impl EmbeddedBackend {
             Tables::open(&tx)?;
             // Read as a floor only (see Seqs), but it must exist for read transactions.
             tx.open_table(SEQ).map_err(Error::backend)?;
-            tx.open_table(OUTBOX).map_err(Error::backend)?;
+            // Ids continue above what a previous run left: the relay's cursor passes those entries
+            // while resuming them, so a new id below it would never be read.
+            let outbox = tx.open_table(OUTBOX).map_err(Error::backend)?;
+            outbox_last = outbox
+                .last()
+                .map_err(Error::backend)?
+                .map_or(0, |(k, _)| k.value());
         }
         tx.commit().map_err(Error::backend)?;
         let db = Arc::new(db);
@@ -365,7 +372,7 @@ impl EmbeddedBackend {
             writer: Writer::start(db.clone())?,
             db,
             seqs: Mutex::new(HashMap::new()),
-            outbox_high: Arc::default(),
+            outbox_high: Arc::new(std::sync::atomic::AtomicU64::new(outbox_last)),
             conv_seqs: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             group_versions: Mutex::new(HashMap::new()),

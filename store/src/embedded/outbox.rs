@@ -2,9 +2,9 @@
 //! thread (durable on return, group-committed with the sends around them).
 //!
 //! Ids: one above the largest of the table's last id and the highest id handed out since the file was
-//! opened, so an id is never reused while the relay's cursor may still be behind it, even once the
-//! table has been emptied. After a reopen, numbering restarts above what is left, and so does the
-//! relay's cursor (from 0).
+//! opened (seeded at open with the last id left by the previous run), so an id is never reused while
+//! the relay's cursor may still be behind it, even once the table has been emptied. After a reopen the
+//! relay's cursor starts from 0: it resumes what is left, then reads the new entries above it.
 
 use std::ops::Bound;
 use std::sync::atomic::Ordering;

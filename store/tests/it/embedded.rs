@@ -42,7 +42,8 @@ async fn conformance_twice_on_one_database() {
     conformance::run_all(Arc::new(EmbeddedBackend::open(&path).expect("reopen")).stores()).await;
 }
 
-/// What a stop leaves in the outbox is there after a reopen, in order, for the relay to resume.
+/// What a stop leaves in the outbox is there after a reopen, in order, for the relay to resume; what is
+/// enqueued after it is resumed comes after the relay's cursor.
 #[tokio::test]
 async fn outbox_entries_survive_a_reopen() {
     use zhibo_store::OutboxEvent;
@@ -68,12 +69,24 @@ async fn outbox_entries_survive_a_reopen() {
         left.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
         [event(2), event(3)]
     );
+    // The relay delivers and removes what was left, its cursor now at the last of them: entries
+    // enqueued after that (the table empty again) must still come after the cursor.
+    let cursor = left[1].id;
+    for e in &left {
+        backend.outbox().remove(e.id).await.expect("delivered");
+    }
     let more = backend
         .outbox()
         .enqueue(&[event(4)])
         .await
         .expect("enqueue");
-    assert!(more[0] > left[1].id, "new entries come after what was left");
+    assert!(more[0] > cursor, "new entries come after what was left");
+    let next = backend.outbox().pending(cursor, 10).await.expect("pending");
+    assert_eq!(
+        next.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        [event(4)],
+        "the relay's next read finds the new entry"
+    );
 }
 
 #[tokio::test]

@@ -692,7 +692,7 @@ mod embedded_mode {
 
     /// The embedded node keeps push events in its store's outbox: sent while the app backend is
     /// unreachable, the node stopped (graceful) and started again on the same data with the backend
-    /// up, each event arrives exactly once.
+    /// up, each event arrives exactly once; events of messages sent after that arrive as well.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn push_events_survive_a_restart_of_the_embedded_node() {
         let mut receiver = Receiver::start().await;
@@ -734,6 +734,19 @@ mod embedded_mode {
                 .then_some(())
         })
         .await;
+        // Events of messages sent after the resumed ones were delivered arrive too (their outbox ids
+        // once restarted below the relay's cursor and waited for the next restart).
+        let mut ca = cluster.connect(Transport::Tcp, 0, &a).await;
+        let out = send(&mut ca, ReceiverType::User, b.user_id, "after").await;
+        let after = HashSet::from([key(&out, b.user_id)]);
+        receiver.wait_for_keys(b.user_id, &after).await;
+        eventually("the new event is removed too", WAIT, || async {
+            (scrape(cluster.ops_addr.expect("ops"), "zhibo_push_delivered_total").await
+                > expected.len() as f64)
+                .then_some(())
+        })
+        .await;
+        drop(ca);
         cluster.stop().await;
         let backend = eventually("the store file opens", WAIT, || {
             std::future::ready(zhibo_store::embedded::EmbeddedBackend::open(&path).ok())
