@@ -20,6 +20,7 @@ pub(crate) struct ApiError {
     message: String,
     internal: Option<String>,
     retry_after_secs: Option<u64>,
+    hook_code: Option<i32>,
 }
 
 impl ApiError {
@@ -31,6 +32,7 @@ impl ApiError {
             message: message.into(),
             internal: None,
             retry_after_secs: None,
+            hook_code: None,
         }
     }
 
@@ -100,6 +102,24 @@ impl ApiError {
         }
     }
 
+    /// 503 `unavailable` with `message` (what to do next, e.g. retry with the same `client_msg_id`);
+    /// `detail` is logged, not sent.
+    pub(crate) fn unavailable_with(message: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        ApiError {
+            internal: Some(detail.to_string()),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    /// 403 `hook_rejected`: the app backend's before-send hook refused the message with its own `code`
+    /// and `text`.
+    pub(crate) fn hook_rejected(code: i32, text: impl Into<String>) -> Self {
+        ApiError {
+            hook_code: Some(code),
+            ..Self::new(StatusCode::FORBIDDEN, "hook_rejected", text)
+        }
+    }
+
     /// The same error with a more specific code.
     pub(crate) fn with_code(mut self, code: &'static str) -> Self {
         self.code = code;
@@ -132,7 +152,7 @@ impl From<zhibo_store::Error> for ApiError {
     }
 }
 
-/// The error body: `{"error": {"code": "...", "message": "..."}}`.
+/// The error body: `{"error": {"code": "...", "message": "..."}}` (and `hook_code` with `hook_rejected`).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ErrorBody {
     /// The error.
@@ -146,6 +166,9 @@ pub(crate) struct ErrorDetail {
     pub(crate) code: String,
     /// Human-readable explanation.
     pub(crate) message: String,
+    /// With `hook_rejected` only: the app backend's own code from its before-send hook answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) hook_code: Option<i32>,
 }
 
 impl IntoResponse for ApiError {
@@ -163,6 +186,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_owned(),
                 message: self.message,
+                hook_code: self.hook_code,
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();

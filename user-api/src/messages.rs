@@ -157,7 +157,9 @@ pub(crate) fn logic_error(e: LogicError, receiver: ReceiverType) -> ApiError {
         ErrorCode::NotGroupMember => ApiError::forbidden("not_group_member", e.message),
         ErrorCode::InvalidArgument => ApiError::invalid(e.message),
         ErrorCode::RateLimited => ApiError::rate_limited(1),
-        ErrorCode::Unavailable => ApiError::unavailable(e),
+        ErrorCode::HookRejected => ApiError::hook_rejected(e.hook_code, e.message),
+        // The pipeline's text is for the client: it says which retry is safe.
+        ErrorCode::Unavailable => ApiError::unavailable_with(e.message.clone(), e),
         _ => ApiError::internal(e),
     }
 }
@@ -169,22 +171,54 @@ mod tests {
 
     use super::*;
 
+    async fn answer_body(e: LogicError, receiver: ReceiverType) -> (StatusCode, serde_json::Value) {
+        let response = logic_error(e, receiver).into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("json"))
+    }
+
     async fn answer(code: ErrorCode, receiver: ReceiverType) -> (StatusCode, String) {
         let e = LogicError {
             code,
             message: "detail".into(),
             hook_code: 0,
         };
-        let response = logic_error(e, receiver).into_response();
-        let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .expect("body");
-        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let (status, body) = answer_body(e, receiver).await;
         (
             status,
             body["error"]["code"].as_str().expect("code").to_owned(),
         )
+    }
+
+    #[tokio::test]
+    async fn a_hook_rejection_carries_the_backends_code_and_text() {
+        let e = LogicError {
+            code: ErrorCode::HookRejected,
+            message: "no links".into(),
+            hook_code: 4001,
+        };
+        let (status, body) = answer_body(e, ReceiverType::User).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "hook_rejected", "message": "no links", "hook_code": 4001}})
+        );
+        // Other errors have no hook_code; an unavailable send says which retry is safe.
+        let e = LogicError {
+            code: ErrorCode::Unavailable,
+            message: "message check unavailable; retry with the same client_msg_id".into(),
+            hook_code: 0,
+        };
+        let (status, body) = answer_body(e, ReceiverType::User).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "unavailable",
+                "message": "message check unavailable; retry with the same client_msg_id"}})
+        );
     }
 
     #[tokio::test]
@@ -197,6 +231,7 @@ mod tests {
             (ErrorCode::NotGroupMember, Group, 403, "not_group_member"),
             (ErrorCode::InvalidArgument, Room, 400, "invalid_argument"),
             (ErrorCode::RateLimited, User, 429, "rate_limited"),
+            (ErrorCode::HookRejected, Group, 403, "hook_rejected"),
             (ErrorCode::Unavailable, Room, 503, "unavailable"),
             (ErrorCode::Internal, Group, 500, "internal"),
         ];

@@ -145,8 +145,8 @@ pub(crate) fn table() -> Vec<RouteSpec> {
         // Messages.
         route!(POST "/v1/messages" => messages::send_message,
             doc("Send a message as the caller's device", Bearer).body("SendMessage").ok(200, "MessageSent")
-                .errors(&[(403, "not_friends"), (403, "not_group_member"), (404, "user_not_found"),
-                    (404, "group_not_found"), (503, "unavailable")])),
+                .errors(&[(403, "not_friends"), (403, "not_group_member"), (403, "hook_rejected"),
+                    (404, "user_not_found"), (404, "group_not_found"), (503, "unavailable")])),
         // Conversations (the same calls as the client packets; live notices to devices included).
         route!(GET "/v1/conversations" => conversations::list_conversations,
             doc("The caller's conversations, newest activity first, with unread counts and read \

@@ -26,7 +26,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use zhibo_loadtest::client::{Client, Transport};
+use zhibo_loadtest::client::{Client, Credentials, Transport};
 use zhibo_logic::{FailurePolicy, HookReceiver};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
@@ -289,7 +289,7 @@ async fn stored(h: &Hooked, user_id: i64) -> Vec<String> {
 /// Allow delivers as sent; reject gives the sender `HOOK_REJECTED` with the backend's code and text and
 /// leaves nothing anywhere (no push, no sync, no inbox entry, no seq used), and its resend is asked
 /// again; replace stores and delivers the backend's content and says so in the ACK (also to a resend);
-/// group and room sends are checked too. Every request is signed.
+/// group and room sends are checked too, over HTTP as well (403 `hook_rejected`). Every request is signed.
 async fn allow_reject_and_replace(h: &Hooked) {
     let alice = h.cluster.user("alice").await;
     let bob = h.cluster.user("bob").await;
@@ -400,6 +400,15 @@ async fn allow_reject_and_replace(h: &Hooked) {
     let m = next_message(&mut b).await;
     assert_eq!(String::from_utf8_lossy(&m.content), REDACTED);
     assert_eq!(sent["conv_seq"], m.conv_seq, "{sent}");
+    // A rejection over HTTP: 403 hook_rejected with the backend's code and text.
+    let (status, body) = http_send(h, &alice, "user", bob.user_id, "bad-http", "reject: spam").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"error": {"code": "hook_rejected", "message": REJECT_TEXT,
+            "hook_code": REJECT_CODE}})
+    );
+    assert_quiet(&mut b).await;
 
     let every_call_signed = h.backend.calls().iter().all(|c| c.signed);
     assert!(every_call_signed, "{:?}", h.backend.calls());
@@ -416,6 +425,12 @@ async fn allow_reject_and_replace(h: &Hooked) {
     assert_eq!(
         h.backend.calls_for("g-bad")[0].body["receiver"]["type"],
         "group"
+    );
+    let (status, body) = http_send(h, &alice, "group", gid, "g-bad-http", "reject: spam").await;
+    assert_eq!(
+        (status, &body["error"]["code"], &body["error"]["hook_code"]),
+        (403, &"hook_rejected".into(), &REJECT_CODE.into()),
+        "{body}"
     );
     assert_quiet(&mut b).await;
 
@@ -452,6 +467,28 @@ async fn allow_reject_and_replace(h: &Hooked) {
         }
     };
     assert_eq!(contents, [REDACTED]);
+}
+
+/// `POST /v1/messages` as `user`: the status and the JSON body.
+async fn http_send(
+    h: &Hooked,
+    user: &Credentials,
+    receiver_type: &str,
+    receiver_id: i64,
+    client_msg_id: &str,
+    content: &str,
+) -> (u16, serde_json::Value) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/messages", h.cluster.api_base))
+        .bearer_auth(&user.token)
+        .json(&serde_json::json!({"receiver_type": receiver_type, "receiver_id": receiver_id,
+            "client_msg_id": client_msg_id, "content": b64.encode(content)}))
+        .send()
+        .await
+        .expect("http send");
+    let status = answer.status().as_u16();
+    (status, answer.json().await.expect("a JSON answer"))
 }
 
 /// The crash window of a send (its plan stored, no inbox entry yet: see tests/it/replay.rs) closed by a
@@ -549,6 +586,12 @@ async fn failures_fail_closed(h: &Hooked) {
         assert_eq!(code(&e), ErrorCode::Unavailable, "{content}: {e:?}");
         assert!(e.message.contains("same client_msg_id"), "{e:?}");
     }
+    // Over HTTP: 503, and the text says which retry is safe.
+    let (status, body) = http_send(h, &alice, "user", bob.user_id, "f-http", "fail me").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let text = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(text.contains("same client_msg_id"), "{body}");
     // A room send has no dedup: it is told to send again, not to reuse a client_msg_id.
     let room = fresh_room_id();
     join_room(&mut a, room, WAIT).await;
