@@ -448,17 +448,23 @@ where
         // The trace of a command starts here and rides in the bus headers.
         let span = tracing::info_span!("gateway.command", request_id = rid);
         let headers = zhibo_telemetry::trace::inject(&span);
-        let published = self
-            .ctx
-            .hub
-            .bus()
-            .publish(
+        let bus = self.ctx.hub.bus();
+        // Disconnected, the NATS client would buffer the command until it reconnects, and the client
+        // would wait in silence: refuse it now instead, so the client retries.
+        let published = if bus.is_connected() {
+            bus.publish(
                 &Subject::commands(),
                 headers,
                 Bytes::from(cmd.encode_to_vec()),
             )
             .instrument(span)
-            .await;
+            .await
+        } else {
+            Err(zhibo_bus::Error::Publish {
+                subject: Subject::commands().to_string(),
+                message: "not connected to NATS".into(),
+            })
+        };
         match published {
             Err(e) => {
                 self.ctx

@@ -39,7 +39,16 @@ impl NatsServer {
     /// # Panics
     /// When `nats-server` is not installed or does not start within 10 s: tests never skip.
     pub fn start(config: &str) -> NatsServer {
-        Self::start_inner(config, false)
+        Self::start_inner(config, false, 0)
+    }
+
+    /// [`NatsServer::start`] on a given client `port` of 127.0.0.1: a server started again where a
+    /// stopped one listened (its clients reconnect to it).
+    ///
+    /// # Panics
+    /// As [`NatsServer::start`] (also when the port is still taken).
+    pub fn start_on(port: u16, config: &str) -> NatsServer {
+        Self::start_inner(config, false, port)
     }
 
     /// Starts one node of a NATS cluster: `config` must have a `cluster { listen: "127.0.0.1:-1" ... }`
@@ -49,14 +58,15 @@ impl NatsServer {
     /// # Panics
     /// As [`NatsServer::start`].
     pub fn start_cluster_node(config: &str) -> NatsServer {
-        Self::start_inner(config, true)
+        Self::start_inner(config, true, 0)
     }
 
-    fn start_inner(config: &str, want_route: bool) -> NatsServer {
+    fn start_inner(config: &str, want_route: bool, port: u16) -> NatsServer {
         let dir = std::env::temp_dir().join(crate::unique_name("natsd"));
         std::fs::create_dir_all(&dir).expect("nats-server directory");
         let path = dir.join("nats.conf");
-        std::fs::write(&path, format!("listen: \"127.0.0.1:-1\"\n{config}\n"))
+        let listen = if port == 0 { "-1".to_owned() } else { port.to_string() };
+        std::fs::write(&path, format!("listen: \"127.0.0.1:{listen}\"\n{config}\n"))
             .expect("write nats.conf");
         let mut child = Command::new("nats-server")
             .arg("-c")

@@ -1,5 +1,5 @@
 //! Faults: a logic worker killed with SIGKILL mid-flow, a gateway drained under load, a reader that
-//! stops reading. Clients resend what got no ACK (same client_msg_id); nothing ACKed is lost and nothing
+//! stops reading, nats-server stopped and started again. Clients resend what got no ACK (same client_msg_id); nothing ACKed is lost and nothing
 //! is stored twice.
 
 use std::collections::{HashMap, VecDeque};
@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use zhibo_loadtest::client::{Client, Transport};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{
-    ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, SyncOutput,
+    ErrorCode, ReceiverType, SendMessageInput, SendMessageOutput, SyncInput, SyncOutput,
 };
 
 use crate::cluster::Cluster;
@@ -335,5 +335,83 @@ async fn a_reader_that_stops_reading_is_closed_and_catches_up_by_sync() {
     let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
     let inbox = sync_all(&mut b).await;
     assert_eq!(inbox.len(), 600);
+    cluster.stop().await;
+}
+
+/// nats-server stopped under a signed-in client: a send is refused with `UNAVAILABLE` (the gateway does
+/// not leave it buffered in silence), the connection stays up, and once a server is back on the same
+/// port the same connection sends again and the message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_while_nats_is_down_is_refused_and_works_once_it_is_back() {
+    let nats = zhibo_testkit::NatsServer::start("");
+    let port = nats.port();
+    let cluster = Cluster::distributed_tweaked(1, |c| c.bus.nats_url = nats.url()).await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    cluster.befriend(&alice, &bob).await;
+    let mut a = cluster.connect(Transport::Tcp, 0, &alice).await;
+    let mut b = cluster.connect(Transport::Ws, 1, &bob).await;
+    let text = |id: &str| {
+        Body::SendMessage(SendMessageInput {
+            receiver_type: ReceiverType::User as i32,
+            receiver_id: bob.user_id,
+            client_msg_id: id.to_owned(),
+            content_type: 1,
+            content: Bytes::from(format!("body of {id}")),
+            ..Default::default()
+        })
+    };
+    let wait = Duration::from_secs(15);
+    let reply = a.request(text("before"), wait).await.expect("reply");
+    assert!(
+        matches!(reply.body, Some(Body::SendMessageOutput(_))),
+        "{reply:?}"
+    );
+
+    drop(nats);
+    // A send the gateway published just before it noticed gets no answer; the next ones are refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        assert!(Instant::now() < deadline, "no UNAVAILABLE within 30 s");
+        match a.request(text(&format!("down-{i}")), Duration::from_secs(2)).await {
+            Ok(p) => match p.body {
+                Some(Body::Error(e)) if e.code == ErrorCode::Unavailable as i32 => break,
+                other => panic!("a send while NATS is down answered {other:?}"),
+            },
+            Err(zhibo_client::Error::Timeout(_)) => {}
+            Err(e) => panic!("the connection did not survive the outage: {e}"),
+        }
+    }
+
+    let _nats = zhibo_testkit::NatsServer::start_on(port, "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sent = loop {
+        assert!(Instant::now() < deadline, "sends not accepted 60 s after NATS came back");
+        match a.request(text("after"), Duration::from_secs(2)).await {
+            Ok(p) => match p.body {
+                Some(Body::SendMessageOutput(o)) => break o,
+                Some(Body::Error(e)) if e.code == ErrorCode::Unavailable as i32 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("a send after the outage answered {other:?}"),
+            },
+            Err(zhibo_client::Error::Timeout(_)) => {}
+            Err(e) => panic!("the connection did not survive the outage: {e}"),
+        }
+    };
+    // Bob gets it live (messages of the outage, if any reached the worker, may come first).
+    let deadline = Instant::now() + wait;
+    loop {
+        let p = b
+            .recv(deadline.saturating_duration_since(Instant::now()))
+            .await
+            .expect("the message after the outage, live")
+            .expect("bob's connection open");
+        if let Some(Body::Message(m)) = p.body {
+            if m.message_id == sent.message_id {
+                break;
+            }
+        }
+    }
     cluster.stop().await;
 }
