@@ -16,7 +16,9 @@ use tracing::{debug, info, warn, Instrument};
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{Command, Origin};
 use zhibo_proto::client::packet::Body;
-use zhibo_proto::client::{ErrorCode, GoAway, Packet, RoomNotice, SubscribeRoomOutput};
+use zhibo_proto::client::{
+    ErrorCode, GoAway, Packet, ReceiverType, RoomNotice, SubscribeRoomOutput,
+};
 use zhibo_proto::codec::CodecError;
 use zhibo_store::Room;
 use zhibo_telemetry::metrics::{KindLabel, TransportLabel};
@@ -27,7 +29,7 @@ use crate::frame::Frame;
 use crate::hub::ConnHandle;
 use crate::queue::{Outbound, QueueReceiver, QueueSender};
 use crate::rooms::Viewer;
-use crate::session::{Action, Phase, Session};
+use crate::session::{Action, CloseReason, Phase, Session};
 
 /// How long a draining connection waits for the replies of requests already forwarded.
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -338,11 +340,30 @@ where
 
     /// Runs the session's actions in order.
     async fn act(&mut self, actions: Vec<Action>) -> Step {
+        let mut refused = None;
         for action in actions {
             let step = match action {
-                Action::Send(p) => self.send(p).await,
+                Action::Send(p) => {
+                    if let Some(Body::Error(e)) = &p.body {
+                        refused = ErrorCode::try_from(e.code).ok();
+                    }
+                    self.send(p).await
+                }
                 Action::Close(reason) => {
                     info!(?reason, "closing connection");
+                    // A sign-in refused by the session (bad or expired token, no sign-in in time);
+                    // refusals after the token checked out are counted in `sign_in`.
+                    if matches!(
+                        reason,
+                        CloseReason::Unauthenticated | CloseReason::NotSignedIn
+                    ) {
+                        let kind = refused.map_or("ERROR_CODE_UNSPECIFIED", |c| c.as_str_name());
+                        self.ctx
+                            .metrics
+                            .sign_in_failures
+                            .get_or_create(&KindLabel { kind })
+                            .inc();
+                    }
                     if self.in_flight == 0 {
                         Step::Close
                     } else {
@@ -436,6 +457,17 @@ where
                     | Body::GroupReaders(_)
             )
         );
+        // What to do if the bus refuses it (proto/README: the text says how to retry the command).
+        let retry = match &packet.body {
+            Some(Body::SendMessage(m)) if m.receiver_type == ReceiverType::Room as i32 => {
+                "message bus unavailable; send again"
+            }
+            Some(Body::SendMessage(_)) => {
+                "message bus unavailable; retry with the same client_msg_id"
+            }
+            Some(Body::Sync(_)) => "message bus unavailable; retry the sync",
+            _ => "message bus unavailable; retry",
+        };
         let cmd = Command {
             origin: Some(Origin {
                 user_id,
@@ -476,11 +508,7 @@ where
                     .inc();
                 warn!(error = %e, "cannot publish command");
                 let step = self
-                    .send(Packet::error(
-                        rid,
-                        ErrorCode::Unavailable,
-                        "try again later",
-                    ))
+                    .send(Packet::error(rid, ErrorCode::Unavailable, retry))
                     .await;
                 // A room send answered here releases the next one held behind it.
                 match self.session.on_answer(rid, Instant::now()) {

@@ -99,6 +99,8 @@ pub enum CloseReason {
     FrameTooLarge,
     /// Too many refused commands in a row.
     Flood,
+    /// The transport's framing broke (a WebSocket protocol violation).
+    BrokenFraming,
 }
 
 /// What the transport must do.
@@ -621,6 +623,14 @@ impl Session {
                 ErrorCode::FrameTooLarge,
                 &error.to_string(),
                 CloseReason::FrameTooLarge,
+            ),
+            // Nothing more can be read from a stream whose framing broke.
+            CodecError::Framing(_) => self.close(
+                &mut out,
+                0,
+                ErrorCode::BadFrame,
+                &error.to_string(),
+                CloseReason::BrokenFraming,
             ),
             _ if !matches!(self.phase, Phase::Active { .. }) => self.close(
                 &mut out,

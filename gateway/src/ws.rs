@@ -7,7 +7,7 @@ use futures::{future, SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 use zhibo_proto::client::packet::Body;
@@ -147,11 +147,13 @@ pub async fn serve(
                     )))),
                     Ok(Message::Close(_)) => None,
                     Ok(_) => None,
-                    Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
-                        Some(Err(CodecError::FrameTooLarge {
-                            len: too_long(e),
-                            max: max_frame,
-                        }))
+                    Err(WsError::Capacity(e)) => Some(Err(CodecError::FrameTooLarge {
+                        len: too_long(e),
+                        max: max_frame,
+                    })),
+                    // The client broke the WebSocket protocol: said with BAD_FRAME, then closed.
+                    Err(e @ (WsError::Protocol(_) | WsError::Utf8(_))) => {
+                        Some(Err(CodecError::Framing(e.to_string())))
                     }
                     Err(e) => Some(Err(CodecError::Io(std::io::Error::other(e)))),
                 })

@@ -30,6 +30,10 @@ pub enum CodecError {
         /// Configured maximum.
         max: usize,
     },
+    /// The transport's own framing was broken (e.g. a WebSocket protocol violation: an unmasked
+    /// client frame, reserved bits, invalid UTF-8 in a text frame): the stream cannot go on.
+    #[error("broken framing: {0}")]
+    Framing(String),
     /// The frame body is not a valid protobuf Packet.
     #[error("frame is not a valid packet: {0}")]
     Decode(#[from] prost::DecodeError),

@@ -65,7 +65,11 @@ impl NatsServer {
         let dir = std::env::temp_dir().join(crate::unique_name("natsd"));
         std::fs::create_dir_all(&dir).expect("nats-server directory");
         let path = dir.join("nats.conf");
-        let listen = if port == 0 { "-1".to_owned() } else { port.to_string() };
+        let listen = if port == 0 {
+            "-1".to_owned()
+        } else {
+            port.to_string()
+        };
         std::fs::write(&path, format!("listen: \"127.0.0.1:{listen}\"\n{config}\n"))
             .expect("write nats.conf");
         let mut child = Command::new("nats-server")

@@ -104,7 +104,10 @@ impl ApiError {
 
     /// 503 `unavailable` with `message` (what to do next, e.g. retry with the same `client_msg_id`);
     /// `detail` is logged, not sent.
-    pub(crate) fn unavailable_with(message: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+    pub(crate) fn unavailable_with(
+        message: impl Into<String>,
+        detail: impl std::fmt::Display,
+    ) -> Self {
         ApiError {
             internal: Some(detail.to_string()),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

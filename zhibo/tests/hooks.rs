@@ -401,7 +401,8 @@ async fn allow_reject_and_replace(h: &Hooked) {
     assert_eq!(String::from_utf8_lossy(&m.content), REDACTED);
     assert_eq!(sent["conv_seq"], m.conv_seq, "{sent}");
     // A rejection over HTTP: 403 hook_rejected with the backend's code and text.
-    let (status, body) = http_send(h, &alice, "user", bob.user_id, "bad-http", "reject: spam").await;
+    let (status, body) =
+        http_send(h, &alice, "user", bob.user_id, "bad-http", "reject: spam").await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(
         body,
@@ -482,8 +483,10 @@ async fn http_send(
     let answer = reqwest::Client::new()
         .post(format!("{}/v1/messages", h.cluster.api_base))
         .bearer_auth(&user.token)
-        .json(&serde_json::json!({"receiver_type": receiver_type, "receiver_id": receiver_id,
-            "client_msg_id": client_msg_id, "content": b64.encode(content)}))
+        .json(
+            &serde_json::json!({"receiver_type": receiver_type, "receiver_id": receiver_id,
+            "client_msg_id": client_msg_id, "content": b64.encode(content)}),
+        )
         .send()
         .await
         .expect("http send");

@@ -389,7 +389,101 @@ pub(crate) async fn a_flood_close_delivers_every_reply(cluster: &Cluster) {
     );
 }
 
+/// A signed-in WebSocket opened by hand (the upgrade written on a raw socket), its 101 read.
+async fn raw_ws(cluster: &Cluster, creds: &Credentials) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(cluster.gw(0).ws)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws?user_id={}&device_id={}&token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        creds.user_id, creds.device_id, creds.token
+    );
+    s.write_all(request.as_bytes()).await.expect("upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tokio::time::timeout(WAIT, s.read_u8())
+            .await
+            .expect("upgrade answered in time")
+            .expect("upgrade answer");
+        head.push(b);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// The server's WebSocket frames (opcode, payload) until it closes the socket.
+async fn ws_frames_until_close(s: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let Ok(b0) = tokio::time::timeout(WAIT, s.read_u8())
+            .await
+            .expect("in time")
+        else {
+            return out;
+        };
+        let b1 = s.read_u8().await.expect("frame length");
+        let len = match b1 & 0x7f {
+            126 => u64::from(s.read_u16().await.expect("length")),
+            127 => s.read_u64().await.expect("length"),
+            n => u64::from(n),
+        };
+        let mut payload = vec![0; usize::try_from(len).expect("length")];
+        s.read_exact(&mut payload).await.expect("payload");
+        out.push((b0 & 0x0f, payload));
+    }
+}
+
+/// WebSocket protocol violations after sign-in: each is said (`Error{BAD_FRAME}` in a binary frame)
+/// before the server closes, as every close is.
+pub(crate) async fn websocket_protocol_errors_are_said_before_the_close(cluster: &Cluster) {
+    let good = cluster.user("wsbad").await;
+    // Masked client frames as a client must send them, except where the case breaks the protocol.
+    let masked = |b0: u8, payload: &[u8]| {
+        let mut f = vec![b0, 0x80 | u8::try_from(payload.len()).expect("short")];
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.extend(
+            payload
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
+        );
+        f
+    };
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("unmasked binary frame", vec![0x82, 0x02, 0x08, 0x01]),
+        ("reserved bit", masked(0xc2, &[0x08, 0x01])),
+        ("text frame of invalid UTF-8", masked(0x81, &[0xff, 0xfe])),
+        ("reserved opcode", masked(0x83, &[0x00])),
+    ];
+    for (case, bytes) in cases {
+        let mut s = raw_ws(cluster, &good).await;
+        s.write_all(&bytes).await.expect("write");
+        let frames = ws_frames_until_close(&mut s).await;
+        let said = frames.iter().find_map(|(op, payload)| {
+            (*op == 2)
+                .then(|| Packet::decode(&payload[..]).ok())
+                .flatten()
+                .filter(|p| code(p) == Some(ErrorCode::BadFrame))
+        });
+        assert!(
+            said.is_some(),
+            "{case}: no BAD_FRAME before the close: {frames:?}"
+        );
+    }
+    still_serving(cluster, &good).await;
+}
+
 mod embedded {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_protocol_errors_are_said_before_the_close() {
+        let cluster = crate::cluster::Cluster::embedded().await;
+        super::websocket_protocol_errors_are_said_before_the_close(&cluster).await;
+        cluster.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_frames_and_sign_ins() {
         let cluster = crate::cluster::Cluster::embedded().await;

@@ -373,9 +373,15 @@ async fn a_send_while_nats_is_down_is_refused_and_works_once_it_is_back() {
     let deadline = Instant::now() + Duration::from_secs(30);
     for i in 0.. {
         assert!(Instant::now() < deadline, "no UNAVAILABLE within 30 s");
-        match a.request(text(&format!("down-{i}")), Duration::from_secs(2)).await {
+        match a
+            .request(text(&format!("down-{i}")), Duration::from_secs(2))
+            .await
+        {
             Ok(p) => match p.body {
-                Some(Body::Error(e)) if e.code == ErrorCode::Unavailable as i32 => break,
+                Some(Body::Error(e)) if e.code == ErrorCode::Unavailable as i32 => {
+                    assert!(e.message.contains("same client_msg_id"), "{e:?}");
+                    break;
+                }
                 other => panic!("a send while NATS is down answered {other:?}"),
             },
             Err(zhibo_client::Error::Timeout(_)) => {}
@@ -386,7 +392,10 @@ async fn a_send_while_nats_is_down_is_refused_and_works_once_it_is_back() {
     let _nats = zhibo_testkit::NatsServer::start_on(port, "");
     let deadline = Instant::now() + Duration::from_secs(60);
     let sent = loop {
-        assert!(Instant::now() < deadline, "sends not accepted 60 s after NATS came back");
+        assert!(
+            Instant::now() < deadline,
+            "sends not accepted 60 s after NATS came back"
+        );
         match a.request(text("after"), Duration::from_secs(2)).await {
             Ok(p) => match p.body {
                 Some(Body::SendMessageOutput(o)) => break o,

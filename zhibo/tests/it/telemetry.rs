@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use zhibo_loadtest::client::Transport;
+use zhibo_loadtest::client::{Client, Transport};
 use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ReceiverType, SendMessageInput};
 
@@ -74,6 +74,16 @@ async fn metrics_are_scraped_and_move() {
     cluster.befriend(&alice, &bob).await;
     let mut a = cluster.connect(Transport::Ws, 0, &alice).await;
     let mut b = cluster.connect(Transport::Tcp, 0, &bob).await;
+    // Two refused sign-ins: a wrong token, and a token of another device.
+    for token in ["not-a-token".to_owned(), bob.token.clone()] {
+        let wrong = zhibo_loadtest::client::Credentials {
+            token,
+            ..alice.clone()
+        };
+        Client::connect(Transport::Tcp, &cluster.gw(0).of(Transport::Tcp), &wrong)
+            .await
+            .expect_err("refused");
+    }
     for i in 0..5 {
         let reply = a
             .request(send(bob.user_id, &format!("m{i}")), Duration::from_secs(5))
@@ -99,6 +109,11 @@ async fn metrics_are_scraped_and_move() {
     assert_eq!(
         moved(r#"zhibo_sign_ins_total{transport="tcp"}"#),
         1.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"zhibo_sign_in_failures_total{kind="ERROR_CODE_UNAUTHENTICATED"}"#),
+        2.0,
         "{after}"
     );
     assert_eq!(
