@@ -1,4 +1,6 @@
-//! The ops endpoint every role serves: `/metrics`, `/healthz`, `/readyz`.
+//! The ops endpoint every role serves: `/metrics`, `/healthz`, `/readyz`; and [`serve_router`], the
+//! HTTP server of the ops endpoint and of user-api (closes connections that send no request head in
+//! time, so slow or silent clients cannot hold sockets for ever).
 
 use std::sync::Arc;
 
@@ -59,8 +61,157 @@ pub async fn serve(
     ready: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(metrics, ready))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    serve_router(listener, router(metrics, ready), shutdown).await;
     Ok(())
+}
+
+/// How long a connection may take to send a complete request head (request line and headers), the
+/// wait for the next request on a kept-alive HTTP/1 connection included: past it, it is closed.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `router` on `listener` (HTTP/1 and HTTP/2, upgrades allowed, each request carrying the
+/// peer's [`axum::extract::ConnectInfo<SocketAddr>`]) until `shutdown`, then lets the requests in
+/// flight finish. Unlike `axum::serve`, an HTTP/1 connection that sends no complete request head
+/// within [`HEADER_TIMEOUT`] is closed (slowloris, idle kept-alive connections).
+pub async fn serve_router(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    serve_router_with(listener, router, shutdown, HEADER_TIMEOUT).await;
+}
+
+/// [`serve_router`] with another header timeout (tests).
+pub async fn serve_router_with(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    header_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or the like: keep serving the connections there are.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let builder = builder.clone();
+        let graceful = graceful.watcher();
+        tokio::spawn(async move {
+            // The HTTP version is detected from the first bytes, before any HTTP/1 timer runs: a
+            // connection that sends none is closed here.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1..))
+            ) {
+                return;
+            }
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower_service::Service::call(&mut router.clone(), request)
+            });
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = graceful.watch(connection).await {
+                tracing::debug!(error = %e, %peer, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use axum::extract::ConnectInfo;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Reads until the server closes the connection (or `limit`): what it sent.
+    async fn until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(limit, s.read_to_end(&mut got)).await;
+        read.ok()
+            .map(|_| String::from_utf8_lossy(&got).into_owned())
+    }
+
+    #[tokio::test]
+    async fn slow_and_silent_clients_are_cut_off_and_others_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = Router::new().route(
+            "/peer",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+        );
+        let stop = CancellationToken::new();
+        let timeout = Duration::from_millis(500);
+        let server = tokio::spawn(serve_router_with(listener, router, stop.clone(), timeout));
+
+        // Silent, half a head, and a head dripped a line at a time: each closed after the timeout.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        half.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut drip = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let started = Instant::now();
+        drip.write_all(b"GET /peer HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let mut dripped_until_closed = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if drip.write_all(b"X-Drip: 1\r\n").await.is_err() {
+                dripped_until_closed = true;
+                break;
+            }
+        }
+        let closed = until_closed(&mut drip, Duration::from_secs(10)).await;
+        assert!(
+            dripped_until_closed || closed.is_some(),
+            "a dripped head is cut off"
+        );
+        assert!(started.elapsed() >= timeout, "not before the timeout");
+        for (what, s) in [("silent", &mut silent), ("half a head", &mut half)] {
+            let got = until_closed(s, Duration::from_secs(10)).await;
+            assert!(got.is_some(), "{what}: still open");
+        }
+
+        // A client sending requests in time is served, with its address.
+        let mut good = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let local = good.local_addr().expect("local");
+        good.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = until_closed(&mut good, Duration::from_secs(10))
+            .await
+            .expect("answered and closed");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&local.to_string()), "{answer}");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
 }

@@ -51,6 +51,10 @@ use crate::state::AppState;
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// How long a request's body may take to arrive: past it, `408 request_timeout` and the connection is
+/// closed (a client that announced a body and stopped sending cannot hold it).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// user-api configuration.
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -240,9 +244,58 @@ fn app(config: ApiConfig, deps: Deps) -> (Router, AppState) {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(|req, next| {
+            body_in_time(req, next, BODY_TIMEOUT)
+        }))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state);
     (router, shared)
+}
+
+/// Reads the request's body (at most [`MAX_BODY_BYTES`] + 1: the extractors answer a larger one)
+/// within `limit` before the handler runs.
+async fn body_in_time(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: std::time::Duration,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES + 1)).await;
+    let body = match read {
+        Ok(Ok(bytes)) => axum::body::Body::from(bytes),
+        Ok(Err(e)) => {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large",
+                )
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+            .into_response();
+        }
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, body))
+        .await
 }
 
 /// One span per request (method and route template, never the raw path with its ids), and a debug line
@@ -311,6 +364,64 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that stops arriving gets 408 `request_timeout` and the connection closes; a complete
+    /// one reaches the handler; one over the limit gets 413.
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_refused_in_time() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let limit = std::time::Duration::from_millis(300);
+        let router = Router::new()
+            .route(
+                "/echo",
+                axum::routing::post(|body: String| async move { body }),
+            )
+            .layer(axum::middleware::from_fn(move |req, next| {
+                body_in_time(req, next, limit)
+            }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let exchange = |request: Vec<u8>| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&request).await.expect("write");
+            let mut answer = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                s.read_to_end(&mut answer),
+            )
+            .await
+            .expect("answered and closed in time")
+            .expect("read");
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        let stalled = exchange(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789".to_vec(),
+        )
+        .await;
+        assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+        assert!(stalled.contains(r#""code":"request_timeout""#), "{stalled}");
+        let whole = exchange(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+                .to_vec(),
+        )
+        .await;
+        assert!(
+            whole.starts_with("HTTP/1.1 200") && whole.ends_with("hello"),
+            "{whole}"
+        );
+        let mut big = format!(
+            "POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY_BYTES + 10
+        )
+        .into_bytes();
+        // Just over what is read is sent (and read): nothing unread to reset the connection.
+        big.resize(big.len() + MAX_BODY_BYTES + 2, b'a');
+        let big = exchange(big).await;
+        assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+    }
 
     #[test]
     fn config_defaults_and_validation() {
