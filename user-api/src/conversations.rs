@@ -274,7 +274,8 @@ pub(crate) async fn list_conversations(
     caller: Caller,
     ApiQuery(q): ApiQuery<ListParams>,
 ) -> Result<ApiJson<ConversationList>, ApiError> {
-    let (after_activity_ms, after) = match q.cursor.as_deref() {
+    // An empty `cursor=` is no cursor (a client that sends the field always): the first page.
+    let (after_activity_ms, after) = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => {
             let (ms, r) = parse_cursor(c)?;
             (ms, Some(r))

@@ -1061,6 +1061,16 @@ async fn http_routes(cluster: &Cluster) {
     assert_eq!(rows[0]["id"], json!(alice.user_id));
     assert_eq!(rows[0]["unread"], json!(2));
     assert_eq!(rows[0]["last_message"]["content"], json!("c2Vjb25k"));
+    // An empty cursor is none: the first page.
+    let (status, again) = http(
+        base,
+        get.clone(),
+        "/v1/conversations?cursor=",
+        auth,
+        json!(null),
+    )
+    .await;
+    assert_eq!((status, &again), (200, &body), "{again}");
     // An empty page has no cursor; a page size is 1 or more (absent: the default); a cursor is one
     // the API returned.
     let (status, body) = http(
