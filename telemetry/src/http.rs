@@ -110,14 +110,16 @@ pub async fn serve_router_with(
         let router = router.clone();
         let builder = builder.clone();
         let graceful = graceful.watcher();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             // The HTTP version is detected from the first bytes, before any HTTP/1 timer runs: a
             // connection that sends none is closed here.
             let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
-                Ok(Ok(1..))
-            ) {
+            let first = tokio::select! {
+                () = stop.cancelled() => return,
+                peeked = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => peeked,
+            };
+            if !matches!(first, Ok(Ok(1..))) {
                 return;
             }
             let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
@@ -133,8 +135,18 @@ pub async fn serve_router_with(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Idle connections close at once, requests in flight finish; a client still sending its head is
+    // not waited for (past this, its task ends with its header timeout).
+    if tokio::time::timeout(SHUTDOWN_WAIT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("HTTP connections still open at shutdown left to their timeouts");
+    }
 }
+
+/// How long a stopping server waits for its connections' requests in flight.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
@@ -212,6 +224,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
             .expect("stops")
+            .expect("no panic");
+    }
+
+    /// A stopping server does not wait for connections that have sent nothing, or half a head.
+    #[tokio::test]
+    async fn a_silent_connection_does_not_hold_up_a_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let long = Duration::from_secs(600);
+        let server = tokio::spawn(serve_router_with(
+            listener,
+            Router::new(),
+            stop.clone(),
+            long,
+        ));
+        let _silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        half.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        // Both accepted before the stop: a request on a third connection is answered.
+        let mut probe = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        probe
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = until_closed(&mut probe, Duration::from_secs(10)).await;
+        assert!(answer.is_some_and(|a| a.starts_with("HTTP/1.1 404")));
+        stop.cancel();
+        tokio::time::timeout(SHUTDOWN_WAIT + Duration::from_secs(5), server)
+            .await
+            .expect("stopped without waiting for the silent connections")
             .expect("no panic");
     }
 }

@@ -34,7 +34,6 @@ mod state;
 mod validate;
 mod web;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -348,13 +347,8 @@ pub async fn run(
     let addr = listener.local_addr().context("listener address")?;
     info!(%addr, "user-api listening");
     let (app, state) = app(config, deps);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .context("serving user-api")?;
+    // Each request carries the peer address (ConnectInfo); slow or silent clients are cut off.
+    zhibo_telemetry::http::serve_router(listener, app, shutdown).await;
     // The entity-id node number goes back to the pool now, not a lease TTL later.
     state.ids.release().await;
     info!("user-api stopped");
