@@ -46,6 +46,15 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// 413 `payload_too_large`: a body over the limit.
+    pub(crate) fn payload_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body too large",
+        )
+    }
+
     /// 401 with `code`.
     pub(crate) fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
@@ -218,11 +227,7 @@ impl From<JsonRejection> for ApiError {
 /// which says which field or position is wrong, and nothing about the server).
 fn body_rejection(status: StatusCode, text: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "request body too large",
-        );
+        return ApiError::payload_too_large();
     }
     ApiError::bad_request(text)
 }

@@ -269,11 +269,7 @@ async fn body_in_time(
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some();
             return if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "request body too large",
-                )
+                ApiError::payload_too_large()
             } else {
                 ApiError::bad_request("the request body could not be read")
             }
