@@ -1,6 +1,6 @@
 //! Faults: a logic worker killed with SIGKILL mid-flow, a gateway drained under load, a reader that
-//! stops reading, nats-server stopped and started again. Clients resend what got no ACK (same client_msg_id); nothing ACKed is lost and nothing
-//! is stored twice.
+//! stops reading, nats-server stopped and started again. Clients resend what got no ACK (same
+//! client_msg_id); nothing ACKed is lost and nothing is stored twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
