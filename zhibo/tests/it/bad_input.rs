@@ -414,26 +414,194 @@ async fn raw_ws(cluster: &Cluster, creds: &Credentials) -> tokio::net::TcpStream
     s
 }
 
+/// The server's next WebSocket frame (opcode, payload), or `None` once it closes the socket.
+async fn ws_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    let b0 = tokio::time::timeout(WAIT, s.read_u8())
+        .await
+        .expect("in time")
+        .ok()?;
+    let b1 = s.read_u8().await.expect("frame length");
+    let len = match b1 & 0x7f {
+        126 => u64::from(s.read_u16().await.expect("length")),
+        127 => s.read_u64().await.expect("length"),
+        n => u64::from(n),
+    };
+    let mut payload = vec![0; usize::try_from(len).expect("length")];
+    s.read_exact(&mut payload).await.expect("payload");
+    Some((b0 & 0x0f, payload))
+}
+
 /// The server's WebSocket frames (opcode, payload) until it closes the socket.
 async fn ws_frames_until_close(s: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
-    loop {
-        let Ok(b0) = tokio::time::timeout(WAIT, s.read_u8())
-            .await
-            .expect("in time")
-        else {
-            return out;
-        };
-        let b1 = s.read_u8().await.expect("frame length");
-        let len = match b1 & 0x7f {
-            126 => u64::from(s.read_u16().await.expect("length")),
-            127 => s.read_u64().await.expect("length"),
-            n => u64::from(n),
-        };
-        let mut payload = vec![0; usize::try_from(len).expect("length")];
-        s.read_exact(&mut payload).await.expect("payload");
-        out.push((b0 & 0x0f, payload));
+    while let Some(frame) = ws_frame(s).await {
+        out.push(frame);
     }
+    out
+}
+
+/// Writes `request` on a new connection to the WebSocket port and reads the answer until the server
+/// closes: (status line, header lines, body). A reset instead of a close fails: it can drop the answer.
+async fn http_answer(cluster: &Cluster, request: &[u8]) -> (String, Vec<String>, String) {
+    let mut s = tokio::net::TcpStream::connect(cluster.gw(0).ws)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed in time")
+        .expect("closed, not reset");
+    let answer = String::from_utf8(answer).expect("a text answer");
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head: {answer:?}"));
+    let mut lines = head.split("\r\n").map(str::to_owned);
+    let status = lines.next().unwrap_or_default();
+    (status, lines.collect(), body.to_owned())
+}
+
+/// A malformed WebSocket upgrade gets an HTTP error saying what is wrong, then the close (RFC 6455
+/// §4.2.1, §4.2.2); a valid upgrade next to them still gets its 101 and signs in.
+pub(crate) async fn malformed_websocket_upgrades_get_an_http_error(cluster: &Cluster) {
+    let good = cluster.user("wsupgrade").await;
+    let upgrade = |method: &str, version: &str, drop: &str, extra: &str| {
+        let headers = [
+            "Host: x",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ];
+        let mut r = format!(
+            "{method} /ws?user_id={}&device_id={}&token={} {version}\r\n",
+            good.user_id, good.device_id, good.token
+        );
+        for h in headers
+            .iter()
+            .filter(|h| drop.is_empty() || !h.starts_with(drop))
+        {
+            r.push_str(h);
+            r.push_str("\r\n");
+        }
+        r.push_str(extra);
+        r.push_str("\r\n");
+        r.into_bytes()
+    };
+    let http11 = "HTTP/1.1";
+    // (case, request, status line, a word the body holds)
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "no Sec-WebSocket-Key",
+            upgrade("GET", http11, "Sec-WebSocket-Key", ""),
+            "HTTP/1.1 400 Bad Request",
+            "Sec-WebSocket-Key",
+        ),
+        (
+            "Sec-WebSocket-Version 8",
+            upgrade(
+                "GET",
+                http11,
+                "Sec-WebSocket-Version",
+                "Sec-WebSocket-Version: 8\r\n",
+            ),
+            "HTTP/1.1 426 Upgrade Required",
+            "13",
+        ),
+        (
+            "no Sec-WebSocket-Version",
+            upgrade("GET", http11, "Sec-WebSocket-Version", ""),
+            "HTTP/1.1 426 Upgrade Required",
+            "13",
+        ),
+        (
+            // With a body the server never reads: it still closes with a FIN, not a reset.
+            "POST",
+            [
+                upgrade("POST", http11, "", "Content-Length: 4096\r\n"),
+                vec![b'x'; 4096],
+            ]
+            .concat(),
+            "HTTP/1.1 405 Method Not Allowed",
+            "GET",
+        ),
+        (
+            "a plain GET",
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".to_vec(),
+            "HTTP/1.1 400 Bad Request",
+            "Connection: Upgrade",
+        ),
+        (
+            "Upgrade: h2c",
+            upgrade("GET", http11, "Upgrade", "Upgrade: h2c\r\n"),
+            "HTTP/1.1 400 Bad Request",
+            "Upgrade: websocket",
+        ),
+        (
+            "HTTP/1.0",
+            upgrade("GET", "HTTP/1.0", "", ""),
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1",
+        ),
+        (
+            "a TLS ClientHello (wss:// on the ws port)",
+            vec![
+                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ],
+            "HTTP/1.1 400 Bad Request",
+            "HTTP",
+        ),
+        (
+            "text that is not HTTP",
+            b"hello there\r\n\r\n".to_vec(),
+            "HTTP/1.1 400 Bad Request",
+            "HTTP",
+        ),
+    ];
+    for (case, request, want, word) in cases {
+        let (status, headers, body) = http_answer(cluster, &request).await;
+        assert_eq!(status, want, "{case}: {headers:?} {body:?}");
+        assert!(
+            body.contains(word),
+            "{case}: the body says what is wrong: {body:?}"
+        );
+        assert!(
+            headers
+                .iter()
+                .any(|h| h == "Content-Type: text/plain; charset=utf-8")
+                && headers
+                    .iter()
+                    .any(|h| h.starts_with("Connection: ") && h.ends_with("close")),
+            "{case}: {headers:?}"
+        );
+        if want.contains("426") {
+            assert!(
+                headers.iter().any(|h| h == "Sec-WebSocket-Version: 13"),
+                "{case}: the version the server speaks: {headers:?}"
+            );
+        }
+        if want.contains("405") {
+            assert!(
+                headers.iter().any(|h| h == "Allow: GET"),
+                "{case}: {headers:?}"
+            );
+        }
+    }
+
+    // The refusals the handshake's callback already made still come as they did.
+    let elsewhere = String::from_utf8(upgrade("GET", http11, "", ""))
+        .expect("text")
+        .replacen("GET /ws?", "GET /other?", 1);
+    let (status, _, _) = http_answer(cluster, elsewhere.as_bytes()).await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // A valid upgrade still gets its 101, then the sign-in's answer in a binary frame.
+    let mut s = raw_ws(cluster, &good).await;
+    let (op, payload) = ws_frame(&mut s).await.expect("a frame after the 101");
+    assert_eq!(op, 2, "binary");
+    let p = Packet::decode(&payload[..]).expect("a packet");
+    assert!(matches!(p.body, Some(Body::SignInOutput(_))), "{p:?}");
+    still_serving(cluster, &good).await;
 }
 
 /// WebSocket protocol violations after sign-in: each is said (`Error{BAD_FRAME}` in a binary frame)
@@ -477,6 +645,13 @@ pub(crate) async fn websocket_protocol_errors_are_said_before_the_close(cluster:
 }
 
 mod embedded {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_websocket_upgrades_get_an_http_error() {
+        let cluster = crate::cluster::Cluster::embedded().await;
+        super::malformed_websocket_upgrades_get_an_http_error(&cluster).await;
+        cluster.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn websocket_protocol_errors_are_said_before_the_close() {
         let cluster = crate::cluster::Cluster::embedded().await;
