@@ -8,7 +8,7 @@ use tracing::warn;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_push::sink::{Outgoing, PushSink};
 use zhibo_push::PushEvent;
-use zhibo_store::{Conversation, ConversationId, ConversationKey};
+use zhibo_store::{unread_count, Conversation, ConversationId, ConversationKey};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::Logic;
@@ -116,9 +116,11 @@ impl Logic {
             );
             // The row may predate this message's write only if another writer raced it: count it in.
             let event = match &row {
-                Some(r) => {
-                    event.with_unread(r.last_seq.max(message.conv_seq).saturating_sub(r.read_seq))
-                }
+                Some(r) => event.with_unread(unread_count(
+                    r.last_seq.max(message.conv_seq),
+                    r.read_seq,
+                    r.skipped,
+                )),
                 None => event,
             };
             match Outgoing::push(&event) {

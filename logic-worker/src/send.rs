@@ -10,7 +10,7 @@ use zhibo_proto::client::{
     ErrorCode, Message, Packet, ReceiverType, SendMessageInput, SendMessageOutput,
 };
 use zhibo_store::ids::now_ms;
-use zhibo_store::{Claim, ConversationKey, SendPlan};
+use zhibo_store::{Claim, ConversationKey, ConversationSeqs, SendPlan, SeqGap};
 use zhibo_telemetry::metrics::KindLabel;
 
 use crate::error::send_err;
@@ -134,7 +134,11 @@ impl Logic {
         // Minted before the seqs, so a refusal (no node lease) wastes none.
         let message_id = self.next_id(Op::Send).await?;
         // The inbox seqs and the conversation seq in one allocator call (one Redis script call).
-        let (seqs, conv_seq) = self
+        let ConversationSeqs {
+            inbox: seqs,
+            conv_seq,
+            skipped,
+        } = self
             .stores
             .seq
             .next_in_conversation(&recipients, conversation)
@@ -202,12 +206,39 @@ impl Logic {
             // A racing resend stored its plan first: finish that one; our seqs stay unused.
             Some(existing) => self.replay(origin, input, existing).await,
             None => {
+                if let Some(gap) = skipped {
+                    self.record_gap(conversation, &plan, gap).await;
+                }
                 stages.done("store");
                 self.metrics.messages_sent.inc();
                 let output = self.deliver(origin, &plan, entries, false, replaced).await;
                 stages.done("deliver");
                 Ok(output)
             }
+        }
+    }
+
+    /// Records in every recipient's row of `conversation` the seqs its counter skipped when this
+    /// send's allocation recovered it after a Redis loss, so they do not count as unread. Before the
+    /// deliveries: a client that sees the message and lists its conversations sees the right count.
+    /// A failure is logged, not the send's: the message is stored, and the only cost is the
+    /// over-count the gap would have removed (until the members read past it).
+    async fn record_gap(&self, conversation: ConversationKey, plan: &SendPlan, gap: SeqGap) {
+        let users: Vec<i64> = plan.recipients.iter().map(|&(u, _)| u).collect();
+        if let Err(e) = self
+            .stores
+            .conversations
+            .record_gap(conversation, &users, gap)
+            .await
+        {
+            self.metrics.store_errors.inc();
+            tracing::warn!(
+                ?conversation,
+                from = gap.from,
+                to = gap.to,
+                error = %e,
+                "seq gap after a counter recovery not recorded; unread counts it until read past"
+            );
         }
     }
 

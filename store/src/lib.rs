@@ -36,16 +36,16 @@ use std::sync::Arc;
 
 pub use model::*;
 pub use traits::conversations::{
-    sort_for_list, Conversation, ConversationId, ConversationKey, ConversationKind,
+    sort_for_list, unread_count, Conversation, ConversationId, ConversationKey, ConversationKind,
     ConversationSettings, ConversationStore, HistoryEntry, HistoryPage, ListCursor, ListQuery,
-    RecallRequest, Recalled, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
+    RecallRequest, Recalled, SeqGap, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
 };
 pub use traits::devices::DeviceStore;
 pub use traits::friends::FriendStore;
 pub use traits::groups::{check_transfer, GroupStore};
 pub use traits::invites::{GroupInvite, GroupInviteStore};
 pub use traits::leases::{Lease, NodeLeases};
-pub use traits::messages::{Claim, MessageStore, SendPlan, SeqAllocator};
+pub use traits::messages::{Claim, ConversationSeqs, MessageStore, SendPlan, SeqAllocator};
 pub use traits::outbox::{OutboxEntry, OutboxEvent, OutboxStore};
 pub use traits::presence::{Presence, PresenceListener};
 pub use traits::rooms::{Room, RoomBan, RoomPin, RoomShaping, RoomStore};

@@ -17,7 +17,7 @@
 //!
 //! This type wraps the backend's [`ConversationStore`] and [`MessageStore`]; after **every** write
 //! that can change a conversation row (a send's copies, `record_message`, `join`, `mark_read` and the
-//! 1:1 peer's row, `set_settings`, `touch`, `recall`'s copies, `delete_for_me`) it increments the mark
+//! 1:1 peer's row, `set_settings`, `touch`, `record_gap`, `recall`'s copies, `delete_for_me`) it increments the mark
 //! of each row it touched, whether the write succeeded or not (a failed batch may have landed; the
 //! one exception is a group recall that fails, whose copies are not known), and only while the user
 //! has a listing (a script checks, so users who never list cost one `EVAL` per row and no memory).
@@ -63,7 +63,7 @@ use crate::traits::conversations::list_page;
 use crate::{
     sort_for_list, Conversation, ConversationId, ConversationKey, ConversationKind,
     ConversationSettings, ConversationStore, HistoryEntry, HistoryPage, ListQuery, MessageStore,
-    RecallRequest, Recalled, Result, SendPlan, Stores,
+    RecallRequest, Recalled, Result, SendPlan, SeqGap, Stores,
 };
 
 /// More marks than this re-read the whole partition instead of one row each.
@@ -453,7 +453,7 @@ fn copies(message: &Message, recipients: &[(i64, u64)]) -> Vec<(i64, Conversatio
 
 /// The layout [`encode`] writes; a listing of another layout (a rollout of another version) is
 /// rebuilt, never misread.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 /// `generation | FORMAT | built_at_ms | rows`, each row fixed fields then its last message (prost).
 fn encode(generation: [u8; 8], built_at_ms: i64, rows: &[Conversation]) -> Bytes {
@@ -469,6 +469,10 @@ fn encode(generation: [u8; 8], built_at_ms: i64, rows: &[Conversation]) -> Bytes
         out.put_u64(row.peer_read_seq);
         out.put_u8(u8::from(row.muted) | (u8::from(row.pinned) << 1));
         out.put_u64(row.version);
+        // No gap: (0, 0) (a gap starts above a stored seq, so never at 0).
+        let gap = row.skipped.map_or((0, 0), |g| (g.from, g.to));
+        out.put_u64(gap.0);
+        out.put_u64(gap.1);
         match &row.last_message {
             None => out.put_u32(0),
             Some(m) => {
@@ -483,7 +487,7 @@ fn encode(generation: [u8; 8], built_at_ms: i64, rows: &[Conversation]) -> Bytes
 
 /// The inverse of [`encode`] after the generation; `None` if damaged.
 fn decode(user_id: i64, mut body: Bytes) -> Option<(i64, Vec<Conversation>)> {
-    const FIXED: usize = 4 + 8 + 8 + 8 + 8 + 1 + 8 + 4;
+    const FIXED: usize = 4 + 8 + 8 + 8 + 8 + 1 + 8 + 8 + 8 + 4;
     if body.len() < 9 || body.get_u8() != FORMAT {
         return None;
     }
@@ -500,6 +504,8 @@ fn decode(user_id: i64, mut body: Bytes) -> Option<(i64, Vec<Conversation>)> {
         let peer_read_seq = body.get_u64();
         let flags = body.get_u8();
         let version = body.get_u64();
+        let (from, to) = (body.get_u64(), body.get_u64());
+        let skipped = (from > 0).then_some(SeqGap { from, to });
         let len = body.get_u32() as usize;
         let last_message = if len == 0 {
             None
@@ -520,6 +526,7 @@ fn decode(user_id: i64, mut body: Bytes) -> Option<(i64, Vec<Conversation>)> {
             muted: flags & 1 != 0,
             pinned: flags & 2 != 0,
             version,
+            skipped,
         });
     }
     Some((built_at_ms, rows))
@@ -541,6 +548,12 @@ impl ConversationStore for ListCache {
 
     async fn last_conversation_seq(&self, key: ConversationKey) -> Result<u64> {
         self.conversations.last_conversation_seq(key).await
+    }
+
+    async fn record_gap(&self, key: ConversationKey, users: &[i64], gap: SeqGap) -> Result<()> {
+        let rows = users.iter().map(|&u| (u, key.seen_by(u))).collect();
+        self.marked(rows, self.conversations.record_gap(key, users, gap))
+            .await
     }
 
     async fn join(
@@ -768,6 +781,7 @@ mod tests {
                 muted: true,
                 pinned: false,
                 version: 12,
+                skipped: Some(SeqGap { from: 4, to: 1_003 }),
             },
             Conversation {
                 user_id: 7,
@@ -779,6 +793,7 @@ mod tests {
                 muted: false,
                 pinned: true,
                 version: 1,
+                skipped: None,
             },
         ];
         let body = encode([1; 8], 99, &rows);

@@ -7,7 +7,11 @@
 //! to an empty replica) is therefore never silently restarted from 1: the allocator reads the
 //! user's largest stored seq from the [`MessageStore`] and seeds the counter with
 //! `SET key (max_seq + RECOVERY_MARGIN) NX`, then runs the script again. Seqs stay strictly
-//! increasing per user, but may jump by up to [`RECOVERY_MARGIN`] after a recovery.
+//! increasing per user, but may jump by up to [`RECOVERY_MARGIN`] after a recovery. A conversation's
+//! counter recovers the same way from [`ConversationStore::last_conversation_seq`]; the allocation
+//! that seeded it reports the seqs it skipped ([`ConversationSeqs::skipped`]), which the send path
+//! records in the recipients' rows ([`ConversationStore::record_gap`]) so they are not counted as
+//! unread.
 //!
 //! # What this does not cover
 //! A Redis that comes back with *stale* keys (an RDB snapshot or an `appendfsync everysec` AOF
@@ -46,8 +50,8 @@ use fred::types::{ClusterHash, CustomCommand, Expiration, InfoKind};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::{
-    Claim, ConversationKey, ConversationStore, Error, ErrorKind, MessageStore, Result, SendPlan,
-    SeqAllocator,
+    Claim, ConversationKey, ConversationSeqs, ConversationStore, Error, ErrorKind, MessageStore,
+    Result, SendPlan, SeqAllocator, SeqGap,
 };
 
 /// How far above the largest stored seq a recovered counter restarts. It covers seqs that were
@@ -526,8 +530,9 @@ impl RedisSeq {
     }
 
     /// Seeds a missing counter: a user's from the message store, a conversation's from the
-    /// conversation store (see the module docs).
-    async fn recover(&self, counter: Counter) -> Result<()> {
+    /// conversation store (see the module docs). The seqs skipped, when this call seeded it above
+    /// a stored one (another allocator may have seeded it first: then `None`).
+    async fn recover(&self, counter: Counter) -> Result<Option<SeqGap>> {
         let (max, key) = match counter {
             Counter::User(user_id) => (self.messages.max_seq(user_id).await?, seq_key(user_id)),
             Counter::Conversation(key) => {
@@ -551,43 +556,56 @@ impl RedisSeq {
         let floor = i64::try_from(floor)
             .map_err(|_| redis_failure("recover", format!("seq {floor} overflows")))?;
         // NX: another allocator may have recovered (and started allocating from) it already.
-        let _: Value = self
+        let set: Value = self
             .pool
             .set(key, floor, None, Some(SetOptions::NX), false)
             .await
             .map_err(|e| redis_error("set", e))?;
+        if set.is_null() {
+            return Ok(None);
+        }
         tracing::warn!(
             counter = ?counter,
             stored_max_seq = max,
             floor,
             "recovered a missing seq counter"
         );
-        Ok(())
+        Ok((max > 0).then(|| SeqGap {
+            from: max + 1,
+            to: max.saturating_add(RECOVERY_MARGIN),
+        }))
     }
 
     /// One allocation over `counters` (users' and conversations' counters in one script call per
-    /// master), recovering missing ones.
-    async fn allocate(&self, counters: &[Counter]) -> Result<Vec<u64>> {
+    /// master), recovering missing ones; with the gap of each conversation counter this call
+    /// recovered.
+    async fn allocate(&self, counters: &[Counter]) -> Result<(Vec<u64>, Vec<(Counter, SeqGap)>)> {
         let keys: Vec<String> = counters.iter().map(Counter::key).collect();
         let mut seqs = self.incr_existing(&keys).await?;
+        let mut gaps = Vec::new();
         for _ in 0..RECOVERY_ROUNDS {
             let missing: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].is_none()).collect();
             if missing.is_empty() {
                 break;
             }
             let lost: BTreeSet<Counter> = missing.iter().map(|&i| counters[i]).collect();
-            futures::stream::iter(lost)
-                .map(|counter| self.recover(counter))
+            let recovered: Vec<(Counter, Option<SeqGap>)> = futures::stream::iter(lost)
+                .map(|counter| async move { Ok((counter, self.recover(counter).await?)) })
                 .buffer_unordered(RECOVERY_CONCURRENCY)
-                .try_collect::<Vec<()>>()
+                .try_collect()
                 .await?;
+            gaps.extend(recovered.into_iter().filter_map(|(counter, gap)| {
+                let conversation = matches!(counter, Counter::Conversation(_));
+                gap.filter(|_| conversation).map(|g| (counter, g))
+            }));
             let retry_keys: Vec<String> = missing.iter().map(|&i| keys[i].clone()).collect();
             let retried = self.incr_existing(&retry_keys).await?;
             for (i, seq) in missing.into_iter().zip(retried) {
                 seqs[i] = seq;
             }
         }
-        seqs.into_iter()
+        let seqs = seqs
+            .into_iter()
             .zip(counters)
             .map(|(seq, counter)| {
                 seq.ok_or_else(|| {
@@ -599,7 +617,8 @@ impl RedisSeq {
                     )
                 })
             })
-            .collect()
+            .collect::<Result<Vec<u64>>>()?;
+        Ok((seqs, gaps))
     }
 }
 
@@ -625,21 +644,25 @@ impl Counter {
 impl SeqAllocator for RedisSeq {
     async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
         let counters: Vec<Counter> = user_ids.iter().map(|&u| Counter::User(u)).collect();
-        self.allocate(&counters).await
+        Ok(self.allocate(&counters).await?.0)
     }
 
     async fn next_in_conversation(
         &self,
         user_ids: &[i64],
         conversation: ConversationKey,
-    ) -> Result<(Vec<u64>, u64)> {
+    ) -> Result<ConversationSeqs> {
         let mut counters: Vec<Counter> = user_ids.iter().map(|&u| Counter::User(u)).collect();
         counters.push(Counter::Conversation(conversation));
-        let mut seqs = self.allocate(&counters).await?;
+        let (mut seqs, gaps) = self.allocate(&counters).await?;
         let conv_seq = seqs
             .pop()
             .ok_or_else(|| redis_failure("next", "no conversation seq allocated"))?;
-        Ok((seqs, conv_seq))
+        Ok(ConversationSeqs {
+            inbox: seqs,
+            conv_seq,
+            skipped: gaps.first().map(|&(_, g)| g),
+        })
     }
 
     async fn claimed(&self, device_id: i64, client_msg_id: &str) -> Result<Claim> {

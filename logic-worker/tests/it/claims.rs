@@ -13,7 +13,8 @@ use zhibo_proto::client::{ErrorCode, Message, SendMessageInput, SyncInput};
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::presence::MemoryPresence;
 use zhibo_store::{
-    Claim, ConversationKey, Error, ErrorKind, MessageStore, Result, SendPlan, SeqAllocator, Stores,
+    Claim, ConversationKey, ConversationSeqs, Error, ErrorKind, MessageStore, Result, SendPlan,
+    SeqAllocator, Stores,
 };
 
 /// Claims as `RedisSeq` keeps them (a plan, or the marker `None`), failing on demand.
@@ -49,7 +50,7 @@ impl SeqAllocator for Claims {
         &self,
         user_ids: &[i64],
         conversation: ConversationKey,
-    ) -> Result<(Vec<u64>, u64)> {
+    ) -> Result<ConversationSeqs> {
         self.inner
             .next_in_conversation(user_ids, conversation)
             .await
@@ -292,7 +293,11 @@ async fn a_claimed_plan_yields_to_a_different_stored_one() {
         .await
         .expect("stored by an unmarked send");
     // Redis lost that send's claim, and another attempt claimed it with a plan of its own.
-    let (seqs, conv_seq) = s
+    let ConversationSeqs {
+        inbox: seqs,
+        conv_seq,
+        ..
+    } = s
         .claims
         .next_in_conversation(&[1, 2], ConversationKey::direct(1, 2))
         .await

@@ -12,8 +12,8 @@ use zhibo_proto::client::{ErrorCode, ReceiverType, SendMessageInput, SyncInput};
 use zhibo_store::embedded::EmbeddedBackend;
 use zhibo_store::presence::MemoryPresence;
 use zhibo_store::{
-    ConversationKey, Error, ErrorKind, Group, GroupMember, GroupStore, Result, Role, SeqAllocator,
-    Stores,
+    ConversationKey, ConversationSeqs, Error, ErrorKind, Group, GroupMember, GroupStore, Result,
+    Role, SeqAllocator, Stores,
 };
 
 const GROUP: i64 = 900;
@@ -87,7 +87,7 @@ impl SeqAllocator for Versions {
         &self,
         user_ids: &[i64],
         conversation: ConversationKey,
-    ) -> Result<(Vec<u64>, u64)> {
+    ) -> Result<ConversationSeqs> {
         self.inner
             .next_in_conversation(user_ids, conversation)
             .await

@@ -21,7 +21,7 @@ use crate::traits::conversations::{check_recall, copy_for, list_page, tombstone}
 use crate::{
     Conversation, ConversationId, ConversationKey, ConversationKind, ConversationSettings,
     ConversationStore, Error, ErrorKind, HistoryEntry, HistoryPage, ListQuery, RecallRequest,
-    Recalled, Result, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
+    Recalled, Result, SeqGap, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
 };
 
 /// One user's conversation row as stored.
@@ -39,6 +39,9 @@ struct Row {
     /// Version of the last settings change (a larger one wins).
     settings_version: u64,
     version: u64,
+    /// The gap that ends highest (rows written before gaps existed: none).
+    #[serde(default)]
+    skipped: Option<SeqGap>,
 }
 
 /// A message's record in its conversation: what recall needs.
@@ -95,6 +98,7 @@ fn to_conversation(key: RowKey, row: Row) -> Result<Conversation> {
         muted: row.muted,
         pinned: row.pinned,
         version: row.version,
+        skipped: row.skipped,
     })
 }
 
@@ -283,6 +287,22 @@ impl ConversationStore for EmbeddedBackend {
             row.version = row.version.max(version);
             t.keep_seq(user_id, version)?;
             store_row(t, rk, &row)
+        })
+        .await
+    }
+
+    async fn record_gap(&self, key: ConversationKey, users: &[i64], gap: SeqGap) -> Result<()> {
+        let rows: Vec<RowKey> = users.iter().map(|&u| row_key(u, key.seen_by(u))).collect();
+        self.write(move |t| {
+            for &rk in &rows {
+                let mut row = load_row(&t.conversations, rk)?.unwrap_or_default();
+                // As the Scylla cells written USING TIMESTAMP gap.to: the gap that ends highest wins.
+                if row.skipped.is_none_or(|g| gap.to > g.to) {
+                    row.skipped = Some(gap);
+                    store_row(t, rk, &row)?;
+                }
+            }
+            Ok(())
         })
         .await
     }

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::ids::now_ms;
 use crate::{
-    ConversationKey, ConversationStore as _, Error, ErrorKind, MessageStore, Result, SendPlan,
-    SeqAllocator,
+    ConversationKey, ConversationSeqs, ConversationStore as _, Error, ErrorKind, MessageStore,
+    Result, SendPlan, SeqAllocator,
 };
 
 fn decode_message(bytes: &[u8]) -> Result<Message> {
@@ -312,7 +312,7 @@ impl SeqAllocator for EmbeddedBackend {
         &self,
         user_ids: &[i64],
         conversation: ConversationKey,
-    ) -> Result<(Vec<u64>, u64)> {
+    ) -> Result<ConversationSeqs> {
         let seqs = self.next(user_ids).await?;
         let counted = self.conv_counters().contains_key(&conversation);
         // Read outside the lock; the record of every conversation seq handed out before a restart
@@ -325,7 +325,12 @@ impl SeqAllocator for EmbeddedBackend {
         let mut counters = self.conv_counters();
         let c = counters.entry(conversation).or_insert(0);
         *c = (*c).max(floor) + 1;
-        Ok((seqs, *c))
+        // No margin, so never a gap: the floor is exact.
+        Ok(ConversationSeqs {
+            inbox: seqs,
+            conv_seq: *c,
+            skipped: None,
+        })
     }
 
     async fn current(&self, user_id: i64) -> Result<u64> {

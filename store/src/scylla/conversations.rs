@@ -20,13 +20,14 @@ use crate::traits::conversations::{check_recall, copy_for, list_page};
 use crate::{
     Conversation, ConversationId, ConversationKey, ConversationKind, ConversationSettings,
     ConversationStore, Error, ErrorKind, HistoryEntry, HistoryPage, ListQuery, RecallRequest,
-    Recalled, Result, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
+    Recalled, Result, SeqGap, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
 };
 
 /// Columns of a conversation row after `user_id`, in the order of [`ConversationRow`].
 const ROW_COLUMNS: &str = "kind, peer_id, last_seq, last_inbox_seq, last_message_id, \
      last_sender_user_id, last_sender_device_id, last_client_msg_id, last_server_time_ms, \
-     last_content_type, last_content, read_seq, peer_read_seq, muted, pinned, version";
+     last_content_type, last_content, read_seq, peer_read_seq, muted, pinned, version, skip_from, \
+     skip_to";
 
 /// `WHERE` of one conversation row: `user_id`, `kind`, `peer_id` bound in that order.
 const ROW_KEY: &str = "WHERE user_id = ? AND kind = ? AND peer_id = ?";
@@ -39,6 +40,7 @@ pub(super) struct Statements {
     set_read: PreparedStatement,
     set_peer_read: PreparedStatement,
     set_settings: PreparedStatement,
+    set_gap: PreparedStatement,
     tombstone_last: PreparedStatement,
     index: PreparedStatement,
     index_get: PreparedStatement,
@@ -88,6 +90,11 @@ impl Statements {
             .await?,
             set_settings: p(format!(
                 "UPDATE conversations USING TIMESTAMP ? SET muted = ?, pinned = ?, version = ? {ROW_KEY}"
+            ))
+            .await?,
+            // USING TIMESTAMP skip_to: the gap that ends highest wins.
+            set_gap: p(format!(
+                "UPDATE conversations USING TIMESTAMP ? SET skip_from = ?, skip_to = ? {ROW_KEY}"
             ))
             .await?,
             // USING TIMESTAMP 2 * conv_seq + 1: beats message conv_seq, loses to any newer one.
@@ -164,6 +171,8 @@ struct ConversationRow {
     muted: Option<bool>,
     pinned: Option<bool>,
     version: Option<i64>,
+    skip_from: Option<i64>,
+    skip_to: Option<i64>,
 }
 
 impl ConversationRow {
@@ -210,6 +219,13 @@ impl ConversationRow {
             muted: self.muted.unwrap_or(false),
             pinned: self.pinned.unwrap_or(false),
             version: self.version.map_or(0, from_cql),
+            skipped: match (self.skip_from, self.skip_to) {
+                (Some(from), Some(to)) => Some(SeqGap {
+                    from: from_cql(from),
+                    to: from_cql(to),
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -485,6 +501,20 @@ impl ConversationStore for ScyllaBackend {
             )
             .await?;
         Ok(row.and_then(|(s,)| s).map_or(0, from_cql))
+    }
+
+    async fn record_gap(&self, key: ConversationKey, users: &[i64], gap: SeqGap) -> Result<()> {
+        let st = &self.conversations;
+        let (from, to) = (bound(gap.from), bound(gap.to));
+        futures::stream::iter(users)
+            .map(Ok)
+            .try_for_each_concurrent(WRITE_CONCURRENCY, |&user_id| async move {
+                let (u, k, p) = row_key(user_id, key.seen_by(user_id));
+                self.exec("record seq gap", &st.set_gap, (to, from, to, u, k, p))
+                    .await
+                    .map(drop)
+            })
+            .await
     }
 
     async fn join(

@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_conv_seq",
         cql: include_str!("../../../sql/0008_conv_seq.cql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_seq_gaps",
+        cql: include_str!("../../../sql/0009_seq_gaps.cql"),
+    },
 ];
 
 /// The statements of a migration file: whole-line `--` comments dropped, split on `;`, trimmed,

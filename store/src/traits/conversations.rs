@@ -166,19 +166,55 @@ pub struct Conversation {
     pub pinned: bool,
     /// The owner's inbox seq of the latest change to this row (list sync: "rows with version > v").
     pub version: u64,
+    /// The latest range of conversation seqs that were never allocated (a counter recovered after
+    /// Redis lost it resumes above a margin, see [`crate::redis_seq`]): not counted as unread.
+    pub skipped: Option<SeqGap>,
 }
 
 impl Conversation {
     /// Messages newer than the read position (including recalled ones and the gaps of sends that
-    /// failed after allocating their conversation seq, which a later read clears).
+    /// failed after allocating their conversation seq, which a later read clears), less the
+    /// [`Self::skipped`] seqs: see [`unread_count`].
     pub fn unread(&self) -> u64 {
-        self.last_seq.saturating_sub(self.read_seq)
+        unread_count(self.last_seq, self.read_seq, self.skipped)
     }
 
     /// Time of the last activity (the last message's server time, 0 without one): the list order.
     pub fn last_activity_ms(&self) -> i64 {
         self.last_message.as_ref().map_or(0, |m| m.server_time_ms)
     }
+}
+
+/// Conversation seqs `from..=to` that a recovered counter skipped: no message has them (see
+/// [`ConversationStore::record_gap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeqGap {
+    /// The first skipped seq.
+    pub from: u64,
+    /// The last skipped seq (inclusive).
+    pub to: u64,
+}
+
+impl SeqGap {
+    /// How many of the seqs in `(after, up_to]` the gap holds.
+    pub fn overlap(&self, after: u64, up_to: u64) -> u64 {
+        let low = self.from.max(after.saturating_add(1));
+        let high = self.to.min(up_to);
+        if high >= low {
+            high - low + 1
+        } else {
+            0
+        }
+    }
+}
+
+/// Unread messages of a row whose last message is `last_seq` and read position `read_seq`: the seqs in
+/// between, less those `skipped` holds. A message recorded in flight below the gap's end (allocated
+/// before Redis lost the counter, written after) is not counted either: an under-count of at most the
+/// sends in flight at that moment, until the next read.
+pub fn unread_count(last_seq: u64, read_seq: u64, skipped: Option<SeqGap>) -> u64 {
+    let between = last_seq.saturating_sub(read_seq);
+    between.saturating_sub(skipped.map_or(0, |g| g.overlap(read_seq, last_seq)))
 }
 
 /// Sorts rows the way the list shows them: newest activity first, ties by conversation.
@@ -354,6 +390,15 @@ pub trait ConversationStore: Send + Sync {
     /// [`ErrorKind::Unavailable`] on backend failure.
     async fn last_conversation_seq(&self, key: ConversationKey) -> Result<u64>;
 
+    /// Remembers in each of `users`' rows of `key` that its conversation seqs `gap` were never
+    /// allocated (a counter that Redis lost resumed above them), so they do not count as unread. A row
+    /// keeps one gap: the one that ends highest. Blind: callers pass rows that exist (the recipients of
+    /// the first send recorded after the recovery, see [`crate::SeqAllocator::next_in_conversation`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure.
+    async fn record_gap(&self, key: ConversationKey, users: &[i64], gap: SeqGap) -> Result<()>;
+
     /// Creates `user_id`'s row of `conversation` read up to `from_seq` (a group join: messages before
     /// it are not theirs and do not count as unread), version `version`. Existing positions are kept
     /// where larger.
@@ -493,6 +538,7 @@ mod tests {
             muted: false,
             pinned: false,
             version,
+            skipped: None,
         }
     }
 
@@ -609,5 +655,22 @@ mod tests {
             kind(check_recall(true, 1, 1_000, &req(1, true, 1_000))),
             Some(ErrorKind::AlreadyRecalled)
         );
+    }
+
+    #[test]
+    fn skipped_seqs_are_not_unread() {
+        let gap = Some(SeqGap { from: 6, to: 1_005 });
+        // Read before the gap, last message after it: only the real messages count.
+        assert_eq!(unread_count(1_006, 5, gap), 1);
+        assert_eq!(unread_count(1_010, 3, gap), 7);
+        // Read inside the gap.
+        assert_eq!(unread_count(1_006, 500, gap), 1);
+        // Read past it, or no gap.
+        assert_eq!(unread_count(1_010, 1_006, gap), 4);
+        assert_eq!(unread_count(1_006, 5, None), 1_001);
+        // A message allocated before the loss and recorded in flight lands inside the gap: not
+        // counted (the documented under-count).
+        assert_eq!(unread_count(7, 5, gap), 0);
+        assert_eq!(unread_count(5, 5, gap), 0);
     }
 }

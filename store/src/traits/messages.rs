@@ -5,7 +5,7 @@ use zhibo_proto::client::Message;
 
 #[cfg(doc)]
 use crate::ErrorKind;
-use crate::{ConversationKey, Result};
+use crate::{ConversationKey, Result, SeqGap};
 
 /// The result remembered for a `(sender device, client_msg_id)` so a resend returns it again.
 ///
@@ -26,6 +26,18 @@ pub struct SendPlan {
     /// plans written before conversations existed (their resends record no conversation).
     #[serde(default)]
     pub conv_seq: u64,
+}
+
+/// What [`SeqAllocator::next_in_conversation`] allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSeqs {
+    /// Each user's next inbox seq, in the order asked.
+    pub inbox: Vec<u64>,
+    /// The conversation's next seq.
+    pub conv_seq: u64,
+    /// Set when this call recovered the conversation's lost counter above a margin: the seqs it
+    /// skipped (none of them will ever be allocated).
+    pub skipped: Option<SeqGap>,
 }
 
 /// Per-user inboxes (write diffusion), dedup records and per-device acknowledged seq.
@@ -144,7 +156,9 @@ pub trait SeqAllocator: Send + Sync {
     /// [`Self::next`] plus the next conversation seq of `conversation`, in the same call (one Redis
     /// script call per master; the embedded counters under one lock). A lost conversation counter
     /// resumes above [`crate::ConversationStore::last_conversation_seq`], as a user's does above the
-    /// inbox's largest seq.
+    /// inbox's largest seq; the call that recovered it reports the seqs it skipped
+    /// ([`ConversationSeqs::skipped`]), for the caller to record with
+    /// [`crate::ConversationStore::record_gap`] once its send is stored.
     ///
     /// # Errors
     /// [`ErrorKind::Unavailable`] when a counter or a recovery read fails.
@@ -152,7 +166,7 @@ pub trait SeqAllocator: Send + Sync {
         &self,
         user_ids: &[i64],
         conversation: ConversationKey,
-    ) -> Result<(Vec<u64>, u64)>;
+    ) -> Result<ConversationSeqs>;
     /// The last seq allocated for `user_id` (0 if none), without allocating.
     ///
     /// # Errors

@@ -15,8 +15,8 @@ use zhibo_store::list_cache::{list_cache_key, list_dirty_key, ListCache};
 use zhibo_store::redis_seq::{connect_pool, RedisSeq};
 use zhibo_store::scylla::{self as backend, ScyllaBackend};
 use zhibo_store::{
-    Conversation, ConversationId, ConversationKey, ConversationSettings, ListQuery, RecallRequest,
-    SendPlan, SeqAllocator, Stores,
+    Conversation, ConversationId, ConversationKey, ConversationSeqs, ConversationSettings,
+    ListQuery, RecallRequest, SendPlan, SeqAllocator, Stores,
 };
 
 use crate::conformance::id;
@@ -93,7 +93,11 @@ impl Pair {
         } else {
             ConversationKey::direct(from, to)
         };
-        let (seqs, conv_seq) = self
+        let ConversationSeqs {
+            inbox: seqs,
+            conv_seq,
+            ..
+        } = self
             .seq
             .next_in_conversation(users, key)
             .await

@@ -23,7 +23,8 @@ use zhibo_store::redis_seq::{
     conversation_seq_key, group_version_key, seq_key, RedisSeq, RECOVERY_MARGIN,
 };
 use zhibo_store::{
-    Claim, ConversationKey, ConversationStore as _, MessageStore, SendPlan, SeqAllocator as _,
+    Claim, ConversationKey, ConversationSeqs, ConversationStore as _, MessageStore, SendPlan,
+    SeqAllocator as _, SeqGap,
 };
 
 /// A fresh user id, unique in this process and across runs.
@@ -580,7 +581,12 @@ async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_stor
     let key = ConversationKey::direct(a, b);
     let mut conv_seqs = Vec::new();
     for i in 1..=3u64 {
-        let (inbox, conv_seq) = seq.next_in_conversation(&[a, b], key).await.expect("next");
+        let ConversationSeqs {
+            inbox,
+            conv_seq,
+            skipped,
+        } = seq.next_in_conversation(&[a, b], key).await.expect("next");
+        assert_eq!(skipped, None, "a fresh counter skips nothing");
         assert_eq!(inbox, vec![i, i], "inbox seqs as next() would give");
         conv_seqs.push(conv_seq);
     }
@@ -593,7 +599,11 @@ async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_stor
         .await
         .expect("record");
     redis.del(&[conversation_seq_key(key)]).await;
-    let (inbox, conv_seq) = seq
+    let ConversationSeqs {
+        inbox,
+        conv_seq,
+        skipped,
+    } = seq
         .next_in_conversation(&[a, b], key)
         .await
         .expect("recover");
@@ -602,6 +612,20 @@ async fn conversation_seqs_share_the_call_and_recover_from_the_conversation_stor
         conv_seq,
         3 + RECOVERY_MARGIN + 1,
         "resumed above the recorded seq"
+    );
+    assert_eq!(
+        skipped,
+        Some(SeqGap {
+            from: 4,
+            to: 3 + RECOVERY_MARGIN
+        }),
+        "the recovering call reports the seqs it skipped"
+    );
+    let next = seq.next_in_conversation(&[a, b], key).await.expect("next");
+    assert_eq!(
+        (next.conv_seq, next.skipped),
+        (3 + RECOVERY_MARGIN + 2, None),
+        "the gap is reported once"
     );
     // An allocator without a conversation store refuses to guess a lost counter's floor.
     let (bare, _) = allocator(target, backend.clone()).await;
@@ -623,7 +647,9 @@ async fn each_counter_gets_its_own_value_in_a_group_call(target: Target) {
     let members: Vec<i64> = (0..5).map(|_| user_id()).collect();
     let key = ConversationKey::Group(user_id());
     for i in 1..=6u64 {
-        let (inbox, conv_seq) = seq.next_in_conversation(&members, key).await.expect("next");
+        let ConversationSeqs {
+            inbox, conv_seq, ..
+        } = seq.next_in_conversation(&members, key).await.expect("next");
         assert_eq!(
             inbox,
             vec![i; members.len()],

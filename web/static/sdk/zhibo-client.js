@@ -324,7 +324,8 @@ message Conversation {
   uint64 read_seq = 4;
   // 1:1 only: the peer has read up to this conversation seq ("read" ticks).
   uint64 peer_read_seq = 5;
-  // last_seq - read_seq.
+  // last_seq - read_seq, less the conversation seqs a counter skipped when it recovered from a
+  // Redis loss (no message has them).
   uint64 unread = 6;
   bool muted = 7;
   bool pinned = 8;

@@ -507,6 +507,31 @@ async fn offline_recipient_gets_one_event_per_message(cluster: &Cluster, receive
         .find(|r| r.event.idempotency_key == key(&after, offline.user_id))
         .expect("event after the muted one");
     assert_eq!(last.event.badge.count, 4);
+    // Distributed: Redis loses every counter; the conversation's counter resumes above a margin of
+    // skipped seqs, which the badge does not count.
+    if let Some(redis) = cluster.redis_url.as_deref() {
+        crate::cluster::flushdb(redis).await;
+        let resumed = send(&mut ca, ReceiverType::User, offline.user_id, "p-b4").await;
+        assert!(
+            resumed.conv_seq > zhibo_store::redis_seq::RECOVERY_MARGIN,
+            "the counter was recovered: {}",
+            resumed.conv_seq
+        );
+        let got = receiver
+            .wait_for_keys(
+                offline.user_id,
+                &HashSet::from([key(&resumed, offline.user_id)]),
+            )
+            .await;
+        let event = got
+            .iter()
+            .find(|r| r.event.idempotency_key == key(&resumed, offline.user_id))
+            .expect("event after the flush");
+        assert_eq!(
+            event.event.badge.count, 5,
+            "the skipped seqs are not unread"
+        );
+    }
     assert!(
         receiver
             .events_for(offline.user_id)

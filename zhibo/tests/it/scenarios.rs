@@ -418,7 +418,11 @@ async fn first_attempts_are_stored_once(cluster: &Cluster) {
         // knows its plan. A resend (unmarked, then marked) finishes that plan; once the claim is
         // gone (expired, lost), a resend still finds it, because finishing it wrote it to the database.
         let seq = &cluster.stores.seq;
-        let (seqs, conv_seq) = seq
+        let zhibo_store::ConversationSeqs {
+            inbox: seqs,
+            conv_seq,
+            ..
+        } = seq
             .next_in_conversation(
                 &[alice.user_id, bob.user_id],
                 ConversationKey::direct(alice.user_id, bob.user_id),

@@ -7,7 +7,8 @@ use futures::StreamExt as _;
 use zhibo_proto::client::{Message, ReceiverType};
 use zhibo_store::{
     Conversation, ConversationId, ConversationKey, ConversationSettings, ErrorKind, HistoryPage,
-    ListCursor, ListQuery, RecallRequest, Stores, CONTENT_TYPE_DELETED, CONTENT_TYPE_RECALLED,
+    ListCursor, ListQuery, RecallRequest, SeqGap, Stores, CONTENT_TYPE_DELETED,
+    CONTENT_TYPE_RECALLED,
 };
 
 use super::id;
@@ -797,6 +798,87 @@ pub(crate) async fn run_all(s: &Stores) {
     history_paging(s).await;
     large_group(s).await;
     send_path(s).await;
+    seq_gaps(s).await;
+}
+
+/// The seqs a recovered counter skipped are remembered per row and not counted as unread: in the
+/// row, in the list, past a read; a row keeps the gap that ends highest.
+pub(crate) async fn seq_gaps(s: &Stores) {
+    let (a, b, g) = (id(), id(), id());
+    let (ba, key) = (ConversationId::direct(a), ConversationKey::direct(a, b));
+    for conv_seq in 1..=3 {
+        send(s, conv_seq, &template(a, b, false, conv_seq), &[a, b]).await;
+    }
+    // Redis lost the counter: it resumed at 3 + 1,000; the first send after it records the gap.
+    let gap = SeqGap { from: 4, to: 1_003 };
+    s.conversations
+        .record_gap(key, &[a, b], gap)
+        .await
+        .expect("record_gap");
+    send(s, 1_004, &template(a, b, false, 1_004), &[a, b]).await;
+    let rb = row(s, b, ba).await;
+    assert_eq!(
+        (rb.last_seq, rb.read_seq, rb.skipped, rb.unread()),
+        (1_004, 0, Some(gap), 4),
+        "three messages before the gap and one after it: {rb:?}"
+    );
+    assert_eq!(
+        row(s, a, ConversationId::direct(b)).await.skipped,
+        Some(gap),
+        "the sender's row too"
+    );
+    let listed = s
+        .conversations
+        .list(
+            b,
+            ListQuery {
+                changed_after: 0,
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("list");
+    let listed = listed
+        .iter()
+        .find(|r| r.conversation == ba)
+        .expect("listed");
+    assert_eq!(
+        (listed.skipped, listed.unread()),
+        (Some(gap), 4),
+        "{listed:?}"
+    );
+    // A read inside the gap leaves the message after it; a read past it, nothing.
+    s.conversations
+        .mark_read(b, ba, 500, 20_000)
+        .await
+        .expect("read into the gap");
+    assert_eq!(row(s, b, ba).await.unread(), 1);
+    s.conversations
+        .mark_read(b, ba, 1_004, 20_001)
+        .await
+        .expect("read all");
+    assert_eq!(row(s, b, ba).await.unread(), 0);
+
+    // A group: an older gap never replaces a newer one (the writes may arrive in any order).
+    let (gk, gc) = (ConversationKey::Group(g), ConversationId::group(g));
+    send(s, 1, &template(a, g, true, 1), &[a, b]).await;
+    let newer = SeqGap { from: 2, to: 1_001 };
+    s.conversations
+        .record_gap(gk, &[a, b], newer)
+        .await
+        .expect("record_gap");
+    s.conversations
+        .record_gap(gk, &[a, b], SeqGap { from: 2, to: 500 })
+        .await
+        .expect("record an older gap");
+    send(s, 1_002, &template(a, g, true, 1_002), &[a, b]).await;
+    let rb = row(s, b, gc).await;
+    assert_eq!(
+        (rb.skipped, rb.unread()),
+        (Some(newer), 2),
+        "one message before the gap, one after: {rb:?}"
+    );
 }
 
 /// The send path's calls: one allocator call gives the inbox seqs and the conversation seq, and
@@ -807,7 +889,11 @@ pub(crate) async fn send_path(s: &Stores) {
     let key = ConversationKey::direct(a, b);
     let mut plans = Vec::new();
     for i in 1..=2u64 {
-        let (seqs, conv_seq) = s
+        let zhibo_store::ConversationSeqs {
+            inbox: seqs,
+            conv_seq,
+            ..
+        } = s
             .seq
             .next_in_conversation(&[a, b], key)
             .await
@@ -900,7 +986,11 @@ pub(crate) async fn send_path(s: &Stores) {
 
     // A group send: the sender's group read position is part of it.
     let gkey = ConversationKey::Group(g);
-    let (seqs, conv_seq) = s
+    let zhibo_store::ConversationSeqs {
+        inbox: seqs,
+        conv_seq,
+        ..
+    } = s
         .seq
         .next_in_conversation(&[a, b], gkey)
         .await
