@@ -428,22 +428,36 @@ impl Logic {
                 .map_err(conv_err)?;
             self.row(user_id, conversation).await?
         };
-        // Who learns it live: the 1:1 peer; in a group, the author of the message read up to (the
-        // others ask GroupReaders when they want to know: bounded by the group's size, on demand).
+        // Who learns it live: the 1:1 peer; in a group, the author of the message read up to while
+        // still a member (the others ask GroupReaders when they want to know: bounded by the group's
+        // size, on demand; a former member may not ask it, so is not told either).
         let notify = match conversation.kind {
             ConversationKind::Direct => Some(conversation.id),
-            ConversationKind::Group => store
-                .history(
-                    user_id,
-                    conversation,
-                    HistoryPage::After(input.read_seq.saturating_sub(1)),
-                    1,
-                )
-                .await
-                .map_err(conv_err)?
-                .into_iter()
-                .find(|e| e.conv_seq == input.read_seq)
-                .map(|e| e.message.sender_user_id),
+            ConversationKind::Group => {
+                let author = store
+                    .history(
+                        user_id,
+                        conversation,
+                        HistoryPage::After(input.read_seq.saturating_sub(1)),
+                        1,
+                    )
+                    .await
+                    .map_err(conv_err)?
+                    .into_iter()
+                    .find(|e| e.conv_seq == input.read_seq)
+                    .map(|e| e.message.sender_user_id)
+                    .filter(|&author| author != user_id);
+                match author {
+                    Some(author) => self
+                        .stores
+                        .groups
+                        .get_member(conversation.id, author)
+                        .await
+                        .map_err(conv_err)?
+                        .map(|_| author),
+                    None => None,
+                }
+            }
         };
         if let Some(to) = notify.filter(|&to| to != user_id) {
             let seen_by_peer = conversation.key(user_id).seen_by(to);

@@ -205,6 +205,19 @@ pub fn list_snapshot_key(
     format!("zhibo:list:{user_id}:{changed_after}:{kind}:{id}:{activity_ms}")
 }
 
+/// The Redis key of lock `name` ([`SeqAllocator::try_lock`]).
+pub fn lock_key(name: &str) -> String {
+    format!("zhibo:lock:{name}")
+}
+
+/// Deletes a lock's key only if it still holds the caller's holder value.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// The Redis key of `group_id`'s membership version ([`SeqAllocator::group_version`]).
 pub fn group_version_key(group_id: i64) -> String {
     format!("zhibo:gver:{group_id}")
@@ -594,10 +607,15 @@ impl RedisSeq {
                 .buffer_unordered(RECOVERY_CONCURRENCY)
                 .try_collect()
                 .await?;
-            gaps.extend(recovered.into_iter().filter_map(|(counter, gap)| {
-                let conversation = matches!(counter, Counter::Conversation(_));
-                gap.filter(|_| conversation).map(|g| (counter, g))
-            }));
+            // A user's skipped inbox seqs need nothing: no count is taken over them.
+            gaps.extend(
+                recovered
+                    .into_iter()
+                    .filter_map(|(counter, gap)| match counter {
+                        Counter::Conversation(_) => gap.map(|g| (counter, g)),
+                        Counter::User(_) => None,
+                    }),
+            );
             let retry_keys: Vec<String> = missing.iter().map(|&i| keys[i].clone()).collect();
             let retried = self.incr_existing(&retry_keys).await?;
             for (i, seq) in missing.into_iter().zip(retried) {
@@ -772,6 +790,31 @@ impl SeqAllocator for RedisSeq {
                 // Damaged: a value no cache was keyed by.
                 .unwrap_or(fresh),
         }))
+    }
+
+    async fn try_lock(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let set: Value = self
+            .pool
+            .set(
+                lock_key(name),
+                holder,
+                Some(Expiration::PX(ms)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(|e| redis_error("lock", e))?;
+        Ok(!set.is_null())
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<()> {
+        let _: Value = self
+            .pool
+            .eval(UNLOCK, vec![lock_key(name)], vec![holder.to_owned()])
+            .await
+            .map_err(|e| redis_error("unlock", e))?;
+        Ok(())
     }
 
     async fn bump_group_version(&self, group_id: i64) -> Result<()> {

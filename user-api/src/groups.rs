@@ -2,6 +2,8 @@
 //! only the owner changes roles, transfers ownership or dissolves it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +13,7 @@ use utoipa::ToSchema;
 use zhibo_logic::MembershipChange;
 use zhibo_proto::client::ReceiverType;
 use zhibo_store::ids::now_ms;
-use zhibo_store::{Group, GroupInvite, GroupMember, Role};
+use zhibo_store::{Group, GroupInvite, GroupMember, Role, SeqAllocator};
 
 use crate::accounts::user_not_found;
 use crate::auth::Caller;
@@ -22,6 +24,87 @@ use crate::GroupAddPolicy;
 
 /// Store calls one request keeps in flight when it touches many users.
 const FAN_OUT: usize = 32;
+
+/// How long a change may hold its group's lock: one whose process dies holding it frees it then.
+const LOCK_TTL: Duration = Duration::from_secs(30);
+
+/// How long a change waits for its group's lock before answering 503.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The lock that serializes the changes of one group (its record, members, roles, invitations
+/// accepted, dissolution) across every user-api process. Each change reads, checks, then writes:
+/// two changes checked against the same state would both pass (two ownership transfers by one owner
+/// made two owners; a transfer to a member being removed left the group owned by a non-member).
+/// Taken only after a first check that the caller may act on the group, so an outsider cannot hold
+/// it; the change then reads everything again under it. Freed when dropped (also when the request
+/// is dropped half-way).
+struct GroupLock {
+    seq: Arc<dyn SeqAllocator>,
+    name: String,
+    holder: String,
+}
+
+impl GroupLock {
+    /// Waits up to [`LOCK_WAIT`] for `group_id`'s lock.
+    async fn take(st: &AppState, group_id: i64) -> Result<GroupLock, ApiError> {
+        let mut lock = GroupLock {
+            seq: st.stores.seq.clone(),
+            name: format!("group:{group_id}"),
+            holder: format!("{:016x}", rand::random::<u64>()),
+        };
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match lock.seq.try_lock(&lock.name, &lock.holder, LOCK_TTL).await {
+                Ok(true) => return Ok(lock),
+                Ok(false) if tokio::time::Instant::now() < deadline => {}
+                Ok(false) => {
+                    // Another holder's: nothing to free.
+                    lock.holder.clear();
+                    return Err(ApiError::unavailable_with(
+                        "another change of this group is in progress; retry",
+                        format!("group {group_id} lock not taken in {LOCK_WAIT:?}"),
+                    ));
+                }
+                Err(e) => {
+                    // The lock may have been taken by the failed call: freed (or it expires).
+                    drop(lock);
+                    return Err(e.into());
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// [`as_member`], then [`Self::take`]: the caller reads everything again under the lock.
+    async fn as_member(st: &AppState, group_id: i64, user_id: i64) -> Result<GroupLock, ApiError> {
+        as_member(st, group_id, user_id).await?;
+        Self::take(st, group_id).await
+    }
+}
+
+impl Drop for GroupLock {
+    fn drop(&mut self) {
+        if self.holder.is_empty() {
+            return;
+        }
+        let (seq, name, holder) = (
+            self.seq.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.holder),
+        );
+        // Spawned: a handler answers without waiting for it. Outside a runtime (never in a handler)
+        // the lock expires instead.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = seq.unlock(&name, &holder).await {
+                    tracing::warn!(lock = %name, error = %e, "group lock not freed; it expires");
+                }
+            });
+        }
+    }
+}
 
 /// A member's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -427,6 +510,7 @@ pub(crate) async fn update_group(
     ApiPath(group_id): ApiPath<i64>,
     ApiJson(req): ApiJson<UpdateGroup>,
 ) -> Result<ApiJson<GroupView>, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     let (mut group, _) = as_manager(&st, group_id, caller.user_id).await?;
     if let Some(v) = req.name {
         check_name(&v)?;
@@ -453,6 +537,7 @@ pub(crate) async fn dissolve_group(
     caller: Caller,
     ApiPath(group_id): ApiPath<i64>,
 ) -> Result<StatusCode, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     let (group, _) = as_member(&st, group_id, caller.user_id).await?;
     if group.owner_id != caller.user_id {
         return Err(forbidden("the owner"));
@@ -486,6 +571,7 @@ pub(crate) async fn add_members(
     ApiPath(group_id): ApiPath<i64>,
     ApiJson(req): ApiJson<AddMembers>,
 ) -> Result<ApiJson<MembersAdded>, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     as_manager(&st, group_id, caller.user_id).await?;
     let max = st.config.max_group_size;
     if req.user_ids.len() > max {
@@ -506,7 +592,7 @@ pub(crate) async fn add_members(
         .collect();
     let users = existing_users(&st, &wanted, caller.user_id).await?;
     let (added, invited) = split_by_policy(&st, caller.user_id, users).await?;
-    // Two concurrent additions may each pass this check: the limit is enforced per request.
+    // Checked under the group's lock: two additions cannot both pass it.
     if current.len() + added.len() > max {
         return Err(too_large(max));
     }
@@ -525,6 +611,7 @@ pub(crate) async fn remove_member(
     caller: Caller,
     ApiPath((group_id, user_id)): ApiPath<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     let (_, me) = as_manager(&st, group_id, caller.user_id).await?;
     let target = st
         .stores
@@ -568,6 +655,7 @@ pub(crate) async fn update_member(
     ApiPath((group_id, user_id)): ApiPath<(i64, i64)>,
     ApiJson(req): ApiJson<UpdateMember>,
 ) -> Result<ApiJson<MemberView>, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     let (mut group, mut me) = as_member(&st, group_id, caller.user_id).await?;
     let mut target = st
         .stores
@@ -625,6 +713,7 @@ pub(crate) async fn leave_group(
     caller: Caller,
     ApiPath(group_id): ApiPath<i64>,
 ) -> Result<StatusCode, ApiError> {
+    let _lock = GroupLock::as_member(&st, group_id, caller.user_id).await?;
     let (_, me) = as_member(&st, group_id, caller.user_id).await?;
     if me.role == Role::Owner {
         return Err(
@@ -758,6 +847,7 @@ pub(crate) async fn accept_invitation(
     {
         return Err(invitation_not_found());
     }
+    let _lock = GroupLock::take(&st, group_id).await?;
     let Some(group) = st.stores.groups.get_group(group_id).await? else {
         invites.delete_invite(group_id, caller.user_id).await?;
         return Err(group_not_found());
@@ -770,7 +860,7 @@ pub(crate) async fn accept_invitation(
         .is_none()
     {
         let max = st.config.max_group_size;
-        // Like `add_members`, enforced per request: concurrent joins may each pass it.
+        // Under the group's lock, like `add_members`.
         if st.stores.groups.member_ids(group_id).await?.len() + 1 > max {
             return Err(too_large(max));
         }

@@ -58,6 +58,12 @@ impl SeqAllocator for Claims {
     async fn current(&self, user_id: i64) -> Result<u64> {
         self.inner.current(user_id).await
     }
+    async fn try_lock(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.inner.try_lock(name, holder, ttl).await
+    }
+    async fn unlock(&self, name: &str, holder: &str) -> Result<()> {
+        self.inner.unlock(name, holder).await
+    }
     async fn claimed(&self, device_id: i64, client_msg_id: &str) -> Result<Claim> {
         self.check()?;
         let held = self.held.lock().expect("lock");

@@ -98,6 +98,12 @@ impl SeqAllocator for Versions {
     async fn group_version(&self, group_id: i64) -> Result<Option<u64>> {
         self.inner.group_version(group_id).await
     }
+    async fn try_lock(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.inner.try_lock(name, holder, ttl).await
+    }
+    async fn unlock(&self, name: &str, holder: &str) -> Result<()> {
+        self.inner.unlock(name, holder).await
+    }
     async fn bump_group_version(&self, group_id: i64) -> Result<()> {
         if self.fail_bumps.load(Ordering::Relaxed) {
             return Err(Error::new(ErrorKind::Unavailable, "redis down (test)"));

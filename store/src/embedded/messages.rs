@@ -265,6 +265,26 @@ impl SeqAllocator for EmbeddedBackend {
         Ok(())
     }
 
+    async fn try_lock(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        let now = std::time::Instant::now();
+        let mut locks = self.locks();
+        // Expired ones go here, so the map holds only locks in use.
+        locks.retain(|_, (_, expires)| *expires > now);
+        if locks.contains_key(name) {
+            return Ok(false);
+        }
+        locks.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+        Ok(true)
+    }
+
+    async fn unlock(&self, name: &str, holder: &str) -> Result<()> {
+        let mut locks = self.locks();
+        if locks.get(name).is_some_and(|(h, _)| h == holder) {
+            locks.remove(name);
+        }
+        Ok(())
+    }
+
     async fn next(&self, user_ids: &[i64]) -> Result<Vec<u64>> {
         if user_ids.is_empty() {
             return Ok(Vec::new());

@@ -272,6 +272,8 @@ pub struct EmbeddedBackend {
     /// Membership versions ([`crate::SeqAllocator::group_version`]); lost with the process, like
     /// every cache keyed by them.
     group_versions: Mutex<HashMap<i64, u64>>,
+    /// Locks ([`crate::SeqAllocator::try_lock`]): name → holder and expiry.
+    locks: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -376,6 +378,7 @@ impl EmbeddedBackend {
             conv_seqs: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             group_versions: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -413,6 +416,12 @@ impl EmbeddedBackend {
 
     fn conv_counters(&self) -> std::sync::MutexGuard<'_, HashMap<crate::ConversationKey, u64>> {
         self.conv_seqs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn locks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, std::time::Instant)>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn group_versions(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {

@@ -254,6 +254,20 @@ pub trait SeqAllocator: Send + Sync {
     async fn bump_group_version(&self, _group_id: i64) -> Result<()> {
         Ok(())
     }
+    /// Takes the lock `name` for `holder` unless another holder has it, for at most `ttl` (a holder
+    /// that dies without [`Self::unlock`] frees it then): `true` when `holder` has it now. Serializes a
+    /// read-check-write across every process of the cluster (user-api's group membership and role
+    /// changes). Not a fence: a holder stalled past `ttl` may overlap the next one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure (then it may have been taken: it expires).
+    async fn try_lock(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool>;
+    /// Frees the lock `name` if `holder` still has it (one that expired and was taken by another
+    /// holder is left to that holder).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] on backend failure (the lock then expires after its `ttl`).
+    async fn unlock(&self, name: &str, holder: &str) -> Result<()>;
 }
 
 /// What a send's claim holds ([`SeqAllocator::claimed`], [`SeqAllocator::claim_send`]).

@@ -11,7 +11,7 @@ use zhibo_store::ids::now_ms;
 use zhibo_store::Stores;
 use zhibo_user_api::{ApiConfig, GroupAddPolicy};
 
-use crate::server::{start, start_unready, start_with, As, ADMIN_SECRET};
+use crate::server::{start, start_unready, start_with, As, TestServer, TestUser, ADMIN_SECRET};
 
 const ADMIN: As<'static> = As::Admin(ADMIN_SECRET);
 
@@ -1223,6 +1223,114 @@ pub(crate) async fn case_groups(stores: Stores) {
         s.get("/v1/groups", b.auth()).await.ok(200)["groups"],
         json!([])
     );
+}
+
+/// Racing changes of one group are serialized (outside audit: two transfers by one owner made two
+/// owners; a transfer racing the removal of its target left the group owned by a non-member): one of
+/// two transfers wins and the other is refused; a transfer and a removal of the same member never both
+/// succeed; the group always has exactly one owner, a member, named by `owner_id`.
+pub(crate) async fn case_group_changes_are_serialized(stores: Stores) {
+    let s = start_with(
+        stores,
+        ApiConfig {
+            admin_secret: ADMIN_SECRET.to_owned(),
+            group_add_policy: GroupAddPolicy::Open,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let (o, a, m) = (s.user().await, s.user().await, s.user().await);
+    for round in 0..8 {
+        let create = json!({"name": format!("race {round}"), "member_ids": [a.user_id, m.user_id]});
+        let gid = s.post("/v1/groups", o.auth(), create).await.ok(201)["group_id"]
+            .as_i64()
+            .expect("group_id");
+        let member = |u: i64| format!("/v1/groups/{gid}/members/{u}");
+
+        // Two transfers by the same owner at once.
+        let (path_a, path_m) = (member(a.user_id), member(m.user_id));
+        let (to_a, to_m) = tokio::join!(
+            s.patch(&path_a, o.auth(), json!({"role": "owner"})),
+            s.patch(&path_m, o.auth(), json!({"role": "owner"})),
+        );
+        let statuses = [to_a.status.as_u16(), to_m.status.as_u16()];
+        let winner = match statuses {
+            [200, 403] => a.user_id,
+            [403, 200] => m.user_id,
+            other => panic!("round {round}: two transfers answered {other:?}: {to_a:?} {to_m:?}"),
+        };
+        assert_eq!(
+            group_owners(&s, gid, &[&o, &a, &m]).await,
+            [winner],
+            "round {round}: one owner"
+        );
+        let group = s.get(&format!("/v1/groups/{gid}"), o.auth()).await.ok(200);
+        assert_eq!(group["owner_id"].as_i64(), Some(winner), "round {round}");
+
+        // A transfer (by the new owner) racing the removal of its target (by the old owner, an admin
+        // now): never both.
+        let loser = if winner == a.user_id {
+            m.user_id
+        } else {
+            a.user_id
+        };
+        let new_owner = if winner == a.user_id { &a } else { &m };
+        // The old owner is an admin; the loser a member it may remove.
+        let path_loser = member(loser);
+        let (transfer, removal) = tokio::join!(
+            s.patch(&path_loser, new_owner.auth(), json!({"role": "owner"})),
+            s.delete(&path_loser, o.auth()),
+        );
+        match (transfer.status.as_u16(), removal.status.as_u16()) {
+            // Transferred first: the owner cannot be removed.
+            (200, 403) => {
+                removal.err(403, "cannot_remove_owner");
+                assert_eq!(
+                    group_owners(&s, gid, &[&o, &a, &m]).await,
+                    [loser],
+                    "round {round}"
+                );
+            }
+            // Removed first: no member to transfer to.
+            (404, 204) => {
+                transfer.err(404, "member_not_found");
+                assert_eq!(
+                    group_owners(&s, gid, &[&o, &a, &m]).await,
+                    [winner],
+                    "round {round}"
+                );
+            }
+            other => panic!(
+                "round {round}: transfer and removal answered {other:?}: {transfer:?} {removal:?}"
+            ),
+        }
+        let owner = group_owners(&s, gid, &[&o, &a, &m]).await[0];
+        let group = s
+            .get(&format!("/v1/groups/{gid}"), new_owner.auth())
+            .await
+            .ok(200);
+        assert_eq!(group["owner_id"].as_i64(), Some(owner), "round {round}");
+    }
+}
+
+/// The `user_id`s with role `owner` in `gid`'s member list, asked as the first of `asking` still a member.
+async fn group_owners(s: &TestServer, gid: i64, asking: &[&TestUser]) -> Vec<i64> {
+    for who in asking {
+        let reply = s
+            .get(&format!("/v1/groups/{gid}/members?limit=500"), who.auth())
+            .await;
+        if reply.status.as_u16() != 200 {
+            continue;
+        }
+        return reply.body["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|m| m["role"] == "owner")
+            .map(|m| m["user_id"].as_i64().expect("user_id"))
+            .collect();
+    }
+    panic!("none of {asking:?} is a member of group {gid}");
 }
 
 /// `/openapi.json` lists exactly the routes the router serves.

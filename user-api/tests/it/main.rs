@@ -56,6 +56,7 @@ cases!(
     case_room_shaping,
     case_ready_needs_a_node_lease,
     case_failed_membership_writes_still_bump_the_version,
+    case_group_changes_are_serialized,
 );
 
 fn embedded_stores() -> Stores {

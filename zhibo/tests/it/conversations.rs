@@ -469,6 +469,36 @@ async fn read_receipts_one_to_one_and_group(cluster: &Cluster) {
         (gm.conv_seq, gm.conv_seq, 0)
     );
     assert!(who(ask(&mut d, readers(gm.conv_seq)).await).contains(&bob.user_id));
+
+    // A member removed from the group is told no more reads of their messages (they may not ask
+    // GroupReaders either). Bob writes, is removed while connected, carol reads up to his message.
+    let bm = send(&mut b, ReceiverType::Group, gid, "g2", "before removal").await;
+    for member in [&mut a, &mut c, &mut d] {
+        assert_eq!(next_message(member).await.message_id, bm.message_id);
+    }
+    let (status, body) = crate::cluster::http(
+        &cluster.api_base,
+        reqwest::Method::DELETE,
+        &format!("/v1/groups/{gid}/members/{}", bob.user_id),
+        ("authorization", &format!("Bearer {}", alice.token)),
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    mark_read(&mut c, group(gid), bm.conv_seq).await;
+    assert_eq!(
+        refused(&mut b, readers(bm.conv_seq)).await,
+        ErrorCode::NotInConversation
+    );
+    // Anything sent to bob after carol's read comes after her receipt would have: a 1:1 message
+    // from alice (still his friend) is the next thing he gets.
+    let after = send(&mut a, ReceiverType::User, bob.user_id, "m2", "after").await;
+    let next = next_push(&mut b, "alice's message", |p| match &p.body {
+        Some(Body::ReadReceipt(r)) => panic!("a removed member got a read receipt: {r:?}"),
+        Some(Body::Message(m)) if m.message_id == after.message_id => Some(()),
+        _ => None,
+    });
+    next.await;
 }
 
 /// `owner` adds `user` to group `gid` (invited: they are not friends; the user accepts).
