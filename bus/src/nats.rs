@@ -10,9 +10,12 @@ use tracing::warn;
 
 use crate::{Bus, BusMessage, Error, Result, Subject, Subscription};
 
-/// How to reach and authenticate to NATS. Use at most one of user/password, token, nkey seed and
 /// Messages a subscription of this process buffers before the client drops what arrives for it.
 pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
+
+/// How long the first connection may take, handshake included, before [`NatsBus::connect_with`]
+/// gives up.
+pub const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 static SLOW_CONSUMER_DROPS: AtomicU64 = AtomicU64::new(0);
 
@@ -22,6 +25,7 @@ pub fn slow_consumer_drops() -> Vec<(&'static str, u64)> {
     vec![("slow_consumer", SLOW_CONSUMER_DROPS.load(Ordering::Relaxed))]
 }
 
+/// How to reach and authenticate to NATS. Use at most one of user/password, token, nkey seed and
 /// credentials file (the URL may carry `user:password@` instead). `Debug` never shows a secret.
 #[derive(Clone, Default)]
 pub struct NatsOptions {
@@ -319,7 +323,17 @@ impl NatsBus {
             .map(str::parse::<async_nats::ServerAddr>)
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| fail(&e))?;
-        let client = connect.connect(servers).await.map_err(|e| fail(&e))?;
+        // async-nats bounds the TCP connect and the server's greeting, but not the answer to its
+        // CONNECT: an address that accepts and never speaks NATS (a blackhole, the Redis port by
+        // mistake) would hold the start for good, with nothing logged.
+        let client = tokio::time::timeout(CONNECT_WAIT, connect.connect(servers))
+            .await
+            .map_err(|_| {
+                fail(&format_args!(
+                    "no NATS handshake within {CONNECT_WAIT:?} (is a nats-server listening there?)"
+                ))
+            })?
+            .map_err(|e| fail(&e))?;
         Ok(NatsBus { client })
     }
 

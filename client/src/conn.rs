@@ -251,7 +251,7 @@ impl Client {
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Io(source) => Error::Connect {
-                    addr: url.to_owned(),
+                    addr: without_query(url),
                     source,
                 },
                 e => Error::from(e),
@@ -639,5 +639,31 @@ impl Client {
             next_request: 1,
             _quic: None,
         }
+    }
+}
+
+/// `url` without its query: what an error may name (the sign-in query holds the token).
+fn without_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused WebSocket connection names the address, never the sign-in query (the token).
+    #[tokio::test]
+    async fn a_connect_error_does_not_show_the_token() {
+        // Nothing listens on port 1 of loopback.
+        let url = "ws://127.0.0.1:1/ws?user_id=1&device_id=2&token=secret-token";
+        let err = match Client::connect_ws_url(url).await {
+            Ok(_) => panic!("connected to port 1"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("ws://127.0.0.1:1/ws"), "{err}");
+        assert!(!err.contains("secret-token"), "{err}");
     }
 }

@@ -290,6 +290,35 @@ pub(crate) fn redis_failure(what: &str, detail: impl std::fmt::Display) -> Error
     Error::new(ErrorKind::Unavailable, format!("redis {what}: {detail}"))
 }
 
+/// Checks a Redis URL without connecting (configuration is checked before anything connects): one of
+/// the schemes the client speaks (`redis`, `rediss`, their `-cluster` and `-sentinel` forms) and a
+/// URL it parses.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    const SCHEMES: [&str; 6] = [
+        "redis",
+        "rediss",
+        "redis-cluster",
+        "rediss-cluster",
+        "redis-sentinel",
+        "rediss-sentinel",
+    ];
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(format!("{url:?} is not a URL (redis://host:port)"));
+    };
+    if !SCHEMES.contains(&scheme) {
+        return Err(format!(
+            "{url:?}: scheme {scheme:?} is not one of {}",
+            SCHEMES.join(", ")
+        ));
+    }
+    Config::from_url(url)
+        .map(drop)
+        .map_err(|e| format!("{url:?}: {e}"))
+}
+
 /// A pool of [`POOL_SIZE`] clients to the Redis (or Redis Cluster) at `url`, connected: 5 s command
 /// and connect timeouts, unlimited reconnects (100 ms doubling up to 5 s).
 ///

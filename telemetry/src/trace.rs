@@ -59,10 +59,14 @@ pub struct TraceGuard {
     provider: Option<SdkTracerProvider>,
 }
 
+/// How long the last flush of spans may take when the guard drops: a process exits within its grace
+/// period (plus this), whatever the collector does (an unreachable one held the exit 5 s).
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Drop for TraceGuard {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
-            let _ = p.shutdown();
+            let _ = p.shutdown_with_timeout(SHUTDOWN_FLUSH);
         }
     }
 }

@@ -310,6 +310,20 @@ impl Config {
                 config.store.list_cache_secs
             ));
         }
+        // The distributed store and presence need Redis; checked now, not after connecting to the rest.
+        if config.store.kind == StoreKind::Scylla || !config.bus.nats_url.is_empty() {
+            zhibo_store::redis_seq::check_url(&config.store.redis_url)
+                .map_err(|e| format!("store: redis_url {e}"))?;
+        }
+        if config.store.kind == StoreKind::Scylla
+            && !zhibo_store::scylla::valid_keyspace(&config.store.keyspace)
+        {
+            return Err(format!(
+                "store: keyspace {:?} is not a CQL identifier (a letter, then letters, digits or _; \
+                 at most 48)",
+                config.store.keyspace
+            ));
+        }
         config.api.validate().map_err(|e| format!("api: {e}"))?;
         config.hooks.validate().map_err(|e| format!("hooks: {e}"))?;
         config
@@ -351,6 +365,30 @@ mod tests {
             panic!("a list cache longer than a day is refused")
         };
         assert!(err.contains("list_cache_secs"), "{err}");
+    }
+
+    /// A distributed store's Redis URL and keyspace are checked before anything connects.
+    #[test]
+    fn redis_url_and_keyspace_are_checked_at_load() {
+        let load = |extra: &[(&str, &str)]| {
+            let mut v = vec![("ZHIBO_STORE__KIND", "scylla")];
+            v.extend_from_slice(extra);
+            Config::load_from(None, vars(&v))
+        };
+        assert!(load(&[]).is_ok(), "the defaults");
+        assert!(load(&[("ZHIBO_STORE__REDIS_URL", "redis-cluster://127.0.0.1:7001")]).is_ok());
+        for bad in ["", "http://127.0.0.1:6379", "127.0.0.1:6379"] {
+            let Err(err) = load(&[("ZHIBO_STORE__REDIS_URL", bad)]) else {
+                panic!("redis_url {bad:?} accepted")
+            };
+            assert!(err.contains("redis_url"), "{err}");
+        }
+        let Err(err) = load(&[("ZHIBO_STORE__KEYSPACE", "bad-name;drop")]) else {
+            panic!("a keyspace that is not an identifier accepted")
+        };
+        assert!(err.contains("keyspace"), "{err}");
+        // The embedded store without NATS uses neither.
+        assert!(Config::load_from(None, vars(&[("ZHIBO_STORE__REDIS_URL", "")])).is_ok());
     }
 
     fn vars(v: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {

@@ -181,16 +181,20 @@ async fn bounded(
     }
 }
 
-/// Readiness of the real dependencies: the bus is connected and the store answered a probe read within
-/// the last few seconds (probed in the background every 2 s, so `/readyz` never waits on the store).
+/// Readiness of the real dependencies: the bus is connected and the stores answered a probe read
+/// within the last few seconds: the database (a device read) and the seq allocator (a counter read:
+/// Redis in a distributed deployment, without which no send, sign-in or group change gets through),
+/// probed in the background every 2 s, so `/readyz` never waits on them.
 fn readiness(backends: &Backends, shutdown: CancellationToken) -> zhibo_telemetry::http::Readiness {
     let store_ok = Arc::new(AtomicBool::new(false));
     let probe_ok = store_ok.clone();
     let devices = backends.stores.devices.clone();
+    let seq = backends.stores.seq.clone();
     tokio::spawn(async move {
         loop {
+            let probes = async { tokio::try_join!(devices.get_device(0), seq.current(0)) };
             let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), devices.get_device(0)).await,
+                tokio::time::timeout(Duration::from_secs(2), probes).await,
                 Ok(Ok(_))
             );
             probe_ok.store(ok, Ordering::Relaxed);

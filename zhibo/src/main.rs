@@ -100,6 +100,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(64);
     }
+    if matches!(role, Role::Gateway | Role::LogicWorker | Role::UserApi)
+        && config.store.kind != StoreKind::Scylla
+    {
+        // The embedded store is one process's file: a separate role process on it would keep users,
+        // messages and id leases of its own beside the cluster's, and answer from them.
+        eprintln!(
+            "zhibo: bad configuration: store.kind (ZHIBO_STORE__KIND) must be \"scylla\" for a \
+             role of a distributed deployment (with store.cql_nodes and store.redis_url); the \
+             embedded store runs only in `zhibo dev`, every role in one process"
+        );
+        return ExitCode::from(64);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -225,6 +225,45 @@ async fn nats_connect_error_is_clear() {
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }
 
+/// An address that accepts but never speaks NATS (a blackhole; the Redis port by mistake, which
+/// answers in its own protocol) fails the connection within `CONNECT_WAIT` instead of holding the
+/// start for good.
+#[tokio::test]
+async fn a_server_that_never_speaks_nats_fails_the_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    for speaks in [None, Some(&b"-ERR unknown command 'CONNECT'\r\n"[..])] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                if let Some(reply) = speaks {
+                    // Answers whatever comes in its own protocol, never with NATS' INFO.
+                    let _ = socket.write_all(reply).await;
+                    let mut buf = [0u8; 1024];
+                    let _ = socket.read(&mut buf).await;
+                    let _ = socket.write_all(reply).await;
+                }
+                held.push(socket);
+            }
+        });
+        let err = tokio::time::timeout(
+            zhibo_bus::nats::CONNECT_WAIT + std::time::Duration::from_secs(10),
+            NatsBus::connect(&format!("nats://{addr}"), "x"),
+        )
+        .await
+        .expect("gave up within CONNECT_WAIT")
+        .expect_err("not a NATS server");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        server.abort();
+    }
+}
+
 /// `nats_url` is a comma-separated list of seeds: a dead first server does not stop the connection.
 #[tokio::test]
 async fn nats_url_takes_a_list_of_servers() {

@@ -92,7 +92,7 @@ pub fn statements(cql: &str) -> Vec<String> {
 
 /// Whether `name` is a plain CQL identifier (it is formatted into `CREATE KEYSPACE`, so this
 /// check is what keeps that statement injection-free).
-fn valid_keyspace(name: &str) -> bool {
+pub fn valid_keyspace(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

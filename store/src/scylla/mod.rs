@@ -42,7 +42,7 @@ use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
 
-pub use migrate::{migrate, statements, Migration, MIGRATIONS};
+pub use migrate::{migrate, statements, valid_keyspace, Migration, MIGRATIONS};
 
 use crate::{Error, ErrorKind, Result, SeqAllocator, Stores};
 

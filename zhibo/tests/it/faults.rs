@@ -424,3 +424,63 @@ async fn a_send_while_nats_is_down_is_refused_and_works_once_it_is_back() {
     }
     cluster.stop().await;
 }
+
+/// A redis-server of this test's own on `port` (no persistence), killed when dropped.
+async fn own_redis(port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server on PATH (scripts/infra.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "redis-server not listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+/// Polls `url` until it answers `status` (30 s).
+async fn until_status(url: &str, status: u16) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = http.get(url).send().await.map(|r| r.status().as_u16());
+        if got.as_ref().ok() == Some(&status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not answer {status} within 30 s (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis stopped: `/readyz` says so (outside audit: it stayed 200 while every send waited 5 s and
+/// failed), and is ready again once a redis-server is back on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_redis() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("addr").port()
+    };
+    let redis = own_redis(port).await;
+    let cluster = Cluster::distributed_tweaked(1, |c| {
+        c.store.redis_url = format!("redis://127.0.0.1:{port}");
+    })
+    .await;
+    let readyz = format!("{}/readyz", cluster.api_base);
+    until_status(&readyz, 200).await;
+    drop(redis);
+    until_status(&readyz, 503).await;
+    let _redis = own_redis(port).await;
+    until_status(&readyz, 200).await;
+    cluster.stop().await;
+}

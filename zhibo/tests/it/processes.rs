@@ -100,6 +100,35 @@ async fn harness_variables_are_ignored_and_unknown_keys_still_exit_64() {
     assert!(stderr.contains("no_such_key"), "{stderr}");
 }
 
+/// A role of a distributed deployment refuses the embedded store (the default `store.kind`): it would
+/// keep users and messages of its own beside the cluster's (outside audit: a user-api that answered
+/// sign-ups into a local file, a logic worker that answered "no such user" to real friends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_role_without_the_scylla_store_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for role in ["gateway", "logic-worker", "user-api"] {
+        let vars = [
+            ("ZHIBO_BUS__NATS_URL", "nats://127.0.0.1:1".to_string()),
+            ("ZHIBO_TOKEN_SECRET", SECRET.to_string()),
+            (
+                "ZHIBO_STORE__PATH",
+                dir.path().join("z.redb").display().to_string(),
+            ),
+        ];
+        let out = tokio::time::timeout(Duration::from_secs(10), zhibo(role, &vars).output())
+            .await
+            .expect("exits at once")
+            .expect("run zhibo");
+        assert_eq!(out.status.code(), Some(64), "{role}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("store.kind"), "{role}: {stderr}");
+        assert!(
+            !dir.path().join("z.redb").exists(),
+            "{role} opened the embedded store"
+        );
+    }
+}
+
 /// A nats-server of this test's own, on a free port, killed when dropped.
 struct OwnNats {
     child: Child,
