@@ -619,12 +619,12 @@ impl RedisSeq {
     }
 
     /// One allocation over `counters` (users' and conversations' counters in one script call per
-    /// master), recovering missing ones; with the gap of each conversation counter this call
-    /// recovered.
-    async fn allocate(&self, counters: &[Counter]) -> Result<(Vec<u64>, Vec<(Counter, SeqGap)>)> {
+    /// master), recovering missing ones; with the seqs skipped by the conversation counter this call
+    /// recovered (a call holds at most one conversation counter).
+    async fn allocate(&self, counters: &[Counter]) -> Result<(Vec<u64>, Option<SeqGap>)> {
         let keys: Vec<String> = counters.iter().map(Counter::key).collect();
         let mut seqs = self.incr_existing(&keys).await?;
-        let mut gaps = Vec::new();
+        let mut skipped = None;
         for _ in 0..RECOVERY_ROUNDS {
             let missing: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].is_none()).collect();
             if missing.is_empty() {
@@ -637,14 +637,12 @@ impl RedisSeq {
                 .try_collect()
                 .await?;
             // A user's skipped inbox seqs need nothing: no count is taken over them.
-            gaps.extend(
-                recovered
-                    .into_iter()
-                    .filter_map(|(counter, gap)| match counter {
-                        Counter::Conversation(_) => gap.map(|g| (counter, g)),
-                        Counter::User(_) => None,
-                    }),
-            );
+            skipped = skipped.or(recovered
+                .into_iter()
+                .find_map(|(counter, gap)| match counter {
+                    Counter::Conversation(_) => gap,
+                    Counter::User(_) => None,
+                }));
             let retry_keys: Vec<String> = missing.iter().map(|&i| keys[i].clone()).collect();
             let retried = self.incr_existing(&retry_keys).await?;
             for (i, seq) in missing.into_iter().zip(retried) {
@@ -665,7 +663,7 @@ impl RedisSeq {
                 })
             })
             .collect::<Result<Vec<u64>>>()?;
-        Ok((seqs, gaps))
+        Ok((seqs, skipped))
     }
 }
 
@@ -701,14 +699,14 @@ impl SeqAllocator for RedisSeq {
     ) -> Result<ConversationSeqs> {
         let mut counters: Vec<Counter> = user_ids.iter().map(|&u| Counter::User(u)).collect();
         counters.push(Counter::Conversation(conversation));
-        let (mut seqs, gaps) = self.allocate(&counters).await?;
+        let (mut seqs, skipped) = self.allocate(&counters).await?;
         let conv_seq = seqs
             .pop()
             .ok_or_else(|| redis_failure("next", "no conversation seq allocated"))?;
         Ok(ConversationSeqs {
             inbox: seqs,
             conv_seq,
-            skipped: gaps.first().map(|&(_, g)| g),
+            skipped,
         })
     }
 

@@ -435,32 +435,29 @@ async fn own_redis(port: u16) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server on PATH (scripts/infra.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "redis-server not listening");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::cluster::eventually(
+        "redis-server listening",
+        Duration::from_secs(10),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(drop)
+        },
+    )
+    .await;
     child
 }
 
 /// Polls `url` until it answers `status` (30 s).
 async fn until_status(url: &str, status: u16) {
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = http.get(url).send().await.map(|r| r.status().as_u16());
-        if got.as_ref().ok() == Some(&status) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} did not answer {status} within 30 s (last: {got:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("{url} answers {status}");
+    crate::cluster::eventually(&what, Duration::from_secs(30), || {
+        let request = http.get(url).send();
+        async move { (request.await.ok()?.status().as_u16() == status).then_some(()) }
+    })
+    .await;
 }
 
 /// Redis stopped: `/readyz` says so (outside audit: it stayed 200 while every send waited 5 s and
