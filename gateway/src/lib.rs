@@ -41,6 +41,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -76,15 +77,21 @@ impl Listeners {
             (Some(c), Some(k)) => quic::TlsIdentity::from_pem_files(c, k)?,
             _ => quic::TlsIdentity::self_signed()?,
         };
-        Ok(Listeners {
-            tcp: TcpListener::bind(config.tcp_addr).await?,
-            ws: TcpListener::bind(config.ws_addr).await?,
-            quic: quic::endpoint(
-                config.quic_addr,
-                identity,
-                Duration::from_secs(config.heartbeat_timeout_secs + 5),
-            )?,
-        })
+        // Each error names the listener's configuration key and address: "address in use" alone does
+        // not say which of three ports is taken.
+        let tcp = TcpListener::bind(config.tcp_addr)
+            .await
+            .with_context(|| format!("gateway.tcp_addr {}", config.tcp_addr))?;
+        let ws = TcpListener::bind(config.ws_addr)
+            .await
+            .with_context(|| format!("gateway.ws_addr {}", config.ws_addr))?;
+        let quic = quic::endpoint(
+            config.quic_addr,
+            identity,
+            Duration::from_secs(config.heartbeat_timeout_secs + 5),
+        )
+        .with_context(|| format!("gateway.quic_addr {} (UDP)", config.quic_addr))?;
+        Ok(Listeners { tcp, ws, quic })
     }
 
     /// The addresses actually bound (tcp, ws, quic).

@@ -176,6 +176,17 @@ impl LeasedIds {
     }
 }
 
+/// Counts one more failed try and logs the first of a run, then one in 20 (every ~10 s); true when it
+/// logged.
+fn retry_failed(failures: &mut u32, what: &str, e: &Error) -> bool {
+    *failures += 1;
+    let log = *failures == 1 || failures.is_multiple_of(20);
+    if log {
+        warn!(error = %e, failures = *failures, "{what}; retrying every 0.5 s");
+    }
+    log
+}
+
 /// The holder task: acquire, renew, re-acquire when lost, release at the end.
 async fn hold(
     leases: Arc<dyn NodeLeases>,
@@ -193,6 +204,9 @@ async fn hold(
     };
     let mut lease: Option<Lease> = None;
     let mut gained = 0u64;
+    // Consecutive failed tries: a store outage retries every 0.5 s, but logs the first failure and
+    // then one line in 20 (every ~10 s), not two lines a second.
+    let mut failures = 0u32;
     loop {
         let ttl = timing.ttl;
         // Measured before the request: the store's TTL starts later than this.
@@ -202,6 +216,7 @@ async fn hold(
         let next_try = match &lease {
             None => match leases.acquire(shared.pool, &owner, ttl, now).await {
                 Ok(l) => {
+                    failures = 0;
                     info!(node = l.node, floor_ms = l.floor_ms, "node lease acquired");
                     let gen = shared.pool.generator(l.node).starting_at(l.floor_ms);
                     *shared.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
@@ -215,7 +230,7 @@ async fn hold(
                     timing.renew_every
                 }
                 Err(e) => {
-                    warn!(error = %e, "node lease not acquired; retrying");
+                    retry_failed(&mut failures, "node lease not acquired", &e);
                     Duration::from_millis(500)
                 }
             },
@@ -223,6 +238,10 @@ async fn hold(
                 let raised = high_water.max(lock(&shared).unwrap_or(high_water));
                 match leases.renew(l, ttl, raised).await {
                     Ok(()) => {
+                        if failures > 0 {
+                            info!(node = l.node, failures, "node lease renewed again");
+                            failures = 0;
+                        }
                         if let Some(h) = shared
                             .held
                             .lock()
@@ -248,7 +267,7 @@ async fn hold(
                     }
                     Err(e) => {
                         // Keep minting until the local deadline; retry soon.
-                        warn!(error = %e, "node lease renewal failed; retrying");
+                        retry_failed(&mut failures, "node lease renewal failed", &e);
                         Duration::from_millis(500)
                     }
                 }
@@ -270,5 +289,21 @@ async fn hold(
         if let Err(e) = leases.release(&l, high_water).await {
             warn!(error = %e, "node lease not released; it expires on its own");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_failed;
+    use crate::{Error, ErrorKind};
+
+    #[test]
+    fn a_store_outage_logs_the_first_failure_then_one_in_twenty() {
+        let e = Error::new(ErrorKind::Unavailable, "down");
+        let mut failures = 0;
+        let logged: Vec<u32> = (1..=60)
+            .filter(|_| retry_failed(&mut failures, "renewal", &e))
+            .collect();
+        assert_eq!(logged, [1, 20, 40, 60]);
     }
 }

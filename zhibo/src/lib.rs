@@ -85,8 +85,21 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Backends> {
             } else {
                 let path = std::path::Path::new(&config.store.path);
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        // "File exists" alone hides that a part of the path is a file.
+                        match dir.ancestors().find(|a| a.exists()) {
+                            Some(file) if !file.is_dir() => format!(
+                                "store.path {:?}: {} is a file, not a directory",
+                                config.store.path,
+                                file.display()
+                            ),
+                            _ => format!(
+                                "store.path {:?}: creating {}",
+                                config.store.path,
+                                dir.display()
+                            ),
+                        }
+                    })?;
                 }
                 EmbeddedBackend::open(path)
             }

@@ -68,8 +68,13 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ZHIBO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match log_filter(std::env::var("ZHIBO_LOG")) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("zhibo: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let otlp = Some(config.otlp_endpoint.as_str()).filter(|e| !e.is_empty());
     let _trace = match zhibo_telemetry::trace::init(role.service_name(), filter, otlp) {
         Ok(guard) => guard,
@@ -132,6 +137,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The log filter from `ZHIBO_LOG`: `info` when unset or empty; a value that does not parse is a
+/// configuration error, not a silent `info`. A lone word that is not a level parses as a target name
+/// and would hide every log line, so it is refused too (`ZHIBO_LOG=debg`).
+fn log_filter(
+    value: Result<String, std::env::VarError>,
+) -> Result<tracing_subscriber::EnvFilter, String> {
+    use tracing_subscriber::EnvFilter;
+    let value = match value {
+        Err(std::env::VarError::NotPresent) => return Ok(EnvFilter::new("info")),
+        Err(std::env::VarError::NotUnicode(_)) => return Err("ZHIBO_LOG is not UTF-8".into()),
+        Ok(v) if v.trim().is_empty() => return Ok(EnvFilter::new("info")),
+        Ok(v) => v,
+    };
+    const LEVELS: [&str; 12] = [
+        "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
+    ];
+    let names_a_level = value.split(',').any(|directive| {
+        let level = directive.rsplit('=').next().unwrap_or_default().trim();
+        LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level))
+    });
+    if !names_a_level {
+        return Err(format!(
+            "ZHIBO_LOG={value:?} names no level: write one of off, error, warn, info, debug, trace, \
+             or directives such as \"info,zhibo_gateway=debug\""
+        ));
+    }
+    EnvFilter::try_new(&value).map_err(|e| format!("ZHIBO_LOG={value:?}: {e}"))
+}
+
 async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
     if role == Role::Migrate {
         anyhow::ensure!(
@@ -159,7 +193,10 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
                 tokio::net::TcpListener::bind(&config.metrics_addr)
                     .await
                     .with_context(|| {
-                        format!("binding the ops endpoint on {}", config.metrics_addr)
+                        format!(
+                            "binding the ops endpoint on metrics_addr {}",
+                            config.metrics_addr
+                        )
                     })?,
             )
         };
@@ -172,14 +209,14 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         bound.gateway = Some(
             zhibo_gateway::Listeners::bind(&config.gateway)
                 .await
-                .context("binding gateway")?,
+                .context("binding the gateway")?,
         );
     }
     if matches!(role, Role::Dev | Role::UserApi) {
         bound.api = Some(
             tokio::net::TcpListener::bind(config.api_addr)
                 .await
-                .with_context(|| format!("binding user-api on {}", config.api_addr))?,
+                .with_context(|| format!("binding user-api on api_addr {}", config.api_addr))?,
         );
     }
     bound.logic = matches!(role, Role::Dev | Role::LogicWorker);
@@ -187,7 +224,12 @@ async fn run(role: Role, mut config: Config) -> anyhow::Result<()> {
         bound.ops = Some(
             tokio::net::TcpListener::bind(&config.metrics_addr)
                 .await
-                .with_context(|| format!("binding the ops endpoint on {}", config.metrics_addr))?,
+                .with_context(|| {
+                    format!(
+                        "binding the ops endpoint on metrics_addr {}",
+                        config.metrics_addr
+                    )
+                })?,
         );
     }
     // Registered before the banner: a supervisor may send SIGTERM as soon as it reads it.
@@ -254,4 +296,40 @@ fn shutdown_on_signal() -> CancellationToken {
         signal.cancel();
     });
     shutdown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use std::env::VarError;
+
+    #[test]
+    fn zhibo_log_unset_or_empty_is_info() {
+        assert_eq!(
+            log_filter(Err(VarError::NotPresent)).unwrap().to_string(),
+            "info"
+        );
+        assert_eq!(log_filter(Ok("  ".into())).unwrap().to_string(), "info");
+    }
+
+    #[test]
+    fn zhibo_log_levels_and_directives_parse() {
+        for ok in [
+            "debug",
+            "WARN",
+            "info,zhibo_gateway=debug",
+            "zhibo_logic=trace",
+            "off",
+        ] {
+            assert!(log_filter(Ok(ok.into())).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn zhibo_log_garbage_is_an_error_naming_the_variable() {
+        for bad in ["debg", "verbose", "info,zhibo=loud", "zhibo_gateway"] {
+            let e = log_filter(Ok(bad.into())).expect_err(bad);
+            assert!(e.contains("ZHIBO_LOG"), "{bad}: {e}");
+        }
+    }
 }

@@ -100,6 +100,64 @@ async fn harness_variables_are_ignored_and_unknown_keys_still_exit_64() {
     assert!(stderr.contains("no_such_key"), "{stderr}");
 }
 
+/// Start-up errors name the setting at fault (outside operator audit): which of the listeners' ports
+/// is taken, a `ZHIBO_LOG` that does not parse (once silently `info`), a store path under a file (once
+/// only "File exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_errors_name_the_setting_at_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let any_port = "127.0.0.1:0".to_string();
+    let base = vec![
+        (
+            "ZHIBO_STORE__PATH",
+            dir.path().join("z.redb").display().to_string(),
+        ),
+        ("ZHIBO_API_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__TCP_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__WS_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__QUIC_ADDR", any_port.clone()),
+    ];
+    let run = |extra: Vec<(&'static str, String)>| {
+        let mut vars = base.clone();
+        vars.extend(extra);
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(30), zhibo("dev", &vars).output())
+                .await
+                .expect("exits at once")
+                .expect("run zhibo dev");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let (code, stderr) = run(vec![("ZHIBO_GATEWAY__WS_ADDR", taken.clone())]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("gateway.ws_addr {taken}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+
+    for bad in ["debg", "info,zhibo_gateway=loud"] {
+        let (code, stderr) = run(vec![("ZHIBO_LOG", bad.to_string())]).await;
+        assert_eq!(code, Some(64), "{bad}: {stderr}");
+        assert!(stderr.contains("ZHIBO_LOG"), "{bad}: {stderr}");
+    }
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let under_file = file.join("data").join("z.redb").display().to_string();
+    let (code, stderr) = run(vec![("ZHIBO_STORE__PATH", under_file)]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is a file, not a directory", file.display())),
+        "{stderr}"
+    );
+}
+
 /// A role of a distributed deployment refuses the embedded store (the default `store.kind`): it would
 /// keep users and messages of its own beside the cluster's (outside audit: a user-api that answered
 /// sign-ups into a local file, a logic worker that answered "no such user" to real friends).
