@@ -232,6 +232,20 @@ impl Metrics {
             "Live-room likes merged into frame counts",
             m.room_likes_merged.clone(),
         );
+        // Label sets known in advance are exported at 0 from the start, so a dashboard or a `rate()`
+        // sees them before the first event (a family shows only the label sets created so far).
+        for transport in ["tcp", "ws", "quic"] {
+            let label = TransportLabel { transport };
+            m.connections.get_or_create(&label);
+            m.sign_ins.get_or_create(&label);
+        }
+        for kind in ["authorize", "allocate", "store", "deliver"] {
+            m.send_stage_seconds.get_or_create(&KindLabel { kind });
+        }
+        for kind in ["high", "chat", "like"] {
+            m.room_dropped.get_or_create(&KindLabel { kind });
+        }
+        m.room_sampled.get_or_create(&KindLabel { kind: "chat" });
         Metrics { registry, ..m }
     }
 
@@ -304,6 +318,20 @@ mod tests {
             text.contains(r#"zhibo_send_stage_seconds_count{kind="store"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn known_label_sets_are_exported_at_zero_from_the_start() {
+        let text = Metrics::new().render();
+        for line in [
+            r#"zhibo_connections{transport="quic"} 0"#,
+            r#"zhibo_sign_ins_total{transport="tcp"} 0"#,
+            r#"zhibo_send_stage_seconds_count{kind="deliver"} 0"#,
+            r#"zhibo_room_dropped_total{kind="high"} 0"#,
+            r#"zhibo_room_sampled_total{kind="chat"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 
     #[test]
