@@ -544,7 +544,8 @@ where
             Err((code, text)) => {
                 // Session and room hub must agree: a failed (re)join leaves the room in both, even
                 // when the connection was already a viewer.
-                self.session.on_join_failed(room_id);
+                self.session
+                    .on_join_failed(room_id, code == ErrorCode::RoomBanned);
                 self.ctx.hub.rooms().leave(self.conn_id, room_id);
                 (Packet::error(request_id, code, text), false)
             }
@@ -765,18 +766,9 @@ async fn join_room(
     room_id: i64,
 ) -> Result<(SubscribeRoomOutput, bool), (ErrorCode, String)> {
     let conn_id = viewer.conn_id;
-    let (room, ban, shaping) = tokio::join!(
+    let (room, ban) = tokio::join!(
         ctx.rooms.get_room(room_id),
         ctx.rooms.get_ban(room_id, viewer.user_id),
-        ctx.rooms.get_room_shaping(room_id)
-    );
-    // Shaping only thins a busy room's chat: without it the viewer is shown all chat.
-    let chat_per_sec = shaping.map_or_else(
-        |e| {
-            warn!(room_id, error = %e, "room shaping lookup failed");
-            0
-        },
-        |s| s.map_or(0, |s| s.chat_per_sec),
     );
     let (room, ban) = match (room, ban) {
         (Ok(r), Ok(b)) => (r.unwrap_or_else(|| Room::open(room_id)), b),
@@ -795,18 +787,23 @@ async fn join_room(
         return Err((ErrorCode::RoomClosed, "the room is closed".to_owned()));
     }
     let rooms = ctx.hub.rooms();
-    if let Err(e) = rooms
-        .join(viewer, room_id, room.join_notices, chat_per_sec)
-        .await
-    {
+    if let Err(e) = rooms.join(viewer, room_id, room.join_notices).await {
         warn!(room_id, error = %e, "cannot join room");
         return Err((ErrorCode::Unavailable, "try again later".to_owned()));
     }
-    // Both read after the subscription is live: a pin changed meanwhile also arrives as a notice.
-    let (history, pin) = tokio::join!(
+    // Read after the subscription is live: a pin or shaping changed meanwhile also arrives on it.
+    let (history, pin, shaping) = tokio::join!(
         ctx.rooms.recent(room_id, ctx.config.room_recent),
-        ctx.rooms.pin(room_id)
+        ctx.rooms.pin(room_id),
+        ctx.rooms.get_room_shaping(room_id)
     );
+    match shaping {
+        Ok(Some(s)) => rooms.apply_shaping(room_id, s.chat_per_sec, s.updated_at_ms),
+        // Never set: the room shows all chat (the state's default).
+        Ok(None) => {}
+        // Shaping only thins a busy room's chat: the room keeps what it had.
+        Err(e) => warn!(room_id, error = %e, "room shaping lookup failed"),
+    }
     let history = history.unwrap_or_else(|e| {
         // Live traffic still works; only the late joiner's backlog is missing.
         warn!(room_id, error = %e, "room history read failed");

@@ -199,9 +199,11 @@ pub struct RoomState {
     batch: Vec<(RoomClass, Message)>,
     batch_likes: u64,
     batch_bytes: usize,
-    /// Chat a viewer is shown per second (0 = all; the room's setting, as last read at a join), and
-    /// the room's chat budget (a token bucket: tokens as of `chat_at`).
+    /// Chat a viewer is shown per second (0 = all; the room's setting, the newest read at a join or
+    /// announced by user-api), its version (the stored row's `updated_at_ms`), and the room's chat
+    /// budget (a token bucket: tokens as of `chat_at`).
     chat_per_sec: u32,
+    shaping_version: i64,
     chat_tokens: f64,
     chat_at: Instant,
     /// Each active chat sender's share of the budget (sender → (tokens, last chat)): the display
@@ -246,6 +248,7 @@ impl RoomState {
             batch_likes: 0,
             batch_bytes: 0,
             chat_per_sec: 0,
+            shaping_version: 0,
             chat_tokens: 0.0,
             chat_at: now,
             chat_senders: HashMap::new(),
@@ -293,8 +296,18 @@ impl RoomState {
         );
     }
 
-    /// Records the room's per-viewer chat display rate as read for a join (0 = show all chat).
-    pub fn set_chat_per_sec(&mut self, chat_per_sec: u32, now: Instant) {
+    /// Applies the room's shaping setting `version` (the stored row's `updated_at_ms`) unless a newer
+    /// one is applied already: a join's read and user-api's announcement of a change may arrive in
+    /// either order.
+    pub fn apply_shaping(&mut self, chat_per_sec: u32, version: i64, now: Instant) {
+        if version >= self.shaping_version {
+            self.shaping_version = version;
+            self.set_chat_per_sec(chat_per_sec, now);
+        }
+    }
+
+    /// Sets the room's per-viewer chat display rate (0 = show all chat).
+    fn set_chat_per_sec(&mut self, chat_per_sec: u32, now: Instant) {
         if chat_per_sec != self.chat_per_sec {
             self.chat_per_sec = chat_per_sec;
             self.chat_tokens = self.chat_capacity();
@@ -1467,6 +1480,24 @@ mod tests {
     /// samples fairly across windows too: a sender at 5 msgs/s is shown no more often than five
     /// senders at 1 msg/s each, each sending just after it (an outside test found the fast sender
     /// shown 15 times of 17 before senders had shares of the rate).
+    #[test]
+    fn an_older_shaping_version_does_not_replace_a_newer_one() {
+        let t0 = Instant::now();
+        let mut r = RoomState::new(5, "gw".into(), RoomConfig::default(), t0);
+        r.apply_shaping(2, 100, t0);
+        assert_eq!(r.chat_per_sec, 2);
+        // A join's read that started before the change arrives after its announcement.
+        r.apply_shaping(0, 50, t0);
+        assert_eq!(r.chat_per_sec, 2);
+        r.apply_shaping(7, 100, t0);
+        assert_eq!(
+            r.chat_per_sec, 7,
+            "the same version again (a repeated PUT) applies"
+        );
+        r.apply_shaping(0, 101, t0);
+        assert_eq!(r.chat_per_sec, 0);
+    }
+
     #[test]
     fn a_fast_sender_gets_no_more_than_its_share_across_windows() {
         let t0 = Instant::now();

@@ -193,8 +193,9 @@ impl RoomHub {
     }
 
     /// Registers `viewer` in `room_id` (subscribing if it is the room's first here) and waits until the
-    /// subscription is live. `join_notices` and `chat_per_sec` are the room's settings as read for this
-    /// join (the room keeps the latest read). The viewer gets no frames until [`RoomHub::ready`]: what arrives meanwhile is
+    /// subscription is live. `join_notices` is the room's setting as read for this join (the room keeps
+    /// the latest read); its shaping comes with [`RoomHub::apply_shaping`], read once the subscription is
+    /// live. The viewer gets no frames until [`RoomHub::ready`]: what arrives meanwhile is
     /// kept for its SubscribeRoomOutput.
     ///
     /// # Errors
@@ -204,7 +205,6 @@ impl RoomHub {
         viewer: Viewer,
         room_id: i64,
         join_notices: bool,
-        chat_per_sec: u32,
     ) -> Result<(), JoinError> {
         let conn_id = viewer.conn_id;
         let mut ready = {
@@ -217,7 +217,6 @@ impl RoomHub {
             {
                 let mut room = lock_room(&entry.room);
                 room.add_viewer(viewer, join_notices);
-                room.set_chat_per_sec(chat_per_sec, std::time::Instant::now());
             }
             let ready = entry.ready.clone();
             let rooms = st.conn_rooms.entry(conn_id).or_default();
@@ -235,6 +234,14 @@ impl RoomHub {
         } else {
             self.leave(conn_id, room_id);
             Err(JoinError(room_id))
+        }
+    }
+
+    /// Applies the room's shaping setting as read by a join ([`RoomState::apply_shaping`]: an older
+    /// version than the room has is ignored).
+    pub fn apply_shaping(&self, room_id: i64, chat_per_sec: u32, version: i64) {
+        if let Some(room) = self.room(room_id) {
+            lock_room(&room).apply_shaping(chat_per_sec, version, std::time::Instant::now());
         }
     }
 
@@ -410,6 +417,10 @@ impl RoomHub {
                                 peers.insert(p.gateway_id.clone(), now + ttl);
                             }
                             lock_room(&room).on_presence(p, now);
+                            RoomOutput::default()
+                        }
+                        Ok(RoomEvent { event: Some(room_event::Event::Shaping(c)), .. }) => {
+                            lock_room(&room).apply_shaping(c.chat_per_sec, c.updated_at_ms, now);
                             RoomOutput::default()
                         }
                         Ok(RoomEvent { event: Some(room_event::Event::ViewersQuery(q)), .. }) => {
@@ -627,8 +638,8 @@ mod tests {
         let hub = RoomHub::new("gw".into(), Arc::new(bus.clone()), config());
         let (a, mut ra) = viewer(1, 8);
         let (b, mut rb) = viewer(2, 8);
-        hub.join(a, 5, false, 0).await.expect("join a");
-        hub.join(b, 5, false, 0).await.expect("join b");
+        hub.join(a, 5, false).await.expect("join a");
+        hub.join(b, 5, false).await.expect("join b");
         assert_eq!((hub.subscription_count(), bus.subject_count()), (1, 1));
         assert_eq!((hub.viewer_count(5), hub.total_viewers()), (2, 2));
         for conn in [1, 2] {
@@ -676,7 +687,7 @@ mod tests {
             for c in conns {
                 let (v, rx) = viewer(c, 8);
                 queues.push(rx);
-                hub.join(v, 7, false, 0).await.expect("join");
+                hub.join(v, 7, false).await.expect("join");
                 hub.ready(c, 7, vec![]).expect("ready");
             }
         }
@@ -696,7 +707,7 @@ mod tests {
         let bus = zhibo_bus::memory::MemoryBus::new();
         let hub = RoomHub::new("gw".into(), Arc::new(Refusing(bus)), config());
         let (a, _ra) = viewer(1, 8);
-        assert!(hub.join(a, 5, false, 0).await.is_err());
+        assert!(hub.join(a, 5, false).await.is_err());
         assert_eq!((hub.subscription_count(), hub.total_viewers()), (0, 0));
     }
 

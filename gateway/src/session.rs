@@ -35,6 +35,10 @@ use zhibo_proto::client::packet::Body;
 use zhibo_proto::client::{ErrorCode, Heartbeat, Packet, ReceiverType, SignInOutput, SyncOutput};
 use zhibo_proto::codec::CodecError;
 
+/// Rooms whose ban a connection remembers (to answer its sends there with `ROOM_BANNED`), beyond the
+/// rooms it is in.
+pub const MAX_BANNED_REMEMBERED: usize = 16;
+
 /// Limits and timings of a session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -269,9 +273,20 @@ impl Session {
         }
     }
 
-    /// A [`Action::JoinRoom`] failed (closed room, bus down): the connection is not in the room.
-    pub fn on_join_failed(&mut self, room_id: i64) {
-        self.rooms.retain(|r| *r != room_id);
+    /// A [`Action::JoinRoom`] failed (closed room, bus down, a ban): the connection is not in the
+    /// room. Refused for a ban (`banned`), its sends to the room are refused with `ROOM_BANNED` as after
+    /// a kick, until it joins again (at most [`MAX_BANNED_REMEMBERED`] such rooms, the oldest forgotten).
+    pub fn on_join_failed(&mut self, room_id: i64, banned: bool) {
+        self.rooms.retain(|r| *r != room_id && *r != -room_id);
+        if banned && room_id > 0 {
+            let remembered = self.rooms.iter().filter(|r| **r < 0).count();
+            if remembered >= MAX_BANNED_REMEMBERED {
+                if let Some(oldest) = self.rooms.iter().position(|r| *r < 0) {
+                    self.rooms.remove(oldest);
+                }
+            }
+            self.rooms.push(-room_id);
+        }
     }
 
     /// A sync page was written to the client: if it has more after it, the client's next `Sync` from
@@ -515,8 +530,11 @@ impl Session {
                     // A join ends a kick's memory: the join itself checks the ban again.
                     self.rooms.retain(|r| *r != -room_id);
                 }
-                if room_id <= 0 {
-                    out.push(refuse(ErrorCode::InvalidArgument, "room ids are > 0"));
+                if !(1..=zhibo_store::ids::MAX_ID).contains(&room_id) {
+                    out.push(refuse(
+                        ErrorCode::InvalidArgument,
+                        "room ids are 1 to 2^53-1",
+                    ));
                 } else if !self.rooms.contains(&room_id)
                     && self.rooms.iter().filter(|r| **r > 0).count() >= self.config.max_rooms
                 {
@@ -1102,7 +1120,7 @@ mod tests {
             s.on_packet(join(3, 6), t0)[..],
             [Action::JoinRoom { room_id: 6, .. }]
         ));
-        s.on_join_failed(6);
+        s.on_join_failed(6, false);
         // Joining the room again forgets the kick (the gateway checks the ban again).
         assert!(matches!(
             s.on_packet(join(4, 5), t0)[..],
@@ -1120,6 +1138,30 @@ mod tests {
         ));
         let acts = s.on_packet(room_send(6, 5), t0);
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+
+        // Kicked, then a rejoin refused because the ban still holds (outside audit: the refusal made
+        // later sends INVALID_ARGUMENT, losing the reason).
+        assert!(matches!(
+            s.on_packet(join(7, 5), t0)[..],
+            [Action::JoinRoom { room_id: 5, .. }]
+        ));
+        s.on_room_kicked(5);
+        assert!(matches!(
+            s.on_packet(join(8, 5), t0)[..],
+            [Action::JoinRoom { room_id: 5, .. }]
+        ));
+        s.on_join_failed(5, true);
+        let acts = s.on_packet(room_send(9, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RoomBanned));
+        assert!(s.rooms().is_empty(), "a refused join takes no seat");
+        // Remembered bans are bounded: the oldest is forgotten.
+        for room in 100..100 + MAX_BANNED_REMEMBERED as i64 {
+            s.on_join_failed(room, true);
+        }
+        let acts = s.on_packet(room_send(10, 5), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+        let acts = s.on_packet(room_send(11, 100), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::RoomBanned));
     }
 
     /// A connection's room sends are forwarded one at a time, in order: each waits for the answer to
@@ -1223,8 +1265,11 @@ mod tests {
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::TooManyRooms));
         let acts = s.on_packet(join(6, 0), t0);
         assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
+        // Above 2^53 - 1 user-api could not name the room to moderate it (outside audit).
+        let acts = s.on_packet(join(6, zhibo_store::ids::MAX_ID + 1), t0);
+        assert_eq!(error_code(&acts[0]), Some(ErrorCode::InvalidArgument));
         // A failed join frees the seat.
-        s.on_join_failed(6);
+        s.on_join_failed(6, false);
         assert!(matches!(
             s.on_packet(join(7, 7), t0)[..],
             [Action::JoinRoom { room_id: 7, .. }]

@@ -28,6 +28,7 @@ use crate::LogicError;
 pub struct HooksConfig {
     /// HMAC-SHA256 key signing every hook request (`X-Zhibo-Signature`); required (at least 16 bytes)
     /// when a hook is configured.
+    #[serde(deserialize_with = "zhibo_push::config::scalar_string")]
     pub secret: String,
     /// The before-send hook.
     pub before_send: BeforeSendConfig,
@@ -100,11 +101,7 @@ impl HooksConfig {
         if b.url.is_empty() {
             return Ok(());
         }
-        let url =
-            reqwest::Url::parse(&b.url).map_err(|e| format!("before_send.url {:?}: {e}", b.url))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err("before_send.url must be an http:// or https:// URL".into());
-        }
+        zhibo_push::http::check_url("before_send.url", &b.url)?;
         if self.secret.len() < 16 {
             return Err("secret must be at least 16 bytes when a hook is configured".into());
         }
@@ -210,8 +207,7 @@ impl BeforeSendHook {
         }
         let url = reqwest::Url::parse(&b.url).map_err(|e| e.to_string())?;
         let timeout = Duration::from_millis(b.timeout_ms);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
+        let client = zhibo_push::http::client(timeout)
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
@@ -327,10 +323,21 @@ impl BeforeSendHook {
         if !status.is_success() {
             return Err(format!("answered HTTP {status}"));
         }
-        let bytes = response
-            .bytes()
+        // An answer is small (a replacement is base64 of at most `max_content` bytes): a huge one is
+        // unusable, not read to its end.
+        let limit = 64 * 1024 + 2 * max_content;
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
+            .map_err(|e| format!("reading the answer: {e}"))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(format!("unusable answer: over {limit} bytes"));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         decide(&bytes, max_content)
     }
 }
@@ -377,6 +384,7 @@ fn decide(body: &[u8], max_content: usize) -> Result<Decision, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn answers_are_read_strictly() {
@@ -409,6 +417,93 @@ mod tests {
             Ok(Decision::Reject { text, .. }) => assert!(text.len() <= MAX_REJECT_TEXT),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A one-shot HTTP server on loopback answering every request with `answer`; counts requests.
+    async fn answering(answer: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/check", listener.local_addr().expect("addr"));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    fn closed_hook(url: &str) -> BeforeSendHook {
+        let mut c = HooksConfig {
+            secret: "0123456789abcdef".into(),
+            ..HooksConfig::default()
+        };
+        c.before_send.url = url.into();
+        c.before_send.failure_policy = FailurePolicy::Closed;
+        BeforeSendHook::new(&c).expect("valid").expect("on")
+    }
+
+    fn user_send() -> SendMessageInput {
+        SendMessageInput {
+            receiver_type: ReceiverType::User as i32,
+            receiver_id: 2,
+            client_msg_id: "c1".into(),
+            content: Bytes::from_static(b"hi"),
+            ..SendMessageInput::default()
+        }
+    }
+
+    /// A redirect is a failed hook (the failure policy decides), never followed: the signed body does
+    /// not go to another address, and the page redirected to does not decide (outside audit).
+    #[tokio::test]
+    async fn a_redirect_is_a_failure_not_followed() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 18\r\n\r\n{\"action\":\"allow\"}";
+        let (target, target_hits) = answering(ok.into()).await;
+        let redirect = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
+        );
+        let (url, hits) = answering(redirect).await;
+        let origin = Origin {
+            user_id: 1,
+            device_id: 1,
+            ..Origin::default()
+        };
+        let verdict = closed_hook(&url).check(&origin, &user_send(), 100).await;
+        assert_eq!(
+            verdict.err().map(|e| e.code),
+            Some(ErrorCode::Unavailable),
+            "closed policy: a redirect fails the check"
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// An answer far larger than any usable one is not read to its end: it is a failed hook.
+    #[tokio::test]
+    async fn a_huge_answer_is_unusable() {
+        let body = format!("{{\"action\":\"allow\"}}{}", " ".repeat(1 << 20));
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (url, _) = answering(answer).await;
+        let origin = Origin {
+            user_id: 1,
+            device_id: 1,
+            ..Origin::default()
+        };
+        let verdict = closed_hook(&url).check(&origin, &user_send(), 100).await;
+        assert_eq!(verdict.err().map(|e| e.code), Some(ErrorCode::Unavailable));
     }
 
     /// Only the configured receiver types are checked; no URL means no hook at all.

@@ -10,11 +10,12 @@ use prost::Message as _;
 use tracing::warn;
 use zhibo_bus::Subject;
 use zhibo_proto::bus::{
-    room_event, user_event, RoomBanned, RoomEvent, RoomViewersQuery, RoomViewersReply, UserEvent,
+    room_event, user_event, RoomBanned, RoomEvent, RoomShapingChanged, RoomViewersQuery,
+    RoomViewersReply, UserEvent,
 };
 use zhibo_proto::client::{ErrorCode, Message, ReceiverType, RoomClass, RoomNotice};
 use zhibo_store::ids::now_ms;
-use zhibo_store::{RoomBan, RoomPin};
+use zhibo_store::{RoomBan, RoomPin, RoomShaping};
 
 use crate::{Logic, LogicError, Op};
 
@@ -131,6 +132,18 @@ impl Logic {
                 (m.clone(), Some(m))
             }
             None => {
+                // Nothing to remove: no notice (a retried or double-clicked DELETE would otherwise
+                // tell the whole room about nothing, each time).
+                if self
+                    .stores
+                    .rooms
+                    .pin(room_id)
+                    .await
+                    .map_err(store)?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
                 self.stores.rooms.clear_pin(room_id).await.map_err(store)?;
                 let m = Message {
                     sender_user_id: pinned_by,
@@ -147,6 +160,40 @@ impl Logic {
         self.publish_room(&Subject::room(room_id), notice, RoomClass::High)
             .await?;
         Ok(pin)
+    }
+
+    /// Stores the room's shaping setting, then tells the gateways with viewers of the room, which apply
+    /// it to those viewers at once (a gateway whose room starts later reads it at the join).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the store or the bus fails (the change may be stored; repeating is safe).
+    pub async fn set_room_shaping(&self, shaping: &RoomShaping) -> Result<(), LogicError> {
+        self.stores
+            .rooms
+            .put_room_shaping(shaping)
+            .await
+            .map_err(|e| LogicError::store(Op::RoomSend, &e))?;
+        let event = RoomEvent {
+            event: Some(room_event::Event::Shaping(RoomShapingChanged {
+                chat_per_sec: shaping.chat_per_sec,
+                updated_at_ms: shaping.updated_at_ms,
+            })),
+            ..RoomEvent::default()
+        };
+        self.bus
+            .publish(
+                &Subject::room(shaping.room_id),
+                Vec::new(),
+                Bytes::from(event.encode_to_vec()),
+            )
+            .await
+            .map_err(|e| unavailable("room shaping change", &e))?;
+        // At the NATS server before the caller is answered: room traffic published after the answer
+        // is routed after the change.
+        self.bus
+            .flush()
+            .await
+            .map_err(|e| unavailable("room shaping change", &e))
     }
 
     /// The room's top `limit` viewers across the cluster (managers = `manager_user_ids` first, then by

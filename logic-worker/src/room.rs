@@ -27,10 +27,10 @@ impl Logic {
         origin: &Origin,
         input: &SendMessageInput,
     ) -> Result<SendMessageOutput, LogicError> {
-        if input.receiver_id <= 0 {
+        if !(1..=zhibo_store::ids::MAX_ID).contains(&input.receiver_id) {
             return Err(LogicError::new(
                 ErrorCode::InvalidArgument,
-                "room ids are > 0",
+                "room ids are 1 to 2^53-1",
             ));
         }
         if input.content.len() > self.config.max_room_content {

@@ -55,10 +55,13 @@ impl std::fmt::Debug for PushConfig {
     }
 }
 
-/// A string from a string or a number: `ZHIBO_PUSH__SECRET=0123…` reads as a number, and an error
-/// saying so would print the secret.
-fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
+/// A string from a string or any other TOML scalar: `ZHIBO_PUSH__SECRET=1234…` reads as a number, and
+/// an error saying so would print the secret.
+///
+/// # Errors
+/// For a table or an array (the value is not shown).
+pub fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Scalar {
         S(String),
@@ -66,7 +69,7 @@ fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
         F(f64),
         B(bool),
     }
-    match Scalar::deserialize(d) {
+    match <Scalar as serde::Deserialize>::deserialize(d) {
         Ok(Scalar::S(s)) => Ok(s),
         Ok(Scalar::I(i)) => Ok(i.to_string()),
         Ok(Scalar::F(f)) => Ok(f.to_string()),
@@ -105,9 +108,7 @@ impl PushConfig {
     /// A message naming the bad field.
     pub fn validate(&self, relay: bool) -> Result<(), String> {
         if relay || !self.url.is_empty() {
-            if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-                return Err("push.url must be an http:// or https:// URL".into());
-            }
+            crate::http::check_url("push.url", &self.url)?;
             if self.secret.len() < 16 {
                 return Err("push.secret must be at least 16 bytes".into());
             }

@@ -9,6 +9,8 @@
 //! - [`relay`]: `zhibo push-relay` — [`relay::run`] (durable JetStream pull consumer) and
 //!   [`relay::run_outbox`] (embedded: delivers from the outbox, resumes it at start), both POSTing
 //!   through one [`relay::Deliverer`].
+//! - [`http`]: the URL check and HTTP client setup shared by push, webhooks and the before-send hook
+//!   (redirects not followed).
 //! - [`webhook`]: event webhooks ([`webhook::Webhooks`], `[webhooks]`): user online/offline, message
 //!   stored, group membership changes, through the same sinks and relay (topic `webhook`).
 //!
@@ -19,6 +21,7 @@
 
 pub mod config;
 pub mod event;
+pub mod http;
 pub mod relay;
 pub mod sign;
 pub mod sink;

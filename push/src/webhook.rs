@@ -90,12 +90,13 @@ impl WebhooksConfig {
             }
         }
         if !self.events.is_empty() || !self.url.is_empty() {
-            if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            if self.url.is_empty() {
                 return Err(
                     "webhooks.url must be an http:// or https:// URL when webhooks.events is set"
                         .into(),
                 );
             }
+            crate::http::check_url("webhooks.url", &self.url)?;
             if self.events.is_empty() {
                 return Err("webhooks.url is set but webhooks.events names no event type".into());
             }

@@ -33,6 +33,11 @@
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The largest id a client names in JSON: entity ids, and the room ids clients choose, stay at or
+/// below it (2^53 − 1) so JavaScript reads them exactly. user-api, the gateways and the logic workers
+/// refuse larger ones.
+pub const MAX_ID: i64 = (1 << 53) - 1;
+
 const EPOCH_MS: u64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
 
 /// Current Unix time in milliseconds.

@@ -236,16 +236,16 @@ impl Metrics {
         // sees them before the first event (a family shows only the label sets created so far).
         for transport in ["tcp", "ws", "quic"] {
             let label = TransportLabel { transport };
-            m.connections.get_or_create(&label);
-            m.sign_ins.get_or_create(&label);
+            let _ = m.connections.get_or_create(&label);
+            let _ = m.sign_ins.get_or_create(&label);
         }
         for kind in ["authorize", "allocate", "store", "deliver"] {
-            m.send_stage_seconds.get_or_create(&KindLabel { kind });
+            let _ = m.send_stage_seconds.get_or_create(&KindLabel { kind });
         }
         for kind in ["high", "chat", "like"] {
-            m.room_dropped.get_or_create(&KindLabel { kind });
+            let _ = m.room_dropped.get_or_create(&KindLabel { kind });
         }
-        m.room_sampled.get_or_create(&KindLabel { kind: "chat" });
+        let _ = m.room_sampled.get_or_create(&KindLabel { kind: "chat" });
         Metrics { registry, ..m }
     }
 

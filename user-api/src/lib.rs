@@ -61,6 +61,7 @@ pub struct ApiConfig {
     /// Lifetime of tokens issued at sign-in, seconds (default 7 days).
     pub token_ttl_secs: i64,
     /// Shared secret of the admin API (`X-Admin-Secret`); empty disables the admin API.
+    #[serde(deserialize_with = "zhibo_push::config::scalar_string")]
     pub admin_secret: String,
     /// Most members a group may have, the owner included (default 2000).
     pub max_group_size: usize,

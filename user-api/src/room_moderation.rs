@@ -164,6 +164,9 @@ async fn do_ban(
     by: i64,
 ) -> Result<ApiJson<RoomBanView>, ApiError> {
     validate::id("user_id", user_id)?;
+    if st.stores.users.get_user(user_id).await?.is_none() {
+        return Err(crate::accounts::user_not_found());
+    }
     if room.is_manager(user_id) {
         return Err(ApiError::forbidden(
             "cannot_ban_manager",

@@ -84,7 +84,8 @@ pub(crate) struct RoomShapingView {
     room_id: i64,
     /// Chat messages per second a viewer is shown at most (0 = all). Above it each viewer gets a fair
     /// sample (every sender keeps a chance; its own messages always); gifts and system messages
-    /// (`ROOM_CLASS_HIGH`) are never sampled. Applies to viewers joining after the change.
+    /// (`ROOM_CLASS_HIGH`) are never sampled. Applies at once to every viewer of the room, on every
+    /// gateway, including those who joined before the change.
     chat_per_sec: u32,
     updated_at_ms: i64,
 }
@@ -114,7 +115,7 @@ const MAX_CHAT_PER_SEC: u32 = 10_000;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerNotice {
-    /// Shown as the sender; 0 (default) = the system.
+    /// Shown as the sender: 0 (default) = the system, else a user id (1 to 2^53 - 1).
     #[serde(default)]
     from_user_id: i64,
     /// Application-defined, >= 0.
@@ -142,6 +143,14 @@ pub(crate) struct NoticeSent {
     /// A u64, as a string: it does not fit a JavaScript number.
     message_id: String,
     server_time_ms: i64,
+}
+
+/// A notice's `from_user_id`: 0 (the system) or a user id.
+fn sender(from_user_id: i64) -> Result<(), ApiError> {
+    if from_user_id != 0 {
+        validate::id("from_user_id", from_user_id)?;
+    }
+    Ok(())
 }
 
 fn room_not_found() -> ApiError {
@@ -234,7 +243,10 @@ async fn save_shaping(
         chat_per_sec: req.chat_per_sec,
         updated_at_ms: now_ms(),
     };
-    st.stores.rooms.put_room_shaping(&shaping).await?;
+    st.logic
+        .set_room_shaping(&shaping)
+        .await
+        .map_err(|e| logic_error(e, ReceiverType::Room))?;
     Ok(shaping.into())
 }
 
@@ -319,6 +331,7 @@ pub(crate) async fn admin_room_message(
     ApiJson(req): ApiJson<ServerNotice>,
 ) -> Result<ApiJson<NoticeSent>, ApiError> {
     let id = room_id(id)?;
+    sender(req.from_user_id)?;
     // Device 0: a server-side send, allowed in closed and muted rooms.
     let origin = Origin {
         user_id: req.from_user_id,
@@ -355,6 +368,7 @@ pub(crate) async fn admin_broadcast(
     _admin: Admin,
     ApiJson(req): ApiJson<ServerNotice>,
 ) -> Result<ApiJson<NoticeSent>, ApiError> {
+    sender(req.from_user_id)?;
     let out = st
         .logic
         .broadcast(req.from_user_id, req.content_type, decode(&req.content)?)

@@ -295,7 +295,7 @@ pub(crate) fn table() -> Vec<RouteSpec> {
             doc("Ban a user from a live room: their connections leave it on every gateway (RoomKicked), \
                 joins and sends are refused with ROOM_BANNED (owner and admins)", Bearer)
                 .ok(200, "RoomBanView").errors(&[(403, "forbidden"), (403, "cannot_ban_manager"),
-                    (503, "unavailable")])),
+                    (404, "user_not_found"), (503, "unavailable")])),
         route!(DELETE "/v1/rooms/{room_id}/bans/{user_id}" => room_moderation::unban,
             doc("Lift a ban (owner and admins)", Bearer).no_content().errors(&[(403, "forbidden")])),
         route!(GET "/v1/rooms/{room_id}/bans" => room_moderation::list_bans,
@@ -320,7 +320,7 @@ pub(crate) fn table() -> Vec<RouteSpec> {
                 .query(&[("limit", "integer", false, "How many, 1 to 500 (default 100)")])),
         route!(PUT "/v1/admin/rooms/{room_id}/bans/{user_id}" => room_moderation::admin_ban,
             doc("Ban a user from a live room (as for owners; banned_by 0)", Admin).ok(200, "RoomBanView")
-                .errors(&[(403, "cannot_ban_manager"), (503, "unavailable")])),
+                .errors(&[(403, "cannot_ban_manager"), (404, "user_not_found"), (503, "unavailable")])),
         route!(DELETE "/v1/admin/rooms/{room_id}/bans/{user_id}" => room_moderation::admin_unban,
             doc("Lift a ban", Admin).no_content()),
         route!(GET "/v1/admin/rooms/{room_id}/bans" => room_moderation::admin_list_bans,

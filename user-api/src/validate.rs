@@ -9,7 +9,7 @@ pub(crate) const MAX_URL: usize = 1024;
 /// Longest free-form `extra` or introduction (bytes of UTF-8).
 pub(crate) const MAX_EXTRA: usize = 4096;
 /// Largest entity id: ids are JSON numbers and must be exact in JavaScript.
-pub(crate) const MAX_ID: i64 = (1 << 53) - 1;
+pub(crate) use zhibo_store::ids::MAX_ID;
 
 /// A username: 3 to 32 of `a-z 0-9 _ . -`.
 pub(crate) fn username(name: &str) -> Result<(), ApiError> {

@@ -74,10 +74,10 @@ pub struct BusConfig {
     /// NATS user (with `nats_password`).
     pub nats_user: String,
     /// NATS password.
-    #[serde(deserialize_with = "scalar_string")]
+    #[serde(deserialize_with = "zhibo_push::config::scalar_string")]
     pub nats_password: String,
     /// NATS authentication token.
-    #[serde(deserialize_with = "scalar_string")]
+    #[serde(deserialize_with = "zhibo_push::config::scalar_string")]
     pub nats_token: String,
     /// NATS nkey seed (`SU…`).
     pub nats_nkey_seed: String,
@@ -145,23 +145,12 @@ impl std::fmt::Debug for BusConfig {
     }
 }
 
-/// A string from any TOML scalar: `ZHIBO_BUS__NATS_PASSWORD=123456` reads as a number, and an error
-/// saying so would print the secret.
-fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match toml::Value::deserialize(d)? {
-        toml::Value::String(s) => Ok(s),
-        toml::Value::Table(_) | toml::Value::Array(_) => Err(serde::de::Error::custom(
-            "expected a string (the value is not shown)",
-        )),
-        other => Ok(other.to_string()),
-    }
-}
-
 /// Everything, for every role; each role reads its part.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Shared HMAC secret of the tokens (user-api mints, gateways verify; app backends may mint too).
+    #[serde(deserialize_with = "zhibo_push::config::scalar_string")]
     pub token_secret: String,
     /// user-api listen address.
     pub api_addr: SocketAddr,
@@ -240,11 +229,14 @@ fn overlay_env(base: &mut toml::Table, vars: impl Iterator<Item = (String, Strin
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        // A number only when it reads back as written: `1_000`, `0x1f` or `1e3` as a secret (or any
+        // string setting) must stay those characters, not become "1000", "31" or "1000".
         let parsed = format!("v = {value}")
             .parse::<toml::Table>()
             .ok()
             .and_then(|mut t| t.remove("v"))
             .filter(|v| !v.is_str() && !v.is_table())
+            .filter(|v| !(v.is_integer() || v.is_float()) || v.to_string() == value.trim())
             .unwrap_or(toml::Value::String(value));
         let mut table = &mut *base;
         for key in &path[..path.len() - 1] {
@@ -421,6 +413,34 @@ mod tests {
         assert!(c.logic.allow_strangers);
         assert_eq!(c.token_secret, "s3cret");
         assert_eq!(c.store.kind, StoreKind::Scylla);
+    }
+
+    /// Secrets of digits come through the environment as written (outside audit: a 16-digit
+    /// `ZHIBO_HOOKS__SECRET` was refused as "invalid type: integer"), and a number TOML would rewrite
+    /// (`1_000`, `0x1f`, `1e3`) stays the characters given.
+    #[test]
+    fn secrets_from_env_are_taken_as_written() {
+        for secret in [
+            "1234567890123456",
+            "1234567890123456789",
+            "1111_2222_3333_4444",
+            "0x1f2e3d4c5b6a7988",
+            "1e30000000000000",
+        ] {
+            let c = Config::load_from(
+                None,
+                vars(&[
+                    ("ZHIBO_HOOKS__SECRET", secret),
+                    ("ZHIBO_HOOKS__BEFORE_SEND__URL", "http://backend:8080/check"),
+                    ("ZHIBO_PUSH__SECRET", secret),
+                    ("ZHIBO_TOKEN_SECRET", secret),
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{secret}: {e}"));
+            assert_eq!(c.hooks.secret, secret);
+            assert_eq!(c.push.secret, secret);
+            assert_eq!(c.token_secret, secret);
+        }
     }
 
     #[test]

@@ -87,8 +87,16 @@ fn main() -> ExitCode {
         config.token_secret = zhibo::DEV_TOKEN_SECRET.to_owned();
     }
     if role == Role::PushRelay {
+        if config.push.url.is_empty() && !config.webhooks.enabled() {
+            eprintln!(
+                "zhibo: bad configuration: push-relay has nothing to deliver: set push.url (offline \
+                 push, with push.enabled on the logic workers and user-api) or webhooks.url and \
+                 webhooks.events"
+            );
+            return ExitCode::from(64);
+        }
         // A relay delivers push events unless it is configured for webhooks only.
-        let delivers_push = !config.push.url.is_empty() || !config.webhooks.enabled();
+        let delivers_push = !config.push.url.is_empty();
         if let Err(e) = config.push.validate(delivers_push) {
             eprintln!("zhibo: bad configuration: push: {e}");
             return ExitCode::from(64);

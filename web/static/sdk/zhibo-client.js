@@ -172,7 +172,7 @@ message SendMessageOutput {
   uint64 conv_seq = 50;
 }
 
-// Join a live room (room ids are > 0). No membership is needed; a closed room refuses with ROOM_CLOSED,
+// Join a live room (room ids are 1 to 2^53-1). No membership is needed; a closed room refuses with ROOM_CLOSED,
 // and a connection may be in a few rooms at once (TOO_MANY_ROOMS past the gateway's limit).
 message SubscribeRoomInput {
   int64 room_id = 1;

@@ -1007,11 +1007,29 @@ async fn push_relay_refuses_a_bad_configuration() {
     let nats = zhibo_testkit::nats_url();
     /// (role, variables, the field the refusal names)
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 9] = [
         (
             "push-relay",
             vec![("ZHIBO_PUSH__SECRET", PUSH_SECRET)],
             "push.url",
+        ),
+        // No host (outside audit: accepted, then every event dead-lettered with "builder error").
+        (
+            "push-relay",
+            vec![
+                ("ZHIBO_PUSH__URL", "http://:80/push"),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "push.url",
+        ),
+        (
+            "dev",
+            vec![
+                ("ZHIBO_WEBHOOKS__URL", "https://"),
+                ("ZHIBO_WEBHOOKS__EVENTS", r#"["user.online"]"#),
+                ("ZHIBO_PUSH__SECRET", PUSH_SECRET),
+            ],
+            "webhooks.url",
         ),
         (
             "push-relay",

@@ -6,7 +6,8 @@
 //! - A crowded room's window grows with its audience (`gateway.room_batch_viewers`): a steady stream
 //!   reaches viewers in far fewer, fuller frames than the base window would give.
 //! - Shaping: a chat storm with gifts mixed in, in a room showing 20 chat msgs/s per viewer: every
-//!   viewer gets every gift, its own chat, and at most the display rate of the others' chat.
+//!   viewer gets every gift, its own chat, and at most the display rate of the others' chat; a rate
+//!   set while viewers watch applies to them at once, on both gateways.
 
 use std::time::{Duration, Instant};
 
@@ -330,6 +331,86 @@ pub(crate) async fn a_chat_storm_is_shaped_gifts_and_own_messages_arrive(cluster
     }
 }
 
+/// The room messages' texts a viewer gets (notices left out) up to and including `last`.
+async fn texts_until(c: &mut Client, room: i64, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let p = c.recv(left).await.expect("traffic").expect("open");
+        let Some(Body::RoomMessages(r)) = p.body else {
+            continue;
+        };
+        if r.room_id != room {
+            continue;
+        }
+        for m in r.messages.iter().filter(|m| m.content_type >= 0) {
+            let text = String::from_utf8_lossy(&m.content).into_owned();
+            let done = text == last;
+            seen.push(text);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// A display rate set while viewers watch applies to them at once, on every gateway, with nobody
+/// joining after the change (outside audit: it waited for the next join on each gateway, so one room
+/// ran unshaped on a gateway where nobody joined, while the API said it applied to later joins).
+pub(crate) async fn a_shaping_change_applies_to_viewers_already_watching(cluster: &Cluster) {
+    let room = fresh_room_id();
+    let mut viewers = Vec::new();
+    for gw in 0..2 {
+        let creds = cluster.user(&format!("watcher{gw}")).await;
+        let mut v = cluster.connect(Transport::Tcp, gw, &creds).await;
+        join_room(&mut v, room, WAIT).await;
+        viewers.push(v);
+    }
+    let creds = cluster.user("talker").await;
+    let mut sender = cluster.connect(Transport::Tcp, 0, &creds).await;
+    join_room(&mut sender, room, WAIT).await;
+
+    // Unshaped: every viewer gets every chat message.
+    let mut before: Vec<(String, RoomClass)> = (0..20)
+        .map(|k| (format!("free-{k}"), RoomClass::Chat))
+        .collect();
+    before.push(("mark".into(), RoomClass::High));
+    sender = blast(sender, room, before).await;
+    for v in &mut viewers {
+        let seen = texts_until(v, room, "mark").await;
+        assert_eq!(seen.len(), 21, "unshaped room: {seen:?}");
+    }
+
+    let rate = 1;
+    let (status, body) = crate::cluster::http(
+        &cluster.api_base,
+        reqwest::Method::PUT,
+        &format!("/v1/admin/rooms/{room}/shaping"),
+        ("x-admin-secret", ADMIN),
+        serde_json::json!({ "chat_per_sec": rate }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let changed = Instant::now();
+    let mut storm: Vec<(String, RoomClass)> = (0..200)
+        .map(|k| (format!("chat-{k}"), RoomClass::Chat))
+        .collect();
+    storm.push(("end".into(), RoomClass::High));
+    let _sender = blast(sender, room, storm).await;
+    for (gw, v) in viewers.iter_mut().enumerate() {
+        let seen = texts_until(v, room, "end").await;
+        let chat = seen.iter().filter(|t| t.starts_with("chat-")).count();
+        // The display rate over the time watched, one burst (at least one message) and one more
+        // per gateway window for rounding, as in the storm test.
+        let most = f64::from(rate) * changed.elapsed().as_secs_f64() + 1.0 + 2.0;
+        assert!(
+            chat as f64 <= most,
+            "viewer on gateway {gw} saw {chat} of 200 chat messages after the change (at most {most:.1})"
+        );
+    }
+}
+
 /// A fixture `$name` whose clusters (embedded, and distributed with two logic workers) get `$tweak`.
 macro_rules! tweaked_fixture {
     ($name:ident, $tweak:path) => {
@@ -408,7 +489,11 @@ mod storm {
     both_modes!(
         super::Unthrottled,
         4,
-        a_chat_storm_is_shaped_gifts_and_own_messages_arrive
+        a_chat_storm_is_shaped_gifts_and_own_messages_arrive,
+        a_shaping_change_applies_to_viewers_already_watching
     );
-    use super::a_chat_storm_is_shaped_gifts_and_own_messages_arrive;
+    use super::{
+        a_chat_storm_is_shaped_gifts_and_own_messages_arrive,
+        a_shaping_change_applies_to_viewers_already_watching,
+    };
 }

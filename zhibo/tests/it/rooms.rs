@@ -648,6 +648,22 @@ async fn moderation_notices_and_broadcast(cluster: &RoomCluster) {
     assert_eq!(status, 200, "{v}");
     let got = collect(&mut w, room, 2).await;
     assert_eq!(texts(&got), vec!["owner speaks", "system"]);
+    // The shown sender is the system (0) or a user id, nothing else.
+    for bad in [-7_i64, 1 << 62] {
+        let (status, v) = cluster
+            .http(
+                Method::POST,
+                &format!("/v1/admin/rooms/{room}/messages"),
+                admin,
+                json!({"from_user_id": bad, "content": "c3lzdGVt"}),
+            )
+            .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some("invalid_argument")),
+            "from_user_id {bad}: {v}"
+        );
+    }
     assert_eq!(got[1].content_type, 7);
 
     // A broadcast reaches every connection, as room 0: viewers and connections that never joined a room

@@ -152,6 +152,21 @@ async fn a_ban_kicks_everywhere_and_refuses_until_lifted(cluster: &RoomCluster) 
         "{v}"
     );
 
+    // A user id that names nobody is not stored as a ban.
+    let (status, v) = as_user(
+        cluster,
+        &owner,
+        Method::PUT,
+        &path(zhibo_store::ids::MAX_ID),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("user_not_found")),
+        "{v}"
+    );
+
     let (status, v) = as_user(
         cluster,
         &owner,
@@ -206,9 +221,16 @@ async fn a_ban_kicks_everywhere_and_refuses_until_lifted(cluster: &RoomCluster) 
     assert_eq!(say(&mut va, room, "x").await, Err(ErrorCode::RoomBanned));
     assert_eq!(join(&mut vb, room).await.err(), Some(ErrorCode::RoomBanned));
     assert_eq!(join(&mut va, room).await.err(), Some(ErrorCode::RoomBanned));
-    // A connection of the victim that connects now is refused too.
+    // A refused rejoin keeps the reason for sends (outside audit: it turned into INVALID_ARGUMENT).
+    assert_eq!(
+        say(&mut va, room, "x").await,
+        Err(ErrorCode::RoomBanned),
+        "a send after a refused rejoin"
+    );
+    // A connection of the victim that connects now is refused too, joins and sends.
     let mut vc = cluster.connect(1, &victim_a).await;
     assert_eq!(join(&mut vc, room).await.err(), Some(ErrorCode::RoomBanned));
+    assert_eq!(say(&mut vc, room, "x").await, Err(ErrorCode::RoomBanned));
     drop(vc);
 
     // The ban list (owner and admins only).
@@ -363,6 +385,27 @@ async fn the_pin_comes_with_the_join_and_live(cluster: &RoomCluster) {
     assert_eq!(join(&mut l, room).await.expect("join").pinned, None);
     let (status, _) = as_user(cluster, &viewer, Method::GET, &pin_path, json!(null)).await;
     assert_eq!(status, 404);
+    // Removing it again changes nothing and tells nobody (outside audit: every DELETE announced an
+    // unpin to the whole room): the next thing a viewer gets is the next message.
+    let (status, _) = as_user(cluster, &owner, Method::DELETE, &pin_path, json!(null)).await;
+    assert_eq!(status, 204);
+    say(&mut o, room, "after a second unpin")
+        .await
+        .expect("owner speaks");
+    loop {
+        let f = next_frame_of(&mut w, room, WAIT)
+            .await
+            .expect("the message arrives");
+        assert!(
+            !f.messages
+                .iter()
+                .any(|m| m.content_type == RoomNotice::Unpinned as i32),
+            "an unpin notice for a pin that was not there: {f:?}"
+        );
+        if texts(&f.messages).contains(&"after a second unpin".to_owned()) {
+            break;
+        }
+    }
 
     // The app backend pins with the admin secret.
     let (status, v) = cluster
