@@ -384,7 +384,6 @@ fn decide(body: &[u8], max_content: usize) -> Result<Decision, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn answers_are_read_strictly() {
@@ -419,38 +418,22 @@ mod tests {
         }
     }
 
-    /// A one-shot HTTP server on loopback answering every request with `answer`; counts requests.
-    async fn answering(answer: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/check", listener.local_addr().expect("addr"));
-        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(answer.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
-        (url, hits)
-    }
-
     fn closed_hook(url: &str) -> BeforeSendHook {
         let mut c = HooksConfig {
             secret: "0123456789abcdef".into(),
             ..HooksConfig::default()
         };
-        c.before_send.url = url.into();
+        c.before_send.url = format!("{url}/check");
         c.before_send.failure_policy = FailurePolicy::Closed;
         BeforeSendHook::new(&c).expect("valid").expect("on")
+    }
+
+    fn sender() -> Origin {
+        Origin {
+            user_id: 1,
+            device_id: 1,
+            ..Origin::default()
+        }
     }
 
     fn user_send() -> SendMessageInput {
@@ -468,17 +451,12 @@ mod tests {
     #[tokio::test]
     async fn a_redirect_is_a_failure_not_followed() {
         let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 18\r\n\r\n{\"action\":\"allow\"}";
-        let (target, target_hits) = answering(ok.into()).await;
+        let (target, target_hits) = zhibo_testkit::http_answering(ok.into()).await;
         let redirect = format!(
             "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
         );
-        let (url, hits) = answering(redirect).await;
-        let origin = Origin {
-            user_id: 1,
-            device_id: 1,
-            ..Origin::default()
-        };
-        let verdict = closed_hook(&url).check(&origin, &user_send(), 100).await;
+        let (url, hits) = zhibo_testkit::http_answering(redirect).await;
+        let verdict = closed_hook(&url).check(&sender(), &user_send(), 100).await;
         assert_eq!(
             verdict.err().map(|e| e.code),
             Some(ErrorCode::Unavailable),
@@ -496,13 +474,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let (url, _) = answering(answer).await;
-        let origin = Origin {
-            user_id: 1,
-            device_id: 1,
-            ..Origin::default()
-        };
-        let verdict = closed_hook(&url).check(&origin, &user_send(), 100).await;
+        let (url, _) = zhibo_testkit::http_answering(answer).await;
+        let verdict = closed_hook(&url).check(&sender(), &user_send(), 100).await;
         assert_eq!(verdict.err().map(|e| e.code), Some(ErrorCode::Unavailable));
     }
 

@@ -465,37 +465,13 @@ async fn deliver_with_retries(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
     use bytes::Bytes;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use zhibo_testkit::http_answering;
 
     use super::Deliverer;
     use crate::PushConfig;
-
-    /// An HTTP server on loopback answering every request with `answer`; counts requests.
-    async fn answering(answer: String) -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/push", listener.local_addr().expect("addr"));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counted = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(answer.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
-        (url, hits)
-    }
 
     /// A redirect from the receiver is a failed attempt (retried, then dead-lettered), never followed:
     /// once a 302 made the relay GET the new address and count its 200 as delivered, losing the event
@@ -503,18 +479,18 @@ mod tests {
     #[tokio::test]
     async fn a_redirect_is_a_failed_attempt_not_followed() {
         let (target, target_hits) =
-            answering("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()).await;
+            http_answering("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()).await;
         for status in [
             "301 Moved Permanently",
             "302 Found",
             "307 Temporary Redirect",
         ] {
-            let (url, hits) = answering(format!(
+            let (url, hits) = http_answering(format!(
                 "HTTP/1.1 {status}\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
             ))
             .await;
             let config = PushConfig {
-                url: url.clone(),
+                url: format!("{url}/push"),
                 secret: "0123456789abcdef".into(),
                 ..PushConfig::default()
             };

@@ -217,6 +217,32 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// An HTTP server on loopback that answers every request with the bytes of `answer` (a whole
+/// response: status line, headers, body) and closes; returns its `http://host:port` and the count of
+/// connections it took. For the calls zhibo makes to an app backend (push, webhooks, hooks).
+pub async fn http_answering(answer: String) -> (String, std::sync::Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let base = format!("http://{}", listener.local_addr().expect("local address"));
+    let hits = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = socket.read(&mut request).await;
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (base, hits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,21 @@ fn zhibo(role: &str, vars: &[(&str, String)]) -> Command {
     command
 }
 
+/// `zhibo dev`'s store in `dir` and every listener on a free loopback port.
+fn dev_vars(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    let any_port = "127.0.0.1:0".to_string();
+    vec![
+        (
+            "ZHIBO_STORE__PATH",
+            dir.join("z.redb").display().to_string(),
+        ),
+        ("ZHIBO_API_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__TCP_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__WS_ADDR", any_port.clone()),
+        ("ZHIBO_GATEWAY__QUIC_ADDR", any_port),
+    ]
+}
+
 /// Reads the child's stdout until a line contains `needle` (30 s), then keeps draining it.
 async fn wait_for_line(child: &mut Child, needle: &str) {
     let stdout = child.stdout.take().expect("stdout");
@@ -58,19 +73,11 @@ fn sigterm(child: &Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_variables_are_ignored_and_unknown_keys_still_exit_64() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let any_port = "127.0.0.1:0".to_string();
-    let base = vec![
-        (
-            "ZHIBO_STORE__PATH",
-            dir.path().join("z.redb").display().to_string(),
-        ),
-        ("ZHIBO_API_ADDR", any_port.clone()),
-        ("ZHIBO_METRICS_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__TCP_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__WS_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__QUIC_ADDR", any_port.clone()),
+    let mut base = dev_vars(dir.path());
+    base.extend([
+        ("ZHIBO_METRICS_ADDR", "127.0.0.1:0".to_string()),
         ("ZHIBO_GRACE_SECS", "2".to_string()),
-    ];
+    ]);
 
     let mut harness = base.clone();
     harness.extend([
@@ -106,17 +113,7 @@ async fn harness_variables_are_ignored_and_unknown_keys_still_exit_64() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_errors_name_the_setting_at_fault() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let any_port = "127.0.0.1:0".to_string();
-    let base = vec![
-        (
-            "ZHIBO_STORE__PATH",
-            dir.path().join("z.redb").display().to_string(),
-        ),
-        ("ZHIBO_API_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__TCP_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__WS_ADDR", any_port.clone()),
-        ("ZHIBO_GATEWAY__QUIC_ADDR", any_port.clone()),
-    ];
+    let base = dev_vars(dir.path());
     let run = |extra: Vec<(&'static str, String)>| {
         let mut vars = base.clone();
         vars.extend(extra);

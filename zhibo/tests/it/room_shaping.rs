@@ -187,25 +187,9 @@ async fn blast(mut c: Client, room: i64, texts: Vec<(String, RoomClass)>) -> Cli
 
 /// What a viewer saw of the storm: (sender, text) of each message, until the "end" gift.
 async fn watch(mut c: Client, room: i64) -> Vec<(i64, String)> {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let p = c.recv(left).await.expect("traffic").expect("open");
-        let Some(Body::RoomMessages(r)) = p.body else {
-            continue;
-        };
-        if r.room_id != room {
-            continue;
-        }
-        for m in r.messages.iter().filter(|m| m.content_type >= 0) {
-            let text = String::from_utf8_lossy(&m.content).into_owned();
-            if text == "end" {
-                return seen;
-            }
-            seen.push((m.sender_user_id, text));
-        }
-    }
+    let mut seen = texts_until(&mut c, room, "end").await;
+    seen.pop();
+    seen
 }
 
 /// Issue 17 item 2: a chat storm (4 senders over both gateways, as fast as they can) with a gift every
@@ -331,10 +315,11 @@ pub(crate) async fn a_chat_storm_is_shaped_gifts_and_own_messages_arrive(cluster
     }
 }
 
-/// The room messages' texts a viewer gets (notices left out) up to and including `last`.
-async fn texts_until(c: &mut Client, room: i64, last: &str) -> Vec<String> {
+/// The room messages a viewer gets (notices left out), as (sender, text), up to and including the one
+/// whose text is `last`.
+async fn texts_until(c: &mut Client, room: i64, last: &str) -> Vec<(i64, String)> {
     let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let p = c.recv(left).await.expect("traffic").expect("open");
@@ -347,7 +332,7 @@ async fn texts_until(c: &mut Client, room: i64, last: &str) -> Vec<String> {
         for m in r.messages.iter().filter(|m| m.content_type >= 0) {
             let text = String::from_utf8_lossy(&m.content).into_owned();
             let done = text == last;
-            seen.push(text);
+            seen.push((m.sender_user_id, text));
             if done {
                 return seen;
             }
@@ -400,7 +385,7 @@ pub(crate) async fn a_shaping_change_applies_to_viewers_already_watching(cluster
     let _sender = blast(sender, room, storm).await;
     for (gw, v) in viewers.iter_mut().enumerate() {
         let seen = texts_until(v, room, "end").await;
-        let chat = seen.iter().filter(|t| t.starts_with("chat-")).count();
+        let chat = seen.iter().filter(|(_, t)| t.starts_with("chat-")).count();
         // The display rate over the time watched, one burst (at least one message) and one more
         // per gateway window for rounding, as in the storm test.
         let most = f64::from(rate) * changed.elapsed().as_secs_f64() + 1.0 + 2.0;
