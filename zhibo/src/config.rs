@@ -229,14 +229,21 @@ fn overlay_env(base: &mut toml::Table, vars: impl Iterator<Item = (String, Strin
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        // A number only when it reads back as written: `1_000`, `0x1f` or `1e3` as a secret (or any
-        // string setting) must stay those characters, not become "1000", "31" or "1000".
+        // An integer only when it reads back as written: `1_000`, `0x1f` or `+5` as a secret (or any
+        // string setting) must stay those characters, not become "1000", "31" or "5". A float only
+        // when finite and the same as Rust reads it (`2.50` is a rate; `1_0.5` or `inf` stay text).
         let parsed = format!("v = {value}")
             .parse::<toml::Table>()
             .ok()
             .and_then(|mut t| t.remove("v"))
             .filter(|v| !v.is_str() && !v.is_table())
-            .filter(|v| !(v.is_integer() || v.is_float()) || v.to_string() == value.trim())
+            .filter(|v| match v {
+                toml::Value::Integer(i) => i.to_string() == value.trim(),
+                toml::Value::Float(f) => {
+                    f.is_finite() && value.trim().parse::<f64>().is_ok_and(|r| r == *f)
+                }
+                _ => true,
+            })
             .unwrap_or(toml::Value::String(value));
         let mut table = &mut *base;
         for key in &path[..path.len() - 1] {
@@ -425,7 +432,7 @@ mod tests {
             "1234567890123456789",
             "1111_2222_3333_4444",
             "0x1f2e3d4c5b6a7988",
-            "1e30000000000000",
+            "+1234567890123456",
         ] {
             let c = Config::load_from(
                 None,
@@ -441,6 +448,10 @@ mod tests {
             assert_eq!(c.push.secret, secret);
             assert_eq!(c.token_secret, secret);
         }
+        // Numbers still read as numbers, floats written with trailing zeros included.
+        let c = Config::load_from(None, vars(&[("ZHIBO_GATEWAY__RATE_PER_SEC", "2.50")]))
+            .expect("a float");
+        assert!((c.gateway.rate_per_sec - 2.5).abs() < f64::EPSILON);
     }
 
     #[test]
