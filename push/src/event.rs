@@ -64,7 +64,7 @@ pub struct Badge {
 
 impl PushEvent {
     /// The event for `recipient` of a message. `group_id` is `Some` for a group message. `preview` is
-    /// the content to preview (`None`: no preview), cut to at most `preview_max_chars` characters.
+    /// the content to preview (`None`: no preview), cut to at most `preview_max_chars` user-perceived characters (grapheme clusters).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         recipient: i64,
@@ -119,13 +119,19 @@ impl PushEvent {
     }
 }
 
-/// The first `max_chars` characters of `content` when it is UTF-8 text (binary content has none).
+/// The first `max_chars` user-perceived characters (grapheme clusters) of `content` when it is UTF-8
+/// text (binary and empty content have none).
 pub fn preview(content: &[u8], max_chars: usize) -> Option<String> {
     let text = std::str::from_utf8(content).ok()?;
     if text.is_empty() || max_chars == 0 {
         return None;
     }
-    Some(text.chars().take(max_chars).collect())
+    // Grapheme clusters: a cut never splits an emoji sequence or a letter from its combining accent.
+    Some(
+        unicode_segmentation::UnicodeSegmentation::graphemes(text, true)
+            .take(max_chars)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -133,8 +139,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn preview_is_text_only_and_cut_by_characters() {
+    fn preview_is_text_only_and_cut_between_characters() {
         assert_eq!(preview("héllo".as_bytes(), 2).as_deref(), Some("hé"));
+        // User-perceived characters (outside audit: an emoji family cut after its first person, an
+        // e losing its combining accent).
+        let family = "👨\u{200d}👩\u{200d}👧\u{200d}👦";
+        let text = format!("👍🏽{family}abc");
+        assert_eq!(
+            preview(text.as_bytes(), 2).as_deref(),
+            Some(format!("👍🏽{family}").as_str())
+        );
+        let accented = "e\u{301}".repeat(3);
+        assert_eq!(
+            preview(accented.as_bytes(), 2).as_deref(),
+            Some("e\u{301}e\u{301}")
+        );
         assert_eq!(preview(&[0xff, 0xfe], 10), None);
         assert_eq!(preview(b"", 10), None);
         let e = PushEvent::new(2, 1, Some(9), 77, 5, 0, Some(b"hi"), 10, 1);
