@@ -274,6 +274,10 @@ pub(crate) async fn list_conversations(
     caller: Caller,
     ApiQuery(q): ApiQuery<ListParams>,
 ) -> Result<ApiJson<ConversationList>, ApiError> {
+    // Versions are inbox seqs, int64 in the schema: beyond it is no version this server gave.
+    if i64::try_from(q.changed_after).is_err() {
+        return Err(ApiError::invalid("changed_after must be at most 2^63-1"));
+    }
     // An empty `cursor=` is no cursor (a client that sends the field always): the first page.
     let (after_activity_ms, after) = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => {
@@ -413,6 +417,10 @@ pub(crate) async fn group_readers(
     caller: Caller,
     ApiPath((group_id, conv_seq)): ApiPath<(i64, u64)>,
 ) -> Result<ApiJson<GroupReaders>, ApiError> {
+    // The schema's integers are int64: a seq beyond it names no message.
+    if i64::try_from(conv_seq).is_err() {
+        return Err(ApiError::invalid("conv_seq must be at most 2^63-1"));
+    }
     let out = st
         .logic
         .group_readers(caller.user_id, &GroupReadersInput { group_id, conv_seq })

@@ -60,6 +60,26 @@ pub(crate) async fn case_health_and_fallbacks(stores: Stores) {
         .post(format!("{}/v1/devices", s.base))
         .body(r#"{"type":"ios"}"#);
     s.send(untyped).await.err(400, "bad_request");
+    // A JSON array is not the documented object, though serde would fill the fields by position
+    // (outside audit: a user created from `["name", "password", null]`).
+    let array = s
+        .http
+        .post(format!("{}/v1/devices", s.base))
+        .header("content-type", "application/json")
+        .body(r#"["ios"]"#);
+    let v = s.send(array).await;
+    v.err(400, "bad_request");
+    assert_eq!(v.body["error"]["message"], "the body must be a JSON object");
+    let typed = s
+        .http
+        .post(format!("{}/v1/devices", s.base))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"type":"ios"}"#);
+    let v = s.send(typed).await;
+    assert!(
+        v.status.is_success(),
+        "a content type with parameters is JSON too: {v:?}"
+    );
     // Over the 64 KiB body limit.
     let big = json!({"type": "ios", "brand": "x".repeat(70 * 1024)});
     s.post("/v1/devices", As::Anonymous, big)

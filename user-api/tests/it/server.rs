@@ -84,7 +84,13 @@ pub(crate) async fn start_unready(stores: Stores, config: ApiConfig) -> TestServ
     ));
     TestServer {
         base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
+        // Idle connections are dropped well before the server closes them (30 s without a request
+        // head): on a loaded machine a case can pause that long, and a reused connection the server
+        // just closed fails the request ("IncompleteMessage").
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("HTTP client"),
         key: TokenKey::new(TOKEN_SECRET),
         ready,
         shutdown,

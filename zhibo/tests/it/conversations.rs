@@ -1133,6 +1133,9 @@ async fn http_routes(cluster: &Cluster) {
         "/v1/conversations?limit=501".to_owned(),
         // A cursor this API never returns (activity times are never negative).
         "/v1/conversations?cursor=-1.user.1".to_owned(),
+        // Versions and seqs are int64 in the schema (outside audit: u64::MAX was echoed back).
+        format!("/v1/conversations?changed_after={}", u64::MAX),
+        format!("/v1/groups/1/messages/{}/readers", u64::MAX),
         "/v1/conversations?cursor=garbage".to_owned(),
         format!(
             "/v1/conversations/user/{}/messages?limit=201",
