@@ -234,10 +234,7 @@ where
                 "Expected request with `Content-Type: application/json`",
             ));
         }
-        let body = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| body_rejection(e.status(), e.body_text()))?;
-        object_only(&body)?;
+        let body = object_body(req, state).await?;
         let axum::Json(value) = axum::Json::<T>::from_bytes(&body)?;
         Ok(ApiJson(value))
     }
@@ -255,11 +252,18 @@ fn is_json_type(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Every body is documented as a JSON object; serde would also fill a struct from an array, by
-/// position (outside audit: `["nick", null, "extra"]` updated a profile).
-fn object_only(body: &[u8]) -> Result<(), ApiError> {
+/// The request's body (too large: 413), refused unless it is empty or starts a JSON object. Every body
+/// is documented as an object; serde would also fill a struct from an array, by position (outside
+/// audit: `["nick", null, "extra"]` updated a profile).
+async fn object_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<axum::body::Bytes, ApiError> {
+    let body = axum::body::Bytes::from_request(req, state)
+        .await
+        .map_err(|e| body_rejection(e.status(), e.body_text()))?;
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') | None => Ok(()),
+        Some(b'{') | None => Ok(body),
         Some(_) => Err(ApiError::bad_request("the body must be a JSON object")),
     }
 }
@@ -292,13 +296,10 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| body_rejection(e.status(), e.body_text()))?;
+        let body = object_body(req, state).await?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
         }
-        object_only(&body)?;
         serde_json::from_slice(&body)
             .map(|v| OptionalJson(Some(v)))
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
